@@ -1,0 +1,243 @@
+"""A private, temporary Postgres server for tests, the demo, `make run` and benchmarks.
+
+`LocalPostgres` runs ``initdb`` into a fresh temporary directory and starts ``postgres`` on a
+loopback port with trust authentication. Postgres refuses to run as root, so when this process
+is root the server runs as the unprivileged ``postgres`` account (or ``PGBROKER_PG_USER``) and
+its data directory is a ``mkdtemp`` owned by that account (pytest's ``tmp_path`` is 0700 root).
+``stop()`` stops the server by its process id and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["LocalPostgres", "PostgresNotFound", "find_bindir", "free_port"]
+
+
+class PostgresNotFound(RuntimeError):
+    """No Postgres server binaries (initdb, pg_ctl, postgres) were found on this machine."""
+
+
+def find_bindir() -> Path:
+    """Return the directory holding ``initdb`` and ``pg_ctl``.
+
+    Looks at ``PGBROKER_PG_BINDIR``, Debian/Ubuntu's ``/usr/lib/postgresql/*/bin`` (newest
+    first), ``pg_config --bindir``, Homebrew, then ``PATH``; raise `PostgresNotFound` if none.
+    """
+    candidates: list[str] = []
+    if env := os.environ.get("PGBROKER_PG_BINDIR"):
+        candidates.append(env)
+    debian = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += sorted(debian, key=lambda p: int(Path(p).parent.name), reverse=True)
+    if pg_config := shutil.which("pg_config"):
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True
+            )
+            candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/opt/homebrew/opt/postgresql*/bin"), reverse=True)
+    candidates += sorted(glob.glob("/usr/local/opt/postgresql*/bin"), reverse=True)
+    if initdb := shutil.which("initdb"):
+        candidates.append(str(Path(initdb).parent))
+    for candidate in candidates:
+        if (Path(candidate) / "initdb").is_file() and (Path(candidate) / "pg_ctl").is_file():
+            return Path(candidate)
+    raise PostgresNotFound(
+        "no Postgres server binaries found (looked in PGBROKER_PG_BINDIR, "
+        "/usr/lib/postgresql/*/bin, pg_config --bindir, Homebrew, PATH); "
+        "install them (Debian: apt-get install postgresql) or set PGBROKER_DATABASE_URL"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on *host* a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_as(user: str | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that drops root privileges to *user*, or None to stay as we are."""
+    if user is None:
+        return None
+    entry = pwd.getpwnam(user)
+
+    def demote() -> None:
+        os.setgid(entry.pw_gid)
+        os.initgroups(user, entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+    return demote
+
+
+class LocalPostgres:
+    """A temporary Postgres cluster on a loopback port; see the module docstring.
+
+    *max_connections* defaults to Postgres' own default (100, like a small RDS instance).
+    *ssl* is a ``(cert_file, key_file)`` pair to serve TLS with; *extra_conf* adds
+    ``postgresql.conf`` settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        ssl: tuple[str, str] | None = None,
+        extra_conf: Mapping[str, str | int] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.max_connections = max_connections
+        self.host = host
+        self.port = port or free_port(host)
+        self.ssl = ssl
+        self.extra_conf = dict(extra_conf or {})
+        self.start_timeout = start_timeout
+        self.user = "postgres"
+        self.database = "postgres"
+        self.bindir = find_bindir()
+        self._os_user = (os.environ.get("PGBROKER_PG_USER", "postgres")
+                         if os.geteuid() == 0 else None)
+        self._workdir: Path | None = None
+        self.pid: int | None = None
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://postgres@HOST:PORT/postgres`` (trust auth, no password)."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+    @property
+    def datadir(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError("LocalPostgres is not started")
+        return self._workdir / "data"
+
+    def start(self) -> LocalPostgres:
+        """initdb (first time only) and start the server; raise RuntimeError with its log if
+        it is not accepting connections within *start_timeout* seconds."""
+        if self._workdir is None:
+            self._initdb()
+        self._pg_ctl("start", "-w", "-t", str(int(self.start_timeout)), "-l",
+                     str(self._workdir / "server.log"))  # type: ignore[operator]
+        self.pid = self._read_pid()
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (by its pid, via pg_ctl) and remove its data directory."""
+        self.shutdown(mode)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def shutdown(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data, so `start()` can bring it back (restart tests)."""
+        if self._workdir is None or self.pid is None:
+            return
+        try:
+            self._pg_ctl("stop", "-w", "-m", mode, "-t", "60")
+        except RuntimeError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+        self.pid = None
+
+    def restart(self) -> None:
+        """Stop (fast: clients are disconnected) and start again on the same port."""
+        self.shutdown()
+        self.start()
+
+    def log(self) -> str:
+        """The server log so far (for error messages)."""
+        if self._workdir is None:
+            return ""
+        path = self._workdir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _initdb(self) -> None:
+        self._workdir = Path(tempfile.mkdtemp(prefix="pgbroker-pg-"))
+        if self._os_user is not None:
+            entry = pwd.getpwnam(self._os_user)
+            os.chown(self._workdir, entry.pw_uid, entry.pw_gid)
+        os.chmod(self._workdir, 0o700)
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.user,
+            "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
+        )
+        conf = {
+            "listen_addresses": f"'{self.host}'",
+            "port": self.port,
+            "max_connections": self.max_connections,
+            "unix_socket_directories": f"'{self._workdir}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "128MB",
+            "log_min_messages": "warning",
+            **self.extra_conf,
+        }
+        if self.ssl is not None:
+            conf.update(self._ssl_conf(*self.ssl))
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.writelines(f"{key} = {value}\n" for key, value in conf.items())
+
+    def _ssl_conf(self, cert: str, key: str) -> dict[str, str | int]:
+        """Copy the certificate pair into the data dir, readable only by the server account."""
+        copies = []
+        for name, src in (("server.crt", cert), ("server.key", key)):
+            dst = self.datadir / name
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o600)
+            if self._os_user is not None:
+                entry = pwd.getpwnam(self._os_user)
+                os.chown(dst, entry.pw_uid, entry.pw_gid)
+            copies.append(dst)
+        return {"ssl": "on", "ssl_cert_file": f"'{copies[0]}'", "ssl_key_file": f"'{copies[1]}'"}
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args)
+
+    def _run(self, *argv: str) -> None:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, preexec_fn=_run_as(self._os_user),
+            cwd="/", check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{Path(argv[0]).name} failed ({proc.returncode}): "
+                f"{proc.stderr.strip() or proc.stdout.strip()}\n{self.log()[-2000:]}"
+            )
+
+    def _read_pid(self) -> int:
+        deadline = time.monotonic() + 10
+        pidfile = self.datadir / "postmaster.pid"
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+                return int(pidfile.read_text().splitlines()[0])
+            time.sleep(0.05)
+        raise RuntimeError(f"postgres started but wrote no pid file\n{self.log()[-2000:]}")
