@@ -108,8 +108,9 @@ class LocalPostgres:
         self.user = "postgres"
         self.database = "postgres"
         self.bindir = find_bindir()
-        self._os_user = (os.environ.get("PGBROKER_PG_USER", "postgres")
-                         if os.geteuid() == 0 else None)
+        self._os_user = (
+            os.environ.get("PGBROKER_PG_USER", "postgres") if os.geteuid() == 0 else None
+        )
         self._workdir: Path | None = None
         self.pid: int | None = None
 
@@ -131,8 +132,14 @@ class LocalPostgres:
         it is not accepting connections within *start_timeout* seconds."""
         if self._workdir is None:
             self._initdb()
-        self._pg_ctl("start", "-w", "-t", str(int(self.start_timeout)), "-l",
-                     str(self._workdir / "server.log"))  # type: ignore[operator]
+        self._pg_ctl(
+            "start",
+            "-w",
+            "-t",
+            str(int(self.start_timeout)),
+            "-l",
+            str(self.datadir.parent / "server.log"),
+        )
         self.pid = self._read_pid()
         return self
 
@@ -186,8 +193,17 @@ class LocalPostgres:
             os.chown(self._workdir, entry.pw_uid, entry.pw_gid)
         os.chmod(self._workdir, 0o700)
         self._run(
-            str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.user,
-            "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.user,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
         )
         conf = {
             "listen_addresses": f"'{self.host}'",
@@ -224,8 +240,12 @@ class LocalPostgres:
 
     def _run(self, *argv: str) -> None:
         proc = subprocess.run(
-            argv, capture_output=True, text=True, preexec_fn=_run_as(self._os_user),
-            cwd="/", check=False,
+            argv,
+            capture_output=True,
+            text=True,
+            preexec_fn=_run_as(self._os_user),
+            cwd="/",
+            check=False,
         )
         if proc.returncode != 0:
             raise RuntimeError(

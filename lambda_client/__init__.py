@@ -1,0 +1,1 @@
+"""pgbroker's client library (placeholder until the client lands)."""

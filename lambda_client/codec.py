@@ -1,0 +1,283 @@
+"""Python values ⇄ `pgbroker.v1.Value`: the one codec both the client and the broker use.
+
+=====================  ==========================  ==========================================
+Python                 Value kind                  Postgres
+=====================  ==========================  ==========================================
+None                   null                        NULL
+bool                   bool                        boolean
+int                    int64 (numeric if larger)   int2 / int4 / int8 / numeric (by value)
+float                  float64                     double precision
+Decimal                numeric                     numeric (exact, as text)
+str                    text                        text (Postgres infers varchar, enum, …)
+bytes, bytearray       bytea                       bytea
+date                   date                        date
+time (naive)           time                        time
+datetime (naive)       timestamp                   timestamp
+datetime (aware)       timestamptz                 timestamptz (returned in UTC)
+timedelta              interval                    interval (days + microseconds)
+Interval               interval                    interval with months
+UUID                   uuid                        uuid
+dict, Jsonb(x)         jsonb                       jsonb
+Json(x)                json                        json
+list, tuple            array                       array of the elements' type
+=====================  ==========================  ==========================================
+
+A list is always an array; wrap a JSON array in `Jsonb` (or `Json`) to send it as JSON, as with
+psycopg. A value with no mapping raises `TypeError` naming the parameter, before anything is
+sent. Results decode the other way: intervals without months come back as `timedelta`,
+timestamptz as an aware `datetime` in UTC, json/jsonb parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = [
+    "Interval",
+    "Json",
+    "Jsonb",
+    "decode",
+    "decode_row",
+    "encode",
+    "encode_params",
+]
+
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_DATE = date(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
+_DAY_US = 86_400_000_000
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A Postgres interval kept exact: months and days are not a fixed number of seconds.
+
+    Returned for intervals that have months; intervals without months come back as
+    `datetime.timedelta`.
+    """
+
+    months: int = 0
+    days: int = 0
+    microseconds: int = 0
+
+
+@dataclass(frozen=True)
+class Json:
+    """Send *obj* as ``json`` (text kept as written by `json.dumps`)."""
+
+    obj: Any
+
+
+@dataclass(frozen=True)
+class Jsonb:
+    """Send *obj* as ``jsonb``; the way to send a JSON array, since a list is an array."""
+
+    obj: Any
+
+
+def encode(value: object, name: str = "value") -> pb.Value:
+    """Return the `Value` for *value*; raise `TypeError` naming *name* if it has no mapping."""
+    kind, payload = _kind_of(value, name)
+    if kind == "array":
+        return pb.Value(array=payload)
+    if kind == "interval":
+        return pb.Value(interval=payload)
+    return pb.Value(**{kind: payload})
+
+
+def encode_params(params: Sequence[object] | None) -> list[pb.Value]:
+    """Encode statement parameters, naming a bad one by its placeholder (``$2``)."""
+    if params is None:
+        return []
+    if isinstance(params, str | bytes | dict) or not isinstance(params, Sequence):
+        raise TypeError(
+            f"params must be a list or tuple of values for $1..$n, not {type(params).__name__}"
+        )
+    return [encode(value, f"${i}") for i, value in enumerate(params, start=1)]
+
+
+def decode(value: pb.Value) -> Any:
+    """Return the Python value a `Value` stands for (see the module docstring)."""
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null":
+        return None
+    return _DECODERS[kind](getattr(value, kind))
+
+
+def decode_row(values: Iterable[pb.Value]) -> tuple[Any, ...]:
+    """Decode one result row into a tuple."""
+    return tuple(decode(v) for v in values)
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def _kind_of(value: object, name: str) -> tuple[str, Any]:
+    """The oneof field name and its payload for *value*."""
+    # Order matters: bool is an int, datetime is a date.
+    if value is None:
+        return "null", pb.TYPE_UNSPECIFIED
+    if isinstance(value, bool):
+        return "bool", value
+    if isinstance(value, int):
+        if _INT64[0] <= value <= _INT64[1]:
+            return "int64", value
+        return "numeric", str(value)
+    if isinstance(value, float):
+        return "float64", value
+    if isinstance(value, Decimal):
+        if value.is_snan():
+            raise TypeError(f"{name}: signalling NaN has no Postgres value")
+        return "numeric", str(value)
+    if isinstance(value, str):
+        return "text", value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytea", bytes(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            return "timestamp", (value - _EPOCH) // _MICROSECOND
+        return "timestamptz", (value - _EPOCH_UTC) // _MICROSECOND
+    if isinstance(value, date):
+        return "date", (value - _EPOCH_DATE).days
+    if isinstance(value, time):
+        return "time", _time_micros(value, name)
+    if isinstance(value, timedelta):
+        return "interval", pb.Interval(
+            days=value.days, microseconds=value.seconds * 1_000_000 + value.microseconds
+        )
+    if isinstance(value, Interval):
+        return "interval", pb.Interval(
+            months=value.months, days=value.days, microseconds=value.microseconds
+        )
+    if isinstance(value, uuid.UUID):
+        return "uuid", value.bytes
+    if isinstance(value, dict):
+        return "jsonb", _dumps(value, name)
+    if isinstance(value, Jsonb):
+        return "jsonb", _dumps(value.obj, name)
+    if isinstance(value, Json):
+        return "json", _dumps(value.obj, name)
+    if isinstance(value, list | tuple):
+        return "array", _array(value, name)
+    raise TypeError(
+        f"{name}: cannot send a value of type {type(value).__name__} to Postgres; "
+        "use int, float, Decimal, str, bytes, bool, None, date, time, datetime, timedelta, "
+        "UUID, dict (jsonb), Json/Jsonb, or a list of these"
+    )
+
+
+def _time_micros(value: time, name: str) -> int:
+    if value.tzinfo is not None:
+        raise TypeError(
+            f"{name}: time with a time zone (timetz) is not supported; use a naive time"
+        )
+    return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+
+
+def _dumps(obj: Any, name: str) -> str:
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: value is not JSON-serialisable: {exc}") from exc
+
+
+_TYPE_OF_KIND = {
+    "bool": pb.TYPE_BOOL,
+    "int64": pb.TYPE_INT64,
+    "float64": pb.TYPE_FLOAT64,
+    "numeric": pb.TYPE_NUMERIC,
+    "text": pb.TYPE_TEXT,
+    "bytea": pb.TYPE_BYTEA,
+    "date": pb.TYPE_DATE,
+    "time": pb.TYPE_TIME,
+    "timestamp": pb.TYPE_TIMESTAMP,
+    "timestamptz": pb.TYPE_TIMESTAMPTZ,
+    "interval": pb.TYPE_INTERVAL,
+    "uuid": pb.TYPE_UUID,
+    "json": pb.TYPE_JSON,
+    "jsonb": pb.TYPE_JSONB,
+}
+
+
+def _array(items: Sequence[object], name: str) -> pb.Array:
+    """An array whose element type is that of its non-null leaves (ints widen to numeric)."""
+    values = [encode(item, f"{name}[{i}]") for i, item in enumerate(items)]
+    kinds = {kind for v in values if (kind := _leaf_kind(v)) is not None}
+    if kinds == {"int64", "numeric"}:
+        kinds = {"numeric"}
+        values = [_as_numeric(v) for v in values]
+    if len(kinds) > 1:
+        raise TypeError(f"{name}: array elements must share one type, got {sorted(kinds)}")
+    element_type = _TYPE_OF_KIND[kinds.pop()] if kinds else pb.TYPE_UNSPECIFIED
+    return pb.Array(element_type=element_type, values=values)
+
+
+def _leaf_kind(value: pb.Value) -> str | None:
+    kind = value.WhichOneof("kind")
+    if kind == "array":
+        element_type = value.array.element_type
+        return None if element_type == pb.TYPE_UNSPECIFIED else _KIND_OF_TYPE[element_type]
+    return None if kind == "null" else kind
+
+
+def _as_numeric(value: pb.Value) -> pb.Value:
+    kind = value.WhichOneof("kind")
+    if kind == "int64":
+        return pb.Value(numeric=str(value.int64))
+    if kind == "array":
+        return pb.Value(
+            array=pb.Array(
+                element_type=pb.TYPE_NUMERIC, values=[_as_numeric(v) for v in value.array.values]
+            )
+        )
+    return value
+
+
+_KIND_OF_TYPE = {t: k for k, t in _TYPE_OF_KIND.items()}
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+
+def _decode_interval(value: pb.Interval) -> timedelta | Interval:
+    if value.months:
+        return Interval(value.months, value.days, value.microseconds)
+    return timedelta(days=value.days, microseconds=value.microseconds)
+
+
+def _decode_time(micros: int) -> time:
+    seconds, micro = divmod(micros, 1_000_000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    if hour == 24:  # Postgres allows 24:00:00; Python's time does not
+        return time.max
+    return time(hour, minute, second, micro)
+
+
+_DECODERS: dict[str, Any] = {
+    "bool": bool,
+    "int64": int,
+    "float64": float,
+    "numeric": Decimal,
+    "text": str,
+    "bytea": bytes,
+    "date": lambda days: _EPOCH_DATE + timedelta(days=days),
+    "time": _decode_time,
+    "timestamp": lambda us: _EPOCH + us * _MICROSECOND,
+    "timestamptz": lambda us: _EPOCH_UTC + us * _MICROSECOND,
+    "interval": _decode_interval,
+    "uuid": lambda b: uuid.UUID(bytes=b),
+    "json": json.loads,
+    "jsonb": json.loads,
+    "array": lambda a: [decode(v) for v in a.values],
+}
