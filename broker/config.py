@@ -1,0 +1,289 @@
+"""Broker settings: one resolver, explicit flag > ``PGBROKER_*`` environment > default.
+
+`load_settings` reads every setting, validates all of them and raises `ConfigError` listing
+each bad value once (``PGBROKER_POOL_SIZE=0: must be at least 1``), so a misconfigured ECS task
+fails at start with one line that names what to fix. The database password never appears in a
+message, a log line or a `repr`.
+
+Durations accept seconds (``30``, ``2.5``) or a unit suffix (``500ms``, ``30s``, ``5m``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+__all__ = [
+    "AUTH_MODES",
+    "SSL_MODES",
+    "ConfigError",
+    "DatabaseTarget",
+    "Settings",
+    "load_settings",
+    "parse_listen",
+]
+
+ENV_PREFIX = "PGBROKER_"
+
+# Authentication modes this build accepts. `broker/auth.py` (iam, token) extends this tuple and
+# the check in `_check_auth`; until then only `none` exists, and only on a loopback listener.
+AUTH_MODES: tuple[str, ...] = ("none",)
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_URL_QUERY_KEYS = ("sslmode", "sslrootcert", "application_name", "connect_timeout")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; `problems` holds one message per bad value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where and how to connect to Postgres, parsed from ``PGBROKER_DATABASE_URL``."""
+
+    host: str
+    port: int
+    user: str
+    database: str
+    password: str | None = field(default=None, repr=False)
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    application_name: str = "pgbroker"
+
+    @property
+    def redacted(self) -> str:
+        """The URL without its password, safe for logs and error messages."""
+        auth = f"{self.user}:***@" if self.password else f"{self.user}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"postgresql://{auth}{host}:{self.port}/{self.database}?sslmode={self.sslmode}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker process needs, validated. Durations are in seconds."""
+
+    database: DatabaseTarget
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 50051
+    pool_size: int = 20
+    max_waiting: int = 2000
+    queue_timeout: float = 30.0
+    statement_timeout: float = 30.0
+    max_lifetime: float = 3600.0
+    connect_timeout: float = 10.0
+    shutdown_grace: float = 20.0
+    max_connection_age: float = 300.0
+    max_connection_age_grace: float = 30.0
+    auth: str = "none"
+    log_level: str = "INFO"
+    statement_cache_size: int = 100
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+# name -> (parser, default). A default of None means "required" (or derived, for auth).
+_T = TypeVar("_T")
+
+
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise ValueError("must be a duration in seconds, e.g. 30, 2.5, 500ms, 5m")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    value = float(match.group(1)) * scale
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:50051`` for IPv6); raise ValueError if malformed."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    if not match:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return host, port
+
+
+def parse_database_url(url: str) -> DatabaseTarget:
+    """Parse ``postgresql://user:pass@host:port/db?sslmode=…``; messages never echo the URL."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or 5432
+    except ValueError:
+        raise ValueError("is not a valid URL (expected postgresql://user@host:port/db)") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must start with postgresql:// (e.g. postgresql://user@host:5432/db)")
+    if not parts.hostname:
+        raise ValueError("has no host (expected postgresql://user@host:port/db)")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(query) - set(_URL_QUERY_KEYS))
+    if unknown:
+        raise ValueError(f"has unsupported query parameters {unknown}; known: {_URL_QUERY_KEYS}")
+    sslmode = query.get("sslmode", "prefer")
+    if sslmode not in SSL_MODES:
+        raise ValueError(f"sslmode={sslmode!r} is not one of {', '.join(SSL_MODES)}")
+    user = unquote(parts.username) if parts.username else "postgres"
+    database = unquote(parts.path.lstrip("/")) or user
+    return DatabaseTarget(
+        host=parts.hostname,
+        port=port,
+        user=user,
+        database=database,
+        password=unquote(parts.password) if parts.password is not None else None,
+        sslmode=sslmode,
+        sslrootcert=query.get("sslrootcert"),
+        application_name=query.get("application_name", "pgbroker"),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Resolver:
+    """Looks each setting up (flag, then environment, then default) and collects problems."""
+
+    def __init__(self, flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+        self.flags = flags
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> tuple[str | None, str]:
+        """The text of setting *name* and where it came from (for messages)."""
+        flag = self.flags.get(name)
+        if flag is not None:
+            return str(flag), f"--{name.replace('_', '-')}"
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in self.environ and self.environ[env_name] != "":
+            return self.environ[env_name], env_name
+        return None, env_name
+
+    def get(
+        self,
+        name: str,
+        parse: Callable[[str], _T],
+        default: _T,
+        check: Callable[[_T], str | None] = lambda _: None,
+    ) -> _T:
+        text, source = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            self.problems.append(f"{source}={_shown(name, text)}: {exc}")
+            return default
+        problem = check(value)
+        if problem:
+            self.problems.append(f"{source}={_shown(name, text)}: {problem}")
+            return default
+        return value
+
+
+def _shown(name: str, text: str) -> str:
+    """The value as it may appear in a message: never the database URL (it holds a password)."""
+    return "<redacted>" if name == "database_url" else repr(text)
+
+
+def _at_least(minimum: float) -> Callable[[float], str | None]:
+    return lambda v: None if v >= minimum else f"must be at least {minimum:g}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve every setting (explicit flag > PGBROKER_* env > default) and validate it.
+
+    *flags* maps setting names (``pool_size``) to values; ``None`` means "not given".
+    Raise `ConfigError` with one message per bad or missing value.
+    """
+    r = _Resolver(flags or {}, os.environ if environ is None else environ)
+    url_text, url_source = r.raw("database_url")
+    database: DatabaseTarget | None = None
+    if url_text is None:
+        r.problems.append(f"{url_source} is required (postgresql://user:password@host:5432/db)")
+    else:
+        database = r.get("database_url", parse_database_url, None)  # type: ignore[arg-type]
+    listen_host, listen_port = r.get("listen", parse_listen, ("127.0.0.1", 50051))
+    values: dict[str, Any] = {
+        "pool_size": r.get("pool_size", _integer, 20, _at_least(1)),
+        "max_waiting": r.get("max_waiting", _integer, 2000, _at_least(0)),
+        "queue_timeout": r.get("queue_timeout", _duration, 30.0, _positive),
+        "statement_timeout": r.get("statement_timeout", _duration, 30.0, _positive),
+        "max_lifetime": r.get("max_lifetime", _duration, 3600.0, _positive),
+        "connect_timeout": r.get("connect_timeout", _duration, 10.0, _positive),
+        "shutdown_grace": r.get("shutdown_grace", _duration, 20.0, _at_least(0)),
+        "max_connection_age": r.get("max_connection_age", _duration, 300.0, _positive),
+        "max_connection_age_grace": r.get(
+            "max_connection_age_grace", _duration, 30.0, _at_least(0)
+        ),
+        "statement_cache_size": r.get("statement_cache_size", _integer, 100, _at_least(0)),
+        "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
+    }
+    values["auth"] = _check_auth(r, listen_host)
+    if r.problems or database is None:
+        raise ConfigError(r.problems or ["PGBROKER_DATABASE_URL is not valid"])
+    return Settings(database=database, listen_host=listen_host, listen_port=listen_port, **values)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _check_auth(r: _Resolver, listen_host: str) -> str:
+    """Auth mode: defaults to `none` on a loopback listener; anything else must be chosen.
+
+    Hook for iam/token: add the mode to `AUTH_MODES`; `none` stays loopback-only so a broker
+    reachable from the network never runs without authentication.
+    """
+    text, source = r.raw("auth")
+    mode = (text or "").strip().lower()
+    if not mode:
+        if _is_loopback(listen_host):
+            return "none"
+        r.problems.append(
+            f"{source} is required when listening on {listen_host!r} (not loopback); "
+            f"supported: {', '.join(AUTH_MODES)}"
+        )
+        return "none"
+    if mode not in AUTH_MODES:
+        r.problems.append(f"{source}={text!r}: must be one of {', '.join(AUTH_MODES)}")
+    elif mode == "none" and not _is_loopback(listen_host):
+        r.problems.append(
+            f"{source}=none is only allowed on a loopback listener, not {listen_host!r}"
+        )
+    return mode
