@@ -205,9 +205,9 @@ def _classify_top_level(stmt: ast.Node | None, role_locked: bool) -> Refusal | N
         case ast.DeclareCursorStmt() if (stmt.options or 0) & _CURSOR_OPT_HOLD:
             return Refusal(
                 "DECLARE ... WITH HOLD",
-                "DECLARE ... WITH HOLD creates a cursor that outlives the transaction on a pooled connection; declare"
-                " it WITHOUT HOLD and FETCH within the same request, or page with"
-                " WHERE key > $1 ORDER BY key LIMIT n",
+                "DECLARE ... WITH HOLD creates a cursor that outlives the transaction on a"
+                " pooled connection; declare it WITHOUT HOLD and FETCH within the same"
+                " request, or page with WHERE key > $1 ORDER BY key LIMIT n",
             )
         case ast.LoadStmt():
             return Refusal(
