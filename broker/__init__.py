@@ -1,0 +1,1 @@
+"""pgbroker: a gRPC broker holding a fixed Postgres pool (see DESIGN.md)."""

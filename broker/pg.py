@@ -1,0 +1,548 @@
+"""The one module that touches pg8000: connect, run, transaction status, cancel, errors.
+
+pg8000 is blocking; every method here except `cancel` runs on the worker thread that owns the
+connection at that moment. `cancel` only reads the backend key and opens its own socket, so the
+event loop may call it (through an executor) while a worker is blocked in a query.
+
+Why a subclass of `pg8000.core.CoreConnection` and not `pg8000.native.Connection`:
+* statements are prepared once per connection and reused by (SQL text, parameter OIDs) — one
+  round trip per execution instead of two for pg8000's unnamed statements;
+* the command tag ("INSERT 0 1") is kept, which pg8000 drops;
+* session SQL (BEGIN, SET LOCAL …, COMMIT) is pipelined with a statement in one flush;
+* a result cell whose text pg8000 cannot parse comes back as text instead of raising in the
+  middle of the message stream (which would leave the connection out of sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pg8000.converters as pgc
+from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _flush, _write
+from pg8000.exceptions import DatabaseError, InterfaceError
+
+from broker.config import DatabaseTarget
+from broker.params import bind_params
+from lambda_client import codec
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = [
+    "ConnectionLost",
+    "PgConnection",
+    "PgError",
+    "connect",
+]
+
+_CANCEL_REQUEST_CODE = 80877102
+
+
+@dataclass(frozen=True)
+class PgError(Exception):
+    """An error Postgres reported (an ErrorResponse); the connection itself is still usable."""
+
+    sqlstate: str
+    message: str
+    detail: str = ""
+    hint: str = ""
+    severity: str = "ERROR"
+
+    def __str__(self) -> str:
+        return f"{self.severity} {self.sqlstate}: {self.message}"
+
+    @property
+    def is_user_cancel(self) -> bool:
+        """True for a 57014 caused by a cancel request (not by statement_timeout)."""
+        return self.sqlstate == "57014" and "user request" in self.message
+
+    @classmethod
+    def from_pg8000(cls, exc: DatabaseError) -> PgError:
+        """Build from pg8000's DatabaseError, whose first arg is the ErrorResponse field dict."""
+        fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        return cls(
+            sqlstate=fields.get("C", "XX000"),
+            message=fields.get("M", str(exc)),
+            detail=fields.get("D", ""),
+            hint=fields.get("H", ""),
+            severity=str(fields.get("V") or fields.get("S") or "ERROR"),
+        )
+
+
+class ConnectionLost(Exception):
+    """The connection to Postgres broke (network error, server gone); it must be discarded.
+
+    `fatal` holds the server's FATAL/PANIC error when it said why (e.g. 57P01 on
+    pg_terminate_backend or shutdown).
+    """
+
+    def __init__(self, message: str, fatal: PgError | None = None) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+# -- result decoding -------------------------------------------------------------------------
+
+
+class _Raw(str):
+    """Cell text pg8000 could not parse; encoded as text rather than breaking the stream."""
+
+
+def _interval_in(text: str) -> codec.Interval:
+    """Parse Postgres' default interval output (IntervalStyle postgres) exactly.
+
+    "1 year 2 mons -3 days -04:05:06.789" -> months, days, microseconds. Any other style
+    raises ValueError (the cell then comes back as text).
+    """
+    months = days = micros = 0
+    tokens = text.split()
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if ":" in token:
+            sign = -1 if token.startswith("-") else 1
+            hours, minutes, seconds = token.lstrip("+-").split(":")
+            whole, _, frac = seconds.partition(".")
+            clock = (int(hours) * 3600 + int(minutes) * 60 + int(whole)) * 1_000_000
+            micros += sign * (clock + int((frac + "000000")[:6]))
+            i += 1
+            continue
+        number, unit = int(token), tokens[i + 1]
+        i += 2
+        if unit.startswith("year"):
+            months += 12 * number
+        elif unit.startswith("mon"):
+            months += number
+        elif unit.startswith("day"):
+            days += number
+        else:
+            raise ValueError(f"unexpected interval unit {unit!r}")
+    return codec.Interval(months=months, days=days, microseconds=micros)
+
+
+def _time_in(text: str) -> Any:
+    # Postgres allows 24:00:00, Python's time does not: keep it as microseconds.
+    if text.startswith("24:"):
+        return _Micros(86_400_000_000)
+    return pgc.time_in(text)
+
+
+class _Micros(int):
+    """A time of day in microseconds that Python's `time` cannot hold (24:00:00)."""
+
+
+_TEXT_OIDS = (25, 1043, 1042, 18, 19, 705)  # text, varchar, bpchar, char, name, unknown
+_JSON_OIDS = {114: "json", 3802: "jsonb", 199: "json", 3807: "jsonb"}
+
+# Only the types the wire protocol maps; everything else (inet, ranges, …) comes back as text.
+_IN_FUNCS: dict[int, Callable[[str], Any]] = {
+    16: pgc.bool_in,
+    17: pgc.bytes_in,
+    20: int,
+    21: int,
+    23: int,
+    26: int,
+    700: float,
+    701: float,
+    1700: pgc.numeric_in,
+    1082: pgc.date_in,
+    1083: _time_in,
+    1114: pgc.timestamp_in,
+    1184: pgc.timestamptz_in,
+    1186: _interval_in,
+    2950: pgc.uuid_in,
+    114: str,
+    3802: str,
+}
+_ARRAY_OIDS = {  # array oid -> (element oid, element Type)
+    1000: (16, pb.TYPE_BOOL),
+    1001: (17, pb.TYPE_BYTEA),
+    1005: (21, pb.TYPE_INT64),
+    1007: (23, pb.TYPE_INT64),
+    1016: (20, pb.TYPE_INT64),
+    1028: (26, pb.TYPE_INT64),
+    1021: (700, pb.TYPE_FLOAT64),
+    1022: (701, pb.TYPE_FLOAT64),
+    1231: (1700, pb.TYPE_NUMERIC),
+    1009: (25, pb.TYPE_TEXT),
+    1015: (1043, pb.TYPE_TEXT),
+    1014: (1042, pb.TYPE_TEXT),
+    1003: (19, pb.TYPE_TEXT),
+    1182: (1082, pb.TYPE_DATE),
+    1183: (1083, pb.TYPE_TIME),
+    1115: (1114, pb.TYPE_TIMESTAMP),
+    1185: (1184, pb.TYPE_TIMESTAMPTZ),
+    1187: (1186, pb.TYPE_INTERVAL),
+    2951: (2950, pb.TYPE_UUID),
+    199: (114, pb.TYPE_JSON),
+    3807: (3802, pb.TYPE_JSONB),
+}
+for _array_oid, (_elem_oid, _) in _ARRAY_OIDS.items():
+    _IN_FUNCS[_array_oid] = pgc._array_in(_IN_FUNCS.get(_elem_oid, str))
+
+
+def _encode_cell(value: Any, type_oid: int) -> pb.Value:
+    """One result cell as a `Value`, typed by its column's OID."""
+    if value is None:
+        return pb.Value(null=pb.TYPE_UNSPECIFIED)
+    if isinstance(value, _Raw):
+        return pb.Value(text=str(value))
+    if isinstance(value, _Micros):
+        return pb.Value(time=int(value))
+    if type_oid in _ARRAY_OIDS:
+        elem_oid, elem_type = _ARRAY_OIDS[type_oid]
+        if isinstance(value, list):
+            return _encode_array(value, elem_oid, elem_type)
+    json_kind = _JSON_OIDS.get(type_oid)
+    if json_kind:
+        return pb.Value(**{json_kind: value})
+    if type_oid in (700, 701) or isinstance(value, float):
+        return pb.Value(float64=value)
+    if isinstance(value, str):  # text, unknown types, infinity dates
+        return pb.Value(text=value)
+    try:
+        return codec.encode(value)
+    except TypeError:
+        return pb.Value(text=str(value))
+
+
+def _encode_array(items: list[Any], elem_oid: int, elem_type: int) -> pb.Value:
+    values = [
+        _encode_array(v, elem_oid, elem_type) if isinstance(v, list) else _encode_cell(v, elem_oid)
+        for v in items
+    ]
+    return pb.Value(array=pb.Array(element_type=elem_type, values=values))  # type: ignore[arg-type]
+
+
+# -- the connection --------------------------------------------------------------------------
+
+
+class _Core(CoreConnection):  # type: ignore[misc]
+    """pg8000's protocol engine with the command tag kept and cell parsing made safe."""
+
+    def handle_COMMAND_COMPLETE(self, data: bytes, context: Any) -> None:
+        tag = data[:-1].decode(self._client_encoding)
+        context.command_tag = tag
+        try:
+            count = int(tag.rsplit(" ", 1)[-1])
+        except ValueError:
+            return
+        context.row_count = count if context.row_count == -1 else context.row_count + count
+
+    def handle_DATA_ROW(self, data: bytes, context: Any) -> None:
+        idx = 2
+        row: list[Any] = []
+        encoding = self._client_encoding
+        for func in context.input_funcs:
+            vlen = struct.unpack_from("!i", data, idx)[0]
+            idx += 4
+            if vlen == -1:
+                row.append(None)
+                continue
+            text = str(data[idx : idx + vlen], encoding=encoding)
+            idx += vlen
+            try:
+                row.append(func(text))
+            except Exception:  # never raise mid-stream: the connection would desync
+                row.append(_Raw(text))
+        context.rows.append(row)
+
+    def send_query_nowait(self, sql: str) -> None:
+        """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
+        self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
+
+    def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
+        self.send_BIND(name, params)
+        self.send_EXECUTE()
+        _write(self._sock, SYNC_MSG)
+
+    def flush(self) -> None:
+        _flush(self._sock)
+
+
+@dataclass
+class _Prepared:
+    name: bytes
+    columns: list[dict[str, Any]] | None
+    input_funcs: list[Callable[[str], Any]]
+
+
+class PgConnection:
+    """One server connection: prepared-statement LRU, pipelined session SQL, cancel, close.
+
+    Every method but `cancel` and `close_quietly` raises `ConnectionLost` when the link breaks
+    and `PgError` when Postgres reports an error (the connection is then still in sync).
+    """
+
+    def __init__(self, core: _Core, target: DatabaseTarget, cache_size: int) -> None:
+        self._core = core
+        self._target = target
+        self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.created_at = time.monotonic()
+        key = core._backend_key_data or b"\0" * 8
+        self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
+        self.closed = False
+        # pg8000 resets the status to None after the handshake, whose last message was
+        # ReadyForQuery(idle).
+        core._transaction_status = b"I"
+
+    # state ---------------------------------------------------------------------------------
+
+    @property
+    def transaction_status(self) -> str:
+        """``idle``, ``in_transaction``, ``in_error`` (aborted transaction) or ``unknown``."""
+        status = self._core._transaction_status
+        return {b"I": "idle", b"T": "in_transaction", b"E": "in_error"}.get(status, "unknown")
+
+    # running SQL ---------------------------------------------------------------------------
+
+    def execute_simple(self, sql: str) -> None:
+        """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip."""
+        with self._guard():
+            self._core.execute_simple(sql)
+
+    def run(
+        self,
+        sql: str,
+        params: Sequence[pb.Value] = (),
+        before: str | None = None,
+        after: str | None = None,
+    ) -> pb.StatementResult:
+        """Run one statement, prepared and cached by (SQL, parameter OIDs).
+
+        *before* and *after* are simple-protocol SQL sent in the same flush (one round trip in
+        all when the statement is cached). Every reply is read even when one fails, so the
+        connection stays in sync; the first error (before, statement, after) is raised as
+        `PgError`, or `ConnectionLost` if the link broke.
+        """
+        texts, oids = bind_params(params)
+        with self._guard():
+            prepared = self._prepare(sql, oids)
+            core = self._core
+            if before:
+                core.send_query_nowait(before)
+            core.send_execute_nowait(prepared.name, texts)
+            if after:
+                core.send_query_nowait(after)
+            core.flush()
+            errors: list[DatabaseError] = []
+            if before:
+                self._read_reply(Context(before), errors)
+            context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
+            context.command_tag = ""
+            self._read_reply(context, errors)
+            if after:
+                self._read_reply(Context(after), errors)
+            if errors:
+                if _sqlstate(errors[-1]) == "0A000":  # cached plan must not change result type
+                    self._forget(sql, oids)
+                raise errors[0]
+        return _result(prepared, context)
+
+    def _read_reply(self, context: Context, errors: list[DatabaseError]) -> None:
+        try:
+            self._core.handle_messages(context)
+        except DatabaseError as exc:
+            errors.append(exc)
+
+    def _prepare(self, sql: str, oids: tuple[int, ...]) -> _Prepared:
+        key = (sql, oids)
+        prepared = self._cache.get(key)
+        if prepared is not None:
+            self._cache.move_to_end(key)
+            return prepared
+        name, columns, funcs = self._core.prepare_statement(sql, list(oids))
+        # pg8000 picked its own input funcs; use ours (only the types the protocol maps).
+        funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in columns or ()]
+        prepared = _Prepared(name, columns, funcs)
+        if self._cache_size > 0:
+            self._cache[key] = prepared
+            while len(self._cache) > self._cache_size:
+                _, evicted = self._cache.popitem(last=False)
+                self._core.close_prepared_statement(evicted.name)
+        return prepared
+
+    def _forget(self, sql: str, oids: tuple[int, ...]) -> None:
+        evicted = self._cache.pop((sql, oids), None)
+        if evicted is not None:
+            self._core.close_prepared_statement(evicted.name)
+
+    def _guard(self) -> _Guard:
+        return _Guard(self)
+
+    # cancel and close ----------------------------------------------------------------------
+
+    def cancel(self, timeout: float = 2.0) -> bool:
+        """Ask the server to cancel the query this connection is running (CancelRequest).
+
+        Opens its own short-lived socket, so it is safe from any thread. Return False if the
+        request could not be delivered; never raises.
+        """
+        packet = struct.pack("!iiii", 16, _CANCEL_REQUEST_CODE, self.backend_pid, self._secret_key)
+        try:
+            with socket.create_connection((self._target.host, self._target.port), timeout) as s:
+                s.sendall(packet)
+                s.recv(1)  # the server closes the socket once it has read the request
+        except OSError:
+            return False
+        return True
+
+    def close_quietly(self) -> None:
+        """Send Terminate and close the socket; never raises (the link may already be gone)."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self._core.close()
+
+
+class _Guard:
+    """Turns pg8000 exceptions into `PgError` / `ConnectionLost`; broken links mark closed."""
+
+    def __init__(self, conn: PgConnection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        if self.conn.closed:
+            raise ConnectionLost("connection is closed")
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, DatabaseError):
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                self.conn.close_quietly()
+                raise ConnectionLost(str(error), fatal=error) from exc
+            raise error from exc
+        if isinstance(exc, InterfaceError | OSError | struct.error | AttributeError):
+            # AttributeError: pg8000 after its socket was closed under it.
+            self.conn.close_quietly()
+            raise ConnectionLost(f"connection to Postgres lost: {exc}") from exc
+
+
+def _sqlstate(exc: DatabaseError) -> str:
+    fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return str(fields.get("C", ""))
+
+
+def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:
+    columns = prepared.columns or []
+    result = pb.StatementResult(
+        rows_affected=context.row_count,
+        command_tag=getattr(context, "command_tag", ""),
+    )
+    oids = [c["type_oid"] for c in columns]
+    for column in columns:
+        result.columns.add(name=column["name"], type_oid=column["type_oid"])
+    for row in context.rows or ():
+        result.rows.add().values.extend(
+            _encode_cell(value, oid) for value, oid in zip(row, oids, strict=True)
+        )
+    return result
+
+
+# -- connecting ------------------------------------------------------------------------------
+
+_ssl_contexts: dict[tuple[str, str | None], ssl.SSLContext] = {}
+_ssl_lock = threading.Lock()
+
+
+def ssl_context_for(target: DatabaseTarget) -> ssl.SSLContext | bool:
+    """The TLS context for *target*'s sslmode, built once and reused (pg8000 builds one per
+    connect otherwise, ~20 ms). `False` for sslmode=disable.
+
+    libpq semantics: allow/prefer/require encrypt without verifying; verify-ca checks the
+    chain (against sslrootcert, or the system store); verify-full also checks the host name.
+    On RDS use ``sslmode=verify-full&sslrootcert=/path/to/global-bundle.pem``.
+    """
+    if target.sslmode == "disable":
+        return False
+    key = (target.sslmode, target.sslrootcert)
+    with _ssl_lock:
+        context = _ssl_contexts.get(key)
+        if context is None:
+            context = _build_ssl_context(target)
+            _ssl_contexts[key] = context
+        return context
+
+
+def _build_ssl_context(target: DatabaseTarget) -> ssl.SSLContext:
+    verify = target.sslmode in ("verify-ca", "verify-full")
+    cafile = target.sslrootcert if target.sslrootcert not in (None, "system") else None
+    context = ssl.create_default_context(cafile=cafile if verify else None)
+    context.check_hostname = target.sslmode == "verify-full"
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def connect(
+    target: DatabaseTarget,
+    timeout: float,
+    statement_timeout: float,
+    cache_size: int = 100,
+) -> PgConnection:
+    """Open a server connection: TCP_NODELAY socket, reused TLS context, startup settings.
+
+    The session's statement_timeout is set to *statement_timeout* so a statement is bounded
+    by the server even if the broker stops watching. Raise `ConnectionLost` if the server is
+    unreachable or refuses (`fatal` set when it said why, e.g. too many clients).
+    """
+    context = ssl_context_for(target)
+    try:
+        core = _open(target, timeout, statement_timeout, context)
+    except InterfaceError as exc:
+        if "refuses SSL" in str(exc) and target.sslmode in ("allow", "prefer"):
+            core = _open(target, timeout, statement_timeout, False)
+        else:
+            raise ConnectionLost(f"cannot connect to {_where(target)}: {exc}") from exc
+    return PgConnection(core, target, cache_size)
+
+
+def _where(target: DatabaseTarget) -> str:
+    return f"{target.host}:{target.port}"
+
+
+def _open(target: DatabaseTarget, timeout: float, statement_timeout: float, context: Any) -> _Core:
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {_where(target)}: {exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    try:
+        core = _Core(
+            target.user,
+            host=target.host,
+            database=target.database,
+            port=target.port,
+            password=target.password,
+            ssl_context=context,
+            application_name=target.application_name,
+            startup_params={"statement_timeout": str(max(1, round(statement_timeout * 1000)))},
+            sock=sock,
+        )
+    except DatabaseError as exc:
+        sock.close()
+        error = PgError.from_pg8000(exc)
+        raise ConnectionLost(f"{_where(target)} refused the connection: {error}", error) from exc
+    except (OSError, struct.error) as exc:
+        sock.close()
+        raise ConnectionLost(f"cannot connect to {_where(target)}: {exc}") from exc
+    except InterfaceError:
+        sock.close()
+        raise
+    # The connect timeout must not bound queries: from here on, block (the broker's own
+    # deadline handling and statement_timeout bound the work).
+    core._usock.settimeout(None)
+    return core
