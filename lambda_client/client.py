@@ -1,0 +1,484 @@
+"""`BrokerClient`: what a Lambda handler uses instead of a database driver.
+
+Build one client at module level and reuse it across warm invocations::
+
+    from lambda_client import BrokerClient
+
+    db = BrokerClient()        # target from PGBROKER_URL; nothing connects yet
+
+    def handler(event, context):
+        return db.query("SELECT now()", context=context).scalar()
+
+Nothing connects at construction: the gRPC channel is created on the first call and reused
+(`channels_created` counts them). One call is one round trip; a `transaction` sends every
+statement at once and the broker runs them between BEGIN and COMMIT on one pooled connection.
+
+Deadlines: with a Lambda *context* a call's deadline is the invocation's remaining time minus
+*deadline_margin*, capped by the call's *timeout*; without a context it is *timeout* or the
+client's default. The deadline travels to the broker, which drops queued work that can no
+longer start and cancels a statement that outlives it. A call never outlives its deadline.
+
+Retries happen only where nothing ran, and only inside the same deadline: RESOURCE_EXHAUSTED
+(queue full, queue timeout) and UNAVAILABLE that the broker reports with a pgbroker reason or
+``RetryInfo`` (database unreachable before BEGIN, shutting down), with jittered exponential
+backoff that honours ``RetryInfo``. A call on a channel that is not connected waits for it to
+connect (``wait_for_ready``), and gRPC itself resends a request that never left the client.
+DEADLINE_EXCEEDED, CANCELLED, UNKNOWN and a transport failure mid-call are never retried: the
+transaction may have run. ABORTED (40001/40P01) is retried only with
+``transaction(..., retry_serialization=True)``, since the whole transaction is resent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from lambda_client import errors
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client.codec import decode_row, encode_params
+
+__all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+USER_AGENT = "pgbroker-lambda-client/0.1"
+
+# A statement is its SQL alone or (sql, params).
+Statement = str | tuple[str, Sequence[Any] | None]
+# A callable returning metadata to add to every attempt, e.g. ("authorization", "Bearer …").
+AuthHook = Callable[[], Sequence[tuple[str, str]]]
+
+_ISOLATION = {
+    None: pb.ISOLATION_LEVEL_UNSPECIFIED,
+    "read committed": pb.ISOLATION_LEVEL_READ_COMMITTED,
+    "repeatable read": pb.ISOLATION_LEVEL_REPEATABLE_READ,
+    "serializable": pb.ISOLATION_LEVEL_SERIALIZABLE,
+}
+# Broker-reported reasons that guarantee nothing ran, so UNAVAILABLE may be retried.
+_NOTHING_RAN_REASONS = frozenset({"POOL_UNAVAILABLE", "SHUTTING_DOWN"})
+
+
+class LambdaContext(Protocol):
+    """The parts of the Lambda context object the client reads."""
+
+    aws_request_id: str
+    function_name: str
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one statement: rows as tuples, column names, rows affected, tag.
+
+    `rows_affected` is -1 when the command reports no count.
+    """
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    rows_affected: int
+    command_tag: str
+    type_oids: tuple[int, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_proto(cls, result: pb.StatementResult) -> Result:
+        return cls(
+            columns=tuple(c.name for c in result.columns),
+            rows=[decode_row(row.values) for row in result.rows],
+            rows_affected=result.rows_affected,
+            command_tag=result.command_tag,
+            type_oids=tuple(c.type_oid for c in result.columns),
+        )
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def one(self) -> tuple[Any, ...]:
+        """The only row; raise `LookupError` if there are none or several."""
+        if len(self.rows) != 1:
+            raise LookupError(f"expected exactly one row, got {len(self.rows)}")
+        return self.rows[0]
+
+    def one_or_none(self) -> tuple[Any, ...] | None:
+        """The only row, or None if there are none; raise `LookupError` if there are several."""
+        if len(self.rows) > 1:
+            raise LookupError(f"expected at most one row, got {len(self.rows)}")
+        return self.rows[0] if self.rows else None
+
+    def scalar(self) -> Any:
+        """The first column of the first row, or None if there are no rows."""
+        return self.rows[0][0] if self.rows and self.rows[0] else None
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """The rows as dicts keyed by column name (a later duplicate name wins)."""
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+class BrokerClient:
+    """A client for one broker target (one or many replicas, round-robin).
+
+    *target* is a gRPC target: ``dns:///broker.internal:50051`` (every address the name
+    resolves to), ``ipv4:10.0.1.5:50051,10.0.2.7:50051`` or ``host:port``; default
+    ``PGBROKER_URL``, then ``127.0.0.1:50051``. *timeout* (seconds) bounds a call that has no
+    Lambda context; *deadline_margin* is kept back from a context's remaining time so the
+    handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses TLS with
+    *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system roots).
+    *auth* returns metadata added to every attempt (tokens, signatures). *max_attempts*,
+    *initial_backoff* and *max_backoff* shape the retries described in the module docstring.
+    *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
+    ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
+    (a frozen Lambda whose connection a NAT or load balancer may have dropped silently) is
+    replaced before the next call rather than trusted.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = 30.0,
+        deadline_margin: float = 0.5,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        auth: AuthHook | None = None,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        correlation_id: Callable[[], str | None] | None = None,
+        keepalive_time: float = 30.0,
+        keepalive_timeout: float = 5.0,
+        reconnect_after_idle: float = 240.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout <= 0 or deadline_margin < 0:
+            raise ValueError("timeout must be positive and deadline_margin not negative")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.target = target or os.environ.get("PGBROKER_URL") or DEFAULT_TARGET
+        self.timeout = timeout
+        self.deadline_margin = deadline_margin
+        self.tls = _env_flag("PGBROKER_TLS") if tls is None else tls
+        self.root_certificates = root_certificates
+        self.tls_server_name = tls_server_name
+        self.auth = auth
+        self.max_attempts = max_attempts
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.correlation_id = correlation_id
+        self.keepalive_time = keepalive_time
+        self.keepalive_timeout = keepalive_timeout
+        self.reconnect_after_idle = reconnect_after_idle
+        self.max_message_bytes = max_message_bytes
+        self.extra_options = tuple(options)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.BrokerStub | None = None
+        self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
+        self.channels_created = 0
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def query(
+        self,
+        sql: str,
+        params: Sequence[Any] | None = None,
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Run one statement on its own (autocommit) and return its `Result`.
+
+        Raise `TypeError` naming the parameter if a value has no Postgres mapping (before
+        anything is sent), or a `BrokerError` subclass if the call fails.
+        """
+        request = pb.ExecuteRequest(statements=[_statement(sql, params)])
+        return self._execute(request, context, timeout, retry_aborted=False)[0]
+
+    def transaction(
+        self,
+        statements: Sequence[Statement],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        retry_serialization: bool = False,
+    ) -> list[Result]:
+        """Run *statements* (``sql`` or ``(sql, params)``) as one transaction, one round trip.
+
+        *isolation* is ``"read committed"``, ``"repeatable read"`` or ``"serializable"``.
+        Return one `Result` per statement. On error everything is rolled back and the
+        `DatabaseError` names the failing statement (`statement_index`). With
+        *retry_serialization* a serialization failure or deadlock resends the transaction.
+        """
+        request = pb.ExecuteRequest(
+            statements=[_statement(*_split(s)) for s in statements],
+            options=_options(isolation, read_only, deferrable),
+        )
+        if not request.statements:
+            return []
+        return self._execute(request, context, timeout, retry_aborted=retry_serialization)
+
+    def execute_many(
+        self,
+        sql: str,
+        param_sets: Sequence[Sequence[Any]],
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        retry_serialization: bool = False,
+    ) -> list[Result]:
+        """Run *sql* once per parameter set, all in one transaction; one `Result` each."""
+        return self.transaction(
+            [(sql, params) for params in param_sets],
+            context=context,
+            timeout=timeout,
+            retry_serialization=retry_serialization,
+        )
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, int]:
+        """The broker replica's pool and queue figures (``GetStats``)."""
+        deadline = self._deadline(None, timeout)
+        response = self._call_with_retries(
+            lambda stub, t, md: stub.GetStats(
+                pb.GetStatsRequest(), timeout=t, metadata=md, wait_for_ready=True
+            ),
+            deadline,
+            None,
+            retry_aborted=False,
+        )
+        return dict(response.stats)
+
+    def close(self) -> None:
+        """Close the channel; the next call opens a new one."""
+        with self._lock:
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BrokerClient(target={self.target!r}, tls={self.tls})"
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _execute(
+        self,
+        request: pb.ExecuteRequest,
+        context: LambdaContext | None,
+        timeout: float | None,
+        *,
+        retry_aborted: bool,
+    ) -> list[Result]:
+        deadline = self._deadline(context, timeout)
+        response = self._call_with_retries(
+            lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True),
+            deadline,
+            context,
+            retry_aborted=retry_aborted,
+        )
+        return [Result.from_proto(r) for r in response.results]
+
+    def _deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
+        """The call's monotonic deadline; raise `DeadlineExceeded` if no time is left."""
+        if context is None:
+            budget = self.timeout if timeout is None else timeout
+        else:
+            budget = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
+            if timeout is not None:
+                budget = min(budget, timeout)
+        if budget <= 0:
+            raise errors.DeadlineExceeded(
+                "no time left for the call (Lambda remaining time is within the deadline "
+                f"margin of {self.deadline_margin}s)",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        return time.monotonic() + budget
+
+    def _call_with_retries(
+        self,
+        invoke: Callable[[pb_grpc.BrokerStub, float, list[tuple[str, str]]], Any],
+        deadline: float,
+        context: LambdaContext | None,
+        *,
+        retry_aborted: bool,
+    ) -> Any:
+        """Invoke until success, a non-retryable error, *max_attempts* or the deadline."""
+        for attempt in range(1, self.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            stub = self._get_stub()
+            try:
+                response = invoke(stub, remaining, self._metadata(context))
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                delay = self._retry_delay(error, attempt, retry_aborted)
+                if delay is None or time.monotonic() + delay >= deadline:
+                    raise error from exc
+                time.sleep(delay)
+                continue
+            finally:
+                self._last_used = (time.monotonic(), time.time())
+            return response
+        raise errors.DeadlineExceeded(
+            "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+
+    def _retry_delay(
+        self, error: errors.BrokerError, attempt: int, retry_aborted: bool
+    ) -> float | None:
+        """Seconds to wait before resending, or None if *error* must not be retried."""
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(error, errors.Overloaded):
+            pass
+        elif isinstance(error, errors.Unavailable):
+            # Only when the broker itself says nothing ran; a transport failure mid-call
+            # (no rich status) may hide a transaction that committed.
+            if error.reason not in _NOTHING_RAN_REASONS and error.retry_after is None:
+                return None
+        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
+            return None
+        backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+        if error.retry_after is not None:
+            return error.retry_after + random.uniform(0, backoff)
+        return random.uniform(backoff / 2, backoff)
+
+    def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
+        metadata: list[tuple[str, str]] = []
+        if context is not None:
+            if request_id := getattr(context, "aws_request_id", None):
+                metadata.append(("x-lambda-request-id", _ascii(request_id)))
+            if function_name := getattr(context, "function_name", None):
+                metadata.append(("x-lambda-function-name", _ascii(function_name)))
+        if self.correlation_id is not None and (correlation := self.correlation_id()):
+            metadata.append(("x-correlation-id", _ascii(correlation)))
+        if self.auth is not None:
+            metadata.extend(self.auth())
+        return metadata
+
+    def _get_stub(self) -> pb_grpc.BrokerStub:
+        """The stub on the shared channel, created on first use (or after a long idle)."""
+        stub = self._stub
+        if stub is not None and not self._idle_too_long():
+            return stub
+        with self._lock:
+            if self._stub is None or self._idle_too_long():
+                old = self._channel
+                self._channel = self._new_channel()
+                self._stub = pb_grpc.BrokerStub(self._channel)
+                self._last_used = (time.monotonic(), time.time())
+                self.channels_created += 1
+                if old is not None:
+                    old.close()
+            return self._stub
+
+    def _idle_too_long(self) -> bool:
+        # Wall clock too: a frozen container's monotonic clock may not advance while frozen.
+        mono, wall = self._last_used
+        if mono == 0.0:
+            return False
+        idle = max(time.monotonic() - mono, time.time() - wall)
+        return idle > self.reconnect_after_idle
+
+    def _new_channel(self) -> grpc.Channel:
+        options = channel_options(
+            keepalive_time=self.keepalive_time,
+            keepalive_timeout=self.keepalive_timeout,
+            max_message_bytes=self.max_message_bytes,
+        )
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        options.extend(self.extra_options)
+        if not self.tls:
+            return grpc.insecure_channel(self.target, options=options)
+        roots = self.root_certificates
+        if roots is None and (ca_file := os.environ.get("PGBROKER_TLS_CA_FILE")):
+            with open(ca_file, "rb") as f:
+                roots = f.read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        return grpc.secure_channel(self.target, credentials, options=options)
+
+
+def channel_options(
+    *,
+    keepalive_time: float = 30.0,
+    keepalive_timeout: float = 5.0,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> list[tuple[str, Any]]:
+    """Channel arguments for a Lambda client: round-robin, keepalive, quick reconnects.
+
+    Keepalive pings (also between calls) find a connection that died while the container was
+    frozen within *keepalive_timeout*; the broker must permit pings that often
+    (``grpc.http2.min_ping_interval_without_data_ms`` ≤ *keepalive_time*, and
+    ``grpc.keepalive_permit_without_calls``) or it answers with GOAWAY ``too_many_pings``.
+    Reconnect backoff is capped at 2 s (gRPC's default cap is 120 s), so a broker that
+    restarts is found again within a Lambda's deadline.
+    """
+    service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    return [
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.primary_user_agent", USER_AGENT),
+    ]
+
+
+def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
+    if not isinstance(sql, str):
+        raise TypeError(f"sql must be a str, not {type(sql).__name__}")
+    return pb.Statement(sql=sql, params=encode_params(params))
+
+
+def _split(statement: Statement) -> tuple[str, Sequence[Any] | None]:
+    if isinstance(statement, str):
+        return statement, None
+    if isinstance(statement, tuple | list) and len(statement) == 2:
+        return statement[0], statement[1]
+    raise TypeError("each statement must be a SQL string or a (sql, params) pair")
+
+
+def _options(isolation: str | None, read_only: bool, deferrable: bool) -> pb.TransactionOptions:
+    key = isolation.lower().replace("_", " ") if isolation else None
+    if key not in _ISOLATION:
+        raise ValueError(
+            f"isolation must be one of 'read committed', 'repeatable read', 'serializable', "
+            f"not {isolation!r}"
+        )
+    return pb.TransactionOptions(
+        isolation=_ISOLATION[key], read_only=read_only, deferrable=deferrable
+    )
+
+
+def _ascii(value: object) -> str:
+    """Metadata values must be printable ASCII; replace anything else."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(value))
+
+
+def _env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
