@@ -1,0 +1,309 @@
+"""``python -m demo`` (``make demo``): a burst of Lambda invocations, direct and via pgbroker.
+
+Phase 1 runs N concurrent invocations of the example handler, each container with its own
+Postgres connection kept open like a warm Lambda's: past ``max_connections`` they fail with
+Postgres' own errors. Phase 2 runs the same N through a broker with a pool of 20: every one
+succeeds and Postgres never sees more than the pool. Exit status 0 iff phase 2 had no failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from demo.brokerproc import BrokerProcess
+from demo.burst import Burst, Invocation
+from demo.database import BackendMonitor, DemoDatabase
+from demo.direct import DirectClient
+from demo.invocations import BrokerInvocation, ContainerLocal, DirectInvocation, bind_handler
+from demo.report import PhaseResult, print_table, write_chart
+from examples import handler as example
+from lambda_client import BrokerClient
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="A burst of concurrent Lambda invocations against Postgres: first with a "
+        "connection each, then through pgbroker.",
+    )
+    parser.add_argument(
+        "--invocations",
+        "-n",
+        type=int,
+        default=1000,
+        help="concurrent invocations per phase (default 1000)",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=20, help="the broker's Postgres connections (default 20)"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=100,
+        help="max_connections of the embedded Postgres (default 100, "
+        "Postgres' own default); ignored with --database-url",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("PGBROKER_DATABASE_URL"),
+        help="run against this Postgres instead of an embedded one (default "
+        "PGBROKER_DATABASE_URL); it gets the example's tables",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a machine-readable summary on stdout (the rest on stderr)",
+    )
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="where to write the PNG chart (default demo-output/pgbroker-demo.png)",
+    )
+    args = parser.parse_args(argv)
+    if args.invocations < 1 or args.pool_size < 1 or args.max_connections < 5:
+        parser.error("--invocations and --pool-size must be >= 1, --max-connections >= 5")
+    return args
+
+
+def default_chart_path() -> Path:
+    """``demo-output/pgbroker-demo.png`` under the working directory, or a temp dir if that
+    directory cannot be written."""
+    out = Path("demo-output")
+    try:
+        out.mkdir(exist_ok=True)
+        if os.access(out, os.W_OK):
+            return out.resolve() / "pgbroker-demo.png"
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="pgbroker-demo-")) / "pgbroker-demo.png"
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so everything is stopped."""
+
+    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=args.json)
+    try:
+        with _terminate_as_interrupt():
+            summary = run(args, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: broker and Postgres stopped, temporary data removed")
+        return 130
+    except Exception as exc:
+        console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        console.print("broker and Postgres stopped, temporary data removed")
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Both phases, the table and the chart; every process it starts is stopped on return."""
+    with contextlib.ExitStack() as stack:
+        console.rule("[bold]pgbroker demo")
+        with console.status("starting Postgres ..."):
+            database = stack.enter_context(
+                DemoDatabase(args.database_url, max_connections=args.max_connections)
+            )
+        console.print(
+            f"Postgres: {database.describe()}, max_connections={database.max_connections}"
+        )
+        schema_client = DirectClient(database.app_dsn, application_name="pgbroker-demo-setup")
+        try:
+            example.create_schema(schema_client)  # type: ignore[arg-type]
+        finally:
+            schema_client.close()
+        monitor = BackendMonitor(database.admin_dsn, database.app_user).start()
+        stack.callback(monitor.stop)
+        limits = {"max_connections": database.max_connections, "pool_size": args.pool_size}
+        local = stack.enter_context(bind_handler())
+
+        direct = _direct_phase(args, console, database, monitor, local)
+        brokered = _broker_phase(args, console, database, monitor, local)
+        phases = [direct, brokered]
+
+        console.rule("[bold]result")
+        print_table(console, phases, limits)
+        chart = write_chart(args.chart or default_chart_path(), phases, limits)
+        console.print(f"chart: [bold]{chart}[/]")
+        ok = brokered.burst.failed == 0
+        verdict = (
+            "[green]every invocation through pgbroker succeeded"
+            if ok
+            else (f"[red]{brokered.burst.failed} invocations through pgbroker failed")
+        )
+        console.print(verdict)
+        return {
+            "ok": ok,
+            "database": "embedded" if database.embedded else "url",
+            "invocations": args.invocations,
+            "pool_size": args.pool_size,
+            "max_connections": database.max_connections,
+            "monitor_errors": monitor.errors,
+            "chart": str(chart),
+            "phases": {p.name: p.summary() for p in phases},
+        }
+
+
+def _direct_phase(
+    args: argparse.Namespace,
+    console: Console,
+    database: DemoDatabase,
+    monitor: BackendMonitor,
+    local: ContainerLocal,
+) -> PhaseResult:
+    title = "direct (pg8000 per Lambda)"
+    console.rule(f"[bold]phase 1: {title}")
+    console.print(
+        f"{args.invocations} invocations at once, each container with its own "
+        "Postgres connection, kept open as a warm Lambda keeps it"
+    )
+    began = time.monotonic()
+    burst = _run_burst(
+        console,
+        title,
+        monitor,
+        args.invocations,
+        lambda i: DirectInvocation(i, local, database.app_dsn),
+    )
+    # Warm containers are gone now; wait until Postgres has let go of their backends.
+    monitor.wait_for_app_backends(0, timeout=15)
+    ended = time.monotonic()
+    return PhaseResult(
+        name="direct",
+        title=title,
+        burst=burst,
+        samples=_window(monitor, began, ended),
+        peak_backends=monitor.peak(began, ended),
+        began=began,
+        ended=ended,
+        wait_label="release → connection open",
+        extra={},
+    )
+
+
+def _broker_phase(
+    args: argparse.Namespace,
+    console: Console,
+    database: DemoDatabase,
+    monitor: BackendMonitor,
+    local: ContainerLocal,
+) -> PhaseResult:
+    title = f"pgbroker (pool {args.pool_size})"
+    console.rule(f"[bold]phase 2: {title}")
+    began = time.monotonic()
+    broker_url = database.app_dsn
+    if database.embedded:
+        broker_url += "?sslmode=disable"
+    with console.status("starting the broker ..."):
+        broker = BrokerProcess(broker_url, pool_size=args.pool_size).start()
+    try:
+        console.print(
+            f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
+            "invocations at once, each container with its own BrokerClient channel"
+        )
+        burst = _run_burst(
+            console,
+            title,
+            monitor,
+            args.invocations,
+            lambda i: BrokerInvocation(i, local, broker.target),
+        )
+        stats = _broker_stats(broker.target)
+        ended = time.monotonic()
+    finally:
+        broker.stop()
+    return PhaseResult(
+        name="broker",
+        title=title,
+        burst=burst,
+        samples=_window(monitor, began, ended),
+        peak_backends=monitor.peak(began, ended),
+        began=began,
+        ended=ended,
+        wait_label="not reported by the client; see latency",
+        extra={"broker_stats": stats},
+    )
+
+
+def _run_burst(
+    console: Console,
+    title: str,
+    monitor: BackendMonitor,
+    count: int,
+    factory: Callable[[int], Invocation],
+) -> Burst:
+    burst = Burst(count, factory)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn(
+            "[green]{task.fields[ok]} completed[/] [red]{task.fields[failed]} failed[/] "
+            "{task.fields[waiting]} waiting · {task.fields[backends]} backends"
+        ),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def tick(b: Burst) -> None:
+        backends = monitor.samples[-1].app_backends if monitor.samples else 0
+        progress.update(
+            task,
+            completed=b.count - b.waiting,
+            ok=b.completed,
+            failed=b.failed,
+            waiting=b.waiting,
+            backends=backends,
+        )
+
+    with progress:
+        task = progress.add_task(title, total=count, ok=0, failed=0, waiting=count, backends=0)
+        burst.run(on_tick=tick)
+    return burst
+
+
+def _window(monitor: BackendMonitor, began: float, ended: float) -> list[Any]:
+    return [s for s in monitor.samples if began <= s.at <= ended]
+
+
+def _broker_stats(target: str) -> dict[str, int]:
+    """The broker's own pool figures after the burst, or {} if it does not answer."""
+    try:
+        with BrokerClient(target, timeout=5) as client:
+            return client.stats()
+    except Exception:
+        return {}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
