@@ -150,6 +150,10 @@ class Stack:
 
         return re.sub(r"\$\{([^}!]+)\}", value, text)
 
+    def _fn_findinmap(self, arg: Any) -> Any:
+        mapping, key, attribute = (str(v) for v in self.resolve(arg))
+        return self.template["Mappings"][mapping][key][attribute]
+
     def _fn_join(self, arg: Any) -> str:
         sep, items = arg[0], self.resolve(arg[1])
         return sep.join(str(v) for v in items)
@@ -367,6 +371,14 @@ def test_example_function_uses_the_client_with_iam_auth(stack: Stack) -> None:
     assert function["Handler"] == "handler.handler"
     assert function["Environment"]["Variables"]["PGBROKER_AUTH"] == "iam"
     assert stack.broker_env()["PGBROKER_AUTH"] == "iam"
+    # It signs for the audience the broker checks (the client defaults it to PGBROKER_URL) ...
+    variables = function["Environment"]["Variables"]
+    audience = variables.get("PGBROKER_AUTH_AUDIENCE", variables["PGBROKER_URL"])
+    assert stack.broker_env()["PGBROKER_AUTH_AUDIENCE"] == audience
+    # ... and both sign and verify with the same regional STS endpoint.
+    assert "PGBROKER_STS_ENDPOINT" not in variables
+    assert "PGBROKER_STS_ENDPOINT" not in stack.broker_env()
+    assert stack.broker_env()["AWS_REGION"] == stack.PSEUDO["AWS::Region"]
     # Its role is among the roles the broker admits.
     role = function["Role"]
     assert isinstance(role, Token) and role.attribute == "Arn"
@@ -403,6 +415,20 @@ def test_rolling_deploy_never_drops_below_desired_count(stack: Stack) -> None:
     assert int(deploy["MinimumHealthyPercent"]) >= 100
     assert int(deploy["MaximumPercent"]) > 100
     assert service["DesiredCount"] == stack.params["MinReplicas"]
+
+
+@pytest.mark.parametrize("max_replicas", range(1, 21))
+def test_connection_budget_counts_every_task_a_rolling_deploy_can_run(
+    template: dict[str, Any], max_replicas: int
+) -> None:
+    stack = Stack(
+        template, **BASE_PARAMS, DatabaseSecretArn=SECRET_ARN, MaxReplicas=str(max_replicas)
+    )
+    _, service = stack.one("AWS::ECS::Service")
+    max_percent = int(service["DeploymentConfiguration"]["MaximumPercent"])
+    peak = max_replicas * max_percent // 100
+    assert int(stack.broker_env()["PGBROKER_MAX_REPLICAS"]) == peak
+    assert int(template["Parameters"]["MaxReplicas"]["MaxValue"]) == 20
 
 
 def test_autoscaling_tracks_cpu_and_the_queue_metric_the_broker_publishes(stack: Stack) -> None:
