@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import TextIO
 
 __all__ = ["BrokerProcess"]
 
@@ -25,20 +26,26 @@ _LISTENING = re.compile(r"listen|serving", re.IGNORECASE)
 
 
 class BrokerProcess:
-    """A broker serving *database_url* with *pool_size* connections; `start` returns once it
-    has printed its port, or raises RuntimeError with its output."""
+    """A broker serving *database_url* with *pool_size* connections on *listen*; `start`
+    returns once it has printed its port, or raises RuntimeError with its output. Its output
+    is kept (the last 200 lines) and also written to *echo* if given. ``PGBROKER_AUTH``
+    defaults to ``none`` (loopback only); *env* overrides the environment."""
 
     def __init__(
         self,
         database_url: str,
         *,
-        pool_size: int,
+        pool_size: int | None = None,
+        listen: str = "127.0.0.1:0",
         extra_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        echo: TextIO | None = None,
         start_timeout: float = 30.0,
     ) -> None:
         self.database_url = database_url
         self.pool_size = pool_size
+        self.listen = listen
+        self.echo = echo
         self.extra_args = extra_args
         self.env = dict(env or {})
         self.start_timeout = start_timeout
@@ -56,11 +63,13 @@ class BrokerProcess:
         return self.proc.pid if self.proc else None
 
     def start(self) -> BrokerProcess:
-        env = {**os.environ, "PGBROKER_AUTH": "none", **self.env}
+        env = {"PGBROKER_AUTH": "none", **os.environ, **self.env}
         # The URL goes through the environment, not argv, so `ps` does not show a password.
         env["PGBROKER_DATABASE_URL"] = self.database_url
-        argv = [sys.executable, "-m", "broker", "run", "--listen", "127.0.0.1:0"]
-        argv += ["--pool-size", str(self.pool_size), *self.extra_args]
+        argv = [sys.executable, "-m", "broker", "run", "--listen", self.listen]
+        if self.pool_size is not None:
+            argv += ["--pool-size", str(self.pool_size)]
+        argv += self.extra_args
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -106,6 +115,9 @@ class BrokerProcess:
             return
         for line in proc.stdout:
             self.output.append(line.rstrip())
+            if self.echo is not None:
+                self.echo.write(line)
+                self.echo.flush()
             match = _ADDRESS.search(line) if _LISTENING.search(line) else None
             if self.port is None and match and int(match[2]) != 0:
                 self.port = int(match[2])

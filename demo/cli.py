@@ -191,7 +191,7 @@ def _direct_phase(
     began = time.monotonic()
     burst = _run_burst(
         console,
-        title,
+        "phase 1",
         monitor,
         args.invocations,
         lambda i: DirectInvocation(i, local, database.app_dsn),
@@ -226,7 +226,9 @@ def _broker_phase(
     if database.embedded:
         broker_url += "?sslmode=disable"
     with console.status("starting the broker ..."):
-        broker = BrokerProcess(broker_url, pool_size=args.pool_size).start()
+        broker = BrokerProcess(
+            broker_url, pool_size=args.pool_size, env={"PGBROKER_AUTH": "none"}
+        ).start()
     try:
         console.print(
             f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
@@ -234,7 +236,7 @@ def _broker_phase(
         )
         burst = _run_burst(
             console,
-            title,
+            "phase 2",
             monitor,
             args.invocations,
             lambda i: BrokerInvocation(i, local, broker.target),
@@ -299,7 +301,7 @@ def _window(monitor: BackendMonitor, began: float, ended: float) -> list[Any]:
 def _broker_stats(target: str) -> dict[str, int]:
     """The broker's own pool figures after the burst, or {} if it does not answer."""
     try:
-        with BrokerClient(target, timeout=5) as client:
+        with BrokerClient(target, timeout=5, tls=False) as client:
             return client.stats()
     except Exception:
         return {}

@@ -92,7 +92,9 @@ class BrokerInvocation(Invocation):
         self.local = local
         # gRPC shares one TCP connection among identical channels of a process unless told
         # not to; separate containers have separate connections.
-        self.client = BrokerClient(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.client = BrokerClient(
+            target, tls=False, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
 
     def invoke(self) -> float | None:
         # The broker reports its queue wait (ExecuteResponse.wait_us) but the client does not
