@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -109,8 +110,19 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def raise_open_files_limit(wanted: int) -> None:
+    """Raise the soft open-files limit toward *wanted* (each container holds a socket, and
+    the broker child inherits the limit); keep the hard limit, ignore refusals."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    raise_open_files_limit(2 * args.invocations + 256)
     console = Console(stderr=args.json)
     try:
         with _terminate_as_interrupt():
@@ -166,6 +178,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         return {
             "ok": ok,
             "database": "embedded" if database.embedded else "url",
+            "data_dir": database.data_dir,
             "invocations": args.invocations,
             "pool_size": args.pool_size,
             "max_connections": database.max_connections,
@@ -182,8 +195,8 @@ def _direct_phase(
     monitor: BackendMonitor,
     local: ContainerLocal,
 ) -> PhaseResult:
-    title = "direct (pg8000 per Lambda)"
-    console.rule(f"[bold]phase 1: {title}")
+    title = "direct"
+    console.rule("[bold]phase 1: direct, a pg8000 connection per Lambda container")
     console.print(
         f"{args.invocations} invocations at once, each container with its own "
         "Postgres connection, kept open as a warm Lambda keeps it"
@@ -219,8 +232,8 @@ def _broker_phase(
     monitor: BackendMonitor,
     local: ContainerLocal,
 ) -> PhaseResult:
-    title = f"pgbroker (pool {args.pool_size})"
-    console.rule(f"[bold]phase 2: {title}")
+    title = "via pgbroker"
+    console.rule(f"[bold]phase 2: through pgbroker, pool {args.pool_size}")
     began = time.monotonic()
     broker_url = database.app_dsn
     if database.embedded:

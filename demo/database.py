@@ -67,6 +67,7 @@ class DemoDatabase:
         self.url = url
         self.max_connections = max_connections
         self.server: LocalPostgres | None = None
+        self.data_dir: str | None = None  # the embedded server's work dir, removed on stop
         self.admin_dsn = url or ""
         self.app_dsn = url or ""
 
@@ -89,6 +90,7 @@ class DemoDatabase:
             except BaseException:
                 self.server.stop()
                 raise
+            self.data_dir = str(self.server.datadir.parent)
             self.admin_dsn = self.server.dsn
             self.app_dsn = _with_user(self.server.dsn, APP_ROLE)
             self._create_app_role()
@@ -115,7 +117,8 @@ class DemoDatabase:
         """Where the database is, without any password."""
         if self.server is not None:
             return (
-                f"embedded Postgres ({self.server.bindir}) on {self.server.host}:{self.server.port}"
+                f"embedded Postgres ({self.server.bindir}) on {self.server.host}:"
+                f"{self.server.port}, data in {self.data_dir}"
             )
         url = urlsplit(self.admin_dsn)
         return f"{url.hostname}:{url.port or 5432}/{url.path.lstrip('/')} as {url.username}"

@@ -101,6 +101,7 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
     fig, axes = plt.subplots(1, len(phases), figsize=(6.5 * len(phases), 4.6), sharey=True)
     axes = list(axes) if len(phases) > 1 else [axes]
     count = max(p.burst.count for p in phases)
+    legend: dict[str, Any] = {}
     for ax, phase in zip(axes, phases, strict=True):
         zero = phase.burst.released_at
         xs = [s.at - zero for s in phase.samples]
@@ -118,13 +119,14 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
             linewidth=1,
             label=f"max_connections = {limits['max_connections']}",
         )
-        ax.axhline(
-            limits["pool_size"],
-            color="tab:green",
-            linestyle=":",
-            linewidth=1,
-            label=f"broker pool size = {limits['pool_size']}",
-        )
+        if phase.name == "broker":
+            ax.axhline(
+                limits["pool_size"],
+                color="tab:gray",
+                linestyle=":",
+                linewidth=1,
+                label=f"broker pool size = {limits['pool_size']}",
+            )
         ax.set_xlabel("seconds since the burst was released")
         ax.set_title(phase.title)
         ax.set_ylim(0, max(limits["max_connections"], phase.peak_backends) * 1.15)
@@ -138,7 +140,7 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
             [start, *done, end],
             [0, *range(1, len(done) + 1), len(done)],
             where="post",
-            color="tab:orange",
+            color="tab:green",
             label="invocations succeeded",
         )
         if failed:
@@ -152,12 +154,15 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
             )
         right.set_ylim(0, count * 1.05)
         right.set_ylabel("invocations (cumulative)")
-        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-        ax.legend(handles, labels, loc="center right", fontsize=8)
+        for axis in (ax, right):
+            for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+    fig.legend(
+        list(legend.values()), list(legend), loc="lower center", ncol=5, fontsize=8, frameon=False
+    )
     axes[0].set_ylabel("Postgres backends")
     fig.suptitle(f"{count} concurrent Lambda invocations: direct connections vs pgbroker")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
