@@ -1,0 +1,42 @@
+"""``python -m bench [--quick | --tiny] [--out DIR]`` — see `bench` for what it measures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.harness import PLANS, run_bench
+from bench.report import print_report, ratios, targets, write_chart, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller and shorter (< 1 min)")
+    mode.add_argument("--tiny", action="store_true", help="a handful of clients (for tests)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results", help="results folder"
+    )
+    parser.add_argument(
+        "--no-pgbroker", action="store_true", help="benchmark only PgBouncer and direct"
+    )
+    args = parser.parse_args(argv)
+    name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    try:
+        data = run_bench(PLANS[name], with_pgbroker=not args.no_pgbroker)
+    except KeyboardInterrupt:
+        print("interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+    data["ratios"] = ratios(data["results"])
+    data["targets"] = targets(data["results"])
+    stem = "latest" if name == "full" else name
+    write_json(data, args.out / f"{stem}.json")
+    write_chart(data, args.out / f"{stem}.png")
+    print_report(data)
+    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

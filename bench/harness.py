@@ -1,0 +1,449 @@
+"""The benchmark run: one Postgres, PgBouncer and pgbroker side by side, same workloads.
+
+`run_bench(plan)` starts everything itself (a private Postgres, PgBouncer as the ``postgres``
+account, the broker, delay proxies), runs every workload against every competitor, stops
+every process it started (also on errors and Ctrl-C) and returns the results as a dict
+(written as JSON by `bench.report`).
+
+Postgres runs with ``max_connections`` = `Plan.max_connections` (600 for the full run): high
+enough that the direct competitor's 500 W2 clients each get a connection (plus PgBouncer's
+and the broker's pools of 20 and the monitor), and far below W3's 2000 invocations, which is
+the point of that workload: direct connections fail there, poolers queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench import coldstart, pgbench_runner
+from bench.load import Spec
+from bench.monitor import Monitor
+from bench.procs import ROOT, Broker, PgBouncer, Processes, cpu_seconds
+from bench.workloads import pgbench_script
+from devtools.localpg import LocalPostgres, free_port
+from devtools.tcpproxy import TcpProxy
+
+DIRECT = "direct"
+BOUNCER_ASYNCPG = "pgbouncer+asyncpg"
+BOUNCER_PGBENCH = "pgbouncer+pgbench"
+PGBROKER = "pgbroker"
+COMPETITORS = (DIRECT, BOUNCER_ASYNCPG, BOUNCER_PGBENCH, PGBROKER)
+# The Postgres role each competitor's server connections log in as, so backends are counted
+# per competitor (another pooler's idle pool does not count).
+ROLES = {
+    DIRECT: "bench_direct",
+    BOUNCER_ASYNCPG: "bench_pgbouncer",
+    BOUNCER_PGBENCH: "bench_pgbouncer",
+    PGBROKER: "bench_pgbroker",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and durations of one benchmark mode."""
+
+    mode: str
+    scale: int
+    duration: float  # measured seconds per steady run
+    warmup: float
+    w1_clients: int
+    w2_clients: int
+    w3_invocations: int
+    cold_samples: int
+    think_ms: float = 1.0
+    latency_ms: float = 0.5  # one-way delay added on the client <-> pooler hop
+    variants: bool = True  # W2 at think 0 and the added-latency runs
+    pool_size: int = 20
+    max_connections: int = 600
+    burst_timeout: float = 90.0
+
+
+PLANS = {
+    "full": Plan("full", scale=10, duration=10, warmup=2, w1_clients=200, w2_clients=500,
+                 w3_invocations=2000, cold_samples=10),
+    "quick": Plan("quick", scale=1, duration=1.5, warmup=0.5, w1_clients=200, w2_clients=500,
+                  w3_invocations=500, cold_samples=3, variants=False, max_connections=600,
+                  burst_timeout=30),
+    "tiny": Plan("tiny", scale=1, duration=0.3, warmup=0.1, w1_clients=4, w2_clients=4,
+                 w3_invocations=10, cold_samples=1, variants=False, max_connections=60,
+                 burst_timeout=20),
+}  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One row of results: a workload variant against one competitor."""
+
+    workload: str  # W1 | W2 | W3
+    variant: str  # base | think0 | +latency
+    competitor: str
+    clients: int
+    think_ms: float
+    added_latency_ms: float
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Owns every process and proxy of one run; `close()` stops them all."""
+
+    def __init__(self, plan: Plan, *, with_pgbroker: bool = True) -> None:
+        self.plan = plan
+        self.procs = Processes()
+        self.stack = contextlib.ExitStack()
+        self.with_pgbroker = with_pgbroker
+        self.pg: LocalPostgres | None = None
+        self.bouncer: PgBouncer | None = None
+        self.broker: Broker | None = None
+        self.monitor: Monitor | None = None
+        self.proxies: dict[str, TcpProxy] = {}
+        self.pgbench = ""
+        self.skipped: dict[str, str] = {}
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        plan = self.plan
+        self.stack.callback(self.procs.stop_all)
+        certdir = Path(tempfile.mkdtemp(prefix="pgbroker-bench-tls-"))
+        self.stack.callback(_rmtree, certdir)
+        cert = _self_signed(certdir)
+        _log(f"starting Postgres (max_connections={plan.max_connections})")
+        self.pg = LocalPostgres(max_connections=plan.max_connections, ssl=cert)
+        self.stack.callback(self.pg.stop)
+        self.pg.start()
+        self.pgbench = pgbench_runner.pgbench_binary(self.pg.bindir)
+        _log(f"pgbench -i scale {plan.scale}")
+        pgbench_runner.initialise(self.pgbench, self.pg.host, self.pg.port, "postgres", plan.scale)
+        _create_roles(self.pg)
+        _log("starting PgBouncer (transaction mode)")
+        self.bouncer = PgBouncer(
+            self.procs, pg_host=self.pg.host, pg_port=self.pg.port, port=free_port(),
+            pool_size=plan.pool_size, server_user=ROLES[BOUNCER_ASYNCPG],
+        )  # fmt: skip
+        self.stack.callback(self.bouncer.stop)
+        self.bouncer.start()
+        if self.with_pgbroker:
+            self._start_broker()
+        else:
+            self.skipped[PGBROKER] = "left out (--no-pgbroker)"
+        self.monitor = Monitor(self.pg.host, self.pg.port, "postgres", "postgres")
+        self.stack.callback(self.monitor.close)
+        if plan.variants:
+            self._start_proxies()
+
+    def _start_broker(self) -> None:
+        assert self.pg is not None
+        reason = _broker_missing()
+        if reason:
+            self.skipped[PGBROKER] = reason
+            _log(f"pgbroker skipped: {reason}")
+            return
+        _log("starting the broker")
+        pg = self.pg
+        url = f"postgresql://{ROLES[PGBROKER]}@{pg.host}:{pg.port}/{pg.database}?sslmode=disable"
+        self.broker = Broker(self.procs, database_url=url, port=free_port(),
+                             pool_size=self.plan.pool_size)  # fmt: skip
+        self.stack.callback(self.broker.stop)
+        try:
+            self.broker.start()
+        except RuntimeError as exc:
+            self.skipped[PGBROKER] = f"broker did not start: {str(exc)[-300:]}"
+            _log(self.skipped[PGBROKER])
+            self.broker.stop()
+            self.broker = None
+
+    def _start_proxies(self) -> None:
+        delay = self.plan.latency_ms / 1000
+        assert self.bouncer is not None
+        targets = {"pgbouncer": (self.bouncer.host, self.bouncer.port)}
+        if self.broker is not None:
+            targets["pgbroker"] = (self.broker.host, self.broker.port)
+        for name, target in targets.items():
+            proxy = TcpProxy(target, delay=delay)
+            self.stack.callback(proxy.stop)
+            self.proxies[name] = proxy.start()
+
+    def close(self) -> None:
+        """Stop load generators first, then proxies, poolers and Postgres (reverse order)."""
+        self.procs.stop_all()
+        self.stack.close()
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def cases(self) -> Iterator[Case]:
+        plan = self.plan
+        for workload, clients in (("W1", plan.w1_clients), ("W2", plan.w2_clients)):
+            think = plan.think_ms if workload == "W2" else 0.0
+            for competitor in COMPETITORS:
+                yield Case(workload, "base", competitor, clients, think, 0.0)
+            if plan.variants and workload == "W2":
+                for competitor in COMPETITORS:
+                    yield Case(workload, "think0", competitor, clients, 0.0, 0.0)
+            if plan.variants:
+                for competitor in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, PGBROKER):
+                    yield Case(workload, "+latency", competitor, clients, think, plan.latency_ms)
+        for competitor in (DIRECT, BOUNCER_ASYNCPG, PGBROKER):
+            yield Case("W3", "burst", competitor, plan.w3_invocations, plan.think_ms, 0.0)
+
+    def run_case(self, case: Case) -> dict[str, Any]:
+        row: dict[str, Any] = asdict(case)
+        if case.competitor in self.skipped:
+            return {**row, "skipped": self.skipped[case.competitor]}
+        host, port, pooler_pid = self._endpoint(case)
+        assert self.monitor is not None
+        self.monitor.begin(pooler_pid, ROLES[case.competitor])
+        cpu: dict[str, float | None] = {}
+
+        def mark(name: str) -> Callable[[], None]:
+            return lambda: cpu.__setitem__(name, cpu_seconds(pooler_pid) if pooler_pid else None)
+
+        try:
+            if case.competitor == BOUNCER_PGBENCH:
+                result = self._run_pgbench(case, host, port, mark("start"), mark("end"))
+            else:
+                result = self._run_load(case, host, port, mark("start"), mark("end"))
+        except Exception as exc:
+            result = {"tx": 0, "tps": 0.0, "errors": 1, "error_messages": {str(exc)[-300:]: 1}}
+        peak_backends, peak_rss = self.monitor.end()
+        result.pop("spec", None)
+        row.update(result)
+        row["peak_backends"] = peak_backends
+        row["pooler"] = self._pooler_figures(case, cpu, result, peak_rss)
+        return row
+
+    def _endpoint(self, case: Case) -> tuple[str, int, int | None]:
+        assert self.pg is not None and self.bouncer is not None
+        if case.competitor == DIRECT:
+            return self.pg.host, self.pg.port, None
+        if case.competitor == PGBROKER:
+            assert self.broker is not None
+            name, host, port, pid = "pgbroker", self.broker.host, self.broker.port, self.broker.pid
+        else:
+            name, host, port = "pgbouncer", self.bouncer.host, self.bouncer.port
+            pid = self.bouncer.pid
+        if case.added_latency_ms:
+            proxy = self.proxies[name]
+            host, port = proxy.host, proxy.port
+        return host, port, pid
+
+    def _pooler_figures(
+        self, case: Case, cpu: dict[str, float | None], result: dict[str, Any], rss: int | None
+    ) -> dict[str, Any] | None:
+        if case.competitor == DIRECT:
+            return None
+        start, end = cpu.get("start"), cpu.get("end")
+        used = end - start if start is not None and end is not None else None
+        # pgbench has no measured window of its own: its figures cover the whole run.
+        tx = result.get("tx_total" if case.competitor == BOUNCER_PGBENCH else "tx", 0)
+        if case.workload == "W3":
+            tx = result.get("tx", 0)
+        per_1000 = round(used / tx * 1000, 3) if used is not None and tx else None
+        return {
+            "name": "pgbroker" if case.competitor == PGBROKER else "pgbouncer",
+            "cpu_s": round(used, 3) if used is not None else None,
+            "cpu_s_per_1000_tx": per_1000,
+            "peak_rss_mb": round(rss / 2**20, 1) if rss else None,
+        }
+
+    def _run_load(
+        self, case: Case, host: str, port: int, on_start: Callable[[], None],
+        on_end: Callable[[], None],
+    ) -> dict[str, Any]:  # fmt: skip
+        plan = self.plan
+        competitor = {DIRECT: "direct", BOUNCER_ASYNCPG: "asyncpg", PGBROKER: "pgbroker"}
+        spec = Spec(
+            competitor=competitor[case.competitor], workload=case.workload.lower(),
+            host=host, port=port, clients=case.clients, duration=plan.duration,
+            warmup=plan.warmup, think_ms=case.think_ms, scale=plan.scale,
+            timeout=plan.burst_timeout if case.workload == "W3" else 60.0,
+            user=ROLES[DIRECT] if case.competitor == DIRECT else "postgres",
+        )  # fmt: skip
+        limit = plan.warmup + plan.duration + spec.timeout + 60
+        return _run_load_process(self.procs, spec, on_start, on_end, limit)
+
+    def _run_pgbench(
+        self, case: Case, host: str, port: int, on_start: Callable[[], None],
+        on_end: Callable[[], None],
+    ) -> dict[str, Any]:  # fmt: skip
+        plan = self.plan
+        run = pgbench_runner.PgbenchRun(
+            binary=self.pgbench, host=host, port=port, user="postgres", scale=plan.scale,
+            clients=case.clients, duration=plan.duration, warmup=plan.warmup,
+            script=pgbench_script(case.workload.lower(), case.think_ms),
+        )  # fmt: skip
+        return pgbench_runner.run(self.procs, run, on_start, on_end)
+
+    def cold_starts(self) -> list[dict[str, Any]]:
+        assert self.pg is not None
+        samples = self.plan.cold_samples
+        results = [coldstart.measure(DIRECT, [self.pg.host, str(self.pg.port)], samples)]
+        if self.broker is not None:
+            results.append(coldstart.measure(PGBROKER, [self.broker.target], samples))
+        else:
+            results.append({"competitor": PGBROKER, "skipped": self.skipped.get(PGBROKER)})
+        return results
+
+
+def _run_load_process(
+    procs: Processes,
+    spec: Spec,
+    on_start: Callable[[], None],
+    on_end: Callable[[], None],
+    limit: float,
+) -> dict[str, Any]:
+    """Run `bench.load` in a fresh process, calling the hooks on its window markers."""
+    argv = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
+    proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    watchdog = threading.Timer(limit, lambda: procs.stop(proc, timeout=2))
+    watchdog.start()
+    result: dict[str, Any] | None = None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "measure_start":
+                on_start()
+            elif event["event"] == "measure_end":
+                on_end()
+            elif event["event"] == "result":
+                result = event
+        stderr = proc.stderr.read().decode(errors="replace")
+        proc.wait(30)
+    finally:
+        watchdog.cancel()
+        procs.stop(proc)
+    if result is None:
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {stderr.strip()[-500:]}")
+    result.pop("event", None)
+    return result
+
+
+def _create_roles(pg: LocalPostgres) -> None:
+    """One login role per competitor, with the rights pgbench's workload needs."""
+    import pg8000.native
+
+    conn = pg8000.native.Connection(
+        pg.user, host=pg.host, port=pg.port, database=pg.database, ssl_context=False
+    )
+    try:
+        for role in sorted(set(ROLES.values())):
+            conn.run(f"CREATE ROLE {role} LOGIN")
+            conn.run(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+    finally:
+        conn.close()
+
+
+def _broker_missing() -> str | None:
+    """Why pgbroker cannot be benchmarked yet, or None when broker and client are there."""
+    for module in ("broker.__main__", "lambda_client.client"):
+        if not (ROOT / (module.replace(".", "/") + ".py")).exists():
+            return f"{module} is not there yet"
+    try:
+        from lambda_client import BrokerClient  # noqa: F401
+    except ImportError as exc:
+        return f"lambda_client.BrokerClient not importable: {exc}"
+    return None
+
+
+def _self_signed(directory: Path) -> tuple[str, str]:
+    """A throwaway certificate for 127.0.0.1 (the cold-start TLS connect needs one)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_bench(plan: Plan, *, with_pgbroker: bool = True) -> dict[str, Any]:
+    """Start everything, run every case and the cold starts, stop everything; see module doc."""
+    started = dt.datetime.now(dt.UTC)
+    bench = Bench(plan, with_pgbroker=with_pgbroker)
+    rows: list[dict[str, Any]] = []
+    with _sigterm_as_interrupt():
+        try:
+            bench.start()
+            for case in bench.cases():
+                _log(f"{case.workload} {case.variant:9} {case.competitor} ({case.clients})")
+                rows.append(bench.run_case(case))
+            _log("cold starts")
+            cold = bench.cold_starts()
+        finally:
+            bench.close()
+    return {
+        "meta": {
+            "started": started.isoformat(timespec="seconds"),
+            "duration_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+            "plan": asdict(plan),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "skipped": bench.skipped,
+        },
+        "results": rows,
+        "cold_start": cold,
+    }
+
+
+def with_overrides(plan: Plan, **changes: Any) -> Plan:
+    return replace(plan, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,325 @@
+"""Processes the benchmark starts (PgBouncer, the broker, load generators) and /proc figures.
+
+Every process goes through `Processes`, which remembers its pid and stops it (SIGTERM, then
+SIGKILL) when the harness ends, on an error or on Ctrl-C. Children run in their own session
+so a Ctrl-C in the terminal reaches only the harness, which then stops them in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Processes:
+    """Starts processes and stops every one of them by pid; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        stdout: int | None = subprocess.DEVNULL,
+        stderr: int | None = subprocess.DEVNULL,
+        cwd: str | Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start *argv* (as *user* when we are root) and remember it for `stop_all`."""
+        proc = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_demote(user),
+        )
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        """SIGTERM *proc*, SIGKILL it if it has not exited within *timeout* seconds."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        with contextlib.suppress(ValueError):
+            self._procs.remove(proc)
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        """*proc* has been waited for by its caller."""
+        with contextlib.suppress(ValueError):
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._procs)):
+            self.stop(proc)
+
+
+def _demote(user: str | None) -> Callable[[], None] | None:
+    if user is None or os.geteuid() != 0:
+        return _raise_fd_limit
+    entry = pwd.getpwnam(user)
+
+    def demote() -> None:
+        _raise_fd_limit()
+        os.setgid(entry.pw_gid)
+        os.initgroups(user, entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+    return demote
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of *pid* (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of *pid* now, or None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Return once *host:port* accepts TCP; raise RuntimeError if *proc* exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout:.0f} s")
+
+
+# -- PgBouncer --------------------------------------------------------------------------------
+
+
+def find_pgbouncer(install: bool = True) -> str:
+    """Path of the ``pgbouncer`` binary, installing Debian's package with apt when missing.
+
+    Raise RuntimeError when it is missing and cannot be installed (not root, no apt).
+    """
+    for candidate in (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError(
+            "pgbouncer is not installed; install it (Debian: apt-get install -y pgbouncer)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "pgbouncer"]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
+    return find_pgbouncer(install=False)
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of *pg*, run as the ``postgres`` account.
+
+    Its config, log and socket live in a temporary directory owned by that account;
+    authentication is ``any`` (loopback benchmark, every client is ``postgres``).
+    """
+
+    def __init__(
+        self,
+        procs: Processes,
+        *,
+        pg_host: str,
+        pg_port: int,
+        port: int,
+        pool_size: int = 20,
+        max_client_conn: int = 2000,
+        server_user: str = "postgres",
+        os_user: str = "postgres",
+    ) -> None:
+        self.procs = procs
+        self.host = "127.0.0.1"
+        self.port = port
+        self.pool_size = pool_size
+        self.max_client_conn = max_client_conn
+        self.pg_host, self.pg_port = pg_host, pg_port
+        self.server_user = server_user
+        self.os_user = os_user if os.geteuid() == 0 else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.workdir: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> PgBouncer:
+        binary = find_pgbouncer()
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgbroker-bench-pgbouncer-"))
+        config = self.workdir / "pgbouncer.ini"
+        config.write_text(self._config())
+        if self.os_user is not None:
+            entry = pwd.getpwnam(self.os_user)
+            for path in (self.workdir, config):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.proc = self.procs.start([binary, str(config)], user=self.os_user, cwd="/")
+        wait_for_port(self.host, self.port, 15, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def log(self) -> str:
+        path = self.workdir / "pgbouncer.log" if self.workdir else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def _config(self) -> str:
+        assert self.workdir is not None
+        return f"""\
+[databases]
+postgres = host={self.pg_host} port={self.pg_port} dbname=postgres user={self.server_user}
+
+[pgbouncer]
+listen_addr = {self.host}
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = {self.max_client_conn}
+max_db_connections = 0
+server_tls_sslmode = disable
+ignore_startup_parameters = extra_float_digits,options,search_path
+logfile = {self.workdir}/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 1
+stats_period = 60
+"""
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+
+class Broker:
+    """``python -m broker run`` on a loopback port, with pool size *pool_size*."""
+
+    def __init__(
+        self, procs: Processes, *, database_url: str, port: int, pool_size: int = 20
+    ) -> None:
+        self.procs = procs
+        self.host = "127.0.0.1"
+        self.port = port
+        self.database_url = database_url
+        self.pool_size = pool_size
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Broker:
+        env = {
+            **os.environ,
+            "PGBROKER_DATABASE_URL": self.database_url,
+            "PGBROKER_LISTEN": self.target,
+            "PGBROKER_POOL_SIZE": str(self.pool_size),
+            "PGBROKER_AUTH": "none",
+            "PGBROKER_LOG_LEVEL": "WARNING",
+        }
+        fd, name = tempfile.mkstemp(prefix="pgbroker-bench-broker-", suffix=".log")
+        self.log_path = Path(name)
+        argv = [sys.executable, "-m", "broker", "run", "--listen", self.target]
+        argv += ["--pool-size", str(self.pool_size)]
+        try:
+            self.proc = self.procs.start(argv, env=env, stdout=fd, stderr=fd, cwd=ROOT)
+        finally:
+            os.close(fd)
+        try:
+            wait_for_port(self.host, self.port, timeout, self.proc)
+            self._wait_ready(timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.log()[-3000:]}") from exc
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait until a query through the broker succeeds (its pool is up)."""
+        from lambda_client import BrokerClient
+
+        client = BrokerClient(self.target)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.query("SELECT 1", timeout=5)
+                    return
+                except Exception as exc:
+                    if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                        raise RuntimeError(f"broker not answering: {exc}") from exc
+                    time.sleep(0.2)
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc, timeout=30)
+            self.proc = None
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")

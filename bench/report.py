@@ -1,0 +1,202 @@
+"""Turns benchmark results into a printed table with ratios, a JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.harness import BOUNCER_ASYNCPG, BOUNCER_PGBENCH, COMPETITORS, DIRECT, PGBROKER
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["workload"], row["variant"]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pgbroker ÷ each other competitor, per workload variant: tx/s and p50 latency
+    (for W3: completion time), None where a side did no work."""
+    by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in results:
+        by_case.setdefault(_key(row), {})[row["competitor"]] = row
+    out = []
+    for (workload, variant), rows in by_case.items():
+        mine = rows.get(PGBROKER)
+        if mine is None or mine.get("skipped"):
+            continue
+        for other_name in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, DIRECT):
+            other = rows.get(other_name)
+            if other is None or other.get("skipped"):
+                continue
+            entry: dict[str, Any] = {"workload": workload, "variant": variant}
+            entry["versus"] = other_name
+            entry["tps"] = _ratio(mine.get("tps"), other.get("tps"))
+            entry["p50"] = _ratio(_p(mine, "p50"), _p(other, "p50"))
+            if workload == "W3":
+                entry["elapsed"] = _ratio(mine.get("elapsed_s"), other.get("elapsed_s"))
+            out.append(entry)
+    return out
+
+
+def _p(row: dict[str, Any], name: str) -> float | None:
+    latency = row.get("latency_ms") or {}
+    value = latency.get(name)
+    return float(value) if value is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 2)
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets (reported, never asserted) and where this run stands."""
+    rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
+
+    def get(workload: str, variant: str, competitor: str) -> dict[str, Any]:
+        row = rows.get((workload, variant, competitor), {})
+        return {} if row.get("skipped") else row
+
+    out = []
+    broker, bouncer = get("W2", "base", PGBROKER), get("W2", "base", BOUNCER_ASYNCPG)
+    value = _ratio(broker.get("tps"), bouncer.get("tps"))
+    out.append({
+        "target": "W2 think 1 ms: pgbroker tx/s >= 3x PgBouncer (asyncpg), zero errors",
+        "value": f"{_fmt(value, 2)}x, {broker.get('errors', '–')} errors",
+        "met": bool(value and value >= 3 and broker.get("errors") == 0),
+    })  # fmt: skip
+    broker, bouncer = get("W1", "base", PGBROKER), get("W1", "base", BOUNCER_ASYNCPG)
+    value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+    out.append({
+        "target": "W1: pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
+        "value": f"{_fmt(value, 2)}x",
+        "met": bool(value is not None and value <= 1.5),
+    })  # fmt: skip
+    burst = get("W3", "burst", PGBROKER)
+    out.append({
+        "target": "W3: zero failures through pgbroker",
+        "value": f"{burst.get('errors', '–')} failures of {burst.get('invocations', '–')}",
+        "met": bool(burst and burst.get("errors") == 0 and burst.get("tx")),
+    })  # fmt: skip
+    return out
+
+
+def print_report(data: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(width=160)
+    table = Table(title=f"pgbroker bench ({data['meta']['plan']['mode']})", show_lines=False)
+    for header in (
+        "workload", "competitor", "clients", "tx/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+        "peak backends", "pooler CPU s/1k tx", "pooler RSS MB", "loadgen CPU",
+    ):  # fmt: skip
+        left = header in ("workload", "competitor")
+        table.add_column(header, justify="left" if left else "right")
+    for row in data["results"]:
+        label = f"{row['workload']} {row['variant']}"
+        if row.get("skipped"):
+            table.add_row(label, row["competitor"], *["–"] * 9, "skipped")
+            continue
+        pooler = row.get("pooler") or {}
+        latency = row.get("latency_ms") or {}
+        util = row.get("loadgen_cpu_util")
+        tps = row.get("tps") if row["workload"] != "W3" else f"{row.get('elapsed_s', 0):.2f} s"
+        table.add_row(
+            label, row["competitor"], _fmt(row.get("clients")), _fmt(tps),
+            _fmt(latency.get("p50"), 2), _fmt(latency.get("p95"), 2),
+            _fmt(latency.get("p99"), 2), _fmt(row.get("errors")), _fmt(row.get("peak_backends")),
+            _fmt(pooler.get("cpu_s_per_1000_tx"), 3), _fmt(pooler.get("peak_rss_mb")),
+            f"{util * 100:.0f}%" if util is not None else "–",
+        )  # fmt: skip
+    console.print(table)
+    console.print("W3 rows: tx/s column is the time until all invocations finished.")
+    ratio_table = Table(title="pgbroker ÷ competitor")
+    for header in ("workload", "versus", "tx/s", "p50", "W3 time"):
+        ratio_table.add_column(header)
+    for entry in data.get("ratios", []):
+        ratio_table.add_row(
+            f"{entry['workload']} {entry['variant']}", entry["versus"], _fmt(entry["tps"], 2),
+            _fmt(entry["p50"], 2), _fmt(entry.get("elapsed"), 2),
+        )  # fmt: skip
+    console.print(ratio_table)
+    for entry in data.get("targets", []):
+        mark = "[green]met[/]" if entry["met"] else "[red]not met[/]"
+        console.print(f"target: {entry['target']}: {entry['value']} — {mark}")
+    cold = Table(title="cold start (median of fresh processes, ms)")
+    for header in ("client", "samples", "import", "import + first query", "process wall"):
+        cold.add_column(header)
+    for entry in data.get("cold_start", []):
+        if entry.get("skipped"):
+            cold.add_row(entry["competitor"], "skipped", "–", "–", "–")
+            continue
+        cold.add_row(
+            entry["competitor"] + (" (TLS)" if entry["competitor"] == DIRECT else ""),
+            str(entry["samples"]), _fmt(entry["import_ms"]["median"]),
+            _fmt(entry["first_query_ms"]["median"]), _fmt(entry["process_ms"]["median"]),
+        )  # fmt: skip
+    console.print(cold)
+    for row in data["results"]:
+        for message, count in (row.get("error_messages") or {}).items():
+            console.print(
+                f"[dim]{row['workload']} {row['variant']} {row['competitor']}: "
+                f"{count} × {message}[/]"
+            )
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_chart(data: dict[str, Any], path: Path) -> None:
+    """Two panels: tx/s and p50 latency per workload variant, one bar per competitor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steady = [r for r in data["results"] if r["workload"] != "W3"]
+    cases: list[tuple[str, str]] = []
+    for row in steady:
+        if _key(row) not in cases:
+            cases.append(_key(row))
+    values = {(_key(r), r["competitor"]): r for r in steady if not r.get("skipped")}
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    width = 0.8 / len(COMPETITORS)
+    colors = {DIRECT: "#999999", BOUNCER_ASYNCPG: "#4c72b0", BOUNCER_PGBENCH: "#8fb0dd",
+              PGBROKER: "#dd8452"}  # fmt: skip
+    for i, competitor in enumerate(COMPETITORS):
+        xs = [j + (i - (len(COMPETITORS) - 1) / 2) * width for j in range(len(cases))]
+        tps = [values.get((c, competitor), {}).get("tps") or 0 for c in cases]
+        p50 = [_p(values.get((c, competitor), {}), "p50") or 0 for c in cases]
+        axes[0].bar(xs, tps, width, label=competitor, color=colors[competitor])
+        axes[1].bar(xs, p50, width, label=competitor, color=colors[competitor])
+    axes[0].set_ylabel("transactions / s")
+    axes[1].set_ylabel("p50 latency, ms (log)")
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels([f"{w} {v}" for w, v in cases])
+    axes[0].legend(ncols=4, fontsize=8)
+    plan = data["meta"]["plan"]
+    axes[0].set_title(
+        f"pgbroker vs PgBouncer vs direct — pool {plan['pool_size']}, scale {plan['scale']}, "
+        f"W1 {plan['w1_clients']} / W2 {plan['w2_clients']} clients, think {plan['think_ms']} ms"
+    )
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""`python -m bench --tiny` runs end to end: JSON shape and every competitor did work.
+
+Timings are never asserted here; `make bench` is where they are read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if not (ROOT / "broker" / "__main__.py").exists():
+        pytest.skip("the broker (python -m broker) is not there yet")
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "tiny.png").stat().st_size > 0
+    data: dict[str, Any] = json.loads((out / "tiny.json").read_text())
+    data["_stdout"] = done.stdout
+    return data
+
+
+def test_every_competitor_completes_transactions_in_every_workload(
+    tiny_run: dict[str, Any],
+) -> None:
+    rows = tiny_run["results"]
+    seen = {(r["workload"], r["competitor"]) for r in rows}
+    for workload in ("W1", "W2"):
+        for competitor in ("direct", "pgbouncer+asyncpg", "pgbouncer+pgbench", "pgbroker"):
+            assert (workload, competitor) in seen
+    for competitor in ("direct", "pgbouncer+asyncpg", "pgbroker"):
+        assert ("W3", competitor) in seen
+    for row in rows:
+        assert not row.get("skipped"), row
+        assert row["tx"] > 0, row
+        assert row["errors"] == 0, row["error_messages"]
+
+
+def test_result_rows_carry_every_figure(tiny_run: dict[str, Any]) -> None:
+    for row in tiny_run["results"]:
+        assert set(row["latency_ms"]) == {"p50", "p95", "p99", "mean"}
+        assert isinstance(row["tps"], int | float)
+        assert isinstance(row["error_messages"], dict)
+        assert row["peak_backends"] >= 1
+        assert row["loadgen_cpu_s"] >= 0
+        if row["competitor"] == "direct":
+            assert row["pooler"] is None
+        else:
+            assert row["pooler"]["name"] in ("pgbouncer", "pgbroker")
+            assert set(row["pooler"]) == {"name", "cpu_s", "cpu_s_per_1000_tx", "peak_rss_mb"}
+            assert row["pooler"]["peak_rss_mb"] > 0
+    burst = [r for r in tiny_run["results"] if r["workload"] == "W3"]
+    assert all(r["invocations"] == r["clients"] for r in burst)
+
+
+def test_pooled_competitors_never_exceed_their_pool(tiny_run: dict[str, Any]) -> None:
+    pool_size = tiny_run["meta"]["plan"]["pool_size"]
+    for row in tiny_run["results"]:
+        if row["competitor"] != "direct":
+            assert row["peak_backends"] <= pool_size
+
+
+def test_cold_start_ratios_and_targets_are_reported(tiny_run: dict[str, Any]) -> None:
+    cold = {entry["competitor"]: entry for entry in tiny_run["cold_start"]}
+    assert set(cold) == {"direct", "pgbroker"}
+    for entry in cold.values():
+        assert entry["samples"] >= 1 and entry["errors"] == 0
+        assert entry["first_query_ms"]["median"] >= entry["import_ms"]["median"]
+    versus = {(r["workload"], r["versus"]) for r in tiny_run["ratios"]}
+    assert ("W2", "pgbouncer+asyncpg") in versus and ("W1", "direct") in versus
+    assert len(tiny_run["targets"]) == 3
+    assert "pgbroker ÷ competitor" in tiny_run["_stdout"]
