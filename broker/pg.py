@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pg8000.converters as pgc
@@ -54,6 +54,8 @@ class PgError(Exception):
     detail: str = ""
     hint: str = ""
     severity: str = "ERROR"
+    # Which part of a pipelined call failed: "before" (session SQL), "statement", "after".
+    phase: str = "statement"
 
     def __str__(self) -> str:
         return f"{self.severity} {self.sqlstate}: {self.message}"
@@ -236,6 +238,14 @@ class _Core(CoreConnection):  # type: ignore[misc]
             return
         context.row_count = count if context.row_count == -1 else context.row_count + count
 
+    def handle_ERROR_RESPONSE(self, data: bytes, context: Any) -> None:
+        super().handle_ERROR_RESPONSE(data, context)
+        severity = context.error.args[0].get("V") or context.error.args[0].get("S")
+        if severity in ("FATAL", "PANIC"):
+            # The server is closing the session: say why now, instead of pg8000 reading on
+            # into EOF and reporting a bare "network error".
+            raise context.error
+
     def handle_DATA_ROW(self, data: bytes, context: Any) -> None:
         idx = 2
         row: list[Any] = []
@@ -303,6 +313,11 @@ class PgConnection:
         status = self._core._transaction_status
         return {b"I": "idle", b"T": "in_transaction", b"E": "in_error"}.get(status, "unknown")
 
+    @property
+    def socket(self) -> socket.socket | None:
+        """The underlying socket (for readiness checks), None once closed."""
+        return None if self.closed else self._core._usock
+
     # running SQL ---------------------------------------------------------------------------
 
     def execute_simple(self, sql: str) -> None:
@@ -334,25 +349,29 @@ class PgConnection:
             if after:
                 core.send_query_nowait(after)
             core.flush()
-            errors: list[DatabaseError] = []
+            errors: list[PgError] = []
             if before:
-                self._read_reply(Context(before), errors)
+                self._read_reply(Context(before), errors, "before")
             context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
             context.command_tag = ""
-            self._read_reply(context, errors)
+            self._read_reply(context, errors, "statement")
             if after:
-                self._read_reply(Context(after), errors)
-            if errors:
-                if _sqlstate(errors[-1]) == "0A000":  # cached plan must not change result type
-                    self._forget(sql, oids)
-                raise errors[0]
+                self._read_reply(Context(after), errors, "after")
+            if any(e.sqlstate == "0A000" for e in errors):  # cached plan must not change type
+                self._forget(sql, oids)
+        if errors:
+            raise errors[0]
         return _result(prepared, context)
 
-    def _read_reply(self, context: Context, errors: list[DatabaseError]) -> None:
+    def _read_reply(self, context: Context, errors: list[PgError], phase: str) -> None:
+        """Read one reply up to ReadyForQuery; an ERROR is collected, FATAL propagates."""
         try:
             self._core.handle_messages(context)
         except DatabaseError as exc:
-            errors.append(exc)
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                raise
+            errors.append(replace(error, phase=phase))
 
     def _prepare(self, sql: str, oids: tuple[int, ...]) -> _Prepared:
         key = (sql, oids)
@@ -428,11 +447,6 @@ class _Guard:
             # AttributeError: pg8000 after its socket was closed under it.
             self.conn.close_quietly()
             raise ConnectionLost(f"connection to Postgres lost: {exc}") from exc
-
-
-def _sqlstate(exc: DatabaseError) -> str:
-    fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-    return str(fields.get("C", ""))
 
 
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:

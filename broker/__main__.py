@@ -1,0 +1,128 @@
+"""``python -m broker [run|serve|stats|health]``.
+
+* ``run`` (alias ``serve``, the default): start a broker. Every setting is a flag
+  (``--pool-size``) or a ``PGBROKER_*`` variable (``PGBROKER_POOL_SIZE``); a flag wins.
+  Bad configuration: one line on stderr, exit 2. No database at start: one line, exit 1.
+* ``stats``: print the broker's GetStats figures (``--json`` for one JSON object).
+* ``health``: exit 0 if the broker reports SERVING, 1 otherwise (container health checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from broker.config import ConfigError, load_settings, parse_listen
+
+# flag name -> help; each maps to the setting of the same name (PGBROKER_<NAME>).
+_RUN_FLAGS = {
+    "database_url": "postgresql://user:password@host:5432/db?sslmode=verify-full",
+    "listen": "host:port to serve gRPC on (default 127.0.0.1:50051; port 0 picks a free one)",
+    "pool_size": "server connections held open (default 20)",
+    "max_waiting": "queued requests before RESOURCE_EXHAUSTED (default 2000)",
+    "queue_timeout": "seconds a request may wait for a connection (default 30)",
+    "statement_timeout": "upper bound per transaction, seconds (default 30)",
+    "max_lifetime": "seconds before a server connection is recycled (default 3600)",
+    "connect_timeout": "seconds to wait for a database connection (default 10)",
+    "shutdown_grace": "seconds in-flight requests get on SIGTERM (default 20)",
+    "max_connection_age": "seconds before a client's HTTP/2 connection is recycled (default 300)",
+    "max_connection_age_grace": "seconds given to calls on a recycled connection (default 30)",
+    "auth": "authentication mode: none (loopback only)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "statement_cache_size": "prepared statements kept per connection (default 100)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    for name in ("run", "serve"):
+        run = commands.add_parser(name, help="start a broker (default)")
+        for flag, text in _RUN_FLAGS.items():
+            run.add_argument("--" + flag.replace("_", "-"), dest=flag, help=text)
+    for name, text in (("stats", "print pool figures"), ("health", "exit 0 if SERVING")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--target", help="host:port of the broker (default PGBROKER_LISTEN)")
+        sub.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+        if name == "stats":
+            sub.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if command in ("run", "serve"):
+        return _run({k: getattr(args, k, None) for k in _RUN_FLAGS})
+    target = _target(args.target)
+    if command == "stats":
+        return _stats(target, args.timeout, args.json)
+    return _health(target, args.timeout)
+
+
+def _run(flags: dict[str, str | None]) -> int:
+    try:
+        settings = load_settings(flags)
+    except ConfigError as exc:
+        print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    from broker.server import serve, setup_logging  # grpc import only when serving
+
+    setup_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+def _target(explicit: str | None) -> str:
+    """The address to reach the broker: --target, else PGBROKER_LISTEN (0.0.0.0 -> loopback)."""
+    text = explicit or os.environ.get("PGBROKER_LISTEN") or "127.0.0.1:50051"
+    host, port = parse_listen(text)
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _stats(target: str, timeout: float, as_json: bool) -> int:
+    import grpc
+
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+    from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        print(f"pgbroker: cannot get stats from {target}: {exc.code().name}", file=sys.stderr)
+        return 1
+    stats = dict(sorted(reply.stats.items()))
+    if as_json:
+        print(json.dumps(stats))
+    else:
+        width = max(map(len, stats), default=0)
+        for key, value in stats.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _health(target: str, timeout: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"NOT_SERVING ({exc.code().name})")
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""One transaction on one pooled connection, and the request flow around it (no gRPC here).
+
+`run_transaction` runs on a worker thread (pg8000 blocks):
+
+* several statements, or any transaction option: ``BEGIN [ISOLATION LEVEL …] [READ ONLY]
+  [DEFERRABLE]; SET LOCAL statement_timeout …; SET LOCAL application_name …`` pipelined with
+  the first statement, the statements, ``COMMIT`` pipelined with the last: a cached batch of
+  n statements costs n round trips.
+* a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
+  ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
+  all in the same flush — one round trip, still bounded by the statement timeout.
+* statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
+  time (minus a small margin, so Postgres stops the statement before the caller gives up).
+* on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
+  statement (-1 for BEGIN/COMMIT).
+
+`execute` is the async flow on the event loop: queue for a connection (`Pool.getconn`), run the
+transaction on a worker, send a cancel request to the backend if the deadline passes or the
+caller goes away, return the connection only when idle and clean, and retry on a fresh
+connection when the one it got was dead and nothing can have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from broker.pg import ConnectionLost, PgConnection, PgError
+from broker.pool import Pool, ServerConnection
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = [
+    "Batch",
+    "DeadlineBeforeStart",
+    "ExecuteOutcome",
+    "StatementFailed",
+    "TransactionLost",
+    "execute",
+    "run_transaction",
+]
+
+log = logging.getLogger("pgbroker.execute")
+
+# Attempts on a fresh connection when the one handed out turned out dead before anything ran
+# (an idle connection killed by a restart or pg_terminate_backend).
+MAX_ATTEMPTS = 3
+
+_ISOLATION: dict[int, str] = {
+    pb.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
+    pb.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
+    pb.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
+}
+_UNSAFE_APP_CHARS = re.compile(r"[^A-Za-z0-9._:/@=+-]")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What to run: statements ($n placeholders, bound params) and transaction options."""
+
+    statements: Sequence[pb.Statement]
+    isolation: int = pb.ISOLATION_LEVEL_UNSPECIFIED
+    read_only: bool = False
+    deferrable: bool = False
+    application_name: str | None = None
+
+    @property
+    def explicit(self) -> bool:
+        """True if the batch needs BEGIN … COMMIT (several statements or any option)."""
+        return (
+            len(self.statements) > 1
+            or self.isolation != pb.ISOLATION_LEVEL_UNSPECIFIED
+            or self.read_only
+            or self.deferrable
+        )
+
+
+class StatementFailed(Exception):
+    """Postgres rejected a statement; the transaction was rolled back."""
+
+    def __init__(self, error: PgError, statement_index: int) -> None:
+        super().__init__(f"statement {statement_index}: {error}")
+        self.error = error
+        self.statement_index = statement_index
+
+
+class TransactionLost(Exception):
+    """The server connection broke during the transaction.
+
+    `nothing_committed` is True when the transaction certainly did not commit (the link broke
+    before COMMIT was sent, or the server said it was terminating the session); then the
+    request may be retried on another connection. Otherwise the outcome is unknown.
+    """
+
+    def __init__(self, cause: ConnectionLost, nothing_committed: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.nothing_committed = nothing_committed
+
+
+class DeadlineBeforeStart(Exception):
+    """The caller's deadline passed before BEGIN: nothing was sent to Postgres."""
+
+
+@dataclass
+class ExecuteOutcome:
+    results: list[pb.StatementResult]
+    wait_us: int
+    run_us: int
+    backend_pid: int
+    attempts: int = 1
+
+
+def application_name(function: str | None, request_id: str | None) -> str:
+    """``pgbroker:<function>:<request id>``, safe characters only, at most 63 bytes."""
+    name = f"pgbroker:{function or '-'}:{request_id or '-'}"
+    return _UNSAFE_APP_CHARS.sub("_", name)[:63]
+
+
+def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
+    """Milliseconds Postgres may spend: the statement timeout, cut to the caller's deadline.
+
+    The margin (10% of the remaining time, at most 50 ms) lets Postgres stop the statement
+    and the error travel back before the caller's own deadline fires.
+    """
+    budget = statement_timeout
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        remaining -= min(0.05, remaining * 0.1)
+        budget = min(budget, remaining)
+    if budget <= 0:
+        raise DeadlineBeforeStart("the caller's deadline passed before the transaction started")
+    return max(1, int(budget * 1000))
+
+
+def _begin_sql(batch: Batch, timeout_ms: int) -> str:
+    begin = "BEGIN"
+    if batch.isolation in _ISOLATION:
+        begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
+    if batch.read_only:
+        begin += " READ ONLY"
+    if batch.deferrable:
+        begin += " DEFERRABLE"
+    sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
+    if batch.application_name:
+        sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    return sql
+
+
+def run_transaction(
+    conn: PgConnection, batch: Batch, deadline: float | None, statement_timeout: float
+) -> list[pb.StatementResult]:
+    """Run *batch* on *conn* (blocking; worker thread) and leave *conn* idle if possible.
+
+    Raise `StatementFailed` (rolled back), `TransactionLost` (link broke) or
+    `DeadlineBeforeStart` (nothing sent).
+    """
+    timeout_ms = _timeout_ms(deadline, statement_timeout)
+    try:
+        if batch.explicit:
+            return _run_explicit(conn, batch, timeout_ms)
+        return [_run_single(conn, batch, timeout_ms)]
+    except ConnectionLost as exc:
+        raise TransactionLost(exc, nothing_committed=_nothing_committed(exc, batch)) from exc
+
+
+def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
+    # A FATAL reply means the server ended the session before our command completed (a
+    # completed COMMIT is answered before the FATAL). Without one, only a batch whose COMMIT
+    # was not yet sent is certainly rolled back.
+    return exc.fatal is not None or getattr(exc, "before_commit", False)
+
+
+def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
+    statement = batch.statements[0]
+    before = f"SET statement_timeout = {timeout_ms}"
+    after = "RESET statement_timeout"
+    if batch.application_name:
+        before += f"; SET application_name = '{batch.application_name}'"
+        after += "; RESET application_name"
+    try:
+        return conn.run(statement.sql, statement.params, before=before, after=after)
+    except PgError as exc:
+        if exc.phase == "after" and conn.transaction_status == "idle":
+            # The statement ran; only the RESET failed (a late cancel). Reset on next use.
+            raise StatementFailed(exc, -1) from exc
+        raise StatementFailed(exc, 0) from exc
+
+
+def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.StatementResult]:
+    results = []
+    last = len(batch.statements) - 1
+    for index, statement in enumerate(batch.statements):
+        before = _begin_sql(batch, timeout_ms) if index == 0 else None
+        after = "COMMIT" if index == last else None
+        try:
+            results.append(conn.run(statement.sql, statement.params, before=before, after=after))
+        except PgError as exc:
+            _rollback(conn)
+            raise StatementFailed(exc, index if exc.phase == "statement" else -1) from exc
+        except ConnectionLost as exc:
+            exc.before_commit = index < last  # type: ignore[attr-defined]
+            raise
+    return results
+
+
+def _rollback(conn: PgConnection) -> None:
+    """End a failed transaction; a connection that stays in a transaction is replaced later."""
+    if conn.transaction_status in ("in_transaction", "in_error"):
+        # Still not idle afterwards (or the link broke): the pool replaces the connection.
+        with contextlib.suppress(PgError, ConnectionLost):
+            conn.execute_simple("ROLLBACK")
+
+
+# -- the async flow ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Attempt:
+    """What the event loop knows about a transaction running on a worker."""
+
+    conn: ServerConnection
+    cancel_sent: bool = False
+    cancel_tasks: list[asyncio.Task[bool]] = field(default_factory=list)
+
+
+async def execute(
+    pool: Pool, batch: Batch, deadline: float | None, statement_timeout: float
+) -> ExecuteOutcome:
+    """Queue for a connection, run *batch*, return the connection; see the module docstring.
+
+    Raise the pool's errors (nothing ran), `StatementFailed`, `TransactionLost`,
+    `DeadlineBeforeStart`; `asyncio.CancelledError` when the caller goes away (the backend
+    query is cancelled first and the connection returned clean or replaced).
+    """
+    arrived = time.monotonic()
+    attempt_no = 0
+    while True:
+        attempt_no += 1
+        conn = await pool.getconn(deadline)
+        checked_out = time.monotonic()
+        try:
+            results = await _run_on(pool, conn, batch, deadline, statement_timeout)
+        except TransactionLost as exc:
+            if exc.nothing_committed and attempt_no < MAX_ATTEMPTS and not _expired(deadline):
+                log.info(
+                    "retrying on another connection",
+                    extra={"attempt": attempt_no, "error": str(exc)},
+                )
+                continue
+            raise
+        done = time.monotonic()
+        return ExecuteOutcome(
+            results=results,
+            wait_us=int((checked_out - arrived) * 1_000_000),
+            run_us=int((done - checked_out) * 1_000_000),
+            backend_pid=conn.pg.backend_pid,
+            attempts=attempt_no,
+        )
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+async def _run_on(
+    pool: Pool,
+    conn: ServerConnection,
+    batch: Batch,
+    deadline: float | None,
+    statement_timeout: float,
+) -> list[pb.StatementResult]:
+    """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
+    attempt = _Attempt(conn)
+    loop = asyncio.get_running_loop()
+    work = asyncio.ensure_future(
+        pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
+    )
+    watchdog = None
+    if deadline is not None:
+        watchdog = loop.call_at(deadline, _send_cancel, pool, attempt, "deadline passed")
+    error: BaseException | None = None
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        # The caller went away: stop the backend query, then wait for the worker so the
+        # connection is returned in a known state.
+        _send_cancel(pool, attempt, "caller cancelled")
+        error = await _settle(work)
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        if attempt.cancel_tasks:
+            await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
+        pool.putconn(conn, _close_reason(conn, attempt, error))
+
+
+async def _settle(work: asyncio.Future[list[pb.StatementResult]]) -> BaseException | None:
+    """Wait for the worker even though our task was cancelled; return its exception."""
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            continue
+        except BaseException:
+            break
+    return None if work.cancelled() else work.exception()
+
+
+def _send_cancel(pool: Pool, attempt: _Attempt, why: str) -> None:
+    if attempt.cancel_sent:
+        return
+    attempt.cancel_sent = True
+    log.info(
+        "cancelling backend query",
+        extra={"backend_pid": attempt.conn.pg.backend_pid, "reason": why},
+    )
+    attempt.cancel_tasks.append(asyncio.ensure_future(pool.cancel_backend(attempt.conn)))
+
+
+def _close_reason(
+    conn: ServerConnection, attempt: _Attempt, error: BaseException | None
+) -> str | None:
+    """Why *conn* must not go back to the pool, or None if it is idle and clean."""
+    if conn.pg.closed:
+        return "server connection lost"
+    if conn.pg.transaction_status != "idle":
+        return f"not idle after the transaction ({conn.pg.transaction_status})"
+    if attempt.cancel_sent:
+        consumed = isinstance(error, StatementFailed) and error.error.is_user_cancel
+        if not consumed:
+            # The cancel may still arrive and hit the next request on this connection.
+            return "cancel request may still be pending"
+    return None

@@ -1,0 +1,475 @@
+"""A fixed pool of Postgres server connections with a FIFO queue of waiting requests.
+
+The pool knows nothing of gRPC. Its bookkeeping runs on the asyncio event loop (one thread,
+no locks); pg8000 is blocking, so connects run on a maintenance thread pool and transactions
+on a worker thread pool sized to the pool (`run_in_worker`).
+
+Behaviour, in PgBouncer's terms:
+
+* ``pool_size`` server connections are opened at start and kept: a connection that breaks
+  (server restart, ``pg_terminate_backend``, network loss) or outlives ``max_lifetime`` is
+  closed — always with a logged reason — and replaced, retrying with exponential backoff and
+  jitter while the database is down.
+* A request that finds no idle connection waits in a FIFO queue (``requests_waiting``). At
+  ``max_waiting`` waiters, one more is rejected at once with `QueueFull`. A waiter gives up
+  after ``queue_timeout`` (`QueueTimeout`, or `PoolUnavailable` when no server connection
+  exists, i.e. the database is unreachable) or when its caller's deadline can no longer be met
+  (`DeadlineExpired`); a waiter that gave up is skipped when a connection frees up, so no
+  connection is ever handed to nobody.
+* Deadlines are `time.monotonic()` values (the event loop's clock).
+
+Server connection states follow PgBouncer: ``login`` (connecting), ``idle``, ``active``,
+``closed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import select
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, TypeVar
+
+from broker.pg import ConnectionLost, PgConnection
+
+__all__ = [
+    "DeadlineExpired",
+    "Pool",
+    "PoolClosed",
+    "PoolError",
+    "PoolUnavailable",
+    "QueueFull",
+    "QueueTimeout",
+    "ServerConnection",
+]
+
+log = logging.getLogger("pgbroker.pool")
+
+# A request whose caller has less than this left when a connection frees up is dropped: it
+# could not even complete a round trip to Postgres.
+MIN_RUN_TIME = 0.005
+
+_T = TypeVar("_T")
+
+
+class PoolError(Exception):
+    """A request did not get a server connection; nothing reached the database."""
+
+
+class QueueFull(PoolError):
+    """``max_waiting`` requests are already queued."""
+
+
+class QueueTimeout(PoolError):
+    """The request waited ``queue_timeout`` seconds without getting a connection."""
+
+
+class PoolUnavailable(QueueTimeout):
+    """The wait ended while no server connection existed: the database is unreachable."""
+
+
+class DeadlineExpired(PoolError):
+    """The caller's deadline passed (or was too close to run anything) while queued."""
+
+
+class PoolClosed(PoolError):
+    """The pool is closing (broker shutting down)."""
+
+
+@dataclass(eq=False)
+class ServerConnection:
+    """A pooled server connection (PgBouncer's server object) and its bookkeeping."""
+
+    id: int
+    pg: PgConnection
+    expire_at: float
+    state: str = "idle"
+    checked_out_at: float = 0.0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[ServerConnection]
+    deadline: float | None
+    enqueued_at: float
+
+
+class Pool:
+    """Fixed pool of ``size`` server connections made by *connect* (a blocking callable)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], PgConnection],
+        *,
+        size: int,
+        max_waiting: int,
+        queue_timeout: float,
+        max_lifetime: float,
+        reconnect_initial: float = 0.05,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self.size = size
+        self.max_waiting = max_waiting
+        self.queue_timeout = queue_timeout
+        self.max_lifetime = max_lifetime
+        self._connect = connect
+        self._reconnect_initial = reconnect_initial
+        self._reconnect_max = reconnect_max
+        self._idle: deque[ServerConnection] = deque()
+        self._active: set[ServerConnection] = set()
+        self._waiters: deque[_Waiter] = deque()
+        self._connecting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = count(1)
+        self._closed = False
+        self._opened = False
+        self._filled = asyncio.Event()
+        self._first = asyncio.Event()
+        self.last_connect_error: str | None = None
+        self._workers = ThreadPoolExecutor(size, thread_name_prefix="pgbroker-worker")
+        # Connects, closes and cancel requests never queue behind running transactions.
+        self._maintenance = ThreadPoolExecutor(size + 2, thread_name_prefix="pgbroker-maint")
+        self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self, wait: str | None = "filled", timeout: float = 30.0) -> None:
+        """Start opening ``size`` connections in the background (retrying until closed).
+
+        With *wait* ``"filled"`` return once all are open, with ``"first"`` once one is;
+        raise `PoolUnavailable` (naming the last connect error) if that takes longer than
+        *timeout* seconds.
+        """
+        if not self._opened:
+            self._opened = True
+            self._loop = asyncio.get_running_loop()
+            for _ in range(self.size):
+                self._spawn_connector("pool start")
+            self._spawn(self._expire_idle_loop())
+        if wait is None:
+            return
+        event = self._filled if wait == "filled" else self._first
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            raise PoolUnavailable(
+                f"no database connection within {timeout:g}s: "
+                f"{self.last_connect_error or 'no error reported'}"
+            ) from None
+
+    async def wait_filled(self) -> None:
+        """Return once every connection has been opened at least once."""
+        await self._filled.wait()
+
+    @property
+    def filled(self) -> bool:
+        """True once every connection has been opened at least once (health: SERVING)."""
+        return self._filled.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Fail every waiter with `PoolClosed`, stop reconnecting, close idle connections.
+
+        Connections still active are closed as they come back (`putconn`).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(PoolClosed("the broker is shutting down"))
+        for task in list(self._tasks):
+            task.cancel()
+        while self._idle:
+            self._retire(self._idle.pop(), "pool closed")
+        self._maintenance.shutdown(wait=False)
+        self._workers.shutdown(wait=False)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def getconn(self, deadline: float | None = None) -> ServerConnection:
+        """Return a server connection, waiting in FIFO order if none is idle.
+
+        Raise `QueueFull` at once if ``max_waiting`` requests already wait; `QueueTimeout` /
+        `PoolUnavailable` after ``queue_timeout`` seconds; `DeadlineExpired` when *deadline*
+        (monotonic) passes or leaves less than `MIN_RUN_TIME`; `PoolClosed` when closing.
+        """
+        now = time.monotonic()
+        if self._closed:
+            raise PoolClosed("the broker is shutting down")
+        if deadline is not None and deadline - now < MIN_RUN_TIME:
+            self._count_error("requests_expired")
+            raise DeadlineExpired("the caller's deadline passed before the request was queued")
+        self._stats["requests_num"] += 1
+        if not self._waiters:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+        if len(self._waiters) >= self.max_waiting:
+            self._count_error("requests_rejected")
+            raise QueueFull(f"{len(self._waiters)} requests already waiting (max_waiting)")
+        return await self._wait(now, deadline)
+
+    async def _wait(self, now: float, deadline: float | None) -> ServerConnection:
+        waiter = _Waiter(self._loop.create_future(), deadline, now)
+        self._waiters.append(waiter)
+        self._stats["requests_queued"] += 1
+        give_up_at = now + self.queue_timeout
+        if deadline is not None:
+            give_up_at = min(give_up_at, deadline - MIN_RUN_TIME)
+        timer = self._loop.call_at(give_up_at, self._give_up, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # The caller went away. If a connection was handed over meanwhile, give it back.
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.putconn(future.result())
+            else:
+                future.cancel()
+                self._discard_waiter(waiter)
+            raise
+        finally:
+            timer.cancel()
+            self._stats["requests_wait_ms"] += int((time.monotonic() - now) * 1000)
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        self._discard_waiter(waiter)
+        queue_limit = waiter.enqueued_at + self.queue_timeout
+        if waiter.deadline is not None and waiter.deadline - MIN_RUN_TIME <= queue_limit:
+            self._count_error("requests_expired")
+            error: PoolError = DeadlineExpired("the caller's deadline passed while queued")
+        elif not self._idle and not self._active:
+            self._count_error("requests_timeouts")
+            error = PoolUnavailable(
+                f"no database connection within {self.queue_timeout:g}s "
+                f"(queue_timeout); last error: {self.last_connect_error or 'none'}"
+            )
+        else:
+            self._count_error("requests_timeouts")
+            error = QueueTimeout(f"waited {self.queue_timeout:g}s (queue_timeout) for a connection")
+        waiter.future.set_exception(error)
+
+    def _discard_waiter(self, waiter: _Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+
+    def _count_error(self, key: str) -> None:
+        self._stats["requests_errors"] += 1
+        self._stats[key] += 1
+
+    def putconn(self, conn: ServerConnection, close_reason: str | None = None) -> None:
+        """Return *conn*; with *close_reason* (or if broken, closing, expired) replace it."""
+        self._active.discard(conn)
+        self._stats["usage_ms"] += int((time.monotonic() - conn.checked_out_at) * 1000)
+        if close_reason is not None or conn.pg.closed:
+            self._stats["returns_bad"] += 1
+        if conn.pg.closed:
+            self._stats["connections_lost"] += 1
+            close_reason = close_reason or "server connection lost"
+        elif close_reason is None and self._closed:
+            close_reason = "pool closed"
+        elif close_reason is None and time.monotonic() >= conn.expire_at:
+            close_reason = "max_lifetime reached"
+        if close_reason is not None:
+            self._retire(conn, close_reason)
+            return
+        self._hand_over(conn)
+
+    def _take_idle(self) -> ServerConnection | None:
+        """Pop the most recently used idle connection (PgBouncer's LIFO), skipping dead ones."""
+        while self._idle:
+            conn = self._idle.pop()
+            if time.monotonic() >= conn.expire_at:
+                self._retire(conn, "max_lifetime reached")
+                continue
+            if _has_pending_input(conn.pg):
+                # An idle server connection has nothing to say unless it is going away
+                # (FATAL 57P01 on shutdown / pg_terminate_backend, or EOF).
+                self._stats["connections_lost"] += 1
+                self._retire(conn, "server closed the idle connection")
+                continue
+            self._activate(conn)
+            return conn
+        return None
+
+    def _activate(self, conn: ServerConnection) -> None:
+        conn.state = "active"
+        conn.checked_out_at = time.monotonic()
+        self._active.add(conn)
+
+    def _hand_over(self, conn: ServerConnection) -> None:
+        """Give *conn* to the first waiter still waiting, else make it idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.future.done():
+                continue  # gave up already: skip, never hand a connection to nobody
+            if waiter.deadline is not None and waiter.deadline - time.monotonic() < MIN_RUN_TIME:
+                self._count_error("requests_expired")
+                waiter.future.set_exception(DeadlineExpired("deadline passed while queued"))
+                continue
+            self._activate(conn)
+            waiter.future.set_result(conn)
+            return
+        conn.state = "idle"
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    async def run_in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking *fn* on a worker thread (one per pooled connection)."""
+        return await self._loop.run_in_executor(self._workers, fn, *args)
+
+    async def cancel_backend(self, conn: ServerConnection) -> bool:
+        """Send a cancel request for *conn*'s running query (never queues behind workers)."""
+        try:
+            return await self._loop.run_in_executor(self._maintenance, conn.pg.cancel)
+        except RuntimeError:  # executor shut down
+            return False
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def _retire(self, conn: ServerConnection, reason: str) -> None:
+        """Close *conn* (reason logged) and, unless closing, start a replacement."""
+        conn.state = "closed"
+        log.info(
+            "closing server connection",
+            extra={"server_id": conn.id, "backend_pid": conn.pg.backend_pid, "reason": reason},
+        )
+        try:
+            self._loop.run_in_executor(self._maintenance, conn.pg.close_quietly)
+        except RuntimeError:
+            conn.pg.close_quietly()
+        if not self._closed:
+            self._spawn_connector(reason)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _spawn_connector(self, reason: str) -> None:
+        self._connecting += 1
+        self._spawn(self._connector(reason))
+
+    async def _connector(self, reason: str) -> None:
+        """Open one connection, retrying with exponential backoff and jitter until it works."""
+        delay = self._reconnect_initial
+        try:
+            while not self._closed:
+                started = time.monotonic()
+                try:
+                    pg = await self._loop.run_in_executor(self._maintenance, self._connect)
+                except (ConnectionLost, OSError) as exc:
+                    self._stats["connections_errors"] += 1
+                    self.last_connect_error = str(exc)
+                    wait = delay * random.uniform(0.8, 1.2)
+                    log.warning(
+                        "connect failed",
+                        extra={"error": str(exc), "retry_in_s": round(wait, 3), "cause": reason},
+                    )
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, self._reconnect_max)
+                    continue
+                self._connected(pg, started)
+                return
+        finally:
+            self._connecting -= 1
+
+    def _connected(self, pg: PgConnection, started: float) -> None:
+        now = time.monotonic()
+        self._stats["connections_num"] += 1
+        self._stats["connections_ms"] += int((now - started) * 1000)
+        self.last_connect_error = None
+        # Jitter the lifetime (-5%, as psycopg_pool) so connections do not all expire at once.
+        conn = ServerConnection(
+            next(self._ids), pg, expire_at=now + self.max_lifetime * random.uniform(0.95, 1.0)
+        )
+        if self._closed:
+            self._retire(conn, "pool closed")
+            return
+        log.debug(
+            "server connection open", extra={"server_id": conn.id, "backend_pid": pg.backend_pid}
+        )
+        self._hand_over(conn)
+        self._first.set()
+        if len(self._idle) + len(self._active) >= self.size:
+            self._filled.set()
+
+    async def _expire_idle_loop(self) -> None:
+        """Retire idle connections past max_lifetime even when nobody asks for them."""
+        period = max(0.5, min(30.0, self.max_lifetime / 4))
+        while not self._closed:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in [c for c in self._idle if now >= c.expire_at]:
+                self._idle.remove(conn)
+                self._retire(conn, "max_lifetime reached")
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool's figures (gauges computed now, counters since start) plus maxwait."""
+        now = time.monotonic()
+        oldest = next((w.enqueued_at for w in self._waiters if not w.future.done()), now)
+        stats = {
+            "pool_min": self.size,
+            "pool_max": self.size,
+            "pool_size": len(self._idle) + len(self._active) + self._connecting,
+            "pool_available": len(self._idle),
+            "pool_active": len(self._active),
+            "pool_connecting": self._connecting,
+            "requests_waiting": len(self._waiters),
+            "maxwait": int(now - oldest),
+            "maxwait_us": int((now - oldest) * 1_000_000),
+        }
+        stats.update(self._stats)
+        return stats
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like `get_stats`, then reset the counters (psycopg_pool's pop_stats)."""
+        stats = self.get_stats()
+        self._stats = dict.fromkeys(_COUNTERS, 0)
+        return stats
+
+
+_COUNTERS = (
+    "requests_num",
+    "requests_queued",
+    "requests_wait_ms",
+    "requests_errors",
+    "requests_timeouts",
+    "requests_expired",
+    "requests_rejected",
+    "usage_ms",
+    "returns_bad",
+    "connections_num",
+    "connections_ms",
+    "connections_errors",
+    "connections_lost",
+)
+
+
+def _has_pending_input(pg: PgConnection) -> bool:
+    """True if an idle connection's socket is readable (server sent FATAL, or EOF)."""
+    sock = pg.socket
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

@@ -1,0 +1,178 @@
+"""The grpc.aio server: Broker + grpc.health.v1 + reflection, keepalive, graceful shutdown.
+
+Start: bind the port, open the pool (exit if no database connection within
+``connect_timeout``), log ``listening on HOST:PORT`` (a JSON line with ``port``), report
+SERVING once every pooled connection is open.
+
+Shutdown (SIGTERM/SIGINT, what ECS sends): health NOT_SERVING → stop accepting new RPCs →
+in-flight requests finish within ``shutdown_grace`` seconds (then they are cancelled and their
+backend queries with them) → close the pool → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from functools import partial
+
+import grpc
+from aws_lambda_powertools import Logger
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker import pg
+from broker.config import Settings
+from broker.pool import Pool
+from broker.service import BrokerService
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+__all__ = ["BrokerServer", "serve", "setup_logging"]
+
+log = logging.getLogger("pgbroker.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
+
+
+def setup_logging(level: str = "INFO") -> Logger:
+    """JSON lines on stdout via Powertools' Logger (service "pgbroker"); module loggers
+    (``pgbroker.pool``, …) propagate into it. Never pass secrets in ``extra``."""
+    return Logger(service="pgbroker", level=level, stream=sys.stdout)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Server channel options: keepalive and max connection age (clients rebalance)."""
+    return [
+        # Ping idle clients so connections from frozen/dead Lambda sandboxes are reaped.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept client keepalive pings as often as every 10 s without calls in flight.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # GOAWAY after this age so clients re-resolve and spread onto new replicas.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+        # Never share a port with another process (a second broker must fail to bind).
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ]
+
+
+class BrokerServer:
+    """One broker process: the pool, the gRPC server and their lifecycle."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        connect = partial(
+            pg.connect,
+            settings.database,
+            settings.connect_timeout,
+            settings.statement_timeout,
+            settings.statement_cache_size,
+        )
+        self.pool = Pool(
+            connect,
+            size=settings.pool_size,
+            max_waiting=settings.max_waiting,
+            queue_timeout=settings.queue_timeout,
+            max_lifetime=settings.max_lifetime,
+        )
+        self.service = BrokerService(self.pool, settings.statement_timeout)
+        self._serving_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    def _build(self) -> None:
+        # grpc.aio objects bind to the running event loop: build them inside it.
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=grpc_options(self.settings))
+        pb_grpc.add_BrokerServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    async def start(self) -> int:
+        """Bind, open the pool and start serving; return the bound port.
+
+        Raise `broker.pool.PoolUnavailable` if no database connection opens within
+        ``connect_timeout`` seconds, RuntimeError if the address cannot be bound.
+        """
+        settings = self.settings
+        self._build()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(settings.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {settings.listen}")
+        await self.pool.open(wait="first", timeout=settings.connect_timeout)
+        await self.server.start()
+        self._serving_task = asyncio.create_task(self._serve_when_filled())
+        log.info(
+            "listening on %s:%d",
+            settings.listen_host,
+            self.port,
+            extra={
+                "host": settings.listen_host,
+                "port": self.port,
+                "database": settings.database.redacted,
+                "pool_size": settings.pool_size,
+                "auth": settings.auth,
+            },
+        )
+        return self.port
+
+    async def _serve_when_filled(self) -> None:
+        await self.pool.wait_filled()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("pool filled, health SERVING", extra={"pool_size": self.settings.pool_size})
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop accepting, let in-flight work finish within *grace*
+        seconds (default ``shutdown_grace``), then close the pool."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace if grace is None else grace
+        log.info("shutting down", extra={"grace_s": grace, **self._inflight()})
+        if self._serving_task is not None:
+            self._serving_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.pool.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    def _inflight(self) -> dict[str, int]:
+        stats = self.pool.get_stats()
+        return {k: stats[k] for k in ("pool_active", "requests_waiting")}
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> int:
+    """Run a broker until SIGTERM/SIGINT; return the process exit code."""
+    server = BrokerServer(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await server.pool.close()
+        with contextlib.suppress(Exception):
+            await server.server.stop(0)
+        print(f"pgbroker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    await stop.wait()
+    await server.stop()
+    return 0

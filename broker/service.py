@@ -1,0 +1,304 @@
+"""The Broker servicer: proto ⇄ domain, and every failure mapped to a gRPC status.
+
+Errors carry the richer error model (``google.rpc.Status`` in the trailing metadata, read
+with ``grpc_status.rpc_status.from_call``):
+
+=====================================  =====================  =================================
+situation                              status                 details
+=====================================  =====================  =================================
+SQLSTATE class 22, 23, 42              INVALID_ARGUMENT       DatabaseError
+40001, 40P01                           ABORTED                DatabaseError, RetryInfo
+57014 (statement timeout, cancel)      DEADLINE_EXCEEDED      DatabaseError
+08*, 57P0x                             UNAVAILABLE            DatabaseError, RetryInfo
+other SQLSTATE                         FAILED_PRECONDITION    DatabaseError
+queue full                             RESOURCE_EXHAUSTED     ErrorInfo QUEUE_FULL, RetryInfo
+queue timeout                          RESOURCE_EXHAUSTED     ErrorInfo QUEUE_TIMEOUT
+deadline passed while queued           DEADLINE_EXCEEDED      ErrorInfo QUEUE_TIMEOUT
+database unreachable, nothing ran      UNAVAILABLE            ErrorInfo POOL_UNAVAILABLE, RetryInfo
+connection lost, outcome unknown       UNKNOWN                ErrorInfo POOL_UNAVAILABLE
+bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
+too many statements                    INVALID_ARGUMENT       ErrorInfo LIMIT_EXCEEDED
+shutting down                          UNAVAILABLE            ErrorInfo SHUTTING_DOWN, RetryInfo
+=====================================  =====================  =================================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker.execute import (
+    Batch,
+    DeadlineBeforeStart,
+    StatementFailed,
+    TransactionLost,
+    application_name,
+    execute,
+)
+from broker.params import BadParameter, bind_params
+from broker.pg import PgError
+from broker.pool import (
+    DeadlineExpired,
+    Pool,
+    PoolClosed,
+    PoolUnavailable,
+    QueueFull,
+    QueueTimeout,
+)
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+__all__ = ["BrokerFailure", "BrokerService"]
+
+log = logging.getLogger("pgbroker.service")
+
+ERROR_DOMAIN = "pgbroker"
+MAX_STATEMENTS = 1000
+_RETRY_SOON = 0.1  # seconds suggested in RetryInfo
+
+# Statements that change session state outlive the transaction on a pooled connection (the
+# next caller would inherit them), so they are refused, as PgBouncer's docs warn.
+_SESSION_SQL = re.compile(
+    r"""^\s*(
+        BEGIN | START\s+TRANSACTION | COMMIT | END | ROLLBACK | ABORT
+      | SAVEPOINT | RELEASE | PREPARE | DEALLOCATE | EXECUTE | DISCARD | RESET
+      | LISTEN | UNLISTEN
+      | SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
+    )\b""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+class BrokerFailure(Exception):
+    """A request failure already decided: status code, message and details to send."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: Sequence[Message] = ()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = list(details)
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details:
+            packed = any_pb2.Any()
+            packed.Pack(detail)
+            status.details.append(packed)
+        return rpc_status.to_status(status)
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(domain=ERROR_DOMAIN, reason=reason, metadata=metadata)
+
+
+def _retry_info(seconds: float = _RETRY_SOON) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def _database_error(error: PgError, index: int) -> pb.DatabaseError:
+    return pb.DatabaseError(
+        sqlstate=error.sqlstate,
+        message=error.message,
+        detail=error.detail,
+        hint=error.hint,
+        statement_index=index,
+        severity=error.severity,
+    )
+
+
+def status_for_sqlstate(sqlstate: str) -> grpc.StatusCode:
+    """The gRPC status for a Postgres error (see the module table)."""
+    if sqlstate in ("40001", "40P01"):
+        return grpc.StatusCode.ABORTED
+    if sqlstate == "57014":
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if sqlstate.startswith("08") or sqlstate.startswith("57P0"):
+        return grpc.StatusCode.UNAVAILABLE
+    if sqlstate[:2] in ("22", "23", "42"):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def failure_for(exc: BaseException) -> BrokerFailure:
+    """Map a domain exception to the status the caller gets; unknown ones to INTERNAL."""
+    code = grpc.StatusCode
+    if isinstance(exc, BrokerFailure):
+        return exc
+    if isinstance(exc, StatementFailed):
+        status = status_for_sqlstate(exc.error.sqlstate)
+        details: list[Message] = [_database_error(exc.error, exc.statement_index)]
+        if status in (code.ABORTED, code.UNAVAILABLE):
+            details.append(_retry_info())
+        where = "COMMIT/BEGIN" if exc.statement_index < 0 else f"statement {exc.statement_index}"
+        return BrokerFailure(status, f"{where}: {exc.error.message}", details)
+    if isinstance(exc, QueueFull):
+        return BrokerFailure(
+            code.RESOURCE_EXHAUSTED, str(exc), [_error_info("QUEUE_FULL"), _retry_info()]
+        )
+    if isinstance(exc, PoolUnavailable):
+        return BrokerFailure(
+            code.UNAVAILABLE, str(exc), [_error_info("POOL_UNAVAILABLE"), _retry_info(1.0)]
+        )
+    if isinstance(exc, QueueTimeout):
+        return BrokerFailure(code.RESOURCE_EXHAUSTED, str(exc), [_error_info("QUEUE_TIMEOUT")])
+    if isinstance(exc, DeadlineExpired | DeadlineBeforeStart):
+        return BrokerFailure(
+            code.DEADLINE_EXCEEDED, str(exc), [_error_info("QUEUE_TIMEOUT", cause="deadline")]
+        )
+    if isinstance(exc, PoolClosed):
+        return BrokerFailure(
+            code.UNAVAILABLE, str(exc), [_error_info("SHUTTING_DOWN"), _retry_info()]
+        )
+    if isinstance(exc, TransactionLost):
+        return _lost_failure(exc)
+    if isinstance(exc, BadParameter):
+        return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [_error_info("BAD_REQUEST")])
+    return BrokerFailure(code.INTERNAL, f"internal error ({type(exc).__name__})")
+
+
+def _lost_failure(exc: TransactionLost) -> BrokerFailure:
+    details: list[Message] = [_error_info("POOL_UNAVAILABLE")]
+    if exc.cause.fatal is not None:
+        details.insert(0, _database_error(exc.cause.fatal, -1))
+    if exc.nothing_committed:
+        details.append(_retry_info())
+        return BrokerFailure(
+            grpc.StatusCode.UNAVAILABLE,
+            f"database connection lost, nothing committed: {exc}",
+            details,
+        )
+    return BrokerFailure(
+        grpc.StatusCode.UNKNOWN,
+        f"database connection lost, the transaction may or may not have committed: {exc}",
+        details,
+    )
+
+
+def validate(request: pb.ExecuteRequest) -> None:
+    """Refuse a request that cannot run, before it queues; raise `BrokerFailure`."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if not request.statements:
+        raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
+    if len(request.statements) > MAX_STATEMENTS:
+        raise BrokerFailure(
+            bad,
+            f"{len(request.statements)} statements; at most {MAX_STATEMENTS} per request",
+            [_error_info("LIMIT_EXCEEDED", limit=str(MAX_STATEMENTS))],
+        )
+    for index, statement in enumerate(request.statements):
+        if not statement.sql.strip():
+            raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])
+        if _SESSION_SQL.match(statement.sql):
+            raise BrokerFailure(
+                bad,
+                f"statement {index}: session-level SQL ({statement.sql.split()[0].upper()}) "
+                "cannot run on a pooled connection; a request is already one transaction "
+                "(use SET LOCAL for settings)",
+                [_error_info("SESSION_STATE", statement_index=str(index))],
+            )
+        try:
+            bind_params(statement.params)
+        except BadParameter as exc:
+            raise BrokerFailure(
+                bad, f"statement {index}: {exc}", [_error_info("BAD_REQUEST")]
+            ) from exc
+
+
+class BrokerService(pb_grpc.BrokerServicer):
+    """Runs `Execute` batches on the pool; `GetStats` reports pool and broker figures."""
+
+    def __init__(self, pool: Pool, statement_timeout: float) -> None:
+        self.pool = pool
+        self.statement_timeout = statement_timeout
+        self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    async def Execute(
+        self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExecuteResponse:
+        started = time.monotonic()
+        self._stats["rpcs_num"] += 1
+        meta = dict(context.invocation_metadata() or ())
+        request_id = str(meta.get("x-lambda-request-id", "")) or None
+        function = str(meta.get("x-lambda-function-name", "")) or None
+        remaining = context.time_remaining()
+        deadline = started + remaining if remaining is not None else None
+        try:
+            validate(request)
+            batch = Batch(
+                statements=request.statements,
+                isolation=request.options.isolation,
+                read_only=request.options.read_only,
+                deferrable=request.options.deferrable,
+                application_name=application_name(function, request_id),
+            )
+            outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+        except Exception as exc:
+            failure = failure_for(exc)
+            self._count_failure(failure)
+            log.info(
+                "request failed",
+                extra={
+                    "request_id": request_id,
+                    "function": function,
+                    "code": failure.code.name,
+                    "error": failure.message,
+                    "statements": len(request.statements),
+                },
+            )
+            await context.abort_with_status(failure.to_status())
+            raise AssertionError("unreachable") from exc  # abort_with_status raises
+        self._stats["transactions_num"] += 1
+        self._stats["transactions_ms"] += outcome.run_us // 1000
+        log.debug(
+            "request done",
+            extra={
+                "request_id": request_id,
+                "function": function,
+                "backend_pid": outcome.backend_pid,
+                "wait_us": outcome.wait_us,
+                "run_us": outcome.run_us,
+                "statements": len(request.statements),
+            },
+        )
+        return pb.ExecuteResponse(
+            results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
+        )
+
+    def _count_failure(self, failure: BrokerFailure) -> None:
+        self._stats["rpcs_failed"] += 1
+        if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._stats["rpcs_rejected"] += 1
+        if any(isinstance(d, pb.DatabaseError) for d in failure.details):
+            self._stats["transactions_errors"] += 1
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatsResponse:
+        return pb.GetStatsResponse(stats=self.get_stats())
+
+    def get_stats(self) -> dict[str, int]:
+        """Pool figures (psycopg_pool names, PgBouncer's maxwait) plus broker counters."""
+        stats = self.pool.get_stats()
+        stats.update(self._stats)
+        return stats
+
+
+_COUNTERS = (
+    "rpcs_num",
+    "rpcs_failed",
+    "rpcs_rejected",
+    "transactions_num",
+    "transactions_ms",
+    "transactions_errors",
+)
