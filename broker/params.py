@@ -156,7 +156,8 @@ _SCALAR_TEXT: dict[str, Callable[[Any], str]] = {
 
 def _array_oid(array: pb.Array) -> int:
     if array.element_type == pb.TYPE_INT64:
-        widest = max((_int_oid(v) for v in _leaves(array) if v is not None), default=INT2)
+        widths = {_int_oid(v) for v in _leaves(array) if v is not None}
+        widest = next((oid for oid in (INT8, INT4) if oid in widths), INT2)
         return _INT_ARRAY_OIDS[widest]
     return _OIDS.get(array.element_type, (0, 0))[1]
 
