@@ -1,0 +1,86 @@
+"""The connection budget: pool_size × max_replicas must fit in what Postgres leaves over."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import pytest
+
+from broker import pg
+from broker.budget import BudgetExceeded, ConnectionBudget, check_pool_budget
+from broker.config import parse_database_url
+from broker.pool import Pool
+from devtools.localpg import LocalPostgres
+
+
+def _target(postgres: Any) -> Any:
+    dsn = postgres.dsn
+    return parse_database_url(dsn + ("&" if "?" in dsn else "?") + "sslmode=disable")
+
+
+async def _check(postgres: Any, pool_size: int, max_replicas: int) -> ConnectionBudget:
+    """Run the start-up check through a real one-connection pool, as the broker does."""
+    pool = Pool(
+        partial(pg.connect, _target(postgres), 5.0, 30.0),
+        size=1,
+        max_waiting=10,
+        queue_timeout=5.0,
+        max_lifetime=3600.0,
+    )
+    try:
+        await pool.open(wait="first", timeout=10.0)
+        return await check_pool_budget(pool, pool_size, max_replicas)
+    finally:
+        await pool.close()
+
+
+def test_budget_reads_max_connections_and_reserved_slots_from_postgres(postgres: Any) -> None:
+    budget = asyncio.run(_check(postgres, 1, 1))
+    assert budget.available == (
+        budget.max_connections - budget.superuser_reserved_connections - budget.reserved_connections
+    )
+    if isinstance(postgres, LocalPostgres):
+        # The session's server: max_connections 100, the default 3 superuser slots, and no
+        # reserved_connections before Postgres 16.
+        assert (budget.max_connections, budget.superuser_reserved_connections) == (100, 3)
+        assert budget.available == 100 - 3 - budget.reserved_connections
+
+
+def test_budget_accepts_pools_that_fit_exactly(postgres: Any) -> None:
+    budget = asyncio.run(_check(postgres, 1, 1))
+    replicas = 4
+    fitting = budget.available // replicas
+    asyncio.run(_check(postgres, fitting, replicas))
+
+
+def test_budget_refuses_oversubscribed_pools_with_the_arithmetic(postgres: Any) -> None:
+    budget = asyncio.run(_check(postgres, 1, 1))
+    replicas = 4
+    too_big = budget.available // replicas + 1
+    with pytest.raises(BudgetExceeded) as refused:
+        asyncio.run(_check(postgres, too_big, replicas))
+    message = str(refused.value)
+    assert (
+        f"pool_size {too_big} × max_replicas {replicas} = {too_big * replicas}"
+        f" > {budget.available} available" in message
+    )
+    assert f"max_connections {budget.max_connections}" in message
+    assert f"superuser_reserved_connections {budget.superuser_reserved_connections}" in message
+    assert f"at most {budget.available // replicas}" in message
+
+
+def test_reserved_connections_of_postgres_16_count_against_the_budget() -> None:
+    budget = ConnectionBudget(
+        max_connections=100, superuser_reserved_connections=3, reserved_connections=5
+    )
+    assert budget.available == 92
+    assert budget.check(pool_size=23, max_replicas=4) == 0
+    with pytest.raises(BudgetExceeded, match=r"= 96 > 92 available .*reserved_connections 5"):
+        budget.check(pool_size=24, max_replicas=4)
+
+
+def test_budget_row_parses_what_postgres_returns() -> None:
+    assert ConnectionBudget.from_row([100, 3, 0]) == ConnectionBudget(100, 3, 0)
+    assert ConnectionBudget.from_row(["400", "3", "2"]).available == 395
