@@ -10,6 +10,7 @@ by process id and removes the data. With ``PGBROKER_DATABASE_URL`` set it uses t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -27,6 +28,14 @@ __all__ = ["instructions", "main"]
 def instructions(target: str, database: DemoDatabase) -> str:
     """How to call the broker at *target*: client library, example handler, grpcurl."""
     q = "'"
+    execute = json.dumps(
+        {
+            "statements": [
+                {"sql": "SELECT id, balance FROM accounts WHERE id = $1",
+                 "params": [{"int64": "1"}]}
+            ]
+        }
+    )  # fmt: skip
     return f"""
 pgbroker is serving on {target} (auth: none, loopback only)
 database: {database.describe()}
@@ -42,8 +51,8 @@ print(handler({{"from": 1, "to": 2, "amount": "10.00"}}, FakeLambdaContext())){q
 
 From grpcurl (server reflection is on):
   grpcurl -plaintext {target} list
-  grpcurl -plaintext -d {q}{{"statements": [{{"sql": "SELECT id, balance FROM accounts \\
-WHERE id = $1", "params": [{{"int64": "1"}}]}}]}}{q} {target} pgbroker.v1.Broker/Execute
+  grpcurl -plaintext -d {q}{execute}{q} \\
+    {target} pgbroker.v1.Broker/Execute
   grpcurl -plaintext {target} pgbroker.v1.Broker/GetStats
   grpcurl -plaintext {target} grpc.health.v1.Health/Check
 
