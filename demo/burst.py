@@ -33,6 +33,7 @@ class Outcome:
     started: float | None = None
     finished: float = 0.0
     error: str | None = None
+    queue_wait: float | None = None  # seconds queued in the broker, when it says
 
     @property
     def ok(self) -> bool:
@@ -43,6 +44,8 @@ class Invocation:
     """One container's run: ``setup()`` builds its client before the release, ``invoke()``
     runs the handler once and returns when its database work could start (monotonic seconds,
     or None if unknown), ``close()`` releases the client at the end of the burst."""
+
+    queue_wait: float | None = None  # seconds the broker queued the call, if known
 
     def setup(self) -> None:
         """Build the container's client; nothing connects yet."""
@@ -139,6 +142,7 @@ class Burst:
         if invocation is not None and outcome.error is None:
             try:
                 outcome.started = invocation.invoke()
+                outcome.queue_wait = invocation.queue_wait
             except Exception as exc:
                 outcome.error = _describe(exc)
         outcome.finished = time.monotonic()
@@ -163,6 +167,10 @@ class Burst:
     def waits(self) -> list[float]:
         """Seconds from release to the start of the database work, successful invocations."""
         return [o.started - o.released for o in self.outcomes if o.ok and o.started is not None]
+
+    def queue_waits(self) -> list[float]:
+        """Seconds each successful invocation waited in the broker's queue, where known."""
+        return [o.queue_wait for o in self.outcomes if o.ok and o.queue_wait is not None]
 
     def latencies(self) -> list[float]:
         """Seconds from release to the handler's return, successful invocations."""

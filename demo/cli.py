@@ -266,7 +266,7 @@ def _broker_phase(
         peak_backends=monitor.peak(began, ended),
         began=began,
         ended=ended,
-        wait_label="not reported by the client; see latency",
+        wait_label="release → broker began the transaction",
         extra={"broker_stats": stats},
     )
 

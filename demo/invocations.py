@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+
+import grpc
 
 from demo.burst import Invocation
 from demo.direct import DirectClient
@@ -84,6 +87,37 @@ class DirectInvocation(Invocation):
         self.client.close()
 
 
+class _Timing(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Keeps the broker's timing of the last ``Execute`` (``wait_us``, ``run_us``) and when
+    its answer arrived; observes only, the call and its errors pass through unchanged."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int, int] | None = None
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        with contextlib.suppress(Exception):
+            response = outcome.result()
+            if hasattr(response, "run_us"):
+                self.last = (time.monotonic(), response.wait_us, response.run_us)
+        return outcome
+
+
+class TimedBrokerClient(BrokerClient):
+    """`BrokerClient` whose channel also records the broker's per-call timing (`timing`).
+
+    The client does not hand ``ExecuteResponse.wait_us``/``run_us`` to its caller, so the demo
+    reads them with a client interceptor on the channel the client builds.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timing = _Timing()
+
+    def _new_channel(self) -> grpc.Channel:
+        return grpc.intercept_channel(super()._new_channel(), self.timing)
+
+
 class BrokerInvocation(Invocation):
     """A container with its own `BrokerClient` and so its own channel (phase 2)."""
 
@@ -92,15 +126,20 @@ class BrokerInvocation(Invocation):
         self.local = local
         # gRPC shares one TCP connection among identical channels of a process unless told
         # not to; separate containers have separate connections.
-        self.client = BrokerClient(
+        self.client = TimedBrokerClient(
             target, tls=False, options=[("grpc.use_local_subchannel_pool", 1)]
         )
+        self.queue_wait: float | None = None
 
     def invoke(self) -> float | None:
-        # The broker reports its queue wait (ExecuteResponse.wait_us) but the client does not
-        # pass it on; the report shows end-to-end latency for this phase instead.
+        """Run the handler; return when the broker began its transaction (the answer's
+        arrival less the broker's ``run_us``), and keep the broker's queue wait."""
         _invoke(self.local, self.client, self.index)
-        return None
+        if self.client.timing.last is None:
+            return None
+        arrived, wait_us, run_us = self.client.timing.last
+        self.queue_wait = wait_us / 1e6
+        return arrived - run_us / 1e6
 
     def close(self) -> None:
         self.client.close()

@@ -35,6 +35,7 @@ class PhaseResult:
         burst = self.burst
         wall = max(burst.finished_at - burst.released_at, 1e-9)
         waits = burst.waits()
+        queue_waits = burst.queue_waits()
         errors = burst.errors()
         return {
             "invocations": burst.count,
@@ -44,6 +45,7 @@ class PhaseResult:
             "peak_backends": self.peak_backends,
             "wait_ms": summarize_times(waits) if waits else None,
             "wait_measures": self.wait_label,
+            "queue_wait_ms": summarize_times(queue_waits) if queue_waits else None,
             "latency_ms": summarize_times(burst.latencies()),
             "wall_s": round(wall, 3),
             "tx_per_s": round(burst.completed / wall, 1),
@@ -70,6 +72,7 @@ def print_table(console: Console, phases: list[PhaseResult], limits: dict[str, i
         ("failed", lambda s: f"[red]{s['failed']}[/]" if s["failed"] else "0"),
         ("peak Postgres backends", lambda s: f"{s['peak_backends']}"),
         ("wait p50 / p95 / p99 (ms)", lambda s: _ms(s["wait_ms"])),
+        ("broker queue p50 / p95 / p99 (ms)", lambda s: _ms(s["queue_wait_ms"])),
         ("latency p50 / p95 / p99 (ms)", lambda s: _ms(s["latency_ms"])),
         ("wall time (s)", lambda s: f"{s['wall_s']:.2f}"),
         ("transactions/s", lambda s: f"{s['tx_per_s']:.0f}"),
