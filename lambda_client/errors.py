@@ -204,11 +204,29 @@ _BY_CODE_NAME: dict[str, type[BrokerError]] = {
 }
 
 
+# Codes whose meaning (did anything run? may it be retried?) matters more than the SQLSTATE
+# they may carry: UNKNOWN with 57P01 is still "outcome unknown", UNAVAILABLE with 08006 still
+# "nothing ran".
+_CODE_FIRST = frozenset(
+    {
+        "UNAVAILABLE",
+        "UNKNOWN",
+        "RESOURCE_EXHAUSTED",
+        "CANCELLED",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+    }
+)
+
+
 def error_class(code_name: str, sqlstate: str | None) -> type[BrokerError]:
     """The class for a status code name (``"ABORTED"``) and an optional SQLSTATE."""
-    if sqlstate:
-        return _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE_CLASS.get(sqlstate[:2], OperationalError)
-    return _BY_CODE_NAME.get(code_name, BrokerError)
+    if not sqlstate or code_name in _CODE_FIRST:
+        return _BY_CODE_NAME.get(code_name, BrokerError)
+    cls = _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE_CLASS.get(sqlstate[:2], OperationalError)
+    if code_name == "DEADLINE_EXCEEDED" and not issubclass(cls, DeadlineExceeded):
+        return DeadlineExceeded
+    return cls
 
 
 def from_rpc_error(exc: grpc.RpcError) -> BrokerError:

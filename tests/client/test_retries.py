@@ -49,6 +49,10 @@ def test_retry_that_would_outlive_the_deadline_is_not_made() -> None:
     ("status", "error"),
     [
         (bare(SC.UNKNOWN, "connection lost during COMMIT"), lc.OutcomeUnknown),
+        (
+            failure(SC.UNKNOWN, "terminating", sqlstate="57P01", reason="POOL_UNAVAILABLE"),
+            lc.OutcomeUnknown,
+        ),
         (failure(SC.ABORTED, "could not serialize", sqlstate="40001"), lc.SerializationFailure),
         (failure(SC.ABORTED, "deadlock detected", sqlstate="40P01"), lc.DeadlockDetected),
         (failure(SC.DEADLINE_EXCEEDED, "canceling statement", sqlstate="57014"), lc.QueryCanceled),
@@ -79,9 +83,10 @@ def test_unavailable_the_broker_reports_before_begin_is_retried() -> None:
         SC.UNAVAILABLE, "database unreachable", retry_after=0.01, reason="POOL_UNAVAILABLE"
     )
     shutting = failure(SC.UNAVAILABLE, "shutting down", reason="SHUTTING_DOWN")
-    with standin(down, shutting) as (target, script):
+    lost = failure(SC.UNAVAILABLE, "connection lost", sqlstate="08006", retry_after=0.01)
+    with standin(down, shutting, lost) as (target, script):
         assert fast_client(target).query("SELECT 1").scalar() == 1
-    assert len(script.requests) == 3
+    assert len(script.requests) == 4
 
 
 def test_database_error_keeps_every_detail() -> None:
