@@ -130,6 +130,8 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
                 linewidth=1,
                 label=f"broker pool size = {limits['pool_size']}",
             )
+        # Before the release only the broker's pool filling matters; keep a second of it.
+        ax.set_xlim(left=max(min(xs, default=0.0), -1.0))
         ax.set_xlabel("seconds since the burst was released")
         ax.set_title(phase.title)
         ax.set_ylim(0, max(limits["max_connections"], phase.peak_backends) * 1.15)
