@@ -555,14 +555,16 @@ class _RecordingEnviron(dict[str, str]):
 
 
 def _names_in_package(package: str, anchor: str = "config.py") -> set[str] | None:
-    """PGBROKER_* names a package reads: literal names in its source, plus every name its
-    ``config.load_settings`` looks up (names built as PGBROKER_ + setting name)."""
+    """PGBROKER_* names a package reads: names written as a whole string literal in its source,
+    plus every name its ``config.load_settings`` looks up (built as PGBROKER_ + setting)."""
     folder = ROOT / package
     if not (folder / anchor).exists():
         return None
     names: set[str] = set()
     for path in folder.rglob("*.py"):
-        names |= set(re.findall(r"PGBROKER_[A-Z0-9_]+", path.read_text()))
+        # A whole string literal ("PGBROKER_URL"), as passed to environ.get/getenv; a name
+        # that only appears inside a message or docstring is not read.
+        names |= set(re.findall(r"""["'](PGBROKER_[A-Z0-9_]+)["']""", path.read_text()))
     load_settings = getattr(_broker_module(f"{package}.config"), "load_settings", None)
     if load_settings is not None:
         environ = _RecordingEnviron()

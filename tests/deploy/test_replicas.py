@@ -1,0 +1,225 @@
+"""Replicas share the load and one is replaced under load without a failed call.
+
+What ECS does in a rolling deploy, on loopback: three broker processes on 127.0.0.1, .2 and .3
+(same port), one client whose target lists them and a fourth address, steady load from a few
+threads; a new replica starts on 127.0.0.4, turns SERVING, then the replica on .1 gets SIGTERM
+and drains. Every call succeeds, every replica serves calls, and Postgres never sees more
+backends than the pools of the replicas running at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pg8000.native
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lambda_client import BrokerClient
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+POOL_SIZE = 3
+SHUTDOWN_GRACE = 5
+LOAD_THREADS = 6
+STEADY_SECONDS = 6.0  # load before the replacement, and again after it
+
+
+def _free_port(hosts: list[str]) -> int:
+    """A port that is free on every one of *hosts* (loopback addresses)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every loopback address")
+
+
+class Replica:
+    """One `python -m broker run` process on *host*:*port*, logging to a file."""
+
+    def __init__(self, host: str, port: int, dsn: str, log_dir: Path) -> None:
+        self.host, self.port = host, port
+        self.target = f"{host}:{port}"
+        env = dict(os.environ)
+        env.update(
+            PGBROKER_DATABASE_URL=dsn,
+            PGBROKER_LISTEN=self.target,
+            PGBROKER_POOL_SIZE=str(POOL_SIZE),
+            PGBROKER_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE),
+            PGBROKER_AUTH="none",
+            PGBROKER_LOG_LEVEL="WARNING",
+        )
+        self.log = open(log_dir / f"broker-{host}.log", "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.channel = grpc.insecure_channel(self.target)
+
+    def serving(self) -> bool:
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            if self.process.poll() is not None:
+                pytest.fail(f"broker on {self.target} exited: {self.process.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"broker on {self.target} not SERVING after {timeout}s")
+            time.sleep(0.05)
+
+    def stats(self) -> dict[str, int]:
+        reply = pb_grpc.BrokerStub(self.channel).GetStats(pb.GetStatsRequest(), timeout=5)
+        return dict(reply.stats)
+
+    def stop(self) -> None:
+        """End the process if it still runs (by its own pid), then release the files."""
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+
+class BackendMonitor(threading.Thread):
+    """Polls pg_stat_activity and keeps the largest number of client backends seen."""
+
+    def __init__(self, postgres: Any) -> None:
+        super().__init__(daemon=True)
+        self.conn = pg8000.native.Connection(
+            postgres.user,
+            host=postgres.host,
+            port=postgres.port,
+            database=postgres.database,
+            password=getattr(postgres, "password", None),
+        )
+        self.peak = 0
+        self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        while not self.done.is_set():
+            ((count,),) = self.conn.run(sql)
+            self.peak = max(self.peak, int(count))
+            self.samples += 1
+            self.done.wait(0.02)
+        self.conn.close()
+
+
+class Load:
+    """*threads* callers running short queries through one client until stopped."""
+
+    def __init__(self, client: BrokerClient, threads: int) -> None:
+        self.client = client
+        self.ok = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.query("SELECT pg_sleep(0.005)", timeout=10)
+            except Exception as exc:  # every failure is a finding
+                with self._lock:
+                    self.failures.append(repr(exc))
+            else:
+                with self._lock:
+                    self.ok += 1
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
+    started: list[Replica] = []
+    yield started
+    for replica in started:
+        replica.stop()
+
+
+def test_replica_replaced_under_load_loses_no_call(
+    own_postgres: Any, replicas: list[Replica], tmp_path: Path
+) -> None:
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    port = _free_port(hosts)
+    dsn = own_postgres.dsn + "?sslmode=disable"
+    for host in hosts[:3]:
+        replicas.append(Replica(host, port, dsn, tmp_path))
+    for replica in replicas:
+        replica.wait_serving()
+
+    monitor = BackendMonitor(own_postgres)
+    monitor.start()
+    client = BrokerClient("ipv4:" + ",".join(f"{h}:{port}" for h in hosts), timeout=10)
+    try:
+        with Load(client, LOAD_THREADS) as load:
+            time.sleep(STEADY_SECONDS)
+            # Rolling deploy: the new task is healthy before the old one is told to stop.
+            new = Replica(hosts[3], port, dsn, tmp_path)
+            replicas.append(new)
+            new.wait_serving()
+            old = replicas[0]
+            served_by_old = old.stats()["rpcs_num"]
+            old.process.send_signal(signal.SIGTERM)
+            exit_code = old.process.wait(SHUTDOWN_GRACE + 20)
+            time.sleep(STEADY_SECONDS)
+        served = {r.host: r.stats()["rpcs_num"] for r in replicas[1:]}
+    finally:
+        client.close()
+        monitor.done.set()
+        monitor.join(10)
+
+    served[old.host] = served_by_old
+    print(
+        f"\nreplicas: calls ok {load.ok}, failed {len(load.failures)}; served per replica "
+        f"{dict(sorted(served.items()))}; peak Postgres backends {monitor.peak} "
+        f"(pools {POOL_SIZE} × 4 = {POOL_SIZE * 4}, {monitor.samples} samples)"
+    )
+    assert load.failures == []
+    assert exit_code == 0
+    assert load.ok > 0
+    assert all(count > 0 for count in served.values()), served
+    # Four replicas overlap while the old one drains: never more than their pools together.
+    assert 0 < monitor.peak <= POOL_SIZE * 4
