@@ -114,7 +114,7 @@ class Pool:
         queue_timeout: float,
         max_lifetime: float,
         reconnect_initial: float = 0.05,
-        reconnect_max: float = 5.0,
+        reconnect_max: float = 2.0,
     ) -> None:
         self.size = size
         self.max_waiting = max_waiting
@@ -134,6 +134,7 @@ class Pool:
         self._filled = asyncio.Event()
         self._first = asyncio.Event()
         self.last_connect_error: str | None = None
+        self._outage = False
         self._workers = ThreadPoolExecutor(size, thread_name_prefix="pgbroker-worker")
         # Connects, closes and cancel requests never queue behind running transactions.
         self._maintenance = ThreadPoolExecutor(size + 2, thread_name_prefix="pgbroker-maint")
@@ -377,7 +378,11 @@ class Pool:
                     self._stats["connections_errors"] += 1
                     self.last_connect_error = str(exc)
                     wait = delay * random.uniform(0.8, 1.2)
-                    log.warning(
+                    # One warning per outage, not one per connector and attempt.
+                    level = logging.DEBUG if self._outage else logging.WARNING
+                    self._outage = True
+                    log.log(
+                        level,
                         "connect failed",
                         extra={"error": str(exc), "retry_in_s": round(wait, 3), "cause": reason},
                     )
@@ -394,6 +399,9 @@ class Pool:
         self._stats["connections_num"] += 1
         self._stats["connections_ms"] += int((now - started) * 1000)
         self.last_connect_error = None
+        if self._outage:
+            self._outage = False
+            log.info("database reachable again", extra={"backend_pid": pg.backend_pid})
         # Jitter the lifetime (-5%, as psycopg_pool) so connections do not all expire at once.
         conn = ServerConnection(
             next(self._ids), pg, expire_at=now + self.max_lifetime * random.uniform(0.95, 1.0)
