@@ -3,7 +3,6 @@ Postgres, and a direct admin connection to look at ``pg_stat_activity``."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,18 +10,6 @@ import pg8000.native
 import pytest
 
 from devtools.brokerproc import BrokerProcess
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll *predicate* until it returns something truthy; fail the test after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""The client in a Lambda: deadlines from the context, one channel across warm invocations,
+a broker restart, and the request id in the broker's log and in pg_stat_activity."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pg8000.native
+import pytest
+
+from client.support import wait_until
+from devtools.brokerproc import BrokerProcess
+from devtools.lambda_context import FakeLambdaContext
+from lambda_client import BrokerClient, DeadlineExceeded
+
+
+def sleeping_backends(admin: pg8000.native.Connection) -> int:
+    rows = admin.run(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(5)%'"
+    )
+    return int(rows[0][0])
+
+
+def test_deadline_from_context_stops_a_long_query_and_leaves_the_connection_clean(
+    start_broker: Callable[..., BrokerProcess], admin: pg8000.native.Connection
+) -> None:
+    broker = start_broker(pool_size=1)
+    db = BrokerClient(broker.target)  # default deadline_margin 0.5 s
+    backend = db.query("SELECT pg_backend_pid()").scalar()
+    context = FakeLambdaContext(remaining=1.2)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        db.query("SELECT pg_sleep(5)", context=context)
+    assert time.monotonic() - started < 1.2  # returned while the Lambda still had time
+    # The one pooled connection was kept (same backend), the sleep cancelled, and it is idle,
+    # outside any transaction.
+    wait_until(lambda: sleeping_backends(admin) == 0, what="pg_sleep to be cancelled")
+    assert db.query("SELECT pg_backend_pid()").scalar() == backend
+    wait_until(
+        lambda: (
+            admin.run("SELECT state FROM pg_stat_activity WHERE pid = :p", p=backend) == [["idle"]]
+        ),
+        what="the pooled connection to be idle",
+    )
+    stats = db.stats()
+    assert stats["connections_lost"] == 0
+    assert stats["connections_num"] == 1
+    assert stats["pool_size"] == 1
+
+
+def test_a_context_shorter_than_the_margin_sends_nothing(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target, deadline_margin=0.5)
+    before = db.stats()["rpcs_num"]
+    with pytest.raises(DeadlineExceeded):
+        db.query("SELECT 1", context=FakeLambdaContext(remaining=0.3))
+    assert db.stats()["rpcs_num"] == before
+
+
+def test_channel_is_created_once_across_warm_invocations(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target)
+    assert db.channels_created == 0
+    for n in range(50):
+        assert db.query("SELECT $1::int", [n], context=FakeLambdaContext()).scalar() == n
+    assert db.channels_created == 1
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_call_after_the_broker_restarted_on_the_same_address_succeeds(
+    start_broker: Callable[..., BrokerProcess], how: str
+) -> None:
+    broker = start_broker()
+    db = BrokerClient(broker.target, timeout=20)
+    assert db.query("SELECT 1").scalar() == 1
+    broker.stop() if how == "sigterm" else broker.kill()
+    broker.start()  # same port
+    assert db.query("SELECT 2", context=FakeLambdaContext(remaining=20)).scalar() == 2
+    assert db.channels_created == 1
+
+
+def test_request_id_shows_in_broker_log_and_pg_stat_activity(
+    broker: BrokerProcess, admin: pg8000.native.Connection
+) -> None:
+    db = BrokerClient(broker.target)
+    context = FakeLambdaContext(remaining=10, function_name="orders-api")
+    outcome: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(db.query("SELECT pg_sleep(1)", context=context))
+    )
+    worker.start()
+    try:
+        names = wait_until(
+            lambda: [
+                row[0]
+                for row in admin.run(
+                    "SELECT application_name FROM pg_stat_activity "
+                    "WHERE query = 'SELECT pg_sleep(1)' AND state = 'active'"
+                )
+            ],
+            what="the query in pg_stat_activity",
+        )
+    finally:
+        worker.join(10)
+    assert outcome, "the query failed"
+    assert context.aws_request_id in names[0]
+    assert "orders-api" in names[0]
+    wait_until(lambda: context.aws_request_id in broker.log(), what="the request id in the log")
