@@ -31,7 +31,7 @@ _RUN_FLAGS = {
     "shutdown_grace": "seconds in-flight requests get on SIGTERM (default 20)",
     "max_connection_age": "seconds before a client's HTTP/2 connection is recycled (default 300)",
     "max_connection_age_grace": "seconds given to calls on a recycled connection (default 30)",
-    "auth": "authentication mode: none (loopback only)",
+    "auth": "authentication: iam, token or none (none only on loopback); see docs/security.md",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "statement_cache_size": "prepared statements kept per connection (default 100)",
 }

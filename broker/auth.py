@@ -30,25 +30,17 @@ Modes:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextvars
 import fnmatch
-import hashlib
 import hmac
 import inspect
 import json
 import logging
+import os
 import time
-import urllib.error
-import urllib.request
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
-from xml.etree import ElementTree
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -60,14 +52,13 @@ __all__ = [
     "AuthInterceptor",
     "AuthStats",
     "Authenticator",
-    "IamAuth",
     "Identity",
     "NoAuth",
     "TokenAuth",
+    "authenticator_for_settings",
     "authenticator_from_env",
     "check_auth_listen",
     "current_identity",
-    "parse_allowed_roles",
 ]
 
 log = logging.getLogger("pgbroker.auth")
@@ -76,15 +67,8 @@ AUDIENCE_HEADER = "x-pgbroker-audience"
 IAM_SCHEME = "AWS4-STS"
 BEARER_SCHEME = "Bearer"
 PROTECTED_SERVICE_PREFIX = "/pgbroker.v1.Broker/"
-GET_CALLER_IDENTITY_BODY = {"Action": ["GetCallerIdentity"], "Version": ["2011-06-15"]}
 
 MAX_AUTHORIZATION_BYTES = 6_144  # a real proof is ~2-3 KiB; gRPC caps metadata at 8 KiB
-TOKEN_MAX_AGE = 900.0  # seconds; AWS itself refuses SigV4 signatures older than 15 minutes
-FUTURE_SKEW = 300.0  # seconds a signature date may lie in the future (clock skew)
-POSITIVE_CACHE_TTL = 600.0  # never longer than the token's own remaining lifetime
-NEGATIVE_CACHE_TTL = 60.0  # a rejected token is not re-sent to STS for this long
-CACHE_MAX_ENTRIES = 10_000
-STS_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +145,7 @@ class AuthError(Exception):
         }.get(self.code, "UNAUTHENTICATED")
 
 
-def _unauthenticated(message: str, caller_arn: str | None = None) -> AuthError:
+def unauthenticated(message: str, caller_arn: str | None = None) -> AuthError:
     return AuthError(grpc.StatusCode.UNAUTHENTICATED, message, caller_arn=caller_arn)
 
 
@@ -232,17 +216,17 @@ def check_auth_listen(mode: str, listen_hosts: Iterable[str]) -> str | None:
 # token
 
 
-def _split_scheme(metadata: Mapping[str, str], expected: str) -> str:
+def split_scheme(metadata: Mapping[str, str], expected: str) -> str:
     value = metadata.get("authorization")
     if not value:
-        raise _unauthenticated(
+        raise unauthenticated(
             f"missing 'authorization' metadata; this broker expects '{expected} <token>'"
         )
     if len(value) > MAX_AUTHORIZATION_BYTES:
-        raise _unauthenticated("'authorization' metadata is too large")
+        raise unauthenticated("'authorization' metadata is too large")
     scheme, _, credential = value.strip().partition(" ")
     if scheme.lower() != expected.lower() or not credential.strip():
-        raise _unauthenticated(
+        raise unauthenticated(
             f"'authorization' metadata must be '{expected} <token>' for this broker"
         )
     return credential.strip()
@@ -307,7 +291,7 @@ class TokenAuth:
         self._reload: asyncio.Task[None] | None = None
 
     async def authenticate(self, metadata: Mapping[str, str]) -> Identity:
-        presented = _split_scheme(metadata, BEARER_SCHEME)
+        presented = split_scheme(metadata, BEARER_SCHEME)
         if self._load_secret is not None and self._due(self._refresh_interval):
             await self._reload_tokens()
         label = self._lookup(presented)
@@ -315,7 +299,7 @@ class TokenAuth:
             await self._reload_tokens()
             label = self._lookup(presented)
         if label is None:
-            raise _unauthenticated("unknown bearer token")
+            raise unauthenticated("unknown bearer token")
         return Identity("token", label)
 
     def _lookup(self, presented: str) -> str | None:
@@ -367,298 +351,6 @@ def secret_loader(secret_id: str, *, max_age: int = 300) -> Callable[[], str]:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     return load
-
-
-# --------------------------------------------------------------------------------------------
-# iam
-
-
-def parse_allowed_roles(text: str) -> tuple[str, ...]:
-    """``PGBROKER_IAM_ALLOWED_ROLES``: comma separated role names or ARNs, ``*`` patterns."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-@dataclass(frozen=True)
-class SignedRequest:
-    """A client's signed GetCallerIdentity request, as carried in the token."""
-
-    headers: dict[str, str]  # lower-case names
-    body: str
-    signed_headers: frozenset[str]
-    signed_at: float  # epoch seconds of X-Amz-Date
-    access_key_hint: str = field(default="", repr=False)
-
-
-def decode_iam_token(credential: str) -> SignedRequest:
-    """Parse the base64 JSON token; raise `AuthError` (UNAUTHENTICATED) saying what is wrong.
-
-    Checks shape only (headers, body, SigV4 fields); the signature is STS's to check.
-    """
-    try:
-        data = json.loads(base64.b64decode(credential, validate=True))
-        raw_headers = data["headers"]
-        body = data["body"]
-        if not isinstance(raw_headers, dict) or not isinstance(body, str):
-            raise TypeError("headers must be an object and body a string")
-        headers = {str(k).lower(): str(v) for k, v in raw_headers.items()}
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise _unauthenticated(
-            "malformed AWS4-STS token (expected base64 JSON with headers and body)"
-        ) from None
-    if parse_qs(body, keep_blank_values=True) != GET_CALLER_IDENTITY_BODY:
-        raise _unauthenticated(
-            "the AWS4-STS token must sign sts:GetCallerIdentity and nothing else"
-        )
-    sigv4 = headers.get("authorization", "")
-    fields = _sigv4_fields(sigv4)
-    scope = fields.get("Credential", "").split("/")
-    if not sigv4.startswith("AWS4-HMAC-SHA256 ") or len(scope) != 5 or scope[3] != "sts":
-        raise _unauthenticated("the AWS4-STS token carries no SigV4 signature for sts")
-    signed = frozenset(fields.get("SignedHeaders", "").split(";"))
-    missing = {"host", "x-amz-date", AUDIENCE_HEADER} - signed
-    if missing or not fields.get("Signature"):
-        raise _unauthenticated(
-            f"the AWS4-STS token must sign {', '.join(sorted(missing)) or 'a signature'}"
-        )
-    if not signed <= set(headers):
-        raise _unauthenticated("the AWS4-STS token lacks some of its signed headers")
-    try:
-        signed_at = datetime.strptime(headers["x-amz-date"], "%Y%m%dT%H%M%SZ")
-    except ValueError:
-        raise _unauthenticated("the AWS4-STS token has a malformed X-Amz-Date") from None
-    return SignedRequest(
-        headers=headers,
-        body=body,
-        signed_headers=signed,
-        signed_at=signed_at.replace(tzinfo=UTC).timestamp(),
-        access_key_hint=scope[0][:4],
-    )
-
-
-def _sigv4_fields(value: str) -> dict[str, str]:
-    _, _, rest = value.partition(" ")
-    fields = {}
-    for part in rest.split(","):
-        key, _, val = part.strip().partition("=")
-        fields[key] = val
-    return fields
-
-
-def parse_caller_arn(arn: str) -> Identity:
-    """An `Identity` from a GetCallerIdentity ARN (assumed role, IAM user or root)."""
-    parts = arn.split(":", 5)
-    if len(parts) != 6 or parts[0] != "arn":
-        raise _unauthenticated("STS returned an unexpected caller ARN")
-    account, resource = parts[4], parts[5]
-    kind, _, rest = resource.partition("/")
-    if kind == "assumed-role":
-        role = rest.split("/", 1)[0]
-        return Identity("iam", role, arn=arn, account=account)
-    name = rest.rsplit("/", 1)[-1] if rest else kind
-    return Identity("iam", name, arn=arn, account=account)
-
-
-PostFn = Callable[[str, Mapping[str, str], bytes], tuple[int, bytes]]
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the signed request goes to the configured endpoint, nowhere else
-
-
-_opener = urllib.request.build_opener(_NoRedirect())
-
-
-def http_post(url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
-    """POST *body* to *url* with exactly *headers*; return (status, body). Blocking."""
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
-    try:
-        with _opener.open(request, timeout=STS_TIMEOUT) as response:
-            return response.status, response.read(65536)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(65536)
-
-
-class IamAuth:
-    """IAM identities proven by a signed ``sts:GetCallerIdentity`` (see the module docstring).
-
-    *sts_endpoint* is where the broker sends the signed request (``https://sts.REGION.
-    amazonaws.com/``); *audience* must equal the signed ``x-pgbroker-audience`` header;
-    *allowed_roles* are names or ARN patterns. *post* (blocking) is replaceable for tests that
-    count calls; by default it uses urllib without following redirects.
-    """
-
-    mode = "iam"
-
-    def __init__(
-        self,
-        *,
-        sts_endpoint: str,
-        audience: str,
-        allowed_roles: Sequence[str],
-        stats: AuthStats | None = None,
-        post: PostFn = http_post,
-        max_age: float = TOKEN_MAX_AGE,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        if not audience:
-            raise ValueError("an audience is required for iam authentication")
-        if not allowed_roles:
-            raise ValueError("PGBROKER_IAM_ALLOWED_ROLES must name at least one role")
-        self.sts_endpoint = sts_endpoint
-        self._sts_host = urlsplit(sts_endpoint).netloc.lower()
-        self.audience = audience
-        self.allowed_roles = tuple(allowed_roles)
-        self.stats = stats or AuthStats()
-        self._post = post
-        self._max_age = max_age
-        self._clock = clock
-        # token digest -> (expires at, epoch seconds; Identity or AuthError)
-        self._verdicts: OrderedDict[bytes, tuple[float, Identity | AuthError]] = OrderedDict()
-        self._in_flight: dict[bytes, asyncio.Future[Identity]] = {}
-
-    async def authenticate(self, metadata: Mapping[str, str]) -> Identity:
-        credential = _split_scheme(metadata, IAM_SCHEME)
-        key = hashlib.sha256(credential.encode()).digest()
-        cached = self._cached(key)
-        if cached is not None:
-            self.stats.auth_cache_hits += 1
-            if isinstance(cached, AuthError):
-                raise cached
-            return cached
-        pending = self._in_flight.get(key)
-        if pending is not None:  # the same token is being verified: wait for that verdict
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
-        try:
-            identity = await self._verify(credential, key)
-        except AuthError as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        except BaseException as exc:
-            future.cancel()
-            raise exc
-        else:
-            future.set_result(identity)
-            return identity
-        finally:
-            del self._in_flight[key]
-
-    def _cached(self, key: bytes) -> Identity | AuthError | None:
-        entry = self._verdicts.get(key)
-        if entry is None:
-            return None
-        expires_at, verdict = entry
-        if self._clock() >= expires_at:
-            del self._verdicts[key]
-            return None
-        self._verdicts.move_to_end(key)
-        return verdict
-
-    def _remember(self, key: bytes, verdict: Identity | AuthError, expires_at: float) -> None:
-        self._verdicts[key] = (expires_at, verdict)
-        self._verdicts.move_to_end(key)
-        while len(self._verdicts) > CACHE_MAX_ENTRIES:
-            self._verdicts.popitem(last=False)
-
-    async def _verify(self, credential: str, key: bytes) -> Identity:
-        signed = decode_iam_token(credential)
-        self._check_claims(signed)
-        now = self._clock()
-        token_expires = signed.signed_at + self._max_age
-        try:
-            arn = await self._call_sts(signed)
-            identity = parse_caller_arn(arn)
-            self._check_allowed(identity)
-        except AuthError as exc:
-            if exc.code != grpc.StatusCode.UNAVAILABLE:
-                self._remember(key, exc, min(now + NEGATIVE_CACHE_TTL, token_expires))
-            raise
-        self._remember(key, identity, min(now + POSITIVE_CACHE_TTL, token_expires))
-        return identity
-
-    def _check_claims(self, signed: SignedRequest) -> None:
-        if not hmac.compare_digest(
-            signed.headers[AUDIENCE_HEADER].encode(), self.audience.encode()
-        ):
-            raise _unauthenticated(
-                "the AWS4-STS token is for another audience; sign it with this broker's"
-                " audience (PGBROKER_AUTH_AUDIENCE)"
-            )
-        age = self._clock() - signed.signed_at
-        if age > self._max_age:
-            raise _unauthenticated(
-                f"the AWS4-STS token expired ({int(age)} s old, at most {int(self._max_age)});"
-                " sign a new one"
-            )
-        if age < -FUTURE_SKEW:
-            raise _unauthenticated("the AWS4-STS token is dated in the future; check the clock")
-        if signed.headers["host"].lower() != self._sts_host:
-            raise _unauthenticated(
-                f"the AWS4-STS token was signed for STS host {signed.headers['host']!r}; this"
-                f" broker verifies with {self._sts_host!r} (PGBROKER_STS_ENDPOINT)"
-            )
-
-    async def _call_sts(self, signed: SignedRequest) -> str:
-        headers = {name: signed.headers[name] for name in signed.signed_headers}
-        headers["authorization"] = signed.headers["authorization"]
-        headers.setdefault(
-            "content-type", signed.headers.get("content-type", "application/x-www-form-urlencoded")
-        )
-        self.stats.auth_sts_calls += 1
-        try:
-            status, body = await asyncio.to_thread(
-                self._post, self.sts_endpoint, headers, signed.body.encode()
-            )
-        except OSError as exc:
-            log.error("STS unreachable at %s: %s", self.sts_endpoint, type(exc).__name__)
-            raise AuthError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the broker cannot reach STS to verify the caller; retry later",
-                retry_after=1.0,
-            ) from exc
-        return _arn_from_sts_response(status, body)
-
-    def _check_allowed(self, identity: Identity) -> None:
-        if any(identity.matches(pattern) for pattern in self.allowed_roles):
-            return
-        raise AuthError(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{identity.arn} is not allowed by PGBROKER_IAM_ALLOWED_ROLES",
-            caller_arn=identity.arn,
-        )
-
-
-def _arn_from_sts_response(status: int, body: bytes) -> str:
-    """The caller ARN from STS' XML answer; AuthError for a refusal or an odd answer."""
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        root = None
-    values = {} if root is None else {el.tag.rsplit("}", 1)[-1]: el.text for el in root.iter()}
-    if status == 200 and values.get("Arn"):
-        return str(values["Arn"])
-    if 400 <= status < 500:
-        code = values.get("Code") or f"HTTP {status}"
-        return _raise_sts_refusal(str(code))
-    log.error("STS answered HTTP %d without a caller ARN", status)
-    raise AuthError(
-        grpc.StatusCode.UNAVAILABLE,
-        "STS could not verify the caller right now; retry later",
-        retry_after=1.0,
-    )
-
-
-def _raise_sts_refusal(code: str) -> str:
-    hints = {
-        "SignatureDoesNotMatch": "the signature does not match (tampered or re-encoded token)",
-        "InvalidClientTokenId": "the signing access key is unknown to AWS",
-        "ExpiredToken": "the signing credentials have expired",
-        "AccessDenied": "STS denied the request",
-    }
-    raise _unauthenticated(f"STS refused the token: {code}: {hints.get(code, 'not valid')}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,7 +516,8 @@ def authenticator_from_env(
         raise ValueError("PGBROKER_AUTH=token needs PGBROKER_TOKENS or PGBROKER_TOKENS_SECRET_ID")
     if mode == "iam":
         audience = environ.get("PGBROKER_AUTH_AUDIENCE", "").strip()
-        roles = parse_allowed_roles(environ.get("PGBROKER_IAM_ALLOWED_ROLES", ""))
+        roles = [r.strip() for r in environ.get("PGBROKER_IAM_ALLOWED_ROLES", "").split(",")]
+        roles = [r for r in roles if r]
         endpoint = environ.get("PGBROKER_STS_ENDPOINT") or default_sts_endpoint(environ)
         if not audience:
             raise ValueError(
@@ -835,5 +528,22 @@ def authenticator_from_env(
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_IAM_ALLOWED_ROLES (role names/ARNs)")
         if not endpoint:
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_STS_ENDPOINT or AWS_REGION")
+        from broker.iam import IamAuth
+
         return IamAuth(sts_endpoint=endpoint, audience=audience, allowed_roles=roles, stats=stats)
     raise ValueError(f"PGBROKER_AUTH={mode!r}: must be one of iam, token, none")
+
+
+def authenticator_for_settings(settings: Any, stats: AuthStats | None = None) -> Authenticator:
+    """The authenticator for a `broker.config.Settings` (its auth fields)."""
+    environ = {
+        "PGBROKER_AUTH_AUDIENCE": settings.auth_audience,
+        "PGBROKER_IAM_ALLOWED_ROLES": settings.iam_allowed_roles,
+        "PGBROKER_STS_ENDPOINT": settings.sts_endpoint,
+        "PGBROKER_TOKENS": settings.tokens,
+        "PGBROKER_TOKENS_SECRET_ID": settings.tokens_secret_id,
+    }
+    environ.update(
+        {k: v for k, v in os.environ.items() if k in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    )
+    return authenticator_from_env(settings.auth, {k: v for k, v in environ.items() if v}, stats)

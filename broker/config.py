@@ -31,9 +31,8 @@ __all__ = [
 
 ENV_PREFIX = "PGBROKER_"
 
-# Authentication modes this build accepts. `broker/auth.py` (iam, token) extends this tuple and
-# the check in `_check_auth`; until then only `none` exists, and only on a loopback listener.
-AUTH_MODES: tuple[str, ...] = ("none",)
+# Authentication modes (`broker/auth.py`); `none` only on a loopback listener.
+AUTH_MODES: tuple[str, ...] = ("iam", "token", "none")
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -88,6 +87,20 @@ class Settings:
     auth: str = "none"
     log_level: str = "INFO"
     statement_cache_size: int = 100
+    # Security (issue 6): auth details, TLS, role map, limits. See docs/security.md.
+    auth_audience: str = ""
+    iam_allowed_roles: str = ""
+    sts_endpoint: str = ""
+    tokens: str = field(default="", repr=False)
+    tokens_secret_id: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    max_statements: int = 1000
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_result_rows: int = 1_000_000
+    max_result_bytes: int = 32 * 1024 * 1024
+    max_inflight_per_caller: int = 1000
 
     @property
     def listen(self) -> str:
@@ -255,6 +268,7 @@ def load_settings(
         "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
     }
     values["auth"] = _check_auth(r, listen_host)
+    values.update(_security_values(r, values["auth"]))
     if r.problems or database is None:
         raise ConfigError(r.problems or ["PGBROKER_DATABASE_URL is not valid"])
     return Settings(database=database, listen_host=listen_host, listen_port=listen_port, **values)
@@ -287,3 +301,46 @@ def _check_auth(r: _Resolver, listen_host: str) -> str:
             f"{source}=none is only allowed on a loopback listener, not {listen_host!r}"
         )
     return mode
+
+
+def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
+    """Auth details, TLS files and limits (issue 6); problems are added to *r*."""
+    text = {
+        name: r.get(name, str.strip, "")
+        for name in (
+            "auth_audience",
+            "iam_allowed_roles",
+            "sts_endpoint",
+            "tokens",
+            "tokens_secret_id",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+        )
+    }
+    sizes = {
+        name: r.get(name, _integer, default, _at_least(0))
+        for name, default in (
+            ("max_statements", 1000),
+            ("max_request_bytes", 8 * 1024 * 1024),
+            ("max_result_rows", 1_000_000),
+            ("max_result_bytes", 32 * 1024 * 1024),
+            ("max_inflight_per_caller", 1000),
+        )
+    }
+    if bool(text["tls_cert"]) != bool(text["tls_key"]):
+        r.problems.append("PGBROKER_TLS_CERT and PGBROKER_TLS_KEY must be set together")
+    if text["tls_client_ca"] and not text["tls_cert"]:
+        r.problems.append("PGBROKER_TLS_CLIENT_CA (mTLS) needs PGBROKER_TLS_CERT and _KEY")
+    if auth_mode in ("iam", "token"):
+        from broker.auth import authenticator_from_env
+
+        environ = {ENV_PREFIX + k.upper(): v for k, v in text.items() if v}
+        for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            if r.environ.get(key):
+                environ[key] = r.environ[key]
+        try:
+            authenticator_from_env(auth_mode, environ)
+        except ValueError as exc:
+            r.problems.append(str(exc))
+    return {**text, **sizes}

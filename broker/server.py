@@ -23,8 +23,10 @@ from aws_lambda_powertools import Logger
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import pg
+from broker import pg, tls
+from broker.auth import AuthInterceptor, AuthStats, authenticator_for_settings
 from broker.config import Settings
+from broker.limits import Limits
 from broker.pool import Pool
 from broker.service import BrokerService
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -58,8 +60,21 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
         # Never share a port with another process (a second broker must fail to bind).
         ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        # Above PGBROKER_MAX_REQUEST_BYTES, so a request just over it gets the broker's
+        # LIMIT_EXCEEDED message instead of gRPC's.
+        ("grpc.max_receive_message_length", limits_for(settings).grpc_max_receive_bytes()),
     ]
+
+
+def limits_for(settings: Settings) -> Limits:
+    """The request/result limits of *settings* (broker/limits.py)."""
+    return Limits(
+        max_statements=settings.max_statements,
+        max_request_bytes=settings.max_request_bytes,
+        max_result_rows=settings.max_result_rows,
+        max_result_bytes=settings.max_result_bytes,
+        max_inflight_per_caller=settings.max_inflight_per_caller,
+    )
 
 
 class BrokerServer:
@@ -82,14 +97,25 @@ class BrokerServer:
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
         )
-        self.service = BrokerService(self.pool, settings.statement_timeout)
+        # Caller authentication (broker/auth.py): Broker methods only; health stays open.
+        self.auth_stats = AuthStats()
+        self.authenticator = authenticator_for_settings(settings, self.auth_stats)
+        self.service = BrokerService(
+            self.pool,
+            settings.statement_timeout,
+            limits=limits_for(settings),
+            auth_stats=self.auth_stats,
+        )
         self._serving_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     def _build(self) -> None:
         # grpc.aio objects bind to the running event loop: build them inside it.
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=grpc_options(self.settings))
+        self.server = grpc.aio.server(
+            options=grpc_options(self.settings),
+            interceptors=[AuthInterceptor(self.authenticator, self.auth_stats)],
+        )
         pb_grpc.add_BrokerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -105,7 +131,11 @@ class BrokerServer:
         settings = self.settings
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(settings.listen)
+        credentials = tls.server_credentials(settings)
+        if credentials is not None:
+            self.port = self.server.add_secure_port(settings.listen, credentials)
+        else:
+            self.port = self.server.add_insecure_port(settings.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
         await self.pool.open(wait="first", timeout=settings.connect_timeout)
@@ -121,6 +151,7 @@ class BrokerServer:
                 "database": settings.database.redacted,
                 "pool_size": settings.pool_size,
                 "auth": settings.auth,
+                "tls": "mtls" if settings.tls_client_ca else bool(settings.tls_cert),
             },
         )
         return self.port

@@ -17,7 +17,8 @@ deadline passed while queued           DEADLINE_EXCEEDED      ErrorInfo QUEUE_TI
 database unreachable, nothing ran      UNAVAILABLE            ErrorInfo POOL_UNAVAILABLE, RetryInfo
 connection lost, outcome unknown       UNKNOWN                ErrorInfo POOL_UNAVAILABLE
 bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
-too many statements                    INVALID_ARGUMENT       ErrorInfo LIMIT_EXCEEDED
+a limit crossed (broker/limits.py)     RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
+                                                              for the in-flight limit)
 shutting down                          UNAVAILABLE            ErrorInfo SHUTTING_DOWN, RetryInfo
 =====================================  =====================  =================================
 """
@@ -25,7 +26,6 @@ shutting down                          UNAVAILABLE            ErrorInfo SHUTTING
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +36,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from broker.auth import AuthStats, current_identity
 from broker.execute import (
     Batch,
     DeadlineBeforeStart,
@@ -44,6 +45,7 @@ from broker.execute import (
     application_name,
     execute,
 )
+from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request, check_results
 from broker.params import BadParameter, bind_params
 from broker.pg import PgError
 from broker.pool import (
@@ -54,6 +56,7 @@ from broker.pool import (
     QueueFull,
     QueueTimeout,
 )
+from broker.sessionstate import SessionStateError, check_batch
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -62,20 +65,7 @@ __all__ = ["BrokerFailure", "BrokerService"]
 log = logging.getLogger("pgbroker.service")
 
 ERROR_DOMAIN = "pgbroker"
-MAX_STATEMENTS = 1000
 _RETRY_SOON = 0.1  # seconds suggested in RetryInfo
-
-# Statements that change session state outlive the transaction on a pooled connection (the
-# next caller would inherit them), so they are refused, as PgBouncer's docs warn.
-_SESSION_SQL = re.compile(
-    r"""^\s*(
-        BEGIN | START\s+TRANSACTION | COMMIT | END | ROLLBACK | ABORT
-      | SAVEPOINT | RELEASE | PREPARE | DEALLOCATE | EXECUTE | DISCARD | RESET
-      | LISTEN | UNLISTEN
-      | SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)
-    )\b""",
-    re.IGNORECASE | re.VERBOSE,
-)
 
 
 class BrokerFailure(Exception):
@@ -164,6 +154,15 @@ def failure_for(exc: BaseException) -> BrokerFailure:
         return _lost_failure(exc)
     if isinstance(exc, BadParameter):
         return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [_error_info("BAD_REQUEST")])
+    if isinstance(exc, SessionStateError):
+        # Session-changing SQL outlives the transaction on a pooled connection (issue 6).
+        info = _error_info(exc.reason, statement_index=str(exc.statement_index))
+        return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [info])
+    if isinstance(exc, LimitExceeded):
+        limit_details: list[Message] = [_error_info("LIMIT_EXCEEDED", **exc.metadata())]
+        if exc.retry_after is not None:
+            limit_details.append(_retry_info(exc.retry_after))
+        return BrokerFailure(code.RESOURCE_EXHAUSTED, exc.message, limit_details)
     return BrokerFailure(code.INTERNAL, f"internal error ({type(exc).__name__})")
 
 
@@ -185,28 +184,20 @@ def _lost_failure(exc: TransactionLost) -> BrokerFailure:
     )
 
 
-def validate(request: pb.ExecuteRequest) -> None:
-    """Refuse a request that cannot run, before it queues; raise `BrokerFailure`."""
+def validate(
+    request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
+) -> None:
+    """Refuse a request that cannot run, before it queues; raise `BrokerFailure`,
+    `LimitExceeded` (broker/limits.py) or `SessionStateError` (broker/sessionstate.py)."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if not request.statements:
         raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
-    if len(request.statements) > MAX_STATEMENTS:
-        raise BrokerFailure(
-            bad,
-            f"{len(request.statements)} statements; at most {MAX_STATEMENTS} per request",
-            [_error_info("LIMIT_EXCEEDED", limit=str(MAX_STATEMENTS))],
-        )
+    check_request(request, limits or Limits())
     for index, statement in enumerate(request.statements):
         if not statement.sql.strip():
             raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])
-        if _SESSION_SQL.match(statement.sql):
-            raise BrokerFailure(
-                bad,
-                f"statement {index}: session-level SQL ({statement.sql.split()[0].upper()}) "
-                "cannot run on a pooled connection; a request is already one transaction "
-                "(use SET LOCAL for settings)",
-                [_error_info("SESSION_STATE", statement_index=str(index))],
-            )
+    check_batch([statement.sql for statement in request.statements], role_locked=role_locked)
+    for index, statement in enumerate(request.statements):
         try:
             bind_params(statement.params)
         except BadParameter as exc:
@@ -218,9 +209,19 @@ def validate(request: pb.ExecuteRequest) -> None:
 class BrokerService(pb_grpc.BrokerServicer):
     """Runs `Execute` batches on the pool; `GetStats` reports pool and broker figures."""
 
-    def __init__(self, pool: Pool, statement_timeout: float) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        statement_timeout: float,
+        *,
+        limits: Limits | None = None,
+        auth_stats: AuthStats | None = None,
+    ) -> None:
         self.pool = pool
         self.statement_timeout = statement_timeout
+        self.limits = limits or Limits()
+        self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
+        self.auth_stats = auth_stats or AuthStats()
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
     async def Execute(
@@ -233,8 +234,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         function = str(meta.get("x-lambda-function-name", "")) or None
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None else None
+        identity = current_identity.get()
+        caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
-            validate(request)
+            validate(request, self.limits)
             batch = Batch(
                 statements=request.statements,
                 isolation=request.options.isolation,
@@ -242,7 +245,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
             )
-            outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+            with self.inflight.hold(caller):
+                outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+            check_results(outcome.results, self.limits)
         except Exception as exc:
             failure = failure_for(exc)
             self._count_failure(failure)
@@ -251,6 +256,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 extra={
                     "request_id": request_id,
                     "function": function,
+                    "caller": caller,
                     "code": failure.code.name,
                     "error": failure.message,
                     "statements": len(request.statements),
@@ -281,6 +287,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             self._stats["rpcs_rejected"] += 1
         if any(isinstance(d, pb.DatabaseError) for d in failure.details):
             self._stats["transactions_errors"] += 1
+        if any(getattr(d, "reason", "") == "LIMIT_EXCEEDED" for d in failure.details):
+            self._stats["limits_exceeded"] += 1
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -291,6 +299,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         """Pool figures (psycopg_pool names, PgBouncer's maxwait) plus broker counters."""
         stats = self.pool.get_stats()
         stats.update(self._stats)
+        stats.update(self.auth_stats.as_dict())
         return stats
 
 
@@ -301,4 +310,5 @@ _COUNTERS = (
     "transactions_num",
     "transactions_ms",
     "transactions_errors",
+    "limits_exceeded",
 )

@@ -128,12 +128,13 @@ class IamAuth:
 
 
 def auth_from_env(
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None, *, default_audience: str | None = None
 ) -> Callable[[], Metadata] | None:
     """The auth hook ``PGBROKER_AUTH`` asks for, or None for ``none``/unset.
 
-    ``iam`` needs an audience (``PGBROKER_AUTH_AUDIENCE``, else ``PGBROKER_URL``); ``token``
-    needs ``PGBROKER_TOKEN``. Raise ValueError naming the missing variable.
+    ``iam`` needs an audience (``PGBROKER_AUTH_AUDIENCE``, else ``PGBROKER_URL``, else
+    *default_audience*); ``token`` needs ``PGBROKER_TOKEN``. Raise ValueError naming the
+    missing variable. Nothing is signed until the first call.
     """
     env = os.environ if environ is None else environ
     mode = env.get("PGBROKER_AUTH", "").strip().lower()
@@ -145,7 +146,7 @@ def auth_from_env(
             raise ValueError("PGBROKER_AUTH=token needs PGBROKER_TOKEN")
         return BearerAuth(token)
     if mode == "iam":
-        audience = env.get("PGBROKER_AUTH_AUDIENCE") or env.get("PGBROKER_URL")
+        audience = env.get("PGBROKER_AUTH_AUDIENCE") or env.get("PGBROKER_URL") or default_audience
         if not audience:
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_AUTH_AUDIENCE or PGBROKER_URL")
         return IamAuth(

@@ -44,6 +44,7 @@ import grpc
 from lambda_client import errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client.auth import auth_from_env
 from lambda_client.codec import decode_row, encode_params
 
 __all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
@@ -172,7 +173,8 @@ class BrokerClient:
         self.tls = _env_flag("PGBROKER_TLS") if tls is None else tls
         self.root_certificates = root_certificates
         self.tls_server_name = tls_server_name
-        self.auth = auth
+        # Default credentials from PGBROKER_AUTH (iam | token | none), see lambda_client/auth.py.
+        self.auth = auth if auth is not None else auth_from_env(default_audience=self.target)
         self.max_attempts = max_attempts
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
@@ -350,7 +352,10 @@ class BrokerClient:
         if attempt >= self.max_attempts:
             return None
         if isinstance(error, errors.Overloaded):
-            pass
+            # A crossed limit (PGBROKER_MAX_*) fails the same way again; only the in-flight
+            # limit sends RetryInfo, since it clears as the caller's other requests finish.
+            if error.reason == "LIMIT_EXCEEDED" and error.retry_after is None:
+                return None
         elif isinstance(error, errors.Unavailable):
             # Only when the broker itself says nothing ran; a transport failure mid-call
             # (no rich status) may hide a transaction that committed.
@@ -415,7 +420,18 @@ class BrokerClient:
         if roots is None and (ca_file := os.environ.get("PGBROKER_TLS_CA_FILE")):
             with open(ca_file, "rb") as f:
                 roots = f.read()
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        # mTLS: a client certificate when the broker sets PGBROKER_TLS_CLIENT_CA.
+        cert_file = os.environ.get("PGBROKER_TLS_CLIENT_CERT_FILE")
+        key_file = os.environ.get("PGBROKER_TLS_CLIENT_KEY_FILE")
+        chain = key = None
+        if cert_file and key_file:
+            with open(cert_file, "rb") as f:
+                chain = f.read()
+            with open(key_file, "rb") as f:
+                key = f.read()
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=chain
+        )
         return grpc.secure_channel(self.target, credentials, options=options)
 
 

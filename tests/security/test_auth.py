@@ -25,7 +25,6 @@ from grpc_status import rpc_status
 from broker.auth import (
     AuthInterceptor,
     AuthStats,
-    IamAuth,
     NoAuth,
     TokenAuth,
     authenticator_from_env,
@@ -34,6 +33,7 @@ from broker.auth import (
     parse_tokens,
     secret_loader,
 )
+from broker.iam import IamAuth
 from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc

@@ -1,0 +1,223 @@
+"""Request and result limits, so one caller cannot exhaust the broker or its neighbours.
+
+Every limit has a ``PGBROKER_*`` variable and a default a normal application never meets.
+Crossing one raises `LimitExceeded`, which the service reports as RESOURCE_EXHAUSTED with
+``google.rpc.ErrorInfo(reason="LIMIT_EXCEEDED", metadata={"limit": <variable>, ...})`` and a
+message that names the limit and how to stay under it:
+
+==================================  ===========  ==========================================
+variable                            default      checked
+==================================  ===========  ==========================================
+``PGBROKER_MAX_STATEMENTS``         1000         per request, before it queues
+``PGBROKER_MAX_REQUEST_BYTES``      8 MiB        per request (encoded size), before it queues
+``PGBROKER_MAX_RESULT_ROWS``        1000000      rows of all results of one request
+``PGBROKER_MAX_RESULT_BYTES``       32 MiB       encoded size of all results of one request
+``PGBROKER_MAX_INFLIGHT_PER_CALLER`` 1000        running + queued requests of one identity
+==================================  ===========  ==========================================
+
+Nothing runs when a request limit or the in-flight limit is crossed; the in-flight refusal
+carries ``RetryInfo`` (it clears as the caller's other requests finish), the others do not:
+resending the same request cannot succeed, and clients do not retry them.
+
+Result limits are checked once the transaction has finished, because the broker sends
+``COMMIT`` together with the last statement (one round trip): the transaction *completed*
+(ErrorInfo metadata ``completed=true``) but its result is not sent. Page instead:
+``WHERE id > $1 ORDER BY id LIMIT 1000``.
+
+The in-flight limit applies to authenticated identities (iam, token); with ``none`` every
+caller is the same ``anonymous`` and ``PGBROKER_MAX_WAITING`` already bounds the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
+
+MIB = 1024 * 1024
+# Postgres' Bind message counts parameters in an Int16.
+POSTGRES_MAX_PARAMS = 65_535
+
+
+class LimitExceeded(Exception):
+    """A limit was crossed. ``limit`` is the variable that sets it (or a Postgres limit),
+    ``maximum`` its value, ``observed`` what the request had; ``retry_after`` is set only
+    when resending later can succeed; ``completed`` when the transaction had already run."""
+
+    def __init__(
+        self,
+        limit: str,
+        maximum: int,
+        observed: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        completed: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.maximum = maximum
+        self.observed = observed
+        self.message = message
+        self.retry_after = retry_after
+        self.completed = completed
+
+    def metadata(self) -> dict[str, str]:
+        """ErrorInfo metadata: which limit, its value, what was seen."""
+        data = {"limit": self.limit, "maximum": str(self.maximum), "observed": str(self.observed)}
+        if self.completed:
+            data["completed"] = "true"
+        return data
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force; 0 turns one off."""
+
+    max_statements: int = 1000
+    max_request_bytes: int = 8 * MIB
+    max_result_rows: int = 1_000_000
+    max_result_bytes: int = 32 * MIB
+    max_inflight_per_caller: int = 1000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Limits:
+        """Read ``PGBROKER_MAX_*``; raise ValueError with one line per bad value."""
+        values: dict[str, int] = {}
+        problems = []
+        for name in cls.__dataclass_fields__:
+            variable = "PGBROKER_" + name.upper()
+            text = environ.get(variable, "").strip()
+            if not text:
+                continue
+            try:
+                value = _parse_size(text)
+            except ValueError:
+                problems.append(f"{variable}={text!r}: must be a whole number (0 = no limit)")
+                continue
+            values[name] = value
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**values)
+
+    def grpc_max_receive_bytes(self) -> int:
+        """What the server may accept from the wire: above the request limit, so a request
+        just over it gets this module's clear message rather than gRPC's."""
+        return max(16 * MIB, self.max_request_bytes + MIB) if self.max_request_bytes else -1
+
+
+def _parse_size(text: str) -> int:
+    scale = 1
+    lowered = text.lower()
+    for suffix, factor in (("kib", 1024), ("mib", MIB), ("gib", 1024 * MIB)):
+        if lowered.endswith(suffix):
+            lowered, scale = lowered[: -len(suffix)].strip(), factor
+            break
+    value = int(lowered) * scale
+    if value < 0:
+        raise ValueError("negative")
+    return value
+
+
+def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:
+    """Raise `LimitExceeded` if *request* is too large to run; nothing has run yet."""
+    count = len(request.statements)
+    if limits.max_statements and count > limits.max_statements:
+        raise LimitExceeded(
+            "PGBROKER_MAX_STATEMENTS",
+            limits.max_statements,
+            count,
+            f"{count} statements in one request; at most {limits.max_statements} are allowed"
+            " (PGBROKER_MAX_STATEMENTS): split the work into several transactions, or insert"
+            " many rows per statement (INSERT … SELECT * FROM unnest($1::int[], $2::text[]))",
+        )
+    size = request.ByteSize()
+    if limits.max_request_bytes and size > limits.max_request_bytes:
+        raise LimitExceeded(
+            "PGBROKER_MAX_REQUEST_BYTES",
+            limits.max_request_bytes,
+            size,
+            f"the request is {size} bytes; at most {limits.max_request_bytes} are allowed"
+            " (PGBROKER_MAX_REQUEST_BYTES): send the rows in several requests, or keep large"
+            " objects in S3 and store their keys",
+        )
+    for index, statement in enumerate(request.statements):
+        if len(statement.params) > POSTGRES_MAX_PARAMS:
+            raise LimitExceeded(
+                "postgres_max_parameters",
+                POSTGRES_MAX_PARAMS,
+                len(statement.params),
+                f"statement {index} has {len(statement.params)} parameters; Postgres accepts"
+                f" at most {POSTGRES_MAX_PARAMS}: pass arrays ($1::int[]) instead",
+            )
+
+
+def check_results(results: Sequence[pb.StatementResult], limits: Limits) -> None:
+    """Raise `LimitExceeded` (``completed=True``) if *results* are too large to send."""
+    rows = sum(len(result.rows) for result in results)
+    if limits.max_result_rows and rows > limits.max_result_rows:
+        raise LimitExceeded(
+            "PGBROKER_MAX_RESULT_ROWS",
+            limits.max_result_rows,
+            rows,
+            f"the transaction completed, but its results have {rows} rows; at most"
+            f" {limits.max_result_rows} are sent (PGBROKER_MAX_RESULT_ROWS): page with"
+            " WHERE key > $1 ORDER BY key LIMIT n",
+            completed=True,
+        )
+    size = sum(result.ByteSize() for result in results)
+    if limits.max_result_bytes and size > limits.max_result_bytes:
+        raise LimitExceeded(
+            "PGBROKER_MAX_RESULT_BYTES",
+            limits.max_result_bytes,
+            size,
+            f"the transaction completed, but its results are {size} bytes; at most"
+            f" {limits.max_result_bytes} are sent (PGBROKER_MAX_RESULT_BYTES): select fewer"
+            " columns or page with WHERE key > $1 ORDER BY key LIMIT n",
+            completed=True,
+        )
+
+
+class InflightLimiter:
+    """Counts running + queued requests per caller identity; event-loop confined.
+
+    `hold(key)` raises `LimitExceeded` (with ``retry_after``) when *key* already has
+    *limit* requests in flight; ``key=None`` or ``limit=0`` is never limited.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        if key is None or self.limit <= 0:
+            yield
+            return
+        current = self._counts.get(key, 0)
+        if current >= self.limit:
+            raise LimitExceeded(
+                "PGBROKER_MAX_INFLIGHT_PER_CALLER",
+                self.limit,
+                current + 1,
+                f"{key} already has {current} requests running or queued; at most"
+                f" {self.limit} per caller (PGBROKER_MAX_INFLIGHT_PER_CALLER): lower the"
+                " function's concurrency or retry later",
+                retry_after=0.1,
+            )
+        self._counts[key] = current + 1
+        try:
+            yield
+        finally:
+            remaining = self._counts[key] - 1
+            if remaining:
+                self._counts[key] = remaining
+            else:
+                del self._counts[key]
+
+    def in_flight(self, key: str) -> int:
+        return self._counts.get(key, 0)

@@ -1,0 +1,45 @@
+"""TLS between clients and the broker (``PGBROKER_TLS_CERT``/``_KEY``, optional mTLS).
+
+`server_credentials` reads the PEM files once at start; a missing or unreadable file is a
+one-line `TlsConfigError` naming the variable (never the file's content). With
+``PGBROKER_TLS_CLIENT_CA`` set, clients must present a certificate signed by that CA (mTLS).
+Broker→Postgres TLS is `broker.pg.ssl_context_for` (``sslmode``/``sslrootcert`` in the URL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+__all__ = ["TlsConfigError", "server_credentials"]
+
+
+class TlsConfigError(ValueError):
+    """A TLS file cannot be used; the message names the variable and the path."""
+
+
+def _read(variable: str, path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TlsConfigError(f"{variable}={path!r}: cannot read ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"{variable}={path!r}: not a PEM file")
+    return data
+
+
+def server_credentials(settings: Any) -> grpc.ServerCredentials | None:
+    """Server credentials from *settings* (``tls_cert``, ``tls_key``, ``tls_client_ca``),
+    or None when TLS is off. Raise `TlsConfigError` for an unusable file."""
+    if not settings.tls_cert:
+        return None
+    cert = _read("PGBROKER_TLS_CERT", settings.tls_cert)
+    key = _read("PGBROKER_TLS_KEY", settings.tls_key)
+    client_ca = (
+        _read("PGBROKER_TLS_CLIENT_CA", settings.tls_client_ca) if settings.tls_client_ca else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

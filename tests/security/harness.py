@@ -1,0 +1,111 @@
+"""A real broker (in process, port 0) for the security tests, with auth, TLS and limits set
+through the same settings resolver the CLI uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker.config import load_settings
+from broker.server import BrokerServer
+from lambda_client import codec
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+
+class Broker:
+    """A started `BrokerServer` with its event loop on a background thread."""
+
+    def __init__(self, dsn: str, **flags: Any) -> None:
+        settings = load_settings(
+            {
+                "database_url": dsn if "?" in dsn else dsn + "?sslmode=disable",
+                "listen": "127.0.0.1:0",
+                "pool_size": 2,
+                "connect_timeout": 10,
+                "shutdown_grace": 1,
+                **flags,
+            },
+            environ={},
+        )
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = BrokerServer(settings)
+        try:
+            self.port = self._call(self.server.start())
+        except BaseException:
+            self.close()
+            raise
+        self.target = f"127.0.0.1:{self.port}"
+        self._channels: list[grpc.Channel] = []
+
+    def _call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stub(self, credentials: grpc.ChannelCredentials | None = None, **options: Any) -> Any:
+        """A Broker stub on a new channel (TLS when *credentials* are given)."""
+        opts = list(options.items())
+        if credentials is None:
+            channel = grpc.insecure_channel(self.target, options=opts)
+        else:
+            channel = grpc.secure_channel(self.target, credentials, options=opts)
+        self._channels.append(channel)
+        return pb_grpc.BrokerStub(channel)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.server.service.get_stats())
+
+    def close(self) -> None:
+        for channel in getattr(self, "_channels", []):
+            channel.close()
+        with contextlib.suppress(Exception):
+            self._call(self.server.stop(grace=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(*statements: str | tuple[str, Sequence[object]], **options: Any) -> pb.ExecuteRequest:
+    """An ExecuteRequest from SQL strings or (sql, params) pairs."""
+    out = pb.ExecuteRequest(options=pb.TransactionOptions(**options))
+    for item in statements:
+        sql, params = (item, ()) if isinstance(item, str) else item
+        out.statements.add(sql=sql, params=codec.encode_params(list(params)))
+    return out
+
+
+def rows(result: pb.StatementResult) -> list[tuple[Any, ...]]:
+    return [tuple(codec.decode_row(r.values)) for r in result.rows]
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The pgbroker ErrorInfo detail of a failed call, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def has_retry_info(error: grpc.RpcError) -> bool:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    return status is not None and any(
+        d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details
+    )

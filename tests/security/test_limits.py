@@ -1,0 +1,181 @@
+"""Limits through a real broker on a real Postgres: RESOURCE_EXHAUSTED + LIMIT_EXCEEDED naming
+the limit, nothing run for request limits, and the pool healthy afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pg8000.native
+import pytest
+
+from broker.limits import InflightLimiter, LimitExceeded, Limits
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+from .harness import Broker, error_info, has_retry_info, request, rows
+
+TOKEN = "limits-test-token-0123456789"
+BEARER = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def broker(postgres: Any) -> Iterator[Broker]:
+    with Broker(
+        postgres.dsn,
+        auth="token",
+        tokens=f"app:{TOKEN}",
+        max_statements=5,
+        max_request_bytes=64 * 1024,
+        max_result_rows=100,
+        max_result_bytes=16 * 1024,
+        max_inflight_per_caller=1,
+        pool_size=2,
+    ) as started:
+        yield started
+
+
+@pytest.fixture
+def table(postgres: Any) -> Iterator[str]:
+    name = "limits_" + uuid.uuid4().hex[:8]
+    admin = pg8000.native.Connection(
+        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
+    )
+    admin.run(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
+    try:
+        yield name
+    finally:
+        admin.run(f"DROP TABLE {name}")
+        admin.close()
+
+
+def refused(broker: Broker, req: pb.ExecuteRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        broker.stub().Execute(req, metadata=BEARER, timeout=10)
+    return caught.value
+
+
+def count(broker: Broker, table: str) -> int:
+    reply = broker.stub().Execute(request(f"SELECT count(*) FROM {table}"), metadata=BEARER)
+    return int(rows(reply.results[0])[0][0])
+
+
+def test_too_many_statements_is_refused_before_anything_runs(broker: Broker, table: str) -> None:
+    inserts = [(f"INSERT INTO {table} VALUES ($1, 'x')", [i]) for i in range(6)]
+    error = refused(broker, request(*inserts))
+    info = error_info(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info is not None and info.reason == "LIMIT_EXCEEDED"
+    assert info.metadata["limit"] == "PGBROKER_MAX_STATEMENTS"
+    assert info.metadata["maximum"] == "5"
+    assert info.metadata["observed"] == "6"
+    assert "PGBROKER_MAX_STATEMENTS" in (error.details() or "")
+    assert not has_retry_info(error)
+    assert count(broker, table) == 0
+
+
+def test_oversized_request_is_refused_before_anything_runs(broker: Broker, table: str) -> None:
+    big = "x" * (70 * 1024)
+    error = refused(broker, request((f"INSERT INTO {table} VALUES (1, $1)", [big])))
+    info = error_info(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_REQUEST_BYTES"
+    assert count(broker, table) == 0
+
+
+def test_too_many_result_rows_names_the_limit_and_how_to_page(broker: Broker) -> None:
+    error = refused(broker, request("SELECT g FROM generate_series(1, 101) AS g"))
+    info = error_info(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
+    assert info.metadata["observed"] == "101"
+    assert info.metadata["completed"] == "true"
+    assert "ORDER BY key LIMIT" in (error.details() or "")
+
+
+def test_rows_over_several_statements_add_up(broker: Broker) -> None:
+    half = "SELECT g FROM generate_series(1, 60) AS g"
+    error = refused(broker, request(half, half))
+    info = error_info(error)
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
+    assert info.metadata["observed"] == "120"
+
+
+def test_too_many_result_bytes_names_the_limit(broker: Broker) -> None:
+    error = refused(broker, request("SELECT repeat('x', 20000)"))
+    info = error_info(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_BYTES"
+
+
+def test_results_at_the_limit_are_sent(broker: Broker) -> None:
+    reply = broker.stub().Execute(
+        request("SELECT g FROM generate_series(1, 100) AS g"), metadata=BEARER, timeout=10
+    )
+    assert len(reply.results[0].rows) == 100
+
+
+def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker) -> None:
+    done: list[Any] = []
+
+    def slow() -> None:
+        done.append(
+            broker.stub().Execute(request("SELECT pg_sleep(1)"), metadata=BEARER, timeout=20)
+        )
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    try:
+        wait_until(lambda: broker.server.service.inflight.in_flight("token:app") == 1)
+        error = refused(broker, request("SELECT 1"))
+    finally:
+        worker.join(20)
+    info = error_info(error)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_INFLIGHT_PER_CALLER"
+    assert has_retry_info(error)  # clears when the caller's other request ends
+    assert len(done) == 1
+    # Once the first request finished, the same caller gets through again.
+    reply = broker.stub().Execute(request("SELECT 1"), metadata=BEARER, timeout=10)
+    assert rows(reply.results[0]) == [(1,)]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the first request to be in flight")
+        time.sleep(0.01)
+
+
+def test_pool_stays_healthy_after_limit_errors(broker: Broker) -> None:
+    for _ in range(3):
+        refused(broker, request("SELECT g FROM generate_series(1, 500) AS g"))
+        refused(broker, request(*["SELECT 1"] * 6))
+    reply = broker.stub().Execute(request("SELECT 40 + 2"), metadata=BEARER, timeout=10)
+    assert rows(reply.results[0]) == [(42,)]
+    stats = broker.stats()
+    assert stats["limits_exceeded"] >= 6
+    assert stats["pool_size"] == 2
+
+
+def test_limits_read_from_the_environment() -> None:
+    limits = Limits.from_env({"PGBROKER_MAX_RESULT_BYTES": "2MiB", "PGBROKER_MAX_STATEMENTS": "0"})
+    assert limits.max_result_bytes == 2 * 1024 * 1024
+    assert limits.max_statements == 0
+    with pytest.raises(ValueError, match="PGBROKER_MAX_RESULT_ROWS"):
+        Limits.from_env({"PGBROKER_MAX_RESULT_ROWS": "lots"})
+
+
+def test_in_flight_counts_are_released_when_a_request_fails() -> None:
+    limiter = InflightLimiter(1)
+    with pytest.raises(RuntimeError), limiter.hold("arn:a"):
+        raise RuntimeError("the transaction failed")
+    assert limiter.in_flight("arn:a") == 0
+    with limiter.hold("arn:a"), pytest.raises(LimitExceeded), limiter.hold("arn:a"):
+        pass
+    with limiter.hold(None), limiter.hold(None):
+        pass  # anonymous callers (auth none) are not limited per caller
