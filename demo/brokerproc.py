@@ -89,6 +89,23 @@ class BrokerProcess:
                 )
         return self
 
+    def wait_serving(self, timeout: float = 30.0) -> bool:
+        """Poll the gRPC health service until the broker reports SERVING (its pool is
+        filled); False if it did not within *timeout* seconds."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(grpc.RpcError):
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return True
+                time.sleep(0.1)
+        return False
+
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the broker by pid, then SIGKILL after *grace* seconds."""
         proc, self.proc = self.proc, None

@@ -238,11 +238,11 @@ def _broker_phase(
     broker_url = database.app_dsn
     if database.embedded:
         broker_url += "?sslmode=disable"
-    with console.status("starting the broker ..."):
-        broker = BrokerProcess(
-            broker_url, pool_size=args.pool_size, env={"PGBROKER_AUTH": "none"}
-        ).start()
+    broker = BrokerProcess(broker_url, pool_size=args.pool_size, env={"PGBROKER_AUTH": "none"})
     try:
+        with console.status("starting the broker and filling its pool ..."):
+            broker.start()
+            broker.wait_serving()
         console.print(
             f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
             "invocations at once, each container with its own BrokerClient channel"
