@@ -78,11 +78,11 @@ class ConnectionBudget:
         needed = pool_size * max_replicas
         if needed > self.available:
             fitting = self.available // max_replicas if max_replicas else self.available
+            smaller_pool = f"lower PGBROKER_POOL_SIZE to at most {fitting}, " if fitting else ""
             raise BudgetExceeded(
                 f"connection budget exceeded: pool_size {pool_size} × max_replicas "
                 f"{max_replicas} = {needed} > {self.available} available ({self.explain()}); "
-                f"lower PGBROKER_POOL_SIZE to at most {fitting}, lower PGBROKER_MAX_REPLICAS, "
-                "or raise max_connections"
+                f"{smaller_pool}lower PGBROKER_MAX_REPLICAS, or raise max_connections"
             )
         return self.available - needed
 

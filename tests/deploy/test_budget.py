@@ -84,3 +84,11 @@ def test_reserved_connections_of_postgres_16_count_against_the_budget() -> None:
 def test_budget_row_parses_what_postgres_returns() -> None:
     assert ConnectionBudget.from_row([100, 3, 0]) == ConnectionBudget(100, 3, 0)
     assert ConnectionBudget.from_row(["400", "3", "2"]).available == 395
+
+
+def test_budget_message_does_not_suggest_a_pool_of_zero() -> None:
+    budget = ConnectionBudget(max_connections=10, superuser_reserved_connections=3)
+    with pytest.raises(BudgetExceeded) as refused:
+        budget.check(pool_size=1, max_replicas=8)
+    assert "at most 0" not in str(refused.value)
+    assert "lower PGBROKER_MAX_REPLICAS" in str(refused.value)

@@ -35,6 +35,7 @@ LAYER_MAKEFILE = ROOT / "deploy" / "layer" / "Makefile"
 # failed, while the package does not read it; delete it here once it does.
 PENDING_IN_BROKER = {
     "PGBROKER_MAX_REPLICAS",
+    "PGBROKER_METRICS_INTERVAL",
     "PGBROKER_IAM_ALLOWED_ROLES",
     "PGBROKER_DATABASE_SECRET_ID",
     "PGBROKER_DATABASE_IAM_AUTH",
