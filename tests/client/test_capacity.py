@@ -1,0 +1,119 @@
+"""Retries against a real broker: a full queue is retried until capacity frees; a rolled-back
+transaction is resent only when asked; calls spread over (and survive) several replicas."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from client.support import wait_until
+from devtools.brokerproc import BrokerProcess
+from lambda_client import BrokerClient, SerializationFailure
+
+RAISE_40001 = "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run *fn* on a thread; its result (or exception) lands in the returned list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # reported by the test's assertions
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_full_queue_is_retried_and_succeeds_when_capacity_frees(
+    start_broker: Callable[..., BrokerProcess],
+) -> None:
+    broker = start_broker(pool_size=1, max_waiting=1)
+    observer = BrokerClient(broker.target)
+    holder, held = in_background(lambda: BrokerClient(broker.target).query("SELECT pg_sleep(1)"))
+    wait_until(lambda: observer.stats()["pool_active"] == 1, what="the connection to be busy")
+    waiter, waited = in_background(lambda: BrokerClient(broker.target).query("SELECT 'queued'"))
+    wait_until(lambda: observer.stats()["requests_waiting"] == 1, what="a waiter in the queue")
+
+    db = BrokerClient(broker.target, max_attempts=50, initial_backoff=0.05, max_backoff=0.2)
+    assert db.query("SELECT 'retried'").scalar() == "retried"
+
+    holder.join(10)
+    waiter.join(10)
+    assert not isinstance(held[0], Exception) and waited[0].scalar() == "queued"
+    assert observer.stats()["rpcs_rejected"] >= 1  # the call did meet a full queue
+
+
+def test_serialization_failure_is_not_retried_by_default(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target, initial_backoff=0.01)
+    before = db.stats()["rpcs_num"]
+    with pytest.raises(SerializationFailure) as info:
+        db.transaction(["SELECT 1", RAISE_40001])
+    assert info.value.sqlstate == "40001" and info.value.statement_index == 1
+    assert db.stats()["rpcs_num"] == before + 1
+
+
+def test_serialization_failure_is_resent_with_retry_serialization(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target, max_attempts=3, initial_backoff=0.01, max_backoff=0.02)
+    before = db.stats()["rpcs_num"]
+    with pytest.raises(SerializationFailure):
+        db.transaction([RAISE_40001], retry_serialization=True)
+    assert db.stats()["rpcs_num"] == before + 3
+
+
+def _port_free_on(hosts: list[str]) -> int:
+    """A port that can be bound on every host (loopback addresses 127.0.0.N)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every loopback address")
+
+
+def test_round_robin_spreads_calls_and_survives_a_stopped_replica(
+    start_broker: Callable[..., BrokerProcess],
+) -> None:
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    port = _port_free_on(hosts)
+    brokers = [start_broker(listen=f"{host}:{port}", pool_size=1) for host in hosts]
+    db = BrokerClient("ipv4:" + ",".join(f"{host}:{port}" for host in hosts))
+    for n in range(30):
+        assert db.query("SELECT $1::int", [n]).scalar() == n
+    counts = [BrokerClient(b.target).stats()["rpcs_num"] for b in brokers]
+    assert all(count > 0 for count in counts), counts
+    assert sum(counts) == 30
+
+    # Keep calling while one replica shuts down: no call is lost.
+    stop = threading.Event()
+
+    def call_until_stopped() -> int:
+        calls = 0
+        while not stop.is_set():
+            assert db.query("SELECT 1").scalar() == 1
+            calls += 1
+        return calls
+
+    caller, called = in_background(call_until_stopped)
+    wait_until(lambda: BrokerClient(brokers[0].target).stats()["rpcs_num"] > counts[0] + 5)
+    brokers[1].stop()
+    for n in range(30):
+        assert db.query("SELECT $1::int", [n]).scalar() == n
+    stop.set()
+    caller.join(20)
+    assert isinstance(called[0], int) and called[0] > 0, called
+    survivors = [BrokerClient(brokers[i].target).stats()["rpcs_num"] for i in (0, 2)]
+    assert survivors[0] > counts[0] and survivors[1] > counts[2]
