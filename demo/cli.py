@@ -210,7 +210,7 @@ def _direct_phase(
         lambda i: DirectInvocation(i, local, database.app_dsn),
     )
     # Warm containers are gone now; wait until Postgres has let go of their backends.
-    monitor.wait_for_app_backends(0, timeout=15)
+    monitor.wait_for(lambda s: s.app_backends == 0, timeout=15)
     ended = time.monotonic()
     return PhaseResult(
         name="direct",
@@ -243,6 +243,8 @@ def _broker_phase(
         with console.status("starting the broker and filling its pool ..."):
             broker.start()
             broker.wait_serving()
+            # Let the monitor see the filled pool before 1000 threads starve it of the GIL.
+            monitor.wait_for(lambda s: s.app_backends >= args.pool_size, timeout=5)
         console.print(
             f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
             "invocations at once, each container with its own BrokerClient channel"

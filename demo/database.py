@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -179,11 +180,12 @@ class BackendMonitor:
         self.samples.append(sample)
         return sample
 
-    def wait_for_app_backends(self, at_most: int, timeout: float = 10.0) -> bool:
-        """Poll until the application role holds at most *at_most* backends; False on timeout."""
+    def wait_for(self, predicate: Callable[[Sample], bool], timeout: float = 10.0) -> bool:
+        """Wait until a new sample satisfies *predicate*; False after *timeout* seconds."""
         deadline = time.monotonic() + timeout
+        since = time.monotonic()
         while time.monotonic() < deadline:
-            if self.samples and self.samples[-1].app_backends <= at_most:
+            if self.samples and self.samples[-1].at > since and predicate(self.samples[-1]):
                 return True
             time.sleep(self.interval)
         return False
