@@ -277,9 +277,7 @@ async def _run_on(
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
     attempt = _Attempt(conn)
     loop = asyncio.get_running_loop()
-    work = asyncio.ensure_future(
-        pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
-    )
+    work = pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
     watchdog = None
     if deadline is not None:
         watchdog = loop.call_at(deadline, _send_cancel, pool, attempt, "deadline passed")

@@ -330,9 +330,9 @@ class Pool:
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
-    async def run_in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+    def run_in_worker(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run blocking *fn* on a worker thread (one per pooled connection)."""
-        return await self._loop.run_in_executor(self._workers, fn, *args)
+        return self._loop.run_in_executor(self._workers, fn, *args)
 
     async def cancel_backend(self, conn: ServerConnection) -> bool:
         """Send a cancel request for *conn*'s running query (never queues behind workers)."""

@@ -257,3 +257,12 @@ def test_postgres_restart_while_requests_are_queued(start_broker: Any) -> None:
         stats = broker.stats()
         assert stats["connections_lost"] == 2
         assert stats["connections_errors"] >= 1
+
+
+def test_connections_are_recycled_after_max_lifetime(start_broker: Any) -> None:
+    broker = start_broker(pool_size=1, max_lifetime=0.3)
+    first = rows(broker.execute(request("SELECT pg_backend_pid()")).results[0])[0][0]
+    wait_until(lambda: broker.stats()["connections_num"] >= 2, what="a recycled connection")
+    second = rows(broker.execute(request("SELECT pg_backend_pid()")).results[0])[0][0]
+    assert second != first
+    assert broker.stats()["connections_lost"] == 0
