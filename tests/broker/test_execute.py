@@ -265,3 +265,11 @@ def test_values_keep_their_types_in_a_table(value_broker: Any, table: str) -> No
     assert list(row) == expected
     kinds = [v.WhichOneof("kind") for v in reply.results[2].rows[0].values]
     assert kinds[6:8] == ["json", "jsonb"]
+
+
+def test_wrong_parameter_count_is_invalid_argument(broker: Any) -> None:
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(request(("SELECT $1::int + $2::int", [1])))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(failure.value)["DatabaseError"].sqlstate == "08P01"
+    assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]
