@@ -1,0 +1,265 @@
+"""End to end through a real broker and a real Postgres: IAM callers via `BrokerClient`,
+session-state SQL refused before anything runs, injection attempts stored verbatim, and
+``PGBROKER_AUTH=none`` refused off loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pg8000.native
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lambda_client import BrokerClient, InvalidRequest, PermissionDenied, Unauthenticated
+from lambda_client import auth as client_auth
+
+from .conftest import REGION, MotoAws
+from .harness import Broker, error_info, request, rows
+
+AUDIENCE = "dns:///broker.security-test:50051"
+
+
+@pytest.fixture(scope="module")
+def iam_broker(postgres: Any, moto_aws: MotoAws) -> Iterator[Broker]:
+    with Broker(
+        postgres.dsn,
+        auth="iam",
+        auth_audience=AUDIENCE,
+        iam_allowed_roles="app-role,arn:aws:iam::123456789012:role/reporting-*",
+        sts_endpoint=moto_aws.url,
+    ) as broker:
+        yield broker
+
+
+def iam_client(broker: Broker, moto_aws: MotoAws, role: str) -> BrokerClient:
+    signer = client_auth.IamAuth(
+        AUDIENCE,
+        sts_endpoint=moto_aws.url,
+        region=REGION,
+        credentials=moto_aws.role_credentials[role],
+    )
+    return BrokerClient(broker.target, auth=signer, max_attempts=1, timeout=10)
+
+
+def test_iam_caller_queries_and_sts_is_asked_once(iam_broker: Broker, moto_aws: MotoAws) -> None:
+    before = iam_broker.stats()["auth_sts_calls"]
+    client = iam_client(iam_broker, moto_aws, "app-role")
+    try:
+        answers = [client.query("SELECT $1::int + 1", [i]).scalar() for i in range(25)]
+    finally:
+        client.close()
+    assert answers == [i + 1 for i in range(25)]
+    assert iam_broker.stats()["auth_sts_calls"] - before == 1
+
+
+def test_iam_caller_whose_role_is_not_allowed_gets_permission_denied(
+    iam_broker: Broker, moto_aws: MotoAws
+) -> None:
+    failures = iam_broker.stats()["auth_failures"]
+    client = iam_client(iam_broker, moto_aws, "batch-role")
+    try:
+        with pytest.raises(PermissionDenied) as caught:
+            client.query("SELECT 1")
+    finally:
+        client.close()
+    assert caught.value.reason == "PERMISSION_DENIED"
+    assert "batch-role" in caught.value.details
+    assert iam_broker.stats()["auth_failures"] == failures + 1
+
+
+def test_call_without_credentials_is_unauthenticated(iam_broker: Broker) -> None:
+    client = BrokerClient(iam_broker.target, auth=lambda: (), max_attempts=1, timeout=5)
+    try:
+        with pytest.raises(Unauthenticated) as caught:
+            client.query("SELECT 1")
+    finally:
+        client.close()
+    assert caught.value.reason == "UNAUTHENTICATED"
+
+
+def test_get_stats_needs_credentials_but_health_does_not(iam_broker: Broker) -> None:
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as caught:
+        iam_broker.stub().GetStats(pb.GetStatsRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(iam_broker.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    assert reply.status in (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,  # still filling the pool
+    )
+
+
+def test_client_reads_iam_settings_from_the_environment(
+    iam_broker: Broker, moto_aws: MotoAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = moto_aws.role_credentials["reporting-role"]
+    for name, value in {
+        "PGBROKER_AUTH": "iam",
+        "PGBROKER_AUTH_AUDIENCE": AUDIENCE,
+        "PGBROKER_STS_ENDPOINT": moto_aws.url,
+        "AWS_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": creds.access_key,
+        "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+        "AWS_SESSION_TOKEN": creds.token,
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = BrokerClient(iam_broker.target, max_attempts=1, timeout=10)
+    try:
+        assert client.query("SELECT 'from env'").scalar() == "from env"
+    finally:
+        client.close()
+
+
+# -- session state and injection ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broker(postgres: Any) -> Iterator[Broker]:
+    with Broker(postgres.dsn, pool_size=1) as started:
+        yield started
+
+
+@pytest.fixture
+def table(postgres: Any) -> Iterator[str]:
+    name = "sec_" + uuid.uuid4().hex[:8]
+    admin = pg8000.native.Connection(
+        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
+    )
+    admin.run(f"CREATE TABLE {name} (id serial PRIMARY KEY, body text)")
+    try:
+        yield name
+    finally:
+        admin.run(f"DROP TABLE IF EXISTS {name}")
+        admin.close()
+
+
+REFUSED_END_TO_END = [
+    "/* comment first */ SET search_path = public",
+    "set\tSESSION statement_timeout = 0",
+    "SELECT set_config('search_path', 'public', false)",
+    "SELECT \"set_config\"('app.x', $$y$$, FALSE)",
+    "LISTEN jobs",
+    "PREPARE q AS SELECT 1",
+    "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+    "CREATE TEMP TABLE scratch (id int)",
+    "SELECT pg_advisory_lock(1)",
+    "SELECT 1; SELECT 2",
+    "COMMIT",
+    "DISCARD ALL",
+    "LOAD 'auto_explain'",
+]
+
+
+@pytest.mark.parametrize("sql", REFUSED_END_TO_END)
+def test_session_state_sql_is_refused_before_anything_runs(
+    broker: Broker, table: str, sql: str
+) -> None:
+    batch = request((f"INSERT INTO {table} (body) VALUES ('before')", []), sql)
+    with pytest.raises(grpc.RpcError) as caught:
+        broker.stub().Execute(batch, timeout=10)
+    info = error_info(caught.value)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info is not None and info.reason in ("SESSION_STATE", "BAD_REQUEST")
+    assert info.metadata["statement_index"] == "1"
+    assert (caught.value.details() or "").startswith("statement 1: ")
+    reply = broker.stub().Execute(request(f"SELECT count(*) FROM {table}"), timeout=10)
+    assert rows(reply.results[0]) == [(0,)]  # the INSERT before it never ran
+
+
+def test_client_sees_invalid_request_naming_the_alternative(broker: Broker) -> None:
+    client = BrokerClient(broker.target, auth=lambda: (), max_attempts=1, timeout=5)
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            client.query("SELECT pg_advisory_lock(7)")
+    finally:
+        client.close()
+    assert caught.value.reason == "SESSION_STATE"
+    assert "pg_advisory_xact_lock" in caught.value.details
+
+
+INJECTIONS = [
+    "'); DROP TABLE users; --",
+    "x' OR '1'='1",
+    "$$; SET ROLE postgres; $$",
+    "\\'; SELECT pg_sleep(10); --",
+    "SET search_path = evil",
+    "Robert'); DISCARD ALL;--",
+    "$1",
+    "ünïcødé ✓ \t\n",
+]
+
+
+def test_injection_attempts_through_parameters_are_stored_verbatim(
+    broker: Broker, table: str
+) -> None:
+    inserts = [(f"INSERT INTO {table} (body) VALUES ($1)", [text]) for text in INJECTIONS]
+    broker.stub().Execute(request(*inserts), timeout=10)
+    reply = broker.stub().Execute(request(f"SELECT body FROM {table} ORDER BY id"), timeout=10)
+    assert [row[0] for row in rows(reply.results[0])] == INJECTIONS
+
+
+def test_session_words_inside_literals_run(broker: Broker, table: str) -> None:
+    sql = f"INSERT INTO {table} (body) VALUES ('SET search_path = x; LISTEN y; DISCARD ALL')"
+    broker.stub().Execute(request(sql, f"SELECT body FROM {table}"), timeout=10)
+    reply = broker.stub().Execute(request(f"SELECT body FROM {table}"), timeout=10)
+    assert rows(reply.results[0]) == [("SET search_path = x; LISTEN y; DISCARD ALL",)]
+
+
+def test_set_local_and_transaction_advisory_locks_work(broker: Broker) -> None:
+    reply = broker.stub().Execute(
+        request(
+            "SET LOCAL search_path = pg_catalog",
+            "SELECT pg_advisory_xact_lock(42)",
+            "SELECT current_setting('search_path')",
+        ),
+        timeout=10,
+    )
+    assert rows(reply.results[2]) == [("pg_catalog",)]
+    after = broker.stub().Execute(request("SELECT current_setting('search_path')"), timeout=10)
+    assert rows(after.results[0]) == [('"$user", public',)]
+
+
+# -- none off loopback ----------------------------------------------------------------------
+
+
+def test_none_auth_on_a_non_loopback_listener_refuses_to_start_with_one_line(
+    postgres: Any,
+) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "run",
+            "--listen",
+            "0.0.0.0:0",
+            "--auth",
+            "none",
+            "--database-url",
+            postgres.dsn,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "loopback" in lines[0]
+
+
+def test_no_auth_setting_on_a_non_loopback_listener_refuses_to_start(postgres: Any) -> None:
+    from broker.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="PGBROKER_AUTH is required"):
+        load_settings({"database_url": postgres.dsn, "listen": "0.0.0.0:50051"}, environ={})
