@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class BrokerProcess:
-    """One broker child process; *settings* become flags (``pool_size=1`` → ``--pool-size 1``)."""
+    """One broker child process; *settings* become flags (``pool_size=1`` → ``--pool-size 1``).
+
+    *log_level* must be INFO or DEBUG: the port is read from the INFO ``listening on`` line.
+    """
 
     def __init__(
         self,
@@ -37,6 +40,8 @@ class BrokerProcess:
         start_timeout: float = 30.0,
         **settings: object,
     ) -> None:
+        if log_level.upper() not in ("DEBUG", "INFO"):
+            raise ValueError("log_level must be DEBUG or INFO (the port is read from the log)")
         self.database_url = database_url
         self.listen = listen
         self.log_level = log_level

@@ -1,0 +1,242 @@
+"""Client cold start and footprint: `lambda_client` against pg8000 with TLS, fresh processes.
+
+``python -m bench.client_coldstart [--samples 10]`` starts a Postgres that serves TLS (a
+self-signed certificate for 127.0.0.1 made with ``cryptography``) and a broker in front of it,
+then measures, each as the median of *samples* fresh interpreters:
+
+* ``import lambda_client`` (bare: names resolve lazily) and ``from lambda_client import
+  BrokerClient`` (what a handler does: gRPC and protobuf load);
+* that import + ``BrokerClient(target).query("SELECT 1")`` on a new channel;
+* ``import pg8000.native`` + a TLS connection that verifies the certificate (as a Lambda
+  connecting to RDS with the CA bundle would) + ``SELECT 1``;
+
+and the installed size of the client layer (``pip install --target`` of
+``lambda_client/requirements.txt`` plus the package) next to pg8000's. `measure()` returns the
+figures as a dict, for `bench/__main__.py` to call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from devtools.brokerproc import BrokerProcess
+from devtools.localpg import LocalPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_BARE_IMPORT = """
+import json, time
+t0 = time.perf_counter()
+import lambda_client
+print(json.dumps({"ms": (time.perf_counter() - t0) * 1000}))
+"""
+
+_CLIENT_IMPORT = """
+import json, time
+t0 = time.perf_counter()
+from lambda_client import BrokerClient
+print(json.dumps({"ms": (time.perf_counter() - t0) * 1000}))
+"""
+
+_CLIENT_FIRST_QUERY = """
+import json, sys, time
+t0 = time.perf_counter()
+from lambda_client import BrokerClient
+t1 = time.perf_counter()
+db = BrokerClient(sys.argv[1])
+assert db.query("SELECT 1").scalar() == 1
+t2 = time.perf_counter()
+assert db.query("SELECT 1").scalar() == 1
+t3 = time.perf_counter()
+print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1000,
+                  "warm_query_ms": (t3 - t2) * 1000}))
+"""
+
+_PG8000_TLS_FIRST_QUERY = """
+import json, sys, time
+t0 = time.perf_counter()
+import ssl
+import pg8000.native
+t1 = time.perf_counter()
+context = ssl.create_default_context(cafile=sys.argv[3])  # verifies chain and host (IP SAN)
+conn = pg8000.native.Connection("postgres", host=sys.argv[1], port=int(sys.argv[2]),
+                                database="postgres", ssl_context=context)
+assert conn.run("SELECT 1") == [[1]]
+t2 = time.perf_counter()
+assert conn.run("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [[True]]
+t3 = time.perf_counter()
+print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1000,
+                  "warm_query_ms": (t3 - t2) * 1000}))
+"""
+
+
+def self_signed_cert(directory: Path) -> tuple[str, str]:
+    """Write a certificate for 127.0.0.1/localhost and its key; return (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def _fresh(script: str, *args: str) -> dict[str, float]:
+    """Run *script* in a new interpreter (cwd: the repository) and parse its JSON line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    )
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+
+
+def installed_size(requirements: list[str], extra: Path | None = None) -> int:
+    """Bytes that ``pip install --target`` of *requirements* (plus *extra*, a package
+    directory copied in) occupies, without ``__pycache__``."""
+    with tempfile.TemporaryDirectory(prefix="pgbroker-size-") as target:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-compile",
+                "--target",
+                target,
+                *requirements,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        if extra is not None:
+            shutil.copytree(
+                extra, Path(target) / extra.name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        return sum(
+            p.stat().st_size
+            for p in Path(target).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        )
+
+
+def measure(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
+    """Every figure in the module docstring, medians over *samples* fresh processes."""
+    figures: dict[str, Any] = {"samples": samples, "python": sys.version.split()[0]}
+    figures["import_lambda_client_ms"] = _medians([_fresh(_BARE_IMPORT) for _ in range(samples)])[
+        "ms"
+    ]
+    figures["import_broker_client_ms"] = _medians([_fresh(_CLIENT_IMPORT) for _ in range(samples)])[
+        "ms"
+    ]
+    with tempfile.TemporaryDirectory(prefix="pgbroker-cert-") as certdir:
+        cert, key = self_signed_cert(Path(certdir))
+        with LocalPostgres(ssl=(cert, key)) as pg:
+            dsn = f"{pg.dsn}?sslmode=require"
+            with BrokerProcess(dsn, pool_size=2, auth="none", log_level="INFO") as broker:
+                figures["lambda_client"] = _medians(
+                    [_fresh(_CLIENT_FIRST_QUERY, broker.target) for _ in range(samples)]
+                )
+            figures["pg8000_tls"] = _medians(
+                [
+                    _fresh(_PG8000_TLS_FIRST_QUERY, pg.host, str(pg.port), cert)
+                    for _ in range(samples)
+                ]
+            )
+    if sizes:
+        requirements = ["-r", str(ROOT / "lambda_client" / "requirements.txt")]
+        figures["layer_bytes"] = installed_size(requirements, ROOT / "lambda_client")
+        figures["pg8000_bytes"] = installed_size(["pg8000"])
+    return figures
+
+
+def render(figures: dict[str, Any]) -> str:
+    """A Markdown table of *figures*."""
+    client, direct = figures["lambda_client"], figures["pg8000_tls"]
+    mib = 1024 * 1024
+    lines = [
+        f"Median of {figures['samples']} fresh processes, Python {figures['python']}, loopback.",
+        "",
+        "| measure | lambda_client (gRPC, plaintext hop) | pg8000 + TLS (verified) |",
+        "| --- | --- | --- |",
+        f"| import | {client['import_ms']} ms | {direct['import_ms']} ms |",
+        f"| import + connect + first query | {client['first_query_ms']} ms "
+        f"| {direct['first_query_ms']} ms |",
+        f"| next (warm) query | {client['warm_query_ms']} ms | {direct['warm_query_ms']} ms |",
+        "",
+        f"`import lambda_client` alone: {figures['import_lambda_client_ms']} ms; "
+        f"`from lambda_client import BrokerClient`: {figures['import_broker_client_ms']} ms.",
+    ]
+    if "layer_bytes" in figures:
+        lines.append(
+            f"Installed size: lambda_client + grpcio + protobuf + grpcio-status "
+            f"{figures['layer_bytes'] / mib:.1f} MiB; pg8000 with its dependencies "
+            f"{figures['pg8000_bytes'] / mib:.1f} MiB."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--no-sizes", action="store_true", help="skip the pip install sizes")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    figures = measure(args.samples, sizes=not args.no_sizes)
+    figures["elapsed_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(figures, indent=2) if args.json else render(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
