@@ -25,8 +25,13 @@ INVOCATIONS = 150
 POOL_SIZE = 5
 
 
+# Settings that would point the demo elsewhere; PGBROKER_PG_BINDIR/PG_USER stay.
+_OVERRIDES = ("PGBROKER_DATABASE_URL", "PGBROKER_URL", "PGBROKER_LISTEN", "PGBROKER_AUTH")
+
+
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
+    env = {k: v for k, v in os.environ.items() if k not in _OVERRIDES}
+    env = {k: v for k, v in env.items() if not k.startswith("PGBROKER_TLS")}
     env["PYTHONPATH"] = str(ROOT)
     return env
 
