@@ -13,20 +13,23 @@ should be lower than max_connections") made a check::
 
 Other clients of the database (migrations, admin sessions, monitoring) are not counted: the
 operator leaves room for them.
+
+`BudgetProbe` wraps the pool's connect function and reads the settings on the first connection
+the pool opens, before the pool hands it out, so the check costs no extra connection and no
+pool request; the server calls `BudgetProbe.check` once the first connection is open and before
+it serves anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from broker.pg import PgConnection
 from lambda_client import codec
 
-if TYPE_CHECKING:
-    from broker.pool import Pool
-
-__all__ = ["BUDGET_SQL", "BudgetExceeded", "ConnectionBudget", "check_pool_budget"]
+__all__ = ["BUDGET_SQL", "BudgetExceeded", "BudgetProbe", "ConnectionBudget"]
 
 # current_setting(name, true) is NULL for a setting this server does not have
 # (reserved_connections before Postgres 16).
@@ -54,6 +57,12 @@ class ConnectionBudget:
         """Build from the one row `BUDGET_SQL` returns."""
         max_connections, superuser_reserved, reserved = (int(str(v)) for v in row)
         return cls(max_connections, superuser_reserved, reserved)
+
+    @classmethod
+    def read(cls, conn: PgConnection) -> ConnectionBudget:
+        """Read the budget on *conn* (one statement, autocommit); errors propagate."""
+        result = conn.run(BUDGET_SQL)
+        return cls.from_row(codec.decode_row(result.rows[0].values))
 
     @property
     def available(self) -> int:
@@ -87,20 +96,39 @@ class ConnectionBudget:
         return self.available - needed
 
 
-async def check_pool_budget(pool: Pool, pool_size: int, max_replicas: int) -> ConnectionBudget:
-    """Read the budget through one of *pool*'s connections and check it.
+class BudgetProbe:
+    """A pool connect function that reads the `ConnectionBudget` on its first connection.
 
-    Call after ``pool.open(wait="first")``. Raise `BudgetExceeded` when ``pool_size ×
-    max_replicas`` does not fit; pool errors (`broker.pool.PoolError`) and database errors
-    propagate, and the borrowed connection goes back to the pool (discarded if it failed).
+    Call it as the pool would call *connect*; it returns the same connections. The first one
+    that opens also runs `BUDGET_SQL` (on the connecting thread, before the pool sees it); later
+    ones are returned untouched. A failure to read is kept and reported by `check`, so a
+    connection is never lost to the probe.
     """
-    conn = await pool.getconn()
-    close_reason: str | None = "budget check failed"
-    try:
-        result = await pool.run_in_worker(conn.pg.run, BUDGET_SQL)
-        close_reason = None
-    finally:
-        pool.putconn(conn, close_reason)
-    budget = ConnectionBudget.from_row(codec.decode_row(result.rows[0].values))
-    budget.check(pool_size, max_replicas)
-    return budget
+
+    def __init__(self, connect: Callable[[], PgConnection]) -> None:
+        self._connect = connect
+        self._lock = threading.Lock()
+        self.budget: ConnectionBudget | None = None
+        self.error: str | None = None
+
+    def __call__(self) -> PgConnection:
+        conn = self._connect()
+        with self._lock:
+            if self.budget is None and self.error is None:
+                try:
+                    self.budget = ConnectionBudget.read(conn)
+                except Exception as exc:  # reported by check(); the connection stays usable
+                    self.error = f"{type(exc).__name__}: {exc}"
+        return conn
+
+    def check(self, pool_size: int, max_replicas: int) -> ConnectionBudget:
+        """Check *pool_size* × *max_replicas* against the budget read on the first connection.
+
+        Call once the pool has opened a connection. Raise `BudgetExceeded` when it does not
+        fit, or when the budget could not be read (the message says why).
+        """
+        if self.budget is None:
+            reason = self.error or "no database connection has been opened yet"
+            raise BudgetExceeded(f"cannot read the connection budget: {reason}")
+        self.budget.check(pool_size, max_replicas)
+        return self.budget

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from broker import pg
-from broker.budget import BudgetExceeded, ConnectionBudget, check_pool_budget
+from broker.budget import BudgetExceeded, BudgetProbe, ConnectionBudget
 from broker.config import parse_database_url
 from broker.pool import Pool
 from devtools.localpg import LocalPostgres
@@ -21,17 +21,19 @@ def _target(postgres: Any) -> Any:
 
 
 async def _check(postgres: Any, pool_size: int, max_replicas: int) -> ConnectionBudget:
-    """Run the start-up check through a real one-connection pool, as the broker does."""
-    pool = Pool(
-        partial(pg.connect, _target(postgres), 5.0, 30.0),
-        size=1,
-        max_waiting=10,
-        queue_timeout=5.0,
-        max_lifetime=3600.0,
-    )
+    """Run the start-up check as the broker does: the probe wraps a real pool's connect."""
+    return (await _open_and_check(postgres, pool_size, max_replicas))[1]
+
+
+async def _open_and_check(
+    postgres: Any, pool_size: int, max_replicas: int
+) -> tuple[dict[str, int], ConnectionBudget]:
+    probe = BudgetProbe(partial(pg.connect, _target(postgres), 5.0, 30.0))
+    pool = Pool(probe, size=2, max_waiting=10, queue_timeout=5.0, max_lifetime=3600.0)
     try:
         await pool.open(wait="first", timeout=10.0)
-        return await check_pool_budget(pool, pool_size, max_replicas)
+        budget = probe.check(pool_size, max_replicas)
+        return pool.get_stats(), budget
     finally:
         await pool.close()
 
@@ -69,6 +71,18 @@ def test_budget_refuses_oversubscribed_pools_with_the_arithmetic(postgres: Any) 
     assert f"max_connections {budget.max_connections}" in message
     assert f"superuser_reserved_connections {budget.superuser_reserved_connections}" in message
     assert f"at most {budget.available // replicas}" in message
+
+
+def test_budget_probe_costs_no_pool_request_and_no_extra_connection(postgres: Any) -> None:
+    stats, _ = asyncio.run(_open_and_check(postgres, 1, 1))
+    assert stats["requests_num"] == 0
+    assert stats["pool_max"] == 2 and stats["connections_num"] <= 2
+
+
+def test_budget_probe_reports_a_connection_never_opened() -> None:
+    probe = BudgetProbe(lambda: None)  # type: ignore[arg-type, return-value]
+    with pytest.raises(BudgetExceeded, match="no database connection has been opened yet"):
+        probe.check(1, 1)
 
 
 def test_reserved_connections_of_postgres_16_count_against_the_budget() -> None:
