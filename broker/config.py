@@ -96,6 +96,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    role_map: str = ""
+    default_role: str = ""
     max_statements: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
     max_result_rows: int = 1_000_000
@@ -316,6 +318,8 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
             "tls_cert",
             "tls_key",
             "tls_client_ca",
+            "role_map",
+            "default_role",
         )
     }
     sizes = {
@@ -332,6 +336,12 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
         r.problems.append("PGBROKER_TLS_CERT and PGBROKER_TLS_KEY must be set together")
     if text["tls_client_ca"] and not text["tls_cert"]:
         r.problems.append("PGBROKER_TLS_CLIENT_CA (mTLS) needs PGBROKER_TLS_CERT and _KEY")
+    from broker.roles import RoleMap
+
+    try:
+        RoleMap.parse(text["role_map"], text["default_role"])
+    except ValueError as exc:
+        r.problems.append(str(exc))
     if auth_mode in ("iam", "token"):
         from broker.auth import authenticator_from_env
 

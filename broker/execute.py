@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from broker.pg import ConnectionLost, PgConnection, PgError
 from broker.pool import Pool, ServerConnection
+from broker.roles import quote_role
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -67,6 +68,9 @@ class Batch:
     read_only: bool = False
     deferrable: bool = False
     application_name: str | None = None
+    # Postgres role for the caller (PGBROKER_ROLE_MAP, broker/roles.py): SET LOCAL ROLE after
+    # BEGIN, so it ends with the transaction whatever happens; forces BEGIN … COMMIT.
+    role: str | None = None
 
     @property
     def explicit(self) -> bool:
@@ -76,6 +80,7 @@ class Batch:
             or self.isolation != pb.ISOLATION_LEVEL_UNSPECIFIED
             or self.read_only
             or self.deferrable
+            or self.role is not None
         )
 
 
@@ -148,6 +153,8 @@ def _begin_sql(batch: Batch, timeout_ms: int) -> str:
     sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    if batch.role is not None:
+        sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
     return sql
 
 

@@ -28,6 +28,7 @@ from broker.auth import AuthInterceptor, AuthStats, authenticator_for_settings
 from broker.config import Settings
 from broker.limits import Limits
 from broker.pool import Pool
+from broker.roles import RoleMap
 from broker.service import BrokerService
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -105,6 +106,7 @@ class BrokerServer:
             settings.statement_timeout,
             limits=limits_for(settings),
             auth_stats=self.auth_stats,
+            role_map=RoleMap.parse(settings.role_map, settings.default_role),
         )
         self._serving_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()

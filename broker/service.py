@@ -56,6 +56,7 @@ from broker.pool import (
     QueueFull,
     QueueTimeout,
 )
+from broker.roles import RoleMap, RoleRefused
 from broker.sessionstate import SessionStateError, check_batch
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -162,6 +163,10 @@ def failure_for(exc: BaseException) -> BrokerFailure:
         # Session-changing SQL outlives the transaction on a pooled connection (issue 6).
         info = _error_info(exc.reason, statement_index=str(exc.statement_index))
         return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [info])
+    if isinstance(exc, RoleRefused):
+        return BrokerFailure(
+            code.PERMISSION_DENIED, str(exc), [_error_info("PERMISSION_DENIED", cause="role_map")]
+        )
     if isinstance(exc, LimitExceeded):
         limit_details: list[Message] = [_error_info("LIMIT_EXCEEDED", **exc.metadata())]
         if exc.retry_after is not None:
@@ -220,12 +225,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         *,
         limits: Limits | None = None,
         auth_stats: AuthStats | None = None,
+        role_map: RoleMap | None = None,
     ) -> None:
         self.pool = pool
         self.statement_timeout = statement_timeout
         self.limits = limits or Limits()
         self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
         self.auth_stats = auth_stats or AuthStats()
+        self.role_map = role_map
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
     async def Execute(
@@ -241,13 +248,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
-            validate(request, self.limits)
+            validate(request, self.limits, role_locked=self.role_map is not None)
+            role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
                 statements=request.statements,
                 isolation=request.options.isolation,
                 read_only=request.options.read_only,
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
+                role=role,
             )
             with self.inflight.hold(caller):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
