@@ -38,8 +38,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)
-	$(PY) -m broker run $(ARGS)
+	$(PY) -m demo.run $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m demo $(ARGS)
