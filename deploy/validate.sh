@@ -94,14 +94,44 @@ print(f"ok  layer: {size / 2**20:.1f} MiB unzipped (limit 250 MiB with the funct
       f" {zipped / 2**20:.1f} MiB zipped")
 EOF
 
+say "layer smoke test"
+# The built layer is aarch64 and cannot be imported here. Build its twin for this machine's CPU
+# with the same Makefile, then import it the way Lambda does: a bare CPython 3.12 (-S: no site
+# packages) with only python/ and the example's code on sys.path. A missing dependency fails here.
+twin=$(mktemp -d)
+context=$(mktemp -d)
+trap 'rm -rf "$twin" "$context"' EXIT
+arch=$(uname -m)
+make -s -C deploy/layer build-ClientLayer ARTIFACTS_DIR="$twin" PYTHON="$PY312" \
+    PLATFORMS="--platform manylinux2014_$arch --platform manylinux_2_28_$arch --platform manylinux_2_34_$arch" \
+    >/dev/null 2>&1 || fail "the layer Makefile failed for $arch (run it by hand to see why)"
+"$PY312" -S - "$twin/python" "$ROOT/examples" <<'EOF'
+import sys
+
+sys.path[:0] = sys.argv[1:3]
+import grpc  # noqa: E402
+from lambda_client import BrokerClient, BrokerError  # noqa: E402
+
+import handler  # noqa: E402  (examples/handler.py, as Lambda loads Handler handler.handler)
+
+assert callable(handler.handler)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("broker", "pg8000", "devtools"))
+assert not leaked, f"the client imported server-side modules: {leaked}"
+try:  # nothing listens on port 9: the call must fail as a BrokerError, through grpc
+    BrokerClient("127.0.0.1:9", timeout=1).query("SELECT 1")
+except BrokerError as exc:
+    print(f"ok  layer imports alone (grpc {grpc.__version__}); example handler loads;"
+          f" a failed call raises {type(exc).__name__}")
+else:
+    raise AssertionError("a call to a closed port succeeded")
+EOF
+
 say "Dockerfile"
 if [ -x "$SAM_VENV/bin/hadolint" ]; then
     "$SAM_VENV/bin/hadolint" Dockerfile && echo "ok  hadolint"
 fi
 # The image's build stage copies only what .dockerignore lets through and runs `pip install .`:
 # build the same wheel from the same files to prove they are enough.
-context=$(mktemp -d)
-trap 'rm -rf "$context"' EXIT
 cp pyproject.toml README.md "$context/"
 cp -R broker lambda_client devtools "$context/"
 "$PY312" -m pip wheel --quiet --no-deps --disable-pip-version-check --wheel-dir "$context/dist" "$context" >/dev/null
