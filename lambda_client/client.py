@@ -462,6 +462,10 @@ def channel_options(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.primary_user_agent", USER_AGENT),
+        # A channel owns its connections: otherwise gRPC shares subchannels between channels
+        # with the same target and arguments, and a replacement channel (after a long idle)
+        # would inherit the very connection it is meant to replace.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
