@@ -429,7 +429,8 @@ def test_connection_budget_counts_every_task_a_rolling_deploy_can_run(
     max_percent = int(service["DeploymentConfiguration"]["MaximumPercent"])
     peak = max_replicas * max_percent // 100
     assert int(stack.broker_env()["PGBROKER_MAX_REPLICAS"]) == peak
-    assert int(template["Parameters"]["MaxReplicas"]["MaxValue"]) == 20
+    allowed = template["Parameters"]["MaxReplicas"]["AllowedValues"]
+    assert sorted(int(v) for v in allowed) == list(range(1, 21))
 
 
 def test_autoscaling_tracks_cpu_and_the_queue_metric_the_broker_publishes(stack: Stack) -> None:
