@@ -126,22 +126,10 @@ class Result:
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
-class BrokerClient:
-    """A client for one broker target (one or many replicas, round-robin).
-
-    *target* is a gRPC target: ``dns:///broker.internal:50051`` (every address the name
-    resolves to), ``ipv4:10.0.1.5:50051,10.0.2.7:50051`` or ``host:port``; default
-    ``PGBROKER_URL``, then ``127.0.0.1:50051``. *timeout* (seconds) bounds a call that has no
-    Lambda context; *deadline_margin* is kept back from a context's remaining time so the
-    handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses TLS with
-    *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system roots).
-    *auth* returns metadata added to every attempt (tokens, signatures). *max_attempts*,
-    *initial_backoff* and *max_backoff* shape the retries described in the module docstring.
-    *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
-    ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
-    (a frozen Lambda whose connection a NAT or load balancer may have dropped silently) is
-    replaced before the next call rather than trusted.
-    """
+class _ClientBase:
+    """Configuration and call policy (deadlines, retries, metadata, channel arguments) shared
+    by `BrokerClient` and `lambda_client.aio.AsyncBrokerClient`; arguments as on
+    `BrokerClient`."""
 
     def __init__(
         self,
@@ -185,10 +173,121 @@ class BrokerClient:
         self.max_message_bytes = max_message_bytes
         self.extra_options = tuple(options)
         self._lock = threading.Lock()
-        self._channel: grpc.Channel | None = None
-        self._stub: pb_grpc.BrokerStub | None = None
+        self._channel: Any = None  # grpc.Channel or grpc.aio.Channel, created on first use
+        self._stub: Any = None
         self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
         self.channels_created = 0
+
+    def _deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
+        """The call's monotonic deadline; raise `DeadlineExceeded` if no time is left."""
+        if context is None:
+            budget = self.timeout if timeout is None else timeout
+        else:
+            budget = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
+            if timeout is not None:
+                budget = min(budget, timeout)
+        if budget <= 0:
+            raise errors.DeadlineExceeded(
+                "no time left for the call (Lambda remaining time is within the deadline "
+                f"margin of {self.deadline_margin}s)",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        return time.monotonic() + budget
+
+    def _retry_delay(
+        self, error: errors.BrokerError, attempt: int, retry_aborted: bool
+    ) -> float | None:
+        """Seconds to wait before resending, or None if *error* must not be retried."""
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(error, errors.Overloaded):
+            # A crossed limit (PGBROKER_MAX_*) fails the same way again; only the in-flight
+            # limit sends RetryInfo, since it clears as the caller's other requests finish.
+            if error.reason == "LIMIT_EXCEEDED" and error.retry_after is None:
+                return None
+        elif isinstance(error, errors.Unavailable):
+            # Only when the broker itself says nothing ran; a transport failure mid-call
+            # (no rich status) may hide a transaction that committed.
+            if error.reason not in _NOTHING_RAN_REASONS and error.retry_after is None:
+                return None
+        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
+            return None
+        backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+        if error.retry_after is not None:
+            return error.retry_after + random.uniform(0, backoff)
+        return random.uniform(backoff / 2, backoff)
+
+    def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
+        metadata: list[tuple[str, str]] = []
+        if context is not None:
+            if request_id := getattr(context, "aws_request_id", None):
+                metadata.append(("x-lambda-request-id", _ascii(request_id)))
+            if function_name := getattr(context, "function_name", None):
+                metadata.append(("x-lambda-function-name", _ascii(function_name)))
+        if self.correlation_id is not None and (correlation := self.correlation_id()):
+            metadata.append(("x-correlation-id", _ascii(correlation)))
+        if self.auth is not None:
+            metadata.extend(self.auth())
+        return metadata
+
+    def _idle_too_long(self) -> bool:
+        # Wall clock too: a frozen container's monotonic clock may not advance while frozen.
+        mono, wall = self._last_used
+        if mono == 0.0:
+            return False
+        idle = max(time.monotonic() - mono, time.time() - wall)
+        return idle > self.reconnect_after_idle
+
+    def _channel_args(self) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+        """Channel options and, with TLS, the credentials (None for plaintext)."""
+        options = channel_options(
+            keepalive_time=self.keepalive_time,
+            keepalive_timeout=self.keepalive_timeout,
+            max_message_bytes=self.max_message_bytes,
+        )
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        options.extend(self.extra_options)
+        if not self.tls:
+            return options, None
+        roots = self.root_certificates
+        if roots is None and (ca_file := os.environ.get("PGBROKER_TLS_CA_FILE")):
+            with open(ca_file, "rb") as f:
+                roots = f.read()
+        # mTLS: a client certificate when the broker sets PGBROKER_TLS_CLIENT_CA.
+        cert_file = os.environ.get("PGBROKER_TLS_CLIENT_CERT_FILE")
+        key_file = os.environ.get("PGBROKER_TLS_CLIENT_KEY_FILE")
+        chain = key = None
+        if cert_file and key_file:
+            with open(cert_file, "rb") as f:
+                chain = f.read()
+            with open(key_file, "rb") as f:
+                key = f.read()
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=chain
+        )
+        return options, credentials
+
+
+class BrokerClient(_ClientBase):
+    """A client for one broker target (one or many replicas, round-robin).
+
+    *target* is a gRPC target: ``dns:///broker.internal:50051`` (every address the name
+    resolves to), ``ipv4:10.0.1.5:50051,10.0.2.7:50051`` or ``host:port``; default
+    ``PGBROKER_URL``, then ``127.0.0.1:50051``. *timeout* (seconds) bounds a call that has no
+    Lambda context; *deadline_margin* is kept back from a context's remaining time so the
+    handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses TLS with
+    *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system roots).
+    *auth* returns metadata added to every attempt (tokens, signatures); by default it comes
+    from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts*,
+    *initial_backoff* and *max_backoff* shape the retries described in the module docstring.
+    *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
+    ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
+    (a frozen Lambda whose connection a NAT or load balancer may have dropped silently) is
+    replaced before the next call rather than trusted.
+
+    Blocking; safe to share between threads.
+    """
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -205,7 +304,7 @@ class BrokerClient:
         Raise `TypeError` naming the parameter if a value has no Postgres mapping (before
         anything is sent), or a `BrokerError` subclass if the call fails.
         """
-        request = pb.ExecuteRequest(statements=[_statement(sql, params)])
+        request = query_request(sql, params)
         return self._execute(request, context, timeout, retry_aborted=False)[0]
 
     def transaction(
@@ -226,10 +325,7 @@ class BrokerClient:
         `DatabaseError` names the failing statement (`statement_index`). With
         *retry_serialization* a serialization failure or deadlock resends the transaction.
         """
-        request = pb.ExecuteRequest(
-            statements=[_statement(*_split(s)) for s in statements],
-            options=_options(isolation, read_only, deferrable),
-        )
+        request = transaction_request(statements, isolation, read_only, deferrable)
         if not request.statements:
             return []
         return self._execute(request, context, timeout, retry_aborted=retry_serialization)
@@ -299,22 +395,6 @@ class BrokerClient:
         )
         return [Result.from_proto(r) for r in response.results]
 
-    def _deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
-        """The call's monotonic deadline; raise `DeadlineExceeded` if no time is left."""
-        if context is None:
-            budget = self.timeout if timeout is None else timeout
-        else:
-            budget = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
-            if timeout is not None:
-                budget = min(budget, timeout)
-        if budget <= 0:
-            raise errors.DeadlineExceeded(
-                "no time left for the call (Lambda remaining time is within the deadline "
-                f"margin of {self.deadline_margin}s)",
-                code=grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-        return time.monotonic() + budget
-
     def _call_with_retries(
         self,
         invoke: Callable[[pb_grpc.BrokerStub, float, list[tuple[str, str]]], Any],
@@ -345,42 +425,6 @@ class BrokerClient:
             "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
         )
 
-    def _retry_delay(
-        self, error: errors.BrokerError, attempt: int, retry_aborted: bool
-    ) -> float | None:
-        """Seconds to wait before resending, or None if *error* must not be retried."""
-        if attempt >= self.max_attempts:
-            return None
-        if isinstance(error, errors.Overloaded):
-            # A crossed limit (PGBROKER_MAX_*) fails the same way again; only the in-flight
-            # limit sends RetryInfo, since it clears as the caller's other requests finish.
-            if error.reason == "LIMIT_EXCEEDED" and error.retry_after is None:
-                return None
-        elif isinstance(error, errors.Unavailable):
-            # Only when the broker itself says nothing ran; a transport failure mid-call
-            # (no rich status) may hide a transaction that committed.
-            if error.reason not in _NOTHING_RAN_REASONS and error.retry_after is None:
-                return None
-        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
-            return None
-        backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
-        if error.retry_after is not None:
-            return error.retry_after + random.uniform(0, backoff)
-        return random.uniform(backoff / 2, backoff)
-
-    def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
-        metadata: list[tuple[str, str]] = []
-        if context is not None:
-            if request_id := getattr(context, "aws_request_id", None):
-                metadata.append(("x-lambda-request-id", _ascii(request_id)))
-            if function_name := getattr(context, "function_name", None):
-                metadata.append(("x-lambda-function-name", _ascii(function_name)))
-        if self.correlation_id is not None and (correlation := self.correlation_id()):
-            metadata.append(("x-correlation-id", _ascii(correlation)))
-        if self.auth is not None:
-            metadata.extend(self.auth())
-        return metadata
-
     def _get_stub(self) -> pb_grpc.BrokerStub:
         """The stub on the shared channel, created on first use (or after a long idle)."""
         stub = self._stub
@@ -397,41 +441,10 @@ class BrokerClient:
                     old.close()
             return self._stub
 
-    def _idle_too_long(self) -> bool:
-        # Wall clock too: a frozen container's monotonic clock may not advance while frozen.
-        mono, wall = self._last_used
-        if mono == 0.0:
-            return False
-        idle = max(time.monotonic() - mono, time.time() - wall)
-        return idle > self.reconnect_after_idle
-
     def _new_channel(self) -> grpc.Channel:
-        options = channel_options(
-            keepalive_time=self.keepalive_time,
-            keepalive_timeout=self.keepalive_timeout,
-            max_message_bytes=self.max_message_bytes,
-        )
-        if self.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
-        options.extend(self.extra_options)
-        if not self.tls:
+        options, credentials = self._channel_args()
+        if credentials is None:
             return grpc.insecure_channel(self.target, options=options)
-        roots = self.root_certificates
-        if roots is None and (ca_file := os.environ.get("PGBROKER_TLS_CA_FILE")):
-            with open(ca_file, "rb") as f:
-                roots = f.read()
-        # mTLS: a client certificate when the broker sets PGBROKER_TLS_CLIENT_CA.
-        cert_file = os.environ.get("PGBROKER_TLS_CLIENT_CERT_FILE")
-        key_file = os.environ.get("PGBROKER_TLS_CLIENT_KEY_FILE")
-        chain = key = None
-        if cert_file and key_file:
-            with open(cert_file, "rb") as f:
-                chain = f.read()
-            with open(key_file, "rb") as f:
-                key = f.read()
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=roots, private_key=key, certificate_chain=chain
-        )
         return grpc.secure_channel(self.target, credentials, options=options)
 
 
@@ -467,6 +480,21 @@ def channel_options(
         # would inherit the very connection it is meant to replace.
         ("grpc.use_local_subchannel_pool", 1),
     ]
+
+
+def query_request(sql: str, params: Sequence[Any] | None) -> pb.ExecuteRequest:
+    """The request for one statement; raise `TypeError` for an unmappable parameter."""
+    return pb.ExecuteRequest(statements=[_statement(sql, params)])
+
+
+def transaction_request(
+    statements: Sequence[Statement], isolation: str | None, read_only: bool, deferrable: bool
+) -> pb.ExecuteRequest:
+    """The request for a transaction; raise `TypeError`/`ValueError` before anything is sent."""
+    return pb.ExecuteRequest(
+        statements=[_statement(*_split(s)) for s in statements],
+        options=_options(isolation, read_only, deferrable),
+    )
 
 
 def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
