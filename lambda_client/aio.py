@@ -1,0 +1,195 @@
+"""`AsyncBrokerClient`: the same calls as `BrokerClient`, for asyncio code (``grpc.aio``).
+
+::
+
+    from lambda_client.aio import AsyncBrokerClient
+
+    db = AsyncBrokerClient()
+
+    async def work(context):
+        return (await db.query("SELECT now()", context=context)).scalar()
+
+Deadlines, retries, metadata and errors are exactly those of `BrokerClient` (the policy is
+shared). A ``grpc.aio`` channel belongs to one event loop, so the client opens its channel in
+the loop of its first call and opens a new one if it is later used from another loop (a
+handler that runs ``asyncio.run`` per invocation). For plain Lambda handlers, which are
+synchronous, use `BrokerClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from lambda_client import errors
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client.client import (
+    LambdaContext,
+    Result,
+    Statement,
+    _ClientBase,
+    query_request,
+    transaction_request,
+)
+
+__all__ = ["AsyncBrokerClient"]
+
+
+class AsyncBrokerClient(_ClientBase):
+    """A ``grpc.aio`` client; arguments as for `BrokerClient`. Use it from one event loop at a
+    time (it follows the loop of the latest call)."""
+
+    def __init__(self, target: str | None = None, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def query(
+        self,
+        sql: str,
+        params: Sequence[Any] | None = None,
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """As `BrokerClient.query`."""
+        request = query_request(sql, params)
+        return (await self._execute(request, context, timeout, retry_aborted=False))[0]
+
+    async def transaction(
+        self,
+        statements: Sequence[Statement],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        retry_serialization: bool = False,
+    ) -> list[Result]:
+        """As `BrokerClient.transaction`."""
+        request = transaction_request(statements, isolation, read_only, deferrable)
+        if not request.statements:
+            return []
+        return await self._execute(request, context, timeout, retry_aborted=retry_serialization)
+
+    async def execute_many(
+        self,
+        sql: str,
+        param_sets: Sequence[Sequence[Any]],
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        retry_serialization: bool = False,
+    ) -> list[Result]:
+        """As `BrokerClient.execute_many`."""
+        return await self.transaction(
+            [(sql, params) for params in param_sets],
+            context=context,
+            timeout=timeout,
+            retry_serialization=retry_serialization,
+        )
+
+    async def stats(self, *, timeout: float | None = None) -> dict[str, int]:
+        """As `BrokerClient.stats`."""
+        deadline = self._deadline(None, timeout)
+        response = await self._call_with_retries(
+            lambda stub, t, md: stub.GetStats(
+                pb.GetStatsRequest(), timeout=t, metadata=md, wait_for_ready=True
+            ),
+            deadline,
+            None,
+            retry_aborted=False,
+        )
+        return dict(response.stats)
+
+    async def close(self) -> None:
+        """Close the channel; the next call opens a new one."""
+        channel, self._channel, self._stub, self._loop = self._channel, None, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncBrokerClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncBrokerClient(target={self.target!r}, tls={self.tls})"
+
+    async def _execute(
+        self,
+        request: pb.ExecuteRequest,
+        context: LambdaContext | None,
+        timeout: float | None,
+        *,
+        retry_aborted: bool,
+    ) -> list[Result]:
+        deadline = self._deadline(context, timeout)
+        response = await self._call_with_retries(
+            lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True),
+            deadline,
+            context,
+            retry_aborted=retry_aborted,
+        )
+        return [Result.from_proto(r) for r in response.results]
+
+    async def _call_with_retries(
+        self,
+        invoke: Callable[[pb_grpc.BrokerStub, float, list[tuple[str, str]]], Awaitable[Any]],
+        deadline: float,
+        context: LambdaContext | None,
+        *,
+        retry_aborted: bool,
+    ) -> Any:
+        """As `BrokerClient._call_with_retries`, sleeping with `asyncio.sleep`."""
+        for attempt in range(1, self.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            stub = self._get_stub()
+            try:
+                response = await invoke(stub, remaining, self._metadata(context))
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                delay = self._retry_delay(error, attempt, retry_aborted)
+                if delay is None or time.monotonic() + delay >= deadline:
+                    raise error from exc
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self._last_used = (time.monotonic(), time.time())
+            return response
+        raise errors.DeadlineExceeded(
+            "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+
+    def _get_stub(self) -> pb_grpc.BrokerStub:
+        """The stub on this loop's channel, created on first use, in a new loop, or after a
+        long idle. Runs on the event loop, so no lock is needed."""
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop or self._idle_too_long():
+            old, old_loop = self._channel, self._loop
+            self._channel = self._new_channel()
+            self._stub = pb_grpc.BrokerStub(self._channel)
+            self._loop = loop
+            self._last_used = (time.monotonic(), time.time())
+            self.channels_created += 1
+            if old is not None and old_loop is loop:
+                closing = loop.create_task(old.close())
+                self._closing.add(closing)  # keep a reference until it is done
+                closing.add_done_callback(self._closing.discard)
+        stub: pb_grpc.BrokerStub = self._stub
+        return stub
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        options, credentials = self._channel_args()
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)

@@ -1,0 +1,56 @@
+"""`lambda_client.aio.AsyncBrokerClient` against a real broker: the same calls, errors and
+deadlines as the blocking client, one channel per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from devtools.brokerproc import BrokerProcess
+from devtools.lambda_context import FakeLambdaContext
+from lambda_client import DeadlineExceeded, ProgrammingError
+from lambda_client.aio import AsyncBrokerClient
+
+
+def test_async_calls_return_results_and_share_one_channel(broker: BrokerProcess) -> None:
+    db = AsyncBrokerClient(broker.target)
+
+    async def invocation() -> list[int]:
+        context = FakeLambdaContext(remaining=10)
+        values = await asyncio.gather(
+            *(db.query("SELECT $1::int", [n], context=context) for n in range(20))
+        )
+        first, second = await db.transaction(["SELECT 1", ("SELECT $1::text", ["x"])])
+        assert (first.scalar(), second.scalar()) == (1, "x")
+        return [v.scalar() for v in values]
+
+    async def both() -> None:
+        assert await invocation() == list(range(20))
+        assert await invocation() == list(range(20))
+        await db.close()
+
+    asyncio.run(both())
+    assert db.channels_created == 1
+
+
+def test_a_new_event_loop_gets_a_new_channel(broker: BrokerProcess) -> None:
+    db = AsyncBrokerClient(broker.target)
+    for n in range(3):  # a handler that calls asyncio.run per invocation
+        assert asyncio.run(db.query("SELECT $1::int", [n])).scalar() == n
+    assert db.channels_created == 3
+
+
+def test_async_errors_and_deadlines_match_the_blocking_client(broker: BrokerProcess) -> None:
+    db = AsyncBrokerClient(broker.target)
+
+    async def run() -> None:
+        with pytest.raises(ProgrammingError) as info:
+            await db.transaction(["SELECT 1", "SELECT * FROM no_such_table"])
+        assert info.value.sqlstate == "42P01" and info.value.statement_index == 1
+        with pytest.raises(DeadlineExceeded):
+            await db.query("SELECT pg_sleep(5)", context=FakeLambdaContext(remaining=1.0))
+        assert (await db.query("SELECT 'still fine'")).scalar() == "still fine"
+        await db.close()
+
+    asyncio.run(run())
