@@ -98,6 +98,7 @@ class Settings:
     tls_client_ca: str = ""
     role_map: str = ""
     default_role: str = ""
+    session_audit: str = "opaque"
     max_statements: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
     max_result_rows: int = 1_000_000
@@ -322,6 +323,9 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
             "default_role",
         )
     }
+    text["session_audit"] = r.get(
+        "session_audit", lambda s: s.strip().lower(), "opaque", _one_of(("opaque", "always", "off"))
+    )
     sizes = {
         name: r.get(name, _integer, default, _at_least(0))
         for name, default in (
@@ -339,7 +343,7 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
     from broker.roles import RoleMap
 
     try:
-        RoleMap.parse(text["role_map"], text["default_role"])
+        RoleMap.parse(text["role_map"], text["default_role"])  # problems now, not at start
     except ValueError as exc:
         r.problems.append(str(exc))
     if auth_mode in ("iam", "token"):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from broker.pg import ConnectionLost, PgConnection, PgError
 from broker.pool import Pool, ServerConnection
 from broker.roles import quote_role
+from broker.sessionaudit import audit_session
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -71,6 +72,9 @@ class Batch:
     # Postgres role for the caller (PGBROKER_ROLE_MAP, broker/roles.py): SET LOCAL ROLE after
     # BEGIN, so it ends with the transaction whatever happens; forces BEGIN … COMMIT.
     role: str | None = None
+    # Audit the session after the transaction (broker/sessionaudit.py): set for requests the
+    # session-state parser cannot see through (DO, CALL) or with PGBROKER_SESSION_AUDIT=always.
+    audit_session: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -168,9 +172,16 @@ def run_transaction(
     """
     timeout_ms = _timeout_ms(deadline, statement_timeout)
     try:
-        if batch.explicit:
-            return _run_explicit(conn, batch, timeout_ms)
-        return [_run_single(conn, batch, timeout_ms)]
+        try:
+            if batch.explicit:
+                return _run_explicit(conn, batch, timeout_ms)
+            return [_run_single(conn, batch, timeout_ms)]
+        finally:
+            if batch.audit_session:
+                # Also after a failure: session advisory locks survive a rollback.
+                leaked = audit_session(conn)
+                if leaked:
+                    conn.session_dirty = ", ".join(leaked)
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=_nothing_committed(exc, batch)) from exc
 
@@ -339,6 +350,11 @@ def _close_reason(
         return "server connection lost"
     if conn.pg.transaction_status != "idle":
         return f"not idle after the transaction ({conn.pg.transaction_status})"
+    # Session state the caller left behind (broker/sessionaudit.py): replace, never hand on.
+    if changed := conn.pg.reported_changes():
+        return f"session state changed ({', '.join(changed)})"
+    if conn.pg.session_dirty:
+        return f"session state left behind ({conn.pg.session_dirty})"
     if attempt.cancel_sent:
         consumed = isinstance(error, StatementFailed) and error.error.is_user_cancel
         if not consumed:

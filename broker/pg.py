@@ -304,6 +304,10 @@ class PgConnection:
         # pg8000 resets the status to None after the handshake, whose last message was
         # ReadyForQuery(idle).
         core._transaction_status = b"I"
+        # Session-state second line (broker/sessionaudit.py): reported settings at connect,
+        # and what an audit found left behind (the connection is then replaced).
+        self._reported_at_connect = dict(core.parameter_statuses)
+        self.session_dirty: str | None = None
 
     # state ---------------------------------------------------------------------------------
 
@@ -312,6 +316,13 @@ class PgConnection:
         """``idle``, ``in_transaction``, ``in_error`` (aborted transaction) or ``unknown``."""
         status = self._core._transaction_status
         return {b"I": "idle", b"T": "in_transaction", b"E": "in_error"}.get(status, "unknown")
+
+    def reported_changes(self) -> list[str]:
+        """Settings Postgres reports (ParameterStatus: TimeZone, DateStyle, …) whose value
+        differs from the one at connect time, i.e. changed at session level."""
+        now = self._core.parameter_statuses
+        before = self._reported_at_connect
+        return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
 
     @property
     def socket(self) -> socket.socket | None:

@@ -107,6 +107,7 @@ class BrokerServer:
             limits=limits_for(settings),
             auth_stats=self.auth_stats,
             role_map=RoleMap.parse(settings.role_map, settings.default_role),
+            session_audit=settings.session_audit,
         )
         self._serving_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -143,7 +144,9 @@ class BrokerServer:
         await self.pool.open(wait="first", timeout=settings.connect_timeout)
         await self.server.start()
         self._serving_task = asyncio.create_task(self._serve_when_filled())
-        log.info(
+        # Always written, whatever the log level: tools read the bound port from this line.
+        log.log(
+            max(logging.INFO, log.getEffectiveLevel()),
             "listening on %s:%d",
             settings.listen_host,
             self.port,

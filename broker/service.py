@@ -57,7 +57,7 @@ from broker.pool import (
     QueueTimeout,
 )
 from broker.roles import RoleMap, RoleRefused
-from broker.sessionstate import SessionStateError, check_batch
+from broker.sessionstate import SessionStateError, check_batch, needs_audit
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -226,6 +226,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         limits: Limits | None = None,
         auth_stats: AuthStats | None = None,
         role_map: RoleMap | None = None,
+        session_audit: str = "opaque",
     ) -> None:
         self.pool = pool
         self.statement_timeout = statement_timeout
@@ -233,6 +234,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
         self.auth_stats = auth_stats or AuthStats()
         self.role_map = role_map
+        self.session_audit = session_audit
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
     async def Execute(
@@ -257,6 +259,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
                 role=role,
+                audit_session=self._audit(request),
             )
             with self.inflight.hold(caller):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
@@ -293,6 +296,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         return pb.ExecuteResponse(
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
+
+    def _audit(self, request: pb.ExecuteRequest) -> bool:
+        """Whether to audit the session after this request (broker/sessionaudit.py)."""
+        if self.session_audit == "always":
+            return True
+        if self.session_audit == "off":
+            return False
+        return needs_audit([statement.sql for statement in request.statements])
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1

@@ -48,6 +48,7 @@ __all__ = [
     "SessionStateError",
     "check_batch",
     "check_statement",
+    "needs_audit",
 ]
 
 REASON_SESSION_STATE = "SESSION_STATE"
@@ -135,6 +136,32 @@ def check_statement(sql: str, *, role_locked: bool = False) -> Refusal | None:
 @functools.lru_cache(maxsize=4096)
 def _classify_cached(sql: str, role_locked: bool) -> Refusal | None:
     return _classify(sql, role_locked)
+
+
+def needs_audit(sqls: Sequence[str]) -> bool:
+    """True if any of *sqls* may change the session in ways parsing cannot see: a ``DO``
+    block, a ``CALL``, or SQL pglast cannot parse. The broker then audits the connection
+    after the transaction (broker/sessionaudit.py)."""
+    return any(
+        _opaque(sql) if len(sql) > _CACHE_MAX_SQL_CHARS else _opaque_cached(sql) for sql in sqls
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _opaque_cached(sql: str) -> bool:
+    return _opaque(sql)
+
+
+def _opaque(sql: str) -> bool:
+    try:
+        raw_statements = parse_sql(sql)
+    except (ParseError, RecursionError):
+        return True
+    return any(
+        isinstance(node, ast.DoStmt | ast.CallStmt)
+        for raw in raw_statements
+        for node in _walk(raw.stmt)
+    )
 
 
 def _classify(sql: str, role_locked: bool) -> Refusal | None:

@@ -1,0 +1,69 @@
+"""The second line behind `broker.sessionstate`: find session state the parser could not see.
+
+A ``DO`` block running dynamic SQL, a procedure, a function or trigger with side effects can
+change the session without any refused statement in the request. After such a transaction
+the broker checks the connection and replaces it (never hands it to the next caller) if
+anything outlived the transaction:
+
+* always, for free: the ``ParameterStatus`` values Postgres pushes when a reported setting
+  changes (TimeZone, DateStyle, IntervalStyle, client_encoding, session_authorization,
+  default_transaction_read_only, standard_conforming_strings, …) are compared with the values
+  at connect time (`PgConnection.reported_changes`);
+* for requests the parser cannot see through (``DO``, ``CALL``, SQL it cannot parse — see
+  `sessionstate.needs_audit`), or for every request with ``PGBROKER_SESSION_AUDIT=always``,
+  one more query after the transaction (`AUDIT_SQL`, one round trip): settings changed at
+  session level, ``LISTEN`` channels, SQL prepared statements, open cursors, advisory locks,
+  temporary relations, and a role other than the login role.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker.pg import ConnectionLost, PgConnection, PgError
+
+__all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session"]
+
+log = logging.getLogger("pgbroker.sessionaudit")
+
+AUDIT_MODES = ("opaque", "always", "off")
+
+# One row, one text[] column: the kinds of session state found (empty when clean).
+AUDIT_SQL = """SELECT array_remove(ARRAY[
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source = 'session')
+       THEN 'settings' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels())
+       THEN 'listen' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)
+       THEN 'prepared statements' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable)
+       THEN 'cursors' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks
+                    WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())
+       THEN 'advisory locks' END,
+  CASE WHEN pg_catalog.pg_my_temp_schema() <> 0 AND EXISTS (
+         SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())
+       THEN 'temporary relations' END,
+  CASE WHEN current_user <> session_user THEN 'role' END
+], NULL)::text[]"""
+
+
+def audit_session(conn: PgConnection) -> list[str]:
+    """The kinds of session state left on *conn* (blocking; worker thread), [] when clean.
+
+    Only for an idle connection; a failure to audit counts as dirty (``["unaudited"]``) so the
+    connection is replaced rather than trusted. `ConnectionLost` propagates.
+    """
+    if conn.closed or conn.transaction_status != "idle":
+        return []
+    try:
+        result = conn.run(AUDIT_SQL)
+    except PgError as exc:
+        log.warning("session audit failed: %s", exc.sqlstate)
+        return ["unaudited"]
+    except ConnectionLost:
+        return []  # the pool replaces a lost connection anyway
+    if not result.rows:
+        return ["unaudited"]
+    cell = result.rows[0].values[0]
+    return [value.text for value in cell.array.values]
