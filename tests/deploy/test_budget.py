@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
 from functools import partial
 from typing import Any
 
@@ -10,14 +14,17 @@ import pytest
 
 from broker import pg
 from broker.budget import BudgetExceeded, BudgetProbe, ConnectionBudget
-from broker.config import parse_database_url
+from broker.config import Settings, parse_database_url
 from broker.pool import Pool
 from devtools.localpg import LocalPostgres
 
 
+def _dsn(postgres: Any) -> str:
+    return postgres.dsn + ("&" if "?" in postgres.dsn else "?") + "sslmode=disable"
+
+
 def _target(postgres: Any) -> Any:
-    dsn = postgres.dsn
-    return parse_database_url(dsn + ("&" if "?" in dsn else "?") + "sslmode=disable")
+    return parse_database_url(_dsn(postgres))
 
 
 async def _check(postgres: Any, pool_size: int, max_replicas: int) -> ConnectionBudget:
@@ -106,3 +113,33 @@ def test_budget_message_does_not_suggest_a_pool_of_zero() -> None:
         budget.check(pool_size=1, max_replicas=8)
     assert "at most 0" not in str(refused.value)
     assert "lower PGBROKER_MAX_REPLICAS" in str(refused.value)
+
+
+def _settings_have(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(Settings)}
+
+
+@pytest.mark.skipif(
+    not _settings_have("max_replicas"), reason="the broker has no PGBROKER_MAX_REPLICAS yet"
+)
+def test_broker_refuses_to_start_over_budget_with_the_arithmetic(postgres: Any) -> None:
+    available = asyncio.run(_check(postgres, 1, 1)).available
+    replicas = 4
+    env = dict(
+        os.environ,
+        PGBROKER_DATABASE_URL=_dsn(postgres),
+        PGBROKER_LISTEN="127.0.0.1:0",
+        PGBROKER_POOL_SIZE=str(available // replicas + 1),
+        PGBROKER_MAX_REPLICAS=str(replicas),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "connection budget exceeded" in done.stderr
+    assert f"> {available} available" in done.stderr

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import grpc
 import pytest
 
-from broker.config import load_settings
+from broker.config import Settings, load_settings
 from broker.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
 from broker.server import BrokerServer
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -205,3 +213,54 @@ def test_emf_carries_the_figures_a_real_broker_reports_in_getstats(postgres: Any
     assert value(doc, "MaxDatabaseConnectionsAllowed") == stats["pool_max"] == 2
     assert value(doc, "DatabaseConnections") == stats["pool_size"]
     assert value(doc, "DatabaseConnectionsCurrentlyBorrowed") == stats["pool_active"] == 0
+
+
+@pytest.mark.skipif(
+    "metrics_interval" not in {f.name for f in dataclasses.fields(Settings)},
+    reason="the broker has no PGBROKER_METRICS_INTERVAL yet",
+)
+def test_running_broker_writes_emf_lines_and_a_last_one_on_sigterm(postgres: Any) -> None:
+    dsn = postgres.dsn + ("&" if "?" in postgres.dsn else "?") + "sslmode=disable"
+    env = dict(
+        os.environ,
+        PGBROKER_DATABASE_URL=dsn,
+        PGBROKER_LISTEN="127.0.0.1:0",
+        PGBROKER_POOL_SIZE="2",
+        PGBROKER_METRICS_INTERVAL="0.2",
+        POWERTOOLS_SERVICE_NAME="emf-test",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+
+    def pump() -> None:  # a reader thread, so every wait below has a timeout
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    emf: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+            if '"_aws"' in line:
+                emf.append(line)
+                if len(emf) == 2:
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert len(emf) >= 3  # two periodic lines, then the last one written while draining
+    for line in emf:
+        doc = assert_valid_emf(line)
+        assert doc["service"] == "emf-test"
+        assert value(doc, "MaxDatabaseConnectionsAllowed") == 2
