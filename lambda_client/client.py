@@ -13,10 +13,10 @@ Nothing connects at construction: the gRPC channel is created on the first call 
 (`channels_created` counts them). One call is one round trip; a `transaction` sends every
 statement at once and the broker runs them between BEGIN and COMMIT on one pooled connection.
 
-Deadlines: with a Lambda *context* a call's deadline is the invocation's remaining time minus
-*deadline_margin*, capped by the call's *timeout*; without a context it is *timeout* or the
-client's default. The deadline travels to the broker, which drops queued work that can no
-longer start and cancels a statement that outlives it. A call never outlives its deadline.
+Deadlines: a call's budget is its *timeout*, else the client's (30 s by default); with a Lambda
+*context* it is also cut to the invocation's remaining time minus *deadline_margin*. The
+deadline travels to the broker, which drops queued work that can no longer start and cancels
+a statement that outlives it. A call never outlives its deadline.
 
 Retries happen only where nothing ran, and only inside the same deadline: RESOURCE_EXHAUSTED
 (queue full, queue timeout) and UNAVAILABLE that the broker reports with a pgbroker reason or
@@ -180,12 +180,12 @@ class _ClientBase:
 
     def _deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
         """The call's monotonic deadline; raise `DeadlineExceeded` if no time is left."""
-        if context is None:
-            budget = self.timeout if timeout is None else timeout
-        else:
-            budget = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
-            if timeout is not None:
-                budget = min(budget, timeout)
+        budget = self.timeout if timeout is None else timeout
+        if context is not None:
+            # A 15-minute function should not wait 15 minutes on one call (a broker that is
+            # down makes a call wait for the channel until its deadline): the timeout caps it.
+            remaining = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
+            budget = min(budget, remaining)
         if budget <= 0:
             raise errors.DeadlineExceeded(
                 "no time left for the call (Lambda remaining time is within the deadline "
@@ -274,10 +274,11 @@ class BrokerClient(_ClientBase):
 
     *target* is a gRPC target: ``dns:///broker.internal:50051`` (every address the name
     resolves to), ``ipv4:10.0.1.5:50051,10.0.2.7:50051`` or ``host:port``; default
-    ``PGBROKER_URL``, then ``127.0.0.1:50051``. *timeout* (seconds) bounds a call that has no
-    Lambda context; *deadline_margin* is kept back from a context's remaining time so the
-    handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses TLS with
-    *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system roots).
+    ``PGBROKER_URL``, then ``127.0.0.1:50051``. *timeout* (seconds) bounds every call unless
+    the call passes its own; *deadline_margin* is kept back from a Lambda context's remaining
+    time so the handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses
+    TLS with *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system
+    roots).
     *auth* returns metadata added to every attempt (tokens, signatures); by default it comes
     from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts*,
     *initial_backoff* and *max_backoff* shape the retries described in the module docstring.

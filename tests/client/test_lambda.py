@@ -14,6 +14,7 @@ import pytest
 from client.support import wait_until
 from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
+from devtools.localpg import free_port
 from lambda_client import BrokerClient, DeadlineExceeded
 
 
@@ -108,3 +109,15 @@ def test_request_id_shows_in_broker_log_and_pg_stat_activity(
     assert context.aws_request_id in names[0]
     assert "orders-api" in names[0]
     wait_until(lambda: context.aws_request_id in broker.log(), what="the request id in the log")
+
+
+def test_client_timeout_caps_a_long_lambda_context(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target, timeout=0.5)
+    with pytest.raises(DeadlineExceeded):
+        db.query("SELECT pg_sleep(5)", context=FakeLambdaContext(remaining=900))
+
+
+def test_unreachable_broker_ends_in_deadline_exceeded_not_a_hang() -> None:
+    db = BrokerClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+    with pytest.raises(DeadlineExceeded):
+        db.query("SELECT 1", context=FakeLambdaContext(remaining=900))
