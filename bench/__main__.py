@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.harness import PLANS, run_bench
-from bench.report import print_report, ratios, targets, write_chart, write_json
+from bench.report import markdown, print_report, ratios, targets, write_chart, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +19,18 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path(__file__).parent / "results", help="results folder"
     )
     parser.add_argument(
+        "--profile", action="store_true", help="py-spy the broker under W1 and W2 instead"
+    )
+    parser.add_argument(
         "--no-pgbroker", action="store_true", help="benchmark only PgBouncer and direct"
     )
     args = parser.parse_args(argv)
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.profile:
+        from bench.profile import print_profile, run_profile
+
+        print_profile(run_profile(PLANS[name], args.out))
+        return 0
     try:
         data = run_bench(PLANS[name], with_pgbroker=not args.no_pgbroker)
     except KeyboardInterrupt:
@@ -33,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latest" if name == "full" else name
     write_json(data, args.out / f"{stem}.json")
     write_chart(data, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(markdown(data))
     print_report(data)
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return 0

@@ -201,7 +201,11 @@ class Bench:
         for competitor in (DIRECT, BOUNCER_ASYNCPG, PGBROKER):
             yield Case("W3", "burst", competitor, plan.w3_invocations, plan.think_ms, 0.0)
 
-    def run_case(self, case: Case) -> dict[str, Any]:
+    def run_case(
+        self, case: Case, hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+    ) -> dict[str, Any]:
+        """Run *case* and return its row; *hooks* are called at the measured window's start
+        and end (the profiler uses them)."""
         row: dict[str, Any] = asdict(case)
         if case.competitor in self.skipped:
             return {**row, "skipped": self.skipped[case.competitor]}
@@ -211,7 +215,12 @@ class Bench:
         cpu: dict[str, float | None] = {}
 
         def mark(name: str) -> Callable[[], None]:
-            return lambda: cpu.__setitem__(name, cpu_seconds(pooler_pid) if pooler_pid else None)
+            def hook() -> None:
+                cpu[name] = cpu_seconds(pooler_pid) if pooler_pid else None
+                if hooks is not None:
+                    hooks[0 if name == "start" else 1]()
+
+            return hook
 
         try:
             if case.competitor == BOUNCER_PGBENCH:

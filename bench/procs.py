@@ -231,6 +231,8 @@ default_pool_size = {self.pool_size}
 min_pool_size = 0
 reserve_pool_size = 0
 max_client_conn = {self.max_client_conn}
+; a burst of 2000 connects overflows the default backlog (128): dropped SYNs retry after 1 s
+listen_backlog = 4096
 max_db_connections = 0
 server_tls_sslmode = disable
 ignore_startup_parameters = extra_float_digits,options,search_path

@@ -200,3 +200,43 @@ def write_chart(data: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results and ratio tables as Markdown (for docs/performance.md)."""
+    lines = [
+        "| workload | competitor | clients | tx/s (W3: time) | p50 ms | p95 ms | p99 ms | errors "
+        "| peak backends | pooler CPU s/1k tx | pooler RSS MB | loadgen CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in data["results"]:
+        if row.get("skipped"):
+            continue
+        pooler = row.get("pooler") or {}
+        latency = row.get("latency_ms") or {}
+        util = row.get("loadgen_cpu_util")
+        tps = _fmt(row.get("tps")) if row["workload"] != "W3" else f"{row['elapsed_s']:.1f} s"
+        cells = [
+            f"{row['workload']} {row['variant']}", row["competitor"], _fmt(row.get("clients")),
+            tps, _fmt(latency.get("p50"), 1), _fmt(latency.get("p95"), 1),
+            _fmt(latency.get("p99"), 1), _fmt(row.get("errors")), _fmt(row.get("peak_backends")),
+            _fmt(pooler.get("cpu_s_per_1000_tx"), 2), _fmt(pooler.get("peak_rss_mb")),
+            f"{util * 100:.0f}%" if util is not None else "–",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| workload | pgbroker ÷ | tx/s | p50 |", "|---|---|--:|--:|"]
+    for entry in data.get("ratios", []):
+        lines.append(
+            f"| {entry['workload']} {entry['variant']} | {entry['versus']} "
+            f"| {_fmt(entry['tps'], 2)} | {_fmt(entry['p50'], 2)} |"
+        )
+    lines += ["", "| cold start (median, ms) | samples | import | import + first query |"]
+    lines.append("|---|--:|--:|--:|")
+    for entry in data.get("cold_start", []):
+        if not entry.get("skipped"):
+            lines.append(
+                f"| {entry['competitor']} | {entry['samples']} "
+                f"| {_fmt(entry['import_ms']['median'])} "
+                f"| {_fmt(entry['first_query_ms']['median'])} |"
+            )
+    return "\n".join(lines) + "\n"
