@@ -9,6 +9,9 @@ PROTO_OUT := lambda_client/_proto/pgbroker/v1
 
 .PHONY: install proto proto-check test lint run demo bench validate image deploy clean
 
+IMAGE    ?= pgbroker:dev
+PLATFORM ?= linux/arm64
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pgbroker needs Python 3.11 or newer"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,5 +51,18 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick) $(ARGS)
 
+# The broker image for Fargate ARM64 (needs a Docker engine); PUSH=1 pushes IMAGE to its registry.
+image:
+	docker buildx build --platform $(PLATFORM) --tag $(IMAGE) $(if $(PUSH),--push,--load) .
+
+# Offline checks of the deployment: sam validate --lint, sam build, the layer's arm64 grpc
+# extension, hadolint. Uses its own virtualenv (.venv-sam): aws-sam-cli pins its own boto3.
+validate:
+	bash deploy/validate.sh
+
+# sam build (in validate), then sam deploy --guided; see docs/deploy.md for the parameters.
+deploy: validate
+	.venv-sam/bin/sam deploy --guided $(ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .aws-sam
+	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .aws-sam
