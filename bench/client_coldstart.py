@@ -6,7 +6,8 @@ then measures, each as the median of *samples* fresh interpreters:
 
 * ``import lambda_client`` (bare: names resolve lazily) and ``from lambda_client import
   BrokerClient`` (what a handler does: gRPC and protobuf load);
-* that import + ``BrokerClient(target).query("SELECT 1")`` on a new channel;
+* that import + ``BrokerClient(target).query("SELECT 1")`` on a new channel, plaintext and
+  with TLS to the broker (the same self-signed certificate, verified);
 * ``import pg8000.native`` + a TLS connection that verifies the certificate (as a Lambda
   connecting to RDS with the CA bundle would) + ``SELECT 1``;
 
@@ -55,6 +56,22 @@ t0 = time.perf_counter()
 from lambda_client import BrokerClient
 t1 = time.perf_counter()
 db = BrokerClient(sys.argv[1])
+assert db.query("SELECT 1").scalar() == 1
+t2 = time.perf_counter()
+assert db.query("SELECT 1").scalar() == 1
+t3 = time.perf_counter()
+print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1000,
+                  "warm_query_ms": (t3 - t2) * 1000}))
+"""
+
+_CLIENT_TLS_FIRST_QUERY = """
+import json, sys, time
+t0 = time.perf_counter()
+from lambda_client import BrokerClient
+t1 = time.perf_counter()
+with open(sys.argv[2], "rb") as f:
+    roots = f.read()
+db = BrokerClient(sys.argv[1], tls=True, root_certificates=roots)
 assert db.query("SELECT 1").scalar() == 1
 t2 = time.perf_counter()
 assert db.query("SELECT 1").scalar() == 1
@@ -186,6 +203,13 @@ def measure(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
                 figures["lambda_client"] = _medians(
                     [_fresh(_CLIENT_FIRST_QUERY, broker.target) for _ in range(samples)]
                 )
+            tls_env = {"PGBROKER_TLS_CERT": cert, "PGBROKER_TLS_KEY": key}
+            with BrokerProcess(
+                dsn, pool_size=2, auth="none", log_level="INFO", env=tls_env
+            ) as broker:
+                figures["lambda_client_tls"] = _medians(
+                    [_fresh(_CLIENT_TLS_FIRST_QUERY, broker.target, cert) for _ in range(samples)]
+                )
             figures["pg8000_tls"] = _medians(
                 [
                     _fresh(_PG8000_TLS_FIRST_QUERY, pg.host, str(pg.port), cert)
@@ -201,17 +225,20 @@ def measure(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
 
 def render(figures: dict[str, Any]) -> str:
     """A Markdown table of *figures*."""
-    client, direct = figures["lambda_client"], figures["pg8000_tls"]
+    columns = [figures["lambda_client"], figures["lambda_client_tls"], figures["pg8000_tls"]]
     mib = 1024 * 1024
+
+    def row(label: str, key: str) -> str:
+        return f"| {label} | " + " | ".join(f"{c[key]} ms" for c in columns) + " |"
+
     lines = [
         f"Median of {figures['samples']} fresh processes, Python {figures['python']}, loopback.",
         "",
-        "| measure | lambda_client (gRPC, plaintext hop) | pg8000 + TLS (verified) |",
-        "| --- | --- | --- |",
-        f"| import | {client['import_ms']} ms | {direct['import_ms']} ms |",
-        f"| import + connect + first query | {client['first_query_ms']} ms "
-        f"| {direct['first_query_ms']} ms |",
-        f"| next (warm) query | {client['warm_query_ms']} ms | {direct['warm_query_ms']} ms |",
+        "| measure | lambda_client, plaintext | lambda_client, TLS | pg8000, TLS (verified) |",
+        "| --- | --- | --- | --- |",
+        row("import", "import_ms"),
+        row("import + connect + first query", "first_query_ms"),
+        row("next (warm) query", "warm_query_ms"),
         "",
         f"`import lambda_client` alone: {figures['import_lambda_client_ms']} ms; "
         f"`from lambda_client import BrokerClient`: {figures['import_broker_client_ms']} ms.",

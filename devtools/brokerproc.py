@@ -38,6 +38,7 @@ class BrokerProcess:
         listen: str = "127.0.0.1:0",
         log_level: str = "DEBUG",
         start_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
         **settings: object,
     ) -> None:
         if log_level.upper() not in ("DEBUG", "INFO"):
@@ -47,6 +48,7 @@ class BrokerProcess:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.settings = settings
+        self.env = dict(env or {})  # extra PGBROKER_* variables (settings that have no flag)
         self.host = listen.rsplit(":", 1)[0].strip("[]")
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,6 +75,7 @@ class BrokerProcess:
         exits or does not listen within *start_timeout* seconds."""
         offset = self.log_path.stat().st_size
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(),
