@@ -133,3 +133,13 @@ def test_context_with_no_time_left_fails_without_sending() -> None:
             client.query("SELECT 1", context=FakeLambdaContext(remaining=0.4))
     assert script.requests == []
     assert client.channels_created == 0
+
+
+def test_powertools_logger_correlation_id_travels_as_metadata() -> None:
+    from aws_lambda_powertools import Logger
+
+    logger = Logger(service="orders")
+    logger.set_correlation_id("corr-from-powertools")
+    with standin() as (target, script):
+        fast_client(target, correlation_id=logger.get_correlation_id).query("SELECT 1")
+    assert script.metadata[0]["x-correlation-id"] == "corr-from-powertools"
