@@ -92,6 +92,9 @@ class Script(pb_grpc.BrokerServicer):
         context.abort_with_status(rpc_status.to_status(answer))
         raise AssertionError("unreachable")
 
+    def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        return pb.GetStatsResponse(stats={"rpcs_num": len(self.requests)})
+
 
 @contextmanager
 def standin(*answers: status_pb2.Status | None) -> Iterator[tuple[str, Script]]:

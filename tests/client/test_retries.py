@@ -6,6 +6,8 @@ the stand-in answers exactly the rich statuses the broker's contract defines.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -16,7 +18,7 @@ from devtools.lambda_context import FakeLambdaContext
 SC = grpc.StatusCode
 
 
-def fast_client(target: str, **kwargs: object) -> lc.BrokerClient:
+def fast_client(target: str, **kwargs: Any) -> lc.BrokerClient:
     return lc.BrokerClient(target, timeout=10, initial_backoff=0.01, max_backoff=0.02, **kwargs)
 
 
