@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -99,6 +99,8 @@ class Settings:
     role_map: str = ""
     default_role: str = ""
     session_audit: str = "opaque"
+    database_secret_id: str = ""
+    database_iam_auth: bool = False
     max_statements: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
     max_result_rows: int = 1_000_000
@@ -250,7 +252,11 @@ def load_settings(
     r = _Resolver(flags or {}, os.environ if environ is None else environ)
     url_text, url_source = r.raw("database_url")
     database: DatabaseTarget | None = None
-    if url_text is None:
+    if url_text is None and r.raw("database_secret_id")[0]:
+        # Everything comes from the secret (RDS JSON with host, port, dbname); verify TLS.
+        database = DatabaseTarget(host="", port=5432, user="", database="postgres")
+        database = replace(database, sslmode="verify-full")
+    elif url_text is None:
         r.problems.append(f"{url_source} is required (postgresql://user:password@host:5432/db)")
     else:
         database = r.get("database_url", parse_database_url, None)  # type: ignore[arg-type]
@@ -321,6 +327,7 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
             "tls_client_ca",
             "role_map",
             "default_role",
+            "database_secret_id",
         )
     }
     text["session_audit"] = r.get(
@@ -357,4 +364,18 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
             authenticator_from_env(auth_mode, environ)
         except ValueError as exc:
             r.problems.append(str(exc))
-    return {**text, **sizes}
+    iam_db = r.get("database_iam_auth", _boolean, False)
+    if iam_db and text["database_secret_id"]:
+        r.problems.append(
+            "PGBROKER_DATABASE_IAM_AUTH and PGBROKER_DATABASE_SECRET_ID exclude each other"
+        )
+    return {**text, **sizes, "database_iam_auth": iam_db}
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")

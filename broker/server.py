@@ -23,9 +23,10 @@ from aws_lambda_powertools import Logger
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import pg, tls
+from broker import tls
 from broker.auth import AuthInterceptor, AuthStats, authenticator_for_settings
 from broker.config import Settings
+from broker.credentials import connect_with_credentials, credentials_for
 from broker.limits import Limits
 from broker.pool import Pool
 from broker.roles import RoleMap
@@ -84,9 +85,11 @@ class BrokerServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port = 0
+        # Credentials from the URL, a Secrets Manager secret or RDS IAM (broker/credentials.py).
+        self.credentials = credentials_for(settings)
         connect = partial(
-            pg.connect,
-            settings.database,
+            connect_with_credentials,
+            self.credentials,
             settings.connect_timeout,
             settings.statement_timeout,
             settings.statement_cache_size,
