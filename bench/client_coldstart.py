@@ -19,6 +19,7 @@ figures as a dict, for `bench/__main__.py` to call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -187,35 +188,36 @@ def installed_size(requirements: list[str], extra: Path | None = None) -> int:
 
 
 def measure(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
-    """Every figure in the module docstring, medians over *samples* fresh processes."""
+    """Every figure in the module docstring, medians over *samples* fresh processes.
+
+    The variants are interleaved (one process of each per round), so a machine whose load
+    changes during the run weighs on all of them alike.
+    """
     figures: dict[str, Any] = {"samples": samples, "python": sys.version.split()[0]}
-    figures["import_lambda_client_ms"] = _medians([_fresh(_BARE_IMPORT) for _ in range(samples)])[
-        "ms"
-    ]
-    figures["import_broker_client_ms"] = _medians([_fresh(_CLIENT_IMPORT) for _ in range(samples)])[
-        "ms"
-    ]
-    with tempfile.TemporaryDirectory(prefix="pgbroker-cert-") as certdir:
-        cert, key = self_signed_cert(Path(certdir))
-        with LocalPostgres(ssl=(cert, key)) as pg:
-            dsn = f"{pg.dsn}?sslmode=require"
-            with BrokerProcess(dsn, pool_size=2, auth="none", log_level="INFO") as broker:
-                figures["lambda_client"] = _medians(
-                    [_fresh(_CLIENT_FIRST_QUERY, broker.target) for _ in range(samples)]
-                )
-            tls_env = {"PGBROKER_TLS_CERT": cert, "PGBROKER_TLS_KEY": key}
-            with BrokerProcess(
-                dsn, pool_size=2, auth="none", log_level="INFO", env=tls_env
-            ) as broker:
-                figures["lambda_client_tls"] = _medians(
-                    [_fresh(_CLIENT_TLS_FIRST_QUERY, broker.target, cert) for _ in range(samples)]
-                )
-            figures["pg8000_tls"] = _medians(
-                [
-                    _fresh(_PG8000_TLS_FIRST_QUERY, pg.host, str(pg.port), cert)
-                    for _ in range(samples)
-                ]
-            )
+    runs: dict[str, list[dict[str, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        certdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pgbroker-cert-")))
+        cert, key = self_signed_cert(certdir)
+        pg = stack.enter_context(LocalPostgres(ssl=(cert, key)))
+        dsn = f"{pg.dsn}?sslmode=require"
+        plain = stack.enter_context(BrokerProcess(dsn, pool_size=2, auth="none", log_level="INFO"))
+        tls_env = {"PGBROKER_TLS_CERT": cert, "PGBROKER_TLS_KEY": key}
+        tls = stack.enter_context(
+            BrokerProcess(dsn, pool_size=2, auth="none", log_level="INFO", env=tls_env)
+        )
+        variants: dict[str, tuple[str, ...]] = {
+            "import_lambda_client": (_BARE_IMPORT,),
+            "import_broker_client": (_CLIENT_IMPORT,),
+            "lambda_client": (_CLIENT_FIRST_QUERY, plain.target),
+            "lambda_client_tls": (_CLIENT_TLS_FIRST_QUERY, tls.target, cert),
+            "pg8000_tls": (_PG8000_TLS_FIRST_QUERY, pg.host, str(pg.port), cert),
+        }
+        for _ in range(samples):
+            for name, (script, *args) in variants.items():
+                runs.setdefault(name, []).append(_fresh(script, *args))
+    figures["import_lambda_client_ms"] = _medians(runs.pop("import_lambda_client"))["ms"]
+    figures["import_broker_client_ms"] = _medians(runs.pop("import_broker_client"))["ms"]
+    figures.update({name: _medians(values) for name, values in runs.items()})
     if sizes:
         requirements = ["-r", str(ROOT / "lambda_client" / "requirements.txt")]
         figures["layer_bytes"] = installed_size(requirements, ROOT / "lambda_client")
