@@ -372,8 +372,13 @@ class Pool:
         try:
             while not self._closed:
                 started = time.monotonic()
+                attempt = self._loop.run_in_executor(self._maintenance, self._connect)
                 try:
-                    pg = await self._loop.run_in_executor(self._maintenance, self._connect)
+                    pg = await asyncio.shield(attempt)
+                except asyncio.CancelledError:
+                    # Closing while a connect is in flight: close what it opens, never leak it.
+                    attempt.add_done_callback(_close_opened)
+                    raise
                 except (ConnectionLost, OSError) as exc:
                     self._stats["connections_errors"] += 1
                     self.last_connect_error = str(exc)
@@ -469,6 +474,11 @@ _COUNTERS = (
     "connections_errors",
     "connections_lost",
 )
+
+
+def _close_opened(attempt: asyncio.Future[PgConnection]) -> None:
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().close_quietly()
 
 
 def _has_pending_input(pg: PgConnection) -> bool:
