@@ -314,9 +314,14 @@ async def _run_on(
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        if attempt.cancel_tasks:
-            await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
-        pool.putconn(conn, _close_reason(conn, attempt, error))
+        try:
+            if attempt.cancel_tasks:
+                # Let the cancel request land before the connection can serve anyone else.
+                await asyncio.shield(asyncio.gather(*attempt.cancel_tasks, return_exceptions=True))
+        except asyncio.CancelledError:
+            pass  # cancelled again: _close_reason replaces a connection a cancel may still hit
+        finally:
+            pool.putconn(conn, _close_reason(conn, attempt, error))
 
 
 async def _settle(work: asyncio.Future[list[pb.StatementResult]]) -> BaseException | None:
