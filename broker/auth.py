@@ -418,12 +418,16 @@ def _status_for(exc: AuthError) -> grpc.Status:
         grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
         grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     }.get(exc.code, code_pb2.UNAUTHENTICATED)
-    status = status_pb2.Status(code=code, message=exc.message)
-    info = error_details_pb2.ErrorInfo(domain="pgbroker", reason=exc.reason)
+    return _status(code, exc.message, exc.reason, exc.retry_after)
+
+
+def _status(code: int, message: str, reason: str, retry_after: float | None = None) -> grpc.Status:
+    status = status_pb2.Status(code=code, message=message)
+    info = error_details_pb2.ErrorInfo(domain="pgbroker", reason=reason)
     status.details.add().Pack(info)
-    if exc.retry_after is not None:
+    if retry_after is not None:
         retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(int(exc.retry_after * 1e9))
+        retry.retry_delay.FromNanoseconds(int(retry_after * 1e9))
         status.details.add().Pack(retry)
     return rpc_status.to_status(status)
 
@@ -435,7 +439,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
     """The same handler, authenticating first and running with `current_identity` set.
 
     grpc.aio runs each RPC in its own task (its own context), so the identity set here is
-    seen by that RPC's handler only and needs no reset.
+    seen by that RPC's handler only and needs no reset. A unary request is decoded only after
+    authentication, and a request that is not valid protobuf (bad UTF-8, nesting too deep)
+    gets INVALID_ARGUMENT/BAD_REQUEST rather than gRPC's UNKNOWN.
     """
     h: Any = handler
     kwargs = {
@@ -444,9 +450,12 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
     }
     if h.unary_unary is not None:
         inner_uu = h.unary_unary
+        decode = h.request_deserializer
+        kwargs["request_deserializer"] = None  # raw bytes; decoded below, after admission
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             current_identity.set(await admit(context))
+            request = await _decode(decode, raw, context)
             return await _maybe_await(inner_uu(request, context))
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
@@ -478,6 +487,19 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
             await _maybe_await(responses)
 
     return factory(streaming, **kwargs)
+
+
+async def _decode(
+    decode: Callable[[bytes], Any] | None, raw: Any, context: grpc.aio.ServicerContext
+) -> Any:
+    if decode is None or not isinstance(raw, bytes):
+        return raw
+    try:
+        return decode(raw)
+    except Exception as exc:  # protobuf DecodeError (bad UTF-8, too deep, corrupt)
+        message = f"the request is not a valid message: {str(exc)[:200]}"
+        await context.abort_with_status(_status(code_pb2.INVALID_ARGUMENT, message, "BAD_REQUEST"))
+        raise
 
 
 async def _maybe_await(value: Any) -> Any:

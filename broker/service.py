@@ -247,6 +247,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         function = str(meta.get("x-lambda-function-name", "")) or None
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None else None
+        if deadline is None:
+            # A caller without a deadline is still bounded (issue 6): otherwise
+            # SET LOCAL statement_timeout = 0 could hold a pooled connection forever.
+            deadline = started + self.pool.queue_timeout + self.statement_timeout
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:

@@ -248,6 +248,15 @@ def _classify_top_level(stmt: ast.Node | None, role_locked: bool) -> Refusal | N
                 "DISCARD would drop the broker's own prepared statements; there is nothing to"
                 " discard, because every request starts on a clean session",
             )
+        case ast.CopyStmt() if stmt.filename is None:
+            verb = "COPY FROM STDIN" if stmt.is_from else "COPY TO STDOUT"
+            return Refusal(
+                verb,
+                f"{verb} streams data over the database connection, which the broker does not"
+                " relay; insert rows with INSERT … SELECT * FROM unnest($1::int[], $2::text[]),"
+                " read them with SELECT",
+                REASON_BAD_REQUEST,
+            )
         case ast.DoStmt() if role_locked:
             return Refusal(
                 "DO",

@@ -201,9 +201,10 @@ class _ClientBase:
         if attempt >= self.max_attempts:
             return None
         if isinstance(error, errors.Overloaded):
-            # A crossed limit (PGBROKER_MAX_*) fails the same way again; only the in-flight
-            # limit sends RetryInfo, since it clears as the caller's other requests finish.
-            if error.reason == "LIMIT_EXCEEDED" and error.retry_after is None:
+            # A crossed limit (PGBROKER_MAX_*, or gRPC's message size cap, which has no
+            # reason) fails the same way again; only the in-flight limit sends RetryInfo,
+            # since it clears as the caller's other requests finish.
+            if error.reason in (None, "LIMIT_EXCEEDED") and error.retry_after is None:
                 return None
         elif isinstance(error, errors.Unavailable):
             # Only when the broker itself says nothing ran; a transport failure mid-call

@@ -228,6 +228,68 @@ def test_set_local_and_transaction_advisory_locks_work(broker: Broker) -> None:
     assert rows(after.results[0]) == [('"$user", public',)]
 
 
+def _raw_execute(broker: Broker, payload: bytes) -> grpc.RpcError:
+    channel = grpc.insecure_channel(broker.target)
+    try:
+        call = channel.unary_unary(
+            "/pgbroker.v1.Broker/Execute",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(payload, timeout=5)
+        return caught.value
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x0a\x05\x0a\x03\xff\xfe\xfd",  # statements { sql: invalid UTF-8 }
+        b"\xff\xff\xff\xff",  # not protobuf at all
+    ],
+    ids=["bad-utf8", "garbage"],
+)
+def test_malformed_protobuf_is_invalid_argument(broker: Broker, payload: bytes) -> None:
+    error = _raw_execute(broker, payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(error)
+    assert info is not None and info.reason == "BAD_REQUEST"
+
+
+def test_too_deeply_nested_parameter_is_invalid_argument(broker: Broker) -> None:
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            low, n = n & 0x7F, n >> 7
+            out += bytes([low | (0x80 if n else 0)])
+            if not n:
+                return out
+
+    value = b"\x18\x01"  # Value { int64: 1 }
+    for _ in range(300):  # Value { array: Array { values: [value] } }
+        array = b"\x12" + varint(len(value)) + value
+        value = b"\x82\x01" + varint(len(array)) + array
+    sql = b"SELECT $1"
+    statement = b"\x0a" + varint(len(sql)) + sql + b"\x12" + varint(len(value)) + value
+    error = _raw_execute(broker, b"\x0a" + varint(len(statement)) + statement)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_call_without_deadline_cannot_hold_a_connection_by_disabling_the_timeout(
+    postgres: Any,
+) -> None:
+    with Broker(postgres.dsn, pool_size=1, queue_timeout=1, statement_timeout=1) as broker:
+        with pytest.raises(grpc.RpcError) as caught:
+            broker.stub().Execute(  # no timeout: the call itself has no deadline
+                request("SET LOCAL statement_timeout = 0", "SELECT pg_sleep(30)")
+            )
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = broker.stub().Execute(request("SELECT 1"), timeout=10)
+    assert rows(reply.results[0]) == [(1,)]
+
+
 # -- none off loopback ----------------------------------------------------------------------
 
 

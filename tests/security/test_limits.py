@@ -151,6 +151,20 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def test_client_does_not_retry_a_crossed_limit(broker: Broker) -> None:
+    from lambda_client import BrokerClient, Overloaded
+
+    before = broker.stats()["rpcs_num"]
+    client = BrokerClient(broker.target, auth=lambda: BEARER, max_attempts=5, timeout=10)
+    try:
+        with pytest.raises(Overloaded) as caught:
+            client.query("SELECT g FROM generate_series(1, 1000) AS g")
+    finally:
+        client.close()
+    assert caught.value.reason == "LIMIT_EXCEEDED"
+    assert broker.stats()["rpcs_num"] - before == 1
+
+
 def test_pool_stays_healthy_after_limit_errors(broker: Broker) -> None:
     for _ in range(3):
         refused(broker, request("SELECT g FROM generate_series(1, 500) AS g"))

@@ -173,6 +173,17 @@ def test_empty_sql_is_refused_as_bad_request(sql: str) -> None:
     assert refusal.reason == REASON_BAD_REQUEST
 
 
+@pytest.mark.parametrize(
+    ("sql", "command"),
+    [("COPY t FROM STDIN", "COPY FROM STDIN"), ("copy (select 1) to stdout", "COPY TO STDOUT")],
+)
+def test_copy_over_the_connection_is_refused_as_bad_request(sql: str, command: str) -> None:
+    refusal = check_statement(sql)
+    assert refusal is not None
+    assert (refusal.reason, refusal.command) == (REASON_BAD_REQUEST, command)
+    assert check_statement("COPY t FROM '/srv/data.csv'") is None  # server-side file: privileges
+
+
 def test_syntax_errors_are_left_for_postgres_to_report() -> None:
     assert check_statement("SELEC 1") is None
     assert check_statement("SET") is None
