@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from broker.config import ConfigError, load_settings, parse_listen
 
@@ -92,8 +93,10 @@ def _stats(target: str, timeout: float, as_json: bool) -> int:
     from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
     try:
-        with grpc.insecure_channel(target) as channel:
-            reply = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=timeout)
+        with _channel(target) as channel:
+            reply = pb_grpc.BrokerStub(channel).GetStats(
+                pb.GetStatsRequest(), timeout=timeout, metadata=_auth_metadata(target)
+            )
     except grpc.RpcError as exc:
         print(f"pgbroker: cannot get stats from {target}: {exc.code().name}", file=sys.stderr)
         return 1
@@ -112,7 +115,7 @@ def _health(target: str, timeout: float) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(target) as channel:
+        with _channel(target) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )
@@ -122,6 +125,51 @@ def _health(target: str, timeout: float) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _channel(target: str) -> Any:
+    """A channel to the local broker: TLS when it serves TLS (``PGBROKER_TLS_CERT``), trusting
+    ``PGBROKER_TLS_CA_FILE`` (else the certificate itself), with the client certificate of
+    ``PGBROKER_TLS_CLIENT_CERT_FILE``/``_KEY_FILE`` for mTLS; the name checked is
+    ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1)."""
+    import grpc
+
+    env = os.environ
+    if not env.get("PGBROKER_TLS_CERT"):
+        return grpc.insecure_channel(target)
+
+    def read(name: str) -> bytes | None:
+        path = env.get(name)
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read("PGBROKER_TLS_CA_FILE") or read("PGBROKER_TLS_CERT"),
+        private_key=read("PGBROKER_TLS_CLIENT_KEY_FILE"),
+        certificate_chain=read("PGBROKER_TLS_CLIENT_CERT_FILE"),
+    )
+    options = []
+    if env.get("PGBROKER_TLS_SERVER_NAME"):
+        options.append(("grpc.ssl_target_name_override", env["PGBROKER_TLS_SERVER_NAME"]))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _auth_metadata(target: str) -> Sequence[tuple[str, str]]:
+    """Credentials for GetStats, from the same variables a client reads (PGBROKER_AUTH,
+    PGBROKER_TOKEN, …; see lambda_client/auth.py). Health checks need none."""
+    from lambda_client.auth import auth_from_env
+
+    env = dict(os.environ)
+    if env.get("PGBROKER_AUTH") == "token" and not env.get("PGBROKER_TOKEN"):
+        tokens = env.get("PGBROKER_TOKENS", "").split(",")[0]
+        env["PGBROKER_TOKEN"] = tokens.rpartition(":")[2].strip()
+    try:
+        hook = auth_from_env(env, default_audience=target)
+    except ValueError:
+        return ()
+    return tuple(hook()) if hook is not None else ()
 
 
 if __name__ == "__main__":

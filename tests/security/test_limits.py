@@ -193,3 +193,23 @@ def test_in_flight_counts_are_released_when_a_request_fails() -> None:
         pass
     with limiter.hold(None), limiter.hold(None):
         pass  # anonymous callers (auth none) are not limited per caller
+
+
+def test_stats_command_authenticates_like_a_client(broker: Broker) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def stats(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "stats", "--json", "--target", broker.target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        )
+
+    assert stats().returncode == 1  # GetStats is a Broker method: credentials required
+    allowed = stats(PGBROKER_AUTH="token", PGBROKER_TOKEN=TOKEN)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "auth_failures" in allowed.stdout

@@ -197,3 +197,25 @@ def test_sslmode_require_still_encrypts_without_verifying(tls_postgres: LocalPos
             request("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"), timeout=10
         )
     assert rows(reply.results[0]) == [(True,)]
+
+
+def test_health_and_stats_commands_speak_tls(tls_broker: Broker, pki: dict) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PGBROKER_TLS_CERT": pki["broker"].cert_file,
+        "PGBROKER_TLS_CA_FILE": pki["ca"].cert_file,
+    }
+    for command in ("health", "stats"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", command, "--target", tls_broker.target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+    assert "pool_size" in proc.stdout
