@@ -518,3 +518,23 @@ def test_iam_mode_without_its_settings_refuses_to_start(
 ) -> None:
     with pytest.raises(ValueError, match=expected):
         authenticator_from_env("iam", environ)
+
+
+def test_unreachable_sts_is_unavailable_with_retry_info_and_not_cached(moto_aws: MotoAws) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    stats = AuthStats()
+    auth = IamAuth(sts_endpoint=closed, audience=AUDIENCE, allowed_roles=["app-role"], stats=stats)
+    metadata = iam_metadata(moto_aws, sts_endpoint=closed)
+
+    async def scenario() -> list[grpc.aio.AioRpcError]:
+        async with serve(auth, stats) as target:
+            return [await refused(target, metadata) for _ in range(2)]
+
+    errors = run(scenario())
+    assert [e.code() for e in errors] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert error_reason(errors[0]) == "AUTH_UNAVAILABLE"
+    assert stats.auth_sts_calls == 2  # a transient failure is not remembered
