@@ -54,8 +54,8 @@ __all__ = [
 REASON_SESSION_STATE = "SESSION_STATE"
 REASON_BAD_REQUEST = "BAD_REQUEST"
 
-# SQL longer than this is classified without caching, so the cache cannot pin megabytes.
-_CACHE_MAX_SQL_CHARS = 16_384
+# SQL longer than this is classified without caching: the two caches pin at most ~16 MB.
+_CACHE_MAX_SQL_CHARS = 4096
 _CURSOR_OPT_HOLD = 0x0020  # parsenodes.h: DECLARE ... WITH HOLD
 
 _SESSION_ADVISORY_LOCKS = frozenset(
@@ -133,7 +133,7 @@ def check_statement(sql: str, *, role_locked: bool = False) -> Refusal | None:
     return _classify_cached(sql, role_locked)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=2048)
 def _classify_cached(sql: str, role_locked: bool) -> Refusal | None:
     return _classify(sql, role_locked)
 
@@ -147,7 +147,7 @@ def needs_audit(sqls: Sequence[str]) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=2048)
 def _opaque_cached(sql: str) -> bool:
     return _opaque(sql)
 
