@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path(__file__).parent / "results", help="results folder"
     )
     parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workloads and/or competitors to run, e.g. W3 or W2,pgbroker",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the broker under W1 and W2 instead"
     )
     parser.add_argument(
@@ -32,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print_profile(run_profile(PLANS[name], args.out))
         return 0
     try:
-        data = run_bench(PLANS[name], with_pgbroker=not args.no_pgbroker)
+        only = {part.strip() for part in args.only.split(",") if part.strip()}
+        data = run_bench(PLANS[name], with_pgbroker=not args.no_pgbroker, only=only)
     except KeyboardInterrupt:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130

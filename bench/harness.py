@@ -69,6 +69,7 @@ class Plan:
     pool_size: int = 20
     max_connections: int = 600
     burst_timeout: float = 90.0
+    pgbroker_asyncio: bool = True  # drive pgbroker with lambda_client.aio (else threads)
 
 
 PLANS = {
@@ -282,8 +283,11 @@ class Bench:
             warmup=plan.warmup, think_ms=case.think_ms, scale=plan.scale,
             timeout=plan.burst_timeout if case.workload == "W3" else 60.0,
             user=ROLES[DIRECT] if case.competitor == DIRECT else "postgres",
+            asyncio=plan.pgbroker_asyncio,
         )  # fmt: skip
         limit = plan.warmup + plan.duration + spec.timeout + 60
+        if case.workload == "W3":
+            return _run_burst_processes(self.procs, spec, on_start, on_end, limit)
         return _run_load_process(self.procs, spec, on_start, on_end, limit)
 
     def _run_pgbench(
@@ -341,6 +345,106 @@ def _run_load_process(
         raise RuntimeError(f"load generator failed ({proc.returncode}): {stderr.strip()[-500:]}")
     result.pop("event", None)
     return result
+
+
+# One load process per this many burst invocations: a single Python process cannot open
+# 2000 connections at once (GIL), which would turn the burst into a trickle.
+BURST_PER_PROCESS = 250
+
+
+def _run_burst_processes(
+    procs: Processes,
+    spec: Spec,
+    on_start: Callable[[], None],
+    on_end: Callable[[], None],
+    limit: float,
+) -> dict[str, Any]:
+    """Split a W3 burst over several `bench.load` processes released together; merge."""
+    count = max(1, -(-spec.clients // BURST_PER_PROCESS))
+    shares = [spec.clients // count + (1 if i < spec.clients % count else 0) for i in range(count)]
+    with contextlib.ExitStack() as stack:
+        children: list[tuple[subprocess.Popen[bytes], Any]] = []
+        first = 0
+        for share in shares:
+            child = replace(spec, clients=share, wait_for_go=True, first_index=first)
+            first += share
+            argv = [sys.executable, "-m", "bench.load", json.dumps(asdict(child))]
+            err = stack.enter_context(tempfile.TemporaryFile())
+            proc = procs.start(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err.fileno(), cwd=ROOT
+            )
+            stack.callback(procs.stop, proc)
+            children.append((proc, err))
+
+        def stop_children() -> None:
+            for proc, _ in children:
+                procs.stop(proc, timeout=2)
+
+        watchdog = threading.Timer(limit, stop_children)
+        watchdog.start()
+        stack.callback(watchdog.cancel)
+        results = _release_burst(children, on_start, on_end)
+    return _merge_bursts(spec, results)
+
+
+def _release_burst(
+    children: list[tuple[subprocess.Popen[bytes], Any]],
+    on_start: Callable[[], None],
+    on_end: Callable[[], None],
+) -> list[dict[str, Any]]:
+    """Wait until every child is ready, release them together, collect their results."""
+    try:
+        for proc, _ in children:
+            _read_until(proc.stdout, "ready")
+        on_start()
+        for proc, _ in children:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        results = [_read_until(proc.stdout, "result") for proc, _ in children]
+        on_end()
+        return results
+    except RuntimeError as exc:
+        messages = []
+        for proc, err in children:
+            proc.kill()
+            proc.wait(5)
+            err.seek(0)
+            messages.append(err.read().decode(errors="replace").strip()[-300:])
+        raise RuntimeError(f"{exc}: {' | '.join(m for m in messages if m)}") from exc
+
+
+def _read_until(stream: Any, wanted: str) -> dict[str, Any]:
+    for line in stream:
+        event: dict[str, Any] = json.loads(line)
+        if event["event"] == wanted:
+            return event
+    raise RuntimeError(f"load generator exited before {wanted!r}")
+
+
+def _merge_bursts(spec: Spec, results: list[dict[str, Any]]) -> dict[str, Any]:
+    from bench.load import _percentiles
+
+    latencies = [x for r in results for x in r.get("latencies_s", [])]
+    errors: dict[str, int] = {}
+    for r in results:
+        for message, n in r["error_messages"].items():
+            errors[message] = errors.get(message, 0) + n
+    elapsed = max(r["elapsed_s"] for r in results)
+    cpu = sum(r["loadgen_cpu_s"] for r in results)
+    return {
+        "tx": sum(r["tx"] for r in results),
+        "tx_total": sum(r["tx_total"] for r in results),
+        "tps": round(sum(r["tx"] for r in results) / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": _percentiles(latencies),
+        "errors": sum(r["errors"] for r in results),
+        "error_messages": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:10]),
+        "elapsed_s": elapsed,
+        "loadgen_cpu_s": round(cpu, 3),
+        "loadgen_cpu_util": round(cpu / elapsed, 3) if elapsed else None,
+        "invocations": spec.clients,
+        "load_processes": len(results),
+    }
 
 
 def _create_roles(pg: LocalPostgres) -> None:
@@ -422,8 +526,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_bench(plan: Plan, *, with_pgbroker: bool = True) -> dict[str, Any]:
-    """Start everything, run every case and the cold starts, stop everything; see module doc."""
+def _selected(case: Case, only: set[str]) -> bool:
+    """*only* names workloads (W1, W2, W3) and/or competitors; empty means everything."""
+    if not only:
+        return True
+    workloads = {o.upper() for o in only if o.upper() in ("W1", "W2", "W3")}
+    competitors = {o for o in only if o in COMPETITORS}
+    return (not workloads or case.workload in workloads) and (
+        not competitors or case.competitor in competitors
+    )
+
+
+def run_bench(
+    plan: Plan, *, with_pgbroker: bool = True, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Start everything, run every case (or those *only* selects) and the cold starts, stop
+    everything; see the module docstring."""
     started = dt.datetime.now(dt.UTC)
     bench = Bench(plan, with_pgbroker=with_pgbroker)
     rows: list[dict[str, Any]] = []
@@ -431,6 +549,8 @@ def run_bench(plan: Plan, *, with_pgbroker: bool = True) -> dict[str, Any]:
         try:
             bench.start()
             for case in bench.cases():
+                if not _selected(case, only or set()):
+                    continue
                 _log(f"{case.workload} {case.variant:9} {case.competitor} ({case.clients})")
                 rows.append(bench.run_case(case))
             _log("cold starts")
@@ -448,6 +568,7 @@ def run_bench(plan: Plan, *, with_pgbroker: bool = True) -> dict[str, Any]:
                 "platform": platform.platform(),
             },
             "skipped": bench.skipped,
+            "only": sorted(only or ()),
         },
         "results": rows,
         "cold_start": cold,

@@ -51,6 +51,9 @@ class Spec:
     user: str = "postgres"
     database: str = "postgres"
     timeout: float = 120.0  # a burst gives up after this many seconds
+    wait_for_go: bool = False  # burst: print "ready", wait for a line on stdin, then release
+    first_index: int = 0  # this process's first invocation (bursts split across processes)
+    asyncio: bool = True  # pgbroker: lambda_client.aio on one event loop, else a thread each
 
 
 @dataclass
@@ -63,7 +66,23 @@ class Tally:
 
     def error(self, exc: BaseException) -> None:
         text = " ".join(str(exc).split()) or type(exc).__name__
-        self.errors[f"{type(exc).__name__}: {text[:160]}"] += 1
+        cause = exc.__cause__
+        debug = getattr(cause, "debug_error_string", None)
+        if callable(debug):  # a gRPC error: the transport's own account says who cancelled
+            text += f" [{_grpc_detail(str(debug()))}]"
+        self.errors[f"{type(exc).__name__}: {text[:240]}"] += 1
+
+
+def _grpc_detail(debug: str) -> str:
+    """The useful part of grpc's debug_error_string (status and description, no time)."""
+    try:
+        info = json.loads(debug)
+    except ValueError:
+        return " ".join(debug.split())[:120]
+    if isinstance(info, dict):
+        parts = [str(info.get(k)) for k in ("grpc_status", "grpc_message", "description")]
+        return " ".join(p for p in parts if p and p != "None")[:120]
+    return str(info)[:120]
 
 
 @dataclass
@@ -250,6 +269,43 @@ class AsyncpgClient:
                 await self.conn.close(timeout=5)
 
 
+class AsyncBrokerLoadClient:
+    """One `lambda_client.aio.AsyncBrokerClient` (its own channel) per simulated container."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.client: Any = None
+
+    async def connect(self) -> None:
+        from lambda_client.aio import AsyncBrokerClient
+
+        self.client = AsyncBrokerClient(f"{self.spec.host}:{self.spec.port}")
+        await self.client.query("SELECT 1", timeout=self.spec.timeout)
+
+    async def w1(self, rng: random.Random) -> None:
+        await self.client.query(
+            W1_SQL, [random_aid(rng, self.spec.scale)], timeout=self.spec.timeout
+        )
+
+    async def w2(self, rng: random.Random) -> None:
+        t = Transfer.random(rng, self.spec.scale)
+        think = self.spec.think_ms / 1000 * W2_THINKS
+        if think:
+            await asyncio.sleep(think)
+        await self.client.transaction(t.statements(), timeout=self.spec.timeout)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+
+def _async_factory(spec: Spec) -> Callable[[], Any]:
+    if spec.competitor == "asyncpg":
+        return lambda: AsyncpgClient(spec)
+    return lambda: AsyncBrokerLoadClient(spec)
+
+
 # -- threaded runner (direct, pgbroker) -------------------------------------------------------
 
 
@@ -350,7 +406,7 @@ def run_threads_burst(spec: Spec) -> dict[str, Any]:
     window = Window(0.0, float("inf"))
 
     def invocation(index: int) -> None:
-        tally, rng = tallies[index], random.Random(index)
+        tally, rng = tallies[index], random.Random(spec.first_index + index)
         go.wait()
         client = factory()
         started = time.monotonic()
@@ -370,6 +426,7 @@ def run_threads_burst(spec: Spec) -> dict[str, Any]:
     ]
     for thread in threads:
         thread.start()
+    _await_go(spec)
     _emit("measure_start")
     cpu0, window.start = _cpu(), time.monotonic()
     go.set()
@@ -379,12 +436,21 @@ def run_threads_burst(spec: Spec) -> dict[str, Any]:
     return _burst_result(spec, tallies, elapsed, _cpu() - cpu0)
 
 
+def _await_go(spec: Spec) -> None:
+    """Several processes share one burst: all get ready first, then the harness says go."""
+    if spec.wait_for_go:
+        _emit("ready")
+        sys.stdin.readline()
+
+
 def _burst_result(spec: Spec, tallies: list[Tally], elapsed: float, cpu: float) -> dict[str, Any]:
     total = _merge(tallies)
     unfinished = spec.clients - total.done_total - sum(total.errors.values())
     if unfinished > 0:
         total.errors[f"unfinished after {spec.timeout:.0f} s"] += unfinished
-    return _result(spec, total, elapsed, cpu, invocations=spec.clients)
+    # Raw latencies, so the harness can merge the percentiles of a burst split across processes.
+    raw = [round(x, 6) for x in total.latencies]
+    return _result(spec, total, elapsed, cpu, invocations=spec.clients, latencies_s=raw)
 
 
 # -- asyncio runner (asyncpg) -----------------------------------------------------------------
@@ -392,9 +458,10 @@ def _burst_result(spec: Spec, tallies: list[Tally], elapsed: float, cpu: float) 
 
 async def _async_steady(spec: Spec) -> dict[str, Any]:
     tallies = [Tally() for _ in range(spec.clients)]
-    clients = [AsyncpgClient(spec) for _ in range(spec.clients)]
+    factory = _async_factory(spec)
+    clients = [factory() for _ in range(spec.clients)]
 
-    async def connect(index: int) -> AsyncpgClient | None:
+    async def connect(index: int) -> Any:
         try:
             await clients[index].connect()
             return clients[index]
@@ -406,7 +473,7 @@ async def _async_steady(spec: Spec) -> dict[str, Any]:
     start = time.monotonic() + spec.warmup
     window = Window(start, start + spec.duration)
 
-    async def loop(index: int, client: AsyncpgClient) -> None:
+    async def loop(index: int, client: Any) -> None:
         tally, rng = tallies[index], random.Random(index)
         op = client.w1 if spec.workload == "w1" else client.w2
         while (now := time.monotonic()) < window.end:
@@ -437,7 +504,8 @@ async def _async_burst(spec: Spec) -> dict[str, Any]:
     go = asyncio.Event()
 
     async def invocation(index: int) -> None:
-        tally, rng, client = tallies[index], random.Random(index), AsyncpgClient(spec)
+        tally, client = tallies[index], _async_factory(spec)()
+        rng = random.Random(spec.first_index + index)
         await go.wait()
         started = time.monotonic()
         try:
@@ -452,6 +520,7 @@ async def _async_burst(spec: Spec) -> dict[str, Any]:
 
     tasks = [asyncio.create_task(invocation(i)) for i in range(spec.clients)]
     await asyncio.sleep(0)  # every task is now waiting on `go`
+    _await_go(spec)
     _emit("measure_start")
     cpu0, started = _cpu(), time.monotonic()
     go.set()
@@ -468,7 +537,7 @@ def run(spec: Spec) -> dict[str, Any]:
     if spec.competitor not in COMPETITORS:
         raise ValueError(f"unknown competitor {spec.competitor!r}")
     _raise_fd_limit()
-    if spec.competitor == "asyncpg":
+    if spec.competitor == "asyncpg" or (spec.competitor == "pgbroker" and spec.asyncio):
         coro = _async_burst(spec) if spec.workload == "w3" else _async_steady(spec)
         return asyncio.run(coro)
     if spec.workload == "w3":

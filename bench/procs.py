@@ -38,6 +38,7 @@ class Processes:
         user: str | None = None,
         stdout: int | None = subprocess.DEVNULL,
         stderr: int | None = subprocess.DEVNULL,
+        stdin: int | None = subprocess.DEVNULL,
         cwd: str | Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start *argv* (as *user* when we are root) and remember it for `stop_all`."""
@@ -46,7 +47,7 @@ class Processes:
             env=dict(env) if env is not None else None,
             stdout=stdout,
             stderr=stderr,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             cwd=cwd,
             start_new_session=True,
             preexec_fn=_demote(user),
@@ -260,6 +261,8 @@ class Broker:
         self.pool_size = pool_size
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        self.log_level = os.environ.get("PGBROKER_BENCH_BROKER_LOG_LEVEL", "WARNING")
+        self.keep_log = False
 
     @property
     def pid(self) -> int:
@@ -277,7 +280,7 @@ class Broker:
             "PGBROKER_LISTEN": self.target,
             "PGBROKER_POOL_SIZE": str(self.pool_size),
             "PGBROKER_AUTH": "none",
-            "PGBROKER_LOG_LEVEL": "WARNING",
+            "PGBROKER_LOG_LEVEL": self.log_level,
         }
         fd, name = tempfile.mkstemp(prefix="pgbroker-bench-broker-", suffix=".log")
         self.log_path = Path(name)
@@ -317,7 +320,7 @@ class Broker:
         if self.proc is not None:
             self.procs.stop(self.proc, timeout=30)
             self.proc = None
-        if self.log_path is not None:
+        if self.log_path is not None and not self.keep_log:
             self.log_path.unlink(missing_ok=True)
             self.log_path = None
 
