@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 from xml.etree import ElementTree
 
 import grpc
@@ -52,6 +52,7 @@ from broker.auth import (
     split_scheme,
     unauthenticated,
 )
+from lambda_client.auth import canonical_host
 
 __all__ = [
     "IamAuth",
@@ -203,7 +204,7 @@ class IamAuth:
         if not allowed_roles:
             raise ValueError("PGBROKER_IAM_ALLOWED_ROLES must name at least one role")
         self.sts_endpoint = sts_endpoint
-        self._sts_host = urlsplit(sts_endpoint).netloc.lower()
+        self._sts_host = canonical_host(sts_endpoint)
         self.audience = audience
         self.allowed_roles = tuple(allowed_roles)
         self.stats = stats or AuthStats()

@@ -101,6 +101,7 @@ def iam_metadata(moto_aws: MotoAws, role: str = "app-role", **kwargs: Any) -> li
         sts_endpoint=kwargs.pop("sts_endpoint", moto_aws.url),
         region=REGION,
         credentials=kwargs.pop("credentials", moto_aws.role_credentials.get(role)),
+        **kwargs,
     )
     return list(signer())
 
@@ -234,28 +235,19 @@ def test_audience_header_that_is_not_signed_is_refused(moto_aws: MotoAws) -> Non
     assert "must sign x-pgbroker-audience" in (error.details() or "")
 
 
-def test_stale_signature_date_is_unauthenticated(
-    moto_aws: MotoAws, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import botocore.auth
-
-    sixteen_minutes_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(minutes=16)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: sixteen_minutes_ago)
+def test_stale_signature_date_is_unauthenticated(moto_aws: MotoAws) -> None:
+    sixteen_minutes_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)
     stats = AuthStats()
-    error = run(_refused_by_iam(moto_aws, iam_metadata(moto_aws), stats))
+    metadata = iam_metadata(moto_aws, utcnow=lambda: sixteen_minutes_ago)
+    error = run(_refused_by_iam(moto_aws, metadata, stats))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "expired" in (error.details() or "")
     assert stats.auth_sts_calls == 0
 
 
-def test_signature_dated_in_the_future_is_unauthenticated(
-    moto_aws: MotoAws, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import botocore.auth
-
-    later = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=30)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: later)
-    error = run(_refused_by_iam(moto_aws, iam_metadata(moto_aws)))
+def test_signature_dated_in_the_future_is_unauthenticated(moto_aws: MotoAws) -> None:
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)
+    error = run(_refused_by_iam(moto_aws, iam_metadata(moto_aws, utcnow=lambda: later)))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "future" in (error.details() or "")
 
@@ -538,3 +530,32 @@ def test_unreachable_sts_is_unavailable_with_retry_info_and_not_cached(moto_aws:
     assert [e.code() for e in errors] == [grpc.StatusCode.UNAVAILABLE] * 2
     assert error_reason(errors[0]) == "AUTH_UNAVAILABLE"
     assert stats.auth_sts_calls == 2  # a transient failure is not remembered
+
+
+def test_stdlib_signature_matches_botocore() -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    fixed = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
+    creds = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "tok")
+    for endpoint in ("https://sts.eu-west-1.amazonaws.com/", "http://127.0.0.1:5000/"):
+        signer = client_auth.IamAuth(
+            AUDIENCE,
+            sts_endpoint=endpoint,
+            region="eu-west-1",
+            credentials=creds,
+            utcnow=lambda: fixed,
+        )
+        ours = json.loads(base64.b64decode(signer.sign()))["headers"]
+        request = AWSRequest(
+            method="POST",
+            url=endpoint,
+            data="Action=GetCallerIdentity&Version=2011-06-15",
+            headers={k: v for k, v in ours.items() if k != "Authorization"},
+        )
+        request.context["timestamp"] = ours["X-Amz-Date"]
+        auth = SigV4Auth(creds.get_frozen_credentials(), "sts", "eu-west-1")
+        canonical = auth.canonical_request(request)
+        expected = auth.signature(auth.string_to_sign(request, canonical), request)
+        assert ours["Authorization"].endswith(f"Signature={expected}")
