@@ -72,6 +72,8 @@ class InProcessBroker:
         self.thread.start()
         self.server = BrokerServer(settings)
         self.port = self.call(self.server.start(), timeout=30)
+        # start() returns once one connection is open; tests count on the whole pool.
+        wait_until(lambda: self.server.pool.filled, timeout=30, what="the pool to fill")
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.BrokerStub(self.channel)
