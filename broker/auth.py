@@ -376,6 +376,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.stats = stats or getattr(authenticator, "stats", None) or AuthStats()
         self.protected_prefix = protected_prefix
+        self._log_budget = LogBudget()
 
     async def intercept_service(
         self,
@@ -396,13 +397,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await self.authenticator.authenticate(metadata)
         except AuthError as exc:
             self.stats.auth_failures += 1
-            log.warning(
-                "auth refused %s: %s (caller %s, function %s)",
-                method,
-                exc.message,
-                exc.caller_arn or "unknown",
-                metadata.get("x-lambda-function-name", "-"),
-            )
+            if self._log_budget.take():
+                log.warning(
+                    "auth refused %s: %s (caller %s, function %s)",
+                    method,
+                    exc.message,
+                    exc.caller_arn or "unknown",
+                    metadata.get("x-lambda-function-name", "-")[:64],
+                    extra={"suppressed": self._log_budget.pop_suppressed()},
+                )
             await context.abort_with_status(_status_for(exc))
             raise  # abort_with_status raises; this keeps type checkers content
 
@@ -432,6 +435,33 @@ def _status(code: int, message: str, reason: str, retry_after: float | None = No
         retry.retry_delay.FromNanoseconds(int(retry_after * 1e9))
         status.details.add().Pack(retry)
     return rpc_status.to_status(status)
+
+
+class LogBudget:
+    """At most *per_window* log lines per *window* seconds, so a flood of bad requests cannot
+    flood the logs; the next line logged says how many were suppressed (the counter in
+    GetStats, ``auth_failures``, stays exact)."""
+
+    def __init__(self, per_window: int = 20, window: float = 10.0) -> None:
+        self.per_window = per_window
+        self.window = window
+        self._started = time.monotonic()
+        self._used = 0
+        self._suppressed = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self._started >= self.window:
+            self._started, self._used = now, 0
+        if self._used < self.per_window:
+            self._used += 1
+            return True
+        self._suppressed += 1
+        return False
+
+    def pop_suppressed(self) -> int:
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
 
 
 Admit = Callable[[grpc.aio.ServicerContext], Awaitable[Identity]]

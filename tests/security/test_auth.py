@@ -559,3 +559,19 @@ def test_stdlib_signature_matches_botocore() -> None:
         canonical = auth.canonical_request(request)
         expected = auth.signature(auth.string_to_sign(request, canonical), request)
         assert ours["Authorization"].endswith(f"Signature={expected}")
+
+
+def test_a_flood_of_refusals_is_counted_exactly_but_logged_sparingly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stats = AuthStats()
+    caplog.set_level(logging.INFO, logger="pgbroker.auth")
+
+    async def scenario() -> None:
+        async with serve(TokenAuth(parse_tokens(OLD_TOKEN)), stats) as target:
+            for _ in range(30):
+                await refused(target, [("authorization", "Bearer wrong-token-0123456789")])
+
+    run(scenario())
+    assert stats.auth_failures == 30
+    assert caplog.text.count("auth refused") == 20
