@@ -10,8 +10,8 @@ when known — never the token — and one more ``auth_failures`` in the stats.
 
 Modes:
 
-* ``iam`` — the client signs ``sts:GetCallerIdentity`` with its own (Lambda role) credentials
-  and a signed ``x-pgbroker-audience`` header, and sends the signed request as
+* ``iam`` (`broker.iam`) — the client signs ``sts:GetCallerIdentity`` with its own (Lambda
+  role) credentials and a signed ``x-pgbroker-audience`` header, and sends the signed request as
   ``authorization: AWS4-STS <base64 JSON>``. The broker checks the audience and the signature
   date, then forwards the signed headers to the STS endpoint *it* is configured with
   (``PGBROKER_STS_ENDPOINT``; never a host from the token). STS answers with the caller's ARN
@@ -47,6 +47,8 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from lambda_client.auth import AUDIENCE_HEADER  # one name for signer and verifier
+
 __all__ = [
     "AUDIENCE_HEADER",
     "AuthError",
@@ -64,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger("pgbroker.auth")
 
-AUDIENCE_HEADER = "x-pgbroker-audience"
 IAM_SCHEME = "AWS4-STS"
 BEARER_SCHEME = "Bearer"
 PROTECTED_SERVICE_PREFIX = "/pgbroker.v1.Broker/"
