@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from bench.profile import print_profile, run_profile
 
-        print_profile(run_profile(PLANS[name], args.out))
+        profile = run_profile(PLANS[name], args.out)
+        write_json(profile, args.out / "profile.json")
+        print_profile(profile)
         return 0
     try:
         only = {part.strip() for part in args.only.split(",") if part.strip()}

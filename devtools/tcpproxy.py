@@ -140,8 +140,11 @@ class _Direction:
         if self.dst is not None and not self.dst.is_closing():
             if self._close or not self.dst.can_write_eof():
                 self.dst.close()
-            else:
+                return
+            try:
                 self.dst.write_eof()
+            except OSError:  # the peer is already gone (ENOTCONN): nothing left to tell it
+                self.dst.close()
 
 
 class _Side(asyncio.Protocol):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,9 @@ def test_result_rows_carry_every_figure(tiny_run: dict[str, Any]) -> None:
             assert row["pooler"]["peak_rss_mb"] > 0
     burst = [r for r in tiny_run["results"] if r["workload"] == "W3"]
     assert all(r["invocations"] == r["clients"] for r in burst)
+    rounds = tiny_run["meta"]["plan"]["rounds"]
+    steady = [r for r in tiny_run["results"] if r["workload"] != "W3"]
+    assert all(len(r["rounds_tps"]) == rounds and r["tps"] == max(r["rounds_tps"]) for r in steady)
 
 
 def test_pooled_competitors_never_exceed_their_pool(tiny_run: dict[str, Any]) -> None:
