@@ -202,6 +202,12 @@ def validate(
     if not request.statements:
         raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
     check_request(request, limits or Limits())
+    if request.options.isolation not in pb.IsolationLevel.values():
+        raise BrokerFailure(
+            bad,
+            f"unknown isolation level {request.options.isolation}",
+            [_error_info("BAD_REQUEST")],
+        )
     for index, statement in enumerate(request.statements):
         if not statement.sql.strip():
             raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])

@@ -258,6 +258,19 @@ def test_malformed_protobuf_is_invalid_argument(broker: Broker, payload: bytes) 
     assert info is not None and info.reason == "BAD_REQUEST"
 
 
+def test_unknown_isolation_level_is_a_bad_request(broker: Broker) -> None:
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+    req = request("SELECT 1", "SELECT 2")
+    req.options.isolation = 99  # type: ignore[assignment]
+    with pytest.raises(grpc.RpcError) as caught:
+        broker.stub().Execute(req, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info is not None and info.reason == "BAD_REQUEST"
+    assert pb.ISOLATION_LEVEL_SERIALIZABLE in pb.IsolationLevel.values()
+
+
 def test_too_deeply_nested_parameter_is_invalid_argument(broker: Broker) -> None:
     def varint(n: int) -> bytes:
         out = b""
