@@ -277,7 +277,7 @@ def load_settings(
         "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
     }
     values["auth"] = _check_auth(r, listen_host)
-    values.update(_security_values(r, values["auth"]))
+    values.update(_security_values(r, values))
     if r.problems or database is None:
         raise ConfigError(r.problems or ["PGBROKER_DATABASE_URL is not valid"])
     return Settings(database=database, listen_host=listen_host, listen_port=listen_port, **values)
@@ -312,8 +312,9 @@ def _check_auth(r: _Resolver, listen_host: str) -> str:
     return mode
 
 
-def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
+def _security_values(r: _Resolver, values: Mapping[str, Any]) -> dict[str, Any]:
     """Auth details, TLS files and limits (issue 6); problems are added to *r*."""
+    auth_mode = values["auth"]
     text = {
         name: r.get(name, str.strip, "")
         for name in (
@@ -340,7 +341,8 @@ def _security_values(r: _Resolver, auth_mode: str) -> dict[str, Any]:
             ("max_request_bytes", 8 * 1024 * 1024),
             ("max_result_rows", 1_000_000),
             ("max_result_bytes", 32 * 1024 * 1024),
-            ("max_inflight_per_caller", 1000),
+            # Default: half of what the broker admits, so one caller cannot fill the queue.
+            ("max_inflight_per_caller", (values["pool_size"] + values["max_waiting"]) // 2),
         )
     }
     if bool(text["tls_cert"]) != bool(text["tls_key"]):

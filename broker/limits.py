@@ -12,8 +12,11 @@ variable                            default      checked
 ``PGBROKER_MAX_REQUEST_BYTES``      8 MiB        per request (encoded size), before it queues
 ``PGBROKER_MAX_RESULT_ROWS``        1000000      rows of all results of one request
 ``PGBROKER_MAX_RESULT_BYTES``       32 MiB       encoded size of all results of one request
-``PGBROKER_MAX_INFLIGHT_PER_CALLER`` 1000        running + queued requests of one identity
+``PGBROKER_MAX_INFLIGHT_PER_CALLER`` (*)         running + queued requests of one identity
 ==================================  ===========  ==========================================
+
+(*) half of ``PGBROKER_POOL_SIZE + PGBROKER_MAX_WAITING`` (1010 with the defaults), so one
+caller cannot fill the whole queue.
 
 Nothing runs when a request limit or the in-flight limit is crossed; the in-flight refusal
 carries ``RetryInfo`` (it clears as the caller's other requests finish), the others do not:

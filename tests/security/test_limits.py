@@ -213,3 +213,14 @@ def test_stats_command_authenticates_like_a_client(broker: Broker) -> None:
     allowed = stats(PGBROKER_AUTH="token", PGBROKER_TOKEN=TOKEN)
     assert allowed.returncode == 0, allowed.stderr
     assert "auth_failures" in allowed.stdout
+
+
+def test_in_flight_default_is_half_of_what_the_broker_admits() -> None:
+    from broker.config import load_settings
+
+    url = {"database_url": "postgresql://app@db.internal/app"}
+    assert load_settings(url, environ={}).max_inflight_per_caller == (20 + 2000) // 2
+    small = load_settings({**url, "pool_size": 4, "max_waiting": 100}, environ={})
+    assert small.max_inflight_per_caller == 52
+    explicit = load_settings({**url, "max_inflight_per_caller": 7}, environ={})
+    assert explicit.max_inflight_per_caller == 7
