@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -71,6 +72,7 @@ POSITIVE_CACHE_TTL = 600.0  # never longer than the token's own remaining lifeti
 NEGATIVE_CACHE_TTL = 60.0  # a refused token is not re-sent to STS for this long
 CACHE_MAX_ENTRIES = 10_000
 STS_TIMEOUT = 5.0
+STS_CONCURRENCY = 32  # STS calls in flight at once (one per new proof)
 
 
 def parse_allowed_roles(text: str) -> tuple[str, ...]:
@@ -209,6 +211,11 @@ class IamAuth:
         self.allowed_roles = tuple(allowed_roles)
         self.stats = stats or AuthStats()
         self._post = post
+        # Own threads for STS calls: a burst of new Lambda sandboxes brings many new proofs
+        # at once, and the default executor (a few threads on 2 cores) would queue them.
+        self._sts_threads = ThreadPoolExecutor(
+            max_workers=STS_CONCURRENCY, thread_name_prefix="pgbroker-sts"
+        )
         self._max_age = max_age
         self._clock = clock
         # token digest -> (expires at, epoch seconds; Identity or AuthError)
@@ -307,8 +314,8 @@ class IamAuth:
         )
         self.stats.auth_sts_calls += 1
         try:
-            status, body = await asyncio.to_thread(
-                self._post, self.sts_endpoint, headers, signed.body.encode()
+            status, body = await asyncio.get_running_loop().run_in_executor(
+                self._sts_threads, self._post, self.sts_endpoint, headers, signed.body.encode()
             )
         except OSError as exc:
             log.error("STS unreachable at %s: %s", self.sts_endpoint, type(exc).__name__)
