@@ -50,6 +50,7 @@ from lambda_client.codec import decode_row, encode_params
 __all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
 USER_AGENT = "pgbroker-lambda-client/0.1"
 
 # A statement is its SQL alone or (sql, params).
@@ -248,7 +249,9 @@ class _ClientBase:
         )
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
-        options.extend(self.extra_options)
+        # Caller options win over the defaults (gRPC would take the first of two equal keys).
+        overridden = {key for key, _ in self.extra_options}
+        options = [o for o in options if o[0] not in overridden] + list(self.extra_options)
         if not self.tls:
             return options, None
         roots = self.root_certificates
@@ -455,8 +458,16 @@ def channel_options(
     keepalive_time: float = 30.0,
     keepalive_timeout: float = 5.0,
     max_message_bytes: int = 64 * 1024 * 1024,
+    health_check_service: str | None = HEALTH_CHECK_SERVICE,
 ) -> list[tuple[str, Any]]:
-    """Channel arguments for a Lambda client: round-robin, keepalive, quick reconnects.
+    """Channel arguments for a Lambda client: round-robin, health checks, keepalive, quick
+    reconnects.
+
+    With *health_check_service*, round-robin only picks replicas whose ``grpc.health.v1``
+    status for that service is SERVING (gRPC client-side health checking, a ``Watch`` stream
+    per connection): a broker that starts shutting down reports NOT_SERVING and stops getting
+    new calls before it stops accepting them, so no call races its shutdown. A broker without
+    the health service counts as healthy.
 
     Keepalive pings (also between calls) find a connection that died while the container was
     frozen within *keepalive_timeout*; the broker must permit pings that often
@@ -466,6 +477,8 @@ def channel_options(
     restarts is found again within a Lambda's deadline.
     """
     service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_check_service is not None:
+        service_config["healthCheckConfig"] = {"serviceName": health_check_service}
     return [
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
