@@ -39,6 +39,8 @@ __all__ = ["BrokerServer", "serve", "setup_logging"]
 log = logging.getLogger("pgbroker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
+# Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
+SHUTDOWN_DRAIN = 0.5
 
 
 def setup_logging(level: str = "INFO") -> Logger:
@@ -183,10 +185,20 @@ class BrokerServer:
         if self._serving_task is not None:
             self._serving_task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self._health_watchers():
+            # Clients that watch health (lambda_client's round-robin) stop picking this replica
+            # once they see NOT_SERVING; give them that moment before calls are refused, since
+            # grpc cancels calls that race server.stop() (CANCELLED, grpc/grpc#41785).
+            await asyncio.sleep(min(SHUTDOWN_DRAIN, grace))
         await self.server.stop(grace)
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
+
+    def _health_watchers(self) -> int:
+        """Open ``Health.Watch`` streams (grpc_health keeps no public count: assume one)."""
+        counts = getattr(self.health, "_watcher_count_by_service", None)
+        return sum(counts.values()) if isinstance(counts, dict) else 1
 
     def _inflight(self) -> dict[str, int]:
         stats = self.pool.get_stats()
