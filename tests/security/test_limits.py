@@ -13,7 +13,7 @@ import grpc
 import pg8000.native
 import pytest
 
-from broker.limits import InflightLimiter, LimitExceeded, Limits
+from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 from .harness import Broker, error_info, has_retry_info, request, rows
@@ -224,3 +224,12 @@ def test_in_flight_default_is_half_of_what_the_broker_admits() -> None:
     assert small.max_inflight_per_caller == 52
     explicit = load_settings({**url, "max_inflight_per_caller": 7}, environ={})
     assert explicit.max_inflight_per_caller == 7
+
+
+def test_more_parameters_than_postgres_accepts_is_refused_before_running() -> None:
+    req = pb.ExecuteRequest()
+    req.statements.add(sql="SELECT 1").params.extend(pb.Value(int64=i) for i in range(65_536))
+    with pytest.raises(LimitExceeded) as caught:
+        check_request(req, Limits())
+    assert caught.value.limit == "postgres_max_parameters"
+    assert caught.value.observed == 65_536
