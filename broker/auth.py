@@ -56,6 +56,7 @@ __all__ = [
     "AuthStats",
     "Authenticator",
     "Identity",
+    "LogBudget",
     "NoAuth",
     "TokenAuth",
     "authenticator_for_settings",
@@ -373,11 +374,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         stats: AuthStats | None = None,
         *,
         protected_prefix: str = PROTECTED_SERVICE_PREFIX,
+        log_budget: LogBudget | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.stats = stats or getattr(authenticator, "stats", None) or AuthStats()
         self.protected_prefix = protected_prefix
-        self._log_budget = LogBudget()
+        self._log_budget = log_budget or LogBudget()
 
     async def intercept_service(
         self,

@@ -118,21 +118,27 @@ def test_results_at_the_limit_are_sent(broker: Broker) -> None:
     assert len(reply.results[0].rows) == 100
 
 
-def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker) -> None:
+def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: Any) -> None:
     done: list[Any] = []
+    # The first request waits on a lock the test holds, so it stays in flight until released.
+    admin = pg8000.native.Connection(
+        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
+    )
+    admin.run("SELECT pg_advisory_lock(8675309)")
 
-    def slow() -> None:
-        done.append(
-            broker.stub().Execute(request("SELECT pg_sleep(1)"), metadata=BEARER, timeout=20)
-        )
+    def held() -> None:
+        req = request("SELECT pg_advisory_xact_lock(8675309)")
+        done.append(broker.stub().Execute(req, metadata=BEARER, timeout=30))
 
-    worker = threading.Thread(target=slow)
+    worker = threading.Thread(target=held)
     worker.start()
     try:
         wait_until(lambda: broker.server.service.inflight.in_flight("token:app") == 1)
         error = refused(broker, request("SELECT 1"))
     finally:
-        worker.join(20)
+        admin.run("SELECT pg_advisory_unlock(8675309)")
+        admin.close()
+        worker.join(30)
     info = error_info(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_INFLIGHT_PER_CALLER"
