@@ -66,7 +66,7 @@ def _secret(aws: MotoAws, password: str) -> tuple[Any, str]:
     return secrets, name
 
 
-def _query_until_ok(broker: Broker, sql: str, timeout: float = 15) -> Any:
+def _query_until_ok(broker: Broker, sql: str, timeout: float = 30) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
