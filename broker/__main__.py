@@ -35,6 +35,9 @@ _RUN_FLAGS = {
     "auth": "authentication: iam, token or none (none only on loopback); see docs/security.md",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "statement_cache_size": "prepared statements kept per connection (default 100)",
+    "max_replicas": "replicas sharing the database; start is refused when pool_size x "
+    "max_replicas exceeds max_connections minus reserved slots (default 1)",
+    "metrics_interval": "seconds between CloudWatch EMF metric lines on stdout (default 0: off)",
 }
 
 

@@ -87,6 +87,9 @@ class Settings:
     auth: str = "none"
     log_level: str = "INFO"
     statement_cache_size: int = 100
+    # Deploy (issue 7): the connection budget across replicas, EMF metrics. See docs/deploy.md.
+    max_replicas: int = 1
+    metrics_interval: float = 0.0
     # Security (issue 6): auth details, TLS, role map, limits. See docs/security.md.
     auth_audience: str = ""
     iam_allowed_roles: str = ""
@@ -275,6 +278,8 @@ def load_settings(
         ),
         "statement_cache_size": r.get("statement_cache_size", _integer, 100, _at_least(0)),
         "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
+        "max_replicas": r.get("max_replicas", _integer, 1, _at_least(1)),
+        "metrics_interval": r.get("metrics_interval", _duration, 0.0, _at_least(0)),
     }
     values["auth"] = _check_auth(r, listen_host)
     values.update(_security_values(r, values))

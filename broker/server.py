@@ -25,9 +25,11 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import tls
 from broker.auth import AuthInterceptor, AuthStats, authenticator_for_settings
+from broker.budget import BudgetProbe
 from broker.config import Settings
 from broker.credentials import connect_with_credentials, credentials_for
 from broker.limits import Limits
+from broker.metrics import MetricsPublisher
 from broker.pool import Pool
 from broker.roles import RoleMap
 from broker.service import BrokerService
@@ -96,8 +98,11 @@ class BrokerServer:
             settings.statement_timeout,
             settings.statement_cache_size,
         )
+        # Reads max_connections on the first connection; start() checks the budget with it.
+        self.budget_probe = BudgetProbe(connect)
+        self.metrics: MetricsPublisher | None = None
         self.pool = Pool(
-            connect,
+            self.budget_probe,
             size=settings.pool_size,
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
@@ -147,7 +152,11 @@ class BrokerServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
         await self.pool.open(wait="first", timeout=settings.connect_timeout)
+        self.budget_probe.check(settings.pool_size, settings.max_replicas)
         await self.server.start()
+        if settings.metrics_interval > 0:
+            self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
+            self.metrics.start()
         self._serving_task = asyncio.create_task(self._serve_when_filled())
         # Always written, whatever the log level: tools read the bound port from this line.
         log.log(
@@ -191,6 +200,8 @@ class BrokerServer:
             # grpc cancels calls that race server.stop() (CANCELLED, grpc/grpc#41785).
             await asyncio.sleep(min(SHUTDOWN_DRAIN, grace))
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
