@@ -150,6 +150,7 @@ class _ClientBase:
         keepalive_timeout: float = 5.0,
         reconnect_after_idle: float = 240.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        health_check: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if timeout <= 0 or deadline_margin < 0:
@@ -172,6 +173,7 @@ class _ClientBase:
         self.keepalive_timeout = keepalive_timeout
         self.reconnect_after_idle = reconnect_after_idle
         self.max_message_bytes = max_message_bytes
+        self.health_check = health_check
         self.extra_options = tuple(options)
         self._lock = threading.Lock()
         self._channel: Any = None  # grpc.Channel or grpc.aio.Channel, created on first use
@@ -246,6 +248,7 @@ class _ClientBase:
             keepalive_time=self.keepalive_time,
             keepalive_timeout=self.keepalive_timeout,
             max_message_bytes=self.max_message_bytes,
+            health_check_service=HEALTH_CHECK_SERVICE if self.health_check else None,
         )
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
@@ -289,7 +292,10 @@ class BrokerClient(_ClientBase):
     *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
     ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
     (a frozen Lambda whose connection a NAT or load balancer may have dropped silently) is
-    replaced before the next call rather than trusted.
+    replaced before the next call rather than trusted. With *health_check* (default) calls
+    go only to replicas whose ``grpc.health.v1`` status is SERVING, so a replica that is
+    shutting down gets no new calls (one more round trip when a connection opens).
+    *options* are extra gRPC channel arguments; they override the defaults.
 
     Blocking; safe to share between threads.
     """

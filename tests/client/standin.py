@@ -97,11 +97,16 @@ class Script(pb_grpc.BrokerServicer):
 
 
 @contextmanager
-def standin(*answers: status_pb2.Status | None) -> Iterator[tuple[str, Script]]:
-    """Serve a `Script` on 127.0.0.1 (free port); yield (target, script); stop on exit."""
+def standin(*answers: status_pb2.Status | None, health: Any = None) -> Iterator[tuple[str, Script]]:
+    """Serve a `Script` on 127.0.0.1 (free port), with *health* (a grpc_health
+    ``HealthServicer``) if given; yield (target, script); stop on exit."""
     script = Script(answers=list(answers))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_BrokerServicer_to_server(script, server)
+    if health is not None:
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

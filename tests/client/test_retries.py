@@ -13,6 +13,7 @@ import pytest
 
 import lambda_client as lc
 from client.standin import bare, failure, standin
+from client.support import wait_until
 from devtools.lambda_context import FakeLambdaContext
 
 SC = grpc.StatusCode
@@ -145,3 +146,17 @@ def test_powertools_logger_correlation_id_travels_as_metadata() -> None:
     with standin() as (target, script):
         fast_client(target, correlation_id=logger.get_correlation_id).query("SELECT 1")
     assert script.metadata[0]["x-correlation-id"] == "corr-from-powertools"
+
+
+def test_round_robin_skips_a_replica_that_reports_not_serving() -> None:
+    from grpc_health.v1 import health, health_pb2
+
+    draining = health.HealthServicer()
+    draining.set("pgbroker.v1.Broker", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with standin(health=draining) as (a, on_a), standin() as (b, on_b):
+        db = fast_client(f"ipv4:{a},{b}")
+        for _ in range(10):
+            db.query("SELECT 1")
+        assert (len(on_a.requests), len(on_b.requests)) == (0, 10)
+        draining.set("pgbroker.v1.Broker", health_pb2.HealthCheckResponse.SERVING)
+        wait_until(lambda: db.query("SELECT 1") and on_a.requests, what="calls to the replica")
