@@ -3,9 +3,9 @@
 `run_transaction` runs on a worker thread (pg8000 blocks):
 
 * several statements, or any transaction option: ``BEGIN [ISOLATION LEVEL …] [READ ONLY]
-  [DEFERRABLE]; SET LOCAL statement_timeout …; SET LOCAL application_name …`` pipelined with
-  the first statement, the statements, ``COMMIT`` pipelined with the last: a cached batch of
-  n statements costs n round trips.
+  [DEFERRABLE]; SET LOCAL statement_timeout …; SET LOCAL application_name …``, the statements
+  and ``COMMIT`` pipelined in one flush: a batch whose statements are all prepared on the
+  connection already costs one round trip (each statement not yet prepared adds one).
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
@@ -210,20 +210,17 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
 
 
 def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.StatementResult]:
-    results = []
-    last = len(batch.statements) - 1
-    for index, statement in enumerate(batch.statements):
-        before = _begin_sql(batch, timeout_ms) if index == 0 else None
-        after = "COMMIT" if index == last else None
-        try:
-            results.append(conn.run(statement.sql, statement.params, before=before, after=after))
-        except PgError as exc:
-            _rollback(conn)
-            raise StatementFailed(exc, index if exc.phase == "statement" else -1) from exc
-        except ConnectionLost as exc:
-            exc.before_commit = index < last  # type: ignore[attr-defined]
-            raise
-    return results
+    """BEGIN …, the statements, COMMIT, pipelined (`PgConnection.run_many`): one round trip
+    when every statement is already prepared on this connection."""
+    statements = [(statement.sql, statement.params) for statement in batch.statements]
+    try:
+        return conn.run_many(statements, before=_begin_sql(batch, timeout_ms), after="COMMIT")
+    except PgError as exc:
+        _rollback(conn)
+        raise StatementFailed(exc, exc.index if exc.phase == "statement" else -1) from exc
+    except ConnectionLost as exc:
+        exc.before_commit = not getattr(exc, "after_sent", True)  # type: ignore[attr-defined]
+        raise
 
 
 def _rollback(conn: PgConnection) -> None:
@@ -242,6 +239,7 @@ class _Attempt:
     """What the event loop knows about a transaction running on a worker."""
 
     conn: ServerConnection
+    work: asyncio.Future[list[pb.StatementResult]] | None = None
     cancel_sent: bool = False
     cancel_tasks: list[asyncio.Task[bool]] = field(default_factory=list)
 
@@ -296,6 +294,7 @@ async def _run_on(
     attempt = _Attempt(conn)
     loop = asyncio.get_running_loop()
     work = pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
+    attempt.work = work
     watchdog = None
     if deadline is not None:
         watchdog = loop.call_at(deadline, _send_cancel, pool, attempt, "deadline passed")
@@ -344,7 +343,32 @@ def _send_cancel(pool: Pool, attempt: _Attempt, why: str) -> None:
         "cancelling backend query",
         extra={"backend_pid": attempt.conn.pg.backend_pid, "reason": why},
     )
-    attempt.cancel_tasks.append(asyncio.ensure_future(pool.cancel_backend(attempt.conn)))
+    attempt.cancel_tasks.append(asyncio.ensure_future(_deliver_cancel(pool, attempt)))
+
+
+async def _deliver_cancel(pool: Pool, attempt: _Attempt, tries: int = 3) -> bool:
+    """Send the cancel request; on a failed delivery (a slow or busy server) try again while
+    the statement still runs. Return True once the postmaster took one."""
+    for _ in range(tries):
+        if await pool.cancel_backend(attempt.conn):
+            return True
+        if attempt.work is None or attempt.work.done():
+            return False
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _cancel_delivered(attempt: _Attempt) -> bool:
+    """True once the postmaster has taken every cancel request we sent (it closed the socket).
+
+    The signal has then reached the backend: it stopped the running statement (an error we
+    read), or, arriving while the backend waited for the next command, it was dropped — a
+    delivered cancel cannot reach a later query on this connection.
+    """
+    return all(
+        task.done() and not task.cancelled() and task.exception() is None and task.result()
+        for task in attempt.cancel_tasks
+    )
 
 
 def _close_reason(
@@ -360,9 +384,7 @@ def _close_reason(
         return f"session state changed ({', '.join(changed)})"
     if conn.pg.session_dirty:
         return f"session state left behind ({conn.pg.session_dirty})"
-    if attempt.cancel_sent:
-        consumed = isinstance(error, StatementFailed) and error.error.is_user_cancel
-        if not consumed:
-            # The cancel may still arrive and hit the next request on this connection.
-            return "cancel request may still be pending"
+    if attempt.cancel_sent and not _cancel_delivered(attempt):
+        # A cancel request still in flight could hit the next caller's query.
+        return "cancel request not confirmed delivered"
     return None

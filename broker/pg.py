@@ -54,8 +54,10 @@ class PgError(Exception):
     detail: str = ""
     hint: str = ""
     severity: str = "ERROR"
-    # Which part of a pipelined call failed: "before" (session SQL), "statement", "after".
+    # Which part of a pipelined call failed: "before" (session SQL), "statement", "after";
+    # for a statement, its position in the call.
     phase: str = "statement"
+    index: int = 0
 
     def __str__(self) -> str:
         return f"{self.severity} {self.sqlstate}: {self.message}"
@@ -350,31 +352,108 @@ class PgConnection:
         connection stays in sync; the first error (before, statement, after) is raised as
         `PgError`, or `ConnectionLost` if the link broke.
         """
-        texts, oids = bind_params(params)
-        with self._guard():
-            prepared = self._prepare(sql, oids)
-            core = self._core
-            if before:
-                core.send_query_nowait(before)
+        return self.run_many([(sql, params)], before=before, after=after)[0]
+
+    def run_many(
+        self,
+        statements: Sequence[tuple[str, Sequence[pb.Value]]],
+        before: str | None = None,
+        after: str | None = None,
+    ) -> list[pb.StatementResult]:
+        """Run *statements* in order, pipelined: one round trip when all are prepared already.
+
+        Prepared statements are sent together in one flush, *before* ahead of them and *after*
+        behind the last (BEGIN … COMMIT of a batch). A statement not yet prepared first sends
+        what is pending and reads its replies, then is prepared: preparing needs the earlier
+        statements to have run (CREATE TABLE, then INSERT into it). Raise `PgError` for the
+        first error (``phase``, and ``index`` into *statements*); nothing is sent after a group
+        that failed. `ConnectionLost` carries ``after_sent``: whether *after* had been sent.
+        """
+        bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
+        progress = {"after_sent": False}
+        try:
+            with self._guard():
+                return self._run_groups(statements, bound, before, after, progress)
+        except ConnectionLost as exc:
+            exc.after_sent = progress["after_sent"]  # type: ignore[attr-defined]
+            raise
+
+    def _run_groups(
+        self,
+        statements: Sequence[tuple[str, Sequence[pb.Value]]],
+        bound: list[tuple[list[str | None], tuple[int, ...]]],
+        before: str | None,
+        after: str | None,
+        progress: dict[str, bool],
+    ) -> list[pb.StatementResult]:
+        results: list[pb.StatementResult] = []
+        group: list[tuple[int, _Prepared, list[str | None]]] = []
+        for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
+            prepared = self._cached(sql, oids)
+            if prepared is None:
+                if group:
+                    results += self._send_group(group, statements, bound, before, None)
+                    before, group = None, []
+                prepared = self._prepare_at(sql, oids, index)
+            group.append((index, prepared, texts))
+        progress["after_sent"] = after is not None
+        results += self._send_group(group, statements, bound, before, after)
+        return results
+
+    def _send_group(
+        self,
+        group: list[tuple[int, _Prepared, list[str | None]]],
+        statements: Sequence[tuple[str, Sequence[pb.Value]]],
+        bound: list[tuple[list[str | None], tuple[int, ...]]],
+        before: str | None,
+        after: str | None,
+    ) -> list[pb.StatementResult]:
+        """Send *before*, the group's statements and *after* in one flush; read every reply."""
+        core = self._core
+        if before:
+            core.send_query_nowait(before)
+        for _, prepared, texts in group:
             core.send_execute_nowait(prepared.name, texts)
-            if after:
-                core.send_query_nowait(after)
-            core.flush()
-            errors: list[PgError] = []
-            if before:
-                self._read_reply(Context(before), errors, "before")
+        if after:
+            core.send_query_nowait(after)
+        core.flush()
+        errors: list[PgError] = []
+        if before:
+            self._read_reply(Context(before), errors, "before")
+        results = []
+        for index, prepared, _ in group:
+            sql = statements[index][0]
             context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
             context.command_tag = ""
-            self._read_reply(context, errors, "statement")
-            if after:
-                self._read_reply(Context(after), errors, "after")
-            if any(e.sqlstate == "0A000" for e in errors):  # cached plan must not change type
-                self._forget(sql, oids)
+            self._read_reply(context, errors, "statement", index)
+            results.append(_result(prepared, context))
+            if any(e.sqlstate == "0A000" and e.index == index for e in errors):
+                self._forget(sql, bound[index][1])  # cached plan must not change result type
+        if after:
+            self._read_reply(Context(after), errors, "after")
         if errors:
             raise errors[0]
-        return _result(prepared, context)
+        return results
 
-    def _read_reply(self, context: Context, errors: list[PgError], phase: str) -> None:
+    def _cached(self, sql: str, oids: tuple[int, ...]) -> _Prepared | None:
+        prepared = self._cache.get((sql, oids))
+        if prepared is not None:
+            self._cache.move_to_end((sql, oids))
+        return prepared
+
+    def _prepare_at(self, sql: str, oids: tuple[int, ...], index: int) -> _Prepared:
+        """`_prepare`, with a Postgres error (syntax, unknown table) naming its statement."""
+        try:
+            return self._prepare(sql, oids)
+        except DatabaseError as exc:
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                raise
+            raise replace(error, phase="statement", index=index) from exc
+
+    def _read_reply(
+        self, context: Context, errors: list[PgError], phase: str, index: int = 0
+    ) -> None:
         """Read one reply up to ReadyForQuery; an ERROR is collected, FATAL propagates."""
         try:
             self._core.handle_messages(context)
@@ -382,7 +461,7 @@ class PgConnection:
             error = PgError.from_pg8000(exc)
             if error.severity in ("FATAL", "PANIC"):
                 raise
-            errors.append(replace(error, phase=phase))
+            errors.append(replace(error, phase=phase, index=index))
 
     def _prepare(self, sql: str, oids: tuple[int, ...]) -> _Prepared:
         key = (sql, oids)
@@ -411,7 +490,7 @@ class PgConnection:
 
     # cancel and close ----------------------------------------------------------------------
 
-    def cancel(self, timeout: float = 2.0) -> bool:
+    def cancel(self, timeout: float = 5.0) -> bool:
         """Ask the server to cancel the query this connection is running (CancelRequest).
 
         Opens its own short-lived socket, so it is safe from any thread. Return False if the
