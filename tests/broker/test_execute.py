@@ -273,3 +273,28 @@ def test_wrong_parameter_count_is_invalid_argument(broker: Any) -> None:
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details_of(failure.value)["DatabaseError"].sqlstate == "08P01"
     assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]
+
+
+def test_repeated_batch_is_pipelined_and_a_failure_names_the_first_bad_statement(
+    broker: Any, table: str
+) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)"))
+
+    def batch(first: int, second: int) -> pb.ExecuteRequest:
+        return request(
+            (f"INSERT INTO {table} VALUES ($1, 0)", [first]),
+            (f"INSERT INTO {table} VALUES ($1, 0)", [second]),
+            (f"UPDATE {table} SET n = n + 1 WHERE id = $1", [first]),
+            f"SELECT count(*) FROM {table}",
+        )
+
+    # The second and third runs find every statement prepared: one round trip each.
+    for i in range(3):
+        reply = broker.execute(batch(10 * i + 1, 10 * i + 2))
+        assert rows(reply.results[3]) == [(2 * (i + 1),)]
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(batch(100, 1))  # the second INSERT hits an existing key
+    error = details_of(failure.value)["DatabaseError"]
+    assert (error.sqlstate, error.statement_index) == ("23505", 1)
+    reply = broker.execute(request(f"SELECT count(*), sum(n) FROM {table}"))
+    assert rows(reply.results[0]) == [(6, 3)]  # nothing of the failed batch stayed
