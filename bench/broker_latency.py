@@ -4,7 +4,8 @@ Measures, against a temporary local Postgres (or ``PGBROKER_BENCH_DSN``):
 
 * single statement and 4-statement transaction latency (median, p99 of --n calls) directly
   with pg8000 (unnamed statements, as ``pg8000.native`` does, and prepared once) and through a
-  broker process (`python -m broker run`, pool 20) with a blocking gRPC stub;
+  broker process (`python -m broker run`, pool 20) with a blocking gRPC stub, plus how long the
+  broker held the pooled connection (``held_median_us``, from ExecuteResponse.run_us);
 * requests/s one broker process sustains with 200 concurrent callers (grpc.aio client in a
   separate process, single-statement requests) for --seconds.
 
@@ -87,10 +88,16 @@ def _through_broker(target: str, n: int) -> dict[str, Any]:
         stub = pb_grpc.BrokerStub(channel)
         single = _request([(SINGLE, [1])])
         batch = _request(BATCH)
-        return {
+        out = {
             "single": _timings(lambda: stub.Execute(single, timeout=10), n),
             "batch4": _timings(lambda: stub.Execute(batch, timeout=10), n),
         }
+        # How long the pooled connection was held (ExecuteResponse.run_us): what bounds
+        # transactions per second per pooled connection.
+        for name, req in (("single", single), ("batch4", batch)):
+            held = [stub.Execute(req, timeout=10).run_us for _ in range(min(n, 1000))]
+            out[name]["held_median_us"] = statistics.median(held)
+        return out
 
 
 async def _load(target: str, callers: int, seconds: float) -> dict[str, Any]:
