@@ -298,7 +298,6 @@ class PgConnection:
         self._target = target
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
         self.created_at = time.monotonic()
         key = core._backend_key_data or b"\0" * 8
         self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
