@@ -298,3 +298,12 @@ def test_repeated_batch_is_pipelined_and_a_failure_names_the_first_bad_statement
     assert (error.sqlstate, error.statement_index) == ("23505", 1)
     reply = broker.execute(request(f"SELECT count(*), sum(n) FROM {table}"))
     assert rows(reply.results[0]) == [(6, 3)]  # nothing of the failed batch stayed
+
+
+def test_prepared_statements_are_kept_per_connection_in_an_lru(start_broker: Any) -> None:
+    broker = start_broker(pool_size=1, statement_cache_size=3)
+    for i in range(6):
+        broker.execute(request(f"SELECT {i}"))
+    reply = broker.execute(request("SELECT count(*) FROM pg_prepared_statements"))
+    # Evicted statements were closed on the server: only the cache's three remain.
+    assert rows(reply.results[0]) == [(3,)]
