@@ -77,8 +77,10 @@ def summarise(raw: Path, top: int = 25) -> dict[str, Any]:
 
 
 def _thread_group(thread: str) -> str:
-    """``thread (0x7f..): pgbroker-worker`` -> ``pgbroker-worker`` (one line per pool)."""
-    return thread.rsplit("): ", 1)[-1].strip() or thread
+    """``thread (0x7f..): pgbroker-worker_3`` -> ``pgbroker-worker`` (one line per pool)."""
+    name = thread.rsplit("): ", 1)[-1].strip() or thread
+    base, _, number = name.rpartition("_")
+    return base if base and number.isdigit() else name
 
 
 def run_profile(plan: Plan, out: Path) -> dict[str, Any]:
