@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "LocalPostgres",
@@ -122,18 +123,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_as(user: str | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that drops root privileges to *user*, or None to stay as we are."""
+def _run_as(user: str | None) -> dict[str, Any]:
+    """`subprocess` arguments that run the child as *user* (nothing when *user* is None).
+
+    ``user=``/``group=`` drop privileges in C between fork and exec; a ``preexec_fn`` would run
+    Python there, which is unsafe in a process that already has threads (gRPC's, in tests).
+    """
     if user is None:
-        return None
+        return {}
     entry = pwd.getpwnam(user)
-
-    def demote() -> None:
-        os.setgid(entry.pw_gid)
-        os.initgroups(user, entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-    return demote
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 class LocalPostgres:
@@ -290,7 +289,7 @@ class LocalPostgres:
             return
         probe = subprocess.run(
             ["test", "-x", str(self.bindir / "initdb")],
-            preexec_fn=_run_as(self._os_user),
+            **_run_as(self._os_user),
             cwd="/",
             check=False,
         )
@@ -333,7 +332,7 @@ class LocalPostgres:
             argv,
             capture_output=True,
             text=True,
-            preexec_fn=_run_as(self._os_user),
+            **_run_as(self._os_user),
             cwd="/",
             check=False,
         )
