@@ -25,12 +25,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from demo.brokerproc import BrokerProcess
 from demo.burst import Burst, Invocation
 from demo.database import BackendMonitor, DemoDatabase
 from demo.direct import DirectClient
 from demo.invocations import BrokerInvocation, ContainerLocal, DirectInvocation, bind_handler
 from demo.report import PhaseResult, print_table, write_chart
+from devtools.brokerproc import BrokerProcess
 from examples import handler as example
 from lambda_client import BrokerClient
 
@@ -238,7 +238,10 @@ def _broker_phase(
     broker_url = database.app_dsn
     if database.embedded:
         broker_url += "?sslmode=disable"
-    broker = BrokerProcess(broker_url, pool_size=args.pool_size, env={"PGBROKER_AUTH": "none"})
+    # INFO, the broker's default: DEBUG would log every one of the burst's requests.
+    broker = BrokerProcess(
+        broker_url, pool_size=args.pool_size, log_level="INFO", env={"PGBROKER_AUTH": "none"}
+    )
     try:
         with console.status("starting the broker and filling its pool ..."):
             broker.start()
@@ -259,7 +262,7 @@ def _broker_phase(
         stats = _broker_stats(broker.target)
         ended = time.monotonic()
     finally:
-        broker.stop()
+        broker.close()
     return PhaseResult(
         name="broker",
         title=title,

@@ -17,9 +17,9 @@ import sys
 import threading
 from types import FrameType
 
-from demo.brokerproc import BrokerProcess
 from demo.database import DemoDatabase
 from demo.direct import DirectClient
+from devtools.brokerproc import BrokerProcess
 from examples import handler as example
 
 __all__ = ["instructions", "main"]
@@ -76,6 +76,13 @@ def _listen(args: list[str]) -> tuple[str, list[str]]:
     return listen, rest
 
 
+def _broker_env() -> dict[str, str]:
+    """``PGBROKER_*`` settings from our environment for the broker (the user configures it
+    this way too); auth ``none`` unless they say otherwise (it listens on loopback)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PGBROKER_")}
+    return {"PGBROKER_AUTH": "none", **env}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("run", "serve"):
@@ -99,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             client.close()
         url = database.app_dsn + ("?sslmode=disable" if database.embedded else "")
-        broker = BrokerProcess(url, listen=listen, extra_args=tuple(rest), echo=sys.stderr)
+        broker = BrokerProcess(
+            url,
+            listen=listen,
+            log_level="INFO",
+            env=_broker_env(),
+            extra_args=rest,
+            echo=sys.stderr,
+        )
         try:
             broker.start()
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 1
-        stack.callback(broker.stop)
+        stack.callback(broker.close)
         print(instructions(broker.target, database), flush=True)
         while not stop.wait(0.5):
             if broker.proc is None or broker.proc.poll() is not None:
