@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import pg8000.native
 import pytest
+from support import connect
 
 from devtools.localpg import LocalPostgres
 
@@ -64,3 +66,11 @@ def own_postgres() -> Iterator[LocalPostgres]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def admin(postgres: LocalPostgres | ExternalPostgres) -> Iterator[pg8000.native.Connection]:
+    """A direct pg8000 connection to the test Postgres (not through the broker)."""
+    conn = connect(postgres)
+    yield conn
+    conn.close()

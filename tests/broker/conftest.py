@@ -1,4 +1,5 @@
-"""Fixtures for the broker's tests: a real broker on port 0 and a direct admin connection."""
+"""Fixtures for the broker's tests: a real broker on port 0 and a fresh table name (``admin``,
+a direct connection, comes from the root conftest)."""
 
 from __future__ import annotations
 
@@ -34,20 +35,6 @@ def start_broker(postgres: Any) -> Iterator[Callable[..., InProcessBroker]]:
     yield start
     for broker in started:
         broker.close()
-
-
-@pytest.fixture
-def admin(postgres: Any) -> Iterator[pg8000.native.Connection]:
-    """A direct pg8000 connection to the test Postgres (not through the broker)."""
-    conn = pg8000.native.Connection(
-        postgres.user,
-        host=postgres.host,
-        port=postgres.port,
-        database=postgres.database,
-        password=getattr(postgres, "password", None),
-    )
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """Fixtures for the client's tests: real brokers (``python -m broker run`` children) on a real
-Postgres, and a direct admin connection to look at ``pg_stat_activity``."""
+Postgres (``admin``, a direct connection, comes from the root conftest)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pg8000.native
 import pytest
 
 from devtools.brokerproc import BrokerProcess
@@ -35,17 +34,3 @@ def broker(postgres: Any) -> Iterator[BrokerProcess]:
         postgres.dsn + "?sslmode=disable", pool_size=2, auth="none", shutdown_grace=2
     ) as process:
         yield process
-
-
-@pytest.fixture
-def admin(postgres: Any) -> Iterator[pg8000.native.Connection]:
-    """A direct pg8000 connection to the test Postgres (not through the broker)."""
-    conn = pg8000.native.Connection(
-        postgres.user,
-        host=postgres.host,
-        port=postgres.port,
-        database=postgres.database,
-        password=getattr(postgres, "password", None),
-    )
-    yield conn
-    conn.close()

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support import wait_until
 
-from client.support import wait_until
 from devtools.brokerproc import BrokerProcess
 from lambda_client import BrokerClient, SerializationFailure
 

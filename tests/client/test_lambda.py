@@ -10,8 +10,8 @@ from typing import Any
 
 import pg8000.native
 import pytest
+from support import wait_until
 
-from client.support import wait_until
 from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
 from devtools.localpg import free_port

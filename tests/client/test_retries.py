@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from support import wait_until
 
 import lambda_client as lc
 from client.standin import bare, failure, standin
-from client.support import wait_until
 from devtools.lambda_context import FakeLambdaContext
 
 SC = grpc.StatusCode
