@@ -1,16 +1,20 @@
 """Helpers shared by the test folders (importable as ``support``: pytest puts ``tests/``, the
-root conftest's folder, on sys.path): polling and a direct Postgres connection."""
+root conftest's folder, on sys.path): polling, a direct Postgres connection, and
+ExecuteRequests built from SQL with their results decoded."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pg8000.native
 import pytest
 
-__all__ = ["connect", "wait_until"]
+from lambda_client import codec
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = ["connect", "request", "rows", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -35,3 +39,17 @@ def connect(postgres: Any) -> pg8000.native.Connection:
         database=postgres.database,
         password=getattr(postgres, "password", None),
     )
+
+
+def request(*statements: str | tuple[str, Sequence[object]], **options: Any) -> pb.ExecuteRequest:
+    """An ExecuteRequest from SQL strings or (sql, params) pairs."""
+    out = pb.ExecuteRequest(options=pb.TransactionOptions(**options))
+    for item in statements:
+        sql, params = (item, ()) if isinstance(item, str) else item
+        out.statements.add(sql=sql, params=codec.encode_params(list(params)))
+    return out
+
+
+def rows(result: pb.StatementResult) -> list[tuple[Any, ...]]:
+    """The decoded rows of one statement's result."""
+    return [codec.decode_row(r.values) for r in result.rows]

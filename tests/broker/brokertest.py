@@ -5,30 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from support import wait_until
+from support import request, rows, wait_until
 
 from broker.config import Settings
 from broker.server import BrokerServer
-from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
-
-def request(*statements: str | tuple[str, Sequence[object]], **options: Any) -> pb.ExecuteRequest:
-    """An ExecuteRequest from SQL strings or (sql, params) pairs."""
-    out = pb.ExecuteRequest(options=pb.TransactionOptions(**options))
-    for item in statements:
-        sql, params = (item, ()) if isinstance(item, str) else item
-        out.statements.add(sql=sql, params=codec.encode_params(list(params)))
-    return out
-
-
-def rows(result: pb.StatementResult) -> list[tuple[Any, ...]]:
-    return [codec.decode_row(r.values) for r in result.rows]
+# request, rows and wait_until come from tests/support.py; the broker tests import them here.
+__all__ = ["InProcessBroker", "details_of", "request", "rows", "wait_until"]
 
 
 def details_of(error: grpc.RpcError) -> dict[str, Any]:

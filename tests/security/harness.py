@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from support import request, rows
 
 from broker.config import load_settings
 from broker.server import BrokerServer
-from lambda_client import codec
-from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+# request and rows come from tests/support.py; the security tests import them here.
+__all__ = ["Broker", "error_info", "has_retry_info", "request", "rows"]
 
 
 class Broker:
@@ -78,19 +79,6 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def request(*statements: str | tuple[str, Sequence[object]], **options: Any) -> pb.ExecuteRequest:
-    """An ExecuteRequest from SQL strings or (sql, params) pairs."""
-    out = pb.ExecuteRequest(options=pb.TransactionOptions(**options))
-    for item in statements:
-        sql, params = (item, ()) if isinstance(item, str) else item
-        out.statements.add(sql=sql, params=codec.encode_params(list(params)))
-    return out
-
-
-def rows(result: pb.StatementResult) -> list[tuple[Any, ...]]:
-    return [tuple(codec.decode_row(r.values)) for r in result.rows]
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
