@@ -71,6 +71,7 @@ class Plan:
     burst_timeout: float = 90.0
     pgbroker_asyncio: bool = True  # drive pgbroker with lambda_client.aio (else threads)
     rounds: int = 1  # steady cases run this many times, interleaved; the best round is kept
+    light_clients: int = 1  # W1 "light": one client, so latency is the path, not a queue
 
 
 PLANS = {
@@ -194,6 +195,11 @@ class Bench:
             think = plan.think_ms if workload == "W2" else 0.0
             for competitor in COMPETITORS:
                 yield Case(workload, "base", competitor, clients, think, 0.0)
+            if plan.variants and workload == "W1":
+                # Per-request latency without queueing: closed loops of 200 measure mostly
+                # throughput (Little's law), a few clients measure the path itself.
+                for competitor in COMPETITORS:
+                    yield Case(workload, "light", competitor, plan.light_clients, 0.0, 0.0)
             if plan.variants and workload == "W2":
                 for competitor in COMPETITORS:
                     yield Case(workload, "think0", competitor, clients, 0.0, 0.0)

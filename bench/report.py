@@ -84,6 +84,14 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "value": f"{_fmt(value, 2)}x",
         "met": bool(value is not None and value <= 1.5),
     })  # fmt: skip
+    broker, bouncer = get("W1", "light", PGBROKER), get("W1", "light", BOUNCER_ASYNCPG)
+    if broker and bouncer:
+        value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+        out.append({
+            "target": "W1 light (no queueing): pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
+            "value": f"{_fmt(value, 2)}x",
+            "met": bool(value is not None and value <= 1.5),
+        })  # fmt: skip
     burst = get("W3", "burst", PGBROKER)
     out.append({
         "target": "W3: zero failures through pgbroker",
