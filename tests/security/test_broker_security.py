@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pg8000.native
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import connect
 
 from lambda_client import BrokerClient, InvalidRequest, PermissionDenied, Unauthenticated
 from lambda_client import auth as client_auth
@@ -131,9 +131,7 @@ def broker(postgres: Any) -> Iterator[Broker]:
 @pytest.fixture
 def table(postgres: Any) -> Iterator[str]:
     name = "sec_" + uuid.uuid4().hex[:8]
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     admin.run(f"CREATE TABLE {name} (id serial PRIMARY KEY, body text)")
     try:
         yield name

@@ -4,14 +4,13 @@ the limit, nothing run for request limits, and the pool healthy afterwards."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pg8000.native
 import pytest
+from support import connect, wait_until
 
 from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -41,9 +40,7 @@ def broker(postgres: Any) -> Iterator[Broker]:
 @pytest.fixture
 def table(postgres: Any) -> Iterator[str]:
     name = "limits_" + uuid.uuid4().hex[:8]
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     admin.run(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
     try:
         yield name
@@ -121,9 +118,7 @@ def test_results_at_the_limit_are_sent(broker: Broker) -> None:
 def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: Any) -> None:
     done: list[Any] = []
     # The first request waits on a lock the test holds, so it stays in flight until released.
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     admin.run("SELECT pg_advisory_lock(8675309)")
 
     def held() -> None:
@@ -133,7 +128,10 @@ def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: 
     worker = threading.Thread(target=held)
     worker.start()
     try:
-        wait_until(lambda: broker.server.service.inflight.in_flight("token:app") == 1)
+        wait_until(
+            lambda: broker.server.service.inflight.in_flight("token:app") == 1,
+            what="the first request to be in flight",
+        )
         error = refused(broker, request("SELECT 1"))
     finally:
         admin.run("SELECT pg_advisory_unlock(8675309)")
@@ -147,14 +145,6 @@ def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: 
     # Once the first request finished, the same caller gets through again.
     reply = broker.stub().Execute(request("SELECT 1"), metadata=BEARER, timeout=10)
     assert rows(reply.results[0]) == [(1,)]
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for the first request to be in flight")
-        time.sleep(0.01)
 
 
 def test_client_does_not_retry_a_crossed_limit(broker: Broker) -> None:

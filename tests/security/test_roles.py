@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pg8000.native
 import pytest
+from support import connect
 
 from broker.auth import Identity
 from broker.roles import RoleMap, RoleRefused
@@ -28,9 +28,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 def schema(postgres: Any) -> Iterator[dict[str, str]]:
     suffix = uuid.uuid4().hex[:6]
     names = {"ro": f"app_ro_{suffix}", "rw": f"app_rw_{suffix}", "table": f"notes_{suffix}"}
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     admin.run(f"CREATE ROLE {names['ro']} NOLOGIN")
     admin.run(f"CREATE ROLE {names['rw']} NOLOGIN")
     admin.run(f"CREATE TABLE {names['table']} (id serial PRIMARY KEY, body text)")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pg8000.native
 import pytest
+from support import connect
 
 from broker.sessionstate import needs_audit
 
@@ -61,9 +61,7 @@ def test_session_lock_taken_in_a_failed_do_block_is_released(broker: Broker, pos
             timeout=10,
         )
     one(broker, "SELECT 1")  # the next caller runs on a fresh connection
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     try:
         held = admin.run(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k", k=key
@@ -89,9 +87,7 @@ def test_ordinary_requests_are_not_audited() -> None:
 @pytest.fixture
 def leaky_function(postgres: Any) -> Iterator[str]:
     name = "leaky_" + uuid.uuid4().hex[:8]
-    admin = pg8000.native.Connection(
-        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
-    )
+    admin = connect(postgres)
     admin.run(
         f"CREATE FUNCTION {name}() RETURNS text LANGUAGE sql "
         "AS $$ SELECT set_config('search_path', 'leaked', false) $$"
