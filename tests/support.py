@@ -1,9 +1,10 @@
 """Helpers shared by the test folders (importable as ``support``: pytest puts ``tests/``, the
-root conftest's folder, on sys.path): polling, a direct Postgres connection, and
-ExecuteRequests built from SQL with their results decoded."""
+root conftest's folder, on sys.path): polling, a direct Postgres connection, a port free on
+several loopback addresses, and ExecuteRequests built from SQL with their results decoded."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
-__all__ = ["connect", "request", "rows", "wait_until"]
+__all__ = ["connect", "port_free_on", "request", "rows", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -39,6 +40,23 @@ def connect(postgres: Any) -> pg8000.native.Connection:
         database=postgres.database,
         password=getattr(postgres, "password", None),
     )
+
+
+def port_free_on(hosts: list[str]) -> int:
+    """A port that can be bound on every one of *hosts* (loopback addresses 127.0.0.N);
+    RuntimeError if 50 tries found none."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every loopback address")
 
 
 def request(*statements: str | tuple[str, Sequence[object]], **options: Any) -> pb.ExecuteRequest:

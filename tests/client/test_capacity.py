@@ -3,13 +3,12 @@ transaction is resent only when asked; calls spread over (and survive) several r
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import wait_until
+from support import port_free_on, wait_until
 
 from devtools.brokerproc import BrokerProcess
 from lambda_client import BrokerClient, SerializationFailure
@@ -68,27 +67,11 @@ def test_serialization_failure_is_resent_with_retry_serialization(broker: Broker
     assert db.stats()["rpcs_num"] == before + 3
 
 
-def _port_free_on(hosts: list[str]) -> int:
-    """A port that can be bound on every host (loopback addresses 127.0.0.N)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every loopback address")
-
-
 def test_round_robin_spreads_calls_and_survives_a_stopped_replica(
     start_broker: Callable[..., BrokerProcess],
 ) -> None:
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-    port = _port_free_on(hosts)
+    port = port_free_on(hosts)
     brokers = [start_broker(listen=f"{host}:{port}", pool_size=1) for host in hosts]
     db = BrokerClient("ipv4:" + ",".join(f"{host}:{port}" for host in hosts))
     for n in range(30):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pg8000.native
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import connect, port_free_on
 
 from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -35,22 +34,6 @@ POOL_SIZE = 3
 SHUTDOWN_GRACE = 5
 LOAD_THREADS = 6
 STEADY_SECONDS = 6.0  # load before the replacement, and again after it
-
-
-def _free_port(hosts: list[str]) -> int:
-    """A port that is free on every one of *hosts* (loopback addresses)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every loopback address")
 
 
 class Replica:
@@ -114,13 +97,7 @@ class BackendMonitor(threading.Thread):
 
     def __init__(self, postgres: Any) -> None:
         super().__init__(daemon=True)
-        self.conn = pg8000.native.Connection(
-            postgres.user,
-            host=postgres.host,
-            port=postgres.port,
-            database=postgres.database,
-            password=getattr(postgres, "password", None),
-        )
+        self.conn = connect(postgres)
         self.peak = 0
         self.samples = 0
         self.done = threading.Event()
@@ -183,7 +160,7 @@ def test_replica_replaced_under_load_loses_no_call(
     own_postgres: Any, replicas: list[Replica], tmp_path: Path
 ) -> None:
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
-    port = _free_port(hosts)
+    port = port_free_on(hosts)
     dsn = own_postgres.dsn + "?sslmode=disable"
     for host in hosts[:3]:
         replicas.append(Replica(host, port, dsn, tmp_path))
