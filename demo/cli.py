@@ -212,16 +212,8 @@ def _direct_phase(
     # Warm containers are gone now; wait until Postgres has let go of their backends.
     monitor.wait_for(lambda s: s.app_backends == 0, timeout=15)
     ended = time.monotonic()
-    return PhaseResult(
-        name="direct",
-        title=title,
-        burst=burst,
-        samples=_window(monitor, began, ended),
-        peak_backends=monitor.peak(began, ended),
-        began=began,
-        ended=ended,
-        wait_label="release → connection open",
-        extra={},
+    return _phase_result(
+        "direct", title, burst, monitor, (began, ended), "release → connection open"
     )
 
 
@@ -263,16 +255,14 @@ def _broker_phase(
         ended = time.monotonic()
     finally:
         broker.close()
-    return PhaseResult(
-        name="broker",
-        title=title,
-        burst=burst,
-        samples=_window(monitor, began, ended),
-        peak_backends=monitor.peak(began, ended),
-        began=began,
-        ended=ended,
-        wait_label="release → broker began the transaction",
-        extra={"broker_stats": stats},
+    return _phase_result(
+        "broker",
+        title,
+        burst,
+        monitor,
+        (began, ended),
+        "release → broker began the transaction",
+        {"broker_stats": stats},
     )
 
 
@@ -312,8 +302,28 @@ def _run_burst(
     return burst
 
 
-def _window(monitor: BackendMonitor, began: float, ended: float) -> list[Any]:
-    return [s for s in monitor.samples if began <= s.at <= ended]
+def _phase_result(
+    name: str,
+    title: str,
+    burst: Burst,
+    monitor: BackendMonitor,
+    window: tuple[float, float],
+    wait_label: str,
+    extra: dict[str, Any] | None = None,
+) -> PhaseResult:
+    """A phase's figures: its burst and what *monitor* saw within *window* (began, ended)."""
+    began, ended = window
+    return PhaseResult(
+        name=name,
+        title=title,
+        burst=burst,
+        samples=[s for s in monitor.samples if began <= s.at <= ended],
+        peak_backends=monitor.peak(began, ended),
+        began=began,
+        ended=ended,
+        wait_label=wait_label,
+        extra=extra or {},
+    )
 
 
 def _broker_stats(target: str) -> dict[str, int]:
