@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from typing import Any
 
 import grpc
-from support import request, rows, wait_until
+from support import InProcessServer, request, rows, wait_until
 
 from broker.config import Settings
-from broker.server import BrokerServer
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -37,24 +33,19 @@ def details_of(error: grpc.RpcError) -> dict[str, Any]:
     return out
 
 
-class InProcessBroker:
-    """A real BrokerServer on port 0, its event loop on a background thread."""
+class InProcessBroker(InProcessServer):
+    """A real BrokerServer on port 0 with its pool filled, and a Broker stub on one channel."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = BrokerServer(settings)
-        self.port = self.call(self.server.start(), timeout=30)
-        # start() returns once one connection is open; tests count on the whole pool.
-        wait_until(lambda: self.server.pool.filled, timeout=30, what="the pool to fill")
-        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(settings, grace=2)
+        try:
+            # start() returns once one connection is open; tests count on the whole pool.
+            wait_until(lambda: self.server.pool.filled, timeout=30, what="the pool to fill")
+        except BaseException:
+            super().close()
+            raise
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.BrokerStub(self.channel)
-
-    def call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stats(self) -> dict[str, int]:
         return dict(self.stub.GetStats(pb.GetStatsRequest(), timeout=5).stats)
@@ -64,8 +55,4 @@ class InProcessBroker:
 
     def close(self) -> None:
         self.channel.close()
-        with contextlib.suppress(Exception):
-            self.call(self.server.stop(grace=2), timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().close()

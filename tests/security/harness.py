@@ -3,25 +3,21 @@ through the same settings resolver the CLI uses."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from support import request, rows
+from support import InProcessServer, request, rows
 
 from broker.config import load_settings
-from broker.server import BrokerServer
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 # request and rows come from tests/support.py; the security tests import them here.
 __all__ = ["Broker", "error_info", "has_retry_info", "request", "rows"]
 
 
-class Broker:
+class Broker(InProcessServer):
     """A started `BrokerServer` with its event loop on a background thread."""
 
     def __init__(self, dsn: str, **flags: Any) -> None:
@@ -36,21 +32,8 @@ class Broker:
             },
             environ={},
         )
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = BrokerServer(settings)
-        try:
-            self.port = self._call(self.server.start())
-        except BaseException:
-            self.close()
-            raise
-        self.target = f"127.0.0.1:{self.port}"
         self._channels: list[grpc.Channel] = []
-
-    def _call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        super().__init__(settings, grace=1)
 
     def stub(self, credentials: grpc.ChannelCredentials | None = None, **options: Any) -> Any:
         """A Broker stub on a new channel (TLS when *credentials* are given)."""
@@ -66,13 +49,9 @@ class Broker:
         return dict(self.server.service.get_stats())
 
     def close(self) -> None:
-        for channel in getattr(self, "_channels", []):
+        for channel in self._channels:
             channel.close()
-        with contextlib.suppress(Exception):
-            self._call(self.server.stop(grace=1))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().close()
 
     def __enter__(self) -> Broker:
         return self
