@@ -13,13 +13,11 @@ import contextlib
 import json
 import os
 import resource
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -31,6 +29,7 @@ from demo.direct import DirectClient
 from demo.invocations import BrokerInvocation, ContainerLocal, DirectInvocation, bind_handler
 from demo.report import PhaseResult, print_table, write_chart
 from devtools.brokerproc import BrokerProcess
+from devtools.signals import sigterm_as_interrupt
 from examples import handler as example
 from lambda_client import BrokerClient
 
@@ -96,20 +95,6 @@ def default_chart_path() -> Path:
     return Path(tempfile.mkdtemp(prefix="pgbroker-demo-")) / "pgbroker-demo.png"
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so everything is stopped."""
-
-    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def raise_open_files_limit(wanted: int) -> None:
     """Raise the soft open-files limit toward *wanted* (each container holds a socket, and
     the broker child inherits the limit); keep the hard limit, ignore refusals."""
@@ -125,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_files_limit(2 * args.invocations + 256)
     console = Console(stderr=args.json)
     try:
-        with _terminate_as_interrupt():
+        with sigterm_as_interrupt():
             summary = run(args, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: broker and Postgres stopped, temporary data removed")
