@@ -36,7 +36,7 @@ from broker.service import BrokerService
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
-__all__ = ["BrokerServer", "serve", "setup_logging"]
+__all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
 
 log = logging.getLogger("pgbroker.server")
 
@@ -69,7 +69,22 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Above PGBROKER_MAX_REQUEST_BYTES, so a request just over it gets the broker's
         # LIMIT_EXCEEDED message instead of gRPC's.
         ("grpc.max_receive_message_length", limits_for(settings).grpc_max_receive_bytes()),
+        # Calls gRPC has received but the event loop has not picked up yet (grpc.aio takes
+        # them one at a time): past 1,000 of them gRPC cancels new calls at random
+        # (random early detection), all of them past 3,000, and the client sees a bare
+        # CANCELLED it cannot retry safely. A burst of new Lambda sandboxes (a call plus a
+        # health watch each) crosses that while the loop is busy. The broker's own queue
+        # (PGBROKER_MAX_WAITING → QUEUE_FULL with RetryInfo) must be the limit that bites.
+        ("grpc.server.max_pending_requests", pending_calls_limit(settings)),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * pending_calls_limit(settings)),
     ]
+
+
+def pending_calls_limit(settings: Settings) -> int:
+    """How many received calls gRPC may hold for the event loop before it starts cancelling
+    them: a health watch and a call for each of ``max_waiting`` waiting callers and the pool,
+    twice over, and never below gRPC's default (1,000)."""
+    return max(1000, 4 * (settings.max_waiting + settings.pool_size))
 
 
 def limits_for(settings: Settings) -> Limits:
