@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from bench.monitor import Monitor
 from bench.procs import ROOT, Broker, PgBouncer, Processes, cpu_seconds
 from bench.workloads import pgbench_script
 from devtools.localpg import LocalPostgres, free_port
+from devtools.signals import sigterm_as_interrupt
 from devtools.tcpproxy import TcpProxy
 
 DIRECT = "direct"
@@ -519,20 +519,6 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run_rounds(bench: Bench, cases: list[Case]) -> list[dict[str, Any]]:
     """Run the steady cases `Plan.rounds` times, interleaved (every case once per round), and
     keep each case's best round: on a shared machine the best round is the one least
@@ -579,7 +565,7 @@ def run_bench(
     started = dt.datetime.now(dt.UTC)
     bench = Bench(plan, with_pgbroker=with_pgbroker)
     load_before = os.getloadavg()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             bench.start()
             cases = [c for c in bench.cases() if _selected(c, only or set())]
