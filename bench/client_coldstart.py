@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import ipaddress
 import json
 import shutil
 import statistics
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.brokerproc import BrokerProcess
+from devtools.certs import self_signed_cert
 from devtools.localpg import LocalPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,45 +99,6 @@ print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1
                   "connect_query_ms": (t2 - t1) * 1000,
                   "warm_query_ms": (t3 - t2) * 1000}))
 """
-
-
-def self_signed_cert(directory: Path) -> tuple[str, str]:
-    """Write a certificate for 127.0.0.1/localhost and its key; return (cert, key) paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
 
 
 def _fresh(script: str, *args: str) -> dict[str, float]:

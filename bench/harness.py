@@ -32,6 +32,7 @@ from bench.load import Spec
 from bench.monitor import Monitor
 from bench.procs import ROOT, Broker, PgBouncer, Processes, cpu_seconds
 from bench.workloads import pgbench_script
+from devtools.certs import self_signed_cert
 from devtools.localpg import LocalPostgres, free_port
 from devtools.signals import sigterm_as_interrupt
 from devtools.tcpproxy import TcpProxy
@@ -125,7 +126,7 @@ class Bench:
         self.stack.callback(self.procs.stop_all)
         certdir = Path(tempfile.mkdtemp(prefix="pgbroker-bench-tls-"))
         self.stack.callback(_rmtree, certdir)
-        cert = _self_signed(certdir)
+        cert = self_signed_cert(certdir)
         _log(f"starting Postgres (max_connections={plan.max_connections})")
         self.pg = LocalPostgres(max_connections=plan.max_connections, ssl=cert)
         self.stack.callback(self.pg.stop)
@@ -479,38 +480,6 @@ def _broker_missing() -> str | None:
     except ImportError as exc:
         return f"lambda_client.BrokerClient not importable: {exc}"
     return None
-
-
-def _self_signed(directory: Path) -> tuple[str, str]:
-    """A throwaway certificate for 127.0.0.1 (the cold-start TLS connect needs one)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
 
 
 def _rmtree(path: Path) -> None:
