@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import pg8000.native
 
+from devtools.brokerproc import BrokerProcess
 from devtools.localpg import LocalPostgres
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -123,34 +124,6 @@ async def _load(target: str, callers: int, seconds: float) -> dict[str, Any]:
     return {"callers": callers, "requests_per_s": round(done / elapsed), "errors": errors}
 
 
-def _start_broker(dsn: str) -> tuple[subprocess.Popen[str], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
-    env["PGBROKER_LOG_LEVEL"] = "WARNING"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            dsn,
-            "--log-level",
-            "INFO",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        record = json.loads(line)
-        if str(record.get("message", "")).startswith("listening on"):
-            return proc, f"127.0.0.1:{record['port']}"
-    raise RuntimeError("broker exited before listening")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="calls per latency figure")
@@ -190,10 +163,9 @@ def _run(dsn: str, args: argparse.Namespace) -> int:
     setup.run("INSERT INTO bench_accounts SELECT g, 1000000 FROM generate_series(1, 10) g")
     setup.run("CREATE TABLE bench_history (id bigserial, account int, delta int)")
     setup.close()
-    proc, target = _start_broker(dsn)
-    try:
+    with BrokerProcess(dsn, log_level="INFO") as broker:
         results: dict[str, Any] = {"direct_pg8000": _direct(parts, args.n)}
-        results["broker"] = _through_broker(target, args.n)
+        results["broker"] = _through_broker(broker.target, args.n)
         # The load client runs in its own process so it does not share our GIL.
         load = subprocess.run(
             [
@@ -201,7 +173,7 @@ def _run(dsn: str, args: argparse.Namespace) -> int:
                 "-m",
                 "bench.broker_latency",
                 "--load-only",
-                target,
+                broker.target,
                 "--callers",
                 str(args.callers),
                 "--seconds",
@@ -212,9 +184,7 @@ def _run(dsn: str, args: argparse.Namespace) -> int:
             check=True,
         )
         results["load"] = json.loads(load.stdout)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        broker.stop(timeout=30)
     print(json.dumps(results, indent=2))
     return 0
 

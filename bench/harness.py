@@ -30,8 +30,9 @@ from typing import Any
 from bench import coldstart, pgbench_runner
 from bench.load import Spec
 from bench.monitor import Monitor
-from bench.procs import ROOT, Broker, PgBouncer, Processes, cpu_seconds
+from bench.procs import ROOT, PgBouncer, Processes, cpu_seconds
 from bench.workloads import pgbench_script
+from devtools.brokerproc import BrokerProcess
 from devtools.certs import self_signed_cert
 from devtools.localpg import LocalPostgres, free_port
 from devtools.signals import sigterm_as_interrupt
@@ -113,7 +114,7 @@ class Bench:
         self.with_pgbroker = with_pgbroker
         self.pg: LocalPostgres | None = None
         self.bouncer: PgBouncer | None = None
-        self.broker: Broker | None = None
+        self.broker: BrokerProcess | None = None
         self.monitor: Monitor | None = None
         self.proxies: dict[str, TcpProxy] = {}
         self.pgbench = ""
@@ -161,16 +162,21 @@ class Bench:
         _log("starting the broker")
         pg = self.pg
         url = f"postgresql://{ROLES[PGBROKER]}@{pg.host}:{pg.port}/{pg.database}?sslmode=disable"
-        self.broker = Broker(self.procs, database_url=url, port=free_port(),
-                             pool_size=self.plan.pool_size)  # fmt: skip
-        self.stack.callback(self.broker.stop)
+        broker = BrokerProcess(
+            url, log_level="INFO", start_timeout=60, pool_size=self.plan.pool_size, auth="none"
+        )
+        self.stack.callback(broker.close)  # removes its log; runs after the stop below
+        self.stack.callback(broker.stop, 30)  # a loaded broker may need long to drain
         try:
-            self.broker.start()
+            broker.start()
+            if not broker.wait_serving(60):
+                raise RuntimeError(f"pool not filled within 60 s\n{broker.log()[-3000:]}")
         except RuntimeError as exc:
             self.skipped[PGBROKER] = f"broker did not start: {str(exc)[-300:]}"
             _log(self.skipped[PGBROKER])
-            self.broker.stop()
-            self.broker = None
+            broker.stop(timeout=30)
+            return
+        self.broker = broker
 
     def _start_proxies(self) -> None:
         delay = self.plan.latency_ms / 1000

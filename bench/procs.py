@@ -1,4 +1,6 @@
-"""Processes the benchmark starts (PgBouncer, the broker, load generators) and /proc figures.
+"""Processes the benchmark starts (PgBouncer, load generators) and /proc figures.
+
+The broker runs as a `devtools.brokerproc.BrokerProcess`, which stops itself the same way.
 
 Every process goes through `Processes`, which remembers its pid and stops it (SIGTERM, then
 SIGKILL) when the harness ends, on an error or on Ctrl-C. Children run in their own session
@@ -14,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -243,88 +244,3 @@ log_disconnections = 0
 log_pooler_errors = 1
 stats_period = 60
 """
-
-
-# -- the broker -------------------------------------------------------------------------------
-
-
-class Broker:
-    """``python -m broker run`` on a loopback port, with pool size *pool_size*."""
-
-    def __init__(
-        self, procs: Processes, *, database_url: str, port: int, pool_size: int = 20
-    ) -> None:
-        self.procs = procs
-        self.host = "127.0.0.1"
-        self.port = port
-        self.database_url = database_url
-        self.pool_size = pool_size
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
-        self.log_level = os.environ.get("PGBROKER_BENCH_BROKER_LOG_LEVEL", "WARNING")
-        self.keep_log = False
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> Broker:
-        env = {
-            **os.environ,
-            "PGBROKER_DATABASE_URL": self.database_url,
-            "PGBROKER_LISTEN": self.target,
-            "PGBROKER_POOL_SIZE": str(self.pool_size),
-            "PGBROKER_AUTH": "none",
-            "PGBROKER_LOG_LEVEL": self.log_level,
-        }
-        fd, name = tempfile.mkstemp(prefix="pgbroker-bench-broker-", suffix=".log")
-        self.log_path = Path(name)
-        argv = [sys.executable, "-m", "broker", "run", "--listen", self.target]
-        argv += ["--pool-size", str(self.pool_size)]
-        try:
-            self.proc = self.procs.start(argv, env=env, stdout=fd, stderr=fd, cwd=ROOT)
-        finally:
-            os.close(fd)
-        try:
-            wait_for_port(self.host, self.port, timeout, self.proc)
-            self._wait_ready(timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{self.log()[-3000:]}") from exc
-        return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        """Wait until a query through the broker succeeds (its pool is up)."""
-        from lambda_client import BrokerClient
-
-        client = BrokerClient(self.target)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    client.query("SELECT 1", timeout=5)
-                    return
-                except Exception as exc:
-                    if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
-                        raise RuntimeError(f"broker not answering: {exc}") from exc
-                    time.sleep(0.2)
-        finally:
-            with contextlib.suppress(Exception):
-                client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc, timeout=30)
-            self.proc = None
-        if self.log_path is not None and not self.keep_log:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
-
-    def log(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")

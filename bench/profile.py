@@ -92,6 +92,8 @@ def run_profile(plan: Plan, out: Path) -> dict[str, Any]:
         bench.start()
         if bench.broker is None:
             raise RuntimeError(f"pgbroker did not start: {bench.skipped.get(PGBROKER)}")
+        broker_pid = bench.broker.pid
+        assert broker_pid is not None  # started and not stopped
         cases = [
             ("w1", Case("W1", "base", PGBROKER, plan.w1_clients, 0.0, 0.0)),
             ("w2", Case("W2", "base", PGBROKER, plan.w2_clients, plan.think_ms, 0.0)),
@@ -99,7 +101,7 @@ def run_profile(plan: Plan, out: Path) -> dict[str, Any]:
         ]
         for name, case in cases:
             _log(f"profiling the broker under {name}")
-            recorder = _Recorder(bench, bench.broker.pid, out / f"profile-{name}", plan.duration)
+            recorder = _Recorder(bench, broker_pid, out / f"profile-{name}", plan.duration)
             row = bench.run_case(case, hooks=(recorder.start, recorder.end))
             results[name] = {
                 "tps": row.get("tps"),
