@@ -1,7 +1,9 @@
 """Who is calling: ``PGBROKER_AUTH`` = ``iam`` | ``token`` | ``none``, as a gRPC interceptor.
 
-`AuthInterceptor` authenticates every ``pgbroker.v1.Broker`` call before the servicer runs;
-health checks and reflection stay open so load balancers can probe the broker. A verified
+`AuthInterceptor` authenticates every ``pgbroker.v1.Broker`` call before the servicer runs
+(the broker's server registers the handlers wrapped once with `AuthInterceptor.wrap`, so no
+interceptor runs per call); health checks and reflection stay open so load balancers can
+probe the broker. A verified
 caller is an `Identity`, available to the servicer through `current_identity` (for the role
 map and per-identity limits). Failures end the call with UNAUTHENTICATED (no, bad or expired
 credentials) or PERMISSION_DENIED (a valid identity that is not allowed), a
@@ -380,6 +382,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.stats = stats or getattr(authenticator, "stats", None) or AuthStats()
         self.protected_prefix = protected_prefix
         self._log_budget = log_budget or LogBudget()
+        # Wrapped handlers per method, built once (handler → wrapped), not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # PGBROKER_AUTH=none admits everyone as the same identity: no metadata to read.
+        self._anonymous: Identity | None = (
+            NoAuth._anonymous if isinstance(authenticator, NoAuth) else None
+        )
 
     async def intercept_service(
         self,
@@ -390,8 +398,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or not method.startswith(self.protected_prefix):
             return handler
-        metadata = _metadata_dict(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        return _wrap_handler(handler, lambda ctx: self._admit(method, metadata, ctx))
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """*handler* (of the protected *method*, ``/package.Service/Method``) authenticating
+        each call first, from that call's metadata. The server registers the Broker's
+        handlers wrapped this way once, so no interceptor runs per call."""
+        return _wrap_handler(handler, lambda context: self._admit_call(method, context))
+
+    async def _admit_call(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+        if self._anonymous is not None:
+            return self._anonymous
+        metadata = _metadata_dict(context.invocation_metadata())
+        return await self._admit(method, metadata, context)
 
     async def _admit(
         self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext

@@ -98,6 +98,30 @@ def limits_for(settings: Settings) -> Limits:
     )
 
 
+class _HandlerRecorder:
+    """Stands in for a server to `add_BrokerServicer_to_server`: keeps the method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def broker_method_handlers(servicer: pb_grpc.BrokerServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated method handlers of *servicer*, by method name (``Execute``, …)."""
+    recorder = _HandlerRecorder()
+    pb_grpc.add_BrokerServicer_to_server(servicer, recorder)
+    if not recorder.handlers:
+        raise RuntimeError("generated code did not register method handlers")
+    return recorder.handlers
+
+
 class BrokerServer:
     """One broker process: the pool, the gRPC server and their lifecycle."""
 
@@ -140,11 +164,18 @@ class BrokerServer:
     def _build(self) -> None:
         # grpc.aio objects bind to the running event loop: build them inside it.
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
-            options=grpc_options(self.settings),
-            interceptors=[AuthInterceptor(self.authenticator, self.auth_stats)],
+        self.server = grpc.aio.server(options=grpc_options(self.settings))
+        # The Broker's handlers authenticate each call themselves (wrapped once here), so no
+        # interceptor runs per call; health and reflection stay open.
+        auth = AuthInterceptor(self.authenticator, self.auth_stats)
+        handlers = {
+            name: auth.wrap(f"/{SERVICE_NAME}/{name}", handler)
+            for name, handler in broker_method_handlers(self.service).items()
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
-        pb_grpc.add_BrokerServicer_to_server(self.service, self.server)
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
