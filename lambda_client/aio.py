@@ -19,21 +19,23 @@ synchronous, use `BrokerClient`.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from lambda_client import errors
-from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client.client import (
+    Invoke,
     LambdaContext,
     Result,
     Statement,
     _ClientBase,
+    deadline_passed,
+    execute_call,
     query_request,
+    results_of,
+    stats_call,
     transaction_request,
 )
 
@@ -58,8 +60,9 @@ class AsyncBrokerClient(_ClientBase):
         timeout: float | None = None,
     ) -> Result:
         """As `BrokerClient.query`."""
-        request = query_request(sql, params)
-        return (await self._execute(request, context, timeout, retry_aborted=False))[0]
+        invoke = execute_call(query_request(sql, params))
+        response = await self._call_with_retries(invoke, context, timeout, retry_aborted=False)
+        return results_of(response)[0]
 
     async def transaction(
         self,
@@ -76,7 +79,10 @@ class AsyncBrokerClient(_ClientBase):
         request = transaction_request(statements, isolation, read_only, deferrable)
         if not request.statements:
             return []
-        return await self._execute(request, context, timeout, retry_aborted=retry_serialization)
+        response = await self._call_with_retries(
+            execute_call(request), context, timeout, retry_aborted=retry_serialization
+        )
+        return results_of(response)
 
     async def execute_many(
         self,
@@ -97,15 +103,7 @@ class AsyncBrokerClient(_ClientBase):
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """As `BrokerClient.stats`."""
-        deadline = self._deadline(None, timeout)
-        response = await self._call_with_retries(
-            lambda stub, t, md: stub.GetStats(
-                pb.GetStatsRequest(), timeout=t, metadata=md, wait_for_ready=True
-            ),
-            deadline,
-            None,
-            retry_aborted=False,
-        )
+        response = await self._call_with_retries(stats_call, None, timeout, retry_aborted=False)
         return dict(response.stats)
 
     async def close(self) -> None:
@@ -123,52 +121,25 @@ class AsyncBrokerClient(_ClientBase):
     def __repr__(self) -> str:
         return f"AsyncBrokerClient(target={self.target!r}, tls={self.tls})"
 
-    async def _execute(
+    async def _call_with_retries(
         self,
-        request: pb.ExecuteRequest,
+        invoke: Invoke,
         context: LambdaContext | None,
         timeout: float | None,
         *,
         retry_aborted: bool,
-    ) -> list[Result]:
-        deadline = self._deadline(context, timeout)
-        response = await self._call_with_retries(
-            lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True),
-            deadline,
-            context,
-            retry_aborted=retry_aborted,
-        )
-        return [Result.from_proto(r) for r in response.results]
-
-    async def _call_with_retries(
-        self,
-        invoke: Callable[[pb_grpc.BrokerStub, float, list[tuple[str, str]]], Awaitable[Any]],
-        deadline: float,
-        context: LambdaContext | None,
-        *,
-        retry_aborted: bool,
     ) -> Any:
-        """As `BrokerClient._call_with_retries`, sleeping with `asyncio.sleep`."""
-        for attempt in range(1, self.max_attempts + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        """As `BrokerClient._call_with_retries`, awaiting the call and `asyncio.sleep`."""
+        deadline = self._deadline(context, timeout)
+        for attempt, remaining in self._attempts(deadline):
             stub = self._get_stub()
             try:
-                response = await invoke(stub, remaining, self._metadata(context))
+                return await invoke(stub, remaining, self._metadata(context))
             except grpc.RpcError as exc:
-                error = errors.from_rpc_error(exc)
-                delay = self._retry_delay(error, attempt, retry_aborted)
-                if delay is None or time.monotonic() + delay >= deadline:
-                    raise error from exc
-                await asyncio.sleep(delay)
-                continue
+                await asyncio.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
             finally:
-                self._last_used = (time.monotonic(), time.time())
-            return response
-        raise errors.DeadlineExceeded(
-            "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
-        )
+                self._mark_used()
+        raise deadline_passed()
 
     def _get_stub(self) -> pb_grpc.BrokerStub:
         """The stub on this loop's channel, created on first use, in a new loop, or after a
@@ -179,7 +150,7 @@ class AsyncBrokerClient(_ClientBase):
             self._channel = self._new_channel()
             self._stub = pb_grpc.BrokerStub(self._channel)
             self._loop = loop
-            self._last_used = (time.monotonic(), time.time())
+            self._mark_used()
             self.channels_created += 1
             if old is not None and old_loop is loop:
                 closing = loop.create_task(old.close())

@@ -57,6 +57,9 @@ USER_AGENT = "pgbroker-lambda-client/0.1"
 Statement = str | tuple[str, Sequence[Any] | None]
 # A callable returning metadata to add to every attempt, e.g. ("authorization", "Bearer …").
 AuthHook = Callable[[], Sequence[tuple[str, str]]]
+Metadata = list[tuple[str, str]]
+# One attempt of a call: (stub, seconds left, metadata) -> response (an awaitable for aio).
+Invoke = Callable[[pb_grpc.BrokerStub, float, Metadata], Any]
 
 _ISOLATION = {
     None: pb.ISOLATION_LEVEL_UNSPECIFIED,
@@ -221,6 +224,29 @@ class _ClientBase:
             return error.retry_after + random.uniform(0, backoff)
         return random.uniform(backoff / 2, backoff)
 
+    def _attempts(self, deadline: float) -> Iterator[tuple[int, float]]:
+        """(attempt number, seconds left) for each attempt *max_attempts* and *deadline*
+        still allow."""
+        for attempt in range(1, self.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            yield attempt, remaining
+
+    def _backoff_or_raise(
+        self, exc: grpc.RpcError, attempt: int, deadline: float, retry_aborted: bool
+    ) -> float:
+        """Seconds to wait before resending after *exc*; raise its `BrokerError` (caused by
+        *exc*) if it must not be retried or the wait would pass *deadline*."""
+        error = errors.from_rpc_error(exc)
+        delay = self._retry_delay(error, attempt, retry_aborted)
+        if delay is None or time.monotonic() + delay >= deadline:
+            raise error from exc
+        return delay
+
+    def _mark_used(self) -> None:
+        self._last_used = (time.monotonic(), time.time())
+
     def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
         metadata: list[tuple[str, str]] = []
         if context is not None:
@@ -315,8 +341,8 @@ class BrokerClient(_ClientBase):
         Raise `TypeError` naming the parameter if a value has no Postgres mapping (before
         anything is sent), or a `BrokerError` subclass if the call fails.
         """
-        request = query_request(sql, params)
-        return self._execute(request, context, timeout, retry_aborted=False)[0]
+        invoke = execute_call(query_request(sql, params))
+        return results_of(self._call_with_retries(invoke, context, timeout, retry_aborted=False))[0]
 
     def transaction(
         self,
@@ -339,7 +365,10 @@ class BrokerClient(_ClientBase):
         request = transaction_request(statements, isolation, read_only, deferrable)
         if not request.statements:
             return []
-        return self._execute(request, context, timeout, retry_aborted=retry_serialization)
+        response = self._call_with_retries(
+            execute_call(request), context, timeout, retry_aborted=retry_serialization
+        )
+        return results_of(response)
 
     def execute_many(
         self,
@@ -360,16 +389,7 @@ class BrokerClient(_ClientBase):
 
     def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """The broker replica's pool and queue figures (``GetStats``)."""
-        deadline = self._deadline(None, timeout)
-        response = self._call_with_retries(
-            lambda stub, t, md: stub.GetStats(
-                pb.GetStatsRequest(), timeout=t, metadata=md, wait_for_ready=True
-            ),
-            deadline,
-            None,
-            retry_aborted=False,
-        )
-        return dict(response.stats)
+        return dict(self._call_with_retries(stats_call, None, timeout, retry_aborted=False).stats)
 
     def close(self) -> None:
         """Close the channel; the next call opens a new one."""
@@ -389,52 +409,26 @@ class BrokerClient(_ClientBase):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _execute(
+    def _call_with_retries(
         self,
-        request: pb.ExecuteRequest,
+        invoke: Invoke,
         context: LambdaContext | None,
         timeout: float | None,
         *,
         retry_aborted: bool,
-    ) -> list[Result]:
-        deadline = self._deadline(context, timeout)
-        response = self._call_with_retries(
-            lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True),
-            deadline,
-            context,
-            retry_aborted=retry_aborted,
-        )
-        return [Result.from_proto(r) for r in response.results]
-
-    def _call_with_retries(
-        self,
-        invoke: Callable[[pb_grpc.BrokerStub, float, list[tuple[str, str]]], Any],
-        deadline: float,
-        context: LambdaContext | None,
-        *,
-        retry_aborted: bool,
     ) -> Any:
-        """Invoke until success, a non-retryable error, *max_attempts* or the deadline."""
-        for attempt in range(1, self.max_attempts + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        """Invoke until success, a non-retryable error, *max_attempts* or the deadline (from
+        *context* and *timeout*, `_ClientBase._deadline`)."""
+        deadline = self._deadline(context, timeout)
+        for attempt, remaining in self._attempts(deadline):
             stub = self._get_stub()
             try:
-                response = invoke(stub, remaining, self._metadata(context))
+                return invoke(stub, remaining, self._metadata(context))
             except grpc.RpcError as exc:
-                error = errors.from_rpc_error(exc)
-                delay = self._retry_delay(error, attempt, retry_aborted)
-                if delay is None or time.monotonic() + delay >= deadline:
-                    raise error from exc
-                time.sleep(delay)
-                continue
+                time.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
             finally:
-                self._last_used = (time.monotonic(), time.time())
-            return response
-        raise errors.DeadlineExceeded(
-            "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
-        )
+                self._mark_used()
+        raise deadline_passed()
 
     def _get_stub(self) -> pb_grpc.BrokerStub:
         """The stub on the shared channel, created on first use (or after a long idle)."""
@@ -446,7 +440,7 @@ class BrokerClient(_ClientBase):
                 old = self._channel
                 self._channel = self._new_channel()
                 self._stub = pb_grpc.BrokerStub(self._channel)
-                self._last_used = (time.monotonic(), time.time())
+                self._mark_used()
                 self.channels_created += 1
                 if old is not None:
                     old.close()
@@ -501,6 +495,30 @@ def channel_options(
         # would inherit the very connection it is meant to replace.
         ("grpc.use_local_subchannel_pool", 1),
     ]
+
+
+def execute_call(request: pb.ExecuteRequest) -> Invoke:
+    """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike)."""
+    return lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True)
+
+
+def stats_call(stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata) -> Any:
+    """One ``GetStats`` attempt (blocking or ``grpc.aio`` stub alike)."""
+    return stub.GetStats(
+        pb.GetStatsRequest(), timeout=timeout, metadata=metadata, wait_for_ready=True
+    )
+
+
+def results_of(response: pb.ExecuteResponse) -> list[Result]:
+    """One `Result` per statement of *response*."""
+    return [Result.from_proto(r) for r in response.results]
+
+
+def deadline_passed() -> errors.DeadlineExceeded:
+    """The error for a call whose deadline passed between attempts."""
+    return errors.DeadlineExceeded(
+        "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
+    )
 
 
 def query_request(sql: str, params: Sequence[Any] | None) -> pb.ExecuteRequest:
