@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from demo.burst import Burst, Invocation
-from demo.database import BackendMonitor, DemoDatabase
+from demo.database import DemoDatabase, connect
 from demo.direct import DirectClient
 from demo.invocations import BrokerInvocation, ContainerLocal, DirectInvocation, bind_handler
 from demo.report import PhaseResult, print_table, write_chart
 from devtools.brokerproc import BrokerProcess
+from devtools.pgmonitor import BackendMonitor
 from devtools.signals import sigterm_as_interrupt
 from examples import handler as example
 from lambda_client import BrokerClient
@@ -140,7 +141,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             example.create_schema(schema_client)  # type: ignore[arg-type]
         finally:
             schema_client.close()
-        monitor = BackendMonitor(database.admin_dsn, database.app_user).start()
+        # Superuser, opened before the burst: it keeps a reserved slot when the application
+        # role has none left. The role, not application_name (the broker may set it per
+        # request), marks the burst's connections in phase 1 and the broker's pool in phase 2.
+        monitor = BackendMonitor(
+            lambda: connect(database.admin_dsn, application_name="pgbroker-demo-monitor"),
+            role=database.app_user,
+        ).start()
         stack.callback(monitor.stop)
         limits = {"max_connections": database.max_connections, "pool_size": args.pool_size}
         local = stack.enter_context(bind_handler())
@@ -195,7 +202,7 @@ def _direct_phase(
         lambda i: DirectInvocation(i, local, database.app_dsn),
     )
     # Warm containers are gone now; wait until Postgres has let go of their backends.
-    monitor.wait_for(lambda s: s.app_backends == 0, timeout=15)
+    monitor.wait_for(lambda s: s.role_backends == 0, timeout=15)
     ended = time.monotonic()
     return _phase_result(
         "direct", title, burst, monitor, (began, ended), "release → connection open"
@@ -224,7 +231,7 @@ def _broker_phase(
             broker.start()
             broker.wait_serving()
             # Let the monitor see the filled pool before 1000 threads starve it of the GIL.
-            monitor.wait_for(lambda s: s.app_backends >= args.pool_size, timeout=5)
+            monitor.wait_for(lambda s: s.role_backends >= args.pool_size, timeout=5)
         console.print(
             f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
             "invocations at once, each container with its own BrokerClient channel"
@@ -271,7 +278,7 @@ def _run_burst(
     )
 
     def tick(b: Burst) -> None:
-        backends = monitor.samples[-1].app_backends if monitor.samples else 0
+        backends = monitor.samples[-1].role_backends if monitor.samples else 0
         progress.update(
             task,
             completed=b.count - b.waiting,

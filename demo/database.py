@@ -6,27 +6,19 @@
 broker, as an application would have. That matters for the errors the demo shows: a superuser
 may use the ``superuser_reserved_connections`` slots, an application role is refused with
 ``remaining connection slots are reserved for roles with the SUPERUSER attribute`` first.
-The monitor stays superuser, so it keeps a reserved slot while the burst exhausts the rest.
-
-`BackendMonitor` polls ``pg_stat_activity`` every 50 ms from its own connection and records
-how many client backends the application role holds.
+The monitor (`devtools.pgmonitor.BackendMonitor`, connected with `connect`) stays
+superuser, so it keeps a reserved slot while the burst exhausts the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pg8000.native
 
 from devtools.localpg import LocalPostgres, find_or_install_bindir
 
-__all__ = ["APP_ROLE", "BackendMonitor", "DemoDatabase", "Sample", "connect"]
+__all__ = ["APP_ROLE", "DemoDatabase", "connect"]
 
 APP_ROLE = "demo_app"
 
@@ -131,82 +123,3 @@ class DemoDatabase:
             conn.run(f"GRANT ALL ON SCHEMA public TO {APP_ROLE}")
         finally:
             conn.close()
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One poll of ``pg_stat_activity``: seconds on the monotonic clock, backends held by the
-    application role, and every client backend (other than the monitor's own)."""
-
-    at: float
-    app_backends: int
-    all_backends: int
-
-
-@dataclass
-class BackendMonitor:
-    """Polls ``pg_stat_activity`` every *interval* seconds on a thread until `stop`.
-
-    Counts client backends whose ``usename`` is *app_user*: the burst's direct connections in
-    phase 1, the broker's pool in phase 2 (the broker may set ``application_name`` per
-    request, so the role is the stable mark). Open it before the burst: as a superuser it
-    keeps a reserved slot when the application role has none left.
-    """
-
-    admin_dsn: str
-    app_user: str
-    interval: float = 0.05
-    samples: list[Sample] = field(default_factory=list)
-    errors: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-    _conn: Any = None
-
-    def start(self) -> BackendMonitor:
-        self._conn = connect(self.admin_dsn, application_name="pgbroker-demo-monitor")
-        self.poll()
-        self._thread = threading.Thread(target=self._loop, name="pg-monitor", daemon=True)
-        self._thread.start()
-        return self
-
-    def poll(self) -> Sample:
-        """Take one sample now (also used between phases to wait for backends to go)."""
-        rows = self._conn.run(
-            "SELECT count(*) FILTER (WHERE usename = :user), count(*) FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-            user=self.app_user,
-        )
-        sample = Sample(time.monotonic(), int(rows[0][0]), int(rows[0][1]))
-        self.samples.append(sample)
-        return sample
-
-    def wait_for(self, predicate: Callable[[Sample], bool], timeout: float = 10.0) -> bool:
-        """Wait until a new sample satisfies *predicate*; False after *timeout* seconds."""
-        deadline = time.monotonic() + timeout
-        since = time.monotonic()
-        while time.monotonic() < deadline:
-            if self.samples and self.samples[-1].at > since and predicate(self.samples[-1]):
-                return True
-            time.sleep(self.interval)
-        return False
-
-    def peak(self, start: float, end: float) -> int:
-        """The most application-role backends seen in [start, end] (monotonic seconds)."""
-        return max((s.app_backends for s in self.samples if start <= s.at <= end), default=0)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.poll()
-            except Exception:
-                # A lost sample is not worth stopping the demo for; the count is reported.
-                self.errors += 1

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from demo.burst import Burst, summarize_times
-from demo.database import Sample
+from devtools.pgmonitor import Sample
 
 __all__ = ["PhaseResult", "print_table", "write_chart"]
 
@@ -110,7 +110,7 @@ def write_chart(path: Path, phases: list[PhaseResult], limits: dict[str, int]) -
         xs = [s.at - zero for s in phase.samples]
         ax.step(
             xs,
-            [s.app_backends for s in phase.samples],
+            [s.role_backends for s in phase.samples],
             where="post",
             color="tab:blue",
             label="Postgres backends (application)",

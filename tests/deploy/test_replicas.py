@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import connect, port_free_on
 
+from devtools.pgmonitor import BackendMonitor
 from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -92,29 +93,6 @@ class Replica:
         self.log.close()
 
 
-class BackendMonitor(threading.Thread):
-    """Polls pg_stat_activity and keeps the largest number of client backends seen."""
-
-    def __init__(self, postgres: Any) -> None:
-        super().__init__(daemon=True)
-        self.conn = connect(postgres)
-        self.peak = 0
-        self.samples = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        sql = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-        )
-        while not self.done.is_set():
-            ((count,),) = self.conn.run(sql)
-            self.peak = max(self.peak, int(count))
-            self.samples += 1
-            self.done.wait(0.02)
-        self.conn.close()
-
-
 class Load:
     """*threads* callers running short queries through one client until stopped."""
 
@@ -167,8 +145,7 @@ def test_replica_replaced_under_load_loses_no_call(
     for replica in replicas:
         replica.wait_serving()
 
-    monitor = BackendMonitor(own_postgres)
-    monitor.start()
+    monitor = BackendMonitor(lambda: connect(own_postgres), interval=0.02).start()
     client = BrokerClient("ipv4:" + ",".join(f"{h}:{port}" for h in hosts), timeout=10)
     try:
         with Load(client, LOAD_THREADS) as load:
@@ -185,18 +162,18 @@ def test_replica_replaced_under_load_loses_no_call(
         served = {r.host: r.stats()["rpcs_num"] for r in replicas[1:]}
     finally:
         client.close()
-        monitor.done.set()
-        monitor.join(10)
+        monitor.stop()
 
     served[old.host] = served_by_old
+    peak = monitor.peak()
     print(
         f"\nreplicas: calls ok {load.ok}, failed {len(load.failures)}; served per replica "
-        f"{dict(sorted(served.items()))}; peak Postgres backends {monitor.peak} "
-        f"(pools {POOL_SIZE} × 4 = {POOL_SIZE * 4}, {monitor.samples} samples)"
+        f"{dict(sorted(served.items()))}; peak Postgres backends {peak} "
+        f"(pools {POOL_SIZE} × 4 = {POOL_SIZE * 4}, {len(monitor.samples)} samples)"
     )
     assert load.failures == []
     assert exit_code == 0
     assert load.ok > 0
     assert all(count > 0 for count in served.values()), served
     # Four replicas overlap while the old one drains: never more than their pools together.
-    assert 0 < monitor.peak <= POOL_SIZE * 4
+    assert 0 < peak <= POOL_SIZE * 4
