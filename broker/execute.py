@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from broker.params import Bound
 from broker.pg import ConnectionLost, PgConnection, PgError
 from broker.pool import Pool, ServerConnection
 from broker.roles import quote_role
@@ -75,6 +76,9 @@ class Batch:
     # Audit the session after the transaction (broker/sessionaudit.py): set for requests the
     # session-state parser cannot see through (DO, CALL) or with PGBROKER_SESSION_AUDIT=always.
     audit_session: bool = False
+    # Each statement's parameters already bound (`broker.params.bind_params`), or None to
+    # bind them on the worker.
+    bound: Sequence[Bound] | None = None
 
     @property
     def explicit(self) -> bool:
@@ -201,7 +205,8 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
         before += f"; SET application_name = '{batch.application_name}'"
         after += "; RESET application_name"
     try:
-        return conn.run(statement.sql, statement.params, before=before, after=after)
+        bound = batch.bound[0] if batch.bound is not None else None
+        return conn.run(statement.sql, statement.params, before=before, after=after, bound=bound)
     except PgError as exc:
         if exc.phase == "after" and conn.transaction_status == "idle":
             # The statement ran; only the RESET failed (a late cancel). Reset on next use.
@@ -214,7 +219,9 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     when every statement is already prepared on this connection."""
     statements = [(statement.sql, statement.params) for statement in batch.statements]
     try:
-        return conn.run_many(statements, before=_begin_sql(batch, timeout_ms), after="COMMIT")
+        return conn.run_many(
+            statements, before=_begin_sql(batch, timeout_ms), after="COMMIT", bound=batch.bound
+        )
     except PgError as exc:
         _rollback(conn)
         raise StatementFailed(exc, exc.index if exc.phase == "statement" else -1) from exc

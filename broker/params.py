@@ -22,7 +22,7 @@ from typing import Any
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
-__all__ = ["BadParameter", "bind_params"]
+__all__ = ["BadParameter", "Bound", "bind_params"]
 
 INT2, INT4, INT8, NUMERIC = 21, 23, 20, 1700
 
@@ -69,7 +69,11 @@ class BadParameter(ValueError):
     """A parameter that cannot be sent to Postgres; the message names it ($1, $2[0], …)."""
 
 
-def bind_params(values: Sequence[pb.Value]) -> tuple[list[str | None], tuple[int, ...]]:
+# Parameters bound for the wire: texts (None for NULL) and type OIDs.
+Bound = tuple[list[str | None], tuple[int, ...]]
+
+
+def bind_params(values: Sequence[pb.Value]) -> Bound:
     """Texts (None for NULL) and OIDs for *values*; raise `BadParameter` on a bad value."""
     texts: list[str | None] = []
     oids: list[int] = []

@@ -31,7 +31,7 @@ from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _fl
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.config import DatabaseTarget
-from broker.params import bind_params
+from broker.params import Bound, bind_params
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -343,6 +343,7 @@ class PgConnection:
         params: Sequence[pb.Value] = (),
         before: str | None = None,
         after: str | None = None,
+        bound: Bound | None = None,
     ) -> pb.StatementResult:
         """Run one statement, prepared and cached by (SQL, parameter OIDs).
 
@@ -351,13 +352,16 @@ class PgConnection:
         connection stays in sync; the first error (before, statement, after) is raised as
         `PgError`, or `ConnectionLost` if the link broke.
         """
-        return self.run_many([(sql, params)], before=before, after=after)[0]
+        return self.run_many(
+            [(sql, params)], before=before, after=after, bound=None if bound is None else [bound]
+        )[0]
 
     def run_many(
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         before: str | None = None,
         after: str | None = None,
+        bound: Sequence[Bound] | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -367,8 +371,11 @@ class PgConnection:
         statements to have run (CREATE TABLE, then INSERT into it). Raise `PgError` for the
         first error (``phase``, and ``index`` into *statements*); nothing is sent after a group
         that failed. `ConnectionLost` carries ``after_sent``: whether *after* had been sent.
+        *bound* is `bind_params` of each statement's parameters when the caller has it already
+        (the service binds them to validate the request); otherwise they are bound here.
         """
-        bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
+        if bound is None:
+            bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         progress = {"after_sent": False}
         try:
             with self._guard():
@@ -380,7 +387,7 @@ class PgConnection:
     def _run_groups(
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
-        bound: list[tuple[list[str | None], tuple[int, ...]]],
+        bound: Sequence[Bound],
         before: str | None,
         after: str | None,
         progress: dict[str, bool],
@@ -403,7 +410,7 @@ class PgConnection:
         self,
         group: list[tuple[int, _Prepared, list[str | None]]],
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
-        bound: list[tuple[list[str | None], tuple[int, ...]]],
+        bound: Sequence[Bound],
         before: str | None,
         after: str | None,
     ) -> list[pb.StatementResult]:

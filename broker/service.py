@@ -46,7 +46,7 @@ from broker.execute import (
     execute,
 )
 from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request, check_results
-from broker.params import BadParameter, bind_params
+from broker.params import BadParameter, Bound, bind_params
 from broker.pg import PgError
 from broker.pool import (
     DeadlineExpired,
@@ -195,9 +195,11 @@ def _lost_failure(exc: TransactionLost) -> BrokerFailure:
 
 def validate(
     request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
-) -> None:
+) -> list[Bound]:
     """Refuse a request that cannot run, before it queues; raise `BrokerFailure`,
-    `LimitExceeded` (broker/limits.py) or `SessionStateError` (broker/sessionstate.py)."""
+    `LimitExceeded` (broker/limits.py) or `SessionStateError` (broker/sessionstate.py).
+
+    Return each statement's parameters bound for the wire, so they are bound only once."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if not request.statements:
         raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
@@ -212,13 +214,26 @@ def validate(
         if not statement.sql.strip():
             raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])
     check_batch([statement.sql for statement in request.statements], role_locked=role_locked)
+    bound: list[Bound] = []
     for index, statement in enumerate(request.statements):
         try:
-            bind_params(statement.params)
+            bound.append(bind_params(statement.params))
         except BadParameter as exc:
             raise BrokerFailure(
                 bad, f"statement {index}: {exc}", [_error_info("BAD_REQUEST")]
             ) from exc
+    return bound
+
+
+def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
+    """The caller's Lambda request id and function name from the call metadata, if sent."""
+    request_id = function = None
+    for key, value in metadata or ():
+        if key == "x-lambda-request-id":
+            request_id = str(value) or None
+        elif key == "x-lambda-function-name":
+            function = str(value) or None
+    return request_id, function
 
 
 class BrokerService(pb_grpc.BrokerServicer):
@@ -248,9 +263,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.ExecuteResponse:
         started = time.monotonic()
         self._stats["rpcs_num"] += 1
-        meta = dict(context.invocation_metadata() or ())
-        request_id = str(meta.get("x-lambda-request-id", "")) or None
-        function = str(meta.get("x-lambda-function-name", "")) or None
+        request_id, function = _lambda_metadata(context.invocation_metadata())
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None else None
         if deadline is None:
@@ -260,7 +273,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
-            validate(request, self.limits, role_locked=self.role_map is not None)
+            bound = validate(request, self.limits, role_locked=self.role_map is not None)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
                 statements=request.statements,
@@ -270,6 +283,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 application_name=application_name(function, request_id),
                 role=role,
                 audit_session=self._audit(request),
+                bound=bound,
             )
             with self.inflight.hold(caller):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
@@ -290,19 +304,21 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
             await context.abort_with_status(failure.to_status())
             raise AssertionError("unreachable") from exc  # abort_with_status raises
-        self._stats["transactions_num"] += 1
-        self._stats["transactions_ms"] += outcome.run_us // 1000
-        log.debug(
-            "request done",
-            extra={
-                "request_id": request_id,
-                "function": function,
-                "backend_pid": outcome.backend_pid,
-                "wait_us": outcome.wait_us,
-                "run_us": outcome.run_us,
-                "statements": len(request.statements),
-            },
-        )
+        stats = self._stats
+        stats["transactions_num"] += 1
+        stats["transactions_ms"] += outcome.run_us // 1000
+        if log.isEnabledFor(logging.DEBUG):  # the extras cost more than the check
+            log.debug(
+                "request done",
+                extra={
+                    "request_id": request_id,
+                    "function": function,
+                    "backend_pid": outcome.backend_pid,
+                    "wait_us": outcome.wait_us,
+                    "run_us": outcome.run_us,
+                    "statements": len(request.statements),
+                },
+            )
         return pb.ExecuteResponse(
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
