@@ -192,9 +192,10 @@ def write_chart(data: dict[str, Any], path: Path) -> None:
         axes[0].bar(xs, tps, width, label=competitor, color=colors[competitor])
         axes[1].bar(xs, p50, width, label=competitor, color=colors[competitor])
     axes[0].set_ylabel("transactions / s (log)")
-    axes[0].set_yscale("log")  # pgbench's W1 is 10x the rest; W2 differences must stay visible
     axes[1].set_ylabel("p50 latency, ms (log)")
-    axes[1].set_yscale("log")
+    if values:  # a run of W3 alone has no steady bars, and an empty axis cannot be log-scaled
+        axes[0].set_yscale("log")  # pgbench's W1 is 10x the rest; W2 differences stay visible
+        axes[1].set_yscale("log")
     axes[1].set_xticks(range(len(cases)))
     axes[1].set_xticklabels([f"{w} {v}" for w, v in cases])
     axes[0].legend(ncols=4, fontsize=8)
