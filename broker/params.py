@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client.codec import TYPE_OF_KIND
 
 __all__ = ["BadParameter", "Bound", "bind_params"]
 
@@ -45,22 +46,6 @@ _OIDS: dict[int, tuple[int, int]] = {
     pb.TYPE_JSONB: (3802, 3807),
 }
 _INT_ARRAY_OIDS = {INT2: 1005, INT4: 1007, INT8: 1016, NUMERIC: 1231}
-_KIND_TYPE = {
-    "bool": pb.TYPE_BOOL,
-    "int64": pb.TYPE_INT64,
-    "float64": pb.TYPE_FLOAT64,
-    "numeric": pb.TYPE_NUMERIC,
-    "text": pb.TYPE_TEXT,
-    "bytea": pb.TYPE_BYTEA,
-    "date": pb.TYPE_DATE,
-    "time": pb.TYPE_TIME,
-    "timestamp": pb.TYPE_TIMESTAMP,
-    "timestamptz": pb.TYPE_TIMESTAMPTZ,
-    "interval": pb.TYPE_INTERVAL,
-    "uuid": pb.TYPE_UUID,
-    "json": pb.TYPE_JSON,
-    "jsonb": pb.TYPE_JSONB,
-}
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_DATE = date(1970, 1, 1)
 
@@ -92,7 +77,7 @@ def bind_value(value: pb.Value, name: str) -> tuple[str | None, int]:
         return str(value.int64), _int_oid(value.int64)
     if kind == "array":
         return _array_literal(value.array, name), _array_oid(value.array)
-    return _scalar_text(value, kind, name), _OIDS[_KIND_TYPE[kind]][0]
+    return _scalar_text(value, kind, name), _OIDS[TYPE_OF_KIND[kind]][0]
 
 
 def _int_oid(number: int) -> int:

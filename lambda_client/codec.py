@@ -41,6 +41,7 @@ from typing import Any
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
+    "TYPE_OF_KIND",
     "Interval",
     "Json",
     "Jsonb",
@@ -191,7 +192,8 @@ def _dumps(obj: Any, name: str) -> str:
         raise TypeError(f"{name}: value is not JSON-serialisable: {exc}") from exc
 
 
-_TYPE_OF_KIND = {
+# The Value oneof field for each element `Type` (and back): the broker picks parameter oids by it.
+TYPE_OF_KIND = {
     "bool": pb.TYPE_BOOL,
     "int64": pb.TYPE_INT64,
     "float64": pb.TYPE_FLOAT64,
@@ -218,7 +220,7 @@ def _array(items: Sequence[object], name: str) -> pb.Array:
         values = [_as_numeric(v) for v in values]
     if len(kinds) > 1:
         raise TypeError(f"{name}: array elements must share one type, got {sorted(kinds)}")
-    element_type = _TYPE_OF_KIND[kinds.pop()] if kinds else pb.TYPE_UNSPECIFIED
+    element_type = TYPE_OF_KIND[kinds.pop()] if kinds else pb.TYPE_UNSPECIFIED
     return pb.Array(element_type=element_type, values=values)
 
 
@@ -243,7 +245,7 @@ def _as_numeric(value: pb.Value) -> pb.Value:
     return value
 
 
-_KIND_OF_TYPE = {t: k for k, t in _TYPE_OF_KIND.items()}
+_KIND_OF_TYPE = {t: k for k, t in TYPE_OF_KIND.items()}
 
 
 # -- decoding -----------------------------------------------------------------------------
