@@ -129,9 +129,15 @@ class ExecuteOutcome:
 
 
 def application_name(function: str | None, request_id: str | None) -> str:
-    """``pgbroker:<function>:<request id>``, safe characters only, at most 63 bytes."""
-    name = f"pgbroker:{function or '-'}:{request_id or '-'}"
-    return _UNSAFE_APP_CHARS.sub("_", name)[:63]
+    """``pgbroker:<function>:<request id>``, safe characters only, at most 63 bytes.
+
+    The function name is shortened first: the request id (a 36-character UUID from Lambda)
+    is what finds the invocation's logs, so it stays whole.
+    """
+    request = _UNSAFE_APP_CHARS.sub("_", request_id or "-")[:53]
+    room = 63 - len("pgbroker::") - len(request)
+    function = _UNSAFE_APP_CHARS.sub("_", function or "-")[: max(room, 1)]
+    return f"pgbroker:{function}:{request}"[:63]
 
 
 def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:

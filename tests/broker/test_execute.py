@@ -125,6 +125,21 @@ def test_application_name_shows_the_lambda_invocation(broker: Any) -> None:
     assert rows(after.results[0]) == [("pgbroker:-:-",)]
 
 
+def test_application_name_keeps_the_whole_request_id_of_a_long_function_name(
+    broker: Any,
+) -> None:
+    request_id = str(uuid.uuid4())
+    metadata = (
+        ("x-lambda-request-id", request_id),
+        ("x-lambda-function-name", "orders-service-prod-ProcessOrderFunction-AbCdEf123456"),
+    )
+    reply = broker.execute(request("SELECT current_setting('application_name')"), metadata=metadata)
+    [(name,)] = rows(reply.results[0])
+    assert name.startswith("pgbroker:orders-service")
+    assert name.endswith(":" + request_id)
+    assert len(name) == 63
+
+
 @pytest.mark.parametrize(
     "sql",
     ["BEGIN", "commit", "SET search_path = x", "LISTEN x", "PREPARE p AS SELECT 1", "DISCARD ALL"],
