@@ -276,7 +276,7 @@ def load_settings(
         "max_connection_age_grace": r.get(
             "max_connection_age_grace", _duration, 30.0, _at_least(0)
         ),
-        "statement_cache_size": r.get("statement_cache_size", _integer, 100, _at_least(0)),
+        "statement_cache_size": r.get("statement_cache_size", _integer, 100, _at_least(1)),
         "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
         "max_replicas": r.get("max_replicas", _integer, 1, _at_least(1)),
         "metrics_interval": r.get("metrics_interval", _duration, 0.0, _at_least(0)),

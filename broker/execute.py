@@ -35,6 +35,7 @@ from broker.pg import ConnectionLost, PgConnection, PgError
 from broker.pool import Pool, ServerConnection
 from broker.roles import quote_role
 from broker.sessionaudit import audit_session
+from broker.sessionstate import needs_audit
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -197,10 +198,20 @@ def run_transaction(
 
 
 def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
-    # A FATAL reply means the server ended the session before our command completed (a
-    # completed COMMIT is answered before the FATAL). Without one, only a batch whose COMMIT
-    # was not yet sent is certainly rolled back.
-    return exc.fatal is not None or getattr(exc, "before_commit", False)
+    """Whether the broken link certainly left nothing committed (safe to retry)."""
+    if batch.explicit:
+        # A FATAL reply means the server ended the session before COMMIT completed (a
+        # completed COMMIT is answered before the FATAL). Without one, only a batch whose
+        # COMMIT was not yet sent is certainly rolled back.
+        return exc.fatal is not None or getattr(exc, "before_commit", False)
+    # A single statement commits as it completes, so a FATAL read after it (in the RESET
+    # behind it) says nothing; and a CALL or DO may COMMIT inside, before a FATAL ends it.
+    if not getattr(exc, "after_sent", True):
+        return True  # failed while preparing: the statement was never sent
+    phase = getattr(exc, "phase", "send")
+    if exc.fatal is None or phase not in ("before", "prepare", "statement"):
+        return False
+    return phase != "statement" or not needs_audit([batch.statements[0].sql])
 
 
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:

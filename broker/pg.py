@@ -309,6 +309,9 @@ class PgConnection:
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None
+        # The reply being read when a link breaks: a FATAL while reading "before" means the
+        # statements behind it never ran (Postgres handles messages in order).
+        self._reading = "idle"
 
     # state ---------------------------------------------------------------------------------
 
@@ -377,11 +380,13 @@ class PgConnection:
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         progress = {"after_sent": False}
+        self._reading = "send"
         try:
             with self._guard():
                 return self._run_groups(statements, bound, before, after, progress)
         except ConnectionLost as exc:
             exc.after_sent = progress["after_sent"]  # type: ignore[attr-defined]
+            exc.phase = self._reading  # type: ignore[attr-defined]
             raise
 
     def _run_groups(
@@ -449,6 +454,7 @@ class PgConnection:
 
     def _prepare_at(self, sql: str, oids: tuple[int, ...], index: int) -> _Prepared:
         """`_prepare`, with a Postgres error (syntax, unknown table) naming its statement."""
+        self._reading = "prepare"
         try:
             return self._prepare(sql, oids)
         except DatabaseError as exc:
@@ -461,6 +467,7 @@ class PgConnection:
         self, context: Context, errors: list[PgError], phase: str, index: int = 0
     ) -> None:
         """Read one reply up to ReadyForQuery; an ERROR is collected, FATAL propagates."""
+        self._reading = phase
         try:
             self._core.handle_messages(context)
         except DatabaseError as exc:
@@ -623,6 +630,16 @@ def _where(target: DatabaseTarget) -> str:
     return f"{target.host}:{target.port}"
 
 
+def _detect_dead_peer(sock: socket.socket) -> None:
+    """Notice a server that vanished without a reset (failover, dropped packets) in about 25 s
+    instead of the OS default of two hours, so a worker never blocks in recv() for that long."""
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # unacknowledged writes
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 25_000)
+
+
 def _open(target: DatabaseTarget, timeout: float, statement_timeout: float, context: Any) -> _Core:
     try:
         sock = socket.create_connection((target.host, target.port), timeout)
@@ -630,6 +647,7 @@ def _open(target: DatabaseTarget, timeout: float, statement_timeout: float, cont
         raise ConnectionLost(f"cannot connect to {_where(target)}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    _detect_dead_peer(sock)
     try:
         core = _Core(
             target.user,

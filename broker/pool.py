@@ -379,9 +379,11 @@ class Pool:
                     # Closing while a connect is in flight: close what it opens, never leak it.
                     attempt.add_done_callback(_close_opened)
                     raise
-                except (ConnectionLost, OSError) as exc:
+                except Exception as exc:
+                    # Not only the network: a credentials fetch (Secrets Manager throttling,
+                    # an RDS IAM token) can fail too, and the slot must keep retrying.
                     self._stats["connections_errors"] += 1
-                    self.last_connect_error = str(exc)
+                    self.last_connect_error = _connect_error_text(exc)
                     wait = delay * random.uniform(0.8, 1.2)
                     # One warning per outage, not one per connector and attempt.
                     level = logging.DEBUG if self._outage else logging.WARNING
@@ -389,7 +391,11 @@ class Pool:
                     log.log(
                         level,
                         "connect failed",
-                        extra={"error": str(exc), "retry_in_s": round(wait, 3), "cause": reason},
+                        extra={
+                            "error": self.last_connect_error,
+                            "retry_in_s": round(wait, 3),
+                            "cause": reason,
+                        },
                     )
                     await asyncio.sleep(wait)
                     delay = min(delay * 2, self._reconnect_max)
@@ -481,13 +487,24 @@ def _close_opened(attempt: asyncio.Future[PgConnection]) -> None:
         attempt.result().close_quietly()
 
 
+def _connect_error_text(exc: BaseException) -> str:
+    """What to log about a failed connect: our own errors are written without secrets; for
+    anything else (botocore, pg8000 internals) only its type, which cannot leak one."""
+    if isinstance(exc, ConnectionLost | OSError):
+        return str(exc)
+    return f"{type(exc).__name__} while connecting"
+
+
 def _has_pending_input(pg: PgConnection) -> bool:
     """True if an idle connection's socket is readable (server sent FATAL, or EOF)."""
     sock = pg.socket
     if sock is None:
         return True
+    # poll(), not select(): select() cannot take descriptors above 1023, and a broker with a
+    # thousand client connections has those.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)

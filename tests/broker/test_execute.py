@@ -322,3 +322,24 @@ def test_prepared_statements_are_kept_per_connection_in_an_lru(start_broker: Any
     reply = broker.execute(request("SELECT count(*) FROM pg_prepared_statements"))
     # Evicted statements were closed on the server: only the cache's three remain.
     assert rows(reply.results[0]) == [(3,)]
+
+
+def test_a_call_that_committed_before_its_session_ended_is_not_retried(
+    broker: Any, table: str
+) -> None:
+    """A procedure may COMMIT inside; a FATAL after that must not look like "nothing ran"."""
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    broker.execute(
+        request(
+            f"CREATE PROCEDURE {table}_p() LANGUAGE plpgsql AS $$ BEGIN "
+            f"INSERT INTO {table} VALUES (1); COMMIT; "
+            "PERFORM pg_terminate_backend(pg_backend_pid()); END $$"
+        )
+    )
+    try:
+        with pytest.raises(grpc.RpcError) as failure:
+            broker.execute(request(f"CALL {table}_p()"))
+        assert failure.value.code() == grpc.StatusCode.UNKNOWN
+        assert rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0]) == [(1,)]
+    finally:
+        broker.execute(request(f"DROP PROCEDURE {table}_p()"))
