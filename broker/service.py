@@ -15,7 +15,7 @@ queue full                             RESOURCE_EXHAUSTED     ErrorInfo QUEUE_FU
 queue timeout                          RESOURCE_EXHAUSTED     ErrorInfo QUEUE_TIMEOUT
 deadline passed while queued           DEADLINE_EXCEEDED      ErrorInfo QUEUE_TIMEOUT
 database unreachable, nothing ran      UNAVAILABLE            ErrorInfo POOL_UNAVAILABLE, RetryInfo
-connection lost, outcome unknown       UNKNOWN                ErrorInfo POOL_UNAVAILABLE
+connection lost, outcome unknown       UNKNOWN                ErrorInfo CONNECTION_LOST
 bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
 a limit crossed (broker/limits.py)     RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
                                                               for the in-flight limit)
@@ -176,7 +176,10 @@ def failure_for(exc: BaseException) -> BrokerFailure:
 
 
 def _lost_failure(exc: TransactionLost) -> BrokerFailure:
-    details: list[Message] = [_error_info("POOL_UNAVAILABLE")]
+    # POOL_UNAVAILABLE tells clients nothing ran; an unknown outcome gets its own reason so a
+    # client that reads reasons before codes cannot take it for retry-safe.
+    reason = "POOL_UNAVAILABLE" if exc.nothing_committed else "CONNECTION_LOST"
+    details: list[Message] = [_error_info(reason)]
     if exc.cause.fatal is not None:
         details.insert(0, _database_error(exc.cause.fatal, -1))
     if exc.nothing_committed:

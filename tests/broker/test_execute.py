@@ -110,7 +110,7 @@ def test_read_only_transaction_refuses_writes(broker: Any, table: str) -> None:
     assert details_of(failure.value)["DatabaseError"].sqlstate == "25006"
 
 
-def test_application_name_shows_the_lambda_invocation(broker: Any) -> None:
+def test_application_name_shows_the_lambda_invocation(broker: Any, admin: Any) -> None:
     metadata = (("x-lambda-request-id", "req-123"), ("x-lambda-function-name", "orders"))
     single = broker.execute(
         request("SELECT current_setting('application_name')"), metadata=metadata
@@ -121,8 +121,9 @@ def test_application_name_shows_the_lambda_invocation(broker: Any) -> None:
     assert rows(single.results[0]) == [("pgbroker:orders:req-123",)]
     assert rows(batch.results[1]) == [("pgbroker:orders:req-123",)]
     # Reset afterwards: the idle connection no longer claims the invocation.
-    after = broker.execute(request("SELECT current_setting('application_name')"))
-    assert rows(after.results[0]) == [("pgbroker:-:-",)]
+    [(pid,)] = rows(broker.execute(request("SELECT pg_backend_pid()")).results[0])
+    [[idle_name]] = admin.run("SELECT application_name FROM pg_stat_activity WHERE pid = :p", p=pid)
+    assert "req-123" not in idle_name and "pgbroker:-:-" not in idle_name
 
 
 def test_application_name_keeps_the_whole_request_id_of_a_long_function_name(

@@ -63,6 +63,7 @@ def test_link_lost_before_commit_is_retried_and_commits_once(
     future.result()
     wait_until(lambda: not _sleeping(admin))
     assert admin.run(f"SELECT count(*) FROM {table}") == [[1]]
+    assert broker.stats()["connections_lost"] >= 1  # the cut landed: this was a retry
 
 
 def test_link_lost_during_an_autocommit_statement_reports_unknown(
@@ -75,5 +76,5 @@ def test_link_lost_during_an_autocommit_statement_reports_unknown(
         future.result()
     # A single statement commits on its own: whether it did is unknown to the broker.
     assert failure.value.code() == grpc.StatusCode.UNKNOWN
-    assert details_of(failure.value)["ErrorInfo"].reason == "POOL_UNAVAILABLE"
+    assert details_of(failure.value)["ErrorInfo"].reason == "CONNECTION_LOST"
     assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]

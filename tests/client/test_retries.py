@@ -53,7 +53,7 @@ def test_retry_that_would_outlive_the_deadline_is_not_made() -> None:
     [
         (bare(SC.UNKNOWN, "connection lost during COMMIT"), lc.OutcomeUnknown),
         (
-            failure(SC.UNKNOWN, "terminating", sqlstate="57P01", reason="POOL_UNAVAILABLE"),
+            failure(SC.UNKNOWN, "terminating", sqlstate="57P01", reason="CONNECTION_LOST"),
             lc.OutcomeUnknown,
         ),
         (failure(SC.ABORTED, "could not serialize", sqlstate="40001"), lc.SerializationFailure),
