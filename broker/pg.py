@@ -145,7 +145,18 @@ class _Micros(int):
 _TEXT_OIDS = (25, 1043, 1042, 18, 19, 705)  # text, varchar, bpchar, char, name, unknown
 _JSON_OIDS = {114: "json", 3802: "jsonb", 199: "json", 3807: "jsonb"}
 
+
 # Only the types the wire protocol maps; everything else (inet, ranges, …) comes back as text.
+def _ad_only(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """*parse*, except that a BC date or timestamp stays text: Python's datetime has no year 0
+    or below, and pg8000's fallback parser silently drops the era (2000 BC came back as 2000)."""
+
+    def parse_ad(text: str) -> Any:
+        return _Raw(text) if text.endswith(" BC") else parse(text)
+
+    return parse_ad
+
+
 _IN_FUNCS: dict[int, Callable[[str], Any]] = {
     16: pgc.bool_in,
     17: pgc.bytes_in,
@@ -156,10 +167,10 @@ _IN_FUNCS: dict[int, Callable[[str], Any]] = {
     700: float,
     701: float,
     1700: pgc.numeric_in,
-    1082: pgc.date_in,
+    1082: _ad_only(pgc.date_in),
     1083: _time_in,
-    1114: pgc.timestamp_in,
-    1184: pgc.timestamptz_in,
+    1114: _ad_only(pgc.timestamp_in),
+    1184: _ad_only(pgc.timestamptz_in),
     1186: _interval_in,
     2950: pgc.uuid_in,
     114: str,

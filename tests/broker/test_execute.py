@@ -344,3 +344,15 @@ def test_a_call_that_committed_before_its_session_ended_is_not_retried(
         assert rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0]) == [(1,)]
     finally:
         broker.execute(request(f"DROP PROCEDURE {table}_p()"))
+
+
+def test_bc_dates_and_timestamps_come_back_as_text_not_as_wrong_ad_values(broker: Any) -> None:
+    reply = broker.execute(
+        request(
+            "SELECT date '0044-03-15 BC', timestamp '2000-01-01 10:00:00 BC', "
+            "ARRAY[timestamp '2000-01-01 00:00:00 BC'], date '2024-02-29'"
+        )
+    )
+    assert rows(reply.results[0]) == [
+        ("0044-03-15 BC", "2000-01-01 10:00:00 BC", ["2000-01-01 00:00:00 BC"], date(2024, 2, 29))
+    ]
