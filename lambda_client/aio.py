@@ -19,6 +19,7 @@ synchronous, use `BrokerClient`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,10 +132,15 @@ class AsyncBrokerClient(_ClientBase):
     ) -> Any:
         """As `BrokerClient._call_with_retries`, awaiting the call and `asyncio.sleep`."""
         deadline = self._deadline(context, timeout)
-        for attempt, remaining in self._attempts(deadline):
+        for attempt, _ in self._attempts(deadline):
             stub = self._get_stub()
+            metadata = self._metadata(context)
+            # Measured after the channel and the credentials: the call must not outlive it.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             try:
-                return await invoke(stub, remaining, self._metadata(context))
+                return await invoke(stub, remaining, metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
             finally:

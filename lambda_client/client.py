@@ -420,10 +420,15 @@ class BrokerClient(_ClientBase):
         """Invoke until success, a non-retryable error, *max_attempts* or the deadline (from
         *context* and *timeout*, `_ClientBase._deadline`)."""
         deadline = self._deadline(context, timeout)
-        for attempt, remaining in self._attempts(deadline):
+        for attempt, _ in self._attempts(deadline):
             stub = self._get_stub()
+            metadata = self._metadata(context)
+            # Measured after the channel and the credentials: the call must not outlive it.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             try:
-                return invoke(stub, remaining, self._metadata(context))
+                return invoke(stub, remaining, metadata)
             except grpc.RpcError as exc:
                 time.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
             finally:
