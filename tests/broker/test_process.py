@@ -94,22 +94,50 @@ def test_startup_logs_the_bound_port_as_json(broker_process: Any) -> None:
     assert rows(reply.results[0]) == [(1,)]
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_exits_0(broker_process: Any) -> None:
+LOCK_KEY = 4344
+
+
+def _refused(target: str) -> bool:
+    """Whether a new call to *target* is turned away as UNAVAILABLE (the server has stopped
+    accepting calls); a slow answer is not taken for a refusal."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
+    broker_process: Any, admin: Any
+) -> None:
     process = broker_process("--pool-size", "2", "--shutdown-grace", "20")
-    with grpc.insecure_channel(process.target) as channel:
-        stub = pb_grpc.BrokerStub(channel)
-        futures = [
-            stub.Execute.future(request(("SELECT $1::int FROM pg_sleep(1)", [i])), timeout=30)
-            for i in range(4)
-        ]
+    # Every request waits on an advisory lock the test holds, so two stay running and two
+    # queued until the test releases it, after the broker has stopped accepting calls.
+    admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+    try:
+        with grpc.insecure_channel(process.target) as channel:
+            stub = pb_grpc.BrokerStub(channel)
+            futures = [
+                stub.Execute.future(
+                    request((f"SELECT $1::int FROM pg_advisory_xact_lock({LOCK_KEY})", [i])),
+                    timeout=30,
+                )
+                for i in range(4)
+            ]
 
-        def busy() -> bool:
-            stats = stub.GetStats(pb.GetStatsRequest(), timeout=5).stats
-            return stats["pool_active"] == 2 and stats["requests_waiting"] == 2
+            def busy() -> bool:
+                stats = stub.GetStats(pb.GetStatsRequest(), timeout=5).stats
+                return stats["pool_active"] == 2 and stats["requests_waiting"] == 2
 
-        wait_until(busy, what="2 running and 2 queued requests")
-        process.proc.send_signal(signal.SIGTERM)
-        assert [rows(f.result().results[0]) for f in futures] == [[(i,)] for i in range(4)]
+            wait_until(busy, what="2 running and 2 queued requests")
+            process.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: _refused(process.target), timeout=20, what="new calls refused")
+            assert not any(f.done() for f in futures)  # all four still in flight
+            admin.run("SELECT pg_advisory_unlock_all()")
+            assert [rows(f.result().results[0]) for f in futures] == [[(i,)] for i in range(4)]
+    finally:
+        admin.run("SELECT pg_advisory_unlock_all()")
     assert process.proc.wait(20) == 0
 
 
