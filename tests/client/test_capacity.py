@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pg8000.native
 import pytest
 from support import port_free_on, wait_until
 
@@ -31,23 +32,42 @@ def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+LOCK_KEY = 4345
+
+
 def test_full_queue_is_retried_and_succeeds_when_capacity_frees(
-    start_broker: Callable[..., BrokerProcess],
+    start_broker: Callable[..., BrokerProcess], admin: pg8000.native.Connection
 ) -> None:
     broker = start_broker(pool_size=1, max_waiting=1)
     observer = BrokerClient(broker.target)
-    holder, held = in_background(lambda: BrokerClient(broker.target).query("SELECT pg_sleep(1)"))
-    wait_until(lambda: observer.stats()["pool_active"] == 1, what="the connection to be busy")
-    waiter, waited = in_background(lambda: BrokerClient(broker.target).query("SELECT 'queued'"))
-    wait_until(lambda: observer.stats()["requests_waiting"] == 1, what="a waiter in the queue")
+    # The holder waits on an advisory lock the test holds: the connection stays busy (and the
+    # queue full) until the test releases it, after the retried call met the full queue.
+    admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+    try:
+        holder, held = in_background(
+            lambda: BrokerClient(broker.target).query(f"SELECT pg_advisory_xact_lock({LOCK_KEY})")
+        )
+        wait_until(lambda: observer.stats()["pool_active"] == 1, what="the connection to be busy")
+        waiter, waited = in_background(lambda: BrokerClient(broker.target).query("SELECT 'queued'"))
+        wait_until(lambda: observer.stats()["requests_waiting"] == 1, what="a waiter in the queue")
 
-    db = BrokerClient(broker.target, max_attempts=50, initial_backoff=0.05, max_backoff=0.2)
-    assert db.query("SELECT 'retried'").scalar() == "retried"
-
-    holder.join(10)
-    waiter.join(10)
-    assert not isinstance(held[0], Exception) and waited[0].scalar() == "queued"
-    assert observer.stats()["rpcs_rejected"] >= 1  # the call did meet a full queue
+        db = BrokerClient(broker.target, max_attempts=200, initial_backoff=0.05, max_backoff=0.2)
+        retrier, retried = in_background(lambda: db.query("SELECT 'retried'"))
+        wait_until(
+            lambda: observer.stats()["rpcs_rejected"] >= 1, what="a call to meet a full queue"
+        )
+        assert not retried  # still retrying: capacity has not freed yet
+        admin.run("SELECT pg_advisory_unlock_all()")
+        for thread in (holder, waiter, retrier):
+            thread.join(30)
+    finally:
+        admin.run("SELECT pg_advisory_unlock_all()")
+    assert not any(isinstance(r[0], Exception) for r in (held, waited, retried)), (
+        held,
+        waited,
+        retried,
+    )
+    assert (waited[0].scalar(), retried[0].scalar()) == ("queued", "retried")
 
 
 def test_serialization_failure_is_not_retried_by_default(broker: BrokerProcess) -> None:
