@@ -17,11 +17,12 @@ from devtools.lambda_context import FakeLambdaContext
 from devtools.localpg import free_port
 from lambda_client import BrokerClient, DeadlineExceeded
 
+SLEEP = "SELECT pg_sleep(60)"  # far longer than any wait below: gone means cancelled
+
 
 def sleeping_backends(admin: pg8000.native.Connection) -> int:
     rows = admin.run(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(5)%'"
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = :q", q=SLEEP
     )
     return int(rows[0][0])
 
@@ -32,14 +33,23 @@ def test_deadline_from_context_stops_a_long_query_and_leaves_the_connection_clea
     broker = start_broker(pool_size=1)
     db = BrokerClient(broker.target)  # default deadline_margin 0.5 s
     backend = db.query("SELECT pg_backend_pid()").scalar()
-    context = FakeLambdaContext(remaining=1.2)
+    before = db.stats()
+    # A call deadline of 2.5 s: ample for the sleep to reach Postgres even on a loaded machine.
+    context = FakeLambdaContext(remaining=3.0)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        db.query("SELECT pg_sleep(5)", context=context)
-    assert time.monotonic() - started < 1.2  # returned while the Lambda still had time
-    # The one pooled connection was kept (same backend), the sleep cancelled, and it is idle,
-    # outside any transaction.
+        db.query(SLEEP, context=context)
+    # The client gave up at its deadline, not when the query would have ended (a bound far
+    # from both, so load cannot make it fail).
+    assert time.monotonic() - started < 30
+    # The sleep reached Postgres on the one pooled connection (nothing expired in the queue)
+    # and was cancelled there: it cannot have ended on its own within this wait.
+    after = db.stats()
+    assert after["requests_num"] == before["requests_num"] + 1
+    assert after["requests_expired"] == before["requests_expired"]
     wait_until(lambda: sleeping_backends(admin) == 0, what="pg_sleep to be cancelled")
+    # The one pooled connection was kept (same backend), and it is idle, outside any
+    # transaction.
     assert db.query("SELECT pg_backend_pid()").scalar() == backend
     wait_until(
         lambda: (
@@ -82,15 +92,20 @@ def test_call_after_the_broker_restarted_on_the_same_address_succeeds(
     assert db.channels_created == 1
 
 
+LOCK_KEY = 4346
+HELD = f"SELECT pg_advisory_xact_lock({LOCK_KEY})"
+
+
 def test_request_id_shows_in_broker_log_and_pg_stat_activity(
     broker: BrokerProcess, admin: pg8000.native.Connection
 ) -> None:
     db = BrokerClient(broker.target)
     context = FakeLambdaContext(remaining=10, function_name="orders-api")
     outcome: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: outcome.append(db.query("SELECT pg_sleep(1)", context=context))
-    )
+    # The query waits on an advisory lock the test holds, so it is still running when
+    # pg_stat_activity is read; released once its application_name was seen.
+    admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+    worker = threading.Thread(target=lambda: outcome.append(db.query(HELD, context=context)))
     worker.start()
     try:
         names = wait_until(
@@ -98,12 +113,14 @@ def test_request_id_shows_in_broker_log_and_pg_stat_activity(
                 row[0]
                 for row in admin.run(
                     "SELECT application_name FROM pg_stat_activity "
-                    "WHERE query = 'SELECT pg_sleep(1)' AND state = 'active'"
+                    "WHERE query = :q AND state = 'active'",
+                    q=HELD,
                 )
             ],
             what="the query in pg_stat_activity",
         )
     finally:
+        admin.run("SELECT pg_advisory_unlock_all()")
         worker.join(10)
     assert outcome, "the query failed"
     assert context.aws_request_id in names[0]
