@@ -162,8 +162,15 @@ class Bench:
         _log("starting the broker")
         pg = self.pg
         url = f"postgresql://{ROLES[PGBROKER]}@{pg.host}:{pg.port}/{pg.database}?sslmode=disable"
+        # BENCH_BROKER_WORKERS=N runs the broker with --workers N (docs/broker.md).
+        workers = os.environ.get("BENCH_BROKER_WORKERS", "")
         broker = BrokerProcess(
-            url, log_level="INFO", start_timeout=60, pool_size=self.plan.pool_size, auth="none"
+            url,
+            log_level="INFO",
+            start_timeout=60,
+            pool_size=self.plan.pool_size,
+            auth="none",
+            extra_args=("--workers", workers) if workers else (),
         )
         self.stack.callback(broker.close)  # removes its log; runs after the stop below
         self.stack.callback(broker.stop, 30)  # a loaded broker may need long to drain

@@ -38,6 +38,8 @@ _RUN_FLAGS = {
     "max_replicas": "replicas sharing the database; start is refused when pool_size x "
     "max_replicas exceeds max_connections minus reserved slots (default 1)",
     "metrics_interval": "seconds between CloudWatch EMF metric lines on stdout (default 0: off)",
+    "workers": "server processes sharing the listen port, each with pool_size // workers "
+    "connections (default 1); see docs/broker.md",
 }
 
 
@@ -58,26 +60,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if command in ("run", "serve"):
-        return _run({k: getattr(args, k, None) for k in _RUN_FLAGS})
+        return _run({k: getattr(args, k, None) for k in _RUN_FLAGS}, argv)
     target = _target(args.target)
     if command == "stats":
         return _stats(target, args.timeout, args.json)
     return _health(target, args.timeout)
 
 
-def _run(flags: dict[str, str | None]) -> int:
+def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
+    """Serve; with ``--workers N`` > 1 start N worker processes instead (broker/workers.py),
+    unless this process is one of them."""
     try:
         settings = load_settings(flags)
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
         return 2
     from broker.server import serve, setup_logging  # grpc import only when serving
+    from broker.workers import supervise, worker_role
 
-    setup_logging(settings.log_level)
-    return asyncio.run(serve(settings))
+    logger = setup_logging(settings.log_level)
+    role = worker_role() if settings.workers > 1 else None
+    if role is not None:
+        logger.append_keys(worker=role.index)  # on every line, modules' loggers included
+    if settings.workers > 1 and role is None:
+        return supervise(settings, argv)
+    return asyncio.run(serve(settings, role))
 
 
 def _target(explicit: str | None) -> str:

@@ -109,6 +109,8 @@ class Settings:
     max_result_rows: int = 1_000_000
     max_result_bytes: int = 32 * 1024 * 1024
     max_inflight_per_caller: int = 1000
+    # Server processes sharing the listen port (broker/workers.py); pool_size is their total.
+    workers: int = 1
 
     @property
     def listen(self) -> str:
@@ -280,7 +282,15 @@ def load_settings(
         "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
         "max_replicas": r.get("max_replicas", _integer, 1, _at_least(1)),
         "metrics_interval": r.get("metrics_interval", _duration, 0.0, _at_least(0)),
+        "workers": r.get("workers", _integer, 1, _at_least(1)),
     }
+    if values["workers"] > values["pool_size"]:
+        source = r.raw("workers")[1]
+        r.problems.append(
+            f"{source}={values['workers']}: more workers than pool_size {values['pool_size']} "
+            "(each worker holds pool_size // workers connections, at least 1); "
+            "raise PGBROKER_POOL_SIZE or lower PGBROKER_WORKERS"
+        )
     values["auth"] = _check_auth(r, listen_host)
     values.update(_security_values(r, values))
     if r.problems or database is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from functools import partial
@@ -33,6 +34,7 @@ from broker.metrics import MetricsPublisher
 from broker.pool import Pool
 from broker.roles import RoleMap
 from broker.service import BrokerService
+from broker.workers import WorkerRole, worker_pool_size
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -64,8 +66,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # GOAWAY after this age so clients re-resolve and spread onto new replicas.
         ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
-        # Never share a port with another process (a second broker must fail to bind).
-        ("grpc.so_reuseport", 0),
+        # Never share a port with another process (a second broker must fail to bind), except
+        # with --workers N > 1, whose workers share it on purpose (broker/workers.py).
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # Above PGBROKER_MAX_REQUEST_BYTES, so a request just over it gets the broker's
         # LIMIT_EXCEEDED message instead of gRPC's.
         ("grpc.max_receive_message_length", limits_for(settings).grpc_max_receive_bytes()),
@@ -125,8 +128,11 @@ def broker_method_handlers(servicer: pb_grpc.BrokerServicer) -> dict[str, grpc.R
 class BrokerServer:
     """One broker process: the pool, the gRPC server and their lifecycle."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
+        if worker is not None:
+            settings = worker.apply(settings)
         self.settings = settings
+        self.worker = worker
         self.port = 0
         # Credentials from the URL, a Secrets Manager secret or RDS IAM (broker/credentials.py).
         self.credentials = credentials_for(settings)
@@ -142,7 +148,7 @@ class BrokerServer:
         self.metrics: MetricsPublisher | None = None
         self.pool = Pool(
             self.budget_probe,
-            size=settings.pool_size,
+            size=worker_pool_size(settings),
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
@@ -158,6 +164,12 @@ class BrokerServer:
             role_map=RoleMap.parse(settings.role_map, settings.default_role),
             session_audit=settings.session_audit,
         )
+        if worker is not None:
+            self.service.extra_stats = {
+                "worker": worker.index,
+                "workers": settings.workers,
+                "worker_pid": os.getpid(),
+            }
         self._serving_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -198,12 +210,17 @@ class BrokerServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
         await self.pool.open(wait="first", timeout=settings.connect_timeout)
+        # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
         await self.server.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
             self.metrics.start()
         self._serving_task = asyncio.create_task(self._serve_when_filled())
+        if self.worker is not None:
+            self._log_worker_started()
+            self.worker.report_ready()  # the supervisor logs "listening on" for all workers
+            return self.port
         # Always written, whatever the log level: tools read the bound port from this line.
         log.log(
             max(logging.INFO, log.getEffectiveLevel()),
@@ -221,10 +238,21 @@ class BrokerServer:
         )
         return self.port
 
+    def _log_worker_started(self) -> None:
+        assert self.worker is not None
+        log.info(
+            "worker %d of %d serving on %s:%d",
+            self.worker.index,
+            self.settings.workers,
+            self.settings.listen_host,
+            self.port,
+            extra={"worker": self.worker.index, "pool_size": worker_pool_size(self.settings)},
+        )
+
     async def _serve_when_filled(self) -> None:
         await self.pool.wait_filled()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("pool filled, health SERVING", extra={"pool_size": self.settings.pool_size})
+        log.info("pool filled, health SERVING", extra={"pool_size": self.pool.size})
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -265,9 +293,10 @@ class BrokerServer:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings) -> int:
-    """Run a broker until SIGTERM/SIGINT; return the process exit code."""
-    server = BrokerServer(settings)
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
+    """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
+    return the process exit code."""
+    server = BrokerServer(settings, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -254,6 +254,8 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> None:
         self.pool = pool
         self.statement_timeout = statement_timeout
+        # Constant figures added to GetStats (a worker's index and pid with --workers N > 1).
+        self.extra_stats: dict[str, int] = {}
         self.limits = limits or Limits()
         self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
         self.auth_stats = auth_stats or AuthStats()
@@ -353,6 +355,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         stats = self.pool.get_stats()
         stats.update(self._stats)
         stats.update(self.auth_stats.as_dict())
+        stats.update(self.extra_stats)
         return stats
 
 

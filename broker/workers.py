@@ -1,0 +1,267 @@
+"""``--workers N``: N broker processes sharing one listen port (``SO_REUSEPORT``).
+
+One broker process runs all gRPC work on one event loop, about one core at ~1,000 RPC/s
+(docs/performance.md). With ``PGBROKER_WORKERS=N`` (N > 1) the process started by
+``python -m broker run`` becomes a supervisor:
+
+* it has validated the settings already (bad ones: exit 2 before any child starts);
+* it reserves the listen address with a socket bound with ``SO_REUSEPORT`` (port 0: the kernel
+  picks a free port, which every worker then binds; the reservation is never listened on, so the
+  kernel hands it no connection, and a process without ``SO_REUSEPORT`` cannot take the port);
+* it starts N children with its own command line and environment plus the ``_PGBROKER_WORKER``
+  marker (index, concrete port, a pipe to report readiness), so they serve instead of forking.
+  Each child binds the address with ``grpc.so_reuseport=1`` and holds ``pool_size // N``
+  server connections; the kernel spreads new client connections over them;
+* once every worker has started it logs ``listening on HOST:PORT`` once, with the real port;
+* it forwards SIGTERM/SIGINT to the workers, waits for them to drain and exits 0 when all of
+  them exited 0. A worker that exits unexpectedly (or fails to start) makes it stop the others
+  and exit 1; it never restarts a worker (the orchestrator restarts the task).
+
+Figures (``GetStats``, ``python -m broker stats``, EMF metrics) and health are per worker: a
+call reaches whichever worker the kernel chose for its connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import FrameType
+
+from broker.config import Settings
+
+__all__ = ["WORKER_ENV", "WorkerRole", "supervise", "worker_pool_size", "worker_role"]
+
+log = logging.getLogger("pgbroker.workers")
+
+# Set by the supervisor in each child's environment: "index,port,ready_fd".
+WORKER_ENV = "_PGBROKER_WORKER"
+# Seconds a worker gets beyond shutdown_grace to exit before the supervisor kills it.
+_EXIT_SLACK = 30.0
+_POLL = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What the supervisor told a child: its index, the concrete port, its readiness pipe."""
+
+    index: int
+    port: int
+    ready_fd: int
+
+    def apply(self, settings: Settings) -> Settings:
+        """*settings* with the port the supervisor reserved (the configured one may be 0)."""
+        return replace(settings, listen_port=self.port)
+
+    def report_ready(self) -> None:
+        """Tell the supervisor this worker serves (it waits for every worker before it logs
+        ``listening on``). A closed pipe without this byte means the worker failed to start."""
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, b"1")
+            os.close(self.ready_fd)
+
+
+def worker_role(environ: dict[str, str] | None = None) -> WorkerRole | None:
+    """The role of this process if a supervisor started it, else None."""
+    text = (os.environ if environ is None else environ).get(WORKER_ENV, "")
+    if not text:
+        return None
+    index, port, fd = (int(part) for part in text.split(","))
+    return WorkerRole(index, port, fd)
+
+
+def worker_pool_size(settings: Settings) -> int:
+    """Server connections one worker holds: ``pool_size // workers`` (config ensures >= 1)."""
+    return settings.pool_size // settings.workers
+
+
+def supervise(settings: Settings, argv: Sequence[str]) -> int:
+    """Run ``settings.workers`` child brokers (``python -m broker`` *argv*) until they exit;
+    return the exit code (0 when every worker exited 0 after SIGTERM/SIGINT, else 1)."""
+    try:
+        reservation = _reserve(settings.listen_host, settings.listen_port)
+    except OSError as exc:
+        print(f"pgbroker: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
+        return 1
+    with reservation:
+        port = int(reservation.getsockname()[1])
+        return _Supervisor(settings, argv, port).run()
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to *host*:*port* with SO_REUSEPORT, never listened on.
+
+    It keeps the port (port 0: the one the kernel picked) from processes that do not set
+    SO_REUSEPORT until the workers have bound it. Another process of the same user that does
+    set it (a second multi-worker broker on the same fixed port) could still join the group.
+    """
+    try:
+        return _bind(host, port, reuse_addr=False)
+    except OSError:
+        if port == 0:
+            raise
+    # Without SO_REUSEADDR, connections of a previous run in TIME_WAIT block the port; with it,
+    # a socket that is bound but not listening (SO_REUSEADDR alone) would not keep another
+    # program out, so it is only the fallback. A listening program still makes this fail.
+    return _bind(host, port, reuse_addr=True)
+
+
+def _bind(host: str, port: int, *, reuse_addr: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Supervisor:
+    def __init__(self, settings: Settings, argv: Sequence[str], port: int) -> None:
+        self.settings = settings
+        self.argv = list(argv)
+        self.port = port
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+        self.failed = False
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            if self._start_all():
+                self._log_listening()
+            self._wait_all()
+        finally:
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        codes = [child.returncode for child in self.children]
+        log.info("workers stopped", extra={"exit_codes": codes})
+        return 0 if not self.failed and all(code == 0 for code in codes) else 1
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        self._forward(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    def _forward(self, sig: int) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(sig)
+
+    def _start_all(self) -> bool:
+        """Start every worker and wait until each reports ready; False if one failed first
+        (the others are then being stopped) or a signal came."""
+        selector = selectors.DefaultSelector()
+        for index in range(self.settings.workers):
+            if self.stopping:  # a signal came while starting: start no more
+                break
+            read_fd, write_fd = os.pipe()
+            env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd}"}
+            child = subprocess.Popen(
+                [sys.executable, "-m", "broker", *self.argv],
+                env=env,
+                pass_fds=(write_fd,),
+                preexec_fn=_die_with_parent,
+            )
+            os.close(write_fd)
+            self.children.append(child)
+            selector.register(read_fd, selectors.EVENT_READ, index)
+        pending = set(range(len(self.children)))
+        try:
+            while pending and not self.stopping:
+                for key, _ in selector.select(_POLL):
+                    data = os.read(key.fd, 16)
+                    selector.unregister(key.fd)
+                    os.close(key.fd)
+                    pending.discard(key.data)
+                    if not data:  # closed without reporting: the worker could not start
+                        self._fail(key.data, "could not start")
+                        return False
+                if self._check_children():
+                    return False
+        finally:
+            for key in list(selector.get_map().values()):
+                os.close(key.fd)
+            selector.close()
+        return not pending
+
+    def _log_listening(self) -> None:
+        settings = self.settings
+        # Always written, whatever the log level: tools read the bound port from this line.
+        log.log(
+            max(logging.INFO, log.getEffectiveLevel()),
+            "listening on %s:%d",
+            settings.listen_host,
+            self.port,
+            extra={
+                "host": settings.listen_host,
+                "port": self.port,
+                "database": settings.database.redacted,
+                "pool_size": settings.pool_size,
+                "workers": settings.workers,
+                "worker_pids": [child.pid for child in self.children],
+                "auth": settings.auth,
+            },
+        )
+
+    def _wait_all(self) -> None:
+        """Until every worker exited: stop the others when one exits unexpectedly; kill the
+        ones still running ``shutdown_grace`` + 30 s after the stop began."""
+        deadline: float | None = None
+        while any(child.poll() is None for child in self.children):
+            self._check_children()
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.settings.shutdown_grace + _EXIT_SLACK
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("workers did not stop in time; killing them")
+                self.failed = True
+                for child in self.children:
+                    if child.poll() is None:
+                        child.kill()
+            time.sleep(_POLL)
+
+    def _check_children(self) -> bool:
+        """True (after starting to stop the others) if a worker exited while not stopping."""
+        if self.stopping:
+            return False
+        for index, child in enumerate(self.children):
+            if child.poll() is not None:
+                self._fail(index, f"exited with code {child.returncode}")
+                return True
+        return False
+
+    def _fail(self, index: int, what: str) -> None:
+        log.error(
+            "worker %d %s; stopping the others",
+            index,
+            what,
+            extra={"worker": index, "pid": self.children[index].pid},
+        )
+        self.failed = True
+        self.stopping = True
+        self._forward(signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor dies (Linux), so a killed
+    supervisor leaves no worker behind."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
