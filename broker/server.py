@@ -34,7 +34,7 @@ from broker.metrics import MetricsPublisher
 from broker.pool import Pool
 from broker.roles import RoleMap
 from broker.service import BrokerService
-from broker.workers import WorkerRole, worker_pool_size
+from broker.workers import WorkerRole, log_listening, worker_pool_size
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -221,21 +221,7 @@ class BrokerServer:
             self._log_worker_started()
             self.worker.report_ready()  # the supervisor logs "listening on" for all workers
             return self.port
-        # Always written, whatever the log level: tools read the bound port from this line.
-        log.log(
-            max(logging.INFO, log.getEffectiveLevel()),
-            "listening on %s:%d",
-            settings.listen_host,
-            self.port,
-            extra={
-                "host": settings.listen_host,
-                "port": self.port,
-                "database": settings.database.redacted,
-                "pool_size": settings.pool_size,
-                "auth": settings.auth,
-                "tls": "mtls" if settings.tls_client_ca else bool(settings.tls_cert),
-            },
-        )
+        log_listening(settings, self.port)
         return self.port
 
     def _log_worker_started(self) -> None:

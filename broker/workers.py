@@ -202,22 +202,11 @@ class _Supervisor:
         return not pending
 
     def _log_listening(self) -> None:
-        settings = self.settings
-        # Always written, whatever the log level: tools read the bound port from this line.
-        log.log(
-            max(logging.INFO, log.getEffectiveLevel()),
-            "listening on %s:%d",
-            settings.listen_host,
+        log_listening(
+            self.settings,
             self.port,
-            extra={
-                "host": settings.listen_host,
-                "port": self.port,
-                "database": settings.database.redacted,
-                "pool_size": settings.pool_size,
-                "workers": settings.workers,
-                "worker_pids": [child.pid for child in self.children],
-                "auth": settings.auth,
-            },
+            workers=self.settings.workers,
+            worker_pids=[child.pid for child in self.children],
         )
 
     def _wait_all(self) -> None:
@@ -265,3 +254,25 @@ def _die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def log_listening(settings: Settings, port: int, **extra: object) -> None:
+    """The one ``listening on HOST:PORT`` line of a broker (single process or supervisor).
+
+    Always written, whatever the log level: tools read the bound port from its JSON ``port``.
+    """
+    log.log(
+        max(logging.INFO, log.getEffectiveLevel()),
+        "listening on %s:%d",
+        settings.listen_host,
+        port,
+        extra={
+            "host": settings.listen_host,
+            "port": port,
+            "database": settings.database.redacted,
+            "pool_size": settings.pool_size,
+            "auth": settings.auth,
+            "tls": "mtls" if settings.tls_client_ca else bool(settings.tls_cert),
+            **extra,
+        },
+    )
