@@ -10,7 +10,8 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pg8000.native
@@ -46,6 +47,20 @@ def connect(postgres: Any) -> pg8000.native.Connection:
         database=postgres.database,
         password=getattr(postgres, "password", None),
     )
+
+
+@contextlib.contextmanager
+def temp_table(postgres: Any, prefix: str, columns: str) -> Iterator[str]:
+    """A table ``<prefix>_<random>`` with *columns*, created and dropped over a direct
+    connection to *postgres* (the test server, not through the broker)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = connect(postgres)
+    admin.run(f"CREATE TABLE {name} ({columns})")
+    try:
+        yield name
+    finally:
+        admin.run(f"DROP TABLE IF EXISTS {name}")
+        admin.close()
 
 
 def port_free_on(hosts: list[str]) -> int:

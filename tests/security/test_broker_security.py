@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import connect
+from support import temp_table
 
 from lambda_client import BrokerClient, InvalidRequest, PermissionDenied, Unauthenticated
 from lambda_client import auth as client_auth
@@ -130,14 +129,8 @@ def broker(postgres: Any) -> Iterator[Broker]:
 
 @pytest.fixture
 def table(postgres: Any) -> Iterator[str]:
-    name = "sec_" + uuid.uuid4().hex[:8]
-    admin = connect(postgres)
-    admin.run(f"CREATE TABLE {name} (id serial PRIMARY KEY, body text)")
-    try:
+    with temp_table(postgres, "sec", "id serial PRIMARY KEY, body text") as name:
         yield name
-    finally:
-        admin.run(f"DROP TABLE IF EXISTS {name}")
-        admin.close()
 
 
 REFUSED_END_TO_END = [

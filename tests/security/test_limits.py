@@ -4,13 +4,12 @@ the limit, nothing run for request limits, and the pool healthy afterwards."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from support import connect, wait_until
+from support import connect, temp_table, wait_until
 
 from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -39,14 +38,8 @@ def broker(postgres: Any) -> Iterator[Broker]:
 
 @pytest.fixture
 def table(postgres: Any) -> Iterator[str]:
-    name = "limits_" + uuid.uuid4().hex[:8]
-    admin = connect(postgres)
-    admin.run(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
-    try:
+    with temp_table(postgres, "limits", "id int PRIMARY KEY, body text") as name:
         yield name
-    finally:
-        admin.run(f"DROP TABLE {name}")
-        admin.close()
 
 
 def refused(broker: Broker, req: pb.ExecuteRequest) -> grpc.RpcError:
