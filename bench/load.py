@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.workloads import W1_SQL, W2_THINKS, Transfer, random_aid
+from devtools.runas import raise_fd_limit
 
 COMPETITORS = ("direct", "asyncpg", "pgbroker")
 
@@ -536,20 +537,13 @@ def run(spec: Spec) -> dict[str, Any]:
     """Run *spec* and return the result (see `_result` for its keys)."""
     if spec.competitor not in COMPETITORS:
         raise ValueError(f"unknown competitor {spec.competitor!r}")
-    _raise_fd_limit()
+    raise_fd_limit()
     if spec.competitor == "asyncpg" or (spec.competitor == "pgbroker" and spec.asyncio):
         coro = _async_burst(spec) if spec.workload == "w3" else _async_steady(spec)
         return asyncio.run(coro)
     if spec.workload == "w3":
         return run_threads_burst(spec)
     return run_threads_steady(spec)
-
-
-def _raise_fd_limit() -> None:
-    """Thousands of client sockets need more than the usual 1024 descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str]) -> int:

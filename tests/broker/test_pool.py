@@ -168,9 +168,11 @@ def test_request_with_too_little_time_left_is_dropped_without_queueing(
 
 
 def _sleepers(admin: Any) -> int:
+    """Backends sleeping in pg_sleep(30); one still parsing it does not count (a cancel sent
+    then would be lost, and the sleep would run its full 30 s)."""
     return admin.run(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
-        "AND state = 'active' AND pid <> pg_backend_pid()"
+        "AND state = 'active' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()"
     )[0][0]
 
 

@@ -21,8 +21,11 @@ SLEEP = "SELECT pg_sleep(60)"  # far longer than any wait below: gone means canc
 
 
 def sleeping_backends(admin: pg8000.native.Connection) -> int:
+    # wait_event, not just state: a statement being parsed is already 'active' with its text.
     rows = admin.run(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = :q", q=SLEEP
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND wait_event = 'PgSleep' AND query = :q",
+        q=SLEEP,
     )
     return int(rows[0][0])
 
@@ -103,7 +106,9 @@ def test_request_id_shows_in_broker_log_and_pg_stat_activity(
     context = FakeLambdaContext(remaining=10, function_name="orders-api")
     outcome: list[Any] = []
     # The query waits on an advisory lock the test holds, so it is still running when
-    # pg_stat_activity is read; released once its application_name was seen.
+    # pg_stat_activity is read; released once its application_name was seen. Waiting on the
+    # lock, not just 'active': while the statement is parsed (before the SET that names it)
+    # the row is already active with this text and the pool's own application_name.
     admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
     worker = threading.Thread(target=lambda: outcome.append(db.query(HELD, context=context)))
     worker.start()
@@ -113,7 +118,7 @@ def test_request_id_shows_in_broker_log_and_pg_stat_activity(
                 row[0]
                 for row in admin.run(
                     "SELECT application_name FROM pg_stat_activity "
-                    "WHERE query = :q AND state = 'active'",
+                    "WHERE query = :q AND state = 'active' AND wait_event_type = 'Lock'",
                     q=HELD,
                 )
             ],
