@@ -83,9 +83,10 @@ PLANS = {
                   w3_invocations=500, cold_samples=3, variants=False, max_connections=600,
                   burst_timeout=30),
     # tiny: W3's burst must outlast a few of the monitor's 50 ms samples, or a sample can
-    # miss the short-lived direct connections entirely (peak backends 0).
+    # miss the short-lived direct connections entirely (peak backends 0). Its 40 direct
+    # connections must all fit beside PgBouncer's and the broker's open pools (20 + 20).
     "tiny": Plan("tiny", scale=1, duration=0.3, warmup=0.1, w1_clients=4, w2_clients=4,
-                 w3_invocations=40, cold_samples=1, variants=False, max_connections=60,
+                 w3_invocations=40, cold_samples=1, variants=False, max_connections=120,
                  burst_timeout=20, rounds=2),
 }  # fmt: skip
 
