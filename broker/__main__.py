@@ -65,10 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     if command in ("run", "serve"):
         return _run({k: getattr(args, k, None) for k in _RUN_FLAGS}, argv)
+    from broker.tls import TlsConfigError
+
     target = _target(args.target)
-    if command == "stats":
-        return _stats(target, args.timeout, args.json)
-    return _health(target, args.timeout)
+    try:
+        if command == "stats":
+            return _stats(target, args.timeout, args.json)
+        return _health(target, args.timeout)
+    except TlsConfigError as exc:  # a PGBROKER_TLS_* variable names no usable PEM
+        print(f"pgbroker: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
@@ -145,19 +151,19 @@ def _channel(target: str) -> Any:
     """A channel to the local broker: TLS when it serves TLS (``PGBROKER_TLS_CERT``), trusting
     ``PGBROKER_TLS_CA_FILE`` (else the certificate itself), with the client certificate of
     ``PGBROKER_TLS_CLIENT_CERT_FILE``/``_KEY_FILE`` for mTLS; the name checked is
-    ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1)."""
+    ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1).
+    Each variable holds a path or the PEM text itself (`broker.tls.read_pem`)."""
     import grpc
+
+    from broker.tls import read_pem
 
     env = os.environ
     if not env.get("PGBROKER_TLS_CERT"):
         return grpc.insecure_channel(target)
 
     def read(name: str) -> bytes | None:
-        path = env.get(name)
-        if not path:
-            return None
-        with open(path, "rb") as f:
-            return f.read()
+        value = env.get(name)
+        return read_pem(name, value) if value else None
 
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read("PGBROKER_TLS_CA_FILE") or read("PGBROKER_TLS_CERT"),

@@ -1,7 +1,9 @@
 """TLS between clients and the broker (``PGBROKER_TLS_CERT``/``_KEY``, optional mTLS).
 
 `server_credentials` reads the PEM files once at start; a missing or unreadable file is a
-one-line `TlsConfigError` naming the variable (never the file's content). With
+one-line `TlsConfigError` naming the variable (never the file's content). Each variable holds
+a path or the PEM text itself: ECS injects a Secrets Manager value into the environment, not
+into a file (template.yaml's ``BrokerTlsSecretArn``). With
 ``PGBROKER_TLS_CLIENT_CA`` set, clients must present a certificate signed by that CA (mTLS).
 Broker→Postgres TLS is `broker.pg.ssl_context_for` (``sslmode``/``sslrootcert`` in the URL).
 """
@@ -13,14 +15,18 @@ from typing import Any
 
 import grpc
 
-__all__ = ["TlsConfigError", "server_credentials"]
+__all__ = ["TlsConfigError", "read_pem", "server_credentials"]
 
 
 class TlsConfigError(ValueError):
     """A TLS file cannot be used; the message names the variable and the path."""
 
 
-def _read(variable: str, path: str) -> bytes:
+def read_pem(variable: str, value: str) -> bytes:
+    """The PEM that *variable* holds: its value when that is PEM text, else the file it names."""
+    if value.lstrip().startswith("-----BEGIN "):
+        return value.encode()
+    path = value
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -35,10 +41,12 @@ def server_credentials(settings: Any) -> grpc.ServerCredentials | None:
     or None when TLS is off. Raise `TlsConfigError` for an unusable file."""
     if not settings.tls_cert:
         return None
-    cert = _read("PGBROKER_TLS_CERT", settings.tls_cert)
-    key = _read("PGBROKER_TLS_KEY", settings.tls_key)
+    cert = read_pem("PGBROKER_TLS_CERT", settings.tls_cert)
+    key = read_pem("PGBROKER_TLS_KEY", settings.tls_key)
     client_ca = (
-        _read("PGBROKER_TLS_CLIENT_CA", settings.tls_client_ca) if settings.tls_client_ca else None
+        read_pem("PGBROKER_TLS_CLIENT_CA", settings.tls_client_ca)
+        if settings.tls_client_ca
+        else None
     )
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None

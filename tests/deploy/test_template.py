@@ -192,6 +192,11 @@ class Stack:
         (container,) = [c for c in task["ContainerDefinitions"] if c.get("Essential", True)]
         return dict(container)
 
+    def broker_container_role(self, which: str) -> str:
+        """The resource name of the task's ``TaskRoleArn`` or ``ExecutionRoleArn``."""
+        _, task = self.one("AWS::ECS::TaskDefinition")
+        return str(task[which].resource)
+
     def broker_env(self) -> dict[str, str]:
         return {e["Name"]: str(e["Value"]) for e in self.broker_container()["Environment"]}
 
@@ -490,6 +495,44 @@ def test_database_url_verifies_tls_with_the_ca_bundle_in_the_image(stack: Stack)
     assert bundle is not None
     assert bundle.group(1) in DOCKERFILE.read_text()
     assert urlsplit(url).password is None
+
+
+TLS_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:pgbroker-tls-AbCdEf"
+
+
+def test_caller_tls_is_off_unless_a_certificate_secret_is_given(stack: Stack) -> None:
+    _, function = stack.one("AWS::Serverless::Function")
+    assert not any(n.startswith("PGBROKER_TLS") for n in function["Environment"]["Variables"])
+    assert not any(n.startswith("PGBROKER_TLS") for n in stack.broker_env())
+    assert "Secrets" not in stack.broker_container()
+    execution = stack.broker_container_role("ExecutionRoleArn")
+    assert not stack.props(execution).get("Policies")
+
+
+def test_caller_tls_serves_the_secret_and_the_function_verifies_it(template: dict) -> None:
+    stack = Stack(template, **BASE_PARAMS, DatabaseSecretArn=SECRET_ARN, BrokerTlsSecretArn=TLS_ARN)
+    # ECS injects the certificate and key as PEM text, which the broker reads (broker/tls.py).
+    secrets = {s["Name"]: s["ValueFrom"] for s in stack.broker_container()["Secrets"]}
+    assert secrets == {
+        "PGBROKER_TLS_CERT": f"{TLS_ARN}:cert::",
+        "PGBROKER_TLS_KEY": f"{TLS_ARN}:key::",
+    }
+    assert set(secrets) <= (_names_in_package("broker") or set())
+    # ECS (the execution role) may read that one secret; the broker's own role may not.
+    execution = stack.broker_container_role("ExecutionRoleArn")
+    granted = {
+        (statement["Action"], statement["Resource"])
+        for policy in stack.props(execution)["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+    }
+    assert granted == {("secretsmanager:GetSecretValue", TLS_ARN)}
+    # The health check dials 127.0.0.1 but checks the name callers dial.
+    _, function = stack.one("AWS::Serverless::Function")
+    variables = function["Environment"]["Variables"]
+    host = variables["PGBROKER_URL"].removeprefix("dns:///").rsplit(":", 1)[0]
+    assert stack.broker_env()["PGBROKER_TLS_SERVER_NAME"] == host
+    assert variables["PGBROKER_TLS"] == "true"
+    assert variables["PGBROKER_TLS_CA_FILE"] == "/var/task/broker-ca.pem"
 
 
 def test_task_environment_names_are_settings_the_broker_knows(stack: Stack) -> None:

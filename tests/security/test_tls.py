@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,23 +202,48 @@ def test_sslmode_require_still_encrypts_without_verifying(tls_postgres: LocalPos
     assert rows(reply.results[0]) == [(True,)]
 
 
-def test_health_and_stats_commands_speak_tls(tls_broker: Broker, pki: dict) -> None:
-    import os
-    import subprocess
-    import sys
+def _broker_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m broker ARGS`` with only *env* (and PATH) in its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+    )
 
+
+def test_health_and_stats_commands_speak_tls(tls_broker: Broker, pki: dict) -> None:
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PGBROKER_TLS_CERT": pki["broker"].cert_file,
         "PGBROKER_TLS_CA_FILE": pki["ca"].cert_file,
     }
     for command in ("health", "stats"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "broker", command, "--target", tls_broker.target],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        proc = _broker_command(env, command, "--target", tls_broker.target)
         assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
     assert "pool_size" in proc.stdout
+
+
+def test_tls_variables_may_hold_the_pem_itself(postgres: Any, pki: dict) -> None:
+    """ECS puts a Secrets Manager value in the environment, not in a file (template.yaml's
+    BrokerTlsSecretArn): the broker and its health/stats commands take the PEM text."""
+    cert, key = pki["broker"].cert_pem.decode(), pki["broker"].key_pem.decode()
+    with Broker(postgres.dsn, tls_cert=cert, tls_key=key) as broker:
+        client = BrokerClient(
+            broker.target, tls=True, root_certificates=pki["ca"].cert_pem, auth=lambda: ()
+        )
+        try:
+            assert client.query("SELECT 'inline'").scalar() == "inline"
+        finally:
+            client.close()
+        env = {"PGBROKER_TLS_CERT": cert, "PGBROKER_TLS_CA_FILE": pki["ca"].cert_pem.decode()}
+        proc = _broker_command(env, "health", "--target", broker.target)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "SERVING"), proc.stderr
+
+
+def test_health_with_an_unreadable_tls_file_says_which_variable(tmp_path: Path) -> None:
+    env = {"PGBROKER_TLS_CERT": str(tmp_path / "missing.pem")}
+    proc = _broker_command(env, "health", "--target", "127.0.0.1:1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("pgbroker: PGBROKER_TLS_CERT=")
+    assert "Traceback" not in proc.stderr
