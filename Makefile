@@ -60,9 +60,10 @@ image:
 validate:
 	bash deploy/validate.sh
 
-# sam build (in validate), then sam deploy --guided; see docs/deploy.md for the parameters.
+# sam build (in validate), then sam deploy: --guided the first time, the answers saved in
+# samconfig.toml after that. See docs/deploy.md for the parameters.
 deploy: validate
-	.venv-sam/bin/sam deploy --guided $(ARGS)
+	.venv-sam/bin/sam deploy $(if $(wildcard samconfig.toml),,--guided) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .aws-sam

@@ -85,7 +85,8 @@ PLANS = {
     # tiny: W3's burst must outlast a few of the monitor's 50 ms samples, or a sample can
     # miss the short-lived direct connections entirely (peak backends 0). Its 40 direct
     # connections must all fit beside PgBouncer's and the broker's open pools (20 + 20).
-    "tiny": Plan("tiny", scale=1, duration=0.3, warmup=0.1, w1_clients=4, w2_clients=4,
+    # A 1 s window: a 0.3 s one saw no W2 transaction complete on a machine running 7x slow.
+    "tiny": Plan("tiny", scale=1, duration=1.0, warmup=0.2, w1_clients=4, w2_clients=4,
                  w3_invocations=40, cold_samples=1, variants=False, max_connections=120,
                  burst_timeout=20, rounds=2),
 }  # fmt: skip

@@ -102,6 +102,9 @@ class _Waiter:
     enqueued_at: float
 
 
+MAX_PARALLEL_CONNECTS = 16
+
+
 class Pool:
     """Fixed pool of ``size`` server connections made by *connect* (a blocking callable)."""
 
@@ -135,6 +138,10 @@ class Pool:
         self._first = asyncio.Event()
         self.last_connect_error: str | None = None
         self._outage = False
+        self._filling = False
+        # At most this many connects at once: a pool of thousands (or a database refusing
+        # them) must not become thousands of threads each holding a half-open socket.
+        self._connect_slots = asyncio.Semaphore(min(size, MAX_PARALLEL_CONNECTS))
         self._workers = ThreadPoolExecutor(size, thread_name_prefix="pgbroker-worker")
         # Connects, closes and cancel requests never queue behind running transactions.
         self._maintenance = ThreadPoolExecutor(size + 2, thread_name_prefix="pgbroker-maint")
@@ -142,19 +149,23 @@ class Pool:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self, wait: str | None = "filled", timeout: float = 30.0) -> None:
+    async def open(
+        self, wait: str | None = "filled", timeout: float = 30.0, *, fill: bool = True
+    ) -> None:
         """Start opening ``size`` connections in the background (retrying until closed).
 
         With *wait* ``"filled"`` return once all are open, with ``"first"`` once one is;
         raise `PoolUnavailable` (naming the last connect error) if that takes longer than
-        *timeout* seconds.
+        *timeout* seconds. With *fill* False only the first connection is opened, and `fill`
+        opens the rest: the server checks the connection budget on the first one in between.
         """
         if not self._opened:
             self._opened = True
             self._loop = asyncio.get_running_loop()
-            for _ in range(self.size):
-                self._spawn_connector("pool start")
+            self._spawn_connector("pool start")
             self._spawn(self._expire_idle_loop())
+        if fill:
+            self.fill()
         if wait is None:
             return
         event = self._filled if wait == "filled" else self._first
@@ -165,6 +176,13 @@ class Pool:
                 f"no database connection within {timeout:g}s: "
                 f"{self.last_connect_error or 'no error reported'}"
             ) from None
+
+    def fill(self) -> None:
+        """Open, in the background, the connections `open` (``fill=False``) left for later."""
+        if not self._filling:
+            self._filling = True
+            for _ in range(self.size - 1):
+                self._spawn_connector("pool start")
 
     async def wait_filled(self) -> None:
         """Return once every connection has been opened at least once."""
@@ -372,13 +390,8 @@ class Pool:
         try:
             while not self._closed:
                 started = time.monotonic()
-                attempt = self._loop.run_in_executor(self._maintenance, self._connect)
                 try:
-                    pg = await asyncio.shield(attempt)
-                except asyncio.CancelledError:
-                    # Closing while a connect is in flight: close what it opens, never leak it.
-                    attempt.add_done_callback(_close_opened)
-                    raise
+                    pg = await self._attempt_connect()
                 except Exception as exc:
                     # Not only the network: a credentials fetch (Secrets Manager throttling,
                     # an RDS IAM token) can fail too, and the slot must keep retrying.
@@ -404,6 +417,17 @@ class Pool:
                 return
         finally:
             self._connecting -= 1
+
+    async def _attempt_connect(self) -> PgConnection:
+        """One connect, in a maintenance thread, among at most MAX_PARALLEL_CONNECTS."""
+        async with self._connect_slots:
+            attempt = self._loop.run_in_executor(self._maintenance, self._connect)
+            try:
+                return await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                # Closing while a connect is in flight: close what it opens, never leak it.
+                attempt.add_done_callback(_close_opened)
+                raise
 
     def _connected(self, pg: PgConnection, started: float) -> None:
         now = time.monotonic()

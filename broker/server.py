@@ -209,9 +209,11 @@ class BrokerServer:
             self.port = self.server.add_insecure_port(settings.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
-        await self.pool.open(wait="first", timeout=settings.connect_timeout)
+        # One connection first: an over-budget pool is refused before it opens the rest.
+        await self.pool.open(wait="first", timeout=settings.connect_timeout, fill=False)
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
+        self.pool.fill()
         await self.server.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)

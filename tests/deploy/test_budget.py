@@ -143,3 +143,29 @@ def test_broker_refuses_to_start_over_budget_with_the_arithmetic(postgres: Any) 
     assert done.returncode != 0
     assert "connection budget exceeded" in done.stderr
     assert f"> {available} available" in done.stderr
+
+
+def test_a_pool_far_over_budget_is_refused_after_one_connection() -> None:
+    """pool_size 100000 (a typo for 100): refused on the first connection, before the broker
+    opens the rest, instead of 100000 connect attempts and threads hammering Postgres."""
+    tag = "pgbroker-huge-pool"
+    with LocalPostgres(extra_conf={"log_connections": "on"}) as server:
+        env = dict(
+            os.environ,
+            PGBROKER_DATABASE_URL=_dsn(server) + f"&application_name={tag}",
+            PGBROKER_LISTEN="127.0.0.1:0",
+            PGBROKER_POOL_SIZE="100000",
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert "pool_size 100000 × max_replicas 1 = 100000 >" in done.stderr
+        # Postgres logs "connection authorized: user=… application_name=<tag>" per session.
+        opened = server.log().count(f"application_name={tag}")
+        assert opened == 1, server.log()[-3000:]
