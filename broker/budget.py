@@ -22,11 +22,11 @@ it serves anything.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from broker.pg import PgConnection
+from broker.pool import FirstConnectionProbe
 from lambda_client import codec
 
 __all__ = ["BUDGET_SQL", "BudgetExceeded", "BudgetProbe", "ConnectionBudget"]
@@ -96,30 +96,16 @@ class ConnectionBudget:
         return self.available - needed
 
 
-class BudgetProbe:
-    """A pool connect function that reads the `ConnectionBudget` on its first connection.
-
-    Call it as the pool would call *connect*; it returns the same connections. The first one
-    that opens also runs `BUDGET_SQL` (on the connecting thread, before the pool sees it); later
-    ones are returned untouched. A failure to read is kept and reported by `check`, so a
-    connection is never lost to the probe.
-    """
+class BudgetProbe(FirstConnectionProbe[ConnectionBudget]):
+    """A pool connect function that reads the `ConnectionBudget` on its first connection
+    (`FirstConnectionProbe`); `check` reports a failure to read it."""
 
     def __init__(self, connect: Callable[[], PgConnection]) -> None:
-        self._connect = connect
-        self._lock = threading.Lock()
-        self.budget: ConnectionBudget | None = None
-        self.error: str | None = None
+        super().__init__(connect, ConnectionBudget.read)
 
-    def __call__(self) -> PgConnection:
-        conn = self._connect()
-        with self._lock:
-            if self.budget is None and self.error is None:
-                try:
-                    self.budget = ConnectionBudget.read(conn)
-                except Exception as exc:  # reported by check(); the connection stays usable
-                    self.error = f"{type(exc).__name__}: {exc}"
-        return conn
+    @property
+    def budget(self) -> ConnectionBudget | None:
+        return self.value
 
     def check(self, pool_size: int, max_replicas: int) -> ConnectionBudget:
         """Check *pool_size* × *max_replicas* against the budget read on the first connection.

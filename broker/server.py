@@ -31,9 +31,10 @@ from broker.config import Settings
 from broker.credentials import connect_with_credentials, credentials_for
 from broker.limits import Limits
 from broker.metrics import MetricsPublisher
-from broker.pool import Pool
+from broker.pool import FirstConnectionProbe, Pool
 from broker.roles import RoleMap
 from broker.service import BrokerService
+from broker.sessionaudit import read_builtin_functions
 from broker.workers import WorkerRole, log_listening, worker_pool_size
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -143,8 +144,10 @@ class BrokerServer:
             settings.statement_timeout,
             settings.statement_cache_size,
         )
-        # Reads max_connections on the first connection; start() checks the budget with it.
-        self.budget_probe = BudgetProbe(connect)
+        # Read on the first connection: max_connections (start() checks the budget with it)
+        # and pg_catalog's function names (calls of other functions get the session audited).
+        self.functions_probe = FirstConnectionProbe(connect, read_builtin_functions)
+        self.budget_probe = BudgetProbe(self.functions_probe)
         self.metrics: MetricsPublisher | None = None
         self.pool = Pool(
             self.budget_probe,
@@ -213,6 +216,7 @@ class BrokerServer:
         await self.pool.open(wait="first", timeout=settings.connect_timeout, fill=False)
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
+        self._learn_builtin_functions()
         self.pool.fill()
         await self.server.start()
         if settings.metrics_interval > 0:
@@ -225,6 +229,15 @@ class BrokerServer:
             return self.port
         log_listening(settings, self.port)
         return self.port
+
+    def _learn_builtin_functions(self) -> None:
+        probe = self.functions_probe
+        if probe.value is None:
+            log.warning(
+                "cannot read pg_catalog's function names; every function call is audited",
+                extra={"error": probe.error},
+            )
+        self.service.known_functions = probe.value
 
     def _log_worker_started(self) -> None:
         assert self.worker is not None

@@ -57,7 +57,12 @@ from broker.pool import (
     QueueTimeout,
 )
 from broker.roles import RoleMap, RoleRefused
-from broker.sessionstate import SessionStateError, check_batch, needs_audit
+from broker.sessionstate import (
+    SessionStateError,
+    calls_unknown_function,
+    check_batch,
+    needs_audit,
+)
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -261,6 +266,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.auth_stats = auth_stats or AuthStats()
         self.role_map = role_map
         self.session_audit = session_audit
+        # pg_catalog's function names, read on the first connection (BrokerServer.start); a
+        # call of any other function is audited. None: not read, every call is audited.
+        self.known_functions: frozenset[str] | None = None
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
     async def Execute(
@@ -334,7 +342,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             return True
         if self.session_audit == "off":
             return False
-        return needs_audit([statement.sql for statement in request.statements])
+        sqls = [statement.sql for statement in request.statements]
+        return needs_audit(sqls) or calls_unknown_function(sqls, self.known_functions)
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1

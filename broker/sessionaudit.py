@@ -10,7 +10,9 @@ anything outlived the transaction:
   default_transaction_read_only, standard_conforming_strings, …) are compared with the values
   at connect time (`PgConnection.reported_changes`);
 * for requests the parser cannot see through (``DO``, ``CALL``, SQL it cannot parse — see
-  `sessionstate.needs_audit`), or for every request with ``PGBROKER_SESSION_AUDIT=always``,
+  `sessionstate.needs_audit` — and calls of functions outside ``pg_catalog``, see
+  `sessionstate.calls_unknown_function` and `read_builtin_functions`), or for every request
+  with ``PGBROKER_SESSION_AUDIT=always``,
   one more query after the transaction (`AUDIT_SQL`, one round trip): settings changed at
   session level, ``LISTEN`` channels, SQL prepared statements, open cursors, advisory locks,
   temporary relations, and a role other than the login role.
@@ -22,7 +24,7 @@ import logging
 
 from broker.pg import ConnectionLost, PgConnection, PgError
 
-__all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session"]
+__all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session", "read_builtin_functions"]
 
 log = logging.getLogger("pgbroker.sessionaudit")
 
@@ -46,6 +48,20 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
        THEN 'temporary relations' END,
   CASE WHEN current_user <> session_user THEN 'role' END
 ], NULL)::text[]"""
+
+
+BUILTIN_FUNCTIONS_SQL = (
+    "SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc"
+    " WHERE pronamespace = 'pg_catalog'::regnamespace"
+)
+
+
+def read_builtin_functions(conn: PgConnection) -> frozenset[str]:
+    """The names of the server's built-in (``pg_catalog``) functions; a call of any other
+    function gets the session audited after it."""
+    result = conn.run(BUILTIN_FUNCTIONS_SQL)
+    cell = result.rows[0].values[0]
+    return frozenset(value.text for value in cell.array.values)
 
 
 def audit_session(conn: PgConnection) -> list[str]:

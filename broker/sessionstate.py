@@ -46,6 +46,7 @@ __all__ = [
     "REASON_SESSION_STATE",
     "Refusal",
     "SessionStateError",
+    "calls_unknown_function",
     "check_batch",
     "check_statement",
     "needs_audit",
@@ -150,6 +151,49 @@ def needs_audit(sqls: Sequence[str]) -> bool:
 @functools.lru_cache(maxsize=2048)
 def _opaque_cached(sql: str) -> bool:
     return _opaque(sql)
+
+
+def calls_unknown_function(sqls: Sequence[str], known: frozenset[str] | None) -> bool:
+    """True if any of *sqls* calls a function not among *known* (pg_catalog's function names,
+    read from the server at start; None when they could not be read: every call counts).
+
+    A user function can create a temporary table, take a session lock or ``LISTEN`` where
+    parsing cannot see it, so the broker audits the connection after such a request.
+    Functions reached without a call in the SQL (triggers, views, column defaults, operators)
+    are not seen here: ``PGBROKER_SESSION_AUDIT=always`` covers those.
+    """
+    return any(
+        _unknown_call(sql, known)
+        if len(sql) > _CACHE_MAX_SQL_CHARS
+        else _unknown_call_cached(sql, known)
+        for sql in sqls
+    )
+
+
+@functools.lru_cache(maxsize=2048)
+def _unknown_call_cached(sql: str, known: frozenset[str] | None) -> bool:
+    return _unknown_call(sql, known)
+
+
+def _unknown_call(sql: str, known: frozenset[str] | None) -> bool:
+    try:
+        raw_statements = parse_sql(sql)
+    except (ParseError, RecursionError):
+        return True
+    return any(
+        isinstance(node, ast.FuncCall) and not _is_known_function(node, known)
+        for raw in raw_statements
+        for node in _walk(raw.stmt)
+    )
+
+
+def _is_known_function(call: ast.FuncCall, known: frozenset[str] | None) -> bool:
+    parts = [getattr(p, "sval", "") for p in (call.funcname or ())]
+    if known is None or not parts:
+        return False
+    if len(parts) >= 2 and parts[-2] != "pg_catalog":
+        return False  # schema-qualified elsewhere: a user function whatever its name
+    return parts[-1] in known
 
 
 def _opaque(sql: str) -> bool:

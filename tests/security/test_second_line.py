@@ -11,7 +11,7 @@ import grpc
 import pytest
 from support import connect
 
-from broker.sessionstate import needs_audit
+from broker.sessionstate import calls_unknown_function, needs_audit
 
 from .harness import Broker, request, rows
 
@@ -82,6 +82,58 @@ def test_ordinary_requests_are_not_audited() -> None:
     assert needs_audit(["SELECT 1", "DO $$ BEGIN END $$"])
     assert needs_audit(["CALL app.refresh()"])
     assert needs_audit(["SELEC garbage"])  # what the parser cannot read is audited
+
+
+def test_calls_of_functions_outside_pg_catalog_are_audited() -> None:
+    known = frozenset({"lower", "now", "count"})
+    assert not calls_unknown_function(["SELECT lower($1), now()", "SELECT count(*) FROM t"], known)
+    assert not calls_unknown_function(["SELECT pg_catalog.lower('x')"], known)
+    assert calls_unknown_function(["SELECT 1", "SELECT make_temp_table()"], known)
+    assert calls_unknown_function(["SELECT app.lower('x')"], known)  # qualified elsewhere
+    assert calls_unknown_function(["INSERT INTO t VALUES (app_default())"], known)
+    # pg_catalog's names not read at start: every function call is audited, plain SQL is not.
+    assert calls_unknown_function(["SELECT now()"], None)
+    assert not calls_unknown_function(["SELECT a FROM t WHERE b = $1"], None)
+
+
+@pytest.fixture
+def session_state_function(postgres: Any) -> Iterator[str]:
+    """A user function that leaves a temporary table, a session lock and a LISTEN behind."""
+    name = "mktemp_" + uuid.uuid4().hex[:8]
+    admin = connect(postgres)
+    admin.run(
+        f"CREATE FUNCTION {name}() RETURNS int LANGUAGE plpgsql AS $$BEGIN "
+        "CREATE TEMP TABLE leak (secret text); INSERT INTO leak VALUES ('from caller A'); "
+        "PERFORM pg_advisory_lock(4711); EXECUTE 'LISTEN chan'; RETURN 1; END$$"
+    )
+    try:
+        yield name
+    finally:
+        admin.run(f"DROP FUNCTION {name}()")
+        admin.close()
+
+
+def test_a_user_function_leaving_session_state_does_not_leak(
+    broker: Broker, session_state_function: str
+) -> None:
+    before = pid(broker)
+    assert one(broker, f"SELECT {session_state_function}()") == (1,)
+    # The next caller gets a fresh connection: no temporary table, lock or LISTEN of A's.
+    assert pid(broker) != before
+    leftovers = one(
+        broker,
+        "SELECT to_regclass('pg_temp.leak') IS NULL,"
+        " NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'),"
+        " NOT EXISTS (SELECT 1 FROM pg_listening_channels())",
+    )
+    assert leftovers == (True, True, True)
+    assert broker.stats()["returns_bad"] >= 1
+
+
+def test_calls_of_built_in_functions_keep_the_connection(broker: Broker) -> None:
+    before = pid(broker)
+    one(broker, "SELECT lower('A'), now(), pg_catalog.upper('b'), count(*) FROM pg_class")
+    assert pid(broker) == before
 
 
 @pytest.fixture
