@@ -108,12 +108,15 @@ class TransactionLost(Exception):
     `nothing_committed` is True when the transaction certainly did not commit (the link broke
     before COMMIT was sent, or the server said it was terminating the session); then the
     request may be retried on another connection. Otherwise the outcome is unknown.
+    `gave_up` is True when the broker stopped retrying a request that lost its connection
+    while its statements ran on every attempt: the request itself may be what ends it.
     """
 
     def __init__(self, cause: ConnectionLost, nothing_committed: bool) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.nothing_committed = nothing_committed
+        self.gave_up = False
 
 
 class DeadlineBeforeStart(Exception):
@@ -292,6 +295,9 @@ async def execute(
                     extra={"attempt": attempt_no, "error": str(exc)},
                 )
                 continue
+            # E.g. SELECT pg_terminate_backend(pg_backend_pid()): MAX_ATTEMPTS runs are
+            # enough; the client must not multiply them by its own retries.
+            exc.gave_up = attempt_no >= MAX_ATTEMPTS and _phase(exc) == "statement"
             raise
         done = time.monotonic()
         return ExecuteOutcome(
@@ -301,6 +307,11 @@ async def execute(
             backend_pid=conn.pg.backend_pid,
             attempts=attempt_no,
         )
+
+
+def _phase(exc: TransactionLost) -> str | None:
+    """Which part of the request was running when the link broke (`PgConnection` phases)."""
+    return getattr(exc.cause, "phase", None)
 
 
 def _expired(deadline: float | None) -> bool:

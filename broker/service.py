@@ -16,6 +16,8 @@ queue timeout                          RESOURCE_EXHAUSTED     ErrorInfo QUEUE_TI
 deadline passed while queued           DEADLINE_EXCEEDED      ErrorInfo QUEUE_TIMEOUT
 database unreachable, nothing ran      UNAVAILABLE            ErrorInfo POOL_UNAVAILABLE, RetryInfo
 connection lost, outcome unknown       UNKNOWN                ErrorInfo CONNECTION_LOST
+lost mid-statement on every attempt    UNAVAILABLE            ErrorInfo CONNECTION_LOST (nothing
+                                                              committed; no RetryInfo)
 bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
 a limit crossed (broker/limits.py)     RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
                                                               for the in-flight limit)
@@ -38,6 +40,7 @@ from grpc_status import rpc_status
 
 from broker.auth import AuthStats, current_identity
 from broker.execute import (
+    MAX_ATTEMPTS,
     Batch,
     DeadlineBeforeStart,
     StatementFailed,
@@ -183,10 +186,19 @@ def failure_for(exc: BaseException) -> BrokerFailure:
 def _lost_failure(exc: TransactionLost) -> BrokerFailure:
     # POOL_UNAVAILABLE tells clients nothing ran; an unknown outcome gets its own reason so a
     # client that reads reasons before codes cannot take it for retry-safe.
-    reason = "POOL_UNAVAILABLE" if exc.nothing_committed else "CONNECTION_LOST"
+    retry_safe = exc.nothing_committed and not exc.gave_up
+    reason = "POOL_UNAVAILABLE" if retry_safe else "CONNECTION_LOST"
     details: list[Message] = [_error_info(reason)]
     if exc.cause.fatal is not None:
         details.insert(0, _database_error(exc.cause.fatal, -1))
+    if exc.gave_up:
+        # Nothing committed, but no RetryInfo and not POOL_UNAVAILABLE: clients do not retry.
+        return BrokerFailure(
+            grpc.StatusCode.UNAVAILABLE,
+            f"database connection lost on {MAX_ATTEMPTS} connections in a row while this"
+            f" request ran; nothing committed, not retried again: {exc}",
+            details,
+        )
     if exc.nothing_committed:
         details.append(_retry_info())
         return BrokerFailure(
