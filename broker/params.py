@@ -11,19 +11,24 @@ it exactly as it would a literal of that type:
   multi-dimensional arrays; arrays of text use text[] so ``$1`` has a known type.
 
 A value that cannot be represented raises `BadParameter` naming the placeholder ($2).
+`placeholder_count` says how many values a statement takes, so a wrong count is refused before
+anything is sent (Postgres would reject too few with a protocol error, and ignore too many).
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from pglast.parser import ParseError, scan
+
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.codec import TYPE_OF_KIND
 
-__all__ = ["BadParameter", "Bound", "bind_params"]
+__all__ = ["BadParameter", "Bound", "bind_params", "placeholder_count"]
 
 INT2, INT4, INT8, NUMERIC = 21, 23, 20, 1700
 
@@ -47,6 +52,8 @@ _OIDS: dict[int, tuple[int, int]] = {
 }
 _INT_ARRAY_OIDS = {INT2: 1005, INT4: 1007, INT8: 1016, NUMERIC: 1231}
 _EPOCH = datetime(1970, 1, 1)
+# Longer SQL is scanned without caching, so the cache pins at most ~4 MB.
+_CACHE_MAX_SQL_CHARS = 4096
 _EPOCH_DATE = date(1970, 1, 1)
 
 
@@ -67,6 +74,34 @@ def bind_params(values: Sequence[pb.Value]) -> Bound:
         texts.append(text)
         oids.append(oid)
     return texts, tuple(oids)
+
+
+def placeholder_count(sql: str) -> int | None:
+    """How many values *sql* takes: its highest ``$n``, as Postgres counts them (``SELECT $2``
+    takes two). None when the SQL cannot be scanned: Postgres then reports the error itself.
+
+    Found with Postgres' own lexer (pglast), so ``'$1'``, ``$$ $2 $$``, ``a$3`` and comments
+    do not count. Needed because the statement is prepared with one type per value given:
+    Postgres then counts the values, not the placeholders, and ignores values beyond them.
+    """
+    if "$" not in sql:
+        return 0
+    if len(sql) > _CACHE_MAX_SQL_CHARS:
+        return _highest_placeholder(sql)
+    return _highest_placeholder_cached(sql)
+
+
+def _highest_placeholder(sql: str) -> int | None:
+    try:
+        tokens = scan(sql)
+    except ParseError:
+        return None
+    # A token's end is inclusive: "$12" spans start..start+2.
+    numbers = [int(sql[t.start + 1 : t.end + 1]) for t in tokens if t.name == "PARAM"]
+    return max(numbers, default=0)
+
+
+_highest_placeholder_cached = functools.lru_cache(maxsize=1024)(_highest_placeholder)
 
 
 def bind_value(value: pb.Value, name: str) -> tuple[str | None, int]:

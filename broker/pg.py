@@ -31,7 +31,7 @@ from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _fl
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.config import DatabaseTarget
-from broker.params import Bound, bind_params
+from broker.params import Bound, bind_params, placeholder_count
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -384,12 +384,15 @@ class PgConnection:
         what is pending and reads its replies, then is prepared: preparing needs the earlier
         statements to have run (CREATE TABLE, then INSERT into it). Raise `PgError` for the
         first error (``phase``, and ``index`` into *statements*); nothing is sent after a group
-        that failed. `ConnectionLost` carries ``after_sent``: whether *after* had been sent.
+        that failed, and nothing at all for a NUL byte in the SQL or a wrong count of values
+        (`_check_statements`). `ConnectionLost` carries ``after_sent``: whether *after* had
+        been sent.
         *bound* is `bind_params` of each statement's parameters when the caller has it already
         (the service binds them to validate the request); otherwise they are bound here.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
+        self._check_statements(statements, bound)
         progress = {"after_sent": False}
         self._reading = "send"
         try:
@@ -399,6 +402,27 @@ class PgConnection:
             exc.after_sent = progress["after_sent"]  # type: ignore[attr-defined]
             exc.phase = self._reading  # type: ignore[attr-defined]
             raise
+
+    def _check_statements(
+        self, statements: Sequence[tuple[str, Sequence[pb.Value]]], bound: Sequence[Bound]
+    ) -> None:
+        """Refuse, before anything is sent, what Postgres would reject confusingly or not at all:
+        a NUL byte in the SQL (it ends the protocol string: "insufficient data left in
+        message"), and a count of values that differs from the statement's placeholders (too
+        few: a protocol error naming pg8000's statement; too many: silently ignored).
+
+        Raise `PgError` with the statement's index: 22021 for the NUL byte, as Postgres reports
+        one in a value; 42601 for the count, as Postgres reports EXECUTE with a wrong count.
+        """
+        for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
+            if "\x00" in sql:
+                message = "SQL text contains a NUL byte (\\x00), which Postgres does not accept"
+                raise PgError("22021", message, index=index)
+            if (sql, oids) in self._cache:
+                continue  # prepared for as many values as this request has: counted then
+            expected = placeholder_count(sql)
+            if expected is not None and expected != len(texts):
+                raise PgError("42601", _count_mismatch(expected, len(texts)), index=index)
 
     def _run_groups(
         self,
@@ -561,6 +585,18 @@ class _Guard:
             # AttributeError: pg8000 after its socket was closed under it.
             self.conn.close_quietly()
             raise ConnectionLost(f"connection to Postgres lost: {exc}") from exc
+
+
+def _count_mismatch(expected: int, given: int) -> str:
+    """E.g. "the statement has 2 parameters ($1..$2) but 1 value was given"."""
+    if expected == 0:
+        takes = "no parameters"
+    elif expected == 1:
+        takes = "1 parameter ($1)"
+    else:
+        takes = f"{expected} parameters ($1..${expected})"
+    values = "1 value was" if given == 1 else f"{given} values were"
+    return f"the statement has {takes} but {values} given"
 
 
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:

@@ -287,7 +287,7 @@ def test_wrong_parameter_count_is_invalid_argument(broker: Any) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(request(("SELECT $1::int + $2::int", [1])))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details_of(failure.value)["DatabaseError"].sqlstate == "08P01"
+    assert details_of(failure.value)["DatabaseError"].sqlstate == "42601"
     assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]
 
 
