@@ -5,6 +5,7 @@
   Bad configuration: one line on stderr, exit 2. No database at start: one line, exit 1.
 * ``stats``: print the broker's GetStats figures (``--json`` for one JSON object).
 * ``health``: exit 0 if the broker reports SERVING, 1 otherwise (container health checks).
+  For both, a target that is not host:port is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run({k: getattr(args, k, None) for k in _RUN_FLAGS}, argv)
     from broker.tls import TlsConfigError
 
-    target = _target(args.target)
+    try:
+        target = _target(args.target)
+    except ValueError as exc:  # bad usage, like run's configuration errors: one line, exit 2
+        print(f"pgbroker: {exc}", file=sys.stderr)
+        return 2
     try:
         if command == "stats":
             return _stats(target, args.timeout, args.json)
@@ -98,9 +103,16 @@ def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
 
 
 def _target(explicit: str | None) -> str:
-    """The address to reach the broker: --target, else PGBROKER_LISTEN (0.0.0.0 -> loopback)."""
-    text = explicit or os.environ.get("PGBROKER_LISTEN") or "127.0.0.1:50051"
-    host, port = parse_listen(text)
+    """The address to reach the broker: --target, else PGBROKER_LISTEN (0.0.0.0 -> loopback).
+
+    Raise ValueError naming the flag or variable when it is not host:port."""
+    source, text = "--target", explicit
+    if not text:
+        source, text = "PGBROKER_LISTEN", os.environ.get("PGBROKER_LISTEN") or "127.0.0.1:50051"
+    try:
+        host, port = parse_listen(text)
+    except ValueError as exc:
+        raise ValueError(f"{source}={text!r}: {exc}") from None
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

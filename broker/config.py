@@ -152,8 +152,29 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+_UNESCAPED_PASSWORD = (
+    "cannot parse; percent-encode special characters in the user name and password "
+    "(@ → %40, / → %2F, : → %3A, ? → %3F, # → %23)"
+)
+
+
+def _password_breaks_authority(url: str) -> bool:
+    """True when an unescaped '@', '/', '?' or '#' in the password makes the URL ambiguous.
+
+    A '/', '?' or '#' ends the host part early, so what follows the password's first part
+    would be taken for host, port or database (and a fragment of the password would appear
+    in "cannot connect to …" logs); the user-info '@' then sits after that point. Two '@'
+    are read differently by libpq (the first) and Python (the last).
+    """
+    rest = url.partition("://")[2]
+    host_part = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return rest.count("@") > 1 or rest.count("@") > host_part.count("@")
+
+
 def parse_database_url(url: str) -> DatabaseTarget:
     """Parse ``postgresql://user:pass@host:port/db?sslmode=…``; messages never echo the URL."""
+    if _password_breaks_authority(url.strip()):
+        raise ValueError(_UNESCAPED_PASSWORD)
     try:
         parts = urlsplit(url.strip())
         port = parts.port or 5432
