@@ -123,8 +123,9 @@ def status_for_sqlstate(sqlstate: str) -> grpc.StatusCode:
     if sqlstate == "57014":
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if sqlstate == "08P01":
-        # "bind message supplies 2 parameters, but prepared statement requires 1": a caller
-        # bug reported as a protocol violation; the connection is fine and a retry cannot help.
+        # A protocol violation Postgres blames on the message the broker sent for the
+        # caller (wrong parameter counts are refused before sending, with 42601): the
+        # connection is fine and a retry cannot help.
         return grpc.StatusCode.INVALID_ARGUMENT
     if sqlstate.startswith("08") or sqlstate.startswith("57P0"):
         return grpc.StatusCode.UNAVAILABLE
