@@ -23,9 +23,16 @@ list, tuple            array                       array of the elements' type
 =====================  ==========================  ==========================================
 
 A list is always an array; wrap a JSON array in `Jsonb` (or `Json`) to send it as JSON, as with
-psycopg. A value with no mapping raises `TypeError` naming the parameter, before anything is
-sent. Results decode the other way: intervals without months come back as `timedelta`,
-timestamptz as an aware `datetime` in UTC, json/jsonb parsed.
+psycopg. A value with no mapping raises `TypeError` naming the parameter (``$2``), and a value
+that cannot travel (text with a lone surrogate) `ValueError`, before anything is sent.
+
+Results decode the other way: intervals without months come back as `timedelta`,
+timestamptz as an aware `datetime` in UTC, json/jsonb parsed. Decoding never raises on a value
+Postgres can return, since a failure after COMMIT would hide a committed transaction: what
+Python's types cannot hold comes back as Postgres' text instead (an interval beyond
+`timedelta`'s ±999999999 days; dates and timestamps that are infinite, BC or after 9999, which
+the broker already sends as text), time 24:00:00 as `time.max`, a JSON integer beyond Python's
+int/str conversion limit as `Decimal`, and JSON nested deeper than Python can parse as its text.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ __all__ = [
     "decode_row",
     "encode",
     "encode_params",
+    "utf8_text",
 ]
 
 _EPOCH = datetime(1970, 1, 1)
@@ -133,7 +141,8 @@ def _kind_of(value: object, name: str) -> tuple[str, Any]:
     if isinstance(value, int):
         if _INT64[0] <= value <= _INT64[1]:
             return "int64", value
-        return "numeric", str(value)
+        # Via Decimal: str() refuses ints over 4300 digits (sys.get_int_max_str_digits()).
+        return "numeric", str(Decimal(value))
     if isinstance(value, float):
         return "float64", value
     if isinstance(value, Decimal):
@@ -141,7 +150,7 @@ def _kind_of(value: object, name: str) -> tuple[str, Any]:
             raise TypeError(f"{name}: signalling NaN has no Postgres value")
         return "numeric", str(value)
     if isinstance(value, str):
-        return "text", value
+        return "text", utf8_text(value, name)
     if isinstance(value, bytes | bytearray | memoryview):
         return "bytea", bytes(value)
     if isinstance(value, datetime):
@@ -185,11 +194,46 @@ def _time_micros(value: time, name: str) -> int:
     return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
 
 
+def utf8_text(text: str, name: str) -> str:
+    """*text*, or `ValueError` naming *name* if it cannot be sent as UTF-8 (a lone surrogate,
+    which protobuf would refuse only while serialising, naming nothing)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{name}: text has a lone surrogate {text[exc.start]!r} at index {exc.start}; "
+                "it cannot be encoded as UTF-8"
+            ) from exc
+    return text
+
+
 def _dumps(obj: Any, name: str) -> str:
     try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name}: value is not JSON-serialisable: {exc}") from exc
+    # Checked after dumps, which has refused cycles.
+    _check_keys(obj, name)
+    return utf8_text(text, name)
+
+
+def _check_keys(obj: Any, name: str) -> None:
+    """`TypeError` naming *name* if a dict in *obj* (or nested in its dicts, lists and
+    tuples) has a key that is not a str: json.dumps would turn 1 into "1", and
+    {1: "a", "1": "b"} would silently lose an entry."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"{name}: JSON object keys must be str, got {key!r} ({type(key).__name__})"
+                    )
+                stack.append(value)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 # The Value oneof field for each element `Type` (and back): the broker picks parameter oids by it.
@@ -249,12 +293,36 @@ _KIND_OF_TYPE = {t: k for k, t in TYPE_OF_KIND.items()}
 
 
 # -- decoding -----------------------------------------------------------------------------
+# Never raise on a value Postgres can return: decoding happens after COMMIT, and an exception
+# there would make a committed transaction look failed (and a retry insert twice).
 
 
-def _decode_interval(value: pb.Interval) -> timedelta | Interval:
+def _decode_interval(value: pb.Interval) -> timedelta | Interval | str:
     if value.months:
         return Interval(value.months, value.days, value.microseconds)
-    return timedelta(days=value.days, microseconds=value.microseconds)
+    try:
+        return timedelta(days=value.days, microseconds=value.microseconds)
+    except OverflowError:  # beyond timedelta's ±999999999 days
+        return _interval_text(value.days, value.microseconds)
+
+
+def _interval_text(days: int, micros: int) -> str:
+    """Postgres' output (IntervalStyle postgres) for an interval without months:
+    ``1000000000 days``, ``-1000000000 days +02:00:00``."""
+    parts = [f"{days} day{'' if days == 1 else 's'}"] if days else []
+    if micros or not days:
+        sign = "-" if micros < 0 else "+" if days < 0 else ""
+        parts.append(sign + _clock(abs(micros)))
+    return " ".join(parts)
+
+
+def _clock(micros: int) -> str:
+    """``HH:MM:SS`` (hours may pass 24) and the fraction without trailing zeros."""
+    seconds, fraction = divmod(micros, 1_000_000)
+    minutes, second = divmod(seconds, 60)
+    hours, minute = divmod(minutes, 60)
+    text = f"{hours:02d}:{minute:02d}:{second:02d}"
+    return f"{text}.{fraction:06d}".rstrip("0") if fraction else text
 
 
 def _decode_time(micros: int) -> time:
@@ -266,6 +334,69 @@ def _decode_time(micros: int) -> time:
     return time(hour, minute, second, micro)
 
 
+# The broker sends infinite, BC and after-9999 dates and timestamps as text already; these
+# fallbacks keep the int forms total too.
+def _decode_date(days: int) -> date | str:
+    try:
+        return _EPOCH_DATE + timedelta(days=days)
+    except OverflowError:
+        return _date_text(days)
+
+
+def _decode_timestamp(micros: int) -> datetime | str:
+    try:
+        return _EPOCH + micros * _MICROSECOND
+    except OverflowError:
+        days, rest = divmod(micros, _DAY_US)
+        return _date_text(days, f" {_clock(rest)}")
+
+
+def _decode_timestamptz(micros: int) -> datetime | str:
+    try:
+        return _EPOCH_UTC + micros * _MICROSECOND
+    except OverflowError:
+        days, rest = divmod(micros, _DAY_US)
+        return _date_text(days, f" {_clock(rest)}+00")
+
+
+def _date_text(days: int, clock: str = "") -> str:
+    """Postgres' ISO output for the day *days* after 1970-01-01, any year: ``10000-01-01``,
+    ``0300-01-01 BC`` (proleptic Gregorian, year 0 is 1 BC; H. Hinnant's civil_from_days)."""
+    z = days + 719_468
+    era, day_of_era = divmod(z, 146_097)
+    year_of_era = (
+        day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096
+    ) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    m = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * m + 2) // 5 + 1
+    month = m + 3 if m < 10 else m - 9
+    year = year_of_era + era * 400 + (month <= 2)
+    if year <= 0:
+        return f"{1 - year:04d}-{month:02d}-{day:02d}{clock} BC"
+    return f"{year:04d}-{month:02d}-{day:02d}{clock}"
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass  # an integer over int()'s digit limit (sys.get_int_max_str_digits()): see below
+    except RecursionError:
+        return text  # nested deeper than Python's parser goes; Postgres allows more
+    try:
+        return json.loads(text, parse_int=_exact_int)
+    except (ValueError, RecursionError):
+        return text
+
+
+def _exact_int(digits: str) -> int | Decimal:
+    try:
+        return int(digits)
+    except ValueError:
+        return Decimal(digits)
+
+
 _DECODERS: dict[str, Any] = {
     "bool": bool,
     "int64": int,
@@ -273,13 +404,13 @@ _DECODERS: dict[str, Any] = {
     "numeric": Decimal,
     "text": str,
     "bytea": bytes,
-    "date": lambda days: _EPOCH_DATE + timedelta(days=days),
+    "date": _decode_date,
     "time": _decode_time,
-    "timestamp": lambda us: _EPOCH + us * _MICROSECOND,
-    "timestamptz": lambda us: _EPOCH_UTC + us * _MICROSECOND,
+    "timestamp": _decode_timestamp,
+    "timestamptz": _decode_timestamptz,
     "interval": _decode_interval,
     "uuid": lambda b: uuid.UUID(bytes=b),
-    "json": json.loads,
-    "jsonb": json.loads,
+    "json": _decode_json,
+    "jsonb": _decode_json,
     "array": lambda a: [decode(v) for v in a.values],
 }

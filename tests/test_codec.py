@@ -96,3 +96,78 @@ def test_unmapped_values_raise_type_error_naming_the_parameter(
 ) -> None:
     with pytest.raises(TypeError, match=message):
         encode_params(params)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (["ok", "\ud800"], r"\$2: text has a lone surrogate '\\ud800' at index 0"),
+        ([["a", "b\udfff"]], r"\$1\[1\]: text has a lone surrogate"),
+        ([{"k": "\ud800"}], r"\$1: text has a lone surrogate"),
+    ],
+)
+def test_text_that_is_not_utf8_raises_value_error_naming_the_parameter(
+    params: list[object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        encode_params(params)
+
+
+@pytest.mark.parametrize("obj", [{1: "a", "1": "b"}, Jsonb([{"x": {2: None}}]), Json({None: 1})])
+def test_json_object_keys_that_are_not_str_raise_type_error(obj: object) -> None:
+    # json.dumps would turn 1 into "1" and {1: "a", "1": "b"} would lose an entry.
+    with pytest.raises(TypeError, match=r"\$1: JSON object keys must be str"):
+        encode_params([obj])
+
+
+def test_an_int_beyond_the_str_conversion_limit_travels_as_exact_numeric() -> None:
+    value = encode(10**5000)
+    assert value.numeric == "1" + "0" * 5000
+    assert decode(value) == Decimal(10**5000)
+
+
+@pytest.mark.parametrize(
+    ("interval", "text"),
+    [
+        (pb.Interval(days=1_000_000_000), "1000000000 days"),
+        (
+            pb.Interval(days=-1_000_000_000, microseconds=7_200_000_001),
+            "-1000000000 days +02:00:00.000001",
+        ),
+        (pb.Interval(days=999_999_999, microseconds=86_400_000_000), "999999999 days 24:00:00"),
+        (
+            pb.Interval(days=2**31 - 1, microseconds=2**63 - 1),
+            "2147483647 days 2562047788:00:54.775807",
+        ),
+    ],
+)
+def test_an_interval_beyond_timedelta_decodes_to_postgres_text(
+    interval: pb.Interval, text: str
+) -> None:
+    assert decode(pb.Value(interval=interval)) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (pb.Value(date=(date(9999, 12, 31) - date(1970, 1, 1)).days + 1), "10000-01-01"),
+        (pb.Value(date=(date(1, 1, 1) - date(1970, 1, 1)).days - 1), "0001-12-31 BC"),
+        (pb.Value(timestamp=-62_135_596_800_000_000 - 1), "0001-12-31 23:59:59.999999 BC"),
+        (pb.Value(timestamptz=253_402_300_800_000_000 + 1_500_000), "10000-01-01 00:00:01.5+00"),
+    ],
+)
+def test_a_date_or_timestamp_beyond_python_decodes_to_postgres_text(
+    value: pb.Value, text: str
+) -> None:
+    assert decode(value) == text
+
+
+def test_json_python_cannot_parse_decodes_without_raising() -> None:
+    big = "9" * 5000  # beyond int()'s 4300-digit limit
+    assert decode(pb.Value(jsonb=f'{{"n": [{big}, 1]}}')) == {"n": [Decimal(big), 1]}
+    deep = "[" * 5000 + "]" * 5000  # deeper than Python's recursion limit
+    assert decode(pb.Value(json=deep)) == deep
+
+
+def test_time_2400_decodes_to_the_last_microsecond_of_the_day() -> None:
+    assert decode(pb.Value(time=86_400_000_000)) == time.max

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
+import pg8000.native
 import pytest
 
 from devtools.brokerproc import BrokerProcess
@@ -131,3 +132,63 @@ def test_results_carry_columns_rows_affected_and_tag(broker: BrokerProcess) -> N
     assert select.rows == [(1, "a"), (2, "b")]
     assert select.dicts() == [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     assert select.command_tag == "SELECT 2"
+
+
+def test_an_interval_beyond_timedelta_after_commit_comes_back_as_text(
+    broker: BrokerProcess, admin: pg8000.native.Connection
+) -> None:
+    # A decoding error here would make a committed insert look failed, and a retry insert twice.
+    db = BrokerClient(broker.target)
+    db.query("CREATE TABLE iv_after_commit (id int PRIMARY KEY, d interval)")
+    try:
+        inserted, _ = db.transaction(
+            [
+                (
+                    "INSERT INTO iv_after_commit VALUES ($1, interval '1000000000 days') "
+                    "RETURNING d",
+                    [1],
+                ),
+                "SELECT 1",
+            ]
+        )
+        assert inserted.scalar() == "1000000000 days"
+        assert admin.run("SELECT count(*) FROM iv_after_commit") == [[1]]
+    finally:
+        db.query("DROP TABLE iv_after_commit")
+
+
+# Values Postgres returns that Python's types cannot hold: each comes back as Postgres' text.
+AS_TEXT = [
+    "interval '1000000000 days'",
+    "interval '-1000000000 days 02:00:00.5'",
+    "interval '2147483647 days 2562047788 hours'",
+    "date 'infinity'",
+    "date '-infinity'",
+    "date '10000-01-01'",
+    "date '2000-01-01 BC'",
+    "timestamp 'infinity'",
+    "timestamp '10000-01-01 12:00:00.25'",
+    "timestamp '0300-06-01 12:00 BC'",
+    "timestamptz '-infinity'",
+    "timestamptz '10000-01-01 00:00+00'",
+]
+
+
+def test_values_python_cannot_hold_come_back_as_postgres_text(broker: BrokerProcess) -> None:
+    db = BrokerClient(broker.target)
+    results = db.transaction(
+        ["SET LOCAL TimeZone = 'UTC'"] + [f"SELECT {v}, ({v})::text" for v in AS_TEXT]
+    )
+    for value, result in zip(AS_TEXT, results[1:], strict=True):
+        got, text = result.one()
+        assert got == text, f"{value} came back as {got!r}, Postgres says {text!r}"
+
+
+def test_time_2400_and_json_python_cannot_parse_come_back_without_raising(
+    broker: BrokerProcess,
+) -> None:
+    db = BrokerClient(broker.target)
+    big = "9" * 5000  # beyond int()'s 4300-digit limit
+    deep = "[" * 5000 + "]" * 5000  # deeper than Python's recursion limit
+    row = db.query("SELECT time '24:00', $1::text::jsonb, $2::text::json", [f"[{big}]", deep]).one()
+    assert row == (time.max, [Decimal(big)], deep)
