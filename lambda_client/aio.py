@@ -25,18 +25,19 @@ from typing import Any
 
 import grpc
 
-from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client.client import (
     Invoke,
     LambdaContext,
+    Link,
     Result,
     Statement,
     _ClientBase,
-    deadline_passed,
     execute_call,
+    many_statements,
     query_request,
     results_of,
     stats_call,
+    time_left,
     transaction_request,
 )
 
@@ -96,7 +97,7 @@ class AsyncBrokerClient(_ClientBase):
     ) -> list[Result]:
         """As `BrokerClient.execute_many`."""
         return await self.transaction(
-            [(sql, params) for params in param_sets],
+            many_statements(sql, param_sets),
             context=context,
             timeout=timeout,
             retry_serialization=retry_serialization,
@@ -109,7 +110,7 @@ class AsyncBrokerClient(_ClientBase):
 
     async def close(self) -> None:
         """Close the channel; the next call opens a new one."""
-        channel, self._channel, self._stub, self._loop = self._channel, None, None, None
+        channel, self._channel, self._link, self._loop = self._channel, None, None, None
         if channel is not None:
             await channel.close()
 
@@ -131,30 +132,43 @@ class AsyncBrokerClient(_ClientBase):
         retry_aborted: bool,
     ) -> Any:
         """As `BrokerClient._call_with_retries`, awaiting the call and `asyncio.sleep`."""
+        started = time.monotonic()
         deadline = self._deadline(context, timeout)
-        for attempt, _ in self._attempts(deadline):
-            stub = self._get_stub()
+        for attempt in range(1, self.max_attempts + 1):
+            link = self._get_link()
             metadata = self._metadata(context)
-            # Measured after the channel and the credentials: the call must not outlive it.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            if not link.reached:
+                await self._reach(link, time_left(deadline, attempt), started)
             try:
-                return await invoke(stub, remaining, metadata)
+                # Measured after the channel, credentials and check: the call must not outlive it.
+                response = await invoke(link.stub, time_left(deadline, attempt), metadata)
             except grpc.RpcError as exc:
+                link.call_failed(exc)
                 await asyncio.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
+            else:
+                link.reached = True
+                return response
             finally:
                 self._mark_used()
-        raise deadline_passed()
+        raise AssertionError("unreachable: _backoff_or_raise raises after the last attempt")
 
-    def _get_stub(self) -> pb_grpc.BrokerStub:
+    async def _reach(self, link: Link, timeout: float, started: float) -> None:
+        """As `BrokerClient._reach`."""
+        try:
+            await link.health_check(b"", timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            link.check_failed(exc, self.target, started)
+        else:
+            link.reached = True
+
+    def _get_link(self) -> Link:
         """The stub on this loop's channel, created on first use, in a new loop, or after a
         long idle. Runs on the event loop, so no lock is needed."""
         loop = asyncio.get_running_loop()
-        if self._stub is None or self._loop is not loop or self._idle_too_long():
+        if self._link is None or self._loop is not loop or self._idle_too_long():
             old, old_loop = self._channel, self._loop
             self._channel = self._new_channel()
-            self._stub = pb_grpc.BrokerStub(self._channel)
+            self._link = Link(self._channel)
             self._loop = loop
             self._mark_used()
             self.channels_created += 1
@@ -162,8 +176,7 @@ class AsyncBrokerClient(_ClientBase):
                 closing = loop.create_task(old.close())
                 self._closing.add(closing)  # keep a reference until it is done
                 closing.add_done_callback(self._closing.discard)
-        stub: pb_grpc.BrokerStub = self._stub
-        return stub
+        return self._link
 
     def _new_channel(self) -> grpc.aio.Channel:
         options, credentials = self._channel_args()

@@ -22,20 +22,24 @@ Retries happen only where nothing ran, and only inside the same deadline: RESOUR
 (queue full, queue timeout) and UNAVAILABLE that the broker reports with a pgbroker reason or
 ``RetryInfo`` (database unreachable before BEGIN, shutting down), with jittered exponential
 backoff that honours ``RetryInfo``. A call on a channel that is not connected waits for it to
-connect (``wait_for_ready``), and gRPC itself resends a request that never left the client.
-DEADLINE_EXCEEDED, CANCELLED, UNKNOWN and a transport failure mid-call are never retried: the
-transaction may have run. ABORTED (40001/40P01) is retried only with
+connect; if its deadline passes first, it raises `Unavailable` (reason ``BROKER_UNREACHABLE``):
+nothing was sent. gRPC itself resends a request that never left the client. DEADLINE_EXCEEDED,
+CANCELLED, UNKNOWN and a transport failure mid-call are never retried: the transaction may
+have run. ABORTED (40001/40P01) is retried only with
 ``transaction(..., retry_serialization=True)``, since the whole transaction is resent.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import random
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,12 +49,13 @@ from lambda_client import errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client.auth import auth_from_env
-from lambda_client.codec import decode_row, encode_params
+from lambda_client.codec import decode_row, encode_params, utf8_text
 
 __all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 USER_AGENT = "pgbroker-lambda-client/0.1"
 
 # A statement is its SQL alone or (sql, params).
@@ -69,6 +74,14 @@ _ISOLATION = {
 }
 # Broker-reported reasons that guarantee nothing ran, so UNAVAILABLE may be retried.
 _NOTHING_RAN_REASONS = frozenset({"POOL_UNAVAILABLE", "SHUTTING_DOWN"})
+# The reason of the `Unavailable` the client raises when no connection was ready in time.
+BROKER_UNREACHABLE = "BROKER_UNREACHABLE"
+# gRPC's name resolvers; any other "scheme://" (http://, grpc://) is a mistake gRPC would only
+# report by never connecting.
+_GRPC_SCHEMES = frozenset(
+    {"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"}
+)
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class LambdaContext(Protocol):
@@ -156,13 +169,16 @@ class _ClientBase:
         health_check: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        if timeout <= 0 or deadline_margin < 0:
-            raise ValueError("timeout must be positive and deadline_margin not negative")
+        self.timeout = seconds("timeout", timeout)
+        self.deadline_margin = seconds("deadline_margin", deadline_margin, allow_zero=True)
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.target = target or os.environ.get("PGBROKER_URL") or DEFAULT_TARGET
-        self.timeout = timeout
-        self.deadline_margin = deadline_margin
+        if target is None:
+            # An empty PGBROKER_URL counts as unset.
+            env_target = os.environ.get("PGBROKER_URL", "").strip()
+            self.target = check_target(env_target, "PGBROKER_URL") if env_target else DEFAULT_TARGET
+        else:
+            self.target = check_target(target)
         self.tls = _env_flag("PGBROKER_TLS") if tls is None else tls
         self.root_certificates = root_certificates
         self.tls_server_name = tls_server_name
@@ -180,24 +196,26 @@ class _ClientBase:
         self.extra_options = tuple(options)
         self._lock = threading.Lock()
         self._channel: Any = None  # grpc.Channel or grpc.aio.Channel, created on first use
-        self._stub: Any = None
+        self._link: Link | None = None  # the stub on self._channel
         self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
         self.channels_created = 0
 
     def _deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
-        """The call's monotonic deadline; raise `DeadlineExceeded` if no time is left."""
-        budget = self.timeout if timeout is None else timeout
+        """The call's monotonic deadline; raise `TypeError`/`ValueError` for a bad *timeout*
+        or *context*, `DeadlineExceeded` if the context leaves no time (nothing is sent)."""
+        budget = self.timeout if timeout is None else seconds("timeout", timeout)
         if context is not None:
             # A 15-minute function should not wait 15 minutes on one call (a broker that is
             # down makes a call wait for the channel until its deadline): the timeout caps it.
-            remaining = context.get_remaining_time_in_millis() / 1000 - self.deadline_margin
-            budget = min(budget, remaining)
-        if budget <= 0:
-            raise errors.DeadlineExceeded(
-                "no time left for the call (Lambda remaining time is within the deadline "
-                f"margin of {self.deadline_margin}s)",
-                code=grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
+            remaining = _remaining_seconds(context)
+            if remaining <= self.deadline_margin:
+                raise errors.DeadlineExceeded(
+                    f"no time left for the call: the Lambda invocation has {remaining:.3f}s "
+                    f"left, within the deadline margin of {self.deadline_margin}s; "
+                    "nothing was sent",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            budget = min(budget, remaining - self.deadline_margin)
         return time.monotonic() + budget
 
     def _retry_delay(
@@ -223,15 +241,6 @@ class _ClientBase:
         if error.retry_after is not None:
             return error.retry_after + random.uniform(0, backoff)
         return random.uniform(backoff / 2, backoff)
-
-    def _attempts(self, deadline: float) -> Iterator[tuple[int, float]]:
-        """(attempt number, seconds left) for each attempt *max_attempts* and *deadline*
-        still allow."""
-        for attempt in range(1, self.max_attempts + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            yield attempt, remaining
 
     def _backoff_or_raise(
         self, exc: grpc.RpcError, attempt: int, deadline: float, retry_aborted: bool
@@ -381,7 +390,7 @@ class BrokerClient(_ClientBase):
     ) -> list[Result]:
         """Run *sql* once per parameter set, all in one transaction; one `Result` each."""
         return self.transaction(
-            [(sql, params) for params in param_sets],
+            many_statements(sql, param_sets),
             context=context,
             timeout=timeout,
             retry_serialization=retry_serialization,
@@ -394,7 +403,7 @@ class BrokerClient(_ClientBase):
     def close(self) -> None:
         """Close the channel; the next call opens a new one."""
         with self._lock:
-            channel, self._channel, self._stub = self._channel, None, None
+            channel, self._channel, self._link = self._channel, None, None
         if channel is not None:
             channel.close()
 
@@ -419,37 +428,51 @@ class BrokerClient(_ClientBase):
     ) -> Any:
         """Invoke until success, a non-retryable error, *max_attempts* or the deadline (from
         *context* and *timeout*, `_ClientBase._deadline`)."""
+        started = time.monotonic()
         deadline = self._deadline(context, timeout)
-        for attempt, _ in self._attempts(deadline):
-            stub = self._get_stub()
+        for attempt in range(1, self.max_attempts + 1):
+            link = self._get_link()
             metadata = self._metadata(context)
-            # Measured after the channel and the credentials: the call must not outlive it.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            if not link.reached:
+                self._reach(link, time_left(deadline, attempt), started)
             try:
-                return invoke(stub, remaining, metadata)
+                # Measured after the channel, credentials and check: the call must not outlive it.
+                response = invoke(link.stub, time_left(deadline, attempt), metadata)
             except grpc.RpcError as exc:
+                link.call_failed(exc)
                 time.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
+            else:
+                link.reached = True
+                return response
             finally:
                 self._mark_used()
-        raise deadline_passed()
+        raise AssertionError("unreachable: _backoff_or_raise raises after the last attempt")
 
-    def _get_stub(self) -> pb_grpc.BrokerStub:
+    def _get_link(self) -> Link:
         """The stub on the shared channel, created on first use (or after a long idle)."""
-        stub = self._stub
-        if stub is not None and not self._idle_too_long():
-            return stub
+        link = self._link
+        if link is not None and not self._idle_too_long():
+            return link
         with self._lock:
-            if self._stub is None or self._idle_too_long():
+            if self._link is None or self._idle_too_long():
                 old = self._channel
                 self._channel = self._new_channel()
-                self._stub = pb_grpc.BrokerStub(self._channel)
+                self._link = Link(self._channel)
                 self._mark_used()
                 self.channels_created += 1
                 if old is not None:
                     old.close()
-            return self._stub
+            return self._link
+
+    def _reach(self, link: Link, timeout: float, started: float) -> None:
+        """Wait for *link* to reach the broker (`Link`); raise `broker_unreachable` if the
+        deadline passes first."""
+        try:
+            link.health_check(b"", timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            link.check_failed(exc, self.target, started)
+        else:
+            link.reached = True
 
     def _new_channel(self) -> grpc.Channel:
         options, credentials = self._channel_args()
@@ -519,10 +542,58 @@ def results_of(response: pb.ExecuteResponse) -> list[Result]:
     return [Result.from_proto(r) for r in response.results]
 
 
-def deadline_passed() -> errors.DeadlineExceeded:
-    """The error for a call whose deadline passed between attempts."""
-    return errors.DeadlineExceeded(
-        "deadline passed while retrying", code=grpc.StatusCode.DEADLINE_EXCEEDED
+class Link:
+    """The stub on one channel (blocking or ``grpc.aio``), and whether a call on it has
+    reached the broker since the channel opened or last failed in a way that may mean a lost
+    connection.
+
+    Until then, each attempt first makes a health check that waits for the channel
+    (``wait_for_ready``): if the deadline passes during it, the request itself was never sent,
+    which a call that waited inside gRPC could not tell (``broker_unreachable``). A channel
+    that has reached the broker skips the check, so a warm call is still one round trip.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.stub = pb_grpc.BrokerStub(channel)
+        # Raw bytes both ways: an empty HealthCheckRequest asks about the server as a whole,
+        # and any answer (even UNIMPLEMENTED) proves a connection.
+        self.health_check = channel.unary_unary(HEALTH_CHECK_METHOD)
+        self.reached = False
+
+    @staticmethod
+    def check_failed(exc: grpc.RpcError, target: str, started: float) -> None:
+        """After a failed health check: raise `broker_unreachable` if the deadline passed.
+        Any other failure is left to the call itself (which waits for the channel too)."""
+        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise broker_unreachable(target, time.monotonic() - started) from exc
+
+    def call_failed(self, exc: grpc.RpcError) -> None:
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            self.reached = False
+
+
+def time_left(deadline: float, attempt: int) -> float:
+    """Seconds until *deadline*; raise `DeadlineExceeded` if none are left to send *attempt*."""
+    left = deadline - time.monotonic()
+    if left > 0:
+        return left
+    # Only a refusal that guarantees nothing ran, or a rollback, is retried.
+    if attempt > 1:
+        message = "deadline passed while waiting to retry; no earlier attempt took effect"
+    else:
+        message = "deadline passed before the call could be sent; nothing was sent"
+    raise errors.DeadlineExceeded(message, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def broker_unreachable(target: str, waited: float) -> errors.Unavailable:
+    """The error for a call whose deadline passed before its channel reached the broker: the
+    request never left the client."""
+    no_port = " (the target has no port, so gRPC uses 443)" if None in _ports(target) else ""
+    return errors.Unavailable(
+        f"broker at {target!r} not reachable within {waited:.3g}s: no connection was ready, "
+        f"or the broker reported NOT_SERVING{no_port}; nothing was sent, so retrying is safe",
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason=BROKER_UNREACHABLE,
     )
 
 
@@ -535,36 +606,129 @@ def transaction_request(
     statements: Sequence[Statement], isolation: str | None, read_only: bool, deferrable: bool
 ) -> pb.ExecuteRequest:
     """The request for a transaction; raise `TypeError`/`ValueError` before anything is sent."""
+    # A str is iterable too: "SELECT 1" would run as eight one-character statements.
+    if isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable):
+        raise TypeError(
+            "statements must be a list of SQL strings or (sql, params) pairs, "
+            f"not {type(statements).__name__}"
+        )
     return pb.ExecuteRequest(
-        statements=[_statement(*_split(s)) for s in statements],
+        statements=[_statement(*_split(s, i)) for i, s in enumerate(statements)],
         options=_options(isolation, read_only, deferrable),
     )
+
+
+def many_statements(sql: str, param_sets: Iterable[Sequence[Any]]) -> list[Statement]:
+    """`execute_many`'s statements: (*sql*, params) for each of *param_sets*."""
+    if isinstance(param_sets, str | bytes | Mapping) or not isinstance(param_sets, Iterable):
+        raise TypeError(
+            "param_sets must be a list of parameter lists, one per execution, "
+            f"not {type(param_sets).__name__}"
+        )
+    return [(sql, params) for params in param_sets]
 
 
 def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
     if not isinstance(sql, str):
         raise TypeError(f"sql must be a str, not {type(sql).__name__}")
-    return pb.Statement(sql=sql, params=encode_params(params))
+    return pb.Statement(sql=utf8_text(sql, "sql"), params=encode_params(params))
 
 
-def _split(statement: Statement) -> tuple[str, Sequence[Any] | None]:
+def _split(statement: Statement, index: int) -> tuple[str, Sequence[Any] | None]:
     if isinstance(statement, str):
         return statement, None
     if isinstance(statement, tuple | list) and len(statement) == 2:
         return statement[0], statement[1]
-    raise TypeError("each statement must be a SQL string or a (sql, params) pair")
+    raise TypeError(
+        f"statement {index}: each statement must be a SQL string or a (sql, params) pair, "
+        f"not {type(statement).__name__}"
+    )
 
 
 def _options(isolation: str | None, read_only: bool, deferrable: bool) -> pb.TransactionOptions:
+    names = "None, 'read committed', 'repeatable read' or 'serializable'"
+    if isolation is not None and not isinstance(isolation, str):
+        raise TypeError(f"isolation must be {names}, not {type(isolation).__name__}")
     key = isolation.lower().replace("_", " ") if isolation else None
     if key not in _ISOLATION:
-        raise ValueError(
-            f"isolation must be one of 'read committed', 'repeatable read', 'serializable', "
-            f"not {isolation!r}"
-        )
+        raise ValueError(f"isolation must be {names}, not {isolation!r}")
+    for name, flag in (("read_only", read_only), ("deferrable", deferrable)):
+        # protobuf would take 1 and refuse "no" with a message naming no argument.
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, not {flag!r}")
     return pb.TransactionOptions(
         isolation=_ISOLATION[key], read_only=read_only, deferrable=deferrable
     )
+
+
+def seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """*value* as a float; `TypeError`/`ValueError` naming *name* unless it is a finite number
+    of seconds above zero (or zero, with *allow_zero*)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        least = "zero or more" if allow_zero else "more than zero"
+        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value!r}")
+    return number
+
+
+def _remaining_seconds(context: LambdaContext) -> float:
+    """The Lambda invocation's remaining time; `TypeError` if *context* cannot tell it."""
+    get_remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if not callable(get_remaining):
+        raise TypeError(
+            "context must be the Lambda context object (with get_remaining_time_in_millis()), "
+            f"not {type(context).__name__}"
+        )
+    millis = get_remaining()
+    if isinstance(millis, bool) or not isinstance(millis, numbers.Real) or math.isnan(millis):
+        raise TypeError(
+            "context.get_remaining_time_in_millis() must return a number of milliseconds, "
+            f"not {millis!r}"
+        )
+    return float(millis) / 1000
+
+
+def check_target(target: object, source: str = "target") -> str:
+    """*target*; `TypeError`/`ValueError` naming *source* if it is clearly not a gRPC target
+    (empty, a URL, a port outside 1..65535), which gRPC would only report by never
+    connecting."""
+    forms = "use host:port, dns:///host:port or ipv4:addr:port,addr:port"
+    if not isinstance(target, str):
+        raise TypeError(f"{source} must be a str ({forms}), not {type(target).__name__}")
+    if not target.strip():
+        raise ValueError(f"{source} is empty; {forms}")
+    scheme = _URL_SCHEME.match(target)
+    if scheme and scheme.group(1).lower() not in _GRPC_SCHEMES:
+        raise ValueError(f"{source} {target!r} is a URL, not a gRPC target; {forms}")
+    for port in _ports(target):
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{source} {target!r}: port {port!r} is not in 1..65535")
+    return target
+
+
+def _ports(target: str) -> list[str | None]:
+    """The port of each address of a host:port, ``dns:`` or ``ipv4:``/``ipv6:`` target (None
+    where an address has none); no addresses for other schemes (``unix:``, ``xds:``)."""
+    scheme, _, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+    elif scheme == "dns":  # dns:host:port, dns:///host:port or dns://resolver/host:port
+        addresses = [rest[2:].partition("/")[2] if rest.startswith("//") else rest]
+    elif scheme in _GRPC_SCHEMES:
+        return []
+    else:
+        addresses = [target]
+    return [_port(address) for address in addresses]
+
+
+def _port(address: str) -> str | None:
+    if address.startswith("["):  # [::1]:50051
+        after = address.partition("]")[2]
+        return after[1:] if after.startswith(":") else None
+    host, colon, port = address.rpartition(":")
+    return port if colon and ":" not in host else None  # ::1 alone is an address, no port
 
 
 def _ascii(value: object) -> str:

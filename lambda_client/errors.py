@@ -2,8 +2,10 @@
 
 Every error keeps the gRPC status it came from (`code`, `details`) and, when the broker sent
 them as ``google.rpc.Status`` details, the Postgres error (`sqlstate`, `statement_index`,
-`detail`, `hint`), the broker's reason (`reason`, e.g. ``QUEUE_FULL``) and its retry hint
-(`retry_after`, seconds). The original `grpc.RpcError` is chained as ``__cause__``.
+`detail`, `hint`), the broker's reason (`reason`, e.g. ``QUEUE_FULL``; the client sets
+``BROKER_UNREACHABLE`` when no connection was ready before the deadline, so nothing was sent)
+and its retry hint (`retry_after`, seconds). The original `grpc.RpcError` is chained as
+``__cause__``.
 
 Database errors are classed by SQLSTATE like DB-API drivers (psycopg's names)::
 

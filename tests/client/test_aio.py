@@ -9,7 +9,8 @@ import pytest
 
 from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
-from lambda_client import DeadlineExceeded, ProgrammingError
+from devtools.localpg import free_port
+from lambda_client import DeadlineExceeded, ProgrammingError, Unavailable
 from lambda_client.aio import AsyncBrokerClient
 
 
@@ -54,3 +55,21 @@ def test_async_errors_and_deadlines_match_the_blocking_client(broker: BrokerProc
         await db.close()
 
     asyncio.run(run())
+
+
+def test_async_unreachable_broker_raises_unavailable_at_the_deadline() -> None:
+    db = AsyncBrokerClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+    with pytest.raises(Unavailable, match=r"not reachable .* nothing was sent") as info:
+        asyncio.run(db.query("SELECT 1"))
+    assert info.value.reason == "BROKER_UNREACHABLE"
+
+
+def test_async_bad_arguments_raise_before_anything_is_sent(broker: BrokerProcess) -> None:
+    db = AsyncBrokerClient(broker.target)
+    with pytest.raises(TypeError, match="statements must be a list"):
+        asyncio.run(db.transaction("SELECT 1"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="param_sets must be a list"):
+        asyncio.run(db.execute_many("SELECT $1", None))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        asyncio.run(db.query("SELECT 1", timeout=float("inf")))
+    assert db.channels_created == 0

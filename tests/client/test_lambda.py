@@ -15,7 +15,8 @@ from support import wait_until
 from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
 from devtools.localpg import free_port
-from lambda_client import BrokerClient, DeadlineExceeded
+from lambda_client import BrokerClient, DeadlineExceeded, Unavailable
+from lambda_client.client import BROKER_UNREACHABLE, broker_unreachable
 
 SLEEP = "SELECT pg_sleep(60)"  # far longer than any wait below: gone means cancelled
 
@@ -139,7 +140,21 @@ def test_client_timeout_caps_a_long_lambda_context(broker: BrokerProcess) -> Non
         db.query("SELECT pg_sleep(5)", context=FakeLambdaContext(remaining=900))
 
 
-def test_unreachable_broker_ends_in_deadline_exceeded_not_a_hang() -> None:
-    db = BrokerClient(f"127.0.0.1:{free_port()}", timeout=0.5)
-    with pytest.raises(DeadlineExceeded):
+@pytest.mark.parametrize("host", ["127.0.0.1", "nonexistent.invalid"])
+def test_unreachable_broker_ends_at_the_deadline_saying_nothing_was_sent(host: str) -> None:
+    target = f"{host}:{free_port()}"
+    db = BrokerClient(target, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
         db.query("SELECT 1", context=FakeLambdaContext(remaining=900))
+    assert time.monotonic() - started < 5  # the timeout caps a 15-minute context
+    # Not DeadlineExceeded, which says the transaction may have run: the request never left.
+    assert not isinstance(info.value, DeadlineExceeded)
+    assert info.value.reason == BROKER_UNREACHABLE
+    assert f"broker at {target!r} not reachable" in str(info.value)
+    assert "nothing was sent" in str(info.value)
+
+
+def test_unreachable_names_the_default_port_when_the_target_has_none() -> None:
+    assert "no port, so gRPC uses 443" in str(broker_unreachable("broker.internal", 1.0))
+    assert "443" not in str(broker_unreachable("broker.internal:50051", 1.0))

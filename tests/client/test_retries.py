@@ -160,3 +160,15 @@ def test_round_robin_skips_a_replica_that_reports_not_serving() -> None:
         assert (len(on_a.requests), len(on_b.requests)) == (0, 10)
         draining.set("pgbroker.v1.Broker", health_pb2.HealthCheckResponse.SERVING)
         wait_until(lambda: db.query("SELECT 1") and on_a.requests, what="calls to the replica")
+
+
+def test_a_broker_that_stays_not_serving_gets_nothing_and_raises_unavailable() -> None:
+    from grpc_health.v1 import health, health_pb2
+
+    draining = health.HealthServicer()
+    draining.set("pgbroker.v1.Broker", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with standin(health=draining) as (target, script), pytest.raises(lc.Unavailable) as info:
+        fast_client(target).transaction(["SELECT 1"], timeout=0.5)
+    assert script.requests == []
+    assert info.value.reason == "BROKER_UNREACHABLE"
+    assert "nothing was sent" in str(info.value)
