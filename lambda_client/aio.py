@@ -25,20 +25,22 @@ from typing import Any
 
 import grpc
 
+from lambda_client._requests import (
+    Statement,
+    many_statements,
+    query_request,
+    transaction_request,
+)
 from lambda_client.client import (
     Invoke,
     LambdaContext,
     Link,
     Result,
-    Statement,
     _ClientBase,
     execute_call,
-    many_statements,
-    query_request,
     results_of,
     stats_call,
     time_left,
-    transaction_request,
 )
 
 __all__ = ["AsyncBrokerClient"]

@@ -32,14 +32,11 @@ have run. ABORTED (40001/40P01) is retried only with
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import random
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,8 +45,18 @@ import grpc
 from lambda_client import errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client._requests import (
+    Statement,
+    check_target,
+    many_statements,
+    query_request,
+    remaining_seconds,
+    seconds,
+    target_ports,
+    transaction_request,
+)
 from lambda_client.auth import auth_from_env
-from lambda_client.codec import decode_row, encode_params, utf8_text
+from lambda_client.codec import decode_row
 
 __all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
 
@@ -58,30 +65,16 @@ HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 USER_AGENT = "pgbroker-lambda-client/0.1"
 
-# A statement is its SQL alone or (sql, params).
-Statement = str | tuple[str, Sequence[Any] | None]
 # A callable returning metadata to add to every attempt, e.g. ("authorization", "Bearer …").
 AuthHook = Callable[[], Sequence[tuple[str, str]]]
 Metadata = list[tuple[str, str]]
 # One attempt of a call: (stub, seconds left, metadata) -> response (an awaitable for aio).
 Invoke = Callable[[pb_grpc.BrokerStub, float, Metadata], Any]
 
-_ISOLATION = {
-    None: pb.ISOLATION_LEVEL_UNSPECIFIED,
-    "read committed": pb.ISOLATION_LEVEL_READ_COMMITTED,
-    "repeatable read": pb.ISOLATION_LEVEL_REPEATABLE_READ,
-    "serializable": pb.ISOLATION_LEVEL_SERIALIZABLE,
-}
 # Broker-reported reasons that guarantee nothing ran, so UNAVAILABLE may be retried.
 _NOTHING_RAN_REASONS = frozenset({"POOL_UNAVAILABLE", "SHUTTING_DOWN"})
 # The reason of the `Unavailable` the client raises when no connection was ready in time.
 BROKER_UNREACHABLE = "BROKER_UNREACHABLE"
-# gRPC's name resolvers; any other "scheme://" (http://, grpc://) is a mistake gRPC would only
-# report by never connecting.
-_GRPC_SCHEMES = frozenset(
-    {"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"}
-)
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class LambdaContext(Protocol):
@@ -207,7 +200,7 @@ class _ClientBase:
         if context is not None:
             # A 15-minute function should not wait 15 minutes on one call (a broker that is
             # down makes a call wait for the channel until its deadline): the timeout caps it.
-            remaining = _remaining_seconds(context)
+            remaining = remaining_seconds(context)
             if remaining <= self.deadline_margin:
                 raise errors.DeadlineExceeded(
                     f"no time left for the call: the Lambda invocation has {remaining:.3f}s "
@@ -588,147 +581,13 @@ def time_left(deadline: float, attempt: int) -> float:
 def broker_unreachable(target: str, waited: float) -> errors.Unavailable:
     """The error for a call whose deadline passed before its channel reached the broker: the
     request never left the client."""
-    no_port = " (the target has no port, so gRPC uses 443)" if None in _ports(target) else ""
+    no_port = " (the target has no port, so gRPC uses 443)" if None in target_ports(target) else ""
     return errors.Unavailable(
         f"broker at {target!r} not reachable within {waited:.3g}s: no connection was ready, "
         f"or the broker reported NOT_SERVING{no_port}; nothing was sent, so retrying is safe",
         code=grpc.StatusCode.UNAVAILABLE,
         reason=BROKER_UNREACHABLE,
     )
-
-
-def query_request(sql: str, params: Sequence[Any] | None) -> pb.ExecuteRequest:
-    """The request for one statement; raise `TypeError` for an unmappable parameter."""
-    return pb.ExecuteRequest(statements=[_statement(sql, params)])
-
-
-def transaction_request(
-    statements: Sequence[Statement], isolation: str | None, read_only: bool, deferrable: bool
-) -> pb.ExecuteRequest:
-    """The request for a transaction; raise `TypeError`/`ValueError` before anything is sent."""
-    # A str is iterable too: "SELECT 1" would run as eight one-character statements.
-    if isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable):
-        raise TypeError(
-            "statements must be a list of SQL strings or (sql, params) pairs, "
-            f"not {type(statements).__name__}"
-        )
-    return pb.ExecuteRequest(
-        statements=[_statement(*_split(s, i)) for i, s in enumerate(statements)],
-        options=_options(isolation, read_only, deferrable),
-    )
-
-
-def many_statements(sql: str, param_sets: Iterable[Sequence[Any]]) -> list[Statement]:
-    """`execute_many`'s statements: (*sql*, params) for each of *param_sets*."""
-    if isinstance(param_sets, str | bytes | Mapping) or not isinstance(param_sets, Iterable):
-        raise TypeError(
-            "param_sets must be a list of parameter lists, one per execution, "
-            f"not {type(param_sets).__name__}"
-        )
-    return [(sql, params) for params in param_sets]
-
-
-def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
-    if not isinstance(sql, str):
-        raise TypeError(f"sql must be a str, not {type(sql).__name__}")
-    return pb.Statement(sql=utf8_text(sql, "sql"), params=encode_params(params))
-
-
-def _split(statement: Statement, index: int) -> tuple[str, Sequence[Any] | None]:
-    if isinstance(statement, str):
-        return statement, None
-    if isinstance(statement, tuple | list) and len(statement) == 2:
-        return statement[0], statement[1]
-    raise TypeError(
-        f"statement {index}: each statement must be a SQL string or a (sql, params) pair, "
-        f"not {type(statement).__name__}"
-    )
-
-
-def _options(isolation: str | None, read_only: bool, deferrable: bool) -> pb.TransactionOptions:
-    names = "None, 'read committed', 'repeatable read' or 'serializable'"
-    if isolation is not None and not isinstance(isolation, str):
-        raise TypeError(f"isolation must be {names}, not {type(isolation).__name__}")
-    key = isolation.lower().replace("_", " ") if isolation else None
-    if key not in _ISOLATION:
-        raise ValueError(f"isolation must be {names}, not {isolation!r}")
-    for name, flag in (("read_only", read_only), ("deferrable", deferrable)):
-        # protobuf would take 1 and refuse "no" with a message naming no argument.
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, not {flag!r}")
-    return pb.TransactionOptions(
-        isolation=_ISOLATION[key], read_only=read_only, deferrable=deferrable
-    )
-
-
-def seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """*value* as a float; `TypeError`/`ValueError` naming *name* unless it is a finite number
-    of seconds above zero (or zero, with *allow_zero*)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        least = "zero or more" if allow_zero else "more than zero"
-        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value!r}")
-    return number
-
-
-def _remaining_seconds(context: LambdaContext) -> float:
-    """The Lambda invocation's remaining time; `TypeError` if *context* cannot tell it."""
-    get_remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if not callable(get_remaining):
-        raise TypeError(
-            "context must be the Lambda context object (with get_remaining_time_in_millis()), "
-            f"not {type(context).__name__}"
-        )
-    millis = get_remaining()
-    if isinstance(millis, bool) or not isinstance(millis, numbers.Real) or math.isnan(millis):
-        raise TypeError(
-            "context.get_remaining_time_in_millis() must return a number of milliseconds, "
-            f"not {millis!r}"
-        )
-    return float(millis) / 1000
-
-
-def check_target(target: object, source: str = "target") -> str:
-    """*target*; `TypeError`/`ValueError` naming *source* if it is clearly not a gRPC target
-    (empty, a URL, a port outside 1..65535), which gRPC would only report by never
-    connecting."""
-    forms = "use host:port, dns:///host:port or ipv4:addr:port,addr:port"
-    if not isinstance(target, str):
-        raise TypeError(f"{source} must be a str ({forms}), not {type(target).__name__}")
-    if not target.strip():
-        raise ValueError(f"{source} is empty; {forms}")
-    scheme = _URL_SCHEME.match(target)
-    if scheme and scheme.group(1).lower() not in _GRPC_SCHEMES:
-        raise ValueError(f"{source} {target!r} is a URL, not a gRPC target; {forms}")
-    for port in _ports(target):
-        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError(f"{source} {target!r}: port {port!r} is not in 1..65535")
-    return target
-
-
-def _ports(target: str) -> list[str | None]:
-    """The port of each address of a host:port, ``dns:`` or ``ipv4:``/``ipv6:`` target (None
-    where an address has none); no addresses for other schemes (``unix:``, ``xds:``)."""
-    scheme, _, rest = target.partition(":")
-    if scheme in ("ipv4", "ipv6"):
-        addresses = rest.split(",")
-    elif scheme == "dns":  # dns:host:port, dns:///host:port or dns://resolver/host:port
-        addresses = [rest[2:].partition("/")[2] if rest.startswith("//") else rest]
-    elif scheme in _GRPC_SCHEMES:
-        return []
-    else:
-        addresses = [target]
-    return [_port(address) for address in addresses]
-
-
-def _port(address: str) -> str | None:
-    if address.startswith("["):  # [::1]:50051
-        after = address.partition("]")[2]
-        return after[1:] if after.startswith(":") else None
-    host, colon, port = address.rpartition(":")
-    return port if colon and ":" not in host else None  # ::1 alone is an address, no port
 
 
 def _ascii(value: object) -> str:
