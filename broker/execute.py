@@ -297,7 +297,9 @@ async def execute(
                 continue
             # E.g. SELECT pg_terminate_backend(pg_backend_pid()): MAX_ATTEMPTS runs are
             # enough; the client must not multiply them by its own retries.
-            exc.gave_up = attempt_no >= MAX_ATTEMPTS and _phase(exc) == "statement"
+            exc.gave_up = (
+                exc.nothing_committed and attempt_no >= MAX_ATTEMPTS and _phase(exc) == "statement"
+            )
             raise
         done = time.monotonic()
         return ExecuteOutcome(

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from pglast import ast, parse_sql
 from pglast.parser import ParseError, scan
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -98,7 +99,24 @@ def _highest_placeholder(sql: str) -> int | None:
         return None
     # A token's end is inclusive: "$12" spans start..start+2.
     numbers = [int(sql[t.start + 1 : t.end + 1]) for t in tokens if t.name == "PARAM"]
+    if numbers and _placeholders_may_not_be_values(sql):
+        return None
     return max(numbers, default=0)
+
+
+def _placeholders_may_not_be_values(sql: str) -> bool:
+    """Whether a ``$n`` in *sql* may need no value: the arguments of a function with a
+    SQL-standard body (``CREATE FUNCTION f(int) … RETURN $1 + 1``), or ``EXPLAIN
+    (GENERIC_PLAN)`` from Postgres 16. Postgres then counts them itself."""
+    try:
+        statements = parse_sql(sql)
+    except (ParseError, RecursionError):
+        return True
+    return any(
+        isinstance(raw.stmt, ast.ExplainStmt)
+        or (isinstance(raw.stmt, ast.CreateFunctionStmt) and raw.stmt.sql_body is not None)
+        for raw in statements
+    )
 
 
 _highest_placeholder_cached = functools.lru_cache(maxsize=1024)(_highest_placeholder)

@@ -50,15 +50,19 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
 ], NULL)::text[]"""
 
 
+# Names a user function also has (an overload such as public.lower(int, int)) are left out:
+# an unqualified call of that name may resolve to the user's function.
 BUILTIN_FUNCTIONS_SQL = (
-    "SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc"
-    " WHERE pronamespace = 'pg_catalog'::regnamespace"
+    "SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc AS p"
+    " WHERE pronamespace = 'pg_catalog'::regnamespace AND NOT EXISTS ("
+    "SELECT 1 FROM pg_catalog.pg_proc AS u WHERE u.proname = p.proname"
+    " AND u.pronamespace <> 'pg_catalog'::regnamespace)"
 )
 
 
 def read_builtin_functions(conn: PgConnection) -> frozenset[str]:
-    """The names of the server's built-in (``pg_catalog``) functions; a call of any other
-    function gets the session audited after it."""
+    """The names of the server's built-in (``pg_catalog``) functions that no user function
+    shares, read at start; a call of any other function gets the session audited after it."""
     result = conn.run(BUILTIN_FUNCTIONS_SQL)
     cell = result.rows[0].values[0]
     return frozenset(value.text for value in cell.array.values)

@@ -3,6 +3,7 @@ refused before anything of the request runs, and leaves the connection usable.""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -116,3 +117,15 @@ def test_nul_byte_in_a_text_parameter_is_refused_by_postgres(broker: Any, table:
     )
     assert (db_error.sqlstate, db_error.statement_index) == ("22021", 1)
     assert rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0]) == [(0,)]
+
+
+def test_a_function_body_using_its_own_arguments_needs_no_values(broker: Any, admin: Any) -> None:
+    """``$1`` in a SQL-standard function body is the function's argument, not a placeholder."""
+    name = "add_one_" + uuid.uuid4().hex[:8]
+    try:
+        broker.execute(
+            request(f"CREATE FUNCTION {name}(int) RETURNS int LANGUAGE sql RETURN $1 + 1")
+        )
+        assert rows(broker.execute(request((f"SELECT {name}($1)", [41]))).results[0]) == [(42,)]
+    finally:
+        admin.run(f"DROP FUNCTION IF EXISTS {name}(int)")

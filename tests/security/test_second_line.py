@@ -157,3 +157,22 @@ def test_audit_always_catches_a_function_with_session_side_effects(
     with Broker(postgres.dsn, pool_size=1, session_audit="always") as broker:
         one(broker, f"SELECT {leaky_function}()")
         assert one(broker, "SELECT current_setting('search_path')") == ('"$user", public',)
+
+
+def test_a_user_overload_of_a_built_in_name_is_audited(postgres: Any) -> None:
+    """public.lower(int, int) makes an unqualified lower(…) possibly the user's function."""
+    name = "lower"
+    admin = connect(postgres)
+    admin.run(
+        f"CREATE FUNCTION public.{name}(int, int) RETURNS int LANGUAGE plpgsql AS $$BEGIN "
+        "CREATE TEMP TABLE IF NOT EXISTS overload_leak (n int); RETURN $1 + $2; END$$"
+    )
+    try:
+        with Broker(postgres.dsn, pool_size=1) as broker:
+            before = pid(broker)
+            assert one(broker, "SELECT lower(1, 2)") == (3,)
+            assert one(broker, "SELECT to_regclass('pg_temp.overload_leak') IS NULL") == (True,)
+            assert pid(broker) != before
+    finally:
+        admin.run(f"DROP FUNCTION public.{name}(int, int)")
+        admin.close()
