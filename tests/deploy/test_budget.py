@@ -119,26 +119,29 @@ def _settings_have(name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(Settings)}
 
 
+def _start_broker(dsn: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``python -m broker run`` on *dsn* with *settings*; expected to refuse to start."""
+    env = dict(os.environ, PGBROKER_DATABASE_URL=dsn, PGBROKER_LISTEN="127.0.0.1:0", **settings)
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(
     not _settings_have("max_replicas"), reason="the broker has no PGBROKER_MAX_REPLICAS yet"
 )
 def test_broker_refuses_to_start_over_budget_with_the_arithmetic(postgres: Any) -> None:
     available = asyncio.run(_check(postgres, 1, 1)).available
     replicas = 4
-    env = dict(
-        os.environ,
-        PGBROKER_DATABASE_URL=_dsn(postgres),
-        PGBROKER_LISTEN="127.0.0.1:0",
+    done = _start_broker(
+        _dsn(postgres),
         PGBROKER_POOL_SIZE=str(available // replicas + 1),
         PGBROKER_MAX_REPLICAS=str(replicas),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "broker", "run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
     assert done.returncode != 0
     assert "connection budget exceeded" in done.stderr
@@ -150,20 +153,7 @@ def test_a_pool_far_over_budget_is_refused_after_one_connection() -> None:
     opens the rest, instead of 100000 connect attempts and threads hammering Postgres."""
     tag = "pgbroker-huge-pool"
     with LocalPostgres(extra_conf={"log_connections": "on"}) as server:
-        env = dict(
-            os.environ,
-            PGBROKER_DATABASE_URL=_dsn(server) + f"&application_name={tag}",
-            PGBROKER_LISTEN="127.0.0.1:0",
-            PGBROKER_POOL_SIZE="100000",
-        )
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "run"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = _start_broker(_dsn(server) + f"&application_name={tag}", PGBROKER_POOL_SIZE="100000")
         assert done.returncode != 0
         assert "pool_size 100000 × max_replicas 1 = 100000 >" in done.stderr
         # Postgres logs "connection authorized: user=… application_name=<tag>" per session.
