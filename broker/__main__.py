@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     if command in ("run", "serve"):
         return _run({k: getattr(args, k, None) for k in _RUN_FLAGS}, argv)
-    from broker.tls import TlsConfigError
+    from broker.security.tls import TlsConfigError
 
     try:
         target = _target(args.target)
@@ -83,15 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
-    """Serve; with ``--workers N`` > 1 start N worker processes instead (broker/workers.py),
+    """Serve; with ``--workers N`` > 1 start N worker processes instead (broker/front/workers.py),
     unless this process is one of them."""
     try:
         settings = load_settings(flags)
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
         return 2
-    from broker.server import serve, setup_logging  # grpc import only when serving
-    from broker.workers import supervise, worker_role
+    from broker.front.server import serve, setup_logging  # grpc import only when serving
+    from broker.front.workers import supervise, worker_role
 
     logger = setup_logging(settings.log_level)
     role = worker_role() if settings.workers > 1 else None
@@ -164,10 +164,10 @@ def _channel(target: str) -> Any:
     ``PGBROKER_TLS_CA_FILE`` (else the certificate itself), with the client certificate of
     ``PGBROKER_TLS_CLIENT_CERT_FILE``/``_KEY_FILE`` for mTLS; the name checked is
     ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1).
-    Each variable holds a path or the PEM text itself (`broker.tls.read_pem`)."""
+    Each variable holds a path or the PEM text itself (`broker.security.tls.read_pem`)."""
     import grpc
 
-    from broker.tls import read_pem
+    from broker.security.tls import read_pem
 
     env = os.environ
     if not env.get("PGBROKER_TLS_CERT"):

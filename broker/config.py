@@ -31,7 +31,7 @@ __all__ = [
 
 ENV_PREFIX = "PGBROKER_"
 
-# Authentication modes (`broker/auth.py`); `none` only on a loopback listener.
+# Authentication modes (`broker/security/auth.py`); `none` only on a loopback listener.
 AUTH_MODES: tuple[str, ...] = ("iam", "token", "none")
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -109,7 +109,7 @@ class Settings:
     max_result_rows: int = 1_000_000
     max_result_bytes: int = 32 * 1024 * 1024
     max_inflight_per_caller: int = 1000
-    # Server processes sharing the listen port (broker/workers.py); pool_size is their total.
+    # Server processes sharing the listen port (broker/front/workers.py); pool_size is their total.
     workers: int = 1
 
     @property
@@ -385,14 +385,14 @@ def _security_values(r: _Resolver, values: Mapping[str, Any]) -> dict[str, Any]:
         r.problems.append("PGBROKER_TLS_CERT and PGBROKER_TLS_KEY must be set together")
     if text["tls_client_ca"] and not text["tls_cert"]:
         r.problems.append("PGBROKER_TLS_CLIENT_CA (mTLS) needs PGBROKER_TLS_CERT and _KEY")
-    from broker.roles import RoleMap
+    from broker.security.roles import RoleMap
 
     try:
         RoleMap.parse(text["role_map"], text["default_role"])  # problems now, not at start
     except ValueError as exc:
         r.problems.append(str(exc))
     if auth_mode in ("iam", "token"):
-        from broker.auth import authenticator_from_env
+        from broker.security.auth import authenticator_from_env
 
         environ = {ENV_PREFIX + k.upper(): v for k, v in text.items() if v}
         for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):

@@ -18,7 +18,7 @@ import pg8000.native
 import pytest
 
 from broker.config import Settings
-from broker.server import BrokerServer
+from broker.front.server import BrokerServer
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 

@@ -6,8 +6,8 @@ import asyncio
 from typing import Any
 
 from broker.config import parse_database_url
-from broker.pg import PgConnection, connect
-from broker.pool import Pool
+from broker.pooling.pool import Pool
+from broker.postgres.pg import PgConnection, connect
 
 
 def test_connect_failing_with_any_error_is_retried_until_the_pool_fills(postgres: Any) -> None:
@@ -40,7 +40,7 @@ def test_idle_connection_on_a_high_descriptor_is_not_taken_for_dead(postgres: An
     import os
     import resource
 
-    from broker.pool import _has_pending_input
+    from broker.pooling.pool import _has_pending_input
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))

@@ -13,7 +13,7 @@ import pg8000.native
 import pytest
 from brokertest import details_of, request, rows
 
-from broker.execute import MAX_ATTEMPTS
+from broker.flow.batch import MAX_ATTEMPTS
 from lambda_client import BrokerClient, Unavailable
 
 

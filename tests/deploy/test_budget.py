@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from broker import pg
-from broker.budget import BudgetExceeded, BudgetProbe, ConnectionBudget
 from broker.config import Settings, parse_database_url
-from broker.pool import Pool
+from broker.pooling.pool import Pool
+from broker.postgres import pg
+from broker.postgres.budget import BudgetExceeded, BudgetProbe, ConnectionBudget
 from devtools.localpg import LocalPostgres
 
 

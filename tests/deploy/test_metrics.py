@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from broker.config import Settings, load_settings
-from broker.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
-from broker.server import BrokerServer
+from broker.front.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
+from broker.front.server import BrokerServer
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 

@@ -463,7 +463,7 @@ def test_autoscaling_tracks_cpu_and_the_queue_metric_the_broker_publishes(stack:
     assert custom["Namespace"] == env["POWERTOOLS_METRICS_NAMESPACE"] == "pgbroker"
     assert custom["Dimensions"] == [{"Name": "service", "Value": env["POWERTOOLS_SERVICE_NAME"]}]
     assert custom["Statistic"] == "Average"
-    metrics = _broker_module("broker.metrics")
+    metrics = _broker_module("broker.front.metrics")
     if metrics is not None:
         assert custom["MetricName"] in metrics.METRIC_NAMES
 
@@ -511,7 +511,8 @@ def test_caller_tls_is_off_unless_a_certificate_secret_is_given(stack: Stack) ->
 
 def test_caller_tls_serves_the_secret_and_the_function_verifies_it(template: dict) -> None:
     stack = Stack(template, **BASE_PARAMS, DatabaseSecretArn=SECRET_ARN, BrokerTlsSecretArn=TLS_ARN)
-    # ECS injects the certificate and key as PEM text, which the broker reads (broker/tls.py).
+    # ECS injects the certificate and key as PEM text, which the broker reads
+    # (broker/security/tls.py).
     secrets = {s["Name"]: s["ValueFrom"] for s in stack.broker_container()["Secrets"]}
     assert secrets == {
         "PGBROKER_TLS_CERT": f"{TLS_ARN}:cert::",

@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from broker.auth import (
+from broker.security.auth import (
     AuthInterceptor,
     AuthStats,
     LogBudget,
@@ -34,7 +34,7 @@ from broker.auth import (
     parse_tokens,
     secret_loader,
 )
-from broker.iam import IamAuth
+from broker.security.iam import IamAuth
 from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc

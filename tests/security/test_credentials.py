@@ -15,8 +15,8 @@ import pg8000.native
 import pytest
 
 from broker.config import parse_database_url
-from broker.credentials import IamTokenCredentials, SecretCredentials
-from broker.pool import PoolUnavailable
+from broker.pooling.pool import PoolUnavailable
+from broker.postgres.credentials import IamTokenCredentials, SecretCredentials
 from devtools.localpg import LocalPostgres
 
 from .conftest import REGION, MotoAws

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from support import connect, temp_table, wait_until
 
-from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request
+from broker.security.limits import InflightLimiter, LimitExceeded, Limits, check_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 from .harness import Broker, error_info, has_retry_info, request, rows

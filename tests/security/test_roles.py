@@ -10,8 +10,8 @@ import grpc
 import pytest
 from support import connect
 
-from broker.auth import Identity
-from broker.roles import RoleMap, RoleRefused
+from broker.security.auth import Identity
+from broker.security.roles import RoleMap, RoleRefused
 
 from .harness import Broker, error_info, request, rows
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from support import connect
 
-from broker.sessionstate import calls_unknown_function, needs_audit
+from broker.sql.sessionstate import calls_unknown_function, needs_audit
 
 from .harness import Broker, request, rows
 

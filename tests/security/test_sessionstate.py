@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.sessionstate import (
+from broker.sql.sessionstate import (
     REASON_BAD_REQUEST,
     REASON_SESSION_STATE,
     SessionStateError,

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.pool import PoolUnavailable
+from broker.pooling.pool import PoolUnavailable
 from devtools.localpg import LocalPostgres
 from lambda_client import BrokerClient, DeadlineExceeded, Unavailable
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb

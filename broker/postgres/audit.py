@@ -1,4 +1,4 @@
-"""The second line behind `broker.sessionstate`: find session state the parser could not see.
+"""The second line behind `broker.sql.sessionstate`: find session state the parser could not see.
 
 A ``DO`` block running dynamic SQL, a procedure, a function or trigger with side effects can
 change the session without any refused statement in the request. After such a transaction
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from broker.pg import ConnectionLost, PgConnection, PgError
+from broker.postgres.pg import ConnectionLost, PgConnection, PgError
 
 __all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session", "read_builtin_functions"]
 

@@ -12,7 +12,7 @@ when known — never the token — and one more ``auth_failures`` in the stats.
 
 Modes:
 
-* ``iam`` (`broker.iam`) — the client signs ``sts:GetCallerIdentity`` with its own (Lambda
+* ``iam`` (`broker.security.iam`) — the client signs ``sts:GetCallerIdentity`` with its own (Lambda
   role) credentials and a signed ``x-pgbroker-audience`` header, and sends the signed request as
   ``authorization: AWS4-STS <base64 JSON>``. The broker checks the audience and the signature
   date, then forwards the signed headers to the STS endpoint *it* is configured with
@@ -609,7 +609,7 @@ def authenticator_from_env(
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_IAM_ALLOWED_ROLES (role names/ARNs)")
         if not endpoint:
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_STS_ENDPOINT or AWS_REGION")
-        from broker.iam import IamAuth
+        from broker.security.iam import IamAuth
 
         return IamAuth(sts_endpoint=endpoint, audience=audience, allowed_roles=roles, stats=stats)
     raise ValueError(f"PGBROKER_AUTH={mode!r}: must be one of iam, token, none")

@@ -30,12 +30,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from broker.params import Bound
-from broker.pg import ConnectionLost, PgConnection, PgError
-from broker.pool import Pool, ServerConnection
-from broker.roles import quote_role
-from broker.sessionaudit import audit_session
-from broker.sessionstate import needs_audit
+from broker.pooling.pool import Pool, ServerConnection
+from broker.postgres.audit import audit_session
+from broker.postgres.params import Bound
+from broker.postgres.pg import ConnectionLost, PgConnection, PgError
+from broker.security.roles import quote_role
+from broker.sql.sessionstate import needs_audit
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -71,13 +71,13 @@ class Batch:
     read_only: bool = False
     deferrable: bool = False
     application_name: str | None = None
-    # Postgres role for the caller (PGBROKER_ROLE_MAP, broker/roles.py): SET LOCAL ROLE after
-    # BEGIN, so it ends with the transaction whatever happens; forces BEGIN … COMMIT.
+    # Postgres role for the caller (PGBROKER_ROLE_MAP, broker/security/roles.py): SET LOCAL
+    # ROLE after BEGIN, so it ends with the transaction whatever happens; forces BEGIN … COMMIT.
     role: str | None = None
-    # Audit the session after the transaction (broker/sessionaudit.py): set for requests the
+    # Audit the session after the transaction (broker/postgres/audit.py): set for requests the
     # session-state parser cannot see through (DO, CALL) or with PGBROKER_SESSION_AUDIT=always.
     audit_session: bool = False
-    # Each statement's parameters already bound (`broker.params.bind_params`), or None to
+    # Each statement's parameters already bound (`broker.postgres.params.bind_params`), or None to
     # bind them on the worker.
     bound: Sequence[Bound] | None = None
 
@@ -416,7 +416,7 @@ def _close_reason(
         return "server connection lost"
     if conn.pg.transaction_status != "idle":
         return f"not idle after the transaction ({conn.pg.transaction_status})"
-    # Session state the caller left behind (broker/sessionaudit.py): replace, never hand on.
+    # Session state the caller left behind (broker/postgres/audit.py): replace, never hand on.
     if changed := conn.pg.reported_changes():
         return f"session state changed ({', '.join(changed)})"
     if conn.pg.session_dirty:

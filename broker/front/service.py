@@ -19,7 +19,7 @@ connection lost, outcome unknown       UNKNOWN                ErrorInfo CONNECTI
 lost mid-statement on every attempt    UNAVAILABLE            ErrorInfo CONNECTION_LOST (nothing
                                                               committed; no RetryInfo)
 bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
-a limit crossed (broker/limits.py)     RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
+a limit crossed (security/limits.py)   RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
                                                               for the in-flight limit)
 shutting down                          UNAVAILABLE            ErrorInfo SHUTTING_DOWN, RetryInfo
 =====================================  =====================  =================================
@@ -38,8 +38,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.auth import AuthStats, current_identity
-from broker.execute import (
+from broker.flow.batch import (
     MAX_ATTEMPTS,
     Batch,
     DeadlineBeforeStart,
@@ -48,10 +47,7 @@ from broker.execute import (
     application_name,
     execute,
 )
-from broker.limits import InflightLimiter, LimitExceeded, Limits, check_request, check_results
-from broker.params import BadParameter, Bound, bind_params
-from broker.pg import PgError
-from broker.pool import (
+from broker.pooling.pool import (
     DeadlineExpired,
     Pool,
     PoolClosed,
@@ -59,8 +55,18 @@ from broker.pool import (
     QueueFull,
     QueueTimeout,
 )
-from broker.roles import RoleMap, RoleRefused
-from broker.sessionstate import (
+from broker.postgres.params import BadParameter, Bound, bind_params
+from broker.postgres.pg import PgError
+from broker.security.auth import AuthStats, current_identity
+from broker.security.limits import (
+    InflightLimiter,
+    LimitExceeded,
+    Limits,
+    check_request,
+    check_results,
+)
+from broker.security.roles import RoleMap, RoleRefused
+from broker.sql.sessionstate import (
     SessionStateError,
     calls_unknown_function,
     check_batch,
@@ -218,7 +224,7 @@ def validate(
     request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
 ) -> list[Bound]:
     """Refuse a request that cannot run, before it queues; raise `BrokerFailure`,
-    `LimitExceeded` (broker/limits.py) or `SessionStateError` (broker/sessionstate.py).
+    `LimitExceeded` (broker/security/limits.py) or `SessionStateError` (broker/sql/sessionstate.py).
 
     Return each statement's parameters bound for the wire, so they are bound only once."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
@@ -350,7 +356,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
 
     def _audit(self, request: pb.ExecuteRequest) -> bool:
-        """Whether to audit the session after this request (broker/sessionaudit.py)."""
+        """Whether to audit the session after this request (broker/postgres/audit.py)."""
         if self.session_audit == "always":
             return True
         if self.session_audit == "off":

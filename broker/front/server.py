@@ -24,18 +24,19 @@ from aws_lambda_powertools import Logger
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import tls
-from broker.auth import AuthInterceptor, AuthStats, authenticator_for_settings
-from broker.budget import BudgetProbe
 from broker.config import Settings
-from broker.credentials import connect_with_credentials, credentials_for
-from broker.limits import Limits
-from broker.metrics import MetricsPublisher
-from broker.pool import FirstConnectionProbe, Pool
-from broker.roles import RoleMap
-from broker.service import BrokerService
-from broker.sessionaudit import read_builtin_functions
-from broker.workers import WorkerRole, log_listening, worker_pool_size
+from broker.front.metrics import MetricsPublisher
+from broker.front.service import BrokerService
+from broker.front.workers import WorkerRole, log_listening, worker_pool_size
+from broker.pooling.pool import Pool
+from broker.postgres.audit import read_builtin_functions
+from broker.postgres.budget import BudgetProbe
+from broker.postgres.credentials import connect_with_credentials, credentials_for
+from broker.postgres.probe import FirstConnectionProbe
+from broker.security import tls
+from broker.security.auth import AuthInterceptor, AuthStats, authenticator_for_settings
+from broker.security.limits import Limits
+from broker.security.roles import RoleMap
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -68,7 +69,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
         # Never share a port with another process (a second broker must fail to bind), except
-        # with --workers N > 1, whose workers share it on purpose (broker/workers.py).
+        # with --workers N > 1, whose workers share it on purpose (broker/front/workers.py).
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # Above PGBROKER_MAX_REQUEST_BYTES, so a request just over it gets the broker's
         # LIMIT_EXCEEDED message instead of gRPC's.
@@ -92,7 +93,7 @@ def pending_calls_limit(settings: Settings) -> int:
 
 
 def limits_for(settings: Settings) -> Limits:
-    """The request/result limits of *settings* (broker/limits.py)."""
+    """The request/result limits of *settings* (broker/security/limits.py)."""
     return Limits(
         max_statements=settings.max_statements,
         max_request_bytes=settings.max_request_bytes,
@@ -135,7 +136,8 @@ class BrokerServer:
         self.settings = settings
         self.worker = worker
         self.port = 0
-        # Credentials from the URL, a Secrets Manager secret or RDS IAM (broker/credentials.py).
+        # Credentials from the URL, a Secrets Manager secret or RDS IAM
+        # (broker/postgres/credentials.py).
         self.credentials = credentials_for(settings)
         connect = partial(
             connect_with_credentials,
@@ -156,7 +158,7 @@ class BrokerServer:
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
         )
-        # Caller authentication (broker/auth.py): Broker methods only; health stays open.
+        # Caller authentication (broker/security/auth.py): Broker methods only; health stays open.
         self.auth_stats = AuthStats()
         self.authenticator = authenticator_for_settings(settings, self.auth_stats)
         self.service = BrokerService(
@@ -199,7 +201,7 @@ class BrokerServer:
     async def start(self) -> int:
         """Bind, open the pool and start serving; return the bound port.
 
-        Raise `broker.pool.PoolUnavailable` if no database connection opens within
+        Raise `broker.pooling.pool.PoolUnavailable` if no database connection opens within
         ``connect_timeout`` seconds, RuntimeError if the address cannot be bound.
         """
         settings = self.settings

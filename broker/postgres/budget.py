@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from broker.pg import PgConnection
-from broker.pool import FirstConnectionProbe
+from broker.postgres.pg import PgConnection
+from broker.postgres.probe import FirstConnectionProbe
 from lambda_client import codec
 
 __all__ = ["BUDGET_SQL", "BudgetExceeded", "BudgetProbe", "ConnectionBudget"]

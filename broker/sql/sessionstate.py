@@ -142,7 +142,7 @@ def _classify_cached(sql: str, role_locked: bool) -> Refusal | None:
 def needs_audit(sqls: Sequence[str]) -> bool:
     """True if any of *sqls* may change the session in ways parsing cannot see: a ``DO``
     block, a ``CALL``, or SQL pglast cannot parse. The broker then audits the connection
-    after the transaction (broker/sessionaudit.py)."""
+    after the transaction (broker/postgres/audit.py)."""
     return any(
         _opaque(sql) if len(sql) > _CACHE_MAX_SQL_CHARS else _opaque_cached(sql) for sql in sqls
     )

@@ -44,7 +44,7 @@ from xml.etree import ElementTree
 
 import grpc
 
-from broker.auth import (
+from broker.security.auth import (
     AUDIENCE_HEADER,
     IAM_SCHEME,
     AuthError,

@@ -5,7 +5,8 @@ one-line `TlsConfigError` naming the variable (never the file's content). Each v
 a path or the PEM text itself: ECS injects a Secrets Manager value into the environment, not
 into a file (template.yaml's ``BrokerTlsSecretArn``). With
 ``PGBROKER_TLS_CLIENT_CA`` set, clients must present a certificate signed by that CA (mTLS).
-Broker→Postgres TLS is `broker.pg.ssl_context_for` (``sslmode``/``sslrootcert`` in the URL).
+Broker→Postgres TLS is `broker.postgres.pg.ssl_context_for` (``sslmode``/``sslrootcert`` in the
+URL).
 """
 
 from __future__ import annotations

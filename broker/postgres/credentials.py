@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
-from broker import pg
 from broker.config import DatabaseTarget
+from broker.postgres import pg
 
 __all__ = [
     "IamTokenCredentials",

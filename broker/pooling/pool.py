@@ -29,20 +29,18 @@ import contextlib
 import logging
 import random
 import select
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from broker.pg import ConnectionLost, PgConnection
+from broker.postgres.pg import ConnectionLost, PgConnection
 
 __all__ = [
     "DeadlineExpired",
-    "FirstConnectionProbe",
     "Pool",
     "PoolClosed",
     "PoolError",
@@ -105,35 +103,6 @@ class _Waiter:
 
 
 MAX_PARALLEL_CONNECTS = 16
-
-
-class FirstConnectionProbe(Generic[_T]):
-    """A pool connect function that runs *read* on the first connection it opens.
-
-    Call it as the pool would call *connect*; it returns the same connections. The first one
-    also runs *read* (on the connecting thread, before the pool sees it) and keeps the result
-    in `value`; later ones are returned untouched. A failure to read is kept in `error`, so a
-    connection is never lost to the probe. Probes wrap each other to read several things.
-    """
-
-    def __init__(
-        self, connect: Callable[[], PgConnection], read: Callable[[PgConnection], _T]
-    ) -> None:
-        self._connect = connect
-        self._read = read
-        self._lock = threading.Lock()
-        self.value: _T | None = None
-        self.error: str | None = None
-
-    def __call__(self) -> PgConnection:
-        conn = self._connect()
-        with self._lock:
-            if self.value is None and self.error is None:
-                try:
-                    self.value = self._read(conn)
-                except Exception as exc:  # reported by the owner; the connection stays usable
-                    self.error = f"{type(exc).__name__}: {exc}"
-        return conn
 
 
 class Pool:

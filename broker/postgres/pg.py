@@ -31,7 +31,7 @@ from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _fl
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.config import DatabaseTarget
-from broker.params import Bound, bind_params, placeholder_count
+from broker.postgres.params import Bound, bind_params, placeholder_count
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -316,7 +316,7 @@ class PgConnection:
         # pg8000 resets the status to None after the handshake, whose last message was
         # ReadyForQuery(idle).
         core._transaction_status = b"I"
-        # Session-state second line (broker/sessionaudit.py): reported settings at connect,
+        # Session-state second line (broker/postgres/audit.py): reported settings at connect,
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None

@@ -1,0 +1,2 @@
+"""Pooling: the fixed pool of server connections, FIFO waiters, queue timeout, reconnects and
+statistics. Imports broker.postgres only; never gRPC."""
