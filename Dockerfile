@@ -13,10 +13,10 @@ WORKDIR /src
 RUN python -m venv /opt/pgbroker
 # Dependencies rarely change: copy the project metadata first so this layer stays cached.
 COPY pyproject.toml README.md ./
-COPY lambda_client/ lambda_client/
+COPY client/ client/
 COPY broker/ broker/
 COPY devtools/ devtools/
-RUN /opt/pgbroker/bin/pip install .
+RUN /opt/pgbroker/bin/pip install ./client .
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="pgbroker" \

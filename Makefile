@@ -5,18 +5,18 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PROTO_OUT := lambda_client/_proto/pgbroker/v1
+PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
 .PHONY: install proto proto-check test lint run demo bench validate image deploy clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pgbroker needs Python 3.11 or newer"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,7 +26,7 @@ install: $(STAMP)
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc \
 	  -Ilambda_client/_proto=protos \
-	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+	  --python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client \
 	  protos/pgbroker/v1/broker.proto
 
 # Fails when the committed generated code is not what `make proto` would write.

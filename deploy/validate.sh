@@ -133,7 +133,7 @@ fi
 # The image's build stage copies only what .dockerignore lets through and runs `pip install .`:
 # build the same wheel from the same files to prove they are enough.
 cp pyproject.toml README.md "$context/"
-cp -R broker lambda_client devtools "$context/"
+cp -R broker client devtools "$context/"
 "$PY312" -m pip wheel --quiet --no-deps --disable-pip-version-check --wheel-dir "$context/dist" "$context" >/dev/null
 wheel=$(ls "$context"/dist/*.whl)
 "$PY312" - "$wheel" <<'EOF'

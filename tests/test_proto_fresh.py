@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path("lambda_client/_proto/pgbroker/v1")
+OUT = Path("client/lambda_client/_proto/pgbroker/v1")
+GENERATED_AT = OUT.relative_to("client")  # protoc writes below --python_out
 GENERATED = ("broker_pb2.py", "broker_pb2.pyi", "broker_pb2_grpc.py", "broker_pb2_grpc.pyi")
 
 
@@ -37,6 +38,6 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     stale = [
         name
         for name in GENERATED
-        if (tmp_path / OUT / name).read_text() != (ROOT / OUT / name).read_text()
+        if (tmp_path / GENERATED_AT / name).read_text() != (ROOT / OUT / name).read_text()
     ]
     assert not stale, f"stale generated code {stale}: run `make proto` and commit the result"
