@@ -181,8 +181,6 @@ class IamAuth:
     count calls; by default it uses urllib without following redirects.
     """
 
-    mode = "iam"
-
     def __init__(
         self,
         *,

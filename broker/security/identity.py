@@ -124,8 +124,6 @@ class AuthUnavailable(AuthError):
 class Authenticator(Protocol):
     """Turns a call's metadata into an `Identity` or raises `AuthError`."""
 
-    mode: str
-
     async def authenticate(self, metadata: Mapping[str, str]) -> Identity: ...
 
 
@@ -149,7 +147,6 @@ class NoAuth:
     """``PGBROKER_AUTH=none``: everyone is ``anonymous``. The configuration allows it only on
     a loopback listener (`broker.config.load_settings` refuses it anywhere else)."""
 
-    mode = "none"
     anonymous = Identity("none", "anonymous")
 
     async def authenticate(self, metadata: Mapping[str, str]) -> Identity:

@@ -67,8 +67,6 @@ class TokenAuth:
     it). A failed re-read keeps the tokens already known.
     """
 
-    mode = "token"
-
     def __init__(
         self,
         tokens: Mapping[str, str] | None = None,
