@@ -101,7 +101,13 @@ class AuthGate:
                     metadata.get(FUNCTION_NAME_KEY, "-")[:64],
                     extra={"suppressed": self._log_budget.pop_suppressed()},
                 )
-            status = pack(exc.code, exc.message, reason=exc.reason, retry_after=exc.retry_after)
+            status = pack(
+                exc.code,
+                exc.message,
+                reason=exc.reason,
+                metadata=exc.metadata,
+                retry_after=exc.retry_after,
+            )
             await context.abort_with_status(status)
             raise  # abort_with_status raises; this keeps type checkers content
 
