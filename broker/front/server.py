@@ -34,7 +34,9 @@ from broker.postgres.budget import BudgetProbe
 from broker.postgres.credentials import connect_with_credentials, credentials_for
 from broker.postgres.probe import FirstConnectionProbe
 from broker.security import tls
-from broker.security.auth import AuthInterceptor, AuthStats, authenticator_for_settings
+from broker.security.auth import authenticator_for_settings
+from broker.security.gate import AuthGate
+from broker.security.identity import AuthStats
 from broker.security.limits import Limits
 from broker.security.roles import RoleMap
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -158,7 +160,7 @@ class BrokerServer:
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
         )
-        # Caller authentication (broker/security/auth.py): Broker methods only; health stays open.
+        # Caller authentication (broker/security/): Broker methods only; health stays open.
         self.auth_stats = AuthStats()
         self.authenticator = authenticator_for_settings(settings, self.auth_stats)
         self.service = BrokerService(
@@ -184,15 +186,8 @@ class BrokerServer:
         self.server = grpc.aio.server(options=grpc_options(self.settings))
         # The Broker's handlers authenticate each call themselves (wrapped once here), so no
         # interceptor runs per call; health and reflection stay open.
-        auth = AuthInterceptor(self.authenticator, self.auth_stats)
-        handlers = {
-            name: auth.wrap(f"/{SERVICE_NAME}/{name}", handler)
-            for name, handler in broker_method_handlers(self.service).items()
-        }
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        gate = AuthGate(self.authenticator, self.auth_stats)
+        gate.add_service(self.server, SERVICE_NAME, broker_method_handlers(self.service))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -57,7 +57,7 @@ from broker.pooling.pool import (
 )
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.postgres.pg import PgError
-from broker.security.auth import AuthStats, current_identity
+from broker.security.identity import AuthStats, current_identity
 from broker.security.limits import (
     InflightLimiter,
     LimitExceeded,

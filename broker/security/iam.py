@@ -42,28 +42,26 @@ from typing import Any
 from urllib.parse import parse_qs
 from xml.etree import ElementTree
 
-import grpc
-
-from broker.security.auth import (
-    AUDIENCE_HEADER,
-    IAM_SCHEME,
+from broker.security.identity import (
     AuthError,
     AuthStats,
+    AuthUnavailable,
     Identity,
+    PermissionDenied,
     split_scheme,
-    unauthenticated,
 )
-from lambda_client.auth import canonical_host
+from lambda_client.auth import AUDIENCE_HEADER, canonical_host  # one name for signer and verifier
 
 __all__ = [
     "IamAuth",
     "decode_iam_token",
     "http_post",
-    "parse_allowed_roles",
     "parse_caller_arn",
 ]
 
 log = logging.getLogger("pgbroker.auth")
+
+IAM_SCHEME = "AWS4-STS"
 
 GET_CALLER_IDENTITY_BODY = {"Action": ["GetCallerIdentity"], "Version": ["2011-06-15"]}
 TOKEN_MAX_AGE = 900.0  # seconds; AWS itself refuses SigV4 signatures older than 15 minutes
@@ -73,11 +71,6 @@ NEGATIVE_CACHE_TTL = 60.0  # a refused token is not re-sent to STS for this long
 CACHE_MAX_ENTRIES = 10_000
 STS_TIMEOUT = 5.0
 STS_CONCURRENCY = 32  # STS calls in flight at once (one per new proof)
-
-
-def parse_allowed_roles(text: str) -> tuple[str, ...]:
-    """``PGBROKER_IAM_ALLOWED_ROLES``: comma separated role names or ARNs, ``*`` patterns."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 @dataclass(frozen=True)
@@ -104,28 +97,28 @@ def decode_iam_token(credential: str) -> SignedRequest:
             raise TypeError("headers must be an object and body a string")
         headers = {str(k).lower(): str(v) for k, v in raw_headers.items()}
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise unauthenticated(
+        raise AuthError(
             "malformed AWS4-STS token (expected base64 JSON with headers and body)"
         ) from None
     if parse_qs(body, keep_blank_values=True) != GET_CALLER_IDENTITY_BODY:
-        raise unauthenticated("the AWS4-STS token must sign sts:GetCallerIdentity and nothing else")
+        raise AuthError("the AWS4-STS token must sign sts:GetCallerIdentity and nothing else")
     sigv4 = headers.get("authorization", "")
     fields = _sigv4_fields(sigv4)
     scope = fields.get("Credential", "").split("/")
     if not sigv4.startswith("AWS4-HMAC-SHA256 ") or len(scope) != 5 or scope[3] != "sts":
-        raise unauthenticated("the AWS4-STS token carries no SigV4 signature for sts")
+        raise AuthError("the AWS4-STS token carries no SigV4 signature for sts")
     signed = frozenset(fields.get("SignedHeaders", "").split(";"))
     missing = {"host", "x-amz-date", AUDIENCE_HEADER} - signed
     if missing or not fields.get("Signature"):
-        raise unauthenticated(
+        raise AuthError(
             f"the AWS4-STS token must sign {', '.join(sorted(missing)) or 'a signature'}"
         )
     if not signed <= set(headers):
-        raise unauthenticated("the AWS4-STS token lacks some of its signed headers")
+        raise AuthError("the AWS4-STS token lacks some of its signed headers")
     try:
         signed_at = datetime.strptime(headers["x-amz-date"], "%Y%m%dT%H%M%SZ")
     except ValueError:
-        raise unauthenticated("the AWS4-STS token has a malformed X-Amz-Date") from None
+        raise AuthError("the AWS4-STS token has a malformed X-Amz-Date") from None
     return SignedRequest(
         headers=headers,
         body=body,
@@ -148,7 +141,7 @@ def parse_caller_arn(arn: str) -> Identity:
     """An `Identity` from a GetCallerIdentity ARN (assumed role, IAM user or root)."""
     parts = arn.split(":", 5)
     if len(parts) != 6 or parts[0] != "arn":
-        raise unauthenticated("STS returned an unexpected caller ARN")
+        raise AuthError("STS returned an unexpected caller ARN")
     account, resource = parts[4], parts[5]
     kind, _, rest = resource.partition("/")
     if kind == "assumed-role":
@@ -187,8 +180,6 @@ class IamAuth:
     *allowed_roles* are names or ARN patterns. *post* (blocking) is replaceable for tests that
     count calls; by default it uses urllib without following redirects.
     """
-
-    mode = "iam"
 
     def __init__(
         self,
@@ -278,7 +269,7 @@ class IamAuth:
             identity = parse_caller_arn(arn)
             self._check_allowed(identity)
         except AuthError as exc:
-            if exc.code != grpc.StatusCode.UNAVAILABLE:
+            if not isinstance(exc, AuthUnavailable):
                 self._remember(key, exc, min(now + NEGATIVE_CACHE_TTL, token_expires))
             raise
         self._remember(key, identity, min(now + POSITIVE_CACHE_TTL, token_expires))
@@ -288,20 +279,20 @@ class IamAuth:
         if not hmac.compare_digest(
             signed.headers[AUDIENCE_HEADER].encode(), self.audience.encode()
         ):
-            raise unauthenticated(
+            raise AuthError(
                 "the AWS4-STS token is for another audience; sign it with this broker's"
                 " audience (PGBROKER_AUTH_AUDIENCE)"
             )
         age = self._clock() - signed.signed_at
         if age > self._max_age:
-            raise unauthenticated(
+            raise AuthError(
                 f"the AWS4-STS token expired ({int(age)} s old, at most {int(self._max_age)});"
                 " sign a new one"
             )
         if age < -FUTURE_SKEW:
-            raise unauthenticated("the AWS4-STS token is dated in the future; check the clock")
+            raise AuthError("the AWS4-STS token is dated in the future; check the clock")
         if signed.headers["host"].lower() != self._sts_host:
-            raise unauthenticated(
+            raise AuthError(
                 f"the AWS4-STS token was signed for STS host {signed.headers['host']!r}; this"
                 f" broker verifies with {self._sts_host!r} (PGBROKER_STS_ENDPOINT)"
             )
@@ -319,8 +310,7 @@ class IamAuth:
             )
         except OSError as exc:
             log.error("STS unreachable at %s: %s", self.sts_endpoint, type(exc).__name__)
-            raise AuthError(
-                grpc.StatusCode.UNAVAILABLE,
+            raise AuthUnavailable(
                 "the broker cannot reach STS to verify the caller; retry later",
                 retry_after=1.0,
             ) from exc
@@ -329,8 +319,7 @@ class IamAuth:
     def _check_allowed(self, identity: Identity) -> None:
         if any(identity.matches(pattern) for pattern in self.allowed_roles):
             return
-        raise AuthError(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PermissionDenied(
             f"{identity.arn} is not allowed by PGBROKER_IAM_ALLOWED_ROLES",
             caller_arn=identity.arn,
         )
@@ -349,8 +338,7 @@ def _arn_from_sts_response(status: int, body: bytes) -> str:
         code = values.get("Code") or f"HTTP {status}"
         return _raise_sts_refusal(str(code))
     log.error("STS answered HTTP %d without a caller ARN", status)
-    raise AuthError(
-        grpc.StatusCode.UNAVAILABLE,
+    raise AuthUnavailable(
         "STS could not verify the caller right now; retry later",
         retry_after=1.0,
     )
@@ -363,4 +351,4 @@ def _raise_sts_refusal(code: str) -> str:
         "ExpiredToken": "the signing credentials have expired",
         "AccessDenied": "STS denied the request",
     }
-    raise unauthenticated(f"STS refused the token: {code}: {hints.get(code, 'not valid')}")
+    raise AuthError(f"STS refused the token: {code}: {hints.get(code, 'not valid')}")

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from broker.security.auth import Identity
+from broker.security.identity import Identity
 
 __all__ = ["RoleMap", "RoleRefused", "quote_role"]
 

@@ -1,8 +1,9 @@
 """Caller authentication: iam (signed GetCallerIdentity checked by moto's STS), token, none.
 
-Each test serves a real grpc.aio server on 127.0.0.1:0 with `AuthInterceptor` in front of a
-small Broker servicer that reports the identity it sees (``command_tag``), plus the standard
-health service, and calls it through a real channel.
+Each test serves a real grpc.aio server on 127.0.0.1:0 with a small Broker servicer that
+reports the identity it sees (``command_tag``), registered behind `AuthGate` as the broker's
+server registers its own, plus the standard health service, and calls it through a real
+channel.
 """
 
 from __future__ import annotations
@@ -22,19 +23,13 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from broker.security.auth import (
-    AuthInterceptor,
-    AuthStats,
-    LogBudget,
-    NoAuth,
-    TokenAuth,
-    authenticator_from_env,
-    check_auth_listen,
-    current_identity,
-    parse_tokens,
-    secret_loader,
-)
+from broker.config import ConfigError, load_settings
+from broker.front.server import SERVICE_NAME, broker_method_handlers
+from broker.security.auth import authenticator_from_env
+from broker.security.gate import AuthGate, LogBudget
 from broker.security.iam import IamAuth
+from broker.security.identity import AuthStats, NoAuth, current_identity
+from broker.security.tokens import TokenAuth, parse_tokens, secret_loader
 from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -45,7 +40,7 @@ AUDIENCE = "dns:///broker.pgbroker.local:50051"
 
 
 class IdentityEcho(pb_grpc.BrokerServicer):
-    """Answers Execute with the caller identity the interceptor set."""
+    """Answers Execute with the caller identity the gate set."""
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         identity = current_identity.get()
@@ -56,9 +51,9 @@ class IdentityEcho(pb_grpc.BrokerServicer):
 async def serve(authenticator: Any, stats: AuthStats | None = None) -> AsyncIterator[str]:
     # A log budget window no test outlasts, so what is logged does not depend on speed.
     budget = LogBudget(per_window=20, window=3600)
-    interceptor = AuthInterceptor(authenticator, stats, log_budget=budget)
-    server = grpc.aio.server(interceptors=[interceptor])
-    pb_grpc.add_BrokerServicer_to_server(IdentityEcho(), server)
+    gate = AuthGate(authenticator, stats, log_budget=budget)
+    server = grpc.aio.server()
+    gate.add_service(server, SERVICE_NAME, broker_method_handlers(IdentityEcho()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -488,17 +483,27 @@ def test_none_mode_admits_anonymous_on_loopback() -> None:
     assert run(scenario()) == "none:anonymous"
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "broker.internal"])
-def test_none_mode_is_refused_on_a_non_loopback_address(host: str) -> None:
-    reason = check_auth_listen("none", [host])
-    assert reason is not None
-    assert "loopback" in reason
-    assert "\n" not in reason
+def _settings_with_none_auth(listen: str) -> Any:
+    flags = {"database_url": "postgresql://app@127.0.0.1:5432/db", "listen": listen}
+    return load_settings(flags, environ={"PGBROKER_AUTH": "none"})
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"])
-def test_none_mode_is_allowed_on_loopback(host: str) -> None:
-    assert check_auth_listen("none", [host]) is None
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:50051", "[::]:50051", "10.0.0.5:50051", "broker.internal:50051"]
+)
+def test_none_mode_is_refused_on_a_non_loopback_address(listen: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        _settings_with_none_auth(listen)
+    [problem] = refused.value.problems
+    assert "loopback" in problem
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:50051", "[::1]:50051", "localhost:50051", "127.0.0.2:50051"]
+)
+def test_none_mode_is_allowed_on_loopback(listen: str) -> None:
+    assert _settings_with_none_auth(listen).auth == "none"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from support import connect
 
-from broker.security.auth import Identity
+from broker.security.identity import Identity
 from broker.security.roles import RoleMap, RoleRefused
 
 from .harness import Broker, error_info, request, rows

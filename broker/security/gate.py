@@ -1,0 +1,222 @@
+"""The gate in front of the Broker's handlers: every call is authenticated before it runs.
+
+`AuthGate.add_service` registers a service's handlers on the server, each wrapped once
+(`AuthGate.wrap`) so that it authenticates its call from that call's metadata before the
+servicer runs; no interceptor runs per call, and the services registered without the gate
+(health checks, reflection) stay open so load balancers can probe the broker. The handler runs
+with `current_identity` set to the caller (for the role map and per-caller limits).
+
+A refused call ends with the `AuthError`'s status (UNAUTHENTICATED, PERMISSION_DENIED or
+UNAVAILABLE), a ``google.rpc.ErrorInfo`` with the same reason and, for UNAVAILABLE, a
+``RetryInfo``; it adds one to ``auth_failures`` in the stats and logs a line with the reason
+and the caller ARN when known, never the token (at most `LogBudget` lines per window).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import grpc
+
+from broker.security.identity import (
+    Authenticator,
+    AuthError,
+    AuthStats,
+    Identity,
+    NoAuth,
+    current_identity,
+)
+from lambda_client._status import FUNCTION_NAME_KEY, Code, Reason, pack
+
+__all__ = ["AuthGate", "LogBudget"]
+
+log = logging.getLogger("pgbroker.auth")
+
+
+class AuthGate:
+    """Authenticates the calls of the services it guards with *authenticator*, counting
+    refusals in *stats* (the authenticator's own stats when it has them)."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        stats: AuthStats | None = None,
+        *,
+        log_budget: LogBudget | None = None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.stats = stats or getattr(authenticator, "stats", None) or AuthStats()
+        self._log_budget = log_budget or LogBudget()
+        # PGBROKER_AUTH=none admits everyone as the same identity: no metadata to read.
+        self._anonymous: Identity | None = (
+            NoAuth.anonymous if isinstance(authenticator, NoAuth) else None
+        )
+
+    def add_service(
+        self,
+        server: grpc.aio.Server,
+        service_name: str,
+        handlers: Mapping[str, grpc.RpcMethodHandler],
+    ) -> None:
+        """Register *handlers* (by method name) of *service_name* (``package.Service``) on
+        *server*, each authenticating its calls first (`wrap`)."""
+        wrapped = {
+            name: self.wrap(f"/{service_name}/{name}", handler)
+            for name, handler in handlers.items()
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service_name, wrapped),)
+        )
+        server.add_registered_method_handlers(service_name, wrapped)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """*handler* (of *method*, ``/package.Service/Method``) authenticating each call
+        first, from that call's metadata; a refused call is aborted with the `AuthError`'s
+        status and never reaches *handler*."""
+        return _wrap_handler(handler, lambda context: self._admit_call(method, context))
+
+    async def _admit_call(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+        if self._anonymous is not None:
+            return self._anonymous
+        metadata = _metadata_dict(context.invocation_metadata())
+        return await self._admit(method, metadata, context)
+
+    async def _admit(
+        self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext
+    ) -> Identity:
+        try:
+            return await self.authenticator.authenticate(metadata)
+        except AuthError as exc:
+            self.stats.auth_failures += 1
+            if self._log_budget.take():
+                log.warning(
+                    "auth refused %s: %s (caller %s, function %s)",
+                    method,
+                    exc.message,
+                    exc.caller_arn or "unknown",
+                    metadata.get(FUNCTION_NAME_KEY, "-")[:64],
+                    extra={"suppressed": self._log_budget.pop_suppressed()},
+                )
+            status = pack(
+                exc.code,
+                exc.message,
+                reason=exc.reason,
+                metadata=exc.metadata,
+                retry_after=exc.retry_after,
+            )
+            await context.abort_with_status(status)
+            raise  # abort_with_status raises; this keeps type checkers content
+
+
+def _metadata_dict(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in metadata or ():
+        if isinstance(value, str):
+            result.setdefault(key.lower(), value)
+    return result
+
+
+class LogBudget:
+    """At most *per_window* log lines per *window* seconds, so a flood of bad requests cannot
+    flood the logs; the next line logged says how many were suppressed (the counter in
+    GetStats, ``auth_failures``, stays exact)."""
+
+    def __init__(self, per_window: int = 20, window: float = 10.0) -> None:
+        self.per_window = per_window
+        self.window = window
+        self._started = time.monotonic()
+        self._used = 0
+        self._suppressed = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self._started >= self.window:
+            self._started, self._used = now, 0
+        if self._used < self.per_window:
+            self._used += 1
+            return True
+        self._suppressed += 1
+        return False
+
+    def pop_suppressed(self) -> int:
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
+
+Admit = Callable[[grpc.aio.ServicerContext], Awaitable[Identity]]
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
+    """The same handler, authenticating first and running with `current_identity` set.
+
+    grpc.aio runs each RPC in its own task (its own context), so the identity set here is
+    seen by that RPC's handler only and needs no reset. A unary request is decoded only after
+    authentication, and a request that is not valid protobuf (bad UTF-8, nesting too deep)
+    gets INVALID_ARGUMENT/BAD_REQUEST rather than gRPC's UNKNOWN.
+    """
+    h: Any = handler
+    kwargs = {
+        "request_deserializer": h.request_deserializer,
+        "response_serializer": h.response_serializer,
+    }
+    if h.unary_unary is not None:
+        inner_uu = h.unary_unary
+        decode = h.request_deserializer
+        kwargs["request_deserializer"] = None  # raw bytes; decoded below, after admission
+
+        async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            current_identity.set(await admit(context))
+            request = await _decode(decode, raw, context)
+            return await _maybe_await(inner_uu(request, context))
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if h.stream_unary is not None:
+        inner_su = h.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            current_identity.set(await admit(context))
+            return await _maybe_await(inner_su(requests, context))
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    inner = h.unary_stream or h.stream_stream
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if h.unary_stream is not None
+        else grpc.stream_stream_rpc_method_handler
+    )
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        current_identity.set(await admit(context))
+        responses = inner(request, context)
+        if hasattr(responses, "__aiter__"):
+            async for response in responses:
+                yield response
+        elif responses is not None and not inspect.isawaitable(responses):
+            for response in responses:
+                yield response
+        else:
+            await _maybe_await(responses)
+
+    return factory(streaming, **kwargs)
+
+
+async def _decode(
+    decode: Callable[[bytes], Any] | None, raw: Any, context: grpc.aio.ServicerContext
+) -> Any:
+    if decode is None or not isinstance(raw, bytes):
+        return raw
+    try:
+        return decode(raw)
+    except Exception as exc:  # protobuf DecodeError (bad UTF-8, too deep, corrupt)
+        message = f"the request is not a valid message: {str(exc)[:200]}"
+        status = pack(Code.INVALID_ARGUMENT, message, reason=Reason.BAD_REQUEST)
+        await context.abort_with_status(status)
+        raise
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
