@@ -99,11 +99,6 @@ class RequestPlan:
         """
         return any(plan.calls_unknown_function(known) for plan in self.statements)
 
-    @property
-    def placeholders(self) -> list[int | None]:
-        """Each statement's count of values (see `StatementPlan.placeholders`)."""
-        return [plan.placeholders for plan in self.statements]
-
 
 def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPlan:
     """Plan each of *sqls*, parsing each distinct text at most once; raise `SessionStateError`
