@@ -35,7 +35,7 @@ from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError
 from broker.security.roles import quote_role
-from broker.sql.sessionstate import needs_audit
+from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -64,9 +64,12 @@ _UNSAFE_APP_CHARS = re.compile(r"[^A-Za-z0-9._:/@=+-]")
 
 @dataclass(frozen=True)
 class Batch:
-    """What to run: statements ($n placeholders, bound params) and transaction options."""
+    """What to run: statements ($n placeholders, bound params), their plan and transaction
+    options."""
 
     statements: Sequence[pb.Statement]
+    # The statements' plan (broker/sql/plan.py): parsed once, before the request queued.
+    plan: RequestPlan
     isolation: int = pb.ISOLATION_LEVEL_UNSPECIFIED
     read_only: bool = False
     deferrable: bool = False
@@ -214,7 +217,7 @@ def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
     phase = getattr(exc, "phase", "send")
     if exc.fatal is None or phase not in ("before", "prepare", "statement"):
         return False
-    return phase != "statement" or not needs_audit([batch.statements[0].sql])
+    return phase != "statement" or not batch.plan.statements[0].opaque
 
 
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
@@ -226,7 +229,14 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
         after += "; RESET application_name"
     try:
         bound = batch.bound[0] if batch.bound is not None else None
-        return conn.run(statement.sql, statement.params, before=before, after=after, bound=bound)
+        return conn.run(
+            statement.sql,
+            statement.params,
+            before=before,
+            after=after,
+            bound=bound,
+            plan=batch.plan.statements[0],
+        )
     except PgError as exc:
         if exc.phase == "after" and conn.transaction_status == "idle":
             # The statement ran; only the RESET failed (a late cancel). Reset on next use.
@@ -240,7 +250,11 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     statements = [(statement.sql, statement.params) for statement in batch.statements]
     try:
         return conn.run_many(
-            statements, before=_begin_sql(batch, timeout_ms), after="COMMIT", bound=batch.bound
+            statements,
+            before=_begin_sql(batch, timeout_ms),
+            after="COMMIT",
+            bound=batch.bound,
+            plans=batch.plan.statements,
         )
     except PgError as exc:
         _rollback(conn)

@@ -66,12 +66,8 @@ from broker.security.limits import (
     check_results,
 )
 from broker.security.roles import RoleMap, RoleRefused
-from broker.sql.sessionstate import (
-    SessionStateError,
-    calls_unknown_function,
-    check_batch,
-    needs_audit,
-)
+from broker.sql.plan import RequestPlan, plan_request
+from broker.sql.sessionstate import SessionStateError
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -222,11 +218,12 @@ def _lost_failure(exc: TransactionLost) -> BrokerFailure:
 
 def validate(
     request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
-) -> list[Bound]:
+) -> tuple[RequestPlan, list[Bound]]:
     """Refuse a request that cannot run, before it queues; raise `BrokerFailure`,
     `LimitExceeded` (broker/security/limits.py) or `SessionStateError` (broker/sql/sessionstate.py).
 
-    Return each statement's parameters bound for the wire, so they are bound only once."""
+    Return the request's plan (its SQL parsed once, broker/sql/plan.py) and each statement's
+    parameters bound for the wire, so neither is done again."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if not request.statements:
         raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
@@ -240,7 +237,7 @@ def validate(
     for index, statement in enumerate(request.statements):
         if not statement.sql.strip():
             raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])
-    check_batch([statement.sql for statement in request.statements], role_locked=role_locked)
+    plan = plan_request([s.sql for s in request.statements], role_locked=role_locked)
     bound: list[Bound] = []
     for index, statement in enumerate(request.statements):
         try:
@@ -249,7 +246,7 @@ def validate(
             raise BrokerFailure(
                 bad, f"statement {index}: {exc}", [_error_info("BAD_REQUEST")]
             ) from exc
-    return bound
+    return plan, bound
 
 
 def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
@@ -305,16 +302,17 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
-            bound = validate(request, self.limits, role_locked=self.role_map is not None)
+            plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
                 statements=request.statements,
+                plan=plan,
                 isolation=request.options.isolation,
                 read_only=request.options.read_only,
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
                 role=role,
-                audit_session=self._audit(request),
+                audit_session=self._audit(plan),
                 bound=bound,
             )
             with self.inflight.hold(caller):
@@ -355,14 +353,13 @@ class BrokerService(pb_grpc.BrokerServicer):
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
 
-    def _audit(self, request: pb.ExecuteRequest) -> bool:
+    def _audit(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""
         if self.session_audit == "always":
             return True
         if self.session_audit == "off":
             return False
-        sqls = [statement.sql for statement in request.statements]
-        return needs_audit(sqls) or calls_unknown_function(sqls, self.known_functions)
+        return plan.needs_audit or plan.calls_unknown_function(self.known_functions)
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1

@@ -10,9 +10,9 @@ anything outlived the transaction:
   default_transaction_read_only, standard_conforming_strings, …) are compared with the values
   at connect time (`PgConnection.reported_changes`);
 * for requests the parser cannot see through (``DO``, ``CALL``, SQL it cannot parse — see
-  `sessionstate.needs_audit` — and calls of functions outside ``pg_catalog``, see
-  `sessionstate.calls_unknown_function` and `read_builtin_functions`), or for every request
-  with ``PGBROKER_SESSION_AUDIT=always``,
+  `RequestPlan.needs_audit` in broker/sql/plan.py — and calls of functions outside
+  ``pg_catalog``, see `RequestPlan.calls_unknown_function` and `read_builtin_functions`), or
+  for every request with ``PGBROKER_SESSION_AUDIT=always``,
   one more query after the transaction (`AUDIT_SQL`, one round trip): settings changed at
   session level, ``LISTEN`` channels, SQL prepared statements, open cursors, advisory locks,
   temporary relations, and a role other than the login role.

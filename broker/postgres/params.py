@@ -10,26 +10,21 @@ it exactly as it would a literal of that type:
 * arrays -> the array type's OID and a Postgres array literal (``{"a","b",NULL}``), nested for
   multi-dimensional arrays; arrays of text use text[] so ``$1`` has a known type.
 
-A value that cannot be represented raises `BadParameter` naming the placeholder ($2).
-`placeholder_count` says how many values a statement takes, so a wrong count is refused before
-anything is sent (Postgres would reject too few with a protocol error, and ignore too many).
+A value that cannot be represented raises `BadParameter` naming the placeholder ($2). How many
+values a statement takes is part of its plan (`broker.sql.plan.StatementPlan.placeholders`).
 """
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from pglast import ast, parse_sql
-from pglast.parser import ParseError, scan
-
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.codec import TYPE_OF_KIND
 
-__all__ = ["BadParameter", "Bound", "bind_params", "placeholder_count"]
+__all__ = ["BadParameter", "Bound", "bind_params"]
 
 INT2, INT4, INT8, NUMERIC = 21, 23, 20, 1700
 
@@ -53,8 +48,6 @@ _OIDS: dict[int, tuple[int, int]] = {
 }
 _INT_ARRAY_OIDS = {INT2: 1005, INT4: 1007, INT8: 1016, NUMERIC: 1231}
 _EPOCH = datetime(1970, 1, 1)
-# Longer SQL is scanned without caching, so the cache pins at most ~4 MB.
-_CACHE_MAX_SQL_CHARS = 4096
 _EPOCH_DATE = date(1970, 1, 1)
 
 
@@ -75,51 +68,6 @@ def bind_params(values: Sequence[pb.Value]) -> Bound:
         texts.append(text)
         oids.append(oid)
     return texts, tuple(oids)
-
-
-def placeholder_count(sql: str) -> int | None:
-    """How many values *sql* takes: its highest ``$n``, as Postgres counts them (``SELECT $2``
-    takes two). None when the SQL cannot be scanned: Postgres then reports the error itself.
-
-    Found with Postgres' own lexer (pglast), so ``'$1'``, ``$$ $2 $$``, ``a$3`` and comments
-    do not count. Needed because the statement is prepared with one type per value given:
-    Postgres then counts the values, not the placeholders, and ignores values beyond them.
-    """
-    if "$" not in sql:
-        return 0
-    if len(sql) > _CACHE_MAX_SQL_CHARS:
-        return _highest_placeholder(sql)
-    return _highest_placeholder_cached(sql)
-
-
-def _highest_placeholder(sql: str) -> int | None:
-    try:
-        tokens = scan(sql)
-    except ParseError:
-        return None
-    # A token's end is inclusive: "$12" spans start..start+2.
-    numbers = [int(sql[t.start + 1 : t.end + 1]) for t in tokens if t.name == "PARAM"]
-    if numbers and _placeholders_may_not_be_values(sql):
-        return None
-    return max(numbers, default=0)
-
-
-def _placeholders_may_not_be_values(sql: str) -> bool:
-    """Whether a ``$n`` in *sql* may need no value: the arguments of a function with a
-    SQL-standard body (``CREATE FUNCTION f(int) … RETURN $1 + 1``), or ``EXPLAIN
-    (GENERIC_PLAN)`` from Postgres 16. Postgres then counts them itself."""
-    try:
-        statements = parse_sql(sql)
-    except (ParseError, RecursionError):
-        return True
-    return any(
-        isinstance(raw.stmt, ast.ExplainStmt)
-        or (isinstance(raw.stmt, ast.CreateFunctionStmt) and raw.stmt.sql_body is not None)
-        for raw in statements
-    )
-
-
-_highest_placeholder_cached = functools.lru_cache(maxsize=1024)(_highest_placeholder)
 
 
 def bind_value(value: pb.Value, name: str) -> tuple[str | None, int]:

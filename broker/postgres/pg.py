@@ -31,7 +31,8 @@ from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _fl
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.config import DatabaseTarget
-from broker.postgres.params import Bound, bind_params, placeholder_count
+from broker.postgres.params import Bound, bind_params
+from broker.sql.plan import StatementPlan, placeholder_count
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -358,6 +359,7 @@ class PgConnection:
         before: str | None = None,
         after: str | None = None,
         bound: Bound | None = None,
+        plan: StatementPlan | None = None,
     ) -> pb.StatementResult:
         """Run one statement, prepared and cached by (SQL, parameter OIDs).
 
@@ -367,7 +369,11 @@ class PgConnection:
         `PgError`, or `ConnectionLost` if the link broke.
         """
         return self.run_many(
-            [(sql, params)], before=before, after=after, bound=None if bound is None else [bound]
+            [(sql, params)],
+            before=before,
+            after=after,
+            bound=None if bound is None else [bound],
+            plans=None if plan is None else [plan],
         )[0]
 
     def run_many(
@@ -376,6 +382,7 @@ class PgConnection:
         before: str | None = None,
         after: str | None = None,
         bound: Sequence[Bound] | None = None,
+        plans: Sequence[StatementPlan] | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -389,10 +396,12 @@ class PgConnection:
         been sent.
         *bound* is `bind_params` of each statement's parameters when the caller has it already
         (the service binds them to validate the request); otherwise they are bound here.
+        *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
+        without them the SQL is planned here.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
-        self._check_statements(statements, bound)
+        self._check_statements(statements, bound, plans)
         progress = {"after_sent": False}
         self._reading = "send"
         try:
@@ -404,7 +413,10 @@ class PgConnection:
             raise
 
     def _check_statements(
-        self, statements: Sequence[tuple[str, Sequence[pb.Value]]], bound: Sequence[Bound]
+        self,
+        statements: Sequence[tuple[str, Sequence[pb.Value]]],
+        bound: Sequence[Bound],
+        plans: Sequence[StatementPlan] | None,
     ) -> None:
         """Refuse, before anything is sent, what Postgres would reject confusingly or not at all:
         a NUL byte in the SQL (it ends the protocol string: "insufficient data left in
@@ -420,7 +432,7 @@ class PgConnection:
                 raise PgError("22021", message, index=index)
             if (sql, oids) in self._cache:
                 continue  # prepared for as many values as this request has: counted then
-            expected = placeholder_count(sql)
+            expected = placeholder_count(sql) if plans is None else plans[index].placeholders
             if expected is not None and expected != len(texts):
                 raise PgError("42601", _count_mismatch(expected, len(texts)), index=index)
 

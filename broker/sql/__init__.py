@@ -1,2 +1,3 @@
-"""SQL analysis with Postgres' own parser (pglast): session-state classification and the
-checks a request's SQL gets before it queues. Imports nothing else from the broker."""
+"""SQL analysis with Postgres' own parser (pglast): a request's plan (`plan`: its SQL parsed
+once, cached by text) and the session-state classification it applies (`sessionstate`).
+Imports nothing else from the broker."""

@@ -10,7 +10,8 @@ refuses the statement instead, naming it and the transaction-scoped alternative.
 
 Classification uses Postgres' own grammar through ``pglast`` (never regular expressions), so
 words inside string literals, dollar quotes, comments and quoted identifiers are not
-mistaken for commands. Verdicts are cached by SQL text.
+mistaken for commands. This module judges a parsed statement; `broker.sql.plan` parses each
+SQL text once and caches the verdict with the other facts a request needs.
 
 Decisions worth knowing:
 
@@ -33,30 +34,26 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from pglast import ast, parse_sql
+from pglast import ast
 from pglast.enums import OnCommitAction, TransactionStmtKind, VariableSetKind
-from pglast.parser import ParseError
 
 __all__ = [
     "REASON_BAD_REQUEST",
     "REASON_SESSION_STATE",
+    "TOO_DEEP",
     "Refusal",
     "SessionStateError",
-    "calls_unknown_function",
-    "check_batch",
-    "check_statement",
-    "needs_audit",
+    "classify",
+    "function_name",
+    "walk",
 ]
 
 REASON_SESSION_STATE = "SESSION_STATE"
 REASON_BAD_REQUEST = "BAD_REQUEST"
 
-# SQL longer than this is classified without caching: the two caches pin at most ~16 MB.
-_CACHE_MAX_SQL_CHARS = 4096
 _CURSOR_OPT_HOLD = 0x0020  # parsenodes.h: DECLARE ... WITH HOLD
 
 _SESSION_ADVISORY_LOCKS = frozenset(
@@ -111,118 +108,26 @@ class SessionStateError(ValueError):
         return f"statement {self.statement_index}: {self.message}"
 
 
-def check_batch(sqls: Sequence[str], *, role_locked: bool = False) -> None:
-    """Raise `SessionStateError` for the first statement of *sqls* that is refused.
+def classify(raw_statements: Sequence[ast.RawStmt], role_locked: bool = False) -> Refusal | None:
+    """Return why the SQL that parsed into *raw_statements* is refused, or ``None`` when it is
+    safe on a pooled connection. Never raises.
 
     *role_locked* is true when the broker sets each caller's role itself; then role changes
-    of any kind are refused as well. Returns ``None`` when every statement may run.
+    of any kind are refused as well. A text of several statements (or none) is refused with
+    ``BAD_REQUEST``. SQL that does not parse is not judged here: Postgres' grammar is the
+    server's, so the server rejects it too, with SQLSTATE and position.
     """
-    for index, sql in enumerate(sqls):
-        refusal = check_statement(sql, role_locked=role_locked)
-        if refusal is not None:
-            raise SessionStateError(index, refusal.message, refusal.reason)
-
-
-def check_statement(sql: str, *, role_locked: bool = False) -> Refusal | None:
-    """Return why *sql* is refused, or ``None`` when it is safe on a pooled connection.
-
-    Cached by SQL text (up to ``_CACHE_MAX_SQL_CHARS`` characters). Never raises for bad
-    SQL: what Postgres' grammar rejects is left for Postgres to report.
-    """
-    if len(sql) > _CACHE_MAX_SQL_CHARS:
-        return _classify(sql, role_locked)
-    return _classify_cached(sql, role_locked)
-
-
-@functools.lru_cache(maxsize=2048)
-def _classify_cached(sql: str, role_locked: bool) -> Refusal | None:
-    return _classify(sql, role_locked)
-
-
-def needs_audit(sqls: Sequence[str]) -> bool:
-    """True if any of *sqls* may change the session in ways parsing cannot see: a ``DO``
-    block, a ``CALL``, or SQL pglast cannot parse. The broker then audits the connection
-    after the transaction (broker/postgres/audit.py)."""
-    return any(
-        _opaque(sql) if len(sql) > _CACHE_MAX_SQL_CHARS else _opaque_cached(sql) for sql in sqls
-    )
-
-
-@functools.lru_cache(maxsize=2048)
-def _opaque_cached(sql: str) -> bool:
-    return _opaque(sql)
-
-
-def calls_unknown_function(sqls: Sequence[str], known: frozenset[str] | None) -> bool:
-    """True if any of *sqls* calls a function not among *known* (pg_catalog's function names,
-    read from the server at start; None when they could not be read: every call counts).
-
-    A user function can create a temporary table, take a session lock or ``LISTEN`` where
-    parsing cannot see it, so the broker audits the connection after such a request.
-    Functions reached without a call in the SQL (triggers, views, column defaults, operators)
-    are not seen here: ``PGBROKER_SESSION_AUDIT=always`` covers those.
-    """
-    return any(
-        _unknown_call(sql, known)
-        if len(sql) > _CACHE_MAX_SQL_CHARS
-        else _unknown_call_cached(sql, known)
-        for sql in sqls
-    )
-
-
-@functools.lru_cache(maxsize=2048)
-def _unknown_call_cached(sql: str, known: frozenset[str] | None) -> bool:
-    return _unknown_call(sql, known)
-
-
-def _unknown_call(sql: str, known: frozenset[str] | None) -> bool:
-    try:
-        raw_statements = parse_sql(sql)
-    except (ParseError, RecursionError):
-        return True
-    return any(
-        isinstance(node, ast.FuncCall) and not _is_known_function(node, known)
-        for raw in raw_statements
-        for node in _walk(raw.stmt)
-    )
-
-
-def _is_known_function(call: ast.FuncCall, known: frozenset[str] | None) -> bool:
-    parts = [getattr(p, "sval", "") for p in (call.funcname or ())]
-    if known is None or not parts:
-        return False
-    if len(parts) >= 2 and parts[-2] != "pg_catalog":
-        return False  # schema-qualified elsewhere: a user function whatever its name
-    return parts[-1] in known
-
-
-def _opaque(sql: str) -> bool:
-    try:
-        raw_statements = parse_sql(sql)
-    except (ParseError, RecursionError):
-        return True
-    return any(
-        isinstance(node, ast.DoStmt | ast.CallStmt)
-        for raw in raw_statements
-        for node in _walk(raw.stmt)
-    )
-
-
-def _classify(sql: str, role_locked: bool) -> Refusal | None:
-    try:
-        raw_statements = parse_sql(sql)
-    except ParseError:
-        # Same grammar as the server's, so the server rejects it too, with SQLSTATE and position.
-        return None
-    except RecursionError:
-        return Refusal(
-            "too deeply nested",
-            "the statement nests too deeply for the broker to check; simplify it",
-            REASON_BAD_REQUEST,
-        )
     if len(raw_statements) != 1:
         return _not_one_statement(len(raw_statements))
     return _classify_node(raw_statements[0].stmt, role_locked)
+
+
+# SQL nested deeper than Python's recursion limit lets pglast build: refused, not guessed at.
+TOO_DEEP = Refusal(
+    "too deeply nested",
+    "the statement nests too deeply for the broker to check; simplify it",
+    REASON_BAD_REQUEST,
+)
 
 
 def _not_one_statement(count: int) -> Refusal:
@@ -242,7 +147,7 @@ def _classify_node(stmt: ast.Node | None, role_locked: bool) -> Refusal | None:
     top = _classify_top_level(stmt, role_locked)
     if top is not None:
         return top
-    for node in _walk(stmt):
+    for node in walk(stmt):
         found = _classify_nested(node, role_locked)
         if found is not None:
             return found
@@ -438,7 +343,7 @@ def _classify_nested(node: ast.Node, role_locked: bool) -> Refusal | None:
 
 
 def _classify_call(call: ast.FuncCall, role_locked: bool) -> Refusal | None:
-    name = _function_name(call)
+    name = function_name(call)
     if name in _SESSION_ADVISORY_LOCKS:
         xact = name.replace("advisory_lock", "advisory_xact_lock")
         return Refusal(
@@ -511,7 +416,9 @@ def _constant_text(node: ast.Node | None) -> str | None:
     return None
 
 
-def _function_name(call: ast.FuncCall) -> str:
+def function_name(call: ast.FuncCall) -> str:
+    """The name *call* reaches in ``pg_catalog`` if it is a built-in (unqualified or
+    ``pg_catalog.``-qualified), or ``""`` when it is qualified with another schema."""
     parts = [getattr(p, "sval", "") for p in (call.funcname or ())]
     if len(parts) >= 2 and parts[-2] != "pg_catalog":
         return ""  # a user function of the same name in another schema
@@ -542,7 +449,7 @@ def _command_name(stmt: ast.Node | None) -> str:
     return "CREATE " + type(stmt).__name__.removeprefix("Create").removesuffix("Stmt").upper()
 
 
-def _walk(root: object) -> Iterator[ast.Node]:
+def walk(root: object) -> Iterator[ast.Node]:
     """Every node below *root*, including *root* itself (iterative: SQL nests deeply)."""
     pending = [root]
     while pending:

@@ -11,9 +11,17 @@ import grpc
 import pytest
 from support import connect
 
-from broker.sql.sessionstate import calls_unknown_function, needs_audit
+from broker.sql.plan import plan_request
 
 from .harness import Broker, request, rows
+
+
+def needs_audit(sqls: list[str]) -> bool:
+    return plan_request(sqls).needs_audit
+
+
+def calls_unknown_function(sqls: list[str], known: frozenset[str] | None) -> bool:
+    return plan_request(sqls).calls_unknown_function(known)
 
 
 def one(broker: Broker, sql: str) -> Any:

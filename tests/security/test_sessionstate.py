@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from broker.sql.plan import plan_request, plan_statement
 from broker.sql.sessionstate import (
     REASON_BAD_REQUEST,
     REASON_SESSION_STATE,
+    Refusal,
     SessionStateError,
-    check_batch,
-    check_statement,
 )
+
+
+def check_statement(sql: str, *, role_locked: bool = False) -> Refusal | None:
+    """The session-state verdict in *sql*'s plan."""
+    return plan_statement(sql, role_locked=role_locked).refusal
+
 
 # (sql, command named in the refusal)
 REFUSED = [
@@ -209,7 +215,7 @@ def test_role_changes_are_refused_when_the_broker_sets_roles(sql: str) -> None:
 
 def test_batch_check_reports_the_index_of_the_first_refused_statement() -> None:
     with pytest.raises(SessionStateError) as caught:
-        check_batch(["SELECT 1", "SET LOCAL x.y = 1", "LISTEN jobs", "DISCARD ALL"])
+        plan_request(["SELECT 1", "SET LOCAL x.y = 1", "LISTEN jobs", "DISCARD ALL"])
     assert caught.value.statement_index == 2
     assert caught.value.reason == REASON_SESSION_STATE
     assert str(caught.value).startswith("statement 2: LISTEN")

@@ -1,0 +1,198 @@
+"""One plan per request: every fact the broker needs about a request's SQL, from one parse.
+
+A request's SQL is parsed by ``pglast`` once per distinct text, and the facts read from that
+one tree travel with the batch, so nothing downstream parses again:
+
+* the session-state verdict (`broker.sql.sessionstate`): refused, with the message and
+  reason, or allowed;
+* whether the statement is *opaque* — a ``DO`` block, a ``CALL``, or SQL that does not
+  parse — so the session is audited after the transaction (broker/postgres/audit.py), and a
+  lost link during it may follow a COMMIT inside it (broker/flow/batch.py);
+* the functions it calls, so a call outside ``pg_catalog``'s names (read from the server at
+  start, after the plan may already be cached) is audited too;
+* how many values it takes (its highest ``$n``), so a wrong count is refused before anything
+  is sent (broker/postgres/pg.py).
+
+Plans are cached by SQL text (and the broker-wide ``role_locked``) in one LRU of
+``CACHE_ENTRIES`` plans, for texts up to ``CACHE_MAX_SQL_CHARS`` characters: an application's
+distinct statements number in the hundreds, so warm requests parse nothing, while a caller
+sending ever new SQL pins at most ~8 MB of text (plans themselves are a few hundred bytes).
+Longer SQL is planned again for each request, still once per request.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError, scan
+
+from broker.sql.sessionstate import (
+    TOO_DEEP,
+    Refusal,
+    SessionStateError,
+    classify,
+    function_name,
+    walk,
+)
+
+__all__ = [
+    "CACHE_ENTRIES",
+    "CACHE_MAX_SQL_CHARS",
+    "RequestPlan",
+    "StatementPlan",
+    "cache_info",
+    "placeholder_count",
+    "plan_request",
+    "plan_statement",
+]
+
+CACHE_ENTRIES = 2048
+CACHE_MAX_SQL_CHARS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPlan:
+    """What one SQL text does, as far as parsing can tell.
+
+    ``refusal`` is why it may not run on a pooled connection (None: it may). ``opaque`` is
+    true for a ``DO`` block, a ``CALL`` or SQL that does not parse: what it does to the
+    session cannot be seen. ``placeholders`` is how many values it takes, as Postgres counts
+    them (``SELECT $2`` takes two), or None when Postgres must count them itself (SQL that
+    does not parse, ``$n`` that are a SQL-standard function body's arguments, ``EXPLAIN``).
+    ``catalog_calls`` are the called names that may be built-ins; ``foreign_call`` is true
+    when some call certainly is not (qualified with another schema, or unparsed SQL).
+    """
+
+    refusal: Refusal | None
+    opaque: bool
+    placeholders: int | None
+    catalog_calls: frozenset[str] = frozenset()
+    foreign_call: bool = False
+
+    def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
+        """True if this calls a function not among *known* (pg_catalog's names; None when
+        they could not be read: then every call counts as unknown)."""
+        if self.foreign_call:
+            return True
+        return bool(self.catalog_calls) and (known is None or not self.catalog_calls <= known)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """The plans of a request's statements, in order (``statements[i]`` is statement *i*)."""
+
+    statements: tuple[StatementPlan, ...]
+
+    @property
+    def needs_audit(self) -> bool:
+        """True if a statement is opaque (``DO``, ``CALL``, unparsed): audit the session."""
+        return any(plan.opaque for plan in self.statements)
+
+    def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
+        """True if a statement calls a function outside *known* (see `StatementPlan`).
+
+        Functions reached without a call in the SQL (triggers, views, column defaults,
+        operators) are not seen: ``PGBROKER_SESSION_AUDIT=always`` covers those.
+        """
+        return any(plan.calls_unknown_function(known) for plan in self.statements)
+
+
+def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPlan:
+    """Plan each of *sqls*, parsing each distinct text at most once; raise `SessionStateError`
+    naming the first statement that is refused.
+
+    *role_locked* is true when the broker sets each caller's role itself (PGBROKER_ROLE_MAP);
+    then role changes of any kind are refused as well.
+    """
+    planned: dict[str, StatementPlan] = {}
+    for index, sql in enumerate(sqls):
+        plan = planned.get(sql)
+        if plan is None:
+            plan = planned[sql] = plan_statement(sql, role_locked=role_locked)
+        if plan.refusal is not None:
+            raise SessionStateError(index, plan.refusal.message, plan.refusal.reason)
+    return RequestPlan(tuple(planned[sql] for sql in sqls))
+
+
+def plan_statement(sql: str, *, role_locked: bool = False) -> StatementPlan:
+    """The plan of one SQL text, cached (see the module docstring). Never raises: SQL that
+    does not parse is left for Postgres to report, with its SQLSTATE and position."""
+    if len(sql) > CACHE_MAX_SQL_CHARS:
+        return _plan(sql, role_locked)
+    return _cached_plan(sql, role_locked)
+
+
+def placeholder_count(sql: str) -> int | None:
+    """How many values *sql* takes, for SQL that comes without a plan (the broker's own
+    queries); see `StatementPlan.placeholders`."""
+    if "$" not in sql:
+        return 0
+    return plan_statement(sql).placeholders
+
+
+def _plan(sql: str, role_locked: bool) -> StatementPlan:
+    try:
+        raw_statements = parse_sql(sql)
+    except ParseError:
+        return _unparsed(sql, None)
+    except RecursionError:
+        return _unparsed(sql, TOO_DEEP)
+    nodes = [node for raw in raw_statements for node in walk(raw.stmt)]
+    calls = [function_name(node) for node in nodes if isinstance(node, ast.FuncCall)]
+    return StatementPlan(
+        refusal=classify(raw_statements, role_locked),
+        opaque=any(isinstance(node, ast.DoStmt | ast.CallStmt) for node in nodes),
+        placeholders=_highest_placeholder(raw_statements, nodes),
+        catalog_calls=frozenset(name for name in calls if name),
+        foreign_call="" in calls,
+    )
+
+
+_cached_plan = functools.lru_cache(maxsize=CACHE_ENTRIES)(_plan)
+cache_info = _cached_plan.cache_info
+
+
+def _unparsed(sql: str, refusal: Refusal | None) -> StatementPlan:
+    """SQL pglast cannot read: opaque, every call unknown, and its ``$n`` left to Postgres."""
+    return StatementPlan(
+        refusal=refusal,
+        opaque=True,
+        placeholders=0 if not _scans_placeholders(sql) else None,
+        foreign_call=True,
+    )
+
+
+def _scans_placeholders(sql: str) -> bool:
+    """Whether Postgres' lexer finds a ``$n`` in *sql* (or cannot scan it at all); words in
+    literals, dollar quotes and comments do not count."""
+    if "$" not in sql:
+        return False
+    try:
+        return any(token.name == "PARAM" for token in scan(sql))
+    except ParseError:
+        return True
+
+
+def _highest_placeholder(
+    raw_statements: Sequence[ast.RawStmt], nodes: Iterable[ast.Node]
+) -> int | None:
+    """The highest ``$n`` of the parsed SQL, or None when a ``$n`` may need no value: the
+    arguments of a function with a SQL-standard body (``CREATE FUNCTION f(int) … RETURN
+    $1 + 1``), or ``EXPLAIN (GENERIC_PLAN)`` from Postgres 16. Postgres then counts them.
+
+    Needed because the statement is prepared with one type per value given: Postgres then
+    counts the values, not the placeholders, and ignores values beyond them.
+    """
+    numbers = [node.number or 0 for node in nodes if isinstance(node, ast.ParamRef)]
+    if numbers and any(_placeholders_may_not_be_values(raw.stmt) for raw in raw_statements):
+        return None
+    return max(numbers, default=0)
+
+
+def _placeholders_may_not_be_values(stmt: ast.Node | None) -> bool:
+    return isinstance(stmt, ast.ExplainStmt) or (
+        isinstance(stmt, ast.CreateFunctionStmt) and stmt.sql_body is not None
+    )
