@@ -227,10 +227,6 @@ class Pool:
         """True once every connection has been opened at least once (health: SERVING)."""
         return self._filled.is_set()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def close(self) -> None:
         """Fail every waiter with `PoolClosed`, stop reconnecting, close idle connections.
 

@@ -21,7 +21,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -349,7 +348,6 @@ class PgConnection:
         self._target = target
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
         self._cache_size = cache_size
-        self.created_at = time.monotonic()
         key = core._backend_key_data or b"\0" * 8
         self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
         self.closed = False
