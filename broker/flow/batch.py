@@ -97,7 +97,7 @@ class Batch:
         )
 
 
-def code_for_sqlstate(sqlstate: str) -> Code:
+def _code_for_sqlstate(sqlstate: str) -> Code:
     """The status code of a Postgres error (the table in `broker.front.service`)."""
     if sqlstate in ("40001", "40P01"):
         return Code.ABORTED
@@ -115,7 +115,7 @@ def code_for_sqlstate(sqlstate: str) -> Code:
     return Code.FAILED_PRECONDITION
 
 
-def database_error(error: PgError, statement_index: int) -> pb.DatabaseError:
+def _database_error(error: PgError, statement_index: int) -> pb.DatabaseError:
     """*error* as the ``DatabaseError`` status detail."""
     return pb.DatabaseError(
         sqlstate=error.sqlstate,
@@ -130,18 +130,18 @@ def database_error(error: PgError, statement_index: int) -> pb.DatabaseError:
 class StatementFailed(BrokerFailure):
     """Postgres rejected a statement; the transaction was rolled back.
 
-    The code follows the SQLSTATE (`code_for_sqlstate`), with a retry hint for ABORTED and
-    UNAVAILABLE; no ErrorInfo reason: the ``database_error`` detail says what failed.
+    The code follows the SQLSTATE (the table in `broker.front.service`), with a retry hint for
+    ABORTED and UNAVAILABLE; no ErrorInfo reason: the ``database_error`` detail says what failed.
     """
 
     def __init__(self, error: PgError, statement_index: int) -> None:
-        code = code_for_sqlstate(error.sqlstate)
+        code = _code_for_sqlstate(error.sqlstate)
         where = "COMMIT/BEGIN" if statement_index < 0 else f"statement {statement_index}"
         super().__init__(
             f"{where}: {error.message}",
             code=code,
             retry_after=RETRY_SOON if code in (Code.ABORTED, Code.UNAVAILABLE) else None,
-            database_error=database_error(error, statement_index),
+            database_error=_database_error(error, statement_index),
         )
         self.error = error
         self.statement_index = statement_index
@@ -164,7 +164,7 @@ class TransactionLost(BrokerFailure):
     def __init__(
         self, cause: ConnectionLost, nothing_committed: bool, *, gave_up: bool = False
     ) -> None:
-        fatal = None if cause.fatal is None else database_error(cause.fatal, -1)
+        fatal = None if cause.fatal is None else _database_error(cause.fatal, -1)
         if gave_up:
             super().__init__(
                 f"database connection lost on {MAX_ATTEMPTS} connections in a row while this"
