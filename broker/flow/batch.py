@@ -14,6 +14,9 @@
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
   statement (-1 for BEGIN/COMMIT).
 
+Each failure here is a `broker.errors.BrokerFailure` that declares the status the caller gets
+(the table in `broker.front.service`).
+
 `execute` is the async flow on the event loop: queue for a connection (`Pool.getconn`), run the
 transaction on a worker, send a cancel request to the backend if the deadline passes or the
 caller goes away, return the connection only when idle and clean, and retry on a fresh
@@ -30,10 +33,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
-from broker.postgres.pg import ConnectionLost, PgConnection, PgError
+from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
 from broker.security.roles import quote_role
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -96,43 +100,123 @@ class Batch:
         )
 
 
-class StatementFailed(Exception):
-    """Postgres rejected a statement; the transaction was rolled back."""
+def _code_for_sqlstate(sqlstate: str) -> Code:
+    """The status code of a Postgres error (the table in `broker.front.service`)."""
+    if sqlstate in ("40001", "40P01"):
+        return Code.ABORTED
+    if sqlstate == "57014":
+        return Code.DEADLINE_EXCEEDED
+    if sqlstate == "08P01":
+        # A protocol violation Postgres blames on the message the broker sent for the
+        # caller (wrong parameter counts are refused before sending, with 42601): the
+        # connection is fine and a retry cannot help.
+        return Code.INVALID_ARGUMENT
+    if sqlstate.startswith("08") or sqlstate.startswith("57P0"):
+        return Code.UNAVAILABLE
+    if sqlstate[:2] in ("22", "23", "42"):
+        return Code.INVALID_ARGUMENT
+    return Code.FAILED_PRECONDITION
+
+
+def _database_error(error: PgError, statement_index: int) -> pb.DatabaseError:
+    """*error* as the ``DatabaseError`` status detail."""
+    return pb.DatabaseError(
+        sqlstate=error.sqlstate,
+        message=error.message,
+        detail=error.detail,
+        hint=error.hint,
+        statement_index=statement_index,
+        severity=error.severity,
+    )
+
+
+class StatementFailed(BrokerFailure):
+    """Postgres rejected a statement; the transaction was rolled back.
+
+    The code follows the SQLSTATE (the table in `broker.front.service`), with a retry hint for
+    ABORTED and UNAVAILABLE; no ErrorInfo reason: the ``database_error`` detail says what failed.
+    """
 
     def __init__(self, error: PgError, statement_index: int) -> None:
-        super().__init__(f"statement {statement_index}: {error}")
+        code = _code_for_sqlstate(error.sqlstate)
+        where = "COMMIT/BEGIN" if statement_index < 0 else f"statement {statement_index}"
+        super().__init__(
+            f"{where}: {error.message}",
+            code=code,
+            retry_after=RETRY_SOON if code in (Code.ABORTED, Code.UNAVAILABLE) else None,
+            database_error=_database_error(error, statement_index),
+        )
         self.error = error
         self.statement_index = statement_index
 
 
-class TransactionLost(Exception):
+class TransactionLost(BrokerFailure):
     """The server connection broke during the transaction.
 
     `nothing_committed` is True when the transaction certainly did not commit (the link broke
     before COMMIT was sent, or the server said it was terminating the session); then the
-    request may be retried on another connection. Otherwise the outcome is unknown.
+    request may be retried on another connection: UNAVAILABLE, reason POOL_UNAVAILABLE (nothing
+    ran), retry soon. Otherwise the outcome is unknown: UNKNOWN, reason CONNECTION_LOST, so a
+    client that reads reasons before codes cannot take it for retry-safe.
     `gave_up` is True when the broker stopped retrying a request that lost its connection
-    while its statements ran on every attempt: the request itself may be what ends it.
+    while its statements ran on every attempt (the request itself may be what ends it):
+    UNAVAILABLE, reason CONNECTION_LOST and no retry hint, so clients do not retry either.
+    The server's FATAL, if it sent one, is the ``database_error`` detail.
     """
 
-    def __init__(self, cause: ConnectionLost, nothing_committed: bool) -> None:
-        super().__init__(str(cause))
+    def __init__(
+        self, cause: ConnectionLost, nothing_committed: bool, *, gave_up: bool = False
+    ) -> None:
+        fatal = None if cause.fatal is None else _database_error(cause.fatal, -1)
+        if gave_up:
+            super().__init__(
+                f"database connection lost on {MAX_ATTEMPTS} connections in a row while this"
+                f" request ran; nothing committed, not retried again: {cause}",
+                code=Code.UNAVAILABLE,
+                reason=Reason.CONNECTION_LOST,
+                database_error=fatal,
+            )
+        elif nothing_committed:
+            super().__init__(
+                f"database connection lost, nothing committed: {cause}",
+                code=Code.UNAVAILABLE,
+                reason=Reason.POOL_UNAVAILABLE,
+                retry_after=RETRY_SOON,
+                database_error=fatal,
+            )
+        else:
+            super().__init__(
+                f"database connection lost, the transaction may or may not have committed: {cause}",
+                code=Code.UNKNOWN,
+                reason=Reason.CONNECTION_LOST,
+                database_error=fatal,
+            )
         self.cause = cause
         self.nothing_committed = nothing_committed
-        self.gave_up = False
+        self.gave_up = gave_up
 
 
-class DeadlineBeforeStart(Exception):
-    """The caller's deadline passed before BEGIN: nothing was sent to Postgres."""
+class DeadlineBeforeStart(BrokerFailure):
+    """The caller's deadline passed before BEGIN: nothing was sent to Postgres.
+    DEADLINE_EXCEEDED, reason QUEUE_TIMEOUT with metadata ``cause=deadline``, as a deadline
+    that passes in the queue."""
+
+    code = Code.DEADLINE_EXCEEDED
+    reason = Reason.QUEUE_TIMEOUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, metadata={"cause": "deadline"})
 
 
 @dataclass
 class ExecuteOutcome:
+    """A committed request: its results, the time it queued and the time it held a
+    connection (microseconds), and the backend that ran it (for the logs)."""
+
     results: list[pb.StatementResult]
     wait_us: int
     run_us: int
     backend_pid: int
-    attempts: int = 1
 
 
 def application_name(function: str | None, request_id: str | None) -> str:
@@ -209,15 +293,14 @@ def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
         # A FATAL reply means the server ended the session before COMMIT completed (a
         # completed COMMIT is answered before the FATAL). Without one, only a batch whose
         # COMMIT was not yet sent is certainly rolled back.
-        return exc.fatal is not None or getattr(exc, "before_commit", False)
+        return exc.fatal is not None or not exc.after_sent
     # A single statement commits as it completes, so a FATAL read after it (in the RESET
     # behind it) says nothing; and a CALL or DO may COMMIT inside, before a FATAL ends it.
-    if not getattr(exc, "after_sent", True):
+    if not exc.after_sent:
         return True  # failed while preparing: the statement was never sent
-    phase = getattr(exc, "phase", "send")
-    if exc.fatal is None or phase not in ("before", "prepare", "statement"):
+    if exc.fatal is None or exc.phase not in (Phase.BEFORE, Phase.PREPARE, Phase.STATEMENT):
         return False
-    return phase != "statement" or not batch.plan.statements[0].opaque
+    return exc.phase is not Phase.STATEMENT or not batch.plan.statements[0].opaque
 
 
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
@@ -238,7 +321,7 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
             plan=batch.plan.statements[0],
         )
     except PgError as exc:
-        if exc.phase == "after" and conn.transaction_status == "idle":
+        if exc.phase is Phase.AFTER and conn.transaction_status is TransactionStatus.IDLE:
             # The statement ran; only the RESET failed (a late cancel). Reset on next use.
             raise StatementFailed(exc, -1) from exc
         raise StatementFailed(exc, 0) from exc
@@ -258,15 +341,12 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
         )
     except PgError as exc:
         _rollback(conn)
-        raise StatementFailed(exc, exc.index if exc.phase == "statement" else -1) from exc
-    except ConnectionLost as exc:
-        exc.before_commit = not getattr(exc, "after_sent", True)  # type: ignore[attr-defined]
-        raise
+        raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
 
 
 def _rollback(conn: PgConnection) -> None:
     """End a failed transaction; a connection that stays in a transaction is replaced later."""
-    if conn.transaction_status in ("in_transaction", "in_error"):
+    if conn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         # Still not idle afterwards (or the link broke): the pool replaces the connection.
         with contextlib.suppress(PgError, ConnectionLost):
             conn.execute_simple("ROLLBACK")
@@ -309,11 +389,11 @@ async def execute(
                     extra={"attempt": attempt_no, "error": str(exc)},
                 )
                 continue
-            # E.g. SELECT pg_terminate_backend(pg_backend_pid()): MAX_ATTEMPTS runs are
-            # enough; the client must not multiply them by its own retries.
-            exc.gave_up = (
-                exc.nothing_committed and attempt_no >= MAX_ATTEMPTS and _phase(exc) == "statement"
-            )
+            gave_up = attempt_no >= MAX_ATTEMPTS and exc.cause.phase is Phase.STATEMENT
+            if exc.nothing_committed and gave_up:
+                # E.g. SELECT pg_terminate_backend(pg_backend_pid()): MAX_ATTEMPTS runs are
+                # enough; the client must not multiply them by its own retries.
+                raise TransactionLost(exc.cause, nothing_committed=True, gave_up=True) from exc
             raise
         done = time.monotonic()
         return ExecuteOutcome(
@@ -321,13 +401,7 @@ async def execute(
             wait_us=int((checked_out - arrived) * 1_000_000),
             run_us=int((done - checked_out) * 1_000_000),
             backend_pid=conn.pg.backend_pid,
-            attempts=attempt_no,
         )
-
-
-def _phase(exc: TransactionLost) -> str | None:
-    """Which part of the request was running when the link broke (`PgConnection` phases)."""
-    return getattr(exc.cause, "phase", None)
 
 
 def _expired(deadline: float | None) -> bool:
@@ -428,8 +502,8 @@ def _close_reason(
     """Why *conn* must not go back to the pool, or None if it is idle and clean."""
     if conn.pg.closed:
         return "server connection lost"
-    if conn.pg.transaction_status != "idle":
-        return f"not idle after the transaction ({conn.pg.transaction_status})"
+    if conn.pg.transaction_status is not TransactionStatus.IDLE:
+        return f"not idle after the transaction ({conn.pg.transaction_status.value})"
     # Session state the caller left behind (broker/postgres/audit.py): replace, never hand on.
     if changed := conn.pg.reported_changes():
         return f"session state changed ({', '.join(changed)})"

@@ -1,251 +1,118 @@
 """The Broker servicer: proto ⇄ domain, and every failure mapped to a gRPC status.
 
-Errors carry the richer error model (``google.rpc.Status`` in the trailing metadata, read
-with ``grpc_status.rpc_status.from_call``):
+Every failure is a `broker.errors.BrokerFailure` that declares its status (code, ErrorInfo
+reason, RetryInfo delay, metadata, DatabaseError); `broker.front.status` packs it into the
+richer error model (``google.rpc.Status`` in the trailing metadata, read with
+``lambda_client._status.unpack``). Who raises what, and what the caller gets:
 
-=====================================  =====================  =================================
-situation                              status                 details
-=====================================  =====================  =================================
-SQLSTATE class 22, 23, 42              INVALID_ARGUMENT       DatabaseError
-40001, 40P01                           ABORTED                DatabaseError, RetryInfo
-57014 (statement timeout, cancel)      DEADLINE_EXCEEDED      DatabaseError
-08*, 57P0x                             UNAVAILABLE            DatabaseError, RetryInfo
-other SQLSTATE                         FAILED_PRECONDITION    DatabaseError
-queue full                             RESOURCE_EXHAUSTED     ErrorInfo QUEUE_FULL, RetryInfo
-queue timeout                          RESOURCE_EXHAUSTED     ErrorInfo QUEUE_TIMEOUT
-deadline passed while queued           DEADLINE_EXCEEDED      ErrorInfo QUEUE_TIMEOUT
-database unreachable, nothing ran      UNAVAILABLE            ErrorInfo POOL_UNAVAILABLE, RetryInfo
-connection lost, outcome unknown       UNKNOWN                ErrorInfo CONNECTION_LOST
-lost mid-statement on every attempt    UNAVAILABLE            ErrorInfo CONNECTION_LOST (nothing
-                                                              committed; no RetryInfo)
-bad request / session-state SQL        INVALID_ARGUMENT       ErrorInfo BAD_REQUEST / SESSION_STATE
-a limit crossed (security/limits.py)   RESOURCE_EXHAUSTED     ErrorInfo LIMIT_EXCEEDED (+RetryInfo
-                                                              for the in-flight limit)
-shutting down                          UNAVAILABLE            ErrorInfo SHUTTING_DOWN, RetryInfo
-=====================================  =====================  =================================
+=================================  ====================  ===================  =====================
+situation                          raised as             status               details
+=================================  ====================  ===================  =====================
+SQLSTATE class 22, 23, 42, 08P01   StatementFailed       INVALID_ARGUMENT     DatabaseError
+40001, 40P01                       StatementFailed       ABORTED              DatabaseError,
+                                                                              RetryInfo
+57014 (statement timeout, cancel)  StatementFailed       DEADLINE_EXCEEDED    DatabaseError
+other 08*, 57P0x                   StatementFailed       UNAVAILABLE          DatabaseError,
+                                                                              RetryInfo
+other SQLSTATE                     StatementFailed       FAILED_PRECONDITION  DatabaseError
+queue full                         QueueFull             RESOURCE_EXHAUSTED   QUEUE_FULL, RetryInfo
+queue timeout                      QueueTimeout          RESOURCE_EXHAUSTED   QUEUE_TIMEOUT
+deadline passed while queued       DeadlineExpired,      DEADLINE_EXCEEDED    QUEUE_TIMEOUT
+(or before BEGIN)                  DeadlineBeforeStart                        (cause=deadline)
+database unreachable, nothing ran  PoolUnavailable       UNAVAILABLE          POOL_UNAVAILABLE,
+                                                                              RetryInfo 1 s
+connection lost, none committed    TransactionLost       UNAVAILABLE          POOL_UNAVAILABLE,
+                                                                              RetryInfo
+connection lost, outcome unknown   TransactionLost       UNKNOWN              CONNECTION_LOST
+lost mid-statement on every        TransactionLost       UNAVAILABLE          CONNECTION_LOST (no
+attempt (nothing committed)        (gave_up)                                  RetryInfo)
+bad request, idempotency_key set   BadRequest,           INVALID_ARGUMENT     BAD_REQUEST
+                                   BadParameter
+session-state SQL                  SessionStateError     INVALID_ARGUMENT     SESSION_STATE or
+                                                                              BAD_REQUEST
+no, bad or expired credentials     AuthError             UNAUTHENTICATED      UNAUTHENTICATED
+caller not allowed (IAM roles)     PermissionDenied      PERMISSION_DENIED    PERMISSION_DENIED
+identity not verifiable now (STS)  AuthUnavailable       UNAVAILABLE          AUTH_UNAVAILABLE,
+                                                                              RetryInfo
+caller maps to no role             RoleRefused           PERMISSION_DENIED    PERMISSION_DENIED
+                                                                              (cause=role_map)
+a limit crossed                    LimitExceeded         RESOURCE_EXHAUSTED   LIMIT_EXCEEDED
+(security/limits.py)                                                          (+RetryInfo for the
+                                                                              in-flight limit)
+shutting down                      PoolClosed            UNAVAILABLE          SHUTTING_DOWN,
+                                                                              RetryInfo
+anything else (a bug)              (any exception)       INTERNAL             none; the message
+                                                                              names the class only
+=================================  ====================  ===================  =====================
+
+The details column names the ErrorInfo reason (domain ``pgbroker``, metadata in brackets);
+a lost connection whose server sent a FATAL also carries it as DatabaseError.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from broker.flow.batch import (
-    MAX_ATTEMPTS,
-    Batch,
-    DeadlineBeforeStart,
-    StatementFailed,
-    TransactionLost,
-    application_name,
-    execute,
-)
-from broker.pooling.pool import (
-    DeadlineExpired,
-    Pool,
-    PoolClosed,
-    PoolUnavailable,
-    QueueFull,
-    QueueTimeout,
-)
+from broker.errors import BrokerFailure, Code, Reason
+from broker.flow.batch import Batch, application_name, execute
+from broker.front.status import failure_for, status_for
+from broker.pooling.pool import Pool
 from broker.postgres.params import BadParameter, Bound, bind_params
-from broker.postgres.pg import PgError
 from broker.security.identity import AuthStats, current_identity
-from broker.security.limits import (
-    InflightLimiter,
-    LimitExceeded,
-    Limits,
-    check_request,
-    check_results,
-)
-from broker.security.roles import RoleMap, RoleRefused
+from broker.security.limits import InflightLimiter, Limits, check_request, check_results
+from broker.security.roles import RoleMap
 from broker.sql.plan import RequestPlan, plan_request
-from broker.sql.sessionstate import SessionStateError
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BrokerFailure", "BrokerService"]
+__all__ = ["BadRequest", "BrokerService", "validate"]
 
 log = logging.getLogger("pgbroker.service")
 
-ERROR_DOMAIN = "pgbroker"
-_RETRY_SOON = 0.1  # seconds suggested in RetryInfo
 
+class BadRequest(BrokerFailure):
+    """A request that cannot run as sent: INVALID_ARGUMENT, reason BAD_REQUEST; nothing ran."""
 
-class BrokerFailure(Exception):
-    """A request failure already decided: status code, message and details to send."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, details: Sequence[Message] = ()):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = list(details)
-
-    def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        for detail in self.details:
-            packed = any_pb2.Any()
-            packed.Pack(detail)
-            status.details.append(packed)
-        return rpc_status.to_status(status)
-
-
-def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
-    return error_details_pb2.ErrorInfo(domain=ERROR_DOMAIN, reason=reason, metadata=metadata)
-
-
-def _retry_info(seconds: float = _RETRY_SOON) -> error_details_pb2.RetryInfo:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(seconds * 1e9))
-    return error_details_pb2.RetryInfo(retry_delay=delay)
-
-
-def _database_error(error: PgError, index: int) -> pb.DatabaseError:
-    return pb.DatabaseError(
-        sqlstate=error.sqlstate,
-        message=error.message,
-        detail=error.detail,
-        hint=error.hint,
-        statement_index=index,
-        severity=error.severity,
-    )
-
-
-def status_for_sqlstate(sqlstate: str) -> grpc.StatusCode:
-    """The gRPC status for a Postgres error (see the module table)."""
-    if sqlstate in ("40001", "40P01"):
-        return grpc.StatusCode.ABORTED
-    if sqlstate == "57014":
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if sqlstate == "08P01":
-        # A protocol violation Postgres blames on the message the broker sent for the
-        # caller (wrong parameter counts are refused before sending, with 42601): the
-        # connection is fine and a retry cannot help.
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if sqlstate.startswith("08") or sqlstate.startswith("57P0"):
-        return grpc.StatusCode.UNAVAILABLE
-    if sqlstate[:2] in ("22", "23", "42"):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.FAILED_PRECONDITION
-
-
-def failure_for(exc: BaseException) -> BrokerFailure:
-    """Map a domain exception to the status the caller gets; unknown ones to INTERNAL."""
-    code = grpc.StatusCode
-    if isinstance(exc, BrokerFailure):
-        return exc
-    if isinstance(exc, StatementFailed):
-        status = status_for_sqlstate(exc.error.sqlstate)
-        details: list[Message] = [_database_error(exc.error, exc.statement_index)]
-        if status in (code.ABORTED, code.UNAVAILABLE):
-            details.append(_retry_info())
-        where = "COMMIT/BEGIN" if exc.statement_index < 0 else f"statement {exc.statement_index}"
-        return BrokerFailure(status, f"{where}: {exc.error.message}", details)
-    if isinstance(exc, QueueFull):
-        return BrokerFailure(
-            code.RESOURCE_EXHAUSTED, str(exc), [_error_info("QUEUE_FULL"), _retry_info()]
-        )
-    if isinstance(exc, PoolUnavailable):
-        return BrokerFailure(
-            code.UNAVAILABLE, str(exc), [_error_info("POOL_UNAVAILABLE"), _retry_info(1.0)]
-        )
-    if isinstance(exc, QueueTimeout):
-        return BrokerFailure(code.RESOURCE_EXHAUSTED, str(exc), [_error_info("QUEUE_TIMEOUT")])
-    if isinstance(exc, DeadlineExpired | DeadlineBeforeStart):
-        return BrokerFailure(
-            code.DEADLINE_EXCEEDED, str(exc), [_error_info("QUEUE_TIMEOUT", cause="deadline")]
-        )
-    if isinstance(exc, PoolClosed):
-        return BrokerFailure(
-            code.UNAVAILABLE, str(exc), [_error_info("SHUTTING_DOWN"), _retry_info()]
-        )
-    if isinstance(exc, TransactionLost):
-        return _lost_failure(exc)
-    if isinstance(exc, BadParameter):
-        return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [_error_info("BAD_REQUEST")])
-    if isinstance(exc, SessionStateError):
-        # Session-changing SQL outlives the transaction on a pooled connection (issue 6).
-        info = _error_info(exc.reason, statement_index=str(exc.statement_index))
-        return BrokerFailure(code.INVALID_ARGUMENT, str(exc), [info])
-    if isinstance(exc, RoleRefused):
-        return BrokerFailure(
-            code.PERMISSION_DENIED, str(exc), [_error_info("PERMISSION_DENIED", cause="role_map")]
-        )
-    if isinstance(exc, LimitExceeded):
-        limit_details: list[Message] = [_error_info("LIMIT_EXCEEDED", **exc.metadata())]
-        if exc.retry_after is not None:
-            limit_details.append(_retry_info(exc.retry_after))
-        return BrokerFailure(code.RESOURCE_EXHAUSTED, exc.message, limit_details)
-    return BrokerFailure(code.INTERNAL, f"internal error ({type(exc).__name__})")
-
-
-def _lost_failure(exc: TransactionLost) -> BrokerFailure:
-    # POOL_UNAVAILABLE tells clients nothing ran; an unknown outcome gets its own reason so a
-    # client that reads reasons before codes cannot take it for retry-safe.
-    retry_safe = exc.nothing_committed and not exc.gave_up
-    reason = "POOL_UNAVAILABLE" if retry_safe else "CONNECTION_LOST"
-    details: list[Message] = [_error_info(reason)]
-    if exc.cause.fatal is not None:
-        details.insert(0, _database_error(exc.cause.fatal, -1))
-    if exc.gave_up:
-        # Nothing committed, but no RetryInfo and not POOL_UNAVAILABLE: clients do not retry.
-        return BrokerFailure(
-            grpc.StatusCode.UNAVAILABLE,
-            f"database connection lost on {MAX_ATTEMPTS} connections in a row while this"
-            f" request ran; nothing committed, not retried again: {exc}",
-            details,
-        )
-    if exc.nothing_committed:
-        details.append(_retry_info())
-        return BrokerFailure(
-            grpc.StatusCode.UNAVAILABLE,
-            f"database connection lost, nothing committed: {exc}",
-            details,
-        )
-    return BrokerFailure(
-        grpc.StatusCode.UNKNOWN,
-        f"database connection lost, the transaction may or may not have committed: {exc}",
-        details,
-    )
+    code = Code.INVALID_ARGUMENT
+    reason = Reason.BAD_REQUEST
 
 
 def validate(
     request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
 ) -> tuple[RequestPlan, list[Bound]]:
-    """Refuse a request that cannot run, before it queues; raise `BrokerFailure`,
-    `LimitExceeded` (broker/security/limits.py) or `SessionStateError` (broker/sql/sessionstate.py).
+    """Refuse a request that cannot run, before it queues; raise `BadRequest`, `BadParameter`
+    (broker/postgres/params.py), `LimitExceeded` (broker/security/limits.py) or
+    `SessionStateError` (broker/sql/sessionstate.py).
 
     Return the request's plan (its SQL parsed once, broker/sql/plan.py) and each statement's
     parameters bound for the wire, so neither is done again."""
-    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if request.idempotency_key:
+        # A caller who sets it believes a retry cannot apply the transaction twice; until
+        # exactly-once lands that would be false, so refuse rather than ignore it.
+        raise BadRequest(
+            "idempotency_key is not supported: exactly-once execution is not implemented yet;"
+            " send the request without it"
+        )
     if not request.statements:
-        raise BrokerFailure(bad, "no statements", [_error_info("BAD_REQUEST")])
+        raise BadRequest("no statements")
     check_request(request, limits or Limits())
     if request.options.isolation not in pb.IsolationLevel.values():
-        raise BrokerFailure(
-            bad,
-            f"unknown isolation level {request.options.isolation}",
-            [_error_info("BAD_REQUEST")],
-        )
+        raise BadRequest(f"unknown isolation level {request.options.isolation}")
     for index, statement in enumerate(request.statements):
         if not statement.sql.strip():
-            raise BrokerFailure(bad, f"statement {index}: empty SQL", [_error_info("BAD_REQUEST")])
+            raise BadRequest(f"statement {index}: empty SQL")
     plan = plan_request([s.sql for s in request.statements], role_locked=role_locked)
     bound: list[Bound] = []
     for index, statement in enumerate(request.statements):
         try:
             bound.append(bind_params(statement.params))
         except BadParameter as exc:
-            raise BrokerFailure(
-                bad, f"statement {index}: {exc}", [_error_info("BAD_REQUEST")]
-            ) from exc
+            raise BadParameter(f"statement {index}: {exc}") from exc
     return plan, bound
 
 
@@ -253,9 +120,9 @@ def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
     """The caller's Lambda request id and function name from the call metadata, if sent."""
     request_id = function = None
     for key, value in metadata or ():
-        if key == "x-lambda-request-id":
+        if key == REQUEST_ID_KEY:
             request_id = str(value) or None
-        elif key == "x-lambda-function-name":
+        elif key == FUNCTION_NAME_KEY:
             function = str(value) or None
     return request_id, function
 
@@ -328,11 +195,11 @@ class BrokerService(pb_grpc.BrokerServicer):
                     "function": function,
                     "caller": caller,
                     "code": failure.code.name,
-                    "error": failure.message,
+                    "error": str(failure),
                     "statements": len(request.statements),
                 },
             )
-            await context.abort_with_status(failure.to_status())
+            await context.abort_with_status(status_for(failure))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
         stats = self._stats
         stats["transactions_num"] += 1
@@ -363,11 +230,11 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1
-        if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if failure.code is Code.RESOURCE_EXHAUSTED:
             self._stats["rpcs_rejected"] += 1
-        if any(isinstance(d, pb.DatabaseError) for d in failure.details):
+        if failure.database_error is not None:
             self._stats["transactions_errors"] += 1
-        if any(getattr(d, "reason", "") == "LIMIT_EXCEEDED" for d in failure.details):
+        if failure.reason is Reason.LIMIT_EXCEEDED:
             self._stats["limits_exceeded"] += 1
 
     async def GetStats(

@@ -18,14 +18,19 @@ Behaviour, in PgBouncer's terms:
   connection is ever handed to nobody.
 * Deadlines are `time.monotonic()` values (the event loop's clock).
 
-Server connection states follow PgBouncer: ``login`` (connecting), ``idle``, ``active``,
-``closed``.
+A server connection is in one `ServerState` (PgBouncer's names): ``SV_IDLE`` in the pool,
+``SV_ACTIVE`` handed to a request, ``SV_JUSTFREE`` closed. Returning a connection that is not
+active (twice, or one never handed out) fails loudly rather than pooling it twice.
+
+Every failure here is a `broker.errors.BrokerFailure` declaring the status the caller gets
+(`lambda_client._status.Code`, no gRPC import): nothing reached the database in any of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import select
@@ -37,17 +42,18 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, TypeVar
 
+from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.postgres.pg import ConnectionLost, PgConnection
 
 __all__ = [
     "DeadlineExpired",
     "Pool",
     "PoolClosed",
-    "PoolError",
     "PoolUnavailable",
     "QueueFull",
     "QueueTimeout",
     "ServerConnection",
+    "ServerState",
 ]
 
 log = logging.getLogger("pgbroker.pool")
@@ -59,28 +65,56 @@ MIN_RUN_TIME = 0.005
 _T = TypeVar("_T")
 
 
-class PoolError(Exception):
-    """A request did not get a server connection; nothing reached the database."""
+class QueueFull(BrokerFailure):
+    """``max_waiting`` requests are already queued: RESOURCE_EXHAUSTED, retry soon."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = Reason.QUEUE_FULL
+    retry_after = RETRY_SOON
 
 
-class QueueFull(PoolError):
-    """``max_waiting`` requests are already queued."""
+class QueueTimeout(BrokerFailure):
+    """The request waited ``queue_timeout`` seconds without getting a connection:
+    RESOURCE_EXHAUSTED, no retry hint (the broker is saturated)."""
 
-
-class QueueTimeout(PoolError):
-    """The request waited ``queue_timeout`` seconds without getting a connection."""
+    code = Code.RESOURCE_EXHAUSTED
+    reason = Reason.QUEUE_TIMEOUT
 
 
 class PoolUnavailable(QueueTimeout):
-    """The wait ended while no server connection existed: the database is unreachable."""
+    """The wait ended while no server connection existed: the database is unreachable.
+    UNAVAILABLE, retry after a second."""
+
+    code = Code.UNAVAILABLE
+    reason = Reason.POOL_UNAVAILABLE
+    retry_after = 1.0
 
 
-class DeadlineExpired(PoolError):
-    """The caller's deadline passed (or was too close to run anything) while queued."""
+class DeadlineExpired(BrokerFailure):
+    """The caller's deadline passed (or was too close to run anything) while queued:
+    DEADLINE_EXCEEDED, reason QUEUE_TIMEOUT with metadata ``cause=deadline``."""
+
+    code = Code.DEADLINE_EXCEEDED
+    reason = Reason.QUEUE_TIMEOUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, metadata={"cause": "deadline"})
 
 
-class PoolClosed(PoolError):
-    """The pool is closing (broker shutting down)."""
+class PoolClosed(BrokerFailure):
+    """The pool is closing (broker shutting down): UNAVAILABLE, retry soon (elsewhere)."""
+
+    code = Code.UNAVAILABLE
+    reason = Reason.SHUTTING_DOWN
+    retry_after = RETRY_SOON
+
+
+class ServerState(enum.Enum):
+    """A server connection's state, in PgBouncer's names (``include/bouncer.h``)."""
+
+    SV_IDLE = "idle"  # in the pool, ready for a request
+    SV_ACTIVE = "active"  # handed to a request
+    SV_JUSTFREE = "closed"  # closed; never handed out again
 
 
 @dataclass(eq=False)
@@ -90,7 +124,7 @@ class ServerConnection:
     id: int
     pg: PgConnection
     expire_at: float
-    state: str = "idle"
+    state: ServerState = ServerState.SV_IDLE
     checked_out_at: float = 0.0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -193,10 +227,6 @@ class Pool:
         """True once every connection has been opened at least once (health: SERVING)."""
         return self._filled.is_set()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def close(self) -> None:
         """Fail every waiter with `PoolClosed`, stop reconnecting, close idle connections.
 
@@ -271,7 +301,7 @@ class Pool:
         queue_limit = waiter.enqueued_at + self.queue_timeout
         if waiter.deadline is not None and waiter.deadline - MIN_RUN_TIME <= queue_limit:
             self._count_error("requests_expired")
-            error: PoolError = DeadlineExpired("the caller's deadline passed while queued")
+            error: BrokerFailure = DeadlineExpired("the caller's deadline passed while queued")
         elif not self._idle and not self._active:
             self._count_error("requests_timeouts")
             error = PoolUnavailable(
@@ -292,7 +322,12 @@ class Pool:
         self._stats[key] += 1
 
     def putconn(self, conn: ServerConnection, close_reason: str | None = None) -> None:
-        """Return *conn*; with *close_reason* (or if broken, closing, expired) replace it."""
+        """Return *conn*; with *close_reason* (or if broken, closing, expired) replace it.
+
+        Raise RuntimeError if *conn* is not active (returned twice, or never handed out):
+        pooling it again would hand one connection to two requests."""
+        if conn.state is not ServerState.SV_ACTIVE:
+            raise RuntimeError(f"server connection {conn.id} returned while {conn.state.name}")
         self._active.discard(conn)
         self._stats["usage_ms"] += int((time.monotonic() - conn.checked_out_at) * 1000)
         if close_reason is not None or conn.pg.closed:
@@ -327,7 +362,7 @@ class Pool:
         return None
 
     def _activate(self, conn: ServerConnection) -> None:
-        conn.state = "active"
+        conn.state = ServerState.SV_ACTIVE
         conn.checked_out_at = time.monotonic()
         self._active.add(conn)
 
@@ -344,7 +379,7 @@ class Pool:
             self._activate(conn)
             waiter.future.set_result(conn)
             return
-        conn.state = "idle"
+        conn.state = ServerState.SV_IDLE
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
@@ -363,7 +398,7 @@ class Pool:
 
     def _retire(self, conn: ServerConnection, reason: str) -> None:
         """Close *conn* (reason logged) and, unless closing, start a replacement."""
-        conn.state = "closed"
+        conn.state = ServerState.SV_JUSTFREE
         log.info(
             "closing server connection",
             extra={"server_id": conn.id, "backend_pid": conn.pg.backend_pid, "reason": reason},
@@ -480,12 +515,6 @@ class Pool:
             "maxwait_us": int((now - oldest) * 1_000_000),
         }
         stats.update(self._stats)
-        return stats
-
-    def pop_stats(self) -> dict[str, int]:
-        """Like `get_stats`, then reset the counters (psycopg_pool's pop_stats)."""
-        stats = self.get_stats()
-        self._stats = dict.fromkeys(_COUNTERS, 0)
         return stats
 
 

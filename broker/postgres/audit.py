@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from broker.postgres.pg import ConnectionLost, PgConnection, PgError
+from broker.postgres.pg import ConnectionLost, PgConnection, PgError, TransactionStatus
 
 __all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session", "read_builtin_functions"]
 
@@ -74,7 +74,7 @@ def audit_session(conn: PgConnection) -> list[str]:
     Only for an idle connection; a failure to audit counts as dirty (``["unaudited"]``) so the
     connection is replaced rather than trusted. `ConnectionLost` propagates.
     """
-    if conn.closed or conn.transaction_status != "idle":
+    if conn.closed or conn.transaction_status is not TransactionStatus.IDLE:
         return []
     try:
         result = conn.run(AUDIT_SQL)

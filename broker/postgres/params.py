@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from broker.errors import BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.codec import TYPE_OF_KIND
 
@@ -51,8 +52,12 @@ _EPOCH = datetime(1970, 1, 1)
 _EPOCH_DATE = date(1970, 1, 1)
 
 
-class BadParameter(ValueError):
-    """A parameter that cannot be sent to Postgres; the message names it ($1, $2[0], …)."""
+class BadParameter(BrokerFailure):
+    """A parameter that cannot be sent to Postgres; the message names it ($1, $2[0], …).
+    INVALID_ARGUMENT, reason BAD_REQUEST: nothing ran."""
+
+    code = Code.INVALID_ARGUMENT
+    reason = Reason.BAD_REQUEST
 
 
 # Parameters bound for the wire: texts (None for NULL) and type OIDs.

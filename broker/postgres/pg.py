@@ -16,11 +16,11 @@ Why a subclass of `pg8000.core.CoreConnection` and not `pg8000.native.Connection
 from __future__ import annotations
 
 import contextlib
+import enum
 import socket
 import ssl
 import struct
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -40,10 +40,43 @@ __all__ = [
     "ConnectionLost",
     "PgConnection",
     "PgError",
+    "Phase",
+    "TransactionStatus",
     "connect",
 ]
 
 _CANCEL_REQUEST_CODE = 80877102
+
+
+class Phase(enum.Enum):
+    """The part of a pipelined call (`PgConnection.run_many`) whose reply was being read when
+    it failed (the last one read, while the next group is written).
+
+    Postgres handles messages in order, so the phase says what can have run: a FATAL read
+    in `BEFORE` means none of the statements behind it ran.
+    """
+
+    SEND = "send"  # no reply read yet
+    PREPARE = "prepare"  # preparing a statement not yet cached on the connection
+    BEFORE = "before"  # the session SQL ahead of the statements (BEGIN, SET …)
+    STATEMENT = "statement"  # one of the statements
+    AFTER = "after"  # the session SQL behind them (COMMIT, RESET …)
+
+
+class TransactionStatus(enum.Enum):
+    """The server's transaction status from its last ReadyForQuery (psycopg's names)."""
+
+    IDLE = "idle"
+    INTRANS = "in_transaction"
+    INERROR = "in_error"  # an aborted transaction: only ROLLBACK is accepted
+    UNKNOWN = "unknown"
+
+
+_TRANSACTION_STATUS = {
+    b"I": TransactionStatus.IDLE,
+    b"T": TransactionStatus.INTRANS,
+    b"E": TransactionStatus.INERROR,
+}
 
 
 @dataclass(frozen=True)
@@ -55,18 +88,13 @@ class PgError(Exception):
     detail: str = ""
     hint: str = ""
     severity: str = "ERROR"
-    # Which part of a pipelined call failed: "before" (session SQL), "statement", "after";
-    # for a statement, its position in the call.
-    phase: str = "statement"
+    # Which part of a pipelined call failed (BEFORE, STATEMENT or AFTER); for a statement,
+    # its position in the call.
+    phase: Phase = Phase.STATEMENT
     index: int = 0
 
     def __str__(self) -> str:
         return f"{self.severity} {self.sqlstate}: {self.message}"
-
-    @property
-    def is_user_cancel(self) -> bool:
-        """True for a 57014 caused by a cancel request (not by statement_timeout)."""
-        return self.sqlstate == "57014" and "user request" in self.message
 
     @classmethod
     def from_pg8000(cls, exc: DatabaseError) -> PgError:
@@ -85,12 +113,24 @@ class ConnectionLost(Exception):
     """The connection to Postgres broke (network error, server gone); it must be discarded.
 
     `fatal` holds the server's FATAL/PANIC error when it said why (e.g. 57P01 on
-    pg_terminate_backend or shutdown).
+    pg_terminate_backend or shutdown). For a break during `PgConnection.run_many`, `phase`
+    is the part of the call that was running (None outside one) and `after_sent` is False
+    only when the call's *after* SQL (a batch's COMMIT) and the statements sent with it
+    certainly did not go out; True when they may have.
     """
 
-    def __init__(self, message: str, fatal: PgError | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        fatal: PgError | None = None,
+        *,
+        phase: Phase | None = None,
+        after_sent: bool = True,
+    ) -> None:
         super().__init__(message)
         self.fatal = fatal
+        self.phase = phase
+        self.after_sent = after_sent
 
 
 # -- result decoding -------------------------------------------------------------------------
@@ -143,7 +183,6 @@ class _Micros(int):
     """A time of day in microseconds that Python's `time` cannot hold (24:00:00)."""
 
 
-_TEXT_OIDS = (25, 1043, 1042, 18, 19, 705)  # text, varchar, bpchar, char, name, unknown
 _JSON_OIDS = {114: "json", 3802: "jsonb", 199: "json", 3807: "jsonb"}
 
 
@@ -310,7 +349,6 @@ class PgConnection:
         self._target = target
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
         self._cache_size = cache_size
-        self.created_at = time.monotonic()
         key = core._backend_key_data or b"\0" * 8
         self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
         self.closed = False
@@ -321,17 +359,16 @@ class PgConnection:
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None
-        # The reply being read when a link breaks: a FATAL while reading "before" means the
-        # statements behind it never ran (Postgres handles messages in order).
-        self._reading = "idle"
+        # How far the running `run_many` call got, for the `ConnectionLost` a break raises.
+        self._progress = _Progress()
 
     # state ---------------------------------------------------------------------------------
 
     @property
-    def transaction_status(self) -> str:
-        """``idle``, ``in_transaction``, ``in_error`` (aborted transaction) or ``unknown``."""
+    def transaction_status(self) -> TransactionStatus:
+        """The status the server reported last (UNKNOWN before it said, or after a break)."""
         status = self._core._transaction_status
-        return {b"I": "idle", b"T": "in_transaction", b"E": "in_error"}.get(status, "unknown")
+        return _TRANSACTION_STATUS.get(status, TransactionStatus.UNKNOWN)
 
     def reported_changes(self) -> list[str]:
         """Settings Postgres reports (ParameterStatus: TimeZone, DateStyle, …) whose value
@@ -349,7 +386,7 @@ class PgConnection:
 
     def execute_simple(self, sql: str) -> None:
         """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip."""
-        with self._guard():
+        with _Guard(self):
             self._core.execute_simple(sql)
 
     def run(
@@ -392,8 +429,8 @@ class PgConnection:
         statements to have run (CREATE TABLE, then INSERT into it). Raise `PgError` for the
         first error (``phase``, and ``index`` into *statements*); nothing is sent after a group
         that failed, and nothing at all for a NUL byte in the SQL or a wrong count of values
-        (`_check_statements`). `ConnectionLost` carries ``after_sent``: whether *after* had
-        been sent.
+        (`_check_statements`). `ConnectionLost` carries the ``phase`` that was running and
+        ``after_sent``: whether *after* may have been sent.
         *bound* is `bind_params` of each statement's parameters when the caller has it already
         (the service binds them to validate the request); otherwise they are bound here.
         *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
@@ -402,15 +439,9 @@ class PgConnection:
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
-        progress = {"after_sent": False}
-        self._reading = "send"
-        try:
-            with self._guard():
-                return self._run_groups(statements, bound, before, after, progress)
-        except ConnectionLost as exc:
-            exc.after_sent = progress["after_sent"]  # type: ignore[attr-defined]
-            exc.phase = self._reading  # type: ignore[attr-defined]
-            raise
+        self._progress = progress = _Progress()
+        with _Guard(self, progress):
+            return self._run_groups(statements, bound, before, after)
 
     def _check_statements(
         self,
@@ -442,7 +473,6 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | None,
-        progress: dict[str, bool],
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
@@ -454,7 +484,7 @@ class PgConnection:
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
             group.append((index, prepared, texts))
-        progress["after_sent"] = after is not None
+        self._progress.after_sent = after is not None
         results += self._send_group(group, statements, bound, before, after)
         return results
 
@@ -477,18 +507,18 @@ class PgConnection:
         core.flush()
         errors: list[PgError] = []
         if before:
-            self._read_reply(Context(before), errors, "before")
+            self._read_reply(Context(before), errors, Phase.BEFORE)
         results = []
         for index, prepared, _ in group:
             sql = statements[index][0]
             context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
             context.command_tag = ""
-            self._read_reply(context, errors, "statement", index)
+            self._read_reply(context, errors, Phase.STATEMENT, index)
             results.append(_result(prepared, context))
             if any(e.sqlstate == "0A000" and e.index == index for e in errors):
                 self._forget(sql, bound[index][1])  # cached plan must not change result type
         if after:
-            self._read_reply(Context(after), errors, "after")
+            self._read_reply(Context(after), errors, Phase.AFTER)
         if errors:
             raise errors[0]
         return results
@@ -501,20 +531,20 @@ class PgConnection:
 
     def _prepare_at(self, sql: str, oids: tuple[int, ...], index: int) -> _Prepared:
         """`_prepare`, with a Postgres error (syntax, unknown table) naming its statement."""
-        self._reading = "prepare"
+        self._progress.phase = Phase.PREPARE
         try:
             return self._prepare(sql, oids)
         except DatabaseError as exc:
             error = PgError.from_pg8000(exc)
             if error.severity in ("FATAL", "PANIC"):
                 raise
-            raise replace(error, phase="statement", index=index) from exc
+            raise replace(error, phase=Phase.STATEMENT, index=index) from exc
 
     def _read_reply(
-        self, context: Context, errors: list[PgError], phase: str, index: int = 0
+        self, context: Context, errors: list[PgError], phase: Phase, index: int = 0
     ) -> None:
         """Read one reply up to ReadyForQuery; an ERROR is collected, FATAL propagates."""
-        self._reading = phase
+        self._progress.phase = phase
         try:
             self._core.handle_messages(context)
         except DatabaseError as exc:
@@ -545,9 +575,6 @@ class PgConnection:
         if evicted is not None:
             self._core.close_prepared_statement(evicted.name)
 
-    def _guard(self) -> _Guard:
-        return _Guard(self)
-
     # cancel and close ----------------------------------------------------------------------
 
     def cancel(self, timeout: float = 5.0) -> bool:
@@ -574,15 +601,28 @@ class PgConnection:
             self._core.close()
 
 
-class _Guard:
-    """Turns pg8000 exceptions into `PgError` / `ConnectionLost`; broken links mark closed."""
+@dataclass
+class _Progress:
+    """How far a `PgConnection.run_many` call got: the part running, and whether the group
+    with the *after* SQL has gone out (set just before it is written, as it may then have)."""
 
-    def __init__(self, conn: PgConnection) -> None:
+    phase: Phase = Phase.SEND
+    after_sent: bool = False
+
+
+class _Guard:
+    """Turns pg8000 exceptions into `PgError` / `ConnectionLost`; broken links mark closed.
+
+    With *progress* (a `run_many` call) a `ConnectionLost` carries its phase and after_sent;
+    without, neither is known (phase None, after_sent True: assume the worst)."""
+
+    def __init__(self, conn: PgConnection, progress: _Progress | None = None) -> None:
         self.conn = conn
+        self.progress = progress
 
     def __enter__(self) -> None:
         if self.conn.closed:
-            raise ConnectionLost("connection is closed")
+            raise self._lost("connection is closed")
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
@@ -591,12 +631,19 @@ class _Guard:
             error = PgError.from_pg8000(exc)
             if error.severity in ("FATAL", "PANIC"):
                 self.conn.close_quietly()
-                raise ConnectionLost(str(error), fatal=error) from exc
+                raise self._lost(str(error), fatal=error) from exc
             raise error from exc
         if isinstance(exc, InterfaceError | OSError | struct.error | AttributeError):
             # AttributeError: pg8000 after its socket was closed under it.
             self.conn.close_quietly()
-            raise ConnectionLost(f"connection to Postgres lost: {exc}") from exc
+            raise self._lost(f"connection to Postgres lost: {exc}") from exc
+
+    def _lost(self, message: str, fatal: PgError | None = None) -> ConnectionLost:
+        if self.progress is None:
+            return ConnectionLost(message, fatal)
+        return ConnectionLost(
+            message, fatal, phase=self.progress.phase, after_sent=self.progress.after_sent
+        )
 
 
 def _count_mismatch(expected: int, given: int) -> str:

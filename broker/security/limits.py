@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
@@ -46,10 +47,15 @@ MIB = 1024 * 1024
 POSTGRES_MAX_PARAMS = 65_535
 
 
-class LimitExceeded(Exception):
-    """A limit was crossed. ``limit`` is the variable that sets it (or a Postgres limit),
-    ``maximum`` its value, ``observed`` what the request had; ``retry_after`` is set only
-    when resending later can succeed; ``completed`` when the transaction had already run."""
+class LimitExceeded(BrokerFailure):
+    """A limit was crossed: RESOURCE_EXHAUSTED, reason LIMIT_EXCEEDED. ``limit`` is the
+    variable that sets it (or a Postgres limit), ``maximum`` its value, ``observed`` what the
+    request had (all three in the ErrorInfo metadata); ``retry_after`` is set only when
+    resending later can succeed; ``completed`` (metadata ``completed=true``) when the
+    transaction had already run."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = Reason.LIMIT_EXCEEDED
 
     def __init__(
         self,
@@ -61,20 +67,14 @@ class LimitExceeded(Exception):
         retry_after: float | None = None,
         completed: bool = False,
     ) -> None:
-        super().__init__(message)
+        metadata = {"limit": limit, "maximum": str(maximum), "observed": str(observed)}
+        if completed:
+            metadata["completed"] = "true"
+        super().__init__(message, retry_after=retry_after, metadata=metadata)
         self.limit = limit
         self.maximum = maximum
         self.observed = observed
-        self.message = message
-        self.retry_after = retry_after
         self.completed = completed
-
-    def metadata(self) -> dict[str, str]:
-        """ErrorInfo metadata: which limit, its value, what was seen."""
-        data = {"limit": self.limit, "maximum": str(self.maximum), "observed": str(self.observed)}
-        if self.completed:
-            data["completed"] = "true"
-        return data
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class InflightLimiter:
                 f"{key} already has {current} requests running or queued; at most"
                 f" {self.limit} per caller (PGBROKER_MAX_INFLIGHT_PER_CALLER): lower the"
                 " function's concurrency or retry later",
-                retry_after=0.1,
+                retry_after=RETRY_SOON,
             )
         self._counts[key] = current + 1
         try:

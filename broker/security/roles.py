@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from broker.errors import BrokerFailure, Code, Reason
 from broker.security.identity import Identity
 
 __all__ = ["RoleMap", "RoleRefused", "quote_role"]
@@ -28,13 +29,18 @@ __all__ = ["RoleMap", "RoleRefused", "quote_role"]
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
 
 
-class RoleRefused(Exception):
-    """The caller maps to no Postgres role and there is no default role."""
+class RoleRefused(BrokerFailure):
+    """The caller maps to no Postgres role and there is no default role: PERMISSION_DENIED,
+    with ErrorInfo metadata ``cause=role_map``."""
+
+    code = Code.PERMISSION_DENIED
+    reason = Reason.PERMISSION_DENIED
 
     def __init__(self, identity: Identity) -> None:
         super().__init__(
             f"{identity} has no database role: it matches no PGBROKER_ROLE_MAP entry and"
-            " PGBROKER_DEFAULT_ROLE is not set"
+            " PGBROKER_DEFAULT_ROLE is not set",
+            metadata={"cause": "role_map"},
         )
         self.identity = identity
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pglast import ast
 from pglast.enums import OnCommitAction, TransactionStmtKind, VariableSetKind
 
+from broker.errors import BrokerFailure, Code, Reason
+
 __all__ = [
     "REASON_BAD_REQUEST",
     "REASON_SESSION_STATE",
@@ -51,8 +53,8 @@ __all__ = [
     "walk",
 ]
 
-REASON_SESSION_STATE = "SESSION_STATE"
-REASON_BAD_REQUEST = "BAD_REQUEST"
+REASON_SESSION_STATE = Reason.SESSION_STATE
+REASON_BAD_REQUEST = Reason.BAD_REQUEST
 
 _CURSOR_OPT_HOLD = 0x0020  # parsenodes.h: DECLARE ... WITH HOLD
 
@@ -85,27 +87,29 @@ class Refusal:
 
     command: str
     message: str
-    reason: str = REASON_SESSION_STATE
+    reason: Reason = REASON_SESSION_STATE
 
 
-class SessionStateError(ValueError):
-    """A statement of the batch was refused before anything ran.
+class SessionStateError(BrokerFailure):
+    """A statement of the batch was refused before anything ran: INVALID_ARGUMENT.
 
-    ``statement_index`` indexes ``ExecuteRequest.statements``; ``reason`` is the
-    ``google.rpc.ErrorInfo`` reason the service reports with INVALID_ARGUMENT
-    (``SESSION_STATE`` for session-changing SQL, ``BAD_REQUEST`` for several or no
-    statements in one string). The message names the statement and the safe alternative,
-    never the SQL text (which may hold secrets).
+    ``statement_index`` indexes ``ExecuteRequest.statements`` (also in the ErrorInfo
+    metadata); ``reason`` is ``SESSION_STATE`` for session-changing SQL, ``BAD_REQUEST`` for
+    several or no statements in one string. The message names the statement and the safe
+    alternative, never the SQL text (which may hold secrets).
     """
 
-    def __init__(self, statement_index: int, message: str, reason: str = REASON_SESSION_STATE):
-        super().__init__(message)
-        self.statement_index = statement_index
-        self.message = message
-        self.reason = reason
+    code = Code.INVALID_ARGUMENT
 
-    def __str__(self) -> str:
-        return f"statement {self.statement_index}: {self.message}"
+    def __init__(
+        self, statement_index: int, message: str, reason: Reason = REASON_SESSION_STATE
+    ) -> None:
+        super().__init__(
+            f"statement {statement_index}: {message}",
+            reason=reason,
+            metadata={"statement_index": str(statement_index)},
+        )
+        self.statement_index = statement_index
 
 
 def classify(raw_statements: Sequence[ast.RawStmt], role_locked: bool = False) -> Refusal | None:

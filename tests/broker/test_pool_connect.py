@@ -1,12 +1,15 @@
-"""The pool keeps reconnecting whatever a connect fails with, not only network errors."""
+"""The pool driven directly: it keeps reconnecting whatever a connect fails with, not only
+network errors, and a server connection is in one state the pool checks."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
+
 from broker.config import parse_database_url
-from broker.pooling.pool import Pool
+from broker.pooling.pool import Pool, ServerState
 from broker.postgres.pg import PgConnection, connect
 
 
@@ -56,3 +59,30 @@ def test_idle_connection_on_a_high_descriptor_is_not_taken_for_dead(postgres: An
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_connection_returned_twice_is_refused_not_pooled_twice(postgres: Any) -> None:
+    target = parse_database_url(postgres.dsn + "?sslmode=disable")
+
+    async def return_twice() -> dict[str, int]:
+        pool = Pool(
+            lambda: connect(target, timeout=5, statement_timeout=30),
+            size=1,
+            max_waiting=10,
+            queue_timeout=5,
+            max_lifetime=3600,
+        )
+        try:
+            await pool.open(timeout=10)
+            conn = await pool.getconn()
+            assert conn.state is ServerState.SV_ACTIVE
+            pool.putconn(conn)
+            assert conn.state is ServerState.SV_IDLE
+            with pytest.raises(RuntimeError, match="returned while SV_IDLE"):
+                pool.putconn(conn)
+            return pool.get_stats()
+        finally:
+            await pool.close()
+
+    stats = asyncio.run(return_twice())
+    assert (stats["pool_size"], stats["pool_available"], stats["pool_active"]) == (1, 1, 0)
