@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 # With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)
@@ -66,4 +67,4 @@ deploy: validate
 	.venv-sam/bin/sam deploy $(if $(wildcard samconfig.toml),,--guided) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .aws-sam
+	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .aws-sam
