@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
-.PHONY: install proto proto-check test lint run demo bench validate image deploy clean
+.PHONY: install proto proto-check test test-client-pythons lint run demo bench validate image deploy \
+        clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
@@ -35,6 +36,12 @@ proto-check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The client distribution alone (pip install ./client pytest, one .venv-client-<version> each)
+# on the oldest and newest Python it supports, from pyenv, against a broker run from .venv.
+CLIENT_PYTHONS ?= 3.10 3.13
+test-client-pythons: $(STAMP)
+	$(PY) -m devtools.clientpythons $(CLIENT_PYTHONS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -67,4 +74,4 @@ deploy: validate
 	.venv-sam/bin/sam deploy $(if $(wildcard samconfig.toml),,--guided) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .aws-sam
+	rm -rf $(VENV) .venv-client-* .venv-sam .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .aws-sam
