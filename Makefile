@@ -63,8 +63,8 @@ bench: $(STAMP)
 image:
 	docker buildx build --platform $(PLATFORM) --tag $(IMAGE) $(if $(PUSH),--push,--load) .
 
-# Offline checks of the deployment: sam validate --lint, sam build, the layer's arm64 grpc
-# extension, hadolint. Uses its own virtualenv (.venv-sam): aws-sam-cli pins its own boto3.
+# Offline checks of the deployment: sam validate --lint, sam build, the layers' grpc extensions
+# (arm64 and x86_64), hadolint. Uses its own virtualenv (.venv-sam): aws-sam-cli pins its own boto3.
 validate:
 	bash deploy/validate.sh
 
