@@ -12,10 +12,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/pgbroker
 # Dependencies rarely change: copy the project metadata first so this layer stays cached.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY client/ client/
 COPY broker/ broker/
-COPY devtools/ devtools/
 RUN /opt/pgbroker/bin/pip install ./client .
 
 FROM ${PYTHON_IMAGE}

@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
-.PHONY: install proto proto-check test lint run demo bench validate image deploy clean
+.PHONY: install proto proto-check test test-client-pythons lint run demo bench validate image deploy \
+        clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
@@ -36,10 +37,17 @@ proto-check: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The client distribution alone (pip install ./client pytest, one .venv-client-<version> each)
+# on the oldest and newest Python it supports, from pyenv, against a broker run from .venv.
+CLIENT_PYTHONS ?= 3.10 3.13
+test-client-pythons: $(STAMP)
+	$(PY) -m devtools.clientpythons $(CLIENT_PYTHONS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 # With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)
@@ -55,8 +63,8 @@ bench: $(STAMP)
 image:
 	docker buildx build --platform $(PLATFORM) --tag $(IMAGE) $(if $(PUSH),--push,--load) .
 
-# Offline checks of the deployment: sam validate --lint, sam build, the layer's arm64 grpc
-# extension, hadolint. Uses its own virtualenv (.venv-sam): aws-sam-cli pins its own boto3.
+# Offline checks of the deployment: sam validate --lint, sam build, the layers' grpc extensions
+# (arm64 and x86_64), hadolint. Uses its own virtualenv (.venv-sam): aws-sam-cli pins its own boto3.
 validate:
 	bash deploy/validate.sh
 
@@ -66,4 +74,4 @@ deploy: validate
 	.venv-sam/bin/sam deploy $(if $(wildcard samconfig.toml),,--guided) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-sam .mypy_cache .ruff_cache .pytest_cache .aws-sam
+	rm -rf $(VENV) .venv-client-* .venv-sam .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .aws-sam

@@ -2,8 +2,9 @@
 # `make validate`: everything about the deployment that can be checked without an AWS account.
 #
 #   1. sam validate --lint    the SAM transform and cfn-lint on template.yaml
-#   2. sam build              the client layer (manylinux aarch64 wheels for cp312) and the example
-#   3. the built layer holds lambda_client and an arm64 (aarch64 ELF) grpc extension for 3.12
+#   2. sam build              the client layers (manylinux wheels for cp312 on aarch64 and on
+#                             x86_64) and the example
+#   3. each built layer holds lambda_client and a grpc extension for 3.12 on its own CPU (ELF)
 #   4. hadolint on Dockerfile, and the files .dockerignore lets through build the broker wheel
 #
 # AWS SAM CLI lives in its own virtualenv (.venv-sam, Python 3.12): it pins its own boto3, and
@@ -58,54 +59,56 @@ say "sam validate --lint"
 say "sam build"
 "$SAM" build --template-file template.yaml --build-dir "$BUILD_DIR" --cache-dir "$ROOT/.aws-sam/cache"
 
-say "built layer"
-"$PY312" - "$BUILD_DIR/ClientLayer" <<'EOF'
-"""Check the built layer: lambda_client, and grpc's extension compiled for aarch64 / CPython 3.12."""
+say "built layers"
+"$PY312" - "$BUILD_DIR" <<'EOF'
+"""Check each built layer: lambda_client, and grpc's extension for its CPU and CPython 3.12."""
+import io
 import pathlib
 import sys
-
-layer = pathlib.Path(sys.argv[1])
-site = layer / "python"
-EM_AARCH64 = 183  # ELF e_machine
-
-assert (site / "lambda_client" / "__init__.py").is_file(), "lambda_client missing from the layer"
-assert (site / "lambda_client" / "_proto" / "pgbroker" / "v1" / "broker_pb2.py").is_file()
-for package in ("grpc", "google/protobuf", "grpc_status", "google/rpc"):
-    assert (site / package).is_dir(), f"{package} missing from the layer"
-extensions = sorted((site / "grpc" / "_cython").glob("cygrpc*.so"))
-assert extensions, "no grpc extension (cygrpc*.so) in the layer"
-for ext in extensions:
-    header = ext.read_bytes()[:20]
-    machine = int.from_bytes(header[18:20], "little")
-    assert header[:4] == b"\x7fELF" and machine == EM_AARCH64, f"{ext.name} is not aarch64"
-    assert "cpython-312-aarch64" in ext.name, f"{ext.name} is not for CPython 3.12 on aarch64"
-    print(f"ok  {ext.relative_to(layer)} is an aarch64 ELF for CPython 3.12")
-import io
 import zipfile
 
-files = [p for p in layer.rglob("*") if p.is_file()]
-size = sum(p.stat().st_size for p in files)
-archive = io.BytesIO()
-with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-    for path in files:
-        zf.write(path, path.relative_to(layer))
-zipped = archive.getbuffer().nbytes
-print(f"ok  layer: {size / 2**20:.1f} MiB unzipped (limit 250 MiB with the function),"
-      f" {zipped / 2**20:.1f} MiB zipped")
+build = pathlib.Path(sys.argv[1])
+# Layer resource -> (ELF e_machine, the CPU in the extension's file name).
+LAYERS = {"ClientLayerArm64": (183, "aarch64"), "ClientLayerX8664": (62, "x86_64")}
+
+for name, (machine, cpu) in LAYERS.items():
+    layer = build / name
+    site = layer / "python"
+    assert (site / "lambda_client" / "__init__.py").is_file(), f"lambda_client missing from {name}"
+    assert (site / "lambda_client" / "_proto" / "pgbroker" / "v1" / "broker_pb2.py").is_file()
+    for package in ("grpc", "google/protobuf", "grpc_status", "google/rpc"):
+        assert (site / package).is_dir(), f"{package} missing from {name}"
+    extensions = sorted((site / "grpc" / "_cython").glob("cygrpc*.so"))
+    assert extensions, f"no grpc extension (cygrpc*.so) in {name}"
+    for ext in extensions:
+        header = ext.read_bytes()[:20]
+        found = int.from_bytes(header[18:20], "little")
+        assert header[:4] == b"\x7fELF" and found == machine, f"{ext.name} is not {cpu}"
+        assert f"cpython-312-{cpu}" in ext.name, f"{ext.name} is not for CPython 3.12 on {cpu}"
+        print(f"ok  {name}: {ext.name} is a {cpu} ELF for CPython 3.12")
+    files = [p for p in layer.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in files:
+            zf.write(path, path.relative_to(layer))
+    zipped = archive.getbuffer().nbytes
+    print(f"ok  {name}: {size / 2**20:.1f} MiB unzipped (limit 250 MiB with the function),"
+          f" {zipped / 2**20:.1f} MiB zipped")
 EOF
 
 say "layer smoke test"
-# The built layer is aarch64 and cannot be imported here. Build its twin for this machine's CPU
-# with the same Makefile, then import it the way Lambda does: a bare CPython 3.12 (-S: no site
-# packages) with only python/ and the example's code on sys.path. A missing dependency fails here.
-twin=$(mktemp -d)
+# The layer built for this machine's CPU imports here: import it the way Lambda does, a bare
+# CPython 3.12 (-S: no site packages) with only python/ and the example's code on sys.path. A
+# missing dependency fails here. (The other CPU's layer holds the same files, checked above.)
+case "$(uname -m)" in
+    aarch64 | arm64) native=ClientLayerArm64 ;;
+    x86_64) native=ClientLayerX8664 ;;
+    *) fail "no layer is built for this machine's CPU ($(uname -m)) to import" ;;
+esac
 context=$(mktemp -d)
-trap 'rm -rf "$twin" "$context"' EXIT
-arch=$(uname -m)
-make -s -C deploy/layer build-ClientLayer ARTIFACTS_DIR="$twin" PYTHON="$PY312" \
-    PLATFORMS="--platform manylinux2014_$arch --platform manylinux_2_28_$arch --platform manylinux_2_34_$arch" \
-    >/dev/null 2>&1 || fail "the layer Makefile failed for $arch (run it by hand to see why)"
-"$PY312" -S - "$twin/python" "$ROOT/examples" <<'EOF'
+trap 'rm -rf "$context"' EXIT
+"$PY312" -S - "$BUILD_DIR/$native/python" "$ROOT/examples" <<'EOF'
 import sys
 
 sys.path[:0] = sys.argv[1:3]
@@ -130,20 +133,21 @@ say "Dockerfile"
 if [ -x "$SAM_VENV/bin/hadolint" ]; then
     "$SAM_VENV/bin/hadolint" Dockerfile && echo "ok  hadolint"
 fi
-# The image's build stage copies only what .dockerignore lets through and runs `pip install .`:
-# build the same wheel from the same files to prove they are enough.
-cp pyproject.toml README.md "$context/"
-cp -R broker client devtools "$context/"
-"$PY312" -m pip wheel --quiet --no-deps --disable-pip-version-check --wheel-dir "$context/dist" "$context" >/dev/null
-wheel=$(ls "$context"/dist/*.whl)
-"$PY312" - "$wheel" <<'EOF'
+# The image's build stage copies only what .dockerignore lets through and runs
+# `pip install ./client .`: build the same two wheels from the same files to prove they are enough.
+cp pyproject.toml README.md LICENSE "$context/"
+cp -R broker client "$context/"
+"$PY312" -m pip wheel --quiet --no-deps --disable-pip-version-check --wheel-dir "$context/dist" \
+    "$context/client" "$context" >/dev/null
+"$PY312" - "$context"/dist/*.whl <<'EOF'
 import sys
 import zipfile
 
-names = zipfile.ZipFile(sys.argv[1]).namelist()
+names = {n for wheel in sys.argv[1:] for n in zipfile.ZipFile(wheel).namelist()}
 for module in ("broker/__main__.py", "lambda_client/__init__.py"):
     assert module in names, f"the image would miss {module}"
-print("ok  image build context makes a wheel with broker and lambda_client")
+assert not [n for n in names if n.startswith("devtools/")], "a wheel installs devtools"
+print("ok  image build context makes the broker and client wheels (no devtools)")
 EOF
 
 say "validate: all offline checks passed"

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -350,25 +351,42 @@ def test_broker_security_group_can_reach_database_port(stack: Stack) -> None:
     assert f":{port}/" in stack.broker_env()["PGBROKER_DATABASE_URL"]
 
 
-def test_layer_and_function_agree_on_runtime_and_architecture(stack: Stack) -> None:
-    layer_name, layer = stack.one("AWS::Serverless::LayerVersion")
+def test_a_layer_per_lambda_architecture_built_for_its_cpu(stack: Stack) -> None:
+    layers = stack.of_type("AWS::Serverless::LayerVersion")
+    makefile = LAYER_MAKEFILE.read_text()
+    built_for = {}
+    for name, resource in layers.items():
+        layer = stack.props(name)
+        (arch,) = layer["CompatibleArchitectures"]
+        (runtime,) = layer["CompatibleRuntimes"]
+        assert resource["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": arch}
+        assert (ROOT / layer["ContentUri"] / "lambda_client" / "__init__.py").exists()
+        # The layer's make target fetches wheels for that same interpreter and CPU.
+        cpu = {"arm64": "aarch64", "x86_64": "x86_64"}[arch]
+        assert re.search(rf"^build-{name}:\n\t\$\(call build-layer,{cpu}\)$", makefile, re.M)
+        version = runtime.removeprefix("python")
+        assert f"--python-version {version}" in makefile
+        assert f"--abi cp{version.replace('.', '')}" in makefile
+        built_for[arch] = name
+    assert sorted(built_for) == ["arm64", "x86_64"]
+
+
+def test_example_function_uses_the_layer_of_its_runtime_and_architecture(stack: Stack) -> None:
     _, function = stack.one("AWS::Serverless::Function")
     globals_ = stack.template.get("Globals", {}).get("Function", {})
     runtime = function.get("Runtime", globals_.get("Runtime"))
     (arch,) = function.get("Architectures", globals_.get("Architectures"))
+    (layer,) = function["Layers"]
+    assert stack.props(layer.resource)["CompatibleRuntimes"] == [runtime]
+    assert stack.props(layer.resource)["CompatibleArchitectures"] == [arch]
 
-    assert Token(layer_name) in function["Layers"]
-    assert layer["CompatibleRuntimes"] == [runtime]
-    assert layer["CompatibleArchitectures"] == [arch]
-    metadata = stack.resources[layer_name]["Metadata"]
-    assert metadata["BuildArchitecture"] == arch
-    # The layer's makefile fetches wheels for that same interpreter and CPU.
-    makefile = LAYER_MAKEFILE.read_text()
-    version = runtime.removeprefix("python")
-    assert f"--python-version {version}" in makefile
-    assert f"--abi cp{version.replace('.', '')}" in makefile
-    assert {"arm64": "aarch64", "x86_64": "x86_64"}[arch] in makefile
-    assert (ROOT / layer["ContentUri"] / "lambda_client" / "__init__.py").exists()
+
+def test_layer_requirements_are_the_client_distributions_dependencies() -> None:
+    """deploy/layer installs lambda_client/requirements.txt; pip installs client/pyproject.toml."""
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "client" / "lambda_client" / "requirements.txt").read_text().splitlines()
+    requirements = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert requirements == project["dependencies"]
 
 
 def test_example_function_uses_the_client_with_iam_auth(stack: Stack) -> None:
@@ -603,7 +621,8 @@ class _RecordingEnviron(dict[str, str]):
 def _names_in_package(package: str, anchor: str = "config.py") -> set[str] | None:
     """PGBROKER_* names a package reads: names written as a whole string literal in its source,
     plus every name its ``config.load_settings`` looks up (built as PGBROKER_ + setting)."""
-    folder = ROOT / package
+    # Wherever the package lives (the client is in client/ since it ships alone).
+    folder = Path(importlib.import_module(package).__file__ or "").parent
     if not (folder / anchor).exists():
         return None
     names: set[str] = set()
