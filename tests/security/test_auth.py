@@ -22,13 +22,14 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from broker.config import ConfigError, load_settings
 from broker.security.auth import (
     AuthInterceptor,
     AuthStats,
     LogBudget,
     NoAuth,
     TokenAuth,
-    authenticator_from_env,
+    authenticator_for_settings,
     check_auth_listen,
     current_identity,
     parse_tokens,
@@ -40,6 +41,8 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from .conftest import REGION, MotoAws
+
+DATABASE_URL = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
 
 AUDIENCE = "dns:///broker.pgbroker.local:50051"
 
@@ -473,8 +476,8 @@ def test_tokens_from_secrets_manager_follow_a_rotation_without_restart(
 def test_tokens_shorter_than_16_characters_are_refused_at_start() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         parse_tokens("short")
-    with pytest.raises(ValueError, match="PGBROKER_TOKENS"):
-        authenticator_from_env("token", {"PGBROKER_TOKENS": "a,b"})
+    with pytest.raises(ConfigError, match="PGBROKER_TOKENS"):
+        load_settings(environ={**DATABASE_URL, "PGBROKER_AUTH": "token", "PGBROKER_TOKENS": "a,b"})
 
 
 # ----------------------------------------------------------------------------------- none
@@ -512,8 +515,18 @@ def test_none_mode_is_allowed_on_loopback(host: str) -> None:
 def test_iam_mode_without_its_settings_refuses_to_start(
     environ: dict[str, str], expected: str
 ) -> None:
-    with pytest.raises(ValueError, match=expected):
-        authenticator_from_env("iam", environ)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(environ={**DATABASE_URL, "PGBROKER_AUTH": "iam", **environ})
+
+
+def test_iam_mode_takes_the_sts_endpoint_from_the_region() -> None:
+    environ = {"PGBROKER_AUTH_AUDIENCE": "a", "PGBROKER_IAM_ALLOWED_ROLES": "r"}
+    settings = load_settings(
+        environ={**DATABASE_URL, "PGBROKER_AUTH": "iam", "AWS_REGION": REGION, **environ}
+    )
+    auth = authenticator_for_settings(settings)
+    assert isinstance(auth, IamAuth)
+    assert auth.sts_endpoint == f"https://sts.{REGION}.amazonaws.com/"
 
 
 def test_unreachable_sts_is_unavailable_with_retry_info_and_not_cached(moto_aws: MotoAws) -> None:
