@@ -39,8 +39,10 @@ __all__ = [
     "load_settings",
     "lookup",
     "markdown_table",
+    "meaning",
     "named",
     "parse_listen",
+    "shown_default",
 ]
 
 ENV_PREFIX = "PGBROKER_"
@@ -297,10 +299,10 @@ class Setting:
 
     *name* gives the flag (``--pool-size``, unless *flag* is false) and the variable
     (``PGBROKER_POOL_SIZE``, or the first of *env*); *attribute* is the `Settings` field.
-    *default* is `DERIVED` when *derive* computes it from the settings before it (or refuses
-    with a ValueError naming why it is required). *help* is Markdown (plain text in ``--help``).
-    A *secret* is never shown in a message or repr; an *internal* one is plumbing between the
-    broker's own processes, in neither the flags nor the README.
+    *default* is `DERIVED` when *derive* computes it from the other settings' values (or
+    refuses with a ValueError saying why it is required). *help* is Markdown (plain text in
+    ``--help``). A *secret* is never shown in a message or repr; an *internal* one is plumbing
+    between the broker's own processes, in neither the flags nor the README.
     """
 
     name: str
