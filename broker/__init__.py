@@ -9,7 +9,8 @@ Subpackages by concern; imports go one way, down this list (checked by ``make li
                       credentials, the connection budget, the session audit
     broker.security   identity, tokens, IAM, the gate that wraps handlers, roles, limits, TLS
     broker.sql        SQL analysis with Postgres' own parser: session-state classification
-    broker.config     the settings table (every PGBROKER_* variable)
+    broker.config     the settings table (every PGBROKER_* variable), the one environment reader
+    broker.configvalues  parsers of setting values: durations, byte sizes, host:port, the URL
     broker.errors     the error base every failure derives from (code, reason, retry-after)
 
 The architecture and the request's way through these parts are in the README's "Architecture"

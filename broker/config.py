@@ -12,20 +12,37 @@ each bad value once (``PGBROKER_POOL_SIZE=0: must be at least 1``), so a misconf
 fails at start with one line that names what to fix. The database password and the bearer
 tokens never appear in a message, a log line or a `repr`.
 
-Durations accept seconds (``30``, ``2.5``) or a unit suffix (``500ms``, ``30s``, ``5m``); byte
-sizes accept a whole number of bytes or ``KiB``, ``MiB``, ``GiB`` (``8MiB``).
+The parsers of values (durations, byte sizes, host:port, the database URL) are in
+`broker.configvalues`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+
+from broker.configvalues import (
+    MIB,
+    SSL_MODES,
+    Check,
+    DatabaseTarget,
+    at_least,
+    boolean,
+    duration,
+    integer,
+    is_loopback,
+    lowercase,
+    one_of,
+    parse_database_url,
+    parse_listen,
+    positive,
+    size,
+    stripped,
+    uppercase,
+    worker_marker,
+)
 
 __all__ = [
     "AUTH_MODES",
@@ -41,6 +58,7 @@ __all__ = [
     "markdown_table",
     "meaning",
     "named",
+    "parse_database_url",
     "parse_listen",
     "shown_default",
 ]
@@ -50,11 +68,8 @@ ENV_PREFIX = "PGBROKER_"
 # Authentication modes (`broker/security/auth.py`); `none` only on a loopback listener.
 AUTH_MODES: tuple[str, ...] = ("iam", "token", "none")
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
-_URL_QUERY_KEYS = ("sslmode", "sslrootcert", "application_name", "connect_timeout")
-MIB = 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -65,185 +80,11 @@ class ConfigError(ValueError):
         super().__init__("; ".join(problems))
 
 
-@dataclass(frozen=True)
-class DatabaseTarget:
-    """Where and how to connect to Postgres, parsed from ``PGBROKER_DATABASE_URL``."""
-
-    host: str
-    port: int
-    user: str
-    database: str
-    password: str | None = field(default=None, repr=False)
-    sslmode: str = "prefer"
-    sslrootcert: str | None = None
-    application_name: str = "pgbroker"
-
-    @property
-    def redacted(self) -> str:
-        """The URL without its password, safe for logs and error messages."""
-        auth = f"{self.user}:***@" if self.password else f"{self.user}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"postgresql://{auth}{host}:{self.port}/{self.database}?sslmode={self.sslmode}"
-
-
 # Without a URL, everything comes from the secret (RDS JSON with host, port, dbname); TLS is
 # then verified against the system CA store.
 SECRET_ONLY_DATABASE = DatabaseTarget(
     host="", port=5432, user="", database="postgres", sslmode="verify-full"
 )
-
-
-# ---------------------------------------------------------------------------- parsers, checks
-
-
-def _duration(text: str) -> float:
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ValueError("must be a duration in seconds, e.g. 30, 2.5, 500ms, 5m")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    value = float(match.group(1)) * scale
-    if not math.isfinite(value):
-        raise ValueError("must be finite")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError("must be a whole number") from None
-
-
-def _size(text: str) -> int:
-    """Bytes: ``8388608`` or ``8MiB`` (also ``KiB``, ``GiB``)."""
-    match = re.fullmatch(r"\s*(-?[0-9]+)\s*(kib|mib|gib)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError("must be a whole number of bytes, or with KiB, MiB or GiB (e.g. 8MiB)")
-    scale = {"": 1, "kib": 1024, "mib": MIB, "gib": 1024 * MIB}[(match.group(2) or "").lower()]
-    return int(match.group(1)) * scale
-
-
-def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _lower(text: str) -> str:
-    return text.strip().lower()
-
-
-def _upper(text: str) -> str:
-    return text.strip().upper()
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[::1]:50051`` for IPv6); raise ValueError if malformed."""
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
-    if not match:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
-    host = match.group(1) or match.group(3) or "0.0.0.0"
-    port = int(match.group(2) or match.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be between 0 and 65535")
-    return host, port
-
-
-_UNESCAPED_PASSWORD = (
-    "cannot parse; percent-encode special characters in the user name and password "
-    "(@ → %40, / → %2F, : → %3A, ? → %3F, # → %23)"
-)
-
-
-def _password_breaks_authority(url: str) -> bool:
-    """True when an unescaped '@', '/', '?' or '#' in the password makes the URL ambiguous.
-
-    A '/', '?' or '#' ends the host part early, so what follows the password's first part
-    would be taken for host, port or database (and a fragment of the password would appear
-    in "cannot connect to …" logs); the user-info '@' then sits after that point. Two '@'
-    are read differently by libpq (the first) and Python (the last).
-    """
-    rest = url.partition("://")[2]
-    host_part = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    return rest.count("@") > 1 or rest.count("@") > host_part.count("@")
-
-
-def parse_database_url(url: str) -> DatabaseTarget:
-    """Parse ``postgresql://user:pass@host:port/db?sslmode=…``; messages never echo the URL."""
-    if _password_breaks_authority(url.strip()):
-        raise ValueError(_UNESCAPED_PASSWORD)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port or 5432
-    except ValueError:
-        raise ValueError("is not a valid URL (expected postgresql://user@host:port/db)") from None
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("must start with postgresql:// (e.g. postgresql://user@host:5432/db)")
-    if not parts.hostname:
-        raise ValueError("has no host (expected postgresql://user@host:port/db)")
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(query) - set(_URL_QUERY_KEYS))
-    if unknown:
-        raise ValueError(f"has unsupported query parameters {unknown}; known: {_URL_QUERY_KEYS}")
-    sslmode = query.get("sslmode", "prefer")
-    if sslmode not in SSL_MODES:
-        raise ValueError(f"sslmode={sslmode!r} is not one of {', '.join(SSL_MODES)}")
-    user = unquote(parts.username) if parts.username else "postgres"
-    database = unquote(parts.path.lstrip("/")) or user
-    return DatabaseTarget(
-        host=parts.hostname,
-        port=port,
-        user=user,
-        database=database,
-        password=unquote(parts.password) if parts.password is not None else None,
-        sslmode=sslmode,
-        sslrootcert=query.get("sslrootcert"),
-        application_name=query.get("application_name", "pgbroker"),
-    )
-
-
-def _worker_marker(text: str) -> tuple[int, int, int]:
-    """``index,port,ready_fd``, written by the supervisor (broker/front/workers.py)."""
-    try:
-        index, port, ready_fd = (int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("must be index,port,ready_fd (set by the supervisor only)") from None
-    return index, port, ready_fd
-
-
-Check = Callable[[Any], str | None]
-
-
-def _at_least(minimum: float) -> Check:
-    return lambda v: None if v >= minimum else f"must be at least {minimum:g}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
-def _one_of(choices: tuple[str, ...]) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
-
-def _listed(choices: tuple[str, ...]) -> str:
-    return ", ".join(f"`{choice}`" for choice in choices[:-1]) + f" or `{choices[-1]}`"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------- derived defaults
@@ -269,7 +110,7 @@ def _auth_default(values: Mapping[str, Any]) -> str:
     """`none` on a loopback listener; anything else must be chosen, so a broker reachable from
     the network never runs without authentication."""
     host = values["listen_address"][0]
-    if _is_loopback(host):
+    if is_loopback(host):
         return "none"
     raise ValueError(
         f"is required when listening on {host!r} (not loopback); supported: {', '.join(AUTH_MODES)}"
@@ -283,11 +124,16 @@ def _half_of_admitted(values: Mapping[str, Any]) -> int:
 
 # -------------------------------------------------------------------------------- the table
 
+
+def _listed(choices: tuple[str, ...]) -> str:
+    return ", ".join(f"`{choice}`" for choice in choices[:-1]) + f" or `{choices[-1]}`"
+
+
 _METAVARS: dict[Callable[[str], Any], str] = {
-    _integer: "N",
-    _duration: "SECONDS",
-    _size: "BYTES",
-    _boolean: "BOOL",
+    integer: "N",
+    duration: "SECONDS",
+    size: "BYTES",
+    boolean: "BOOL",
     parse_listen: "HOST:PORT",
     parse_database_url: "URL",
 }
@@ -365,7 +211,7 @@ def setting(
         parse=parse,
         default=default,
         help=help,
-        check=_one_of(choices) if choices else check,
+        check=one_of(choices) if choices else check,
         derive=derive,
         shown_default=shown_default,
         pgbouncer=pgbouncer,
@@ -399,13 +245,13 @@ class Settings:
         secret=True,
     )
     database_secret_id: str = setting(
-        _text,
+        stripped,
         "",
         "Secrets Manager secret in RDS's JSON shape (`username`, `password`, optional `host`,"
         " `port`, `dbname`), re-read when Postgres rejects the password (rotation)",
     )
     database_iam_auth: bool = setting(
-        _boolean,
+        boolean,
         False,
         "the password is an RDS IAM auth token made with the task role (not with"
         " `PGBROKER_DATABASE_SECRET_ID`)",
@@ -418,78 +264,78 @@ class Settings:
         shown_default="`127.0.0.1:50051`",
     )
     pool_size: int = setting(
-        _integer, 20, "server connections", check=_at_least(1), pgbouncer="default_pool_size"
+        integer, 20, "server connections", check=at_least(1), pgbouncer="default_pool_size"
     )
     max_waiting: int = setting(
-        _integer,
+        integer,
         2000,
         "queued requests before `RESOURCE_EXHAUSTED`",
-        check=_at_least(0),
+        check=at_least(0),
         pgbouncer="max_client_conn",
     )
     queue_timeout: float = setting(
-        _duration,
+        duration,
         30.0,
         "seconds a request may wait for a connection",
-        check=_positive,
+        check=positive,
         pgbouncer="query_wait_timeout",
     )
     statement_timeout: float = setting(
-        _duration, 30.0, "upper bound per statement/transaction, seconds", check=_positive
+        duration, 30.0, "upper bound per statement/transaction, seconds", check=positive
     )
     max_lifetime: float = setting(
-        _duration,
+        duration,
         3600.0,
         "seconds before a server connection is recycled",
-        check=_positive,
+        check=positive,
         pgbouncer="server_lifetime",
     )
     connect_timeout: float = setting(
-        _duration,
+        duration,
         10.0,
         "seconds per connect attempt, and to wait for the first connection at start",
-        check=_positive,
+        check=positive,
     )
     shutdown_grace: float = setting(
-        _duration, 20.0, "seconds in-flight requests get after SIGTERM", check=_at_least(0)
+        duration, 20.0, "seconds in-flight requests get after SIGTERM", check=at_least(0)
     )
     max_connection_age: float = setting(
-        _duration,
+        duration,
         300.0,
         "seconds before a client's HTTP/2 connection gets GOAWAY (clients rebalance)",
-        check=_positive,
+        check=positive,
     )
     max_connection_age_grace: float = setting(
-        _duration, 30.0, "seconds calls on such a connection may still take", check=_at_least(0)
+        duration, 30.0, "seconds calls on such a connection may still take", check=at_least(0)
     )
     statement_cache_size: int = setting(
-        _integer, 100, "prepared statements kept per connection", check=_at_least(1)
+        integer, 100, "prepared statements kept per connection", check=at_least(1)
     )
     workers: int = setting(
-        _integer,
+        integer,
         1,
         "server processes sharing the listen port (`SO_REUSEPORT`), each holding"
         " `pool_size // workers` connections; stats and health are per process",
-        check=_at_least(1),
+        check=at_least(1),
     )
     max_replicas: int = setting(
-        _integer,
+        integer,
         1,
         "replicas sharing the database: start is refused when `pool_size × max_replicas`"
         " exceeds `max_connections` minus reserved slots",
-        check=_at_least(1),
+        check=at_least(1),
     )
     metrics_interval: float = setting(
-        _duration,
+        duration,
         0.0,
         "seconds between CloudWatch EMF metric lines on stdout (0: off)",
-        check=_at_least(0),
+        check=at_least(0),
     )
     log_level: str = setting(
-        _upper, "INFO", f"the lowest level logged: {_listed(LOG_LEVELS)}", choices=LOG_LEVELS
+        uppercase, "INFO", f"the lowest level logged: {_listed(LOG_LEVELS)}", choices=LOG_LEVELS
     )
     auth: str = setting(
-        _lower,
+        lowercase,
         DERIVED,
         f"caller authentication: {_listed(AUTH_MODES)}; `none` only on a loopback listener"
         " (docs/security.md)",
@@ -498,85 +344,85 @@ class Settings:
         shown_default="`none` on loopback, else required",
     )
     auth_audience: str = setting(
-        _text, "", "iam: the audience clients sign, e.g. the broker's URL (required)"
+        stripped, "", "iam: the audience clients sign, e.g. the broker's URL (required)"
     )
     iam_allowed_roles: str = setting(
-        _text, "", "iam: roles admitted, names or ARNs, comma separated, `*` patterns (required)"
+        stripped, "", "iam: roles admitted, names or ARNs, comma separated, `*` patterns (required)"
     )
     sts_endpoint: str = setting(
-        _text,
+        stripped,
         "",
         "iam: the STS endpoint that verifies callers (e.g. a VPC endpoint)",
         shown_default="STS of `AWS_REGION`",
     )
     # A flag would show the tokens to every local user (ps); the environment does not.
     tokens: str = setting(
-        _text,
+        stripped,
         "",
         "token: bearer tokens, `label:token` comma separated, at least 16 characters each",
         flag=False,
         secret=True,
     )
     tokens_secret_id: str = setting(
-        _text,
+        stripped,
         "",
         "token: Secrets Manager secret holding the tokens, re-read when an unknown one arrives",
     )
     tls_cert: str = setting(
-        _text, "", "PEM certificate chain (a path or the PEM text) to serve TLS to clients"
+        stripped, "", "PEM certificate chain (a path or the PEM text) to serve TLS to clients"
     )
-    tls_key: str = setting(_text, "", "its private key (a path or the PEM text)")
+    tls_key: str = setting(stripped, "", "its private key (a path or the PEM text)")
     tls_client_ca: str = setting(
-        _text, "", "CA that client certificates must chain to (mTLS; a path or the PEM text)"
+        stripped, "", "CA that client certificates must chain to (mTLS; a path or the PEM text)"
     )
     role_map: str = setting(
-        _text,
+        stripped,
         "",
         "caller role → Postgres role, set with `SET LOCAL ROLE` per transaction: JSON or"
         " `caller=role,…` (`*` patterns)",
     )
     default_role: str = setting(
-        _text, "", "Postgres role of callers the role map does not name (else they are refused)"
+        stripped, "", "Postgres role of callers the role map does not name (else they are refused)"
     )
     session_audit: str = setting(
-        _lower,
+        lowercase,
         "opaque",
         "when to check the session after a transaction: `opaque` (after `DO`, `CALL`, a"
         " non-built-in function or unparsed SQL), `always` or `off`",
         choices=SESSION_AUDIT_MODES,
     )
     max_statements: int = setting(
-        _integer, 1000, "statements per request (0: no limit)", check=_at_least(0)
+        integer, 1000, "statements per request (0: no limit)", check=at_least(0)
     )
     max_request_bytes: int = setting(
-        _size, 8 * MIB, "encoded size of a request (0: no limit)", check=_at_least(0)
+        size, 8 * MIB, "encoded size of a request (0: no limit)", check=at_least(0)
     )
     max_result_rows: int = setting(
-        _integer, 1_000_000, "rows of all results of one request (0: no limit)", check=_at_least(0)
+        integer, 1_000_000, "rows of all results of one request (0: no limit)", check=at_least(0)
     )
     max_result_bytes: int = setting(
-        _size,
+        size,
         32 * MIB,
         "encoded size of all results of one request (0: no limit)",
-        check=_at_least(0),
+        check=at_least(0),
     )
     max_inflight_per_caller: int = setting(
-        _integer,
+        integer,
         DERIVED,
         "running + queued requests of one identity, iam or token (0: no limit)",
-        check=_at_least(0),
+        check=at_least(0),
         derive=_half_of_admitted,
         shown_default="half of `pool_size + max_waiting` ({})",
     )
     aws_region: str = setting(
-        _text,
+        stripped,
         "",
         "the task's region, for the regional STS endpoint and RDS IAM tokens (set by ECS)",
         flag=False,
         env=("AWS_REGION", "AWS_DEFAULT_REGION"),
     )
     worker: tuple[int, int, int] | None = setting(
-        _worker_marker,
+        worker_marker,
         None,
         "set by the supervisor in each worker's environment (broker/front/workers.py)",
         env=("_PGBROKER_WORKER",),
@@ -725,7 +571,7 @@ def _check_workers(settings: Settings, r: _Resolver) -> None:
 
 
 def _check_auth_listen(settings: Settings, r: _Resolver) -> None:
-    if settings.auth == "none" and not _is_loopback(settings.listen_host):
+    if settings.auth == "none" and not is_loopback(settings.listen_host):
         source = r.raw(_BY_NAME["auth"])[1]
         r.problems.append(
             f"{source}=none is only allowed on a loopback listener, not {settings.listen_host!r}"
@@ -787,7 +633,7 @@ def shown_default(spec: Setting) -> str:
         return spec.shown_default.format(default_values()[spec.attribute])
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if spec.parse is _size and value and value % MIB == 0:
+    if spec.parse is size and value and value % MIB == 0:
         return f"`{value // MIB}MiB`"
     if isinstance(value, float):
         return f"{value:g}"
