@@ -48,6 +48,18 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``; the package metadata is read only when asked (about 60 ms), not on every
+    ``health`` check."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"pgbroker {version()}")
+        parser.exit()
+
+
 def _plain(markdown: str) -> str:
     """Help text for a terminal: no Markdown backticks, and argparse's ``%`` escaped."""
     return markdown.replace("`", "").replace("%", "%%")
@@ -66,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Bad configuration or a bad --target: one line on stderr, exit 2.",
         **_plain_output(),
     )
-    parser.add_argument("--version", action="version", version=f"pgbroker {version()}")
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _RUN_COMMANDS:
         run = commands.add_parser(

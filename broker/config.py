@@ -520,11 +520,7 @@ def load_settings(
     if unknown:
         raise TypeError(f"unknown settings {unknown}")
     r = _Resolver(flags, os.environ if environ is None else environ)
-    values = {spec.attribute: r.value(spec) for spec in SETTINGS}
-    for spec in SETTINGS:
-        if values[spec.attribute] is DERIVED:
-            values[spec.attribute] = r.derive(spec, values)
-    settings = Settings(**values)  # a refused value is its default (or None) until the end
+    settings = Settings(**_values(r))  # a refused value is its default (or None) until the end
     for check in _CROSS_CHECKS:
         check(settings, r)
     if r.problems:
@@ -549,10 +545,14 @@ def lookup(name: str, environ: Mapping[str, str] | None = None) -> Any:
 
 def default_values() -> dict[str, Any]:
     """Every setting's value when nothing is set; a required one is None."""
-    r = _Resolver({}, {})
-    values = {spec.attribute: spec.default for spec in SETTINGS}
+    return _values(_Resolver({}, {}))
+
+
+def _values(r: _Resolver) -> dict[str, Any]:
+    """Every setting's value by attribute; derived ones after the others."""
+    values = {spec.attribute: r.value(spec) for spec in SETTINGS}
     for spec in SETTINGS:
-        if spec.default is DERIVED:
+        if values[spec.attribute] is DERIVED:
             values[spec.attribute] = r.derive(spec, values)
     return values
 

@@ -37,7 +37,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from broker.config import MIB, default_values
+from broker.config import default_values
+from broker.configvalues import MIB
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
