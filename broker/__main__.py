@@ -1,11 +1,14 @@
-"""``python -m broker [run|serve|stats|health]``.
+"""python -m broker [run|serve|stats|health|settings]
 
-* ``run`` (alias ``serve``, the default): start a broker. Every setting is a flag
-  (``--pool-size``) or a ``PGBROKER_*`` variable (``PGBROKER_POOL_SIZE``); a flag wins.
-  Bad configuration: one line on stderr, exit 2. No database at start: one line, exit 1.
-* ``stats``: print the broker's GetStats figures (``--json`` for one JSON object).
-* ``health``: exit 0 if the broker reports SERVING, 1 otherwise (container health checks).
-  For both, a target that is not host:port is one line on stderr, exit 2.
+commands:
+  run, serve  start a broker (the default). Every setting is a flag (--pool-size) or a
+              PGBROKER_* variable (PGBROKER_POOL_SIZE); a flag wins. Bad configuration:
+              one line on stderr, exit 2. No database at start: one line, exit 1.
+  stats       print the broker's GetStats figures (--json: one JSON object).
+  health      exit 0 if the broker reports SERVING, 1 otherwise (container health checks).
+  settings    print the settings table (Markdown, as in README.md).
+
+For stats and health, a target that is not host:port is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -18,54 +21,107 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.config import ConfigError, load_settings, parse_listen
+from broker.config import (
+    SETTINGS,
+    ConfigError,
+    Setting,
+    load_settings,
+    lookup,
+    markdown_table,
+    meaning,
+    parse_listen,
+    shown_default,
+)
 
-# flag name -> help; each maps to the setting of the same name (PGBROKER_<NAME>).
-_RUN_FLAGS = {
-    "database_url": "postgresql://user:password@host:5432/db?sslmode=verify-full",
-    "listen": "host:port to serve gRPC on (default 127.0.0.1:50051; port 0 picks a free one)",
-    "pool_size": "server connections held open (default 20)",
-    "max_waiting": "queued requests before RESOURCE_EXHAUSTED (default 2000)",
-    "queue_timeout": "seconds a request may wait for a connection (default 30)",
-    "statement_timeout": "upper bound per transaction, seconds (default 30)",
-    "max_lifetime": "seconds before a server connection is recycled (default 3600)",
-    "connect_timeout": "seconds to wait for a database connection (default 10)",
-    "shutdown_grace": "seconds in-flight requests get on SIGTERM (default 20)",
-    "max_connection_age": "seconds before a client's HTTP/2 connection is recycled (default 300)",
-    "max_connection_age_grace": "seconds given to calls on a recycled connection (default 30)",
-    "auth": "authentication: iam, token or none (none only on loopback); see docs/security.md",
-    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
-    "statement_cache_size": "prepared statements kept per connection (default 100)",
-    "max_replicas": "replicas sharing the database; start is refused when pool_size x "
-    "max_replicas exceeds max_connections minus reserved slots (default 1)",
-    "metrics_interval": "seconds between CloudWatch EMF metric lines on stdout (default 0: off)",
-    "workers": "server processes sharing the listen port, each with pool_size // workers "
-    "connections (default 1); see docs/broker.md",
-}
+_RUN_COMMANDS = ("run", "serve")
+
+
+def version() -> str:
+    """The installed distribution's version; ``unknown`` when run from a source tree that was
+    never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("pgbroker")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``; the package metadata is read only when asked (about 60 ms), not on every
+    ``health`` check."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"pgbroker {version()}")
+        parser.exit()
+
+
+def _plain(markdown: str) -> str:
+    """Help text for a terminal: no Markdown backticks, and argparse's ``%`` escaped."""
+    return markdown.replace("`", "").replace("%", "%%")
+
+
+def _flag_help(spec: Setting) -> str:
+    default = shown_default(spec)
+    tail = spec.variable if default == "—" else f"{spec.variable}; default: {default}"
+    return _plain(f"{meaning(spec)} [{tail}]")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command")
-    for name in ("run", "serve"):
-        run = commands.add_parser(name, help="start a broker (default)")
-        for flag, text in _RUN_FLAGS.items():
-            run.add_argument("--" + flag.replace("_", "-"), dest=flag, help=text)
-    for name, text in (("stats", "print pool figures"), ("health", "exit 0 if SERVING")):
-        sub = commands.add_parser(name, help=text)
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="pgbroker: start a broker (run, the default) or ask a running one.",
+        epilog="Bad configuration or a bad --target: one line on stderr, exit 2.",
+        **_plain_output(),
+    )
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _RUN_COMMANDS:
+        run = commands.add_parser(
+            name,
+            help="start a broker (the default)" if name == "run" else "same as run",
+            description="Start a broker. A flag wins over its PGBROKER_* variable, which wins"
+            " over the default. Durations take seconds or a unit (500ms, 5m); byte sizes a"
+            " unit too (8MiB). No database at start: one line on stderr, exit 1.",
+            **_plain_output(),
+        )
+        for spec in SETTINGS:
+            if spec.option:
+                run.add_argument(
+                    spec.option, dest=spec.name, metavar=spec.metavar, help=_flag_help(spec)
+                )
+    for name, text in (
+        ("stats", "print the broker's GetStats figures"),
+        ("health", "exit 0 if the broker reports SERVING, 1 otherwise"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text, **_plain_output())
         sub.add_argument("--target", help="host:port of the broker (default PGBROKER_LISTEN)")
         sub.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
         if name == "stats":
             sub.add_argument("--json", action="store_true", help="print one JSON object")
+    text = "print the settings table (Markdown, as in README.md)"
+    commands.add_parser("settings", help=text, description=text, **_plain_output())
     return parser
+
+
+def _plain_output() -> dict[str, Any]:
+    # Python 3.14's argparse colours help by default; help here stays plain text.
+    return {"color": False} if sys.version_info >= (3, 14) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     command = args.command or "run"
-    if command in ("run", "serve"):
-        return _run({k: getattr(args, k, None) for k in _RUN_FLAGS}, argv)
+    if command in _RUN_COMMANDS:
+        return _run({spec.name: getattr(args, spec.name, None) for spec in SETTINGS}, argv)
+    if command == "settings":
+        sys.stdout.write(markdown_table())
+        return 0
     from broker.security.tls import TlsConfigError
 
     try:
@@ -94,7 +150,7 @@ def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
     from broker.front.workers import supervise, worker_role
 
     logger = setup_logging(settings.log_level)
-    role = worker_role() if settings.workers > 1 else None
+    role = worker_role(settings) if settings.workers > 1 else None
     if role is not None:
         logger.append_keys(worker=role.index)  # on every line, modules' loggers included
     if settings.workers > 1 and role is None:
@@ -106,13 +162,13 @@ def _target(explicit: str | None) -> str:
     """The address to reach the broker: --target, else PGBROKER_LISTEN (0.0.0.0 -> loopback).
 
     Raise ValueError naming the flag or variable when it is not host:port."""
-    source, text = "--target", explicit
-    if not text:
-        source, text = "PGBROKER_LISTEN", os.environ.get("PGBROKER_LISTEN") or "127.0.0.1:50051"
-    try:
-        host, port = parse_listen(text)
-    except ValueError as exc:
-        raise ValueError(f"{source}={text!r}: {exc}") from None
+    if explicit:
+        try:
+            host, port = parse_listen(explicit)
+        except ValueError as exc:
+            raise ValueError(f"--target={explicit!r}: {exc}") from None
+    else:
+        host, port = lookup("listen")
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,32 +1,66 @@
-"""Broker settings: one resolver, explicit flag > ``PGBROKER_*`` environment > default.
+"""Broker settings: one table, one resolver (explicit flag > ``PGBROKER_*`` environment > default).
+
+Each setting is declared once, as a field of `Settings` made with `setting`: its parser,
+default, check, help text and PgBouncer equivalent. Everything else comes from that table
+(`SETTINGS`): the dataclass, the flags of ``python -m broker run`` (``--pool-size``), the
+environment lookup (``PGBROKER_POOL_SIZE``) and the README's table (`markdown_table`, printed by
+``python -m broker settings``; tests/broker/test_settings_table.py compares the two). This
+module is the only place in the broker that reads the process environment.
 
 `load_settings` reads every setting, validates all of them and raises `ConfigError` listing
 each bad value once (``PGBROKER_POOL_SIZE=0: must be at least 1``), so a misconfigured ECS task
-fails at start with one line that names what to fix. The database password never appears in a
-message, a log line or a `repr`.
+fails at start with one line that names what to fix. The database password and the bearer
+tokens never appear in a message, a log line or a `repr`.
 
-Durations accept seconds (``30``, ``2.5``) or a unit suffix (``500ms``, ``30s``, ``5m``).
+The parsers of values (durations, byte sizes, host:port, the database URL) are in
+`broker.configvalues`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any
+
+from broker.configvalues import (
+    MIB,
+    SSL_MODES,
+    Check,
+    DatabaseTarget,
+    at_least,
+    boolean,
+    duration,
+    integer,
+    is_loopback,
+    lowercase,
+    one_of,
+    parse_database_url,
+    parse_listen,
+    positive,
+    size,
+    stripped,
+    uppercase,
+    worker_marker,
+)
 
 __all__ = [
     "AUTH_MODES",
+    "SETTINGS",
     "SSL_MODES",
     "ConfigError",
     "DatabaseTarget",
+    "Setting",
     "Settings",
+    "default_values",
     "load_settings",
+    "lookup",
+    "markdown_table",
+    "meaning",
+    "named",
+    "parse_database_url",
     "parse_listen",
+    "shown_default",
 ]
 
 ENV_PREFIX = "PGBROKER_"
@@ -34,9 +68,8 @@ ENV_PREFIX = "PGBROKER_"
 # Authentication modes (`broker/security/auth.py`); `none` only on a loopback listener.
 AUTH_MODES: tuple[str, ...] = ("iam", "token", "none")
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_URL_QUERY_KEYS = ("sslmode", "sslrootcert", "application_name", "connect_timeout")
+SESSION_AUDIT_MODES = ("opaque", "always", "off")
 
 
 class ConfigError(ValueError):
@@ -47,70 +80,362 @@ class ConfigError(ValueError):
         super().__init__("; ".join(problems))
 
 
-@dataclass(frozen=True)
-class DatabaseTarget:
-    """Where and how to connect to Postgres, parsed from ``PGBROKER_DATABASE_URL``."""
+# Without a URL, everything comes from the secret (RDS JSON with host, port, dbname); TLS is
+# then verified against the system CA store.
+SECRET_ONLY_DATABASE = DatabaseTarget(
+    host="", port=5432, user="", database="postgres", sslmode="verify-full"
+)
 
-    host: str
-    port: int
-    user: str
-    database: str
-    password: str | None = field(default=None, repr=False)
-    sslmode: str = "prefer"
-    sslrootcert: str | None = None
-    application_name: str = "pgbroker"
+
+# ------------------------------------------------------------------- derived defaults
+
+
+class _Derived:
+    """The default of a setting computed from others (`Setting.derive`)."""
+
+    def __repr__(self) -> str:
+        return "DERIVED"
+
+
+DERIVED: Any = _Derived()
+
+
+def _database_default(values: Mapping[str, Any]) -> DatabaseTarget:
+    if values["database_secret_id"]:
+        return SECRET_ONLY_DATABASE
+    raise ValueError("is required (postgresql://user:password@host:5432/db)")
+
+
+def _auth_default(values: Mapping[str, Any]) -> str:
+    """`none` on a loopback listener; anything else must be chosen, so a broker reachable from
+    the network never runs without authentication."""
+    host = values["listen_address"][0]
+    if is_loopback(host):
+        return "none"
+    raise ValueError(
+        f"is required when listening on {host!r} (not loopback); supported: {', '.join(AUTH_MODES)}"
+    )
+
+
+def _half_of_admitted(values: Mapping[str, Any]) -> int:
+    # Half of what the broker admits, so one caller cannot fill the queue.
+    return (values["pool_size"] + values["max_waiting"]) // 2
+
+
+# -------------------------------------------------------------------------------- the table
+
+
+def _listed(choices: tuple[str, ...]) -> str:
+    return ", ".join(f"`{choice}`" for choice in choices[:-1]) + f" or `{choices[-1]}`"
+
+
+_METAVARS: dict[Callable[[str], Any], str] = {
+    integer: "N",
+    duration: "SECONDS",
+    size: "BYTES",
+    boolean: "BOOL",
+    parse_listen: "HOST:PORT",
+    parse_database_url: "URL",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table: what `setting` declared, plus its names.
+
+    *name* gives the flag (``--pool-size``, unless *flag* is false) and the variable
+    (``PGBROKER_POOL_SIZE``, or the first of *env*); *attribute* is the `Settings` field.
+    *default* is `DERIVED` when *derive* computes it from the other settings' values (or
+    refuses with a ValueError saying why it is required). *help* is Markdown (plain text in
+    ``--help``). A *secret* is never shown in a message or repr; an *internal* one is plumbing
+    between the broker's own processes, in neither the flags nor the README.
+    """
+
+    name: str
+    attribute: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    check: Check | None = None
+    derive: Callable[[Mapping[str, Any]], Any] | None = None
+    shown_default: str = ""
+    pgbouncer: str = ""
+    flag: bool = True
+    env: tuple[str, ...] = ()
+    secret: bool = False
+    internal: bool = False
+    choices: tuple[str, ...] = ()
 
     @property
-    def redacted(self) -> str:
-        """The URL without its password, safe for logs and error messages."""
-        auth = f"{self.user}:***@" if self.password else f"{self.user}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"postgresql://{auth}{host}:{self.port}/{self.database}?sslmode={self.sslmode}"
+    def variable(self) -> str:
+        return self.env[0]
+
+    @property
+    def option(self) -> str | None:
+        """The command-line flag, or None for a setting read from the environment only."""
+        return "--" + self.name.replace("_", "-") if self.flag else None
+
+    @property
+    def metavar(self) -> str:
+        """What ``--help`` shows as the flag's value."""
+        if self.choices:
+            return "{" + ",".join(self.choices) + "}"
+        return _METAVARS.get(self.parse, "TEXT")
+
+    def shown(self, text: str) -> str:
+        """*text* as it may appear in a message: never a secret's value."""
+        return "<redacted>" if self.secret else repr(text)
 
 
-@dataclass(frozen=True)
+def setting(
+    parse: Callable[[str], Any],
+    default: Any,
+    help: str,
+    *,
+    check: Check | None = None,
+    derive: Callable[[Mapping[str, Any]], Any] | None = None,
+    shown_default: str = "",
+    pgbouncer: str = "",
+    name: str = "",
+    flag: bool = True,
+    env: tuple[str, ...] = (),
+    secret: bool = False,
+    internal: bool = False,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """Declare a `Settings` field as a setting (see `Setting` for the arguments); *name*
+    defaults to the field's name. With *choices*, the value must be one of them."""
+    spec = Setting(
+        name=name,
+        attribute="",
+        parse=parse,
+        default=default,
+        help=help,
+        check=one_of(choices) if choices else check,
+        derive=derive,
+        shown_default=shown_default,
+        pgbouncer=pgbouncer,
+        flag=flag and not internal,
+        env=env,
+        secret=secret,
+        internal=internal,
+        choices=choices,
+    )
+    metadata = {"setting": spec}
+    # A parsed database target hides its password itself; a token list cannot.
+    shown = not secret or parse is parse_database_url
+    if default is DERIVED:
+        return field(repr=shown, metadata=metadata)
+    return field(default=default, repr=shown, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the broker process needs, validated. Durations are in seconds."""
+    """Everything the broker process needs, validated. Durations are in seconds, sizes in
+    bytes; a limit of 0 is no limit."""
 
-    database: DatabaseTarget
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 50051
-    pool_size: int = 20
-    max_waiting: int = 2000
-    queue_timeout: float = 30.0
-    statement_timeout: float = 30.0
-    max_lifetime: float = 3600.0
-    connect_timeout: float = 10.0
-    shutdown_grace: float = 20.0
-    max_connection_age: float = 300.0
-    max_connection_age_grace: float = 30.0
-    auth: str = "none"
-    log_level: str = "INFO"
-    statement_cache_size: int = 100
-    # Deploy (issue 7): the connection budget across replicas, EMF metrics. See docs/deploy.md.
-    max_replicas: int = 1
-    metrics_interval: float = 0.0
-    # Security (issue 6): auth details, TLS, role map, limits. See docs/security.md.
-    auth_audience: str = ""
-    iam_allowed_roles: str = ""
-    sts_endpoint: str = ""
-    tokens: str = field(default="", repr=False)
-    tokens_secret_id: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    role_map: str = ""
-    default_role: str = ""
-    session_audit: str = "opaque"
-    database_secret_id: str = ""
-    database_iam_auth: bool = False
-    max_statements: int = 1000
-    max_request_bytes: int = 8 * 1024 * 1024
-    max_result_rows: int = 1_000_000
-    max_result_bytes: int = 32 * 1024 * 1024
-    max_inflight_per_caller: int = 1000
-    # Server processes sharing the listen port (broker/front/workers.py); pool_size is their total.
-    workers: int = 1
+    database: DatabaseTarget = setting(  # noqa: RUF009 (a dataclasses.field, not a value)
+        parse_database_url,
+        DERIVED,
+        "`postgresql://user:pass@host:port/db?sslmode=verify-full` (also `sslrootcert`,"
+        " `application_name`); percent-encode `@` `/` `:` `?` `#` in the user name and password",
+        name="database_url",
+        derive=_database_default,
+        shown_default="required, unless `PGBROKER_DATABASE_SECRET_ID`",
+        secret=True,
+    )
+    database_secret_id: str = setting(
+        stripped,
+        "",
+        "Secrets Manager secret in RDS's JSON shape (`username`, `password`, optional `host`,"
+        " `port`, `dbname`), re-read when Postgres rejects the password (rotation)",
+    )
+    database_iam_auth: bool = setting(
+        boolean,
+        False,
+        "the password is an RDS IAM auth token made with the task role (not with"
+        " `PGBROKER_DATABASE_SECRET_ID`)",
+    )
+    listen_address: tuple[str, int] = setting(
+        parse_listen,
+        ("127.0.0.1", 50051),
+        "host:port to serve gRPC on (port 0 picks a free one)",
+        name="listen",
+        shown_default="`127.0.0.1:50051`",
+    )
+    pool_size: int = setting(
+        integer, 20, "server connections", check=at_least(1), pgbouncer="default_pool_size"
+    )
+    max_waiting: int = setting(
+        integer,
+        2000,
+        "queued requests before `RESOURCE_EXHAUSTED`",
+        check=at_least(0),
+        pgbouncer="max_client_conn",
+    )
+    queue_timeout: float = setting(
+        duration,
+        30.0,
+        "seconds a request may wait for a connection",
+        check=positive,
+        pgbouncer="query_wait_timeout",
+    )
+    statement_timeout: float = setting(
+        duration, 30.0, "upper bound per statement/transaction, seconds", check=positive
+    )
+    max_lifetime: float = setting(
+        duration,
+        3600.0,
+        "seconds before a server connection is recycled",
+        check=positive,
+        pgbouncer="server_lifetime",
+    )
+    connect_timeout: float = setting(
+        duration,
+        10.0,
+        "seconds per connect attempt, and to wait for the first connection at start",
+        check=positive,
+    )
+    shutdown_grace: float = setting(
+        duration, 20.0, "seconds in-flight requests get after SIGTERM", check=at_least(0)
+    )
+    max_connection_age: float = setting(
+        duration,
+        300.0,
+        "seconds before a client's HTTP/2 connection gets GOAWAY (clients rebalance)",
+        check=positive,
+    )
+    max_connection_age_grace: float = setting(
+        duration, 30.0, "seconds calls on such a connection may still take", check=at_least(0)
+    )
+    statement_cache_size: int = setting(
+        integer, 100, "prepared statements kept per connection", check=at_least(1)
+    )
+    workers: int = setting(
+        integer,
+        1,
+        "server processes sharing the listen port (`SO_REUSEPORT`), each holding"
+        " `pool_size // workers` connections; stats and health are per process",
+        check=at_least(1),
+    )
+    max_replicas: int = setting(
+        integer,
+        1,
+        "replicas sharing the database: start is refused when `pool_size × max_replicas`"
+        " exceeds `max_connections` minus reserved slots",
+        check=at_least(1),
+    )
+    metrics_interval: float = setting(
+        duration,
+        0.0,
+        "seconds between CloudWatch EMF metric lines on stdout (0: off)",
+        check=at_least(0),
+    )
+    log_level: str = setting(
+        uppercase, "INFO", f"the lowest level logged: {_listed(LOG_LEVELS)}", choices=LOG_LEVELS
+    )
+    auth: str = setting(
+        lowercase,
+        DERIVED,
+        f"caller authentication: {_listed(AUTH_MODES)}; `none` only on a loopback listener"
+        " (docs/security.md)",
+        choices=AUTH_MODES,
+        derive=_auth_default,
+        shown_default="`none` on loopback, else required",
+    )
+    auth_audience: str = setting(
+        stripped, "", "iam: the audience clients sign, e.g. the broker's URL (required)"
+    )
+    iam_allowed_roles: str = setting(
+        stripped, "", "iam: roles admitted, names or ARNs, comma separated, `*` patterns (required)"
+    )
+    sts_endpoint: str = setting(
+        stripped,
+        "",
+        "iam: the STS endpoint that verifies callers (e.g. a VPC endpoint)",
+        shown_default="STS of `AWS_REGION`",
+    )
+    # A flag would show the tokens to every local user (ps); the environment does not.
+    tokens: str = setting(
+        stripped,
+        "",
+        "token: bearer tokens, `label:token` comma separated, at least 16 characters each",
+        flag=False,
+        secret=True,
+    )
+    tokens_secret_id: str = setting(
+        stripped,
+        "",
+        "token: Secrets Manager secret holding the tokens, re-read when an unknown one arrives",
+    )
+    tls_cert: str = setting(
+        stripped, "", "PEM certificate chain (a path or the PEM text) to serve TLS to clients"
+    )
+    tls_key: str = setting(stripped, "", "its private key (a path or the PEM text)")
+    tls_client_ca: str = setting(
+        stripped, "", "CA that client certificates must chain to (mTLS; a path or the PEM text)"
+    )
+    role_map: str = setting(
+        stripped,
+        "",
+        "caller role → Postgres role, set with `SET LOCAL ROLE` per transaction: JSON or"
+        " `caller=role,…` (`*` patterns)",
+    )
+    default_role: str = setting(
+        stripped, "", "Postgres role of callers the role map does not name (else they are refused)"
+    )
+    session_audit: str = setting(
+        lowercase,
+        "opaque",
+        "when to check the session after a transaction: `opaque` (after `DO`, `CALL`, a"
+        " non-built-in function or unparsed SQL), `always` or `off`",
+        choices=SESSION_AUDIT_MODES,
+    )
+    max_statements: int = setting(
+        integer, 1000, "statements per request (0: no limit)", check=at_least(0)
+    )
+    max_request_bytes: int = setting(
+        size, 8 * MIB, "encoded size of a request (0: no limit)", check=at_least(0)
+    )
+    max_result_rows: int = setting(
+        integer, 1_000_000, "rows of all results of one request (0: no limit)", check=at_least(0)
+    )
+    max_result_bytes: int = setting(
+        size,
+        32 * MIB,
+        "encoded size of all results of one request (0: no limit)",
+        check=at_least(0),
+    )
+    max_inflight_per_caller: int = setting(
+        integer,
+        DERIVED,
+        "running + queued requests of one identity, iam or token (0: no limit)",
+        check=at_least(0),
+        derive=_half_of_admitted,
+        shown_default="half of `pool_size + max_waiting` ({})",
+    )
+    aws_region: str = setting(
+        stripped,
+        "",
+        "the task's region, for the regional STS endpoint and RDS IAM tokens (set by ECS)",
+        flag=False,
+        env=("AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
+    worker: tuple[int, int, int] | None = setting(
+        worker_marker,
+        None,
+        "set by the supervisor in each worker's environment (broker/front/workers.py)",
+        env=("_PGBROKER_WORKER",),
+        internal=True,
+    )
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen_address[0]
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen_address[1]
 
     @property
     def listen(self) -> str:
@@ -118,100 +443,23 @@ class Settings:
         return f"{host}:{self.listen_port}"
 
 
-# name -> (parser, default). A default of None means "required" (or derived, for auth).
-_T = TypeVar("_T")
+def _row(declared: Field[Any]) -> Setting:
+    spec: Setting = declared.metadata["setting"]
+    name = spec.name or declared.name
+    env = spec.env or (ENV_PREFIX + name.upper(),)
+    return replace(spec, name=name, attribute=declared.name, env=env)
 
 
-def _duration(text: str) -> float:
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ValueError("must be a duration in seconds, e.g. 30, 2.5, 500ms, 5m")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    value = float(match.group(1)) * scale
-    if not math.isfinite(value):
-        raise ValueError("must be finite")
-    return value
+SETTINGS: tuple[Setting, ...] = tuple(_row(declared) for declared in fields(Settings))
+_BY_NAME = {spec.name: spec for spec in SETTINGS}
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError("must be a whole number") from None
+def named(name: str) -> Setting:
+    """The declared setting *name* (``pool_size``); raise KeyError if there is none."""
+    return _BY_NAME[name]
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[::1]:50051`` for IPv6); raise ValueError if malformed."""
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
-    if not match:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
-    host = match.group(1) or match.group(3) or "0.0.0.0"
-    port = int(match.group(2) or match.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be between 0 and 65535")
-    return host, port
-
-
-_UNESCAPED_PASSWORD = (
-    "cannot parse; percent-encode special characters in the user name and password "
-    "(@ → %40, / → %2F, : → %3A, ? → %3F, # → %23)"
-)
-
-
-def _password_breaks_authority(url: str) -> bool:
-    """True when an unescaped '@', '/', '?' or '#' in the password makes the URL ambiguous.
-
-    A '/', '?' or '#' ends the host part early, so what follows the password's first part
-    would be taken for host, port or database (and a fragment of the password would appear
-    in "cannot connect to …" logs); the user-info '@' then sits after that point. Two '@'
-    are read differently by libpq (the first) and Python (the last).
-    """
-    rest = url.partition("://")[2]
-    host_part = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    return rest.count("@") > 1 or rest.count("@") > host_part.count("@")
-
-
-def parse_database_url(url: str) -> DatabaseTarget:
-    """Parse ``postgresql://user:pass@host:port/db?sslmode=…``; messages never echo the URL."""
-    if _password_breaks_authority(url.strip()):
-        raise ValueError(_UNESCAPED_PASSWORD)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port or 5432
-    except ValueError:
-        raise ValueError("is not a valid URL (expected postgresql://user@host:port/db)") from None
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("must start with postgresql:// (e.g. postgresql://user@host:5432/db)")
-    if not parts.hostname:
-        raise ValueError("has no host (expected postgresql://user@host:port/db)")
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(query) - set(_URL_QUERY_KEYS))
-    if unknown:
-        raise ValueError(f"has unsupported query parameters {unknown}; known: {_URL_QUERY_KEYS}")
-    sslmode = query.get("sslmode", "prefer")
-    if sslmode not in SSL_MODES:
-        raise ValueError(f"sslmode={sslmode!r} is not one of {', '.join(SSL_MODES)}")
-    user = unquote(parts.username) if parts.username else "postgres"
-    database = unquote(parts.path.lstrip("/")) or user
-    return DatabaseTarget(
-        host=parts.hostname,
-        port=port,
-        user=user,
-        database=database,
-        password=unquote(parts.password) if parts.password is not None else None,
-        sslmode=sslmode,
-        sslrootcert=query.get("sslrootcert"),
-        application_name=query.get("application_name", "pgbroker"),
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# -------------------------------------------------------------------------------- resolving
 
 
 class _Resolver:
@@ -222,198 +470,192 @@ class _Resolver:
         self.environ = environ
         self.problems: list[str] = []
 
-    def raw(self, name: str) -> tuple[str | None, str]:
-        """The text of setting *name* and where it came from (for messages)."""
-        flag = self.flags.get(name)
+    def raw(self, spec: Setting) -> tuple[str | None, str]:
+        """The text of *spec* and where it came from (for messages)."""
+        flag = self.flags.get(spec.name)
         if flag is not None:
-            return str(flag), f"--{name.replace('_', '-')}"
-        env_name = ENV_PREFIX + name.upper()
-        if env_name in self.environ and self.environ[env_name] != "":
-            return self.environ[env_name], env_name
-        return None, env_name
+            return str(flag), "--" + spec.name.replace("_", "-")
+        for variable in spec.env:
+            text = self.environ.get(variable)
+            if text:
+                return text, variable
+        return None, spec.variable
 
-    def get(
-        self,
-        name: str,
-        parse: Callable[[str], _T],
-        default: _T,
-        check: Callable[[_T], str | None] = lambda _: None,
-    ) -> _T:
-        text, source = self.raw(name)
+    def value(self, spec: Setting) -> Any:
+        """The parsed and checked value; on a problem, the default (None for a derived one).
+        `DERIVED` when the setting is not given and *derive* must compute it."""
+        text, source = self.raw(spec)
         if text is None:
-            return default
+            return spec.default
         try:
-            value = parse(text)
+            value = spec.parse(text)
+            problem = spec.check(value) if spec.check else None
         except ValueError as exc:
-            self.problems.append(f"{source}={_shown(name, text)}: {exc}")
-            return default
-        problem = check(value)
+            problem = str(exc)
         if problem:
-            self.problems.append(f"{source}={_shown(name, text)}: {problem}")
-            return default
+            self.problems.append(f"{source}={spec.shown(text)}: {problem}")
+            return None if spec.default is DERIVED else spec.default
         return value
 
-
-def _shown(name: str, text: str) -> str:
-    """The value as it may appear in a message: never the database URL (it holds a password)."""
-    return "<redacted>" if name == "database_url" else repr(text)
-
-
-def _at_least(minimum: float) -> Callable[[float], str | None]:
-    return lambda v: None if v >= minimum else f"must be at least {minimum:g}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
+    def derive(self, spec: Setting, values: Mapping[str, Any]) -> Any:
+        assert spec.derive is not None
+        try:
+            return spec.derive(values)
+        except ValueError as exc:
+            self.problems.append(f"{self.raw(spec)[1]} {exc}")
+            return None
 
 
 def load_settings(
     flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Resolve every setting (explicit flag > PGBROKER_* env > default) and validate it.
+    """Resolve every setting (explicit flag > ``PGBROKER_*`` env > default) and validate it.
 
-    *flags* maps setting names (``pool_size``) to values; ``None`` means "not given".
-    Raise `ConfigError` with one message per bad or missing value.
+    *flags* maps setting names (``pool_size``) to values; ``None`` means "not given". *environ*
+    defaults to the process environment. Raise `ConfigError` with one message per bad or
+    missing value, and TypeError for a name in *flags* that is no setting (a caller's bug).
     """
-    r = _Resolver(flags or {}, os.environ if environ is None else environ)
-    url_text, url_source = r.raw("database_url")
-    database: DatabaseTarget | None = None
-    if url_text is None and r.raw("database_secret_id")[0]:
-        # Everything comes from the secret (RDS JSON with host, port, dbname); verify TLS.
-        database = DatabaseTarget(host="", port=5432, user="", database="postgres")
-        database = replace(database, sslmode="verify-full")
-    elif url_text is None:
-        r.problems.append(f"{url_source} is required (postgresql://user:password@host:5432/db)")
-    else:
-        database = r.get("database_url", parse_database_url, None)  # type: ignore[arg-type]
-    listen_host, listen_port = r.get("listen", parse_listen, ("127.0.0.1", 50051))
-    values: dict[str, Any] = {
-        "pool_size": r.get("pool_size", _integer, 20, _at_least(1)),
-        "max_waiting": r.get("max_waiting", _integer, 2000, _at_least(0)),
-        "queue_timeout": r.get("queue_timeout", _duration, 30.0, _positive),
-        "statement_timeout": r.get("statement_timeout", _duration, 30.0, _positive),
-        "max_lifetime": r.get("max_lifetime", _duration, 3600.0, _positive),
-        "connect_timeout": r.get("connect_timeout", _duration, 10.0, _positive),
-        "shutdown_grace": r.get("shutdown_grace", _duration, 20.0, _at_least(0)),
-        "max_connection_age": r.get("max_connection_age", _duration, 300.0, _positive),
-        "max_connection_age_grace": r.get(
-            "max_connection_age_grace", _duration, 30.0, _at_least(0)
-        ),
-        "statement_cache_size": r.get("statement_cache_size", _integer, 100, _at_least(1)),
-        "log_level": r.get("log_level", lambda s: s.strip().upper(), "INFO", _one_of(LOG_LEVELS)),
-        "max_replicas": r.get("max_replicas", _integer, 1, _at_least(1)),
-        "metrics_interval": r.get("metrics_interval", _duration, 0.0, _at_least(0)),
-        "workers": r.get("workers", _integer, 1, _at_least(1)),
-    }
-    if values["workers"] > values["pool_size"]:
-        source = r.raw("workers")[1]
+    flags = flags or {}
+    unknown = sorted(set(flags) - set(_BY_NAME))
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}")
+    r = _Resolver(flags, os.environ if environ is None else environ)
+    settings = Settings(**_values(r))  # a refused value is its default (or None) until the end
+    for check in _CROSS_CHECKS:
+        check(settings, r)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
+
+
+def lookup(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment (or its default), as `load_settings` would read it.
+
+    Raise `ConfigError` with one line when its value is bad, or when it has no default.
+    """
+    spec = _BY_NAME[name]
+    r = _Resolver({}, os.environ if environ is None else environ)
+    value = r.value(spec)
+    if value is DERIVED:
+        r.problems.append(f"{spec.variable} is not set")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return value
+
+
+def default_values() -> dict[str, Any]:
+    """Every setting's value when nothing is set; a required one is None."""
+    return _values(_Resolver({}, {}))
+
+
+def _values(r: _Resolver) -> dict[str, Any]:
+    """Every setting's value by attribute; derived ones after the others."""
+    values = {spec.attribute: r.value(spec) for spec in SETTINGS}
+    for spec in SETTINGS:
+        if values[spec.attribute] is DERIVED:
+            values[spec.attribute] = r.derive(spec, values)
+    return values
+
+
+# ------------------------------------------------------------------- checks across settings
+
+
+def _check_workers(settings: Settings, r: _Resolver) -> None:
+    if settings.workers > settings.pool_size:
+        source = r.raw(_BY_NAME["workers"])[1]
         r.problems.append(
-            f"{source}={values['workers']}: more workers than pool_size {values['pool_size']} "
+            f"{source}={settings.workers}: more workers than pool_size {settings.pool_size} "
             "(each worker holds pool_size // workers connections, at least 1); "
             "raise PGBROKER_POOL_SIZE or lower PGBROKER_WORKERS"
         )
-    values["auth"] = _check_auth(r, listen_host)
-    values.update(_security_values(r, values))
-    if r.problems or database is None:
-        raise ConfigError(r.problems or ["PGBROKER_DATABASE_URL is not valid"])
-    return Settings(database=database, listen_host=listen_host, listen_port=listen_port, **values)
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
-
-def _check_auth(r: _Resolver, listen_host: str) -> str:
-    """Auth mode: defaults to `none` on a loopback listener; anything else must be chosen.
-
-    Hook for iam/token: add the mode to `AUTH_MODES`; `none` stays loopback-only so a broker
-    reachable from the network never runs without authentication.
-    """
-    text, source = r.raw("auth")
-    mode = (text or "").strip().lower()
-    if not mode:
-        if _is_loopback(listen_host):
-            return "none"
+def _check_auth_listen(settings: Settings, r: _Resolver) -> None:
+    if settings.auth == "none" and not is_loopback(settings.listen_host):
+        source = r.raw(_BY_NAME["auth"])[1]
         r.problems.append(
-            f"{source} is required when listening on {listen_host!r} (not loopback); "
-            f"supported: {', '.join(AUTH_MODES)}"
+            f"{source}=none is only allowed on a loopback listener, not {settings.listen_host!r}"
         )
-        return "none"
-    if mode not in AUTH_MODES:
-        r.problems.append(f"{source}={text!r}: must be one of {', '.join(AUTH_MODES)}")
-    elif mode == "none" and not _is_loopback(listen_host):
-        r.problems.append(
-            f"{source}=none is only allowed on a loopback listener, not {listen_host!r}"
-        )
-    return mode
 
 
-def _security_values(r: _Resolver, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Auth details, TLS files and limits (issue 6); problems are added to *r*."""
-    auth_mode = values["auth"]
-    text = {
-        name: r.get(name, str.strip, "")
-        for name in (
-            "auth_audience",
-            "iam_allowed_roles",
-            "sts_endpoint",
-            "tokens",
-            "tokens_secret_id",
-            "tls_cert",
-            "tls_key",
-            "tls_client_ca",
-            "role_map",
-            "default_role",
-            "database_secret_id",
-        )
-    }
-    text["session_audit"] = r.get(
-        "session_audit", lambda s: s.strip().lower(), "opaque", _one_of(("opaque", "always", "off"))
-    )
-    sizes = {
-        name: r.get(name, _integer, default, _at_least(0))
-        for name, default in (
-            ("max_statements", 1000),
-            ("max_request_bytes", 8 * 1024 * 1024),
-            ("max_result_rows", 1_000_000),
-            ("max_result_bytes", 32 * 1024 * 1024),
-            # Default: half of what the broker admits, so one caller cannot fill the queue.
-            ("max_inflight_per_caller", (values["pool_size"] + values["max_waiting"]) // 2),
-        )
-    }
-    if bool(text["tls_cert"]) != bool(text["tls_key"]):
+def _check_tls(settings: Settings, r: _Resolver) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
         r.problems.append("PGBROKER_TLS_CERT and PGBROKER_TLS_KEY must be set together")
-    if text["tls_client_ca"] and not text["tls_cert"]:
+    if settings.tls_client_ca and not settings.tls_cert:
         r.problems.append("PGBROKER_TLS_CLIENT_CA (mTLS) needs PGBROKER_TLS_CERT and _KEY")
+
+
+def _check_role_map(settings: Settings, r: _Resolver) -> None:
     from broker.security.roles import RoleMap
 
     try:
-        RoleMap.parse(text["role_map"], text["default_role"])  # problems now, not at start
+        RoleMap.parse(settings.role_map, settings.default_role)  # problems now, not at start
     except ValueError as exc:
         r.problems.append(str(exc))
-    if auth_mode in ("iam", "token"):
-        from broker.security.auth import authenticator_from_env
 
-        environ = {ENV_PREFIX + k.upper(): v for k, v in text.items() if v}
-        for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-            if r.environ.get(key):
-                environ[key] = r.environ[key]
-        try:
-            authenticator_from_env(auth_mode, environ)
-        except ValueError as exc:
-            r.problems.append(str(exc))
-    iam_db = r.get("database_iam_auth", _boolean, False)
-    if iam_db and text["database_secret_id"]:
+
+def _check_authenticator(settings: Settings, r: _Resolver) -> None:
+    if settings.auth not in ("iam", "token"):
+        return
+    from broker.security.auth import authenticator_for_settings
+
+    try:
+        authenticator_for_settings(settings)
+    except ValueError as exc:
+        r.problems.append(str(exc))
+
+
+def _check_database_credentials(settings: Settings, r: _Resolver) -> None:
+    if settings.database_iam_auth and settings.database_secret_id:
         r.problems.append(
             "PGBROKER_DATABASE_IAM_AUTH and PGBROKER_DATABASE_SECRET_ID exclude each other"
         )
-    return {**text, **sizes, "database_iam_auth": iam_db}
 
 
-def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
+_CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
+    _check_workers,
+    _check_auth_listen,
+    _check_tls,
+    _check_role_map,
+    _check_authenticator,
+    _check_database_credentials,
+)
+
+
+# ----------------------------------------------------------------------------- documentation
+
+
+def shown_default(spec: Setting) -> str:
+    """The default as the README and ``--help`` show it (Markdown); ``—`` when there is none.
+    A ``{}`` in a declared text is the derived value when nothing else is set."""
+    value = spec.default
+    if spec.shown_default:
+        return spec.shown_default.format(default_values()[spec.attribute])
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if spec.parse is size and value and value % MIB == 0:
+        return f"`{value // MIB}MiB`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return str(value)
+    return f"`{value}`" if value else "—"
+
+
+def meaning(spec: Setting) -> str:
+    """What the setting does (Markdown), with its PgBouncer equivalent."""
+    if spec.pgbouncer:
+        return f"{spec.help} (PgBouncer's `{spec.pgbouncer}`)"
+    return spec.help
+
+
+def markdown_table() -> str:
+    """The README's settings table (section "The broker"), one row per public setting."""
+    lines = ["| variable | flag | meaning | default |", "| --- | --- | --- | --- |"]
+    for spec in SETTINGS:
+        if spec.internal:
+            continue
+        variable = " or ".join(f"`{name}`" for name in spec.env)
+        option = f"`{spec.option}`" if spec.option else "—"
+        lines.append(f"| {variable} | {option} | {meaning(spec)} | {shown_default(spec)} |")
+    return "\n".join(lines) + "\n"

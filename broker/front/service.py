@@ -83,7 +83,7 @@ class BadRequest(BrokerFailure):
 
 
 def validate(
-    request: pb.ExecuteRequest, limits: Limits | None = None, role_locked: bool = False
+    request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
 ) -> tuple[RequestPlan, list[Bound]]:
     """Refuse a request that cannot run, before it queues; raise `BadRequest`, `BadParameter`
     (broker/postgres/params.py), `LimitExceeded` (broker/security/limits.py) or
@@ -100,7 +100,7 @@ def validate(
         )
     if not request.statements:
         raise BadRequest("no statements")
-    check_request(request, limits or Limits())
+    check_request(request, limits)
     if request.options.isolation not in pb.IsolationLevel.values():
         raise BadRequest(f"unknown isolation level {request.options.isolation}")
     for index, statement in enumerate(request.statements):
@@ -135,7 +135,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         pool: Pool,
         statement_timeout: float,
         *,
-        limits: Limits | None = None,
+        limits: Limits,
         auth_stats: AuthStats | None = None,
         role_map: RoleMap | None = None,
         session_audit: str = "opaque",
@@ -144,7 +144,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.statement_timeout = statement_timeout
         # Constant figures added to GetStats (a worker's index and pid with --workers N > 1).
         self.extra_stats: dict[str, int] = {}
-        self.limits = limits or Limits()
+        self.limits = limits
         self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
         self.auth_stats = auth_stats or AuthStats()
         self.role_map = role_map

@@ -37,14 +37,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import FrameType
 
-from broker.config import Settings
+from broker.config import Settings, named
 
 __all__ = ["WORKER_ENV", "WorkerRole", "supervise", "worker_pool_size", "worker_role"]
 
 log = logging.getLogger("pgbroker.workers")
 
-# Set by the supervisor in each child's environment: "index,port,ready_fd".
-WORKER_ENV = "_PGBROKER_WORKER"
+# Set by the supervisor in each child's environment: "index,port,ready_fd"; the child reads it
+# with its other settings (`Settings.worker`).
+WORKER_ENV = named("worker").variable
 # Seconds a worker gets beyond shutdown_grace to exit before the supervisor kills it.
 _EXIT_SLACK = 30.0
 _POLL = 0.2
@@ -60,7 +61,7 @@ class WorkerRole:
 
     def apply(self, settings: Settings) -> Settings:
         """*settings* with the port the supervisor reserved (the configured one may be 0)."""
-        return replace(settings, listen_port=self.port)
+        return replace(settings, listen_address=(settings.listen_host, self.port))
 
     def report_ready(self) -> None:
         """Tell the supervisor this worker serves (it waits for every worker before it logs
@@ -70,13 +71,12 @@ class WorkerRole:
             os.close(self.ready_fd)
 
 
-def worker_role(environ: dict[str, str] | None = None) -> WorkerRole | None:
-    """The role of this process if a supervisor started it, else None."""
-    text = (os.environ if environ is None else environ).get(WORKER_ENV, "")
-    if not text:
+def worker_role(settings: Settings) -> WorkerRole | None:
+    """The role of this process if a supervisor started it (`Settings.worker`), else None."""
+    if settings.worker is None:
         return None
-    index, port, fd = (int(part) for part in text.split(","))
-    return WorkerRole(index, port, fd)
+    index, port, ready_fd = settings.worker
+    return WorkerRole(index, port, ready_fd)
 
 
 def worker_pool_size(settings: Settings) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
-from broker.config import DatabaseTarget
+from broker.configvalues import DatabaseTarget
 from broker.postgres import pg
 
 __all__ = [
@@ -182,10 +182,7 @@ def credentials_for(settings: Any) -> CredentialSource:
     if settings.database_secret_id:
         return SecretCredentials(base, settings.database_secret_id)
     if settings.database_iam_auth:
-        import os
-
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return IamTokenCredentials(base, region)
+        return IamTokenCredentials(base, settings.aws_region or None)
     return StaticCredentials(base)
 
 

@@ -30,7 +30,7 @@ import pg8000.converters as pgc
 from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _flush, _write
 from pg8000.exceptions import DatabaseError, InterfaceError
 
-from broker.config import DatabaseTarget
+from broker.configvalues import DatabaseTarget
 from broker.postgres.params import Bound, bind_params
 from broker.sql.plan import StatementPlan, placeholder_count
 from lambda_client import codec

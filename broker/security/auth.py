@@ -22,47 +22,46 @@ The factory of the authenticator the gate (`broker.security.gate`) puts in front
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from broker.security.identity import Authenticator, AuthStats, NoAuth
 from broker.security.tokens import TokenAuth, parse_tokens, secret_loader
 
-__all__ = ["authenticator_for_settings", "authenticator_from_env", "default_sts_endpoint"]
+if TYPE_CHECKING:
+    from broker.config import Settings
+
+__all__ = ["authenticator_for_settings", "default_sts_endpoint"]
 
 
-def default_sts_endpoint(environ: Mapping[str, str]) -> str | None:
-    """``https://sts.REGION.amazonaws.com/`` for the task's region, or None if unknown."""
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+def default_sts_endpoint(region: str) -> str | None:
+    """``https://sts.REGION.amazonaws.com/`` for the task's *region*, or None if it is empty."""
     return f"https://sts.{region}.amazonaws.com/" if region else None
 
 
-def authenticator_from_env(
-    mode: str, environ: Mapping[str, str], stats: AuthStats | None = None
-) -> Authenticator:
-    """Build the authenticator for ``PGBROKER_AUTH=mode`` from ``PGBROKER_*`` variables.
+def authenticator_for_settings(settings: Settings, stats: AuthStats | None = None) -> Authenticator:
+    """The authenticator for ``settings.auth``, built from its auth settings.
 
     Raise ValueError with one line naming the variable to fix. Reads no secret yet: a token
     secret is read on the first call (and cached).
     """
     stats = stats or AuthStats()
+    mode = settings.auth
     if mode == "none":
         return NoAuth()
     if mode == "token":
-        if environ.get("PGBROKER_TOKENS_SECRET_ID"):
-            return TokenAuth(load_secret=secret_loader(environ["PGBROKER_TOKENS_SECRET_ID"]))
-        if environ.get("PGBROKER_TOKENS"):
+        if settings.tokens_secret_id:
+            return TokenAuth(load_secret=secret_loader(settings.tokens_secret_id))
+        if settings.tokens:
             try:
-                return TokenAuth(parse_tokens(environ["PGBROKER_TOKENS"]))
+                return TokenAuth(parse_tokens(settings.tokens))
             except ValueError as exc:
                 raise ValueError(f"PGBROKER_TOKENS: {exc}") from None
         raise ValueError("PGBROKER_AUTH=token needs PGBROKER_TOKENS or PGBROKER_TOKENS_SECRET_ID")
     if mode == "iam":
-        audience = environ.get("PGBROKER_AUTH_AUDIENCE", "").strip()
-        roles = [r.strip() for r in environ.get("PGBROKER_IAM_ALLOWED_ROLES", "").split(",")]
+        audience = settings.auth_audience.strip()
+        roles = [r.strip() for r in settings.iam_allowed_roles.split(",")]
         roles = [r for r in roles if r]
-        endpoint = environ.get("PGBROKER_STS_ENDPOINT") or default_sts_endpoint(environ)
+        endpoint = settings.sts_endpoint or default_sts_endpoint(settings.aws_region)
         if not audience:
             raise ValueError(
                 "PGBROKER_AUTH=iam needs PGBROKER_AUTH_AUDIENCE (e.g. the broker's URL; the"
@@ -76,18 +75,3 @@ def authenticator_from_env(
 
         return IamAuth(sts_endpoint=endpoint, audience=audience, allowed_roles=roles, stats=stats)
     raise ValueError(f"PGBROKER_AUTH={mode!r}: must be one of iam, token, none")
-
-
-def authenticator_for_settings(settings: Any, stats: AuthStats | None = None) -> Authenticator:
-    """The authenticator for a `broker.config.Settings` (its auth fields)."""
-    environ = {
-        "PGBROKER_AUTH_AUDIENCE": settings.auth_audience,
-        "PGBROKER_IAM_ALLOWED_ROLES": settings.iam_allowed_roles,
-        "PGBROKER_STS_ENDPOINT": settings.sts_endpoint,
-        "PGBROKER_TOKENS": settings.tokens,
-        "PGBROKER_TOKENS_SECRET_ID": settings.tokens_secret_id,
-    }
-    environ.update(
-        {k: v for k, v in os.environ.items() if k in ("AWS_REGION", "AWS_DEFAULT_REGION")}
-    )
-    return authenticator_from_env(settings.auth, {k: v for k, v in environ.items() if v}, stats)

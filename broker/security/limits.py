@@ -33,16 +33,16 @@ caller is the same ``anonymous`` and ``PGBROKER_MAX_WAITING`` already bounds the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from broker.configvalues import MIB
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
 
-MIB = 1024 * 1024
 # Postgres' Bind message counts parameters in an Int16.
 POSTGRES_MAX_PARAMS = 65_535
 
@@ -79,51 +79,19 @@ class LimitExceeded(BrokerFailure):
 
 @dataclass(frozen=True)
 class Limits:
-    """The limits in force; 0 turns one off."""
+    """The limits in force; 0 turns one off. Built from the settings
+    (`broker.front.server.limits_for`), which declare each limit's default once."""
 
-    max_statements: int = 1000
-    max_request_bytes: int = 8 * MIB
-    max_result_rows: int = 1_000_000
-    max_result_bytes: int = 32 * MIB
-    max_inflight_per_caller: int = 1000
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Limits:
-        """Read ``PGBROKER_MAX_*``; raise ValueError with one line per bad value."""
-        values: dict[str, int] = {}
-        problems = []
-        for name in cls.__dataclass_fields__:
-            variable = "PGBROKER_" + name.upper()
-            text = environ.get(variable, "").strip()
-            if not text:
-                continue
-            try:
-                value = _parse_size(text)
-            except ValueError:
-                problems.append(f"{variable}={text!r}: must be a whole number (0 = no limit)")
-                continue
-            values[name] = value
-        if problems:
-            raise ValueError("; ".join(problems))
-        return cls(**values)
+    max_statements: int
+    max_request_bytes: int
+    max_result_rows: int
+    max_result_bytes: int
+    max_inflight_per_caller: int
 
     def grpc_max_receive_bytes(self) -> int:
         """What the server may accept from the wire: above the request limit, so a request
         just over it gets this module's clear message rather than gRPC's."""
         return max(16 * MIB, self.max_request_bytes + MIB) if self.max_request_bytes else -1
-
-
-def _parse_size(text: str) -> int:
-    scale = 1
-    lowered = text.lower()
-    for suffix, factor in (("kib", 1024), ("mib", MIB), ("gib", 1024 * MIB)):
-        if lowered.endswith(suffix):
-            lowered, scale = lowered[: -len(suffix)].strip(), factor
-            break
-    value = int(lowered) * scale
-    if value < 0:
-        raise ValueError("negative")
-    return value
 
 
 def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:

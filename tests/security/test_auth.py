@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 
 from broker.config import ConfigError, load_settings
 from broker.front.server import SERVICE_NAME, broker_method_handlers
-from broker.security.auth import authenticator_from_env
+from broker.security.auth import authenticator_for_settings
 from broker.security.gate import AuthGate, LogBudget
 from broker.security.iam import IamAuth
 from broker.security.identity import AuthStats, NoAuth, current_identity
@@ -35,6 +35,8 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from .conftest import REGION, MotoAws
+
+DATABASE_URL = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
 
 AUDIENCE = "dns:///broker.pgbroker.local:50051"
 
@@ -468,8 +470,8 @@ def test_tokens_from_secrets_manager_follow_a_rotation_without_restart(
 def test_tokens_shorter_than_16_characters_are_refused_at_start() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         parse_tokens("short")
-    with pytest.raises(ValueError, match="PGBROKER_TOKENS"):
-        authenticator_from_env("token", {"PGBROKER_TOKENS": "a,b"})
+    with pytest.raises(ConfigError, match="PGBROKER_TOKENS"):
+        load_settings(environ={**DATABASE_URL, "PGBROKER_AUTH": "token", "PGBROKER_TOKENS": "a,b"})
 
 
 # ----------------------------------------------------------------------------------- none
@@ -517,8 +519,18 @@ def test_none_mode_is_allowed_on_loopback(listen: str) -> None:
 def test_iam_mode_without_its_settings_refuses_to_start(
     environ: dict[str, str], expected: str
 ) -> None:
-    with pytest.raises(ValueError, match=expected):
-        authenticator_from_env("iam", environ)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(environ={**DATABASE_URL, "PGBROKER_AUTH": "iam", **environ})
+
+
+def test_iam_mode_takes_the_sts_endpoint_from_the_region() -> None:
+    environ = {"PGBROKER_AUTH_AUDIENCE": "a", "PGBROKER_IAM_ALLOWED_ROLES": "r"}
+    settings = load_settings(
+        environ={**DATABASE_URL, "PGBROKER_AUTH": "iam", "AWS_REGION": REGION, **environ}
+    )
+    auth = authenticator_for_settings(settings)
+    assert isinstance(auth, IamAuth)
+    assert auth.sts_endpoint == f"https://sts.{REGION}.amazonaws.com/"
 
 
 def test_unreachable_sts_is_unavailable_with_retry_info_and_not_cached(moto_aws: MotoAws) -> None:

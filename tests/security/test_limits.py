@@ -166,11 +166,28 @@ def test_pool_stays_healthy_after_limit_errors(broker: Broker) -> None:
 
 
 def test_limits_read_from_the_environment() -> None:
-    limits = Limits.from_env({"PGBROKER_MAX_RESULT_BYTES": "2MiB", "PGBROKER_MAX_STATEMENTS": "0"})
+    from broker.config import ConfigError, load_settings
+    from broker.front.server import limits_for
+
+    url = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
+    settings = load_settings(
+        environ={**url, "PGBROKER_MAX_RESULT_BYTES": "2MiB", "PGBROKER_MAX_STATEMENTS": "0"}
+    )
+    limits = limits_for(settings)
     assert limits.max_result_bytes == 2 * 1024 * 1024
     assert limits.max_statements == 0
-    with pytest.raises(ValueError, match="PGBROKER_MAX_RESULT_ROWS"):
-        Limits.from_env({"PGBROKER_MAX_RESULT_ROWS": "lots"})
+    with pytest.raises(ConfigError, match="PGBROKER_MAX_RESULT_ROWS"):
+        load_settings(environ={**url, "PGBROKER_MAX_RESULT_ROWS": "lots"})
+
+
+def test_default_limits_are_the_settings_defaults() -> None:
+    from broker.config import load_settings
+    from broker.front.server import limits_for
+
+    settings = load_settings({"database_url": "postgresql://app@db.internal/app"}, environ={})
+    limits = limits_for(settings)
+    assert limits.max_inflight_per_caller == (20 + 2000) // 2
+    assert (limits.max_statements, limits.max_result_rows) == (1000, 1_000_000)
 
 
 def test_in_flight_counts_are_released_when_a_request_fails() -> None:
@@ -219,6 +236,6 @@ def test_more_parameters_than_postgres_accepts_is_refused_before_running() -> No
     req = pb.ExecuteRequest()
     req.statements.add(sql="SELECT 1").params.extend(pb.Value(int64=i) for i in range(65_536))
     with pytest.raises(LimitExceeded) as caught:
-        check_request(req, Limits())
+        check_request(req, Limits(0, 0, 0, 0, 0))  # every limit off: Postgres' own still holds
     assert caught.value.limit == "postgres_max_parameters"
     assert caught.value.observed == 65_536
