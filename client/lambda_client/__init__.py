@@ -11,7 +11,9 @@
 
 Errors follow PEP 249 (`Error`, `DatabaseError`, `OperationalError`, …; ``BrokerError`` is
 `Error`); `lambda_client.errors` draws the tree and holds a class per common SQLSTATE
-(``errors.UniqueViolation``). This module only re-exports. ``import lambda_client`` is cheap: the client, gRPC and protobuf
+(``errors.UniqueViolation``).
+
+This module only re-exports. ``import lambda_client`` is cheap: the client, gRPC and protobuf
 load when a name is first used (``from lambda_client import BrokerClient`` loads them, which
 is best done at module level, in the Lambda init phase).
 """

@@ -139,16 +139,16 @@ def open_channel(
     root_certificates: bytes | None = None,
     aio: bool = False,
 ) -> Any:
-    """A channel to *target* (``grpc.aio`` with *aio*): plaintext, or TLS as *config* says,
-    checking ``tls_server_name`` unless *options* already name a server. Raise `ConfigError`
-    for an unusable PEM."""
+    """A channel to *target* (``grpc.aio`` with *aio*) with *options*: plaintext, or TLS as
+    *config* says, checking ``tls_server_name`` unless *options* already name a server. Raise
+    `ConfigError` for an unusable PEM."""
     import grpc
 
     module: Any = grpc.aio if aio else grpc
     options = list(options)
-    if config.tls_server_name and _SERVER_NAME_OPTION not in dict(options):
-        options.append((_SERVER_NAME_OPTION, config.tls_server_name))
     if not config.tls:
         return module.insecure_channel(target, options=options)
+    if config.tls_server_name and _SERVER_NAME_OPTION not in dict(options):
+        options.append((_SERVER_NAME_OPTION, config.tls_server_name))
     credentials = tls_credentials(config, root_certificates)
     return module.secure_channel(target, credentials, options=options)

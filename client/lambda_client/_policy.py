@@ -50,7 +50,7 @@ __all__ = [
 
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 # The reason of the `Unavailable` the client raises when no connection was ready in time.
-BROKER_UNREACHABLE = Reason.BROKER_UNREACHABLE
+BROKER_UNREACHABLE = Reason.BROKER_UNREACHABLE.value
 
 T = TypeVar("T")
 Metadata = Sequence[tuple[str, str]]

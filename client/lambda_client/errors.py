@@ -44,17 +44,18 @@ decides (it says whether anything ran), otherwise the SQLSTATE does when there i
 
 Each error keeps the gRPC status it came from (`code`, `details`) and what the broker sent
 as ``google.rpc.Status`` details (`lambda_client._status.unpack`): the Postgres error
-(`sqlstate`, `statement_index`, `detail`, `hint`), the broker's reason (`reason`, a
-`lambda_client._status.Reason`, e.g. ``QUEUE_FULL``; the client sets ``BROKER_UNREACHABLE``
-when no connection was ready before the deadline, so nothing was sent) with its `metadata`,
-and its retry hint (`retry_after`, seconds). The `grpc.RpcError` is chained as ``__cause__``.
+(`sqlstate`, `statement_index`, `detail`, `hint`), the broker's reason (`reason`, its text,
+e.g. ``QUEUE_FULL``, which equals the `lambda_client._status.Reason` member of that name; the
+client sets ``BROKER_UNREACHABLE`` when no connection was ready before the deadline, so
+nothing was sent) with its `metadata`, and its retry hint (`retry_after`, seconds). The
+`grpc.RpcError` is chained as ``__cause__``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lambda_client._status import Reason, unpack
+from lambda_client._status import unpack
 
 if TYPE_CHECKING:
     import grpc
@@ -593,7 +594,7 @@ def from_rpc_error(exc: grpc.RpcError) -> Error:
     fields: dict[str, Any] = {
         "code": code,
         "retry_after": status.retry_after,
-        "reason": _reason(status.reason),
+        "reason": status.reason,
         "metadata": status.metadata,
     }
     db = status.database_error
@@ -607,13 +608,3 @@ def from_rpc_error(exc: grpc.RpcError) -> Error:
         )
     cls = error_class(code.name if code is not None else "", fields.get("sqlstate"))
     return cls(message, **fields)
-
-
-def _reason(text: str | None) -> str | None:
-    """A `Reason` member for a reason this client knows, else the text as sent."""
-    if text is None:
-        return None
-    try:
-        return Reason(text)
-    except ValueError:
-        return text
