@@ -54,7 +54,7 @@ def test_public_names_are_pinned() -> None:
 NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "errors", "Warning"}
 
 # Each public error class and its parent: the PEP 249 tree, with the broker's failures placed.
-PARENTS = {
+PARENTS: dict[str, type | str] = {
     "Error": Exception,
     "Warning": Exception,
     "InterfaceError": "Error",
