@@ -68,9 +68,9 @@ class BrokerClient(ClientBase):
     the call passes its own; *deadline_margin* is kept back from a Lambda context's remaining
     time so the handler can still answer. *tls* (default ``PGBROKER_TLS`` in 1/true/yes) uses
     TLS with *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system
-    roots).
-    *auth* returns metadata added to every attempt (tokens, signatures); by default it comes
-    from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts*,
+    roots), checking *tls_server_name* (default ``PGBROKER_TLS_SERVER_NAME``) in the broker's
+    certificate. *auth* returns metadata added to every attempt (tokens, signatures); by
+    default it comes from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts*,
     *initial_backoff* and *max_backoff* shape the retries described in the module docstring.
     *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
     ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
@@ -79,7 +79,9 @@ class BrokerClient(ClientBase):
     go only to replicas whose ``grpc.health.v1`` status is SERVING, so a replica that is
     shutting down gets no new calls (one more round trip when a connection opens).
     *options* are extra gRPC channel arguments; they override the defaults. Settings not
-    passed come from the environment, read once at construction (`lambda_client._config`).
+    passed come from *config*, by default the environment read once, here
+    (`lambda_client._config.ClientConfig.from_env`). Raise `TypeError`/`ValueError` naming a
+    bad argument or variable.
 
     Blocking; safe to share between threads.
     """
