@@ -60,7 +60,7 @@ from lambda_client._status import unpack
 if TYPE_CHECKING:
     import grpc
 
-# PEP 249 and broker-level classes; the SQLSTATE classes are listed in `by_sqlstate`.
+# PEP 249 and broker-level classes; the SQLSTATE classes are added below, as defined.
 __all__ = [
     "BrokerError",
     "Cancelled",
@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 # SQLSTATE -> its class, filled as the classes below are defined.
-by_sqlstate: dict[str, type[DatabaseError]] = {}
+_BY_SQLSTATE: dict[str, type[DatabaseError]] = {}
 
 
 class Warning(Exception):
@@ -169,7 +169,7 @@ class DatabaseError(Error):
         super().__init_subclass__(**kwargs)
         if sqlstate is not None:
             cls.sqlstate = sqlstate
-            by_sqlstate[sqlstate] = cls
+            _BY_SQLSTATE[sqlstate] = cls
 
 
 class DataError(DatabaseError):
@@ -529,6 +529,8 @@ _BY_SQLSTATE_CLASS: dict[str, type[DatabaseError]] = {
     "X": InternalError,
 }
 
+__all__ += sorted(cls.__name__ for cls in _BY_SQLSTATE.values() if cls.__name__ not in __all__)
+
 _BY_CODE_NAME: dict[str, type[Error]] = {
     "INVALID_ARGUMENT": InvalidRequest,
     "RESOURCE_EXHAUSTED": Overloaded,
@@ -563,7 +565,7 @@ _CODE_FIRST = frozenset(
 def lookup(sqlstate: str) -> type[DatabaseError]:
     """The class for *sqlstate*: its own, else its SQLSTATE class's, else `DatabaseError`."""
     return (
-        by_sqlstate.get(sqlstate)
+        _BY_SQLSTATE.get(sqlstate)
         or _BY_SQLSTATE_CLASS.get(sqlstate[:2])
         or _BY_SQLSTATE_CLASS.get(sqlstate[:1])
         or DatabaseError
