@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,15 @@ class Pem:
     variable: str
     value: str
 
+    @property
+    def inline(self) -> bool:
+        """Whether the value is the PEM text itself, not a path."""
+        return self.value.lstrip().startswith("-----BEGIN ")
+
     def read(self) -> bytes:
         """The PEM bytes; raise `ConfigError` naming the variable if the file cannot be read
         or holds no PEM."""
-        if self.value.lstrip().startswith("-----BEGIN "):
+        if self.inline:
             return self.value.encode()
         try:
             data = Path(self.value).read_bytes()
@@ -63,6 +68,11 @@ class Pem:
         if b"-----BEGIN " not in data:
             raise ConfigError(f"{self.variable}={self.value!r}: not a PEM file")
         return data
+
+    def __repr__(self) -> str:
+        # A private key may be the value itself: never print PEM text.
+        shown = "<PEM text>" if self.inline else repr(self.value)
+        return f"Pem({self.variable!r}, {shown})"
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class ClientConfig:
     tls_client_key: Pem | None = None
     tls_server_name: str | None = None
     auth: str = "none"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     auth_audience: str | None = None
     sts_endpoint: str | None = None
     aws_region: str | None = None

@@ -118,6 +118,15 @@ def test_a_pem_setting_takes_a_path_or_the_pem_itself(tmp_path: Path) -> None:
         Pem("PGBROKER_TLS_CA_FILE", str(tmp_path / "junk")).read()
 
 
+def test_a_config_never_shows_a_secret_in_its_repr() -> None:
+    key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n"
+    config = ClientConfig.from_env(
+        {"PGBROKER_TLS_CLIENT_KEY_FILE": key, "PGBROKER_AUTH": "token", "PGBROKER_TOKEN": "s3cr3t"}
+    )
+    assert "c2VjcmV0" not in repr(config) and "s3cr3t" not in repr(config)
+    assert "PGBROKER_TLS_CLIENT_KEY_FILE" in repr(config)
+
+
 def test_an_unreadable_ca_file_fails_the_first_call_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
