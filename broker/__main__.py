@@ -216,45 +216,43 @@ def _health(target: str, timeout: float) -> int:
 
 
 def _channel(target: str) -> Any:
-    """A channel to the local broker: TLS when it serves TLS (``PGBROKER_TLS_CERT``), trusting
-    ``PGBROKER_TLS_CA_FILE`` (else the certificate itself), with the client certificate of
+    """A channel to the local broker, built as the client builds one (`lambda_client._config`):
+    TLS when the broker serves TLS (``PGBROKER_TLS_CERT``), trusting ``PGBROKER_TLS_CA_FILE``
+    (else the certificate itself), with the client certificate of
     ``PGBROKER_TLS_CLIENT_CERT_FILE``/``_KEY_FILE`` for mTLS; the name checked is
     ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1).
-    Each variable holds a path or the PEM text itself (`broker.security.tls.read_pem`)."""
-    import grpc
+    Each variable holds a path or the PEM text itself. Raise `TlsConfigError` naming the
+    variable of an unusable PEM."""
+    from broker.security.tls import TlsConfigError
+    from lambda_client._config import ClientConfig, ConfigError, Pem, open_channel
 
-    from broker.security.tls import read_pem
-
-    env = os.environ
-    if not env.get("PGBROKER_TLS_CERT"):
-        return grpc.insecure_channel(target)
-
-    def read(name: str) -> bytes | None:
-        value = env.get(name)
-        return read_pem(name, value) if value else None
-
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=read("PGBROKER_TLS_CA_FILE") or read("PGBROKER_TLS_CERT"),
-        private_key=read("PGBROKER_TLS_CLIENT_KEY_FILE"),
-        certificate_chain=read("PGBROKER_TLS_CLIENT_CERT_FILE"),
-    )
-    options = []
-    if env.get("PGBROKER_TLS_SERVER_NAME"):
-        options.append(("grpc.ssl_target_name_override", env["PGBROKER_TLS_SERVER_NAME"]))
-    return grpc.secure_channel(target, credentials, options=options)
+    config = ClientConfig.from_env()
+    server_cert = os.environ.get("PGBROKER_TLS_CERT")
+    if server_cert:
+        config = config.replace(
+            tls=True, tls_ca=config.tls_ca or Pem("PGBROKER_TLS_CERT", server_cert)
+        )
+    else:
+        config = config.replace(tls=False)
+    try:
+        return open_channel(target, config)
+    except ConfigError as exc:
+        raise TlsConfigError(str(exc)) from None
 
 
 def _auth_metadata(target: str) -> Sequence[tuple[str, str]]:
-    """Credentials for GetStats, from the same variables a client reads (PGBROKER_AUTH,
-    PGBROKER_TOKEN, …; see lambda_client/auth.py). Health checks need none."""
-    from lambda_client.auth import auth_from_env
+    """Credentials for GetStats, from the configuration a client reads (PGBROKER_AUTH,
+    PGBROKER_TOKEN, …; see lambda_client/auth.py); with ``token`` and no PGBROKER_TOKEN, the
+    first of the broker's own PGBROKER_TOKENS. Health checks need none."""
+    from lambda_client._config import ClientConfig
+    from lambda_client.auth import auth_for
 
-    env = dict(os.environ)
-    if env.get("PGBROKER_AUTH") == "token" and not env.get("PGBROKER_TOKEN"):
-        tokens = env.get("PGBROKER_TOKENS", "").split(",")[0]
-        env["PGBROKER_TOKEN"] = tokens.rpartition(":")[2].strip()
+    config = ClientConfig.from_env()
+    if config.auth == "token" and not config.token:
+        first = os.environ.get("PGBROKER_TOKENS", "").split(",")[0]
+        config = config.replace(token=first.rpartition(":")[2].strip() or None)
     try:
-        hook = auth_from_env(env, default_audience=target)
+        hook = auth_for(config, default_audience=target)
     except ValueError:
         return ()
     return tuple(hook()) if hook is not None else ()

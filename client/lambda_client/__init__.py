@@ -9,6 +9,10 @@
     def handler(event, context):
         return db.query("SELECT $1::int + 1", [41], context=context).scalar()
 
+Errors follow PEP 249 (`Error`, `DatabaseError`, `OperationalError`, …; ``BrokerError`` is
+`Error`); `lambda_client.errors` draws the tree and holds a class per common SQLSTATE
+(``errors.UniqueViolation``).
+
 This module only re-exports. ``import lambda_client`` is cheap: the client, gRPC and protobuf
 load when a name is first used (``from lambda_client import BrokerClient`` loads them, which
 is best done at module level, in the Lambda init phase).
@@ -30,8 +34,12 @@ if TYPE_CHECKING:
         DataError,
         DeadlineExceeded,
         DeadlockDetected,
+        Error,
         IntegrityError,
+        InterfaceError,
+        InternalError,
         InvalidRequest,
+        NotSupportedError,
         OperationalError,
         OutcomeUnknown,
         Overloaded,
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
         TransactionRollback,
         Unauthenticated,
         Unavailable,
+        Warning,
     )
 
 __all__ = [
@@ -52,11 +61,15 @@ __all__ = [
     "DatabaseError",
     "DeadlineExceeded",
     "DeadlockDetected",
+    "Error",
     "IntegrityError",
+    "InterfaceError",
+    "InternalError",
     "Interval",
     "InvalidRequest",
     "Json",
     "Jsonb",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "Overloaded",
@@ -68,6 +81,7 @@ __all__ = [
     "TransactionRollback",
     "Unauthenticated",
     "Unavailable",
+    "Warning",
     "errors",
 ]
 

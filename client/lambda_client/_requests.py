@@ -11,16 +11,23 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.codec import encode_params, utf8_text
 
-if TYPE_CHECKING:
-    from lambda_client.client import LambdaContext
-
 # A statement is its SQL alone or (sql, params).
 Statement = str | tuple[str, Sequence[Any] | None]
+
+
+class LambdaContext(Protocol):
+    """The parts of the Lambda context object the client reads."""
+
+    aws_request_id: str
+    function_name: str
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
 
 _ISOLATION = {
     None: pb.ISOLATION_LEVEL_UNSPECIFIED,

@@ -9,46 +9,35 @@
     async def work(context):
         return (await db.query("SELECT now()", context=context)).scalar()
 
-Deadlines, retries, metadata and errors are exactly those of `BrokerClient` (the policy is
-shared). A ``grpc.aio`` channel belongs to one event loop, so the client opens its channel in
-the loop of its first call and opens a new one if it is later used from another loop (a
-handler that runs ``asyncio.run`` per invocation). For plain Lambda handlers, which are
-synchronous, use `BrokerClient`.
+Deadlines, retries, metadata and errors are exactly those of `BrokerClient`: both follow
+`lambda_client._policy`; this class awaits its steps. A ``grpc.aio`` channel belongs to one
+event loop, so the client opens its channel in the loop of its first call and opens a new one
+if it is later used from another loop (a handler that runs ``asyncio.run`` per invocation).
+For plain Lambda handlers, which are synchronous, use `BrokerClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-import grpc
-
-from lambda_client._requests import (
-    Statement,
-    many_statements,
-    query_request,
-    transaction_request,
-)
-from lambda_client.client import (
-    Invoke,
-    LambdaContext,
-    Link,
-    Result,
-    _ClientBase,
-    execute_call,
-    results_of,
-    stats_call,
-    time_left,
-)
+from lambda_client._base import ClientBase
+from lambda_client._policy import Call, Link, Outcome, resume
+from lambda_client._requests import LambdaContext, Statement
+from lambda_client._result import Result
 
 __all__ = ["AsyncBrokerClient"]
 
+T = TypeVar("T")
 
-class AsyncBrokerClient(_ClientBase):
+
+class AsyncBrokerClient(ClientBase):
     """A ``grpc.aio`` client; arguments as for `BrokerClient`. Use it from one event loop at a
     time (it follows the loop of the latest call)."""
+
+    _sleep = staticmethod(asyncio.sleep)
+    _aio = True
 
     def __init__(self, target: str | None = None, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
@@ -64,9 +53,7 @@ class AsyncBrokerClient(_ClientBase):
         timeout: float | None = None,
     ) -> Result:
         """As `BrokerClient.query`."""
-        invoke = execute_call(query_request(sql, params))
-        response = await self._call_with_retries(invoke, context, timeout, retry_aborted=False)
-        return results_of(response)[0]
+        return await self._run(self._query(sql, params), context, timeout)
 
     async def transaction(
         self,
@@ -80,13 +67,8 @@ class AsyncBrokerClient(_ClientBase):
         retry_serialization: bool = False,
     ) -> list[Result]:
         """As `BrokerClient.transaction`."""
-        request = transaction_request(statements, isolation, read_only, deferrable)
-        if not request.statements:
-            return []
-        response = await self._call_with_retries(
-            execute_call(request), context, timeout, retry_aborted=retry_serialization
-        )
-        return results_of(response)
+        call = self._transaction(statements, isolation, read_only, deferrable, retry_serialization)
+        return await self._run(call, context, timeout)
 
     async def execute_many(
         self,
@@ -98,17 +80,12 @@ class AsyncBrokerClient(_ClientBase):
         retry_serialization: bool = False,
     ) -> list[Result]:
         """As `BrokerClient.execute_many`."""
-        return await self.transaction(
-            many_statements(sql, param_sets),
-            context=context,
-            timeout=timeout,
-            retry_serialization=retry_serialization,
-        )
+        call = self._execute_many(sql, param_sets, retry_serialization)
+        return await self._run(call, context, timeout)
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """As `BrokerClient.stats`."""
-        response = await self._call_with_retries(stats_call, None, timeout, retry_aborted=False)
-        return dict(response.stats)
+        return await self._run(self._stats(), None, timeout)
 
     async def close(self) -> None:
         """Close the channel; the next call opens a new one."""
@@ -122,66 +99,24 @@ class AsyncBrokerClient(_ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return f"AsyncBrokerClient(target={self.target!r}, tls={self.tls})"
-
-    async def _call_with_retries(
-        self,
-        invoke: Invoke,
-        context: LambdaContext | None,
-        timeout: float | None,
-        *,
-        retry_aborted: bool,
-    ) -> Any:
-        """As `BrokerClient._call_with_retries`, awaiting the call and `asyncio.sleep`."""
-        started = time.monotonic()
-        deadline = self._deadline(context, timeout)
-        for attempt in range(1, self.max_attempts + 1):
-            link = self._get_link()
-            metadata = self._metadata(context)
-            if not link.reached:
-                await self._reach(link, time_left(deadline, attempt), started)
-            try:
-                # Measured after the channel, credentials and check: the call must not outlive it.
-                response = await invoke(link.stub, time_left(deadline, attempt), metadata)
-            except grpc.RpcError as exc:
-                link.call_failed(exc)
-                await asyncio.sleep(self._backoff_or_raise(exc, attempt, deadline, retry_aborted))
-            else:
-                link.reached = True
-                return response
-            finally:
-                self._mark_used()
-        raise AssertionError("unreachable: _backoff_or_raise raises after the last attempt")
-
-    async def _reach(self, link: Link, timeout: float, started: float) -> None:
-        """As `BrokerClient._reach`."""
-        try:
-            await link.health_check(b"", timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            link.check_failed(exc, self.target, started)
-        else:
-            link.reached = True
+    async def _run(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> T:
+        """The plan of *call* (`BrokerClient`'s), each step awaited."""
+        plan = self._plan(call, context, timeout)
+        finished, step = resume(plan, Outcome())
+        while not finished:
+            finished, step = resume(plan, await Outcome.of_awaited(step))
+        return step  # type: ignore[no-any-return]
 
     def _get_link(self) -> Link:
         """The stub on this loop's channel, created on first use, in a new loop, or after a
         long idle. Runs on the event loop, so no lock is needed."""
         loop = asyncio.get_running_loop()
-        if self._link is None or self._loop is not loop or self._idle_too_long():
-            old, old_loop = self._channel, self._loop
-            self._channel = self._new_channel()
-            self._link = Link(self._channel)
-            self._loop = loop
-            self._mark_used()
-            self.channels_created += 1
+        if self._loop is not loop or self._stale():
+            old_loop, self._loop = self._loop, loop
+            old = self._replace_channel()
             if old is not None and old_loop is loop:
                 closing = loop.create_task(old.close())
                 self._closing.add(closing)  # keep a reference until it is done
                 closing.add_done_callback(self._closing.discard)
+        assert self._link is not None
         return self._link
-
-    def _new_channel(self) -> grpc.aio.Channel:
-        options, credentials = self._channel_args()
-        if credentials is None:
-            return grpc.aio.insecure_channel(self.target, options=options)
-        return grpc.aio.secure_channel(self.target, credentials, options=options)

@@ -12,9 +12,10 @@ come from its provider chain).
 
 ``token``: `BearerAuth` sends ``authorization: Bearer <token>``.
 
-`auth_from_env` picks one from ``PGBROKER_AUTH`` (``iam`` | ``token`` | ``none``),
-``PGBROKER_TOKEN``, ``PGBROKER_AUTH_AUDIENCE`` (default: ``PGBROKER_URL``) and
-``PGBROKER_STS_ENDPOINT`` (default: regional STS of ``AWS_REGION``).
+`auth_for` picks one from the client's configuration (`lambda_client._config.ClientConfig`:
+``PGBROKER_AUTH`` (``iam`` | ``token`` | ``none``), ``PGBROKER_TOKEN``,
+``PGBROKER_AUTH_AUDIENCE`` (default: ``PGBROKER_URL``) and ``PGBROKER_STS_ENDPOINT`` (default:
+regional STS of ``AWS_REGION``)); `auth_from_env` reads that configuration first.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-__all__ = ["AUDIENCE_HEADER", "BearerAuth", "IamAuth", "auth_from_env"]
+from lambda_client._config import ClientConfig
+
+__all__ = ["AUDIENCE_HEADER", "BearerAuth", "IamAuth", "auth_for", "auth_from_env"]
 
 AUDIENCE_HEADER = "x-pgbroker-audience"
 _BODY = "Action=GetCallerIdentity&Version=2011-06-15"
@@ -84,7 +87,7 @@ class IamAuth:
         credentials: Any = None,
         refresh_after: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
-        utcnow: Callable[[], datetime] = lambda: datetime.now(UTC),
+        utcnow: Callable[[], datetime] = lambda: datetime.now(timezone.utc),  # noqa: UP017 (datetime.UTC is 3.11+)
     ) -> None:
         if not audience:
             raise ValueError("an audience is required (the broker's PGBROKER_AUTH_AUDIENCE)")
@@ -200,28 +203,29 @@ def sigv4_authorization(
 def auth_from_env(
     environ: Mapping[str, str] | None = None, *, default_audience: str | None = None
 ) -> Callable[[], Metadata] | None:
-    """The auth hook ``PGBROKER_AUTH`` asks for, or None for ``none``/unset.
+    """`auth_for` the configuration in *environ* (default ``os.environ``)."""
+    return auth_for(ClientConfig.from_env(environ), default_audience=default_audience)
+
+
+def auth_for(
+    config: ClientConfig, *, default_audience: str | None = None
+) -> Callable[[], Metadata] | None:
+    """The auth hook *config* asks for (``PGBROKER_AUTH``), or None for ``none``.
 
     ``iam`` needs an audience (``PGBROKER_AUTH_AUDIENCE``, else ``PGBROKER_URL``, else
     *default_audience*); ``token`` needs ``PGBROKER_TOKEN``. Raise ValueError naming the
-    missing variable. Nothing is signed until the first call.
+    missing variable, or the mode when it is none of these. Nothing is signed until the first
+    call.
     """
-    env = os.environ if environ is None else environ
-    mode = env.get("PGBROKER_AUTH", "").strip().lower()
-    if mode in ("", "none"):
+    if config.auth == "none":
         return None
-    if mode == "token":
-        token = env.get("PGBROKER_TOKEN", "")
-        if not token:
+    if config.auth == "token":
+        if not config.token:
             raise ValueError("PGBROKER_AUTH=token needs PGBROKER_TOKEN")
-        return BearerAuth(token)
-    if mode == "iam":
-        audience = env.get("PGBROKER_AUTH_AUDIENCE") or env.get("PGBROKER_URL") or default_audience
+        return BearerAuth(config.token)
+    if config.auth == "iam":
+        audience = config.auth_audience or config.target or default_audience
         if not audience:
             raise ValueError("PGBROKER_AUTH=iam needs PGBROKER_AUTH_AUDIENCE or PGBROKER_URL")
-        return IamAuth(
-            audience,
-            sts_endpoint=env.get("PGBROKER_STS_ENDPOINT") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-        )
-    raise ValueError(f"PGBROKER_AUTH={mode!r}: must be iam, token or none")
+        return IamAuth(audience, sts_endpoint=config.sts_endpoint, region=config.aws_region)
+    raise ValueError(f"PGBROKER_AUTH={config.auth!r}: must be iam, token or none")

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from brokertest import details_of, request, rows
 
-from lambda_client.errors import ProgrammingError, error_class
+from lambda_client import errors
 
 
 @pytest.fixture
@@ -55,7 +55,8 @@ def test_wrong_parameter_count_is_refused_naming_the_counts(
     assert error.details() == f"statement 0: {expected} given"
     assert (db_error.sqlstate, db_error.statement_index) == ("42601", 0)
     assert "pg8000" not in error.details()
-    assert error_class("INVALID_ARGUMENT", db_error.sqlstate) is ProgrammingError
+    assert errors.error_class("INVALID_ARGUMENT", db_error.sqlstate) is errors.SyntaxError
+    assert issubclass(errors.SyntaxError, errors.ProgrammingError)
     _still_works(broker)
 
 

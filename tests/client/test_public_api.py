@@ -9,7 +9,7 @@ from datetime import date
 import pytest
 
 import lambda_client
-from lambda_client import Result
+from lambda_client import Result, errors
 
 PUBLIC_NAMES = {
     "BrokerClient",
@@ -19,11 +19,15 @@ PUBLIC_NAMES = {
     "DatabaseError",
     "DeadlineExceeded",
     "DeadlockDetected",
+    "Error",
     "IntegrityError",
+    "InterfaceError",
+    "InternalError",
     "Interval",
     "InvalidRequest",
     "Json",
     "Jsonb",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "Overloaded",
@@ -35,6 +39,7 @@ PUBLIC_NAMES = {
     "TransactionRollback",
     "Unauthenticated",
     "Unavailable",
+    "Warning",
     "errors",
 }
 
@@ -46,11 +51,107 @@ def test_public_names_are_pinned() -> None:
     assert set(dir(lambda_client)) >= PUBLIC_NAMES
 
 
+NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "errors", "Warning"}
+
+# Each public error class and its parent: the PEP 249 tree, with the broker's failures placed.
+PARENTS: dict[str, type | str] = {
+    "Error": Exception,
+    "Warning": Exception,
+    "InterfaceError": "Error",
+    "DatabaseError": "Error",
+    "DataError": "DatabaseError",
+    "OperationalError": "DatabaseError",
+    "IntegrityError": "DatabaseError",
+    "InternalError": "DatabaseError",
+    "ProgrammingError": "DatabaseError",
+    "NotSupportedError": "DatabaseError",
+    "InvalidRequest": "ProgrammingError",
+    "PermissionDenied": "ProgrammingError",
+    "Overloaded": "OperationalError",
+    "Unavailable": "OperationalError",
+    "DeadlineExceeded": "OperationalError",
+    "Cancelled": "OperationalError",
+    "OutcomeUnknown": "OperationalError",
+    "Unauthenticated": "OperationalError",
+    "TransactionRollback": "OperationalError",
+    "SerializationFailure": "TransactionRollback",
+    "DeadlockDetected": "TransactionRollback",
+    "QueryCanceled": "DeadlineExceeded",
+}
+
+# The SQLSTATE classes of `lambda_client.errors` a caller is most likely to catch, by psycopg's
+# names, with their SQLSTATE and PEP 249 class.
+SQLSTATE_CLASSES = {
+    "UniqueViolation": ("23505", "IntegrityError"),
+    "ForeignKeyViolation": ("23503", "IntegrityError"),
+    "NotNullViolation": ("23502", "IntegrityError"),
+    "CheckViolation": ("23514", "IntegrityError"),
+    "ExclusionViolation": ("23P01", "IntegrityError"),
+    "SerializationFailure": ("40001", "OperationalError"),
+    "DeadlockDetected": ("40P01", "OperationalError"),
+    "QueryCanceled": ("57014", "OperationalError"),
+    "LockNotAvailable": ("55P03", "OperationalError"),
+    "UndefinedTable": ("42P01", "ProgrammingError"),
+    "UndefinedColumn": ("42703", "ProgrammingError"),
+    "SyntaxError": ("42601", "ProgrammingError"),
+    "InsufficientPrivilege": ("42501", "ProgrammingError"),
+    "InvalidTextRepresentation": ("22P02", "DataError"),
+    "DivisionByZero": ("22012", "DataError"),
+    "NumericValueOutOfRange": ("22003", "DataError"),
+    "InFailedSqlTransaction": ("25P02", "InternalError"),
+    "FeatureNotSupported": ("0A000", "NotSupportedError"),
+}
+
+
 def test_every_error_is_a_broker_error() -> None:
-    for name in PUBLIC_NAMES - {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "errors"}:
+    for name in PUBLIC_NAMES - NOT_ERRORS:
         assert issubclass(getattr(lambda_client, name), lambda_client.BrokerError), name
     assert issubclass(lambda_client.QueryCanceled, lambda_client.DeadlineExceeded)
     assert issubclass(lambda_client.SerializationFailure, lambda_client.DatabaseError)
+
+
+def test_errors_form_the_pep_249_tree() -> None:
+    assert lambda_client.BrokerError is lambda_client.Error
+    assert set(PARENTS) == PUBLIC_NAMES - NOT_ERRORS - {"BrokerError"} | {"Warning"}
+    for name, parent in PARENTS.items():
+        expected = parent if isinstance(parent, type) else getattr(lambda_client, parent)
+        assert getattr(lambda_client, name).__bases__ == (expected,), name
+    assert not issubclass(lambda_client.Warning, lambda_client.Error)
+
+
+def test_sqlstate_classes_carry_their_sqlstate_as_psycopgs_do() -> None:
+    for name, (sqlstate, pep249) in SQLSTATE_CLASSES.items():
+        cls = getattr(errors, name)
+        assert cls.sqlstate == sqlstate, name
+        assert issubclass(cls, getattr(lambda_client, pep249)), name
+        assert errors.lookup(sqlstate) is cls
+        assert errors.error_class("INVALID_ARGUMENT", sqlstate) is cls
+        assert cls("refused").sqlstate == sqlstate
+    # A SQLSTATE without a class of its own falls back to its class's PEP 249 class.
+    assert errors.lookup("22999") is errors.DataError
+    assert errors.lookup("XX999") is errors.InternalError
+    assert errors.lookup("ZZ999") is errors.DatabaseError
+
+
+@pytest.mark.parametrize(
+    ("code", "sqlstate", "expected"),
+    [
+        ("UNAVAILABLE", "08006", "Unavailable"),  # the code says nothing ran
+        ("UNKNOWN", "57P01", "OutcomeUnknown"),  # the code says it may have committed
+        ("DEADLINE_EXCEEDED", "57014", "QueryCanceled"),
+        ("DEADLINE_EXCEEDED", "25P02", "DeadlineExceeded"),
+        ("ABORTED", "40001", "SerializationFailure"),
+        ("INVALID_ARGUMENT", None, "InvalidRequest"),
+        ("PERMISSION_DENIED", None, "PermissionDenied"),
+        ("UNAUTHENTICATED", None, "Unauthenticated"),
+        ("INTERNAL", None, "InternalError"),
+        ("UNIMPLEMENTED", None, "NotSupportedError"),
+        ("NOT_FOUND", None, "InterfaceError"),
+        ("", None, "InterfaceError"),
+    ],
+)
+def test_a_status_maps_to_one_class(code: str, sqlstate: str | None, expected: str) -> None:
+    assert errors.error_class(code, sqlstate) is getattr(errors, expected)
 
 
 def _fresh(code: str) -> str:

@@ -1,0 +1,295 @@
+"""What `BrokerClient` and `lambda_client.aio.AsyncBrokerClient` share: settings, the calls
+their public methods make, the one plan every call follows, metadata and the channel's life.
+
+A driver supplies only its I/O: how it gets the channel's `Link` (`_get_link`), how it
+sleeps (`_sleep`) and how it runs a plan's steps (`lambda_client._policy.run_plan`, or
+awaiting each step).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from lambda_client._config import ClientConfig, open_channel
+from lambda_client._policy import Call, CallPolicy, Link, Metadata, Plan, time_left
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client._requests import (
+    LambdaContext,
+    Statement,
+    check_target,
+    many_statements,
+    query_request,
+    transaction_request,
+)
+from lambda_client._result import Result, results_of
+from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
+from lambda_client.auth import auth_for
+
+__all__ = ["DEFAULT_TARGET", "AuthHook", "ClientBase", "channel_options"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
+USER_AGENT = "pgbroker-lambda-client/0.1"
+CORRELATION_ID_KEY = "x-correlation-id"
+
+# A callable returning metadata to add to every attempt, e.g. ("authorization", "Bearer …").
+AuthHook = Callable[[], Sequence[tuple[str, str]]]
+T = TypeVar("T")
+
+
+class ClientBase:
+    """Configuration and call policy shared by both clients; arguments as on `BrokerClient`,
+    plus *config* (default: `ClientConfig.from_env`, read here, once)."""
+
+    _sleep: Callable[[float], Any]  # time.sleep, or asyncio.sleep
+    _aio = False  # whether channels are grpc.aio ones
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = 30.0,
+        deadline_margin: float = 0.5,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        auth: AuthHook | None = None,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        correlation_id: Callable[[], str | None] | None = None,
+        keepalive_time: float = 30.0,
+        keepalive_timeout: float = 5.0,
+        reconnect_after_idle: float = 240.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        health_check: bool = True,
+        options: Sequence[tuple[str, Any]] = (),
+        config: ClientConfig | None = None,
+    ) -> None:
+        self.policy = CallPolicy(
+            timeout, deadline_margin, max_attempts, initial_backoff, max_backoff
+        )
+        config = ClientConfig.from_env() if config is None else config
+        if target is not None:
+            self.target = check_target(target)
+        elif config.target:  # an empty PGBROKER_URL counts as unset (from_env makes it None)
+            self.target = check_target(config.target, "PGBROKER_URL")
+        else:
+            self.target = DEFAULT_TARGET
+        self.config = config.replace(
+            tls=config.tls if tls is None else tls,
+            tls_server_name=tls_server_name or config.tls_server_name,
+        )
+        self.tls = self.config.tls
+        self.root_certificates = root_certificates
+        # Default credentials from PGBROKER_AUTH (iam | token | none), see lambda_client/auth.py.
+        self.auth = auth if auth is not None else auth_for(config, default_audience=self.target)
+        self.correlation_id = correlation_id
+        self.reconnect_after_idle = reconnect_after_idle
+        self.channel_options = channel_options(
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            max_message_bytes=max_message_bytes,
+            health_check_service=HEALTH_CHECK_SERVICE if health_check else None,
+            overrides=options,
+        )
+        self._lock = threading.Lock()
+        self._channel: Any = None  # grpc.Channel or grpc.aio.Channel, created on first use
+        self._link: Link | None = None  # the stub on self._channel
+        self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
+        self.channels_created = 0
+
+    # -- what the public methods ask for ---------------------------------------------------
+
+    @staticmethod
+    def _query(sql: str, params: Sequence[Any] | None) -> Call[Result]:
+        """`query`: one statement, autocommit; `TypeError` for an unmappable parameter."""
+        return Call(_execute(query_request(sql, params)), lambda r: results_of(r)[0])
+
+    @staticmethod
+    def _transaction(
+        statements: Sequence[Statement],
+        isolation: str | None,
+        read_only: bool,
+        deferrable: bool,
+        retry_serialization: bool,
+    ) -> Call[list[Result]]:
+        """`transaction`; `TypeError`/`ValueError` for a bad argument. An empty one sends
+        nothing."""
+        request = transaction_request(statements, isolation, read_only, deferrable)
+        invoke = _execute(request) if request.statements else None
+        return Call(invoke, lambda r: results_of(r) if r is not None else [], retry_serialization)
+
+    @classmethod
+    def _execute_many(
+        cls, sql: str, param_sets: Sequence[Sequence[Any]], retry_serialization: bool
+    ) -> Call[list[Result]]:
+        """`execute_many`: *sql* once per parameter set, in one transaction."""
+        statements = many_statements(sql, param_sets)
+        return cls._transaction(statements, None, False, False, retry_serialization)
+
+    @staticmethod
+    def _stats() -> Call[dict[str, int]]:
+        """`stats`: the replica's GetStats figures."""
+        return Call(_get_stats, lambda r: dict(r.stats))
+
+    # -- the plan every call follows -------------------------------------------------------
+
+    def _plan(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> Plan[T]:
+        """Attempt *call* until success, an error that must not be resent, *max_attempts* or
+        the deadline (from *context* and *timeout*, `CallPolicy.deadline`); each piece of
+        I/O is a yielded step (`lambda_client._policy`)."""
+        if call.invoke is None:
+            return call.finish(None)
+        started = time.monotonic()
+        deadline = self.policy.deadline(context, timeout)
+        for attempt in range(1, self.policy.max_attempts + 1):
+            link = self._get_link()
+            metadata = self._metadata(context)
+            if not link.reached:
+                yield from link.reach(time_left(deadline, attempt), self.target, started)
+            try:
+                # Measured after the channel, credentials and check: the call must not outlive it.
+                left = time_left(deadline, attempt)
+                response = yield _bind(call.invoke, link.stub, left, metadata)
+            except grpc.RpcError as exc:
+                link.call_failed(exc)
+                delay = self.policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
+                yield _bind(self._sleep, delay)
+            else:
+                link.reached = True
+                return call.finish(response)
+            finally:
+                self._mark_used()
+        raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
+
+    def _get_link(self) -> Link:
+        """The stub on the channel to use now (the driver's)."""
+        raise NotImplementedError
+
+    # -- metadata and the channel's life ---------------------------------------------------
+
+    def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
+        metadata: list[tuple[str, str]] = []
+        if context is not None:
+            if request_id := getattr(context, "aws_request_id", None):
+                metadata.append((REQUEST_ID_KEY, _ascii(request_id)))
+            if function_name := getattr(context, "function_name", None):
+                metadata.append((FUNCTION_NAME_KEY, _ascii(function_name)))
+        if self.correlation_id is not None and (correlation := self.correlation_id()):
+            metadata.append((CORRELATION_ID_KEY, _ascii(correlation)))
+        if self.auth is not None:
+            metadata.extend(self.auth())
+        return metadata
+
+    def _mark_used(self) -> None:
+        self._last_used = (time.monotonic(), time.time())
+
+    def _stale(self) -> bool:
+        """Whether the channel must be replaced: none yet, or idle too long."""
+        if self._link is None:
+            return True
+        # Wall clock too: a frozen container's monotonic clock may not advance while frozen.
+        mono, wall = self._last_used
+        if mono == 0.0:
+            return False
+        idle = max(time.monotonic() - mono, time.time() - wall)
+        return idle > self.reconnect_after_idle
+
+    def _new_channel(self) -> Any:
+        """A new channel (``grpc.aio`` for the asyncio client) as configured."""
+        return open_channel(
+            self.target,
+            self.config,
+            self.channel_options,
+            root_certificates=self.root_certificates,
+            aio=self._aio,
+        )
+
+    def _replace_channel(self) -> Any:
+        """Replace the channel with a new one; return the old one (None at first), for the
+        driver to close."""
+        old, self._channel = self._channel, self._new_channel()
+        self._link = Link(self._channel)
+        self._mark_used()
+        self.channels_created += 1
+        return old
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self.target!r}, tls={self.tls})"
+
+
+def channel_options(
+    *,
+    keepalive_time: float = 30.0,
+    keepalive_timeout: float = 5.0,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    health_check_service: str | None = HEALTH_CHECK_SERVICE,
+    overrides: Sequence[tuple[str, Any]] = (),
+) -> list[tuple[str, Any]]:
+    """Channel arguments for a Lambda client: round-robin, health checks, keepalive, quick
+    reconnects, then *overrides* (which replace a default of the same key: gRPC would take
+    the first of two).
+
+    With *health_check_service*, round-robin only picks replicas whose ``grpc.health.v1``
+    status for that service is SERVING (gRPC client-side health checking, a ``Watch`` stream
+    per connection): a broker that starts shutting down reports NOT_SERVING and stops getting
+    new calls before it stops accepting them, so no call races its shutdown. A broker without
+    the health service counts as healthy.
+
+    Keepalive pings (also between calls) find a connection that died while the container was
+    frozen within *keepalive_timeout*; the broker must permit pings that often
+    (``grpc.http2.min_ping_interval_without_data_ms`` ≤ *keepalive_time*, and
+    ``grpc.keepalive_permit_without_calls``) or it answers with GOAWAY ``too_many_pings``.
+    Reconnect backoff is capped at 2 s (gRPC's default cap is 120 s), so a broker that
+    restarts is found again within a Lambda's deadline.
+    """
+    service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_check_service is not None:
+        service_config["healthCheckConfig"] = {"serviceName": health_check_service}
+    defaults: list[tuple[str, Any]] = [
+        ("grpc.service_config", json.dumps(service_config)),
+        ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.primary_user_agent", USER_AGENT),
+        # A channel owns its connections: otherwise gRPC shares subchannels between channels
+        # with the same target and arguments, and a replacement channel (after a long idle)
+        # would inherit the very connection it is meant to replace.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    overridden = {key for key, _ in overrides}
+    return [o for o in defaults if o[0] not in overridden] + list(overrides)
+
+
+def _execute(request: pb.ExecuteRequest) -> Any:
+    """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike)."""
+    return lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True)
+
+
+def _get_stats(stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata) -> Any:
+    """One ``GetStats`` attempt (blocking or ``grpc.aio`` stub alike)."""
+    return stub.GetStats(
+        pb.GetStatsRequest(), timeout=timeout, metadata=metadata, wait_for_ready=True
+    )
+
+
+def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    return lambda: function(*args)
+
+
+def _ascii(value: object) -> str:
+    """Metadata values must be printable ASCII; replace anything else."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(value))

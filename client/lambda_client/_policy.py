@@ -1,0 +1,239 @@
+"""The call policy, once for the blocking and the asyncio client: deadlines, which failures
+are resent and after how long, what a failed call raises. No I/O happens here.
+
+A call is planned as a generator (`lambda_client._base.ClientBase._plan`) that yields steps:
+zero-argument callables that do one piece of I/O (a health check, an attempt, a pause) and
+receives each step's outcome back: its value via ``send``, or its `grpc.RpcError` via
+``throw``. `run_plan` drives a plan with blocking calls; `lambda_client.aio` awaits each
+step instead. The policy:
+
+* the deadline is *timeout* (else the client's), cut to a Lambda context's remaining time
+  minus the margin (`CallPolicy.deadline`); a call never outlives it (`time_left`);
+* resent only where nothing ran: a reason in `lambda_client._status.NOTHING_RAN` or a
+  ``RetryInfo`` (`CallPolicy.retry_delay`), and a rolled-back transaction only when asked;
+* jittered exponential backoff that honours ``RetryInfo``, never past the deadline;
+* a channel that has not reached the broker is health-checked first (`Link`), so a deadline
+  that passes while connecting is `errors.Unavailable` with "nothing was sent".
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpc
+
+from lambda_client import errors
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client._requests import remaining_seconds, seconds, target_ports
+from lambda_client._status import NOTHING_RAN, Reason
+
+if TYPE_CHECKING:
+    from lambda_client._requests import LambdaContext
+
+__all__ = [
+    "BROKER_UNREACHABLE",
+    "Call",
+    "CallPolicy",
+    "Link",
+    "Outcome",
+    "Plan",
+    "Step",
+    "broker_unreachable",
+    "resume",
+    "run_plan",
+    "time_left",
+]
+
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+# The reason of the `Unavailable` the client raises when no connection was ready in time.
+BROKER_UNREACHABLE = Reason.BROKER_UNREACHABLE.value
+
+T = TypeVar("T")
+Metadata = Sequence[tuple[str, str]]
+# One attempt of a call: (stub, seconds left, metadata) -> response (an awaitable for aio).
+Invoke = Callable[[pb_grpc.BrokerStub, float, Metadata], Any]
+# One piece of I/O: a call that returns its result (blocking) or an awaitable of it (aio).
+Step = Callable[[], Any]
+Plan = Generator[Step, Any, T]
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """What a public method asks for: *invoke* (None: nothing to send) and *finish*, which
+    turns the response (None when nothing was sent) into the method's result."""
+
+    invoke: Invoke | None
+    finish: Callable[[Any], T]
+    retry_aborted: bool = False
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """Deadline and retry settings, with the arithmetic on them; arguments as on
+    `lambda_client.BrokerClient`. Raise `TypeError`/`ValueError` naming a bad one."""
+
+    timeout: float = 30.0
+    deadline_margin: float = 0.5
+    max_attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        seconds("timeout", self.timeout)
+        seconds("deadline_margin", self.deadline_margin, allow_zero=True)
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
+        """The call's monotonic deadline; raise `TypeError`/`ValueError` for a bad *timeout*
+        or *context*, `DeadlineExceeded` if the context leaves no time (nothing is sent)."""
+        budget = float(self.timeout) if timeout is None else seconds("timeout", timeout)
+        if context is not None:
+            # A 15-minute function should not wait 15 minutes on one call (a broker that is
+            # down makes a call wait for the channel until its deadline): the timeout caps it.
+            remaining = remaining_seconds(context)
+            if remaining <= self.deadline_margin:
+                raise errors.DeadlineExceeded(
+                    f"no time left for the call: the Lambda invocation has {remaining:.3f}s "
+                    f"left, within the deadline margin of {self.deadline_margin}s; "
+                    "nothing was sent",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            budget = min(budget, remaining - self.deadline_margin)
+        return time.monotonic() + budget
+
+    def retry_delay(self, error: errors.Error, attempt: int, retry_aborted: bool) -> float | None:
+        """Seconds to wait before resending after *error*, or None if it must not be resent."""
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(error, errors.Overloaded | errors.Unavailable):
+            # Only what the broker says never ran: a crossed limit (PGBROKER_MAX_*, or gRPC's
+            # message size cap, which has no reason) fails the same way again, and a
+            # transport failure mid-call (no rich status) may hide a committed transaction.
+            # RetryInfo is the broker's word that waiting helps (the in-flight limit, a
+            # database that was unreachable before BEGIN).
+            if error.reason not in NOTHING_RAN and error.retry_after is None:
+                return None
+        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
+            return None
+        backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+        if error.retry_after is not None:
+            return error.retry_after + random.uniform(0, backoff)
+        return random.uniform(backoff / 2, backoff)
+
+    def backoff_or_raise(
+        self, exc: grpc.RpcError, attempt: int, deadline: float, retry_aborted: bool
+    ) -> float:
+        """Seconds to wait before resending after *exc*; raise its `errors.Error` (caused by
+        *exc*) if it must not be resent or the wait would pass *deadline*."""
+        error = errors.from_rpc_error(exc)
+        delay = self.retry_delay(error, attempt, retry_aborted)
+        if delay is None or time.monotonic() + delay >= deadline:
+            raise error from exc
+        return delay
+
+
+class Link:
+    """The stub on one channel (blocking or ``grpc.aio``), and whether a call on it has
+    reached the broker since the channel opened or last failed in a way that may mean a lost
+    connection.
+
+    Until then, each attempt first makes a health check that waits for the channel
+    (``wait_for_ready``): if the deadline passes during it, the request itself was never sent,
+    which a call that waited inside gRPC could not tell (`broker_unreachable`). A channel
+    that has reached the broker skips the check, so a warm call is still one round trip.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.stub = pb_grpc.BrokerStub(channel)
+        # Raw bytes both ways: an empty HealthCheckRequest asks about the server as a whole,
+        # and any answer (even UNIMPLEMENTED) proves a connection.
+        self.health_check = channel.unary_unary(HEALTH_CHECK_METHOD)
+        self.reached = False
+
+    def reach(self, timeout: float, target: str, started: float) -> Plan[None]:
+        """Check the channel (one step); raise `broker_unreachable` if the deadline passes
+        first. Any other failure is left to the call itself (which waits for the channel)."""
+        try:
+            yield lambda: self.health_check(b"", timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise broker_unreachable(target, time.monotonic() - started) from exc
+        else:
+            self.reached = True
+
+    def call_failed(self, exc: grpc.RpcError) -> None:
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            self.reached = False
+
+
+def time_left(deadline: float, attempt: int) -> float:
+    """Seconds until *deadline*; raise `DeadlineExceeded` if none are left to send *attempt*."""
+    left = deadline - time.monotonic()
+    if left > 0:
+        return left
+    # Only a refusal that guarantees nothing ran, or a rollback, is retried.
+    if attempt > 1:
+        message = "deadline passed while waiting to retry; no earlier attempt took effect"
+    else:
+        message = "deadline passed before the call could be sent; nothing was sent"
+    raise errors.DeadlineExceeded(message, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def broker_unreachable(target: str, waited: float) -> errors.Unavailable:
+    """The error for a call whose deadline passed before its channel reached the broker: the
+    request never left the client."""
+    no_port = " (the target has no port, so gRPC uses 443)" if None in target_ports(target) else ""
+    return errors.Unavailable(
+        f"broker at {target!r} not reachable within {waited:.3g}s: no connection was ready, "
+        f"or the broker reported NOT_SERVING{no_port}; nothing was sent, so retrying is safe",
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason=BROKER_UNREACHABLE,
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a step ended: its *value*, or the *error* the call failed with."""
+
+    value: Any = None
+    error: grpc.RpcError | None = None
+
+    @classmethod
+    def of(cls, step: Step) -> Outcome:
+        """Run a blocking *step*."""
+        try:
+            return cls(step())
+        except grpc.RpcError as exc:
+            return cls(error=exc)
+
+    @classmethod
+    async def of_awaited(cls, step: Step) -> Outcome:
+        """Run a ``grpc.aio`` (or asyncio) *step* and await what it returns."""
+        try:
+            return cls(await step())
+        except grpc.RpcError as exc:
+            return cls(error=exc)
+
+
+def resume(plan: Plan[T], outcome: Outcome) -> tuple[bool, Any]:
+    """Hand *outcome* to *plan*: (False, its next step), or (True, its result) once it has
+    returned. What the plan raises propagates."""
+    try:
+        if outcome.error is not None:
+            return False, plan.throw(outcome.error)
+        return False, plan.send(outcome.value)
+    except StopIteration as done:
+        return True, done.value
+
+
+def run_plan(plan: Plan[T]) -> T:
+    """Drive *plan* with blocking calls; return its result or raise what it raises."""
+    finished, step = resume(plan, Outcome())
+    while not finished:
+        finished, step = resume(plan, Outcome.of(step))
+    return step  # type: ignore[no-any-return]
