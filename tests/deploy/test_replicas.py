@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import connect, port_free_on
 
 from devtools.pgmonitor import BackendMonitor
 from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.support import connect, port_free_on
 
 pytestmark = pytest.mark.slow
 

@@ -136,9 +136,9 @@ def many_descriptors() -> Iterator[None]:
 
 
 def test_burst_of_calls_on_new_channels_is_never_cancelled(
-    start_broker: Callable[..., BrokerProcess], many_descriptors: None
+    start_broker_process: Callable[..., BrokerProcess], many_descriptors: None
 ) -> None:
-    broker = start_broker(pool_size=2)
+    broker = start_broker_process(pool_size=2)
     assert broker.proc is not None
     pid = broker.proc.pid
     failures = asyncio.run(

@@ -9,10 +9,10 @@ from typing import Any
 
 import pg8000.native
 import pytest
-from support import port_free_on, wait_until
 
 from devtools.brokerproc import BrokerProcess
 from lambda_client import BrokerClient, SerializationFailure
+from tests.support import port_free_on, wait_until
 
 RAISE_40001 = "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
 
@@ -36,9 +36,9 @@ LOCK_KEY = 4345
 
 
 def test_full_queue_is_retried_and_succeeds_when_capacity_frees(
-    start_broker: Callable[..., BrokerProcess], admin: pg8000.native.Connection
+    start_broker_process: Callable[..., BrokerProcess], admin: pg8000.native.Connection
 ) -> None:
-    broker = start_broker(pool_size=1, max_waiting=1)
+    broker = start_broker_process(pool_size=1, max_waiting=1)
     observer = BrokerClient(broker.target)
     # The holder waits on an advisory lock the test holds: the connection stays busy (and the
     # queue full) until the test releases it, after the retried call met the full queue.
@@ -88,11 +88,11 @@ def test_serialization_failure_is_resent_with_retry_serialization(broker: Broker
 
 
 def test_round_robin_spreads_calls_and_survives_a_stopped_replica(
-    start_broker: Callable[..., BrokerProcess],
+    start_broker_process: Callable[..., BrokerProcess],
 ) -> None:
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     port = port_free_on(hosts)
-    brokers = [start_broker(listen=f"{host}:{port}", pool_size=1) for host in hosts]
+    brokers = [start_broker_process(listen=f"{host}:{port}", pool_size=1) for host in hosts]
     db = BrokerClient("ipv4:" + ",".join(f"{host}:{port}" for host in hosts))
     for n in range(30):
         assert db.query("SELECT $1::int", [n]).scalar() == n

@@ -10,13 +10,13 @@ from typing import Any
 
 import pg8000.native
 import pytest
-from support import wait_until
 
 from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
 from devtools.localpg import free_port
 from lambda_client import BrokerClient, DeadlineExceeded, Unavailable
 from lambda_client.client import BROKER_UNREACHABLE, broker_unreachable
+from tests.support import wait_until
 
 SLEEP = "SELECT pg_sleep(60)"  # far longer than any wait below: gone means cancelled
 
@@ -32,9 +32,9 @@ def sleeping_backends(admin: pg8000.native.Connection) -> int:
 
 
 def test_deadline_from_context_stops_a_long_query_and_leaves_the_connection_clean(
-    start_broker: Callable[..., BrokerProcess], admin: pg8000.native.Connection
+    start_broker_process: Callable[..., BrokerProcess], admin: pg8000.native.Connection
 ) -> None:
-    broker = start_broker(pool_size=1)
+    broker = start_broker_process(pool_size=1)
     db = BrokerClient(broker.target)  # default deadline_margin 0.5 s
     backend = db.query("SELECT pg_backend_pid()").scalar()
     before = db.stats()
@@ -85,9 +85,9 @@ def test_channel_is_created_once_across_warm_invocations(broker: BrokerProcess) 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_call_after_the_broker_restarted_on_the_same_address_succeeds(
-    start_broker: Callable[..., BrokerProcess], how: str
+    start_broker_process: Callable[..., BrokerProcess], how: str
 ) -> None:
-    broker = start_broker()
+    broker = start_broker_process()
     db = BrokerClient(broker.target, timeout=20)
     assert db.query("SELECT 1").scalar() == 1
     broker.stop() if how == "sigterm" else broker.kill()

@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
-from support import wait_until
 
 import lambda_client as lc
-from client.standin import bare, failure, standin
 from devtools.lambda_context import FakeLambdaContext
+from tests.lambda_client.standin import bare, failure, standin
+from tests.support import wait_until
 
 SC = grpc.StatusCode
 

@@ -10,16 +10,16 @@ from typing import Any
 
 import grpc
 import pytest
-from brokertest import InProcessBroker, details_of, request, rows
 
-from broker.config import load_settings
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request, rows, status_of
 
 
 @pytest.fixture
-def broker(start_broker: Any) -> Any:
-    return start_broker(pool_size=1)
+def broker(start_inproc_broker: Any) -> Any:
+    return start_inproc_broker(pool_size=1)
 
 
 def test_batch_commits_atomically(broker: Any, table: str) -> None:
@@ -56,7 +56,7 @@ def test_failing_statement_rolls_back_the_batch_and_names_it(broker: Any, table:
             )
         )
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    error = details_of(failure.value)["DatabaseError"]
+    error = status_of(failure.value).database_error
     assert (error.sqlstate, error.statement_index) == ("23505", 2)
     assert "duplicate key" in error.message
     # Nothing of the batch stayed, and the same (only) pooled connection still works.
@@ -71,7 +71,7 @@ def test_error_in_last_statement_rolls_back(broker: Any, table: str) -> None:
         broker.execute(
             request((f"INSERT INTO {table} VALUES ($1)", [1]), "SELECT 1/0"),
         )
-    error = details_of(failure.value)["DatabaseError"]
+    error = status_of(failure.value).database_error
     assert (error.sqlstate, error.statement_index) == ("22012", 1)
     assert rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0]) == [(0,)]
 
@@ -87,7 +87,7 @@ def test_syntax_error_reports_sqlstate_42601(broker: Any) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(request("SELEC 1"))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    error = details_of(failure.value)["DatabaseError"]
+    error = status_of(failure.value).database_error
     assert (error.sqlstate, error.statement_index) == ("42601", 0)
 
 
@@ -107,7 +107,7 @@ def test_read_only_transaction_refuses_writes(broker: Any, table: str) -> None:
     broker.execute(request(f"CREATE TABLE {table} (id int)"))
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(request(f"INSERT INTO {table} VALUES (1)", read_only=True))
-    assert details_of(failure.value)["DatabaseError"].sqlstate == "25006"
+    assert status_of(failure.value).database_error.sqlstate == "25006"
 
 
 def test_application_name_shows_the_lambda_invocation(broker: Any, admin: Any) -> None:
@@ -149,7 +149,7 @@ def test_session_state_sql_is_refused_before_queueing(broker: Any, sql: str) -> 
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(request(sql))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details_of(failure.value)["ErrorInfo"].reason == "SESSION_STATE"
+    assert status_of(failure.value).reason == "SESSION_STATE"
 
 
 def test_set_local_is_allowed(broker: Any) -> None:
@@ -163,7 +163,7 @@ def test_empty_request_is_a_bad_request(broker: Any) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(pb.ExecuteRequest())
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details_of(failure.value)["ErrorInfo"].reason == "BAD_REQUEST"
+    assert status_of(failure.value).reason == "BAD_REQUEST"
 
 
 def test_response_reports_wait_and_run_time(broker: Any) -> None:
@@ -175,12 +175,7 @@ def test_response_reports_wait_and_run_time(broker: Any) -> None:
 @pytest.fixture(scope="module")
 def value_broker(postgres: Any) -> Iterator[Any]:
     """One broker for the whole value matrix."""
-    broker = InProcessBroker(
-        load_settings(
-            {"database_url": postgres.dsn + "?sslmode=disable", "listen": "127.0.0.1:0"},
-            environ={},
-        )
-    )
+    broker = InProcessBroker(postgres.dsn)
     yield broker
     broker.close()
 
@@ -287,7 +282,7 @@ def test_wrong_parameter_count_is_invalid_argument(broker: Any) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(request(("SELECT $1::int + $2::int", [1])))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details_of(failure.value)["DatabaseError"].sqlstate == "42601"
+    assert status_of(failure.value).database_error.sqlstate == "42601"
     assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]
 
 
@@ -310,14 +305,14 @@ def test_repeated_batch_is_pipelined_and_a_failure_names_the_first_bad_statement
         assert rows(reply.results[3]) == [(2 * (i + 1),)]
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(batch(100, 1))  # the second INSERT hits an existing key
-    error = details_of(failure.value)["DatabaseError"]
+    error = status_of(failure.value).database_error
     assert (error.sqlstate, error.statement_index) == ("23505", 1)
     reply = broker.execute(request(f"SELECT count(*), sum(n) FROM {table}"))
     assert rows(reply.results[0]) == [(6, 3)]  # nothing of the failed batch stayed
 
 
-def test_prepared_statements_are_kept_per_connection_in_an_lru(start_broker: Any) -> None:
-    broker = start_broker(pool_size=1, statement_cache_size=3)
+def test_prepared_statements_are_kept_per_connection_in_an_lru(start_inproc_broker: Any) -> None:
+    broker = start_inproc_broker(pool_size=1, statement_cache_size=3)
     for i in range(6):
         broker.execute(request(f"SELECT {i}"))
     reply = broker.execute(request("SELECT count(*) FROM pg_prepared_statements"))

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
-from brokertest import details_of, request, rows, wait_until
 
 from devtools.tcpproxy import TcpProxy
+from tests.support import request, rows, status_of, wait_until
 
 
 @pytest.fixture
@@ -19,9 +19,9 @@ def proxy(postgres: Any) -> Iterator[TcpProxy]:
 
 
 @pytest.fixture
-def broker(start_broker: Any, proxy: TcpProxy) -> Any:
+def broker(start_inproc_broker: Any, proxy: TcpProxy) -> Any:
     url = f"postgresql://postgres@{proxy.host}:{proxy.port}/postgres?sslmode=disable"
-    return start_broker(database_url=url, pool_size=2, queue_timeout=30)
+    return start_inproc_broker(database_url=url, pool_size=2, queue_timeout=30)
 
 
 def test_network_loss_replaces_connections_and_queued_requests_succeed(
@@ -31,7 +31,7 @@ def test_network_loss_replaces_connections_and_queued_requests_succeed(
     proxy.refuse()
     proxy.cut()
     futures = [
-        broker.stub.Execute.future(request(("SELECT $1::int", [i])), timeout=30) for i in range(5)
+        broker.stub().Execute.future(request(("SELECT $1::int", [i])), timeout=30) for i in range(5)
     ]
     wait_until(lambda: broker.stats()["requests_waiting"] == 5, what="requests to queue")
     proxy.accept()
@@ -68,7 +68,7 @@ def test_link_lost_before_commit_is_retried_and_commits_once(
     broker: Any, proxy: TcpProxy, lock: Any, table: str
 ) -> None:
     broker.execute(request(f"CREATE TABLE {table} (n int)"))
-    future = broker.stub.Execute.future(
+    future = broker.stub().Execute.future(
         request(f"SELECT pg_advisory_xact_lock({LOCK_KEY})", f"INSERT INTO {table} VALUES (1)"),
         timeout=30,
     )
@@ -89,7 +89,7 @@ def test_link_lost_before_commit_is_retried_and_commits_once(
 def test_link_lost_during_an_autocommit_statement_reports_unknown(
     broker: Any, proxy: TcpProxy, lock: Any
 ) -> None:
-    future = broker.stub.Execute.future(
+    future = broker.stub().Execute.future(
         request(f"SELECT pg_advisory_xact_lock({LOCK_KEY})"), timeout=30
     )
     wait_until(lambda: _waiting_on_lock(lock) == 1, what="the statement to wait on the lock")
@@ -99,5 +99,5 @@ def test_link_lost_during_an_autocommit_statement_reports_unknown(
     lock.run("SELECT pg_advisory_unlock_all()")
     # A single statement commits on its own: whether it did is unknown to the broker.
     assert failure.value.code() == grpc.StatusCode.UNKNOWN
-    assert details_of(failure.value)["ErrorInfo"].reason == "CONNECTION_LOST"
+    assert status_of(failure.value).reason == "CONNECTION_LOST"
     assert rows(broker.execute(request("SELECT 1")).results[0]) == [(1,)]

@@ -8,22 +8,22 @@ from typing import Any
 
 import grpc
 import pytest
-from brokertest import details_of, request, rows
 
 from lambda_client.errors import ProgrammingError, error_class
+from tests.support import request, rows, status_of
 
 
 @pytest.fixture
-def broker(start_broker: Any) -> Any:
+def broker(start_inproc_broker: Any) -> Any:
     # One connection: every request after a failure runs on the connection that failed.
-    return start_broker(pool_size=1)
+    return start_inproc_broker(pool_size=1)
 
 
 def _refused(broker: Any, req: Any) -> tuple[grpc.RpcError, Any]:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(req)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    return failure.value, details_of(failure.value)["DatabaseError"]
+    return failure.value, status_of(failure.value).database_error
 
 
 def _still_works(broker: Any) -> None:

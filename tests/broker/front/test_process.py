@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from brokertest import request, rows, wait_until
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -22,14 +21,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from devtools.localpg import free_port
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.support import request, rows, wait_until
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
 
 
-class BrokerProcess:
-    """`python -m broker run` on port 0; its JSON log lines collected from stdout."""
+class BrokerCommand:
+    """`python -m broker run` on port 0; its JSON log lines collected from stdout. Not the
+    shared `BrokerProcess` fixture: these tests drive the command line itself (the URL as a
+    flag, the exit status, the log stream as it comes)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
@@ -73,11 +75,11 @@ class BrokerProcess:
 
 
 @pytest.fixture
-def broker_process(postgres: Any) -> Iterator[Any]:
-    started: list[BrokerProcess] = []
+def broker_command(postgres: Any) -> Iterator[Any]:
+    started: list[BrokerCommand] = []
 
-    def start(*args: str) -> BrokerProcess:
-        process = BrokerProcess("--database-url", postgres.dsn + "?sslmode=disable", *args)
+    def start(*args: str) -> BrokerCommand:
+        process = BrokerCommand("--database-url", postgres.dsn + "?sslmode=disable", *args)
         started.append(process)
         process.wait_listening()
         return process
@@ -87,8 +89,8 @@ def broker_process(postgres: Any) -> Iterator[Any]:
         process.stop()
 
 
-def test_startup_logs_the_bound_port_as_json(broker_process: Any) -> None:
-    process = broker_process("--pool-size", "1")
+def test_startup_logs_the_bound_port_as_json(broker_command: Any) -> None:
+    process = broker_command("--pool-size", "1")
     with grpc.insecure_channel(process.target) as channel:
         reply = pb_grpc.BrokerStub(channel).Execute(request("SELECT 1"), timeout=10)
     assert rows(reply.results[0]) == [(1,)]
@@ -109,9 +111,9 @@ def _refused(target: str) -> bool:
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
-    broker_process: Any, admin: Any
+    broker_command: Any, admin: Any
 ) -> None:
-    process = broker_process("--pool-size", "2", "--shutdown-grace", "20")
+    process = broker_command("--pool-size", "2", "--shutdown-grace", "20")
     # Every request waits on an advisory lock the test holds, so two stay running and two
     # queued until the test releases it, after the broker has stopped accepting calls.
     admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
@@ -141,8 +143,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
     assert process.proc.wait(20) == 0
 
 
-def test_health_and_stats_commands(broker_process: Any) -> None:
-    process = broker_process("--pool-size", "1")
+def test_health_and_stats_commands(broker_command: Any) -> None:
+    process = broker_command("--pool-size", "1")
     health = subprocess.run(
         [sys.executable, "-m", "broker", "health", "--target", process.target],
         capture_output=True,
@@ -174,8 +176,8 @@ def test_health_command_fails_when_no_broker_listens() -> None:
     assert health.returncode == 1
 
 
-def test_reflection_lists_the_broker_service(broker_process: Any) -> None:
-    process = broker_process("--pool-size", "1")
+def test_reflection_lists_the_broker_service(broker_command: Any) -> None:
+    process = broker_command("--pool-size", "1")
     with grpc.insecure_channel(process.target) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"pgbroker.v1.Broker", "grpc.health.v1.Health"} <= services

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pg8000.native
 import pytest
-from brokertest import request, rows, wait_until
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.support import request, rows, wait_until
 
 
 def _env() -> dict[str, str]:

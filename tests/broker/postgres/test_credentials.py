@@ -18,9 +18,9 @@ from broker.config import parse_database_url
 from broker.pooling.pool import PoolUnavailable
 from broker.postgres.credentials import IamTokenCredentials, SecretCredentials
 from devtools.localpg import LocalPostgres
-
-from .conftest import REGION, MotoAws
-from .harness import Broker, request, rows
+from tests.fixtures.aws import REGION, MotoAws
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request, rows
 
 USER = "app_user"
 
@@ -66,7 +66,7 @@ def _secret(aws: MotoAws, password: str) -> tuple[Any, str]:
     return secrets, name
 
 
-def _query_until_ok(broker: Broker, sql: str, timeout: float = 30) -> Any:
+def _query_until_ok(broker: InProcessBroker, sql: str, timeout: float = 30) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -82,7 +82,7 @@ def test_credentials_come_from_the_secret_and_follow_a_rotation(
 ) -> None:
     secrets, name = _secret(aws_env, "pw-one-0123456789")
     dsn = f"postgresql://nobody@127.0.0.1:{password_postgres.port}/postgres?sslmode=disable"
-    with Broker(dsn, database_secret_id=name, pool_size=1) as broker:
+    with InProcessBroker(dsn, database_secret_id=name, pool_size=1) as broker:
         reply = broker.stub().Execute(request("SELECT current_user"), timeout=10)
         assert rows(reply.results[0]) == [(USER,)]
         assert broker.server.credentials.reads == 1  # type: ignore[attr-defined]
@@ -110,7 +110,7 @@ def test_wrong_password_in_the_secret_fails_start_without_leaking_it(
     _, name = _secret(aws_env, "definitely-wrong-password")
     dsn = f"postgresql://127.0.0.1:{password_postgres.port}/postgres?sslmode=disable"
     with pytest.raises(PoolUnavailable) as caught:
-        Broker(dsn, database_secret_id=name, pool_size=1, connect_timeout=2)
+        InProcessBroker(dsn, database_secret_id=name, pool_size=1, connect_timeout=2)
     assert "28P01" in str(caught.value) or "password" in str(caught.value)
     assert "definitely-wrong-password" not in str(caught.value)
 

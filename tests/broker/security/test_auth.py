@@ -18,9 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from broker.security.auth import (
     AuthInterceptor,
@@ -38,8 +36,8 @@ from broker.security.iam import IamAuth
 from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
-
-from .conftest import REGION, MotoAws
+from tests.fixtures.aws import REGION, MotoAws
+from tests.support import status_of
 
 AUDIENCE = "dns:///broker.pgbroker.local:50051"
 
@@ -87,16 +85,7 @@ async def refused(target: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str | None:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "pgbroker"
-            return str(info.reason)
-    return None
+    return status_of(error).reason
 
 
 def iam_metadata(moto_aws: MotoAws, role: str = "app-role", **kwargs: Any) -> list[tuple[str, str]]:

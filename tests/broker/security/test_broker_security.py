@@ -12,20 +12,19 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import temp_table
 
 from lambda_client import BrokerClient, InvalidRequest, PermissionDenied, Unauthenticated
 from lambda_client import auth as client_auth
-
-from .conftest import REGION, MotoAws
-from .harness import Broker, error_info, request, rows
+from tests.fixtures.aws import REGION, MotoAws
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request, rows, status_of, temp_table
 
 AUDIENCE = "dns:///broker.security-test:50051"
 
 
 @pytest.fixture(scope="module")
-def iam_broker(postgres: Any, moto_aws: MotoAws) -> Iterator[Broker]:
-    with Broker(
+def iam_broker(postgres: Any, moto_aws: MotoAws) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
         postgres.dsn,
         auth="iam",
         auth_audience=AUDIENCE,
@@ -35,7 +34,7 @@ def iam_broker(postgres: Any, moto_aws: MotoAws) -> Iterator[Broker]:
         yield broker
 
 
-def iam_client(broker: Broker, moto_aws: MotoAws, role: str) -> BrokerClient:
+def iam_client(broker: InProcessBroker, moto_aws: MotoAws, role: str) -> BrokerClient:
     signer = client_auth.IamAuth(
         AUDIENCE,
         sts_endpoint=moto_aws.url,
@@ -45,7 +44,9 @@ def iam_client(broker: Broker, moto_aws: MotoAws, role: str) -> BrokerClient:
     return BrokerClient(broker.target, auth=signer, max_attempts=1, timeout=10)
 
 
-def test_iam_caller_queries_and_sts_is_asked_once(iam_broker: Broker, moto_aws: MotoAws) -> None:
+def test_iam_caller_queries_and_sts_is_asked_once(
+    iam_broker: InProcessBroker, moto_aws: MotoAws
+) -> None:
     before = iam_broker.stats()["auth_sts_calls"]
     client = iam_client(iam_broker, moto_aws, "app-role")
     try:
@@ -57,7 +58,7 @@ def test_iam_caller_queries_and_sts_is_asked_once(iam_broker: Broker, moto_aws: 
 
 
 def test_iam_caller_whose_role_is_not_allowed_gets_permission_denied(
-    iam_broker: Broker, moto_aws: MotoAws
+    iam_broker: InProcessBroker, moto_aws: MotoAws
 ) -> None:
     failures = iam_broker.stats()["auth_failures"]
     client = iam_client(iam_broker, moto_aws, "batch-role")
@@ -71,7 +72,7 @@ def test_iam_caller_whose_role_is_not_allowed_gets_permission_denied(
     assert iam_broker.stats()["auth_failures"] == failures + 1
 
 
-def test_call_without_credentials_is_unauthenticated(iam_broker: Broker) -> None:
+def test_call_without_credentials_is_unauthenticated(iam_broker: InProcessBroker) -> None:
     client = BrokerClient(iam_broker.target, auth=lambda: (), max_attempts=1, timeout=5)
     try:
         with pytest.raises(Unauthenticated) as caught:
@@ -81,7 +82,7 @@ def test_call_without_credentials_is_unauthenticated(iam_broker: Broker) -> None
     assert caught.value.reason == "UNAUTHENTICATED"
 
 
-def test_get_stats_needs_credentials_but_health_does_not(iam_broker: Broker) -> None:
+def test_get_stats_needs_credentials_but_health_does_not(iam_broker: InProcessBroker) -> None:
     from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
     with pytest.raises(grpc.RpcError) as caught:
@@ -98,7 +99,7 @@ def test_get_stats_needs_credentials_but_health_does_not(iam_broker: Broker) -> 
 
 
 def test_client_reads_iam_settings_from_the_environment(
-    iam_broker: Broker, moto_aws: MotoAws, monkeypatch: pytest.MonkeyPatch
+    iam_broker: InProcessBroker, moto_aws: MotoAws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     creds = moto_aws.role_credentials["reporting-role"]
     for name, value in {
@@ -122,8 +123,8 @@ def test_client_reads_iam_settings_from_the_environment(
 
 
 @pytest.fixture(scope="module")
-def broker(postgres: Any) -> Iterator[Broker]:
-    with Broker(postgres.dsn, pool_size=1) as started:
+def broker(postgres: Any) -> Iterator[InProcessBroker]:
+    with InProcessBroker(postgres.dsn, pool_size=1) as started:
         yield started
 
 
@@ -152,12 +153,12 @@ REFUSED_END_TO_END = [
 
 @pytest.mark.parametrize("sql", REFUSED_END_TO_END)
 def test_session_state_sql_is_refused_before_anything_runs(
-    broker: Broker, table: str, sql: str
+    broker: InProcessBroker, table: str, sql: str
 ) -> None:
     batch = request((f"INSERT INTO {table} (body) VALUES ('before')", []), sql)
     with pytest.raises(grpc.RpcError) as caught:
         broker.stub().Execute(batch, timeout=10)
-    info = error_info(caught.value)
+    info = status_of(caught.value)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info is not None and info.reason in ("SESSION_STATE", "BAD_REQUEST")
     assert info.metadata["statement_index"] == "1"
@@ -166,7 +167,7 @@ def test_session_state_sql_is_refused_before_anything_runs(
     assert rows(reply.results[0]) == [(0,)]  # the INSERT before it never ran
 
 
-def test_client_sees_invalid_request_naming_the_alternative(broker: Broker) -> None:
+def test_client_sees_invalid_request_naming_the_alternative(broker: InProcessBroker) -> None:
     client = BrokerClient(broker.target, auth=lambda: (), max_attempts=1, timeout=5)
     try:
         with pytest.raises(InvalidRequest) as caught:
@@ -190,7 +191,7 @@ INJECTIONS = [
 
 
 def test_injection_attempts_through_parameters_are_stored_verbatim(
-    broker: Broker, table: str
+    broker: InProcessBroker, table: str
 ) -> None:
     inserts = [(f"INSERT INTO {table} (body) VALUES ($1)", [text]) for text in INJECTIONS]
     broker.stub().Execute(request(*inserts), timeout=10)
@@ -198,14 +199,14 @@ def test_injection_attempts_through_parameters_are_stored_verbatim(
     assert [row[0] for row in rows(reply.results[0])] == INJECTIONS
 
 
-def test_session_words_inside_literals_run(broker: Broker, table: str) -> None:
+def test_session_words_inside_literals_run(broker: InProcessBroker, table: str) -> None:
     sql = f"INSERT INTO {table} (body) VALUES ('SET search_path = x; LISTEN y; DISCARD ALL')"
     broker.stub().Execute(request(sql, f"SELECT body FROM {table}"), timeout=10)
     reply = broker.stub().Execute(request(f"SELECT body FROM {table}"), timeout=10)
     assert rows(reply.results[0]) == [("SET search_path = x; LISTEN y; DISCARD ALL",)]
 
 
-def test_set_local_and_transaction_advisory_locks_work(broker: Broker) -> None:
+def test_set_local_and_transaction_advisory_locks_work(broker: InProcessBroker) -> None:
     reply = broker.stub().Execute(
         request(
             "SET LOCAL search_path = pg_catalog",
@@ -219,7 +220,7 @@ def test_set_local_and_transaction_advisory_locks_work(broker: Broker) -> None:
     assert rows(after.results[0]) == [('"$user", public',)]
 
 
-def _raw_execute(broker: Broker, payload: bytes) -> grpc.RpcError:
+def _raw_execute(broker: InProcessBroker, payload: bytes) -> grpc.RpcError:
     channel = grpc.insecure_channel(broker.target)
     try:
         call = channel.unary_unary(
@@ -242,14 +243,14 @@ def _raw_execute(broker: Broker, payload: bytes) -> grpc.RpcError:
     ],
     ids=["bad-utf8", "garbage"],
 )
-def test_malformed_protobuf_is_invalid_argument(broker: Broker, payload: bytes) -> None:
+def test_malformed_protobuf_is_invalid_argument(broker: InProcessBroker, payload: bytes) -> None:
     error = _raw_execute(broker, payload)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    info = error_info(error)
+    info = status_of(error)
     assert info is not None and info.reason == "BAD_REQUEST"
 
 
-def test_unknown_isolation_level_is_a_bad_request(broker: Broker) -> None:
+def test_unknown_isolation_level_is_a_bad_request(broker: InProcessBroker) -> None:
     from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
     req = request("SELECT 1", "SELECT 2")
@@ -257,12 +258,12 @@ def test_unknown_isolation_level_is_a_bad_request(broker: Broker) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         broker.stub().Execute(req, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    info = error_info(caught.value)
+    info = status_of(caught.value)
     assert info is not None and info.reason == "BAD_REQUEST"
     assert pb.ISOLATION_LEVEL_SERIALIZABLE in pb.IsolationLevel.values()
 
 
-def test_too_deeply_nested_parameter_is_invalid_argument(broker: Broker) -> None:
+def test_too_deeply_nested_parameter_is_invalid_argument(broker: InProcessBroker) -> None:
     def varint(n: int) -> bytes:
         out = b""
         while True:
@@ -284,7 +285,7 @@ def test_too_deeply_nested_parameter_is_invalid_argument(broker: Broker) -> None
 def test_call_without_deadline_cannot_hold_a_connection_by_disabling_the_timeout(
     postgres: Any,
 ) -> None:
-    with Broker(postgres.dsn, pool_size=1, queue_timeout=1, statement_timeout=1) as broker:
+    with InProcessBroker(postgres.dsn, pool_size=1, queue_timeout=1, statement_timeout=1) as broker:
         with pytest.raises(grpc.RpcError) as caught:
             broker.stub().Execute(  # no timeout: the call itself has no deadline
                 request("SET LOCAL statement_timeout = 0", "SELECT pg_sleep(30)")

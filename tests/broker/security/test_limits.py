@@ -9,20 +9,19 @@ from typing import Any
 
 import grpc
 import pytest
-from support import connect, temp_table, wait_until
 
 from broker.security.limits import InflightLimiter, LimitExceeded, Limits, check_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-
-from .harness import Broker, error_info, has_retry_info, request, rows
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import connect, request, rows, status_of, temp_table, wait_until
 
 TOKEN = "limits-test-token-0123456789"
 BEARER = (("authorization", f"Bearer {TOKEN}"),)
 
 
 @pytest.fixture(scope="module")
-def broker(postgres: Any) -> Iterator[Broker]:
-    with Broker(
+def broker(postgres: Any) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
         postgres.dsn,
         auth="token",
         tokens=f"app:{TOKEN}",
@@ -42,43 +41,47 @@ def table(postgres: Any) -> Iterator[str]:
         yield name
 
 
-def refused(broker: Broker, req: pb.ExecuteRequest) -> grpc.RpcError:
+def refused(broker: InProcessBroker, req: pb.ExecuteRequest) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         broker.stub().Execute(req, metadata=BEARER, timeout=10)
     return caught.value
 
 
-def count(broker: Broker, table: str) -> int:
+def count(broker: InProcessBroker, table: str) -> int:
     reply = broker.stub().Execute(request(f"SELECT count(*) FROM {table}"), metadata=BEARER)
     return int(rows(reply.results[0])[0][0])
 
 
-def test_too_many_statements_is_refused_before_anything_runs(broker: Broker, table: str) -> None:
+def test_too_many_statements_is_refused_before_anything_runs(
+    broker: InProcessBroker, table: str
+) -> None:
     inserts = [(f"INSERT INTO {table} VALUES ($1, 'x')", [i]) for i in range(6)]
     error = refused(broker, request(*inserts))
-    info = error_info(error)
+    info = status_of(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.reason == "LIMIT_EXCEEDED"
     assert info.metadata["limit"] == "PGBROKER_MAX_STATEMENTS"
     assert info.metadata["maximum"] == "5"
     assert info.metadata["observed"] == "6"
     assert "PGBROKER_MAX_STATEMENTS" in (error.details() or "")
-    assert not has_retry_info(error)
+    assert status_of(error).retry_after is None
     assert count(broker, table) == 0
 
 
-def test_oversized_request_is_refused_before_anything_runs(broker: Broker, table: str) -> None:
+def test_oversized_request_is_refused_before_anything_runs(
+    broker: InProcessBroker, table: str
+) -> None:
     big = "x" * (70 * 1024)
     error = refused(broker, request((f"INSERT INTO {table} VALUES (1, $1)", [big])))
-    info = error_info(error)
+    info = status_of(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_REQUEST_BYTES"
     assert count(broker, table) == 0
 
 
-def test_too_many_result_rows_names_the_limit_and_how_to_page(broker: Broker) -> None:
+def test_too_many_result_rows_names_the_limit_and_how_to_page(broker: InProcessBroker) -> None:
     error = refused(broker, request("SELECT g FROM generate_series(1, 101) AS g"))
-    info = error_info(error)
+    info = status_of(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
     assert info.metadata["observed"] == "101"
@@ -86,29 +89,31 @@ def test_too_many_result_rows_names_the_limit_and_how_to_page(broker: Broker) ->
     assert "ORDER BY key LIMIT" in (error.details() or "")
 
 
-def test_rows_over_several_statements_add_up(broker: Broker) -> None:
+def test_rows_over_several_statements_add_up(broker: InProcessBroker) -> None:
     half = "SELECT g FROM generate_series(1, 60) AS g"
     error = refused(broker, request(half, half))
-    info = error_info(error)
+    info = status_of(error)
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
     assert info.metadata["observed"] == "120"
 
 
-def test_too_many_result_bytes_names_the_limit(broker: Broker) -> None:
+def test_too_many_result_bytes_names_the_limit(broker: InProcessBroker) -> None:
     error = refused(broker, request("SELECT repeat('x', 20000)"))
-    info = error_info(error)
+    info = status_of(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_BYTES"
 
 
-def test_results_at_the_limit_are_sent(broker: Broker) -> None:
+def test_results_at_the_limit_are_sent(broker: InProcessBroker) -> None:
     reply = broker.stub().Execute(
         request("SELECT g FROM generate_series(1, 100) AS g"), metadata=BEARER, timeout=10
     )
     assert len(reply.results[0].rows) == 100
 
 
-def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: Any) -> None:
+def test_one_caller_cannot_exceed_its_in_flight_limit(
+    broker: InProcessBroker, postgres: Any
+) -> None:
     done: list[Any] = []
     # The first request waits on a lock the test holds, so it stays in flight until released.
     admin = connect(postgres)
@@ -130,17 +135,17 @@ def test_one_caller_cannot_exceed_its_in_flight_limit(broker: Broker, postgres: 
         admin.run("SELECT pg_advisory_unlock(8675309)")
         admin.close()
         worker.join(30)
-    info = error_info(error)
+    info = status_of(error)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_INFLIGHT_PER_CALLER"
-    assert has_retry_info(error)  # clears when the caller's other request ends
+    assert status_of(error).retry_after is not None  # clears when the caller's other request ends
     assert len(done) == 1
     # Once the first request finished, the same caller gets through again.
     reply = broker.stub().Execute(request("SELECT 1"), metadata=BEARER, timeout=10)
     assert rows(reply.results[0]) == [(1,)]
 
 
-def test_client_does_not_retry_a_crossed_limit(broker: Broker) -> None:
+def test_client_does_not_retry_a_crossed_limit(broker: InProcessBroker) -> None:
     from lambda_client import BrokerClient, Overloaded
 
     before = broker.stats()["rpcs_num"]
@@ -154,7 +159,7 @@ def test_client_does_not_retry_a_crossed_limit(broker: Broker) -> None:
     assert broker.stats()["rpcs_num"] - before == 1
 
 
-def test_pool_stays_healthy_after_limit_errors(broker: Broker) -> None:
+def test_pool_stays_healthy_after_limit_errors(broker: InProcessBroker) -> None:
     for _ in range(3):
         refused(broker, request("SELECT g FROM generate_series(1, 500) AS g"))
         refused(broker, request(*["SELECT 1"] * 6))
@@ -184,7 +189,7 @@ def test_in_flight_counts_are_released_when_a_request_fails() -> None:
         pass  # anonymous callers (auth none) are not limited per caller
 
 
-def test_stats_command_authenticates_like_a_client(broker: Broker) -> None:
+def test_stats_command_authenticates_like_a_client(broker: InProcessBroker) -> None:
     import os
     import subprocess
     import sys
@@ -198,7 +203,7 @@ def test_stats_command_authenticates_like_a_client(broker: Broker) -> None:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
         )
 
-    assert stats().returncode == 1  # GetStats is a Broker method: credentials required
+    assert stats().returncode == 1  # GetStats is a InProcessBroker method: credentials required
     allowed = stats(PGBROKER_AUTH="token", PGBROKER_TOKEN=TOKEN)
     assert allowed.returncode == 0, allowed.stderr
     assert "auth_failures" in allowed.stdout

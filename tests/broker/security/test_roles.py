@@ -8,12 +8,11 @@ from typing import Any
 
 import grpc
 import pytest
-from support import connect
 
 from broker.security.auth import Identity
 from broker.security.roles import RoleMap, RoleRefused
-
-from .harness import Broker, error_info, request, rows
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import connect, request, rows, status_of
 
 READER = "reader-token-0123456789abcdef"
 WRITER = "writer-token-0123456789abcdef"
@@ -45,8 +44,8 @@ def schema(postgres: Any) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def broker(postgres: Any, schema: dict[str, str]) -> Iterator[Broker]:
-    with Broker(
+def broker(postgres: Any, schema: dict[str, str]) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
         postgres.dsn,
         auth="token",
         tokens=f"reader:{READER},writer:{WRITER},stranger:{STRANGER}",
@@ -56,11 +55,11 @@ def broker(postgres: Any, schema: dict[str, str]) -> Iterator[Broker]:
         yield started
 
 
-def run(broker: Broker, token: str, *statements: Any) -> Any:
+def run(broker: InProcessBroker, token: str, *statements: Any) -> Any:
     return broker.stub().Execute(request(*statements), metadata=bearer(token), timeout=10)
 
 
-def test_read_only_caller_cannot_write(broker: Broker, schema: dict[str, str]) -> None:
+def test_read_only_caller_cannot_write(broker: InProcessBroker, schema: dict[str, str]) -> None:
     reply = run(broker, READER, "SELECT current_user", f"SELECT count(*) FROM {schema['table']}")
     assert rows(reply.results[0]) == [(schema["ro"],)]
     with pytest.raises(grpc.RpcError) as caught:
@@ -70,7 +69,7 @@ def test_read_only_caller_cannot_write(broker: Broker, schema: dict[str, str]) -
 
 
 def test_next_caller_on_the_same_connection_has_its_own_role(
-    broker: Broker, schema: dict[str, str]
+    broker: InProcessBroker, schema: dict[str, str]
 ) -> None:
     first = run(broker, READER, "SELECT current_user, pg_backend_pid()")
     second = run(broker, WRITER, "SELECT current_user, pg_backend_pid()")
@@ -86,17 +85,17 @@ def test_next_caller_on_the_same_connection_has_its_own_role(
 
 
 def test_single_statements_also_run_under_the_mapped_role(
-    broker: Broker, schema: dict[str, str]
+    broker: InProcessBroker, schema: dict[str, str]
 ) -> None:
     reply = run(broker, READER, "SELECT current_user")
     assert rows(reply.results[0]) == [(schema["ro"],)]
 
 
-def test_caller_without_a_mapping_or_default_is_permission_denied(broker: Broker) -> None:
+def test_caller_without_a_mapping_or_default_is_permission_denied(broker: InProcessBroker) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         run(broker, STRANGER, "SELECT 1")
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    info = error_info(caught.value)
+    info = status_of(caught.value)
     assert info is not None and info.reason == "PERMISSION_DENIED"
     assert "PGBROKER_DEFAULT_ROLE" in (caught.value.details() or "")
 
@@ -113,17 +112,19 @@ def test_caller_without_a_mapping_or_default_is_permission_denied(broker: Broker
         "SET LOCAL SESSION AUTHORIZATION postgres",
     ],
 )
-def test_mapped_callers_cannot_switch_back_to_the_login_role(broker: Broker, sql: str) -> None:
+def test_mapped_callers_cannot_switch_back_to_the_login_role(
+    broker: InProcessBroker, sql: str
+) -> None:
     statement = (sql, ["role"]) if "$1" in sql else sql
     with pytest.raises(grpc.RpcError) as caught:
         run(broker, READER, statement, "SELECT current_user")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    info = error_info(caught.value)
+    info = status_of(caught.value)
     assert info is not None and info.reason == "SESSION_STATE"
 
 
 def test_default_role_applies_to_unmapped_callers(postgres: Any, schema: dict[str, str]) -> None:
-    with Broker(
+    with InProcessBroker(
         postgres.dsn,
         auth="token",
         tokens=f"stranger:{STRANGER}",

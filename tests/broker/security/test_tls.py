@@ -17,9 +17,9 @@ from broker.pooling.pool import PoolUnavailable
 from devtools.localpg import LocalPostgres
 from lambda_client import BrokerClient, DeadlineExceeded, Unavailable
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-
-from .certs import TestCA
-from .harness import Broker, request, rows
+from tests.fixtures.brokers import InProcessBroker
+from tests.fixtures.certs import TestCA
+from tests.support import request, rows
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tls_broker(postgres: Any, pki: dict[str, Any]) -> Iterator[Broker]:
-    with Broker(
+def tls_broker(postgres: Any, pki: dict[str, Any]) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
         postgres.dsn, tls_cert=pki["broker"].cert_file, tls_key=pki["broker"].key_file
     ) as broker:
         yield broker
 
 
-def test_client_that_trusts_the_ca_queries_over_tls(tls_broker: Broker, pki: dict) -> None:
+def test_client_that_trusts_the_ca_queries_over_tls(tls_broker: InProcessBroker, pki: dict) -> None:
     client = BrokerClient(
         tls_broker.target, tls=True, root_certificates=pki["ca"].cert_pem, auth=lambda: ()
     )
@@ -56,7 +56,9 @@ def test_client_that_trusts_the_ca_queries_over_tls(tls_broker: Broker, pki: dic
         client.close()
 
 
-def test_client_that_does_not_trust_the_ca_fails_cleanly(tls_broker: Broker, pki: dict) -> None:
+def test_client_that_does_not_trust_the_ca_fails_cleanly(
+    tls_broker: InProcessBroker, pki: dict
+) -> None:
     client = BrokerClient(
         tls_broker.target,
         tls=True,
@@ -75,15 +77,15 @@ def test_client_that_does_not_trust_the_ca_fails_cleanly(tls_broker: Broker, pki
     assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_plaintext_client_cannot_talk_to_a_tls_broker(tls_broker: Broker) -> None:
+def test_plaintext_client_cannot_talk_to_a_tls_broker(tls_broker: InProcessBroker) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         tls_broker.stub().Execute(request("SELECT 1"), timeout=3)
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @pytest.fixture(scope="module")
-def mtls_broker(postgres: Any, pki: dict[str, Any]) -> Iterator[Broker]:
-    with Broker(
+def mtls_broker(postgres: Any, pki: dict[str, Any]) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
         postgres.dsn,
         tls_cert=pki["broker"].cert_file,
         tls_key=pki["broker"].key_file,
@@ -92,7 +94,9 @@ def mtls_broker(postgres: Any, pki: dict[str, Any]) -> Iterator[Broker]:
         yield broker
 
 
-def _mtls_call(broker: Broker, pki: dict[str, Any], client_cert: Any) -> pb.ExecuteResponse:
+def _mtls_call(
+    broker: InProcessBroker, pki: dict[str, Any], client_cert: Any
+) -> pb.ExecuteResponse:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pki["ca"].cert_pem,
         private_key=client_cert.key_pem if client_cert else None,
@@ -102,14 +106,14 @@ def _mtls_call(broker: Broker, pki: dict[str, Any], client_cert: Any) -> pb.Exec
 
 
 def test_mtls_admits_a_client_certificate_from_the_client_ca(
-    mtls_broker: Broker, pki: dict
+    mtls_broker: InProcessBroker, pki: dict
 ) -> None:
     assert rows(_mtls_call(mtls_broker, pki, pki["client"]).results[0]) == [(1,)]
 
 
 @pytest.mark.parametrize("which", [None, "rogue_client"])
 def test_mtls_refuses_clients_without_a_trusted_certificate(
-    mtls_broker: Broker, pki: dict, which: str | None
+    mtls_broker: InProcessBroker, pki: dict, which: str | None
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         _mtls_call(mtls_broker, pki, pki[which] if which else None)
@@ -117,7 +121,7 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(
 
 
 def test_mtls_client_certificate_from_the_environment(
-    mtls_broker: Broker, pki: dict, monkeypatch: pytest.MonkeyPatch
+    mtls_broker: InProcessBroker, pki: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGBROKER_TLS_CLIENT_CERT_FILE", pki["client"].cert_file)
     monkeypatch.setenv("PGBROKER_TLS_CLIENT_KEY_FILE", pki["client"].key_file)
@@ -135,9 +139,9 @@ def test_unreadable_tls_files_refuse_to_start_naming_the_variable(
 ) -> None:
     missing = str(tmp_path / "missing.pem")
     with pytest.raises(ValueError, match="PGBROKER_TLS_CERT"):
-        Broker(postgres.dsn, tls_cert=missing, tls_key=missing)
+        InProcessBroker(postgres.dsn, tls_cert=missing, tls_key=missing)
     with pytest.raises(ValueError, match="must be set together"):
-        Broker(postgres.dsn, tls_cert=missing)
+        InProcessBroker(postgres.dsn, tls_cert=missing)
 
 
 # -- broker -> Postgres ---------------------------------------------------------------------
@@ -156,7 +160,7 @@ def _dsn(server: LocalPostgres, host: str, query: str) -> str:
 
 def test_broker_verifies_postgres_with_verify_full(tls_postgres: LocalPostgres, pki: dict) -> None:
     dsn = _dsn(tls_postgres, "localhost", f"sslmode=verify-full&sslrootcert={pki['ca'].cert_file}")
-    with Broker(dsn) as broker:
+    with InProcessBroker(dsn) as broker:
         reply = broker.stub().Execute(
             request("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"),
             timeout=10,
@@ -172,7 +176,7 @@ def test_broker_refuses_postgres_signed_by_another_ca(
     query = f"sslmode=verify-full&sslrootcert={pki['other'].cert_file}"
     dsn = _dsn(tls_postgres, "localhost", query)
     with pytest.raises(PoolUnavailable) as caught:
-        Broker(dsn, connect_timeout=1)
+        InProcessBroker(dsn, connect_timeout=1)
     assert "certificate verify failed" in str(caught.value)
     assert "password" not in str(caught.value).lower()
 
@@ -182,20 +186,22 @@ def test_verify_full_refuses_a_certificate_for_another_host(
 ) -> None:
     ca = pki["ca"].cert_file
     with pytest.raises(PoolUnavailable) as caught:
-        Broker(
+        InProcessBroker(
             _dsn(tls_postgres, "127.0.0.1", f"sslmode=verify-full&sslrootcert={ca}"),
             connect_timeout=1,
         )
     assert "certificate verify failed" in str(caught.value)
     assert "127.0.0.1" in str(caught.value)
     # verify-ca checks the chain only, so the same server is accepted under that name.
-    with Broker(_dsn(tls_postgres, "127.0.0.1", f"sslmode=verify-ca&sslrootcert={ca}")) as broker:
+    with InProcessBroker(
+        _dsn(tls_postgres, "127.0.0.1", f"sslmode=verify-ca&sslrootcert={ca}")
+    ) as broker:
         reply = broker.stub().Execute(request("SELECT 1"), timeout=10)
     assert rows(reply.results[0]) == [(1,)]
 
 
 def test_sslmode_require_still_encrypts_without_verifying(tls_postgres: LocalPostgres) -> None:
-    with Broker(_dsn(tls_postgres, "127.0.0.1", "sslmode=require")) as broker:
+    with InProcessBroker(_dsn(tls_postgres, "127.0.0.1", "sslmode=require")) as broker:
         reply = broker.stub().Execute(
             request("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"), timeout=10
         )
@@ -213,7 +219,7 @@ def _broker_command(env: dict[str, str], *args: str) -> subprocess.CompletedProc
     )
 
 
-def test_health_and_stats_commands_speak_tls(tls_broker: Broker, pki: dict) -> None:
+def test_health_and_stats_commands_speak_tls(tls_broker: InProcessBroker, pki: dict) -> None:
     env = {
         "PGBROKER_TLS_CERT": pki["broker"].cert_file,
         "PGBROKER_TLS_CA_FILE": pki["ca"].cert_file,
@@ -228,7 +234,7 @@ def test_tls_variables_may_hold_the_pem_itself(postgres: Any, pki: dict) -> None
     """ECS puts a Secrets Manager value in the environment, not in a file (template.yaml's
     BrokerTlsSecretArn): the broker and its health/stats commands take the PEM text."""
     cert, key = pki["broker"].cert_pem.decode(), pki["broker"].key_pem.decode()
-    with Broker(postgres.dsn, tls_cert=cert, tls_key=key) as broker:
+    with InProcessBroker(postgres.dsn, tls_cert=cert, tls_key=key) as broker:
         client = BrokerClient(
             broker.target, tls=True, root_certificates=pki["ca"].cert_pem, auth=lambda: ()
         )

@@ -9,48 +9,51 @@ from typing import Any
 
 import grpc
 import pytest
-from support import connect
 
 from broker.sql.sessionstate import calls_unknown_function, needs_audit
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import connect, request, rows
 
-from .harness import Broker, request, rows
 
-
-def one(broker: Broker, sql: str) -> Any:
+def one(broker: InProcessBroker, sql: str) -> Any:
     reply = broker.stub().Execute(request(sql), timeout=10)
     return rows(reply.results[0])[0] if reply.results[0].rows else None
 
 
-def pid(broker: Broker) -> int:
+def pid(broker: InProcessBroker) -> int:
     return int(one(broker, "SELECT pg_backend_pid()")[0])
 
 
 @pytest.fixture(scope="module")
-def broker(postgres: Any) -> Iterator[Broker]:
-    with Broker(postgres.dsn, pool_size=1) as started:  # every caller gets the same connection
+def broker(postgres: Any) -> Iterator[InProcessBroker]:
+    with InProcessBroker(
+        postgres.dsn, pool_size=1
+    ) as started:  # every caller gets the same connection
         yield started
 
 
-def test_do_block_changing_an_unreported_setting_does_not_leak(broker: Broker) -> None:
+def test_do_block_changing_an_unreported_setting_does_not_leak(broker: InProcessBroker) -> None:
     before = pid(broker)
     one(broker, "DO $$ BEGIN PERFORM set_config('search_path', 'leaked', false); END $$")
     assert one(broker, "SELECT current_setting('search_path')") == ('"$user", public',)
     assert pid(broker) != before  # the connection that carried it was replaced
 
 
-def test_do_block_changing_a_reported_setting_does_not_leak(broker: Broker) -> None:
+def test_do_block_changing_a_reported_setting_does_not_leak(broker: InProcessBroker) -> None:
     one(broker, "DO $$ BEGIN EXECUTE 'SET TIME ZONE ''Asia/Tokyo'''; END $$")
     assert one(broker, "SELECT current_setting('TimeZone')") == ("Etc/UTC",)
 
 
-def test_do_block_in_a_batch_does_not_leak(broker: Broker) -> None:
+def test_do_block_in_a_batch_does_not_leak(broker: InProcessBroker) -> None:
     broker.stub().Execute(
         request("SELECT 1", "DO $$ BEGIN EXECUTE 'SET work_mem = ''77MB'''; END $$"), timeout=10
     )
     assert one(broker, "SELECT current_setting('work_mem')") == ("4MB",)
 
 
-def test_session_lock_taken_in_a_failed_do_block_is_released(broker: Broker, postgres: Any) -> None:
+def test_session_lock_taken_in_a_failed_do_block_is_released(
+    broker: InProcessBroker, postgres: Any
+) -> None:
     key = 424242
     with pytest.raises(grpc.RpcError):
         broker.stub().Execute(
@@ -71,7 +74,7 @@ def test_session_lock_taken_in_a_failed_do_block_is_released(broker: Broker, pos
     assert held == [[0]]
 
 
-def test_clean_do_block_keeps_the_connection(broker: Broker) -> None:
+def test_clean_do_block_keeps_the_connection(broker: InProcessBroker) -> None:
     before = pid(broker)
     one(broker, "DO $$ BEGIN PERFORM 1; END $$")
     assert pid(broker) == before
@@ -114,7 +117,7 @@ def session_state_function(postgres: Any) -> Iterator[str]:
 
 
 def test_a_user_function_leaving_session_state_does_not_leak(
-    broker: Broker, session_state_function: str
+    broker: InProcessBroker, session_state_function: str
 ) -> None:
     before = pid(broker)
     assert one(broker, f"SELECT {session_state_function}()") == (1,)
@@ -130,7 +133,7 @@ def test_a_user_function_leaving_session_state_does_not_leak(
     assert broker.stats()["returns_bad"] >= 1
 
 
-def test_calls_of_built_in_functions_keep_the_connection(broker: Broker) -> None:
+def test_calls_of_built_in_functions_keep_the_connection(broker: InProcessBroker) -> None:
     before = pid(broker)
     one(broker, "SELECT lower('A'), now(), pg_catalog.upper('b'), count(*) FROM pg_class")
     assert pid(broker) == before
@@ -154,7 +157,7 @@ def leaky_function(postgres: Any) -> Iterator[str]:
 def test_audit_always_catches_a_function_with_session_side_effects(
     postgres: Any, leaky_function: str
 ) -> None:
-    with Broker(postgres.dsn, pool_size=1, session_audit="always") as broker:
+    with InProcessBroker(postgres.dsn, pool_size=1, session_audit="always") as broker:
         one(broker, f"SELECT {leaky_function}()")
         assert one(broker, "SELECT current_setting('search_path')") == ('"$user", public',)
 
@@ -168,7 +171,7 @@ def test_a_user_overload_of_a_built_in_name_is_audited(postgres: Any) -> None:
         "CREATE TEMP TABLE IF NOT EXISTS overload_leak (n int); RETURN $1 + $2; END$$"
     )
     try:
-        with Broker(postgres.dsn, pool_size=1) as broker:
+        with InProcessBroker(postgres.dsn, pool_size=1) as broker:
             before = pid(broker)
             assert one(broker, "SELECT lower(1, 2)") == (3,)
             assert one(broker, "SELECT to_regclass('pg_temp.overload_leak') IS NULL") == (True,)
