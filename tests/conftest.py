@@ -1,10 +1,10 @@
 """The root conftest: every fixture comes from the `tests.fixtures` plugins, so each test
 folder sees the same Postgres and broker fixtures (see `tests.fixtures` for the list).
 
-Every test folder is a package (``__init__.py`` down from ``tests/``), so a test module is
-imported by its full name (``tests.broker.front.test_bad_input``) and two files with the same
-name in different folders cannot collide; only the repository root goes on ``sys.path``, so a
-test folder named like a real package (``tests/broker``) never shadows it.
+Test files are imported with ``--import-mode=importlib`` (pyproject.toml), under names made
+from their paths, so equal file names in two folders cannot collide; the ``pythonpath``
+setting puts the repository root on ``sys.path`` for ``tests.support`` and these plugins (see
+tests/__init__.py for why the test folders are not packages).
 """
 
 pytest_plugins = [
