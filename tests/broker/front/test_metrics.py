@@ -13,16 +13,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 import pytest
 
-from broker.config import Settings, load_settings
+from broker.config import Settings
 from broker.front.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
-from broker.front.server import BrokerServer
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request
 
 # CloudWatch's units (the EMF specification's "Unit" values).
 UNITS = {
@@ -178,33 +178,17 @@ def test_publisher_survives_a_failing_stats_source() -> None:
     assert out.getvalue() == "" and publisher.lines == 0
 
 
-def test_emf_carries_the_figures_a_real_broker_reports_in_getstats(postgres: Any) -> None:
-    dsn = postgres.dsn + ("&" if "?" in postgres.dsn else "?") + "sslmode=disable"
-    settings = load_settings(
-        environ={
-            "PGBROKER_DATABASE_URL": dsn,
-            "PGBROKER_LISTEN": "127.0.0.1:0",
-            "PGBROKER_POOL_SIZE": "2",
-        }
-    )
-
-    async def scenario() -> tuple[dict[str, int], str]:
-        server = BrokerServer(settings)
-        port = await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.BrokerStub(channel)
-                for _ in range(3):
-                    request = pb.ExecuteRequest(statements=[pb.Statement(sql="SELECT 1")])
-                    await stub.Execute(request, timeout=10)
-                reply = await stub.GetStats(pb.GetStatsRequest(), timeout=10)
-            out = io.StringIO()
-            emit(dict(reply.stats), stream=out, service="replica-test")
-            return dict(reply.stats), out.getvalue()
-        finally:
-            await server.stop(grace=1)
-
-    stats, line = asyncio.run(scenario())
+def test_emf_carries_the_figures_a_real_broker_reports_in_getstats(
+    start_inproc_broker: Callable[..., InProcessBroker],
+) -> None:
+    broker = start_inproc_broker(pool_size=2)
+    for _ in range(3):
+        broker.execute(request("SELECT 1"))
+    reply = broker.stub().GetStats(pb.GetStatsRequest(), timeout=10)
+    stats = dict(reply.stats)
+    out = io.StringIO()
+    emit(stats, stream=out, service="replica-test")
+    line = out.getvalue()
     doc = assert_valid_emf(line)
     assert stats["rpcs_num"] >= 3 and stats["transactions_num"] >= 3
     assert value(doc, "QueryRequests") == stats["rpcs_num"]
