@@ -2,7 +2,7 @@
 made with the ``cryptography`` package.
 
 The TLS tests need a CA that issues server and client certificates: see
-``tests/security/certs.py``.
+``tests/fixtures/certs.py``.
 """
 
 from __future__ import annotations

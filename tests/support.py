@@ -1,28 +1,35 @@
-"""Helpers shared by the test folders (importable as ``support``: pytest puts ``tests/``, the
-root conftest's folder, on sys.path): polling, a direct Postgres connection, a port free on
-several loopback addresses, ExecuteRequests built from SQL with their results decoded, and a
-real broker server in this process."""
+"""Helpers shared by the test folders (import as ``tests.support``): polling, a direct Postgres
+connection, a throwaway table, a port free on several loopback addresses, ExecuteRequests built
+from SQL with their results decoded, and the rich status of a failed call.
+
+Fixtures live in the `tests.fixtures` plugins; these are plain functions."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import grpc
 import pg8000.native
 import pytest
 
-from broker.config import Settings
-from broker.front.server import BrokerServer
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._status import StatusDetails, unpack
 
-__all__ = ["InProcessServer", "connect", "port_free_on", "request", "rows", "wait_until"]
+__all__ = [
+    "connect",
+    "port_free_on",
+    "request",
+    "rows",
+    "status_of",
+    "temp_table",
+    "wait_until",
+]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -94,34 +101,8 @@ def rows(result: pb.StatementResult) -> list[tuple[Any, ...]]:
     return [codec.decode_row(r.values) for r in result.rows]
 
 
-class InProcessServer:
-    """A started `BrokerServer` for *settings* (``listen`` on port 0), its event loop on a
-    background thread; `close()` stops it (its shutdown grace: *grace* seconds). If it does not
-    start, everything is stopped and the error is raised."""
-
-    def __init__(self, settings: Settings, *, grace: float) -> None:
-        self.settings = settings
-        self.grace = grace
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = BrokerServer(settings)
-        try:
-            self.port: int = self.call(self.server.start())
-        except BaseException:
-            InProcessServer.close(self)  # not a subclass' close: its own parts do not exist yet
-            raise
-        self.target = f"127.0.0.1:{self.port}"
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        """Run *coro* on the server's loop and return its result (TimeoutError after
-        *timeout* seconds)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Stop the server, then its loop and thread."""
-        with contextlib.suppress(Exception):
-            self.call(self.server.stop(grace=self.grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+def status_of(error: grpc.RpcError) -> StatusDetails:
+    """What a failed call (blocking or ``grpc.aio``) says beyond its code: the ErrorInfo reason
+    and metadata, RetryInfo's delay, the DatabaseError; read by the client's own reader
+    (`lambda_client._status.unpack`), so the tests see exactly what callers see."""
+    return unpack(error.trailing_metadata())  # type: ignore[attr-defined]

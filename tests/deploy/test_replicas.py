@@ -9,25 +9,21 @@ backends than the pools of the replicas running at once.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import connect, port_free_on
 
+from devtools.brokerproc import BrokerProcess
 from devtools.pgmonitor import BackendMonitor
 from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.support import connect, port_free_on
 
 pytestmark = pytest.mark.slow
 
@@ -37,60 +33,27 @@ LOAD_THREADS = 6
 STEADY_SECONDS = 6.0  # load before the replacement, and again after it
 
 
-class Replica:
-    """One `python -m broker run` process on *host*:*port*, logging to a file."""
+def replica(host: str, port: int, dsn: str, started: list[BrokerProcess]) -> BrokerProcess:
+    """One broker process on *host*:*port*, added to *started* (stopped at teardown) and
+    waited for until SERVING (its pool filled)."""
+    process = BrokerProcess(
+        dsn,
+        listen=f"{host}:{port}",
+        log_level="INFO",
+        pool_size=POOL_SIZE,
+        shutdown_grace=SHUTDOWN_GRACE,
+        auth="none",
+    )
+    started.append(process)
+    process.start()
+    assert process.wait_serving(), f"broker on {process.target} not SERVING:\n{process.log()}"
+    return process
 
-    def __init__(self, host: str, port: int, dsn: str, log_dir: Path) -> None:
-        self.host, self.port = host, port
-        self.target = f"{host}:{port}"
-        env = dict(os.environ)
-        env.update(
-            PGBROKER_DATABASE_URL=dsn,
-            PGBROKER_LISTEN=self.target,
-            PGBROKER_POOL_SIZE=str(POOL_SIZE),
-            PGBROKER_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE),
-            PGBROKER_AUTH="none",
-            PGBROKER_LOG_LEVEL="WARNING",
-        )
-        self.log = open(log_dir / f"broker-{host}.log", "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run"],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.channel = grpc.insecure_channel(self.target)
 
-    def serving(self) -> bool:
-        try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    def wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.serving():
-            if self.process.poll() is not None:
-                pytest.fail(f"broker on {self.target} exited: {self.process.returncode}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"broker on {self.target} not SERVING after {timeout}s")
-            time.sleep(0.05)
-
-    def stats(self) -> dict[str, int]:
-        reply = pb_grpc.BrokerStub(self.channel).GetStats(pb.GetStatsRequest(), timeout=5)
-        return dict(reply.stats)
-
-    def stop(self) -> None:
-        """End the process if it still runs (by its own pid), then release the files."""
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
+def stats(process: BrokerProcess) -> dict[str, int]:
+    with grpc.insecure_channel(process.target) as channel:
+        reply = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=5)
+    return dict(reply.stats)
 
 
 class Load:
@@ -127,23 +90,21 @@ class Load:
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
-    started: list[Replica] = []
+def replicas() -> Iterator[list[BrokerProcess]]:
+    started: list[BrokerProcess] = []
     yield started
-    for replica in started:
-        replica.stop()
+    for process in started:
+        process.close()
 
 
 def test_replica_replaced_under_load_loses_no_call(
-    own_postgres: Any, replicas: list[Replica], tmp_path: Path
+    own_postgres: Any, replicas: list[BrokerProcess]
 ) -> None:
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
     port = port_free_on(hosts)
     dsn = own_postgres.dsn + "?sslmode=disable"
     for host in hosts[:3]:
-        replicas.append(Replica(host, port, dsn, tmp_path))
-    for replica in replicas:
-        replica.wait_serving()
+        replica(host, port, dsn, replicas)
 
     monitor = BackendMonitor(lambda: connect(own_postgres), interval=0.02).start()
     client = BrokerClient("ipv4:" + ",".join(f"{h}:{port}" for h in hosts), timeout=10)
@@ -151,15 +112,14 @@ def test_replica_replaced_under_load_loses_no_call(
         with Load(client, LOAD_THREADS) as load:
             time.sleep(STEADY_SECONDS)
             # Rolling deploy: the new task is healthy before the old one is told to stop.
-            new = Replica(hosts[3], port, dsn, tmp_path)
-            replicas.append(new)
-            new.wait_serving()
+            replica(hosts[3], port, dsn, replicas)
             old = replicas[0]
-            served_by_old = old.stats()["rpcs_num"]
-            old.process.send_signal(signal.SIGTERM)
-            exit_code = old.process.wait(SHUTDOWN_GRACE + 20)
+            served_by_old = stats(old)["rpcs_num"]
+            assert old.proc is not None
+            old.proc.send_signal(signal.SIGTERM)
+            exit_code = old.proc.wait(SHUTDOWN_GRACE + 20)
             time.sleep(STEADY_SECONDS)
-        served = {r.host: r.stats()["rpcs_num"] for r in replicas[1:]}
+        served = {r.host: stats(r)["rpcs_num"] for r in replicas[1:]}
     finally:
         client.close()
         monitor.stop()

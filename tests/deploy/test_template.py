@@ -621,7 +621,7 @@ class _RecordingEnviron(dict[str, str]):
 def _names_in_package(package: str, anchor: str = "config.py") -> set[str] | None:
     """PGBROKER_* names a package reads: names written as a whole string literal in its source,
     plus every name its ``config.load_settings`` looks up (built as PGBROKER_ + setting)."""
-    # Wherever the package lives (the client is in client/ since it ships alone).
+    # Where the package is imported from: the client lives in client/, the broker at the root.
     folder = Path(importlib.import_module(package).__file__ or "").parent
     if not (folder / anchor).exists():
         return None

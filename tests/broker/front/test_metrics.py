@@ -1,0 +1,250 @@
+"""EMF lines for CloudWatch: valid Embedded Metric Format, carrying the figures of GetStats."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from broker.config import Settings
+from broker.front.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request
+
+# CloudWatch's units (the EMF specification's "Unit" values).
+UNITS = {
+    "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes", "Megabytes", "Gigabytes",
+    "Terabytes", "Bits", "Kilobits", "Megabits", "Gigabits", "Terabits", "Percent", "Count",
+    "Bytes/Second", "Kilobytes/Second", "Megabytes/Second", "Gigabytes/Second",
+    "Terabytes/Second", "Bits/Second", "Kilobits/Second", "Megabits/Second", "Gigabits/Second",
+    "Terabits/Second", "Count/Second", "None",
+}  # fmt: skip
+
+STATS = {
+    "pool_min": 4, "pool_max": 4, "pool_size": 4, "pool_available": 1, "pool_active": 3,
+    "requests_waiting": 7, "maxwait": 1, "maxwait_us": 1_500_000,
+    "requests_num": 120, "requests_wait_ms": 600, "rpcs_num": 118, "rpcs_failed": 2,
+    "rpcs_rejected": 1, "transactions_num": 115, "transactions_ms": 230,
+    "transactions_errors": 1, "connections_num": 5, "connections_errors": 1,
+    "connections_lost": 1,
+}  # fmt: skip
+
+
+def assert_valid_emf(line: str) -> dict[str, Any]:
+    """Check *line* against the EMF specification; return the parsed document.
+
+    One JSON object; ``_aws`` with an integer millisecond ``Timestamp`` and a non-empty
+    ``CloudWatchMetrics`` array of directives; each directive has a ``Namespace``, a
+    ``Dimensions`` array of dimension sets (arrays of at most 30 names, each a string member
+    of the root) and a ``Metrics`` array (at most 100) of ``{Name, Unit}`` whose names are
+    root members holding a number or an array of at most 100 numbers.
+    """
+    assert line.endswith("\n") and "\n" not in line[:-1], "one JSON document per line"
+    doc = json.loads(line)
+    assert isinstance(doc, dict)
+    meta = doc["_aws"]
+    assert isinstance(meta["Timestamp"], int) and meta["Timestamp"] > 1_600_000_000_000
+    directives = meta["CloudWatchMetrics"]
+    assert isinstance(directives, list) and directives
+    for directive in directives:
+        assert set(directive) <= {"Namespace", "Dimensions", "Metrics"}
+        assert isinstance(directive["Namespace"], str) and 0 < len(directive["Namespace"]) <= 1024
+        for dimension_set in directive["Dimensions"]:
+            assert isinstance(dimension_set, list) and len(dimension_set) <= 30
+            for name in dimension_set:
+                assert isinstance(doc[name], str) and doc[name], f"dimension {name} has no value"
+        metrics = directive["Metrics"]
+        assert 0 < len(metrics) <= 100
+        for metric in metrics:
+            assert set(metric) <= {"Name", "Unit", "StorageResolution"}
+            assert metric["Unit"] in UNITS, metric
+            value = doc[metric["Name"]]
+            values = value if isinstance(value, list) else [value]
+            assert 0 < len(values) <= 100
+            assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return doc
+
+
+def value(doc: dict[str, Any], name: str) -> float:
+    (single,) = doc[name] if isinstance(doc[name], list) else [doc[name]]
+    return float(single)
+
+
+def metric_names(doc: dict[str, Any]) -> set[str]:
+    return {m["Name"] for d in doc["_aws"]["CloudWatchMetrics"] for m in d["Metrics"]}
+
+
+def test_emf_line_is_valid_with_namespace_service_dimension_and_every_metric() -> None:
+    out = io.StringIO()
+    emit(STATS, stream=out, namespace="pgbroker", service="orders-stack")
+    doc = assert_valid_emf(out.getvalue())
+    (directive,) = doc["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == "pgbroker"
+    assert directive["Dimensions"] == [["service"]]
+    assert doc["service"] == "orders-stack"
+    assert metric_names(doc) == METRIC_NAMES
+
+
+def test_emf_figures_follow_getstats() -> None:
+    doc = emf_record(STATS)
+    assert value(doc, "ClientConnectionsWaiting") == 7
+    assert value(doc, "MaxWait") == 1_500_000
+    assert value(doc, "DatabaseConnections") == 4
+    assert value(doc, "DatabaseConnectionsCurrentlyBorrowed") == 3
+    assert value(doc, "MaxDatabaseConnectionsAllowed") == 4
+    assert value(doc, "PoolUtilization") == 75.0
+    assert value(doc, "QueryRequests") == 118
+    assert value(doc, "QueryRequestsRejected") == 1
+    assert value(doc, "QueryRequestsFailed") == 2
+    assert value(doc, "Transactions") == 115
+    assert value(doc, "TransactionErrors") == 1
+    assert value(doc, "DatabaseConnectionRequests") == 5
+    assert value(doc, "DatabaseConnectionsSetupFailed") == 1
+    assert value(doc, "DatabaseConnectionsLost") == 1
+    assert value(doc, "DatabaseConnectionsBorrowLatency") == 600 / 120 * 1000
+    assert value(doc, "QueryDatabaseResponseLatency") == 230 / 115 * 1000
+
+
+def test_counters_report_the_change_since_the_previous_line() -> None:
+    later = dict(STATS, rpcs_num=130, requests_num=140, requests_wait_ms=700, connections_lost=0)
+    doc = emf_record(later, STATS)
+    assert value(doc, "QueryRequests") == 12
+    assert value(doc, "DatabaseConnectionsBorrowLatency") == 100 / 20 * 1000
+    # A counter that went down was reset: it counts from zero again.
+    assert value(doc, "DatabaseConnectionsLost") == 0
+    assert value(doc, "ClientConnectionsWaiting") == 7  # gauges are not differenced
+
+
+def test_latency_is_left_out_of_a_period_without_requests() -> None:
+    doc = emf_record(STATS, STATS)
+    assert "DatabaseConnectionsBorrowLatency" not in metric_names(doc)
+    assert "QueryDatabaseResponseLatency" not in metric_names(doc)
+    assert value(doc, "QueryRequests") == 0
+
+
+def test_namespace_and_service_come_from_powertools_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "pgbroker-staging")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "billing")
+    doc = emf_record(STATS)
+    assert doc["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "pgbroker-staging"
+    assert doc["service"] == "billing"
+
+
+def test_publisher_emits_periodically_and_a_last_line_on_stop() -> None:
+    out = io.StringIO()
+    stats = dict(STATS)
+
+    async def scenario() -> MetricsPublisher:
+        publisher = MetricsPublisher(lambda: stats, interval=0.02, stream=out).start()
+        for _ in range(500):  # bounded poll: at most ~5 s
+            if publisher.lines >= 2:
+                break
+            await asyncio.sleep(0.01)
+        stats["rpcs_num"] += 5
+        await publisher.stop()
+        return publisher
+
+    publisher = asyncio.run(scenario())
+    lines = out.getvalue().splitlines(keepends=True)
+    assert publisher.lines == len(lines) >= 3
+    docs = [assert_valid_emf(line) for line in lines]
+    assert value(docs[0], "QueryRequests") == 118
+    assert value(docs[-1], "QueryRequests") == 5
+
+
+def test_publisher_survives_a_failing_stats_source() -> None:
+    out = io.StringIO()
+
+    def broken() -> dict[str, int]:
+        raise RuntimeError("stats unavailable")
+
+    publisher = MetricsPublisher(broken, interval=60, stream=out)
+    assert publisher.publish() is None
+    assert out.getvalue() == "" and publisher.lines == 0
+
+
+def test_emf_carries_the_figures_a_real_broker_reports_in_getstats(
+    start_inproc_broker: Callable[..., InProcessBroker],
+) -> None:
+    broker = start_inproc_broker(pool_size=2)
+    for _ in range(3):
+        broker.execute(request("SELECT 1"))
+    reply = broker.stub().GetStats(pb.GetStatsRequest(), timeout=10)
+    stats = dict(reply.stats)
+    out = io.StringIO()
+    emit(stats, stream=out, service="replica-test")
+    line = out.getvalue()
+    doc = assert_valid_emf(line)
+    assert stats["rpcs_num"] >= 3 and stats["transactions_num"] >= 3
+    assert value(doc, "QueryRequests") == stats["rpcs_num"]
+    assert value(doc, "Transactions") == stats["transactions_num"]
+    assert value(doc, "ClientConnectionsWaiting") == stats["requests_waiting"] == 0
+    assert value(doc, "MaxDatabaseConnectionsAllowed") == stats["pool_max"] == 2
+    assert value(doc, "DatabaseConnections") == stats["pool_size"]
+    assert value(doc, "DatabaseConnectionsCurrentlyBorrowed") == stats["pool_active"] == 0
+
+
+@pytest.mark.skipif(
+    "metrics_interval" not in {f.name for f in dataclasses.fields(Settings)},
+    reason="the broker has no PGBROKER_METRICS_INTERVAL yet",
+)
+def test_running_broker_writes_emf_lines_and_a_last_one_on_sigterm(postgres: Any) -> None:
+    dsn = postgres.dsn + ("&" if "?" in postgres.dsn else "?") + "sslmode=disable"
+    env = dict(
+        os.environ,
+        PGBROKER_DATABASE_URL=dsn,
+        PGBROKER_LISTEN="127.0.0.1:0",
+        PGBROKER_POOL_SIZE="2",
+        PGBROKER_METRICS_INTERVAL="0.2",
+        POWERTOOLS_SERVICE_NAME="emf-test",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+
+    def pump() -> None:  # a reader thread, so every wait below has a timeout
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    emf: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+            if '"_aws"' in line:
+                emf.append(line)
+                if len(emf) == 2:
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert len(emf) >= 3  # two periodic lines, then the last one written while draining
+    for line in emf:
+        doc = assert_valid_emf(line)
+        assert doc["service"] == "emf-test"
+        assert value(doc, "MaxDatabaseConnectionsAllowed") == 2

@@ -1,0 +1,127 @@
+"""One worker of ``--workers N`` (`broker.front.workers`) without the supervisor: its share of
+the pool, the role the supervisor hands it in the environment, its readiness pipe, and the
+port reservation. The whole supervisor runs in test_workers.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from broker.config import ConfigError, load_settings
+from broker.front.workers import WORKER_ENV, WorkerRole, _reserve, worker_pool_size, worker_role
+from tests.fixtures.brokers import InProcessBroker
+from tests.support import request, rows
+
+
+def settings(**flags: Any) -> Any:
+    base = {"database_url": "postgresql://app@db.internal/app", "listen": "127.0.0.1:0"}
+    return load_settings({**base, **flags}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("pool_size", "workers", "each"),
+    [(20, 1, 20), (20, 2, 10), (20, 3, 6), (7, 2, 3), (4, 4, 1), (5, 4, 1), (100, 8, 12)],
+)
+def test_each_worker_holds_pool_size_floor_divided_by_workers(
+    pool_size: int, workers: int, each: int
+) -> None:
+    assert worker_pool_size(settings(pool_size=pool_size, workers=workers)) == each
+
+
+def test_more_workers_than_connections_is_refused_by_the_settings() -> None:
+    with pytest.raises(ConfigError, match="more workers than pool_size 3"):
+        settings(pool_size=3, workers=4)
+
+
+def test_without_the_marker_the_process_is_no_worker() -> None:
+    assert worker_role({}) is None
+    assert worker_role({WORKER_ENV: ""}) is None
+    assert worker_role({"PGBROKER_WORKERS": "4"}) is None
+
+
+def test_the_marker_gives_index_port_and_readiness_pipe() -> None:
+    assert worker_role({WORKER_ENV: "2,50051,9"}) == WorkerRole(index=2, port=50051, ready_fd=9)
+
+
+@pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", " "])
+def test_a_malformed_marker_is_an_error_not_a_silent_single_process(marker: str) -> None:
+    with pytest.raises(ValueError):
+        worker_role({WORKER_ENV: marker})
+
+
+def test_a_role_puts_the_reserved_port_in_the_settings_and_keeps_the_rest() -> None:
+    configured = settings(pool_size=6, workers=3)
+    applied = WorkerRole(index=1, port=43210, ready_fd=-1).apply(configured)
+    assert applied.listen_port == 43210
+    assert applied.listen_host == "127.0.0.1"
+    assert (applied.pool_size, applied.workers) == (6, 3)
+
+
+def test_ready_writes_one_byte_and_closes_the_pipe() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        WorkerRole(index=0, port=1, ready_fd=write_end).report_ready()
+        assert os.read(read_end, 8) == b"1"
+        assert os.read(read_end, 8) == b""  # closed: the supervisor sees end of file
+    finally:
+        os.close(read_end)
+
+
+def test_ready_after_the_supervisor_went_away_does_not_raise() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the supervisor's end: a write now fails with EPIPE
+    try:
+        WorkerRole(index=0, port=1, ready_fd=write_end).report_ready()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+
+
+@pytest.fixture
+def reservation() -> Iterator[socket.socket]:
+    with _reserve("127.0.0.1", 0) as sock:
+        yield sock
+
+
+def test_the_reservation_keeps_the_port_from_a_process_without_reuseport(
+    reservation: socket.socket,
+) -> None:
+    port = reservation.getsockname()[1]
+    assert port != 0
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    with socket.socket() as worker:
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", port))  # a worker binds it too
+
+
+def test_a_port_something_listens_on_cannot_be_reserved() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with pytest.raises(OSError):
+            _reserve("127.0.0.1", listener.getsockname()[1]).close()
+
+
+def test_a_worker_serves_on_the_reserved_port_with_its_share_and_reports_ready(
+    postgres: Any, reservation: socket.socket
+) -> None:
+    port = reservation.getsockname()[1]
+    read_end, write_end = os.pipe()
+    try:
+        role = WorkerRole(index=1, port=port, ready_fd=write_end)
+        with InProcessBroker(postgres.dsn, pool_size=5, workers=2, worker=role) as broker:
+            assert broker.port == port
+            assert os.read(read_end, 8) == b"1"
+            reply = broker.stub().Execute(request("SELECT 41 + 1"), timeout=10)
+            assert rows(reply.results[0]) == [(42,)]
+            stats = broker.stats()
+            assert stats["pool_size"] == 2  # 5 // 2
+            assert (stats["worker"], stats["workers"], stats["worker_pid"]) == (1, 2, os.getpid())
+    finally:
+        os.close(read_end)

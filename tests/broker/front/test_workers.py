@@ -1,0 +1,192 @@
+"""``python -m broker run --workers N``: N worker processes share the port and the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pg8000.native
+import pytest
+
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.support import request, rows, wait_until
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
+
+
+class Supervisor:
+    """`python -m broker run --workers …` on port 0; its JSON log lines from stdout."""
+
+    def __init__(self, dsn: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**_env(), "PGBROKER_DATABASE_URL": dsn},
+        )
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.listening: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"message": line}
+            if str(record.get("message", "")).startswith("listening on"):
+                self.listening.append(record)
+            self.lines.put(record)
+
+    def wait_listening(self, timeout: float = 60) -> dict[str, Any]:
+        while True:
+            record = self.lines.get(timeout=timeout)
+            if str(record.get("message", "")).startswith("listening on"):
+                return record
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.fixture
+def supervisor(postgres: Any) -> Iterator[Any]:
+    started: list[Supervisor] = []
+
+    def start(*args: str) -> Supervisor:
+        process = Supervisor(postgres.dsn + "?sslmode=disable", *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def _backends(postgres: Any, application_name: str) -> int:
+    conn = pg8000.native.Connection(
+        postgres.user, host=postgres.host, port=postgres.port, database=postgres.database
+    )
+    try:
+        found = conn.run(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :name || '%'",
+            name=application_name,
+        )
+        return int(found[0][0])
+    finally:
+        conn.close()
+
+
+def test_two_workers_share_the_port_and_the_pool_and_stop_on_sigterm(
+    supervisor: Any, postgres: Any
+) -> None:
+    app = f"workers_{uuid.uuid4().hex[:8]}"
+    process = supervisor(
+        "--workers", "2", "--pool-size", "4", "--database-url",
+        postgres.dsn + f"?sslmode=disable&application_name={app}",
+    )  # fmt: skip
+    record = process.wait_listening()
+    target = f"127.0.0.1:{record['port']}"
+    worker_pids = set(record["worker_pids"])
+    assert len(worker_pids) == 2 and process.proc.pid not in worker_pids
+
+    # Each channel is one connection, which the kernel gives to one worker: open channels
+    # until both workers have answered (1 in 2^40 to see only one by chance).
+    channels: dict[int, grpc.Channel] = {}
+    others: list[grpc.Channel] = []
+    try:
+        for _ in range(40):
+            channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
+            assert stats["workers"] == 2 and stats["pool_size"] <= 2
+            if stats["worker_pid"] in channels:
+                others.append(channel)
+            else:
+                channels[int(stats["worker_pid"])] = channel
+            if len(channels) == 2:
+                break
+        assert set(channels) == worker_pids
+
+        stubs = [pb_grpc.BrokerStub(c) for c in [*channels.values(), *others]]
+        futures = [
+            stubs[i % len(stubs)].Execute.future(request(("SELECT $1::int", [i])), timeout=30)
+            for i in range(200)
+        ]
+        assert sorted(rows(f.result().results[0])[0][0] for f in futures) == list(range(200))
+        assert _backends(postgres, app) <= 4
+        for pid, channel in channels.items():
+            stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
+            assert stats["worker_pid"] == pid and stats["rpcs_num"] > 0
+    finally:
+        for channel in [*channels.values(), *others]:
+            channel.close()
+
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(30) == 0
+    assert not [pid for pid in worker_pids if _alive(pid)]
+    assert len(process.listening) == 1
+
+
+def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor: Any) -> None:
+    process = supervisor("--workers", "2", "--pool-size", "2")
+    pids = process.wait_listening()["worker_pids"]
+    os.kill(pids[0], signal.SIGKILL)
+    assert process.proc.wait(30) != 0
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_fewer_connections_than_workers_is_refused_with_exit_2(postgres: Any) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "run", "--workers", "3", "--pool-size", "2"],
+        capture_output=True,
+        text=True,
+        env={**_env(), "PGBROKER_DATABASE_URL": postgres.dsn},
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--workers=3: more workers than pool_size 2" in result.stderr
+
+
+def test_workers_stop_when_the_supervisor_is_killed(supervisor: Any) -> None:
+    process = supervisor("--workers", "2", "--pool-size", "2", "--shutdown-grace", "1")
+    pids = process.wait_listening()["worker_pids"]
+    process.proc.kill()
+    process.proc.wait(10)
+    wait_until(lambda: not [pid for pid in pids if _alive(pid)], what="workers gone")
+
+
+def test_a_port_taken_by_another_broker_is_refused(supervisor: Any) -> None:
+    first = supervisor("--pool-size", "1")
+    port = first.wait_listening()["port"]
+    second = supervisor("--workers", "2", "--pool-size", "2", "--listen", f"127.0.0.1:{port}")
+    assert second.proc.wait(30) == 1
+    assert second.proc.stderr is not None
+    assert f"cannot listen on 127.0.0.1:{port}" in second.proc.stderr.read()
