@@ -22,7 +22,7 @@ plaintext and one with TLS, then measures, each as the median of *samples* fresh
 * ``import pg8000.native`` + a TLS connection that verifies the certificate + ``SELECT 1``;
 
 and the installed size of the client layer (``pip install --target`` of
-``lambda_client/requirements.txt`` plus the package) next to pg8000's.
+``client/lambda_client/requirements.txt`` plus the package) next to pg8000's.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from devtools.certs import self_signed_cert
 from devtools.localpg import LocalPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "client" / "lambda_client"
 
 _BARE_IMPORT = """
 import json, time
@@ -225,8 +226,8 @@ def compare(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
     figures["import_broker_client_ms"] = _medians(runs.pop("import_broker_client"))["ms"]
     figures.update({name: _medians(values) for name, values in runs.items()})
     if sizes:
-        requirements = ["-r", str(ROOT / "lambda_client" / "requirements.txt")]
-        figures["layer_bytes"] = installed_size(requirements, ROOT / "lambda_client")
+        requirements = ["-r", str(CLIENT / "requirements.txt")]
+        figures["layer_bytes"] = installed_size(requirements, CLIENT)
         figures["pg8000_bytes"] = installed_size(["pg8000"])
     return figures
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -227,7 +226,7 @@ def _channel(target: str) -> Any:
     from lambda_client._config import ClientConfig, ConfigError, Pem, open_channel
 
     config = ClientConfig.from_env()
-    server_cert = os.environ.get("PGBROKER_TLS_CERT")
+    server_cert = lookup("tls_cert")  # the broker's own setting, read as the broker reads it
     if server_cert:
         config = config.replace(
             tls=True, tls_ca=config.tls_ca or Pem("PGBROKER_TLS_CERT", server_cert)
@@ -249,7 +248,7 @@ def _auth_metadata(target: str) -> Sequence[tuple[str, str]]:
 
     config = ClientConfig.from_env()
     if config.auth == "token" and not config.token:
-        first = os.environ.get("PGBROKER_TOKENS", "").split(",")[0]
+        first = (lookup("tokens") or "").split(",")[0]
         config = config.replace(token=first.rpartition(":")[2].strip() or None)
     try:
         hook = auth_for(config, default_audience=target)

@@ -287,9 +287,6 @@ class BrokerServer:
         stats = self.pool.get_stats()
         return {k: stats[k] for k in ("pool_active", "requests_waiting")}
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
 
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;

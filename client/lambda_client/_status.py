@@ -71,7 +71,7 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
-class Reason(str, enum.Enum):  # noqa: UP042 (StrEnum is 3.11+; the client runs on 3.10)
+class Reason(str, enum.Enum):  # a str enum: StrEnum is 3.11+, the client runs on 3.10
     """``ErrorInfo.reason`` values. A ``str`` enum, so a reason compares equal to its text
     (``Reason.QUEUE_FULL == "QUEUE_FULL"``); ``enum.StrEnum`` would need Python 3.11."""
 

@@ -87,7 +87,7 @@ class IamAuth:
         credentials: Any = None,
         refresh_after: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
-        utcnow: Callable[[], datetime] = lambda: datetime.now(timezone.utc),  # noqa: UP017 (datetime.UTC is 3.11+)
+        utcnow: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         if not audience:
             raise ValueError("an audience is required (the broker's PGBROKER_AUTH_AUDIENCE)")

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 _EPOCH = datetime(1970, 1, 1)
-_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)  # noqa: UP017 (datetime.UTC is 3.11+)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EPOCH_DATE = date(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 _DAY_US = 86_400_000_000

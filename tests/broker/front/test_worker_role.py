@@ -18,9 +18,9 @@ from tests.fixtures.brokers import InProcessBroker
 from tests.support import request, rows
 
 
-def settings(**flags: Any) -> Any:
+def settings(environ: dict[str, str] | None = None, **flags: Any) -> Any:
     base = {"database_url": "postgresql://app@db.internal/app", "listen": "127.0.0.1:0"}
-    return load_settings({**base, **flags}, environ={})
+    return load_settings({**base, **flags}, environ=environ or {})
 
 
 @pytest.mark.parametrize(
@@ -39,19 +39,20 @@ def test_more_workers_than_connections_is_refused_by_the_settings() -> None:
 
 
 def test_without_the_marker_the_process_is_no_worker() -> None:
-    assert worker_role({}) is None
-    assert worker_role({WORKER_ENV: ""}) is None
-    assert worker_role({"PGBROKER_WORKERS": "4"}) is None
+    assert worker_role(settings({})) is None
+    assert worker_role(settings({WORKER_ENV: ""})) is None
+    assert worker_role(settings({"PGBROKER_WORKERS": "4"})) is None
 
 
 def test_the_marker_gives_index_port_and_readiness_pipe() -> None:
-    assert worker_role({WORKER_ENV: "2,50051,9"}) == WorkerRole(index=2, port=50051, ready_fd=9)
+    role = worker_role(settings({WORKER_ENV: "2,50051,9"}))
+    assert role == WorkerRole(index=2, port=50051, ready_fd=9)
 
 
 @pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", " "])
 def test_a_malformed_marker_is_an_error_not_a_silent_single_process(marker: str) -> None:
-    with pytest.raises(ValueError):
-        worker_role({WORKER_ENV: marker})
+    with pytest.raises(ConfigError, match=WORKER_ENV):
+        worker_role(settings({WORKER_ENV: marker}))
 
 
 def test_a_role_puts_the_reserved_port_in_the_settings_and_keeps_the_rest() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from broker.config import parse_database_url
 from broker.postgres.audit import audit_session, read_builtin_functions
-from broker.postgres.pg import PgConnection, connect
+from broker.postgres.pg import PgConnection, TransactionStatus, connect
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_a_session_inside_a_transaction_is_not_audited(session: PgConnection) ->
     # Only an idle connection can be checked; the broker audits after the transaction ends.
     session.execute_simple("BEGIN")
     session.execute_simple("CREATE TEMP TABLE audit_open (x int)")
-    assert session.transaction_status == "in_transaction"
+    assert session.transaction_status is TransactionStatus.INTRANS
     assert audit_session(session) == []
     session.execute_simple("ROLLBACK")
     assert audit_session(session) == []
