@@ -111,6 +111,11 @@ class Settings:
     max_inflight_per_caller: int = 1000
     # Server processes sharing the listen port (broker/front/workers.py); pool_size is their total.
     workers: int = 1
+    # Bounds of a Transact lease (broker/flow/lease.py), PgBouncer's idle_transaction_timeout
+    # and transaction_timeout; 0 turns one off. transaction_timeout defaults to
+    # statement_timeout, so neither style holds a connection longer than a batch may run.
+    idle_transaction_timeout: float = 10.0
+    transaction_timeout: float = 30.0
 
     @property
     def listen(self) -> str:
@@ -304,7 +309,13 @@ def load_settings(
         "max_replicas": r.get("max_replicas", _integer, 1, _at_least(1)),
         "metrics_interval": r.get("metrics_interval", _duration, 0.0, _at_least(0)),
         "workers": r.get("workers", _integer, 1, _at_least(1)),
+        "idle_transaction_timeout": r.get(
+            "idle_transaction_timeout", _duration, 10.0, _at_least(0)
+        ),
     }
+    values["transaction_timeout"] = r.get(
+        "transaction_timeout", _duration, values["statement_timeout"], _at_least(0)
+    )
     if values["workers"] > values["pool_size"]:
         source = r.raw("workers")[1]
         r.problems.append(
