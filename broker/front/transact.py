@@ -239,7 +239,12 @@ class _Call:
             and time.monotonic() >= self.deadline
         ):
             end = End.DEADLINE  # gRPC cancels the stream at the deadline: name the bound
-        await lease.release(error)
+        try:
+            await lease.release(error)
+        finally:  # also when cancelled meanwhile: the release itself runs on regardless
+            self._account(lease, end, error)
+
+    def _account(self, lease: Lease, end: End, error: BaseException | None) -> None:
         held_ms = int((time.monotonic() - lease.began_at) * 1000)
         self.owner.stats.ended(end, held_ms)
         if end.abnormal:

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -57,6 +57,7 @@ from lambda_client._requests import (
 )
 from lambda_client.auth import auth_from_env
 from lambda_client.codec import decode_row
+from lambda_client.transaction import Transaction, open_transaction, run_transaction
 
 __all__ = ["DEFAULT_TARGET", "BrokerClient", "LambdaContext", "Result", "Statement"]
 
@@ -65,6 +66,7 @@ HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 USER_AGENT = "pgbroker-lambda-client/0.1"
 
+T = TypeVar("T")
 # A callable returning metadata to add to every attempt, e.g. ("authorization", "Bearer …").
 AuthHook = Callable[[], Sequence[tuple[str, str]]]
 Metadata = list[tuple[str, str]]
@@ -387,6 +389,55 @@ class BrokerClient(_ClientBase):
             context=context,
             timeout=timeout,
             retry_serialization=retry_serialization,
+        )
+
+    def begin(
+        self,
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> Transaction:
+        """Open an interactive transaction on a pooled connection the broker leases to it
+        until it ends (`lambda_client.transaction`); use it as ``with db.begin(...) as tx:``.
+
+        *timeout* and *context* bound the whole transaction. Raise as `query` when no
+        connection could be leased (retried like a call while nothing ran)."""
+        invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto)
+        transaction: Transaction = self._call_with_retries(
+            invoke, context, timeout, retry_aborted=False
+        )
+        return transaction
+
+    def run_transaction(
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Return ``fn(tx)`` run in a transaction (`begin`) and committed; re-run in a new
+        transaction on a serialization failure or deadlock (40001, 40P01), up to
+        *max_attempts* times within one deadline (*timeout*, *context*)."""
+        deadline = self._deadline(context, timeout)
+        return run_transaction(
+            lambda left: self.begin(
+                isolation=isolation,
+                read_only=read_only,
+                deferrable=deferrable,
+                context=context,
+                timeout=left,
+            ),
+            fn,
+            deadline=deadline,
+            max_attempts=self.max_attempts,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
         )
 
     def stats(self, *, timeout: float | None = None) -> dict[str, int]:
