@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -123,11 +125,16 @@ class LeaseBounds:
 
 
 class LeaseStats:
-    """GetStats figures of the leases (``leases_*``): gauges and counters since start."""
+    """GetStats figures of the leases (``leases_*``): ``leases_active`` and
+    ``leases_p50_ms`` (the median hold time of the last `RECENT` leases) computed on read,
+    counters since start."""
+
+    RECENT = 1000
 
     def __init__(self) -> None:
         self.active = 0
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.recent_ms: deque[int] = deque(maxlen=self.RECENT)
 
     def opened(self) -> None:
         self.active += 1
@@ -138,9 +145,11 @@ class LeaseStats:
         self.counters["leases_ms"] += held_ms
         self.counters["leases_max_ms"] = max(self.counters["leases_max_ms"], held_ms)
         self.counters[f"leases_ended_{end.value}"] += 1
+        self.recent_ms.append(held_ms)
 
     def as_dict(self) -> dict[str, int]:
-        return {"leases_active": self.active, **self.counters}
+        p50 = int(statistics.median_low(self.recent_ms)) if self.recent_ms else 0
+        return {"leases_active": self.active, "leases_p50_ms": p50, **self.counters}
 
 
 _COUNTERS = ("leases_num", "leases_ms", "leases_max_ms", *(f"leases_ended_{e.value}" for e in End))

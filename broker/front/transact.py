@@ -77,8 +77,8 @@ class TransactService:
         self.stats = LeaseStats()
 
     def get_stats(self) -> dict[str, int]:
-        """``leases_active``, ``leases_num``, ``leases_ms``, ``leases_max_ms`` and
-        ``leases_ended_<how>`` for each `End`."""
+        """``leases_active``, ``leases_num``, ``leases_ms``, ``leases_max_ms``,
+        ``leases_p50_ms`` and ``leases_ended_<how>`` for each `End`."""
         return self.stats.as_dict()
 
     async def Transact(

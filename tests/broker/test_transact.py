@@ -89,9 +89,10 @@ def test_statements_run_in_one_transaction_until_commit(
     ended = stream.commit()
     assert ended.committed and ended.run_us > 0
     assert admin.run(f"SELECT n FROM {counter}") == [[42]]
+    wait_until(lambda: broker.stats()["leases_active"] == 0, what="the lease to end")
     stats = broker.stats()
-    assert (stats["leases_num"], stats["leases_active"], stats["leases_ended_commit"]) == (1, 0, 1)
-    assert stats["pool_available"] == 2
+    assert (stats["leases_num"], stats["leases_ended_commit"], stats["pool_available"]) == (1, 1, 2)
+    assert stats["leases_p50_ms"] == stats["leases_max_ms"] == stats["leases_ms"]  # one lease
 
 
 def test_rollback_undoes_the_transaction(
@@ -247,3 +248,36 @@ def test_a_third_caller_waits_until_one_of_two_leases_commits(broker: InProcessB
         stream.commit()
     stats = broker.stats()
     assert (stats["leases_num"], stats["leases_ended_commit"], stats["pool_available"]) == (3, 3, 2)
+
+
+def test_a_result_over_its_limit_is_refused_before_commit(
+    start_broker: Callable[..., InProcessBroker], counter: str, admin: pg8000.native.Connection
+) -> None:
+    broker = start_broker(max_result_rows=3)
+    stream = Stream(broker)
+    stream.begin()
+    stream.execute(f"INSERT INTO {counter} VALUES (2, 2)")
+    error = failure(lambda: stream.execute("SELECT generate_series(1, 10)"))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = details_of(error)["ErrorInfo"]
+    assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "PGBROKER_MAX_RESULT_ROWS")
+    assert "rolled back" in (error.details() or "")
+    assert admin.run(f"SELECT count(*) FROM {counter}") == [[1]]
+
+
+def test_the_mapped_role_holds_for_the_whole_transaction(
+    start_broker: Callable[..., InProcessBroker], admin: pg8000.native.Connection, table: str
+) -> None:
+    role = f"r_{table}"
+    admin.run(f"CREATE ROLE {role}")
+    try:
+        broker = start_broker(role_map=f"anonymous={role}")
+        stream = Stream(broker)
+        stream.begin()
+        assert values(stream.execute("SELECT current_user")) == [[(role,)]]
+        assert values(stream.execute("SELECT current_user")) == [[(role,)]]
+        error = failure(lambda: stream.execute(f"SET LOCAL ROLE {role}"))
+        assert details_of(error)["ErrorInfo"].reason == "SESSION_STATE"
+        wait_until(lambda: broker.stats()["leases_active"] == 0, what="the lease to end")
+    finally:
+        admin.run(f"DROP ROLE IF EXISTS {role}")
