@@ -131,8 +131,6 @@ class _Call:
                 async for response in self._steps():
                     yield response
                 end = End.COMMIT if self.lease.committed else End.ROLLBACK
-            except asyncio.CancelledError:
-                raise
             except LeaseTimeout as exc:
                 end, error = exc.bound, exc
                 raise

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,8 +42,15 @@ from lambda_client.client import (
     stats_call,
     time_left,
 )
+from lambda_client.transaction import (
+    AsyncTransaction,
+    open_async_transaction,
+    run_async_transaction,
+)
 
 __all__ = ["AsyncBrokerClient"]
+
+T = TypeVar("T")
 
 
 class AsyncBrokerClient(_ClientBase):
@@ -103,6 +110,48 @@ class AsyncBrokerClient(_ClientBase):
             context=context,
             timeout=timeout,
             retry_serialization=retry_serialization,
+        )
+
+    async def begin(
+        self,
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> AsyncTransaction:
+        """As `BrokerClient.begin`: ``async with await db.begin(...) as tx:``."""
+        invoke = open_async_transaction(isolation, read_only, deferrable, Result.from_proto)
+        transaction: AsyncTransaction = await self._call_with_retries(
+            invoke, context, timeout, retry_aborted=False
+        )
+        return transaction
+
+    async def run_transaction(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """As `BrokerClient.run_transaction`, awaiting ``fn(tx)``."""
+        return await run_async_transaction(
+            lambda left: self.begin(
+                isolation=isolation,
+                read_only=read_only,
+                deferrable=deferrable,
+                context=context,
+                timeout=left,
+            ),
+            fn,
+            deadline=self._deadline(context, timeout),
+            max_attempts=self.max_attempts,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
         )
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, int]:

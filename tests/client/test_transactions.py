@@ -4,6 +4,7 @@ client killed mid-transaction, and serialization retries."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -28,7 +29,8 @@ from lambda_client import (
     InvalidRequest,
     OperationalError,
 )
-from lambda_client.transaction import Transaction
+from lambda_client.aio import AsyncBrokerClient
+from lambda_client.transaction import AsyncTransaction, Transaction
 
 ROOT = Path(__file__).resolve().parents[2]
 IDLE_TIMEOUT = 2.0
@@ -252,3 +254,72 @@ def test_a_killed_client_frees_its_lease_and_locks(
     wait_until(lambda: db.stats()["leases_active"] == 0, what="the lease to end")
     stats = db.stats()
     assert stats["leases_ended_client_gone"] == before + 1 and stats["pool_available"] == 5
+
+
+def test_async_transactions_read_decide_write_and_roll_back(
+    broker: BrokerProcess, counter: str, admin: pg8000.native.Connection
+) -> None:
+    db = AsyncBrokerClient(broker.target)
+
+    async def increment() -> None:
+        async with await db.begin(timeout=60) as tx:
+            (n,) = (await tx.query(f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE")).one()
+            await tx.execute(f"UPDATE {counter} SET n = $1 WHERE id = 1", [n + 1])
+
+    async def undone() -> AsyncTransaction:
+        async with await db.begin() as tx:
+            await tx.execute(f"UPDATE {counter} SET n = -1")
+            async with tx.savepoint():
+                await tx.execute(f"UPDATE {counter} SET n = -2")
+            with pytest.raises(DataError):
+                async with tx.savepoint():
+                    await tx.query("SELECT 1 / 0")
+            assert (await tx.query(f"SELECT n FROM {counter}")).scalar() == -2
+            raise KeyError("decided against it")
+
+    async def run() -> None:
+        await asyncio.gather(*(increment() for _ in range(20)))
+        with pytest.raises(KeyError):
+            await undone()
+        await db.close()
+
+    asyncio.run(run())
+    assert value(admin, counter) == 20
+
+
+def test_async_errors_abort_and_bounds_name_themselves(
+    broker: BrokerProcess, counter: str, admin: pg8000.native.Connection
+) -> None:
+    db = AsyncBrokerClient(broker.target)
+
+    async def run() -> None:
+        tx = await db.begin()
+        with pytest.raises(DataError):
+            await tx.query("SELECT 1 / 0")
+        with pytest.raises(OperationalError) as aborted:
+            await tx.query("SELECT 1")
+        assert aborted.value.sqlstate == "25P02"
+        await tx.rollback()
+        assert tx.closed and not tx.committed
+        idle = await db.begin()
+        await asyncio.sleep(IDLE_TIMEOUT + 0.5)
+        with pytest.raises(DeadlineExceeded) as bound:
+            await idle.query("SELECT 1")
+        assert bound.value.reason == "IDLE_TRANSACTION_TIMEOUT"
+        calls: list[int] = []
+
+        async def work(tx: AsyncTransaction) -> int:
+            calls.append(1)
+            n = (await tx.query(f"UPDATE {counter} SET n = n + 1 RETURNING n")).scalar()
+            if len(calls) == 1:
+                await tx.query(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
+                )
+            return int(n)
+
+        assert await db.run_transaction(work) == 1
+        assert len(calls) == 2
+        await db.close()
+
+    asyncio.run(run())
+    assert value(admin, counter) == 1
