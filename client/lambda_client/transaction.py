@@ -27,6 +27,8 @@ held across the handler's think time, so keep transactions short; a batch
   ``PGBROKER_IDLE_TRANSACTION_TIMEOUT`` (10 s by default) or older than
   ``PGBROKER_TRANSACTION_TIMEOUT``; the next call then raises `DeadlineExceeded` whose
   ``reason`` names the bound. Either way the transaction was rolled back.
+* `lambda_client.aio.AsyncBrokerClient.begin` returns an `AsyncTransaction`: the same methods
+  as coroutines (``async with await db.begin() as tx:``).
 * Only ``begin`` is retried (queue full, broker unreachable: nothing ran yet). The client
   cannot replay the Python decisions between statements, so a serialization failure is
   retried only by `run_transaction`, which re-runs a whole function.
