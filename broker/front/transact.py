@@ -231,12 +231,9 @@ class _Call:
     async def _release(self, end: End, error: BaseException | None) -> None:
         lease = self.lease
         assert lease is not None
-        if end is End.DEADLINE or (
-            end is End.CLIENT_GONE
-            and self.deadline is not None
-            and time.monotonic() >= self.deadline
-        ):
-            end = End.DEADLINE  # gRPC cancels the stream at the deadline: name the bound
+        # gRPC cancels the stream at the deadline: name the bound, not the broken stream.
+        if end is End.CLIENT_GONE and time.monotonic() >= (self.deadline or float("inf")):
+            end = End.DEADLINE
         try:
             await lease.release(error)
         finally:  # also when cancelled meanwhile: the release itself runs on regardless
@@ -255,13 +252,21 @@ class _Call:
                     "function": self.function,
                     "backend_pid": lease.conn.pg.backend_pid,
                     "held_ms": held_ms,
-                    "error": str(error)
-                    if isinstance(error, BrokerFailure | StreamClosed)
-                    else type(error).__name__
-                    if error
-                    else None,
+                    "error": _error_text(error),
                 },
             )
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    """What to log about the error that ended a lease: the broker's own messages, a
+    Postgres error's SQLSTATE (its text may quote data), else only the type."""
+    if error is None:
+        return None
+    if isinstance(error, BrokerFailure | StreamClosed):
+        return str(error)
+    if isinstance(error, StatementFailed):
+        return f"SQLSTATE {error.error.sqlstate} (statement {error.statement_index})"
+    return type(error).__name__
 
 
 def _executed_error(exc: StatementFailed) -> pb.TransactExecuted:
