@@ -281,3 +281,21 @@ def test_the_mapped_role_holds_for_the_whole_transaction(
         wait_until(lambda: broker.stats()["leases_active"] == 0, what="the lease to end")
     finally:
         admin.run(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_session_state_left_by_a_do_block_never_reaches_the_next_lease(
+    start_broker: Callable[..., InProcessBroker],
+) -> None:
+    broker = start_broker(pool_size=1)  # every lease gets the same connection
+    stream = Stream(broker)
+    stream.begin()
+    pid = values(stream.execute("SELECT pg_backend_pid()"))[0][0][0]
+    stream.execute("DO $$ BEGIN PERFORM set_config('search_path', 'leaked', false); END $$")
+    assert stream.commit().committed
+    after = Stream(broker)
+    after.begin()
+    path, new_pid = values(
+        after.execute("SELECT current_setting('search_path')", "SELECT pg_backend_pid()")
+    )
+    assert path == [('"$user", public',)] and new_pid[0][0] != pid
+    after.rollback()
