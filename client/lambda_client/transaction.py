@@ -178,6 +178,8 @@ class _TransactionBase:
     and `AsyncTransaction`: the request for some statements, the results (or error) of an
     answer, savepoint names."""
 
+    _stream: _Stream | _AsyncStream
+
     def __init__(self, decode: Decode) -> None:
         self._decode = decode
         self._savepoints = 0
@@ -216,6 +218,19 @@ class _TransactionBase:
         state = "committed" if self.committed else "closed" if self.closed else "open"
         return f"<{type(self).__name__} {state}>"
 
+    def __del__(self) -> None:
+        # Abandoned without commit or rollback: cancel the stream, so the broker rolls back
+        # now rather than at its idle timeout.
+        with contextlib.suppress(Exception):
+            self._close()
+
+    def _close(self) -> None:
+        """Mark the transaction ended and cancel its stream (the broker rolls back what is
+        still open)."""
+        if not self.closed:
+            self.closed = True
+            self._stream.cancel()
+
 
 _COMMIT = pb.TransactRequest(commit=pb.TransactRequest.Commit())
 _ROLLBACK = pb.TransactRequest(rollback=pb.TransactRequest.Rollback())
@@ -226,6 +241,8 @@ class Transaction(_TransactionBase):
 
     Not thread-safe: one transaction belongs to one thread.
     """
+
+    _stream: _Stream
 
     def __init__(self, stream: _Stream, decode: Decode) -> None:
         super().__init__(decode)
@@ -313,15 +330,12 @@ class Transaction(_TransactionBase):
             self._close()
             raise
 
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._stream.cancel()
-
 
 class AsyncTransaction(_TransactionBase):
     """`Transaction` for asyncio (`lambda_client.aio.AsyncBrokerClient.begin`): the same
     methods as coroutines, ``async with`` for the transaction and its savepoints."""
+
+    _stream: _AsyncStream
 
     def __init__(self, stream: _AsyncStream, decode: Decode) -> None:
         super().__init__(decode)
@@ -398,11 +412,6 @@ class AsyncTransaction(_TransactionBase):
         except BaseException:
             self._close()
             raise
-
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._stream.cancel()
 
 
 def _database_error(executed: pb.TransactExecuted) -> errors.BrokerError:

@@ -178,6 +178,18 @@ def test_idle_timeout_names_the_bound_and_releases_the_lock(
     assert value(admin, counter) == 0
 
 
+def test_an_abandoned_transaction_is_rolled_back_at_once(
+    db: BrokerClient, counter: str, admin: pg8000.native.Connection
+) -> None:
+    tx = db.begin()
+    tx.query(f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE")
+    del tx  # neither committed nor rolled back: the stream is cancelled
+    started = time.monotonic()
+    locked = f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE SKIP LOCKED"
+    wait_until(lambda: admin.run(locked), timeout=IDLE_TIMEOUT + 5, what="the lock to go")
+    assert time.monotonic() - started < IDLE_TIMEOUT / 2
+
+
 def test_the_lambda_deadline_bounds_the_whole_transaction(db: BrokerClient) -> None:
     context = FakeLambdaContext(remaining=1.5)  # 1 s after the client's 0.5 s margin
     started = time.monotonic()
