@@ -117,6 +117,11 @@ def _auth_default(values: Mapping[str, Any]) -> str:
     )
 
 
+def _statement_timeout(values: Mapping[str, Any]) -> float:
+    # A lease may last as long as a batch may run, so neither style holds a connection longer.
+    return float(values["statement_timeout"])
+
+
 def _half_of_admitted(values: Mapping[str, Any]) -> int:
     # Half of what the broker admits, so one caller cannot fill the queue.
     return (values["pool_size"] + values["max_waiting"]) // 2
@@ -282,6 +287,25 @@ class Settings:
     )
     statement_timeout: float = setting(
         duration, 30.0, "upper bound per statement/transaction, seconds", check=positive
+    )
+    # Bounds of a Transact lease (broker/flow/lease.py), so one stuck or frozen Lambda cannot
+    # hold a pooled connection; 0 turns one off.
+    idle_transaction_timeout: float = setting(
+        duration,
+        10.0,
+        "seconds an interactive transaction (`db.begin()`) may wait for its caller's next"
+        " statement before it is rolled back (0: off)",
+        check=at_least(0),
+        pgbouncer="idle_transaction_timeout",
+    )
+    transaction_timeout: float = setting(
+        duration,
+        DERIVED,
+        "seconds an interactive transaction may last (0: off)",
+        check=at_least(0),
+        derive=_statement_timeout,
+        shown_default="`PGBROKER_STATEMENT_TIMEOUT`",
+        pgbouncer="transaction_timeout",
     )
     max_lifetime: float = setting(
         duration,

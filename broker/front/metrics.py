@@ -28,6 +28,13 @@ TransactionErrors                    Count        transactions_errors, this peri
 DatabaseConnectionRequests           Count        connections_num, this period
 DatabaseConnectionsSetupFailed       Count        connections_errors, this period
 DatabaseConnectionsLost              Count        connections_lost, this period
+TransactionLeases                    Count        leases_active (gauge; Transact, pgbroker's own)
+TransactionLeaseHoldP50              Milliseconds leases_p50_ms (gauge: median of the last 1,000)
+TransactionLeasesOpened              Count        leases_num, this period
+TransactionLeasesIdleTimeout         Count        leases_ended_idle_transaction_timeout, period
+TransactionLeasesTimeout             Count        leases_ended_transaction_timeout, this period
+TransactionLeasesDeadline            Count        leases_ended_deadline, this period
+TransactionLeasesClientGone          Count        leases_ended_client_gone, this period
 ==================================== ============ =========================================
 
 Counters in `GetStats` run since start; a metric reports the change since the previous line (a
@@ -68,6 +75,8 @@ GAUGES: dict[str, tuple[MetricUnit, str]] = {
     "DatabaseConnections": (MetricUnit.Count, "pool_size"),
     "DatabaseConnectionsCurrentlyBorrowed": (MetricUnit.Count, "pool_active"),
     "MaxDatabaseConnectionsAllowed": (MetricUnit.Count, "pool_max"),
+    "TransactionLeases": (MetricUnit.Count, "leases_active"),
+    "TransactionLeaseHoldP50": (MetricUnit.Milliseconds, "leases_p50_ms"),
 }
 # metric name -> stats key: counters, reported as the change since the previous line.
 COUNTERS: dict[str, str] = {
@@ -79,6 +88,11 @@ COUNTERS: dict[str, str] = {
     "DatabaseConnectionRequests": "connections_num",
     "DatabaseConnectionsSetupFailed": "connections_errors",
     "DatabaseConnectionsLost": "connections_lost",
+    "TransactionLeasesOpened": "leases_num",
+    "TransactionLeasesIdleTimeout": "leases_ended_idle_transaction_timeout",
+    "TransactionLeasesTimeout": "leases_ended_transaction_timeout",
+    "TransactionLeasesDeadline": "leases_ended_deadline",
+    "TransactionLeasesClientGone": "leases_ended_client_gone",
 }
 # metric name -> (total ms counter, count counter): mean over the period, in microseconds.
 LATENCIES: dict[str, tuple[str, str]] = {

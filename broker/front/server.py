@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from broker.config import Settings
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
+from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
 from broker.postgres.audit import read_builtin_functions
@@ -171,6 +172,12 @@ class BrokerServer:
             role_map=RoleMap.parse(settings.role_map, settings.default_role),
             session_audit=settings.session_audit,
         )
+        self.transact = TransactService(
+            self.service,
+            idle_transaction_timeout=settings.idle_transaction_timeout,
+            transaction_timeout=settings.transaction_timeout,
+        )
+        self.service.stats_sources.append(self.transact.get_stats)
         if worker is not None:
             self.service.extra_stats = {
                 "worker": worker.index,
@@ -187,7 +194,9 @@ class BrokerServer:
         # The Broker's handlers authenticate each call themselves (wrapped once here), so no
         # interceptor runs per call; health and reflection stay open.
         gate = AuthGate(self.authenticator, self.auth_stats)
-        gate.add_service(self.server, SERVICE_NAME, broker_method_handlers(self.service))
+        methods = broker_method_handlers(self.service)
+        methods["Transact"] = transact_handler(self.transact)  # broker/front/transact.py
+        gate.add_service(self.server, SERVICE_NAME, methods)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -144,6 +145,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.statement_timeout = statement_timeout
         # Constant figures added to GetStats (a worker's index and pid with --workers N > 1).
         self.extra_stats: dict[str, int] = {}
+        # Live figures added to GetStats (Transact's leases: broker/front/transact.py).
+        self.stats_sources: list[Callable[[], dict[str, int]]] = []
         self.limits = limits
         self.inflight = InflightLimiter(self.limits.max_inflight_per_caller)
         self.auth_stats = auth_stats or AuthStats()
@@ -220,6 +223,11 @@ class BrokerService(pb_grpc.BrokerServicer):
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
 
+    def Transact(self, request_iterator: Any, context: Any) -> Any:
+        """Served by `broker.front.transact.TransactService`, which the server registers in
+        this method's place."""
+        raise NotImplementedError
+
     def _audit(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""
         if self.session_audit == "always":
@@ -248,6 +256,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         stats.update(self._stats)
         stats.update(self.auth_stats.as_dict())
         stats.update(self.extra_stats)
+        for source in self.stats_sources:
+            stats.update(source())
         return stats
 
 

@@ -90,6 +90,9 @@ class Reason(str, enum.Enum):  # a str enum: StrEnum is 3.11+, the client runs o
     AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"  # the identity could not be verified (STS down)
     # The connection broke while the request ran; the outcome may be unknown.
     CONNECTION_LOST = "CONNECTION_LOST"
+    # A bound of an interactive transaction (Transact) fired; it was rolled back.
+    IDLE_TRANSACTION_TIMEOUT = "IDLE_TRANSACTION_TIMEOUT"  # PGBROKER_IDLE_TRANSACTION_TIMEOUT
+    TRANSACTION_TIMEOUT = "TRANSACTION_TIMEOUT"  # PGBROKER_TRANSACTION_TIMEOUT
 
 
 # Reasons that guarantee nothing ran, so a retry cannot apply work twice.

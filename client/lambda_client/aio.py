@@ -19,13 +19,18 @@ For plain Lambda handlers, which are synchronous, use `BrokerClient`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from lambda_client._base import ClientBase
 from lambda_client._policy import Call, Link, Outcome, resume
 from lambda_client._requests import LambdaContext, Statement
 from lambda_client._result import Result
+from lambda_client.transaction import (
+    AsyncTransaction,
+    open_async_transaction,
+    run_async_transaction,
+)
 
 __all__ = ["AsyncBrokerClient"]
 
@@ -82,6 +87,46 @@ class AsyncBrokerClient(ClientBase):
         """As `BrokerClient.execute_many`."""
         call = self._execute_many(sql, param_sets, retry_serialization)
         return await self._run(call, context, timeout)
+
+    async def begin(
+        self,
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> AsyncTransaction:
+        """As `BrokerClient.begin`: ``async with await db.begin(...) as tx:``."""
+        invoke = open_async_transaction(isolation, read_only, deferrable, Result.from_proto)
+        transaction: AsyncTransaction = await self._run(Call(invoke, lambda t: t), context, timeout)
+        return transaction
+
+    async def run_transaction(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """As `BrokerClient.run_transaction`, awaiting ``fn(tx)``."""
+        return await run_async_transaction(
+            lambda left: self.begin(
+                isolation=isolation,
+                read_only=read_only,
+                deferrable=deferrable,
+                context=context,
+                timeout=left,
+            ),
+            fn,
+            deadline=self.policy.deadline(context, timeout),
+            max_attempts=self.policy.max_attempts,
+            initial_backoff=self.policy.initial_backoff,
+            max_backoff=self.policy.max_backoff,
+        )
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """As `BrokerClient.stats`."""

@@ -35,13 +35,14 @@ class only runs its steps with blocking calls.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from lambda_client._base import DEFAULT_TARGET, AuthHook, ClientBase, channel_options
 from lambda_client._policy import BROKER_UNREACHABLE, Call, Link, broker_unreachable, run_plan
 from lambda_client._requests import LambdaContext, Statement, check_target
 from lambda_client._result import Result
+from lambda_client.transaction import Transaction, open_transaction, run_transaction
 
 __all__ = [
     "BROKER_UNREACHABLE",
@@ -136,6 +137,52 @@ class BrokerClient(ClientBase):
         """Run *sql* once per parameter set, all in one transaction; one `Result` each."""
         return self._run(self._execute_many(sql, param_sets, retry_serialization), context, timeout)
 
+    def begin(
+        self,
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> Transaction:
+        """Open an interactive transaction on a pooled connection the broker leases to it
+        until it ends (`lambda_client.transaction`); use it as ``with db.begin(...) as tx:``.
+
+        *timeout* and *context* bound the whole transaction. Raise as `query` when no
+        connection could be leased (retried like a call while nothing ran)."""
+        invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto)
+        transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
+        return transaction
+
+    def run_transaction(
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        isolation: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Return ``fn(tx)`` run in a transaction (`begin`) and committed; re-run in a new
+        transaction on a serialization failure or deadlock (40001, 40P01), up to
+        *max_attempts* times within one deadline (*timeout*, *context*)."""
+        return run_transaction(
+            lambda left: self.begin(
+                isolation=isolation,
+                read_only=read_only,
+                deferrable=deferrable,
+                context=context,
+                timeout=left,
+            ),
+            fn,
+            deadline=self.policy.deadline(context, timeout),
+            max_attempts=self.policy.max_attempts,
+            initial_backoff=self.policy.initial_backoff,
+            max_backoff=self.policy.max_backoff,
+        )
+
     def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """The broker replica's pool and queue figures (``GetStats``)."""
         return self._run(self._stats(), None, timeout)
@@ -168,3 +215,8 @@ class BrokerClient(ClientBase):
                     old.close()
             assert self._link is not None
             return self._link
+
+
+def _opened(transaction: T) -> T:
+    """A `begin` call's result is the transaction its attempt opened."""
+    return transaction

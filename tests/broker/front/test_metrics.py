@@ -39,7 +39,9 @@ STATS = {
     "requests_num": 120, "requests_wait_ms": 600, "rpcs_num": 118, "rpcs_failed": 2,
     "rpcs_rejected": 1, "transactions_num": 115, "transactions_ms": 230,
     "transactions_errors": 1, "connections_num": 5, "connections_errors": 1,
-    "connections_lost": 1,
+    "connections_lost": 1, "leases_active": 2, "leases_p50_ms": 12, "leases_num": 40,
+    "leases_ended_idle_transaction_timeout": 3, "leases_ended_transaction_timeout": 1,
+    "leases_ended_deadline": 2, "leases_ended_client_gone": 1,
 }  # fmt: skip
 
 
@@ -114,6 +116,13 @@ def test_emf_figures_follow_getstats() -> None:
     assert value(doc, "DatabaseConnectionRequests") == 5
     assert value(doc, "DatabaseConnectionsSetupFailed") == 1
     assert value(doc, "DatabaseConnectionsLost") == 1
+    assert value(doc, "TransactionLeases") == 2
+    assert value(doc, "TransactionLeaseHoldP50") == 12
+    assert value(doc, "TransactionLeasesOpened") == 40
+    assert value(doc, "TransactionLeasesIdleTimeout") == 3
+    assert value(doc, "TransactionLeasesTimeout") == 1
+    assert value(doc, "TransactionLeasesDeadline") == 2
+    assert value(doc, "TransactionLeasesClientGone") == 1
     assert value(doc, "DatabaseConnectionsBorrowLatency") == 600 / 120 * 1000
     assert value(doc, "QueryDatabaseResponseLatency") == 230 / 115 * 1000
 

@@ -422,7 +422,7 @@ class DatabaseError(_message.Message):
     detail: _builtins.str
     hint: _builtins.str
     statement_index: _builtins.int
-    """index into ExecuteRequest.statements; -1 for BEGIN/COMMIT"""
+    """index into the request's statements; -1 for BEGIN/COMMIT"""
     severity: _builtins.str
     def __init__(
         self,
@@ -441,6 +441,215 @@ class DatabaseError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatabaseError: _TypeAlias = DatabaseError  # noqa: Y015
+
+@_typing.final
+class TransactRequest(_message.Message):
+    """One step of an interactive transaction (Broker.Transact)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Execute(_message.Message):
+        """Statements run in order, pipelined in one round trip when they are prepared already
+        (as in an Execute batch), inside the open transaction.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        STATEMENTS_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
+        def __init__(
+            self,
+            *,
+            statements: _abc.Iterable[Global___Statement] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["statements", b"statements"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Commit(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Rollback(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BEGIN_FIELD_NUMBER: _builtins.int
+    EXECUTE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def begin(self) -> Global___TransactionOptions:
+        """the first request, and only the first"""
+
+    @_builtins.property
+    def execute(self) -> Global___TransactRequest.Execute: ...
+    @_builtins.property
+    def commit(self) -> Global___TransactRequest.Commit:
+        """the last request: answered with `ended`, then the stream ends"""
+
+    @_builtins.property
+    def rollback(self) -> Global___TransactRequest.Rollback:
+        """the last request: answered with `ended`, then the stream ends"""
+
+    def __init__(
+        self,
+        *,
+        begin: Global___TransactionOptions | None = ...,
+        execute: Global___TransactRequest.Execute | None = ...,
+        commit: Global___TransactRequest.Commit | None = ...,
+        rollback: Global___TransactRequest.Rollback | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begin", "execute", "commit", "rollback"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___TransactRequest: _TypeAlias = TransactRequest  # noqa: Y015
+
+@_typing.final
+class TransactResponse(_message.Message):
+    """The answer to one TransactRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEGUN_FIELD_NUMBER: _builtins.int
+    EXECUTED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def begun(self) -> Global___TransactBegun:
+        """answers `begin`: the connection is leased, BEGIN ran"""
+
+    @_builtins.property
+    def executed(self) -> Global___TransactExecuted:
+        """answers `execute`"""
+
+    @_builtins.property
+    def ended(self) -> Global___TransactEnded:
+        """answers `commit` or `rollback`"""
+
+    def __init__(
+        self,
+        *,
+        begun: Global___TransactBegun | None = ...,
+        executed: Global___TransactExecuted | None = ...,
+        ended: Global___TransactEnded | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begun", "executed", "ended"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___TransactResponse: _TypeAlias = TransactResponse  # noqa: Y015
+
+@_typing.final
+class TransactBegun(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_US_FIELD_NUMBER: _builtins.int
+    wait_us: _builtins.int
+    """time spent queued for a pooled connection"""
+    def __init__(
+        self,
+        *,
+        wait_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_us", b"wait_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactBegun: _TypeAlias = TransactBegun  # noqa: Y015
+
+@_typing.final
+class TransactExecuted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    error_code: _builtins.int
+    """With `error`: the gRPC status code (google.rpc.Code) an Execute failing the same way
+    would end with, e.g. ABORTED for 40001.
+    """
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementResult]:
+        """One per statement when all succeeded; empty when one failed."""
+
+    @_builtins.property
+    def error(self) -> Global___DatabaseError:
+        """The Postgres error of the first statement that failed (statement_index into this
+        request's statements; -1 for the broker's own session SQL); unset on success. The
+        transaction is then aborted until `rollback` or ROLLBACK TO SAVEPOINT.
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StatementResult] | None = ...,
+        error: Global___DatabaseError | None = ...,
+        error_code: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_code", b"error_code", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactExecuted: _TypeAlias = TransactExecuted  # noqa: Y015
+
+@_typing.final
+class TransactEnded(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    RUN_US_FIELD_NUMBER: _builtins.int
+    committed: _builtins.bool
+    """true after a COMMIT that succeeded, false after a rollback"""
+    run_us: _builtins.int
+    """time the pooled connection was held"""
+    def __init__(
+        self,
+        *,
+        committed: _builtins.bool = ...,
+        run_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "run_us", b"run_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactEnded: _TypeAlias = TransactEnded  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):

@@ -46,6 +46,11 @@ class BrokerStub:
                 request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Transact = channel.stream_stream(
+                '/pgbroker.v1.Broker/Transact',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -69,6 +74,21 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transact(self, request_iterator, context):
+        """An interactive transaction: one stream is one transaction on one leased pooled
+        connection. The first request is `begin` (queued for a connection exactly as Execute);
+        then any number of `execute` requests; then `commit` or `rollback`. Every request is
+        answered by one response, in order. A Postgres error in `execute` is answered in-stream
+        (`TransactExecuted.error`) and leaves the transaction aborted as in Postgres: later
+        statements get 25P02 until `rollback` or ROLLBACK TO SAVEPOINT. Anything else that goes
+        wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
+        connection, a failed COMMIT) ends the stream with a status as Execute would, and the
+        transaction is rolled back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +101,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsRequest.FromString,
                     response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Transact': grpc.stream_stream_rpc_method_handler(
+                    servicer.Transact,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +164,33 @@ class Broker:
             '/pgbroker.v1.Broker/GetStats',
             lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsRequest.SerializeToString,
             lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pgbroker.v1.Broker/Transact',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.FromString,
             options,
             channel_credentials,
             insecure,

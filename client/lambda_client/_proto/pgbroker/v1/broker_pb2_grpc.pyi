@@ -44,6 +44,17 @@ class BrokerStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetStatsRequest, _broker_pb2.GetStatsResponse]
     """Pool and queue figures, named like psycopg_pool's get_stats()."""
+    Transact: _grpc.StreamStreamMultiCallable[_broker_pb2.TransactRequest, _broker_pb2.TransactResponse]
+    """An interactive transaction: one stream is one transaction on one leased pooled
+    connection. The first request is `begin` (queued for a connection exactly as Execute);
+    then any number of `execute` requests; then `commit` or `rollback`. Every request is
+    answered by one response, in order. A Postgres error in `execute` is answered in-stream
+    (`TransactExecuted.error`) and leaves the transaction aborted as in Postgres: later
+    statements get 25P02 until `rollback` or ROLLBACK TO SAVEPOINT. Anything else that goes
+    wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
+    connection, a failed COMMIT) ends the stream with a status as Execute would, and the
+    transaction is rolled back.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -59,6 +70,17 @@ class BrokerAsyncStub(BrokerStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetStatsRequest, _broker_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Pool and queue figures, named like psycopg_pool's get_stats()."""
+    Transact: _aio.StreamStreamMultiCallable[_broker_pb2.TransactRequest, _broker_pb2.TransactResponse]  # type: ignore[assignment]
+    """An interactive transaction: one stream is one transaction on one leased pooled
+    connection. The first request is `begin` (queued for a connection exactly as Execute);
+    then any number of `execute` requests; then `commit` or `rollback`. Every request is
+    answered by one response, in order. A Postgres error in `execute` is answered in-stream
+    (`TransactExecuted.error`) and leaves the transaction aborted as in Postgres: later
+    statements get 25P02 until `rollback` or ROLLBACK TO SAVEPOINT. Anything else that goes
+    wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
+    connection, a failed COMMIT) ends the stream with a status as Execute would, and the
+    transaction is rolled back.
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """The broker runs batches of SQL statements as transactions on a fixed pool of Postgres
@@ -83,5 +105,22 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.GetStatsResponse, _abc.Awaitable[_broker_pb2.GetStatsResponse]]:
         """Pool and queue figures, named like psycopg_pool's get_stats()."""
+
+    @_abc_1.abstractmethod
+    def Transact(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.TransactRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.TransactResponse], _abc.AsyncIterator[_broker_pb2.TransactResponse]]:
+        """An interactive transaction: one stream is one transaction on one leased pooled
+        connection. The first request is `begin` (queued for a connection exactly as Execute);
+        then any number of `execute` requests; then `commit` or `rollback`. Every request is
+        answered by one response, in order. A Postgres error in `execute` is answered in-stream
+        (`TransactExecuted.error`) and leaves the transaction aborted as in Postgres: later
+        statements get 25P02 until `rollback` or ROLLBACK TO SAVEPOINT. Anything else that goes
+        wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
+        connection, a failed COMMIT) ends the stream with a status as Execute would, and the
+        transaction is rolled back.
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,410 @@
+"""A pooled connection leased to one interactive transaction (``Broker.Transact``); no gRPC.
+
+A lease is taken exactly as a batch takes its connection (`Pool.getconn`: FIFO, ``max_waiting``,
+``queue_timeout``, the caller's deadline; checked again before BEGIN). BEGIN carries the
+batch's options (isolation, read only, deferrable, ``SET LOCAL`` statement_timeout,
+application_name and the mapped role: `broker.flow.batch`). Each `Lease.execute` then runs its
+statements pipelined on a worker thread (`PgConnection.run_many`), so between steps the lease
+holds the connection, never a thread.
+
+Bounds (PgBouncer's words), each naming itself in the error the caller gets:
+
+* the caller's deadline (the stream's gRPC deadline);
+* ``idle_transaction_timeout``: the longest wait for the caller's next step (`Lease.next_bound`
+  tells the front how long it may wait);
+* ``transaction_timeout``: the longest a lease may last, counted from BEGIN.
+
+A statement is cut by Postgres itself (``SET LOCAL statement_timeout`` to what is left of the
+deadline and the transaction timeout, at most ``PGBROKER_STATEMENT_TIMEOUT``), and a cancel
+request is sent when a bound passes or the caller goes away while it runs.
+
+`Lease.release` ends every lease, whatever happened: it waits for running work and cancel
+requests, rolls back unless committed, audits the session when a statement asked for it, and
+returns the connection only when idle and clean (else the pool replaces it). It never raises
+and a cancelled caller cannot interrupt it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from broker.errors import BrokerFailure, Code, Reason
+from broker.flow.batch import (
+    MAX_ATTEMPTS,
+    Batch,
+    DeadlineBeforeStart,
+    StatementFailed,
+    TransactionLost,
+    _Attempt,
+    _begin_sql,
+    _close_reason,
+    _rollback,
+    _send_cancel,
+    _settle,
+    _timeout_ms,
+)
+from broker.pooling.pool import Pool, ServerConnection
+from broker.postgres.audit import audit_session
+from broker.postgres.params import Bound
+from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
+from broker.sql.plan import RequestPlan
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+__all__ = [
+    "End",
+    "Lease",
+    "LeaseBounds",
+    "LeaseStats",
+    "LeaseTimeout",
+    "TransactionAborted",
+]
+
+log = logging.getLogger("pgbroker.lease")
+
+_T = TypeVar("_T")
+# Releases still running after their caller went away: kept so they are not collected.
+_releasing: set[asyncio.Task[None]] = set()
+
+
+class End(enum.Enum):
+    """How a lease ended: by the caller's COMMIT or ROLLBACK, or abnormally."""
+
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    DEADLINE = "deadline"  # the caller's deadline passed
+    IDLE_TRANSACTION_TIMEOUT = "idle_transaction_timeout"
+    TRANSACTION_TIMEOUT = "transaction_timeout"
+    CLIENT_GONE = "client_gone"  # the stream broke, was cancelled or closed without an end
+    ERROR = "error"  # a refused step, a lost connection, a failed COMMIT
+
+    @property
+    def abnormal(self) -> bool:
+        return self not in (End.COMMIT, End.ROLLBACK)
+
+
+class LeaseTimeout(BrokerFailure):
+    """A bound of the lease passed (`End.DEADLINE`, `End.IDLE_TRANSACTION_TIMEOUT` or
+    `End.TRANSACTION_TIMEOUT`, in ``bound``); the transaction is rolled back."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+    def __init__(self, bound: End, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message, reason=reason, metadata={"bound": bound.value})
+        self.bound = bound
+
+
+class TransactionAborted(StatementFailed):
+    """COMMIT of a transaction an earlier statement aborted: Postgres would roll it back and
+    answer ``ROLLBACK``; the caller must hear that nothing committed (25P02)."""
+
+    def __init__(self) -> None:
+        error = PgError(
+            "25P02",
+            "current transaction is aborted (a statement failed); it was rolled back instead"
+            " of committed",
+        )
+        super().__init__(error, -1)
+
+
+@dataclass(frozen=True)
+class LeaseBounds:
+    """Seconds; ``deadline`` is the caller's (monotonic, None for none); 0 turns a timeout
+    off."""
+
+    deadline: float | None
+    idle_timeout: float
+    transaction_timeout: float
+    statement_timeout: float
+
+
+class LeaseStats:
+    """GetStats figures of the leases (``leases_*``): ``leases_active`` and
+    ``leases_p50_ms`` (the median hold time of the last `RECENT` leases) computed on read,
+    counters since start."""
+
+    RECENT = 1000
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.recent_ms: deque[int] = deque(maxlen=self.RECENT)
+
+    def opened(self) -> None:
+        self.active += 1
+        self.counters["leases_num"] += 1
+
+    def ended(self, end: End, held_ms: int) -> None:
+        self.active -= 1
+        self.counters["leases_ms"] += held_ms
+        self.counters["leases_max_ms"] = max(self.counters["leases_max_ms"], held_ms)
+        self.counters[f"leases_ended_{end.value}"] += 1
+        self.recent_ms.append(held_ms)
+
+    def as_dict(self) -> dict[str, int]:
+        p50 = int(statistics.median_low(self.recent_ms)) if self.recent_ms else 0
+        return {"leases_active": self.active, "leases_p50_ms": p50, **self.counters}
+
+
+_COUNTERS = ("leases_num", "leases_ms", "leases_max_ms", *(f"leases_ended_{e.value}" for e in End))
+
+
+class Lease:
+    """One pooled connection held for one transaction, from BEGIN to `release`.
+
+    Event-loop confined. Use `Lease.begin`, then `execute` / `commit` / `rollback`, then
+    always `release`.
+    """
+
+    def __init__(
+        self, pool: Pool, conn: ServerConnection, bounds: LeaseBounds, wait_us: int
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.bounds = bounds
+        self.wait_us = wait_us
+        self.began_at = time.monotonic()
+        self.last_active = self.began_at
+        self.ends_at = (
+            self.began_at + bounds.transaction_timeout if bounds.transaction_timeout else None
+        )
+        self.audit = False
+        self.committed = False
+        self._attempt = _Attempt(conn)
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def begin(cls, pool: Pool, options: Batch, bounds: LeaseBounds) -> Lease:
+        """Queue for a connection and run BEGIN with *options* (its statements are ignored).
+
+        Raise the pool's errors or `DeadlineBeforeStart` (nothing ran), `TransactionLost`
+        when BEGIN broke the connection on `MAX_ATTEMPTS` connections in a row, or
+        `StatementFailed` for BEGIN itself (e.g. a role that does not exist).
+        """
+        arrived = time.monotonic()
+        for attempt_no in range(1, MAX_ATTEMPTS + 1):
+            conn = await pool.getconn(bounds.deadline)
+            lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
+            error: BaseException | None = None
+            try:
+                timeout_ms = _timeout_ms(bounds.deadline, bounds.statement_timeout)
+                await lease._on_worker(_begin, _begin_sql(options, timeout_ms))
+                return lease
+            except TransactionLost as exc:
+                error = exc
+                if attempt_no == MAX_ATTEMPTS:
+                    raise
+                # A connection that died while idle: nothing ran, take another.
+                log.info("BEGIN lost its connection; retrying", extra={"attempt": attempt_no})
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if error is not None:
+                    await lease.release(error)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    # -- steps ---------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        statements: Sequence[pb.Statement],
+        plan: RequestPlan,
+        bound: Sequence[Bound],
+        audit: bool,
+    ) -> list[pb.StatementResult]:
+        """Run *statements* (parameters already *bound*) in the open transaction.
+
+        Raise `StatementFailed` for a Postgres error (the transaction is then aborted, the
+        lease still usable), `LeaseTimeout` when a bound passed before or during the run,
+        `TransactionLost` when the connection broke (nothing committed).
+        """
+        self.check_bounds()
+        self.audit = self.audit or audit
+        cut = self.next_bound(idle=False)
+        try:
+            timeout_ms = _timeout_ms(cut[0] if cut else None, self.bounds.statement_timeout)
+        except DeadlineBeforeStart:
+            assert cut is not None  # only a bound leaves no time
+            raise self.timeout(cut[1]) from None
+        if cut is not None and cut[0] - time.monotonic() >= self.bounds.statement_timeout:
+            cut = None  # the statement timeout bounds this step, not a bound of the lease
+        try:
+            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+        except StatementFailed as exc:
+            if cut is not None and exc.error.sqlstate == "57014":
+                # Postgres stopped the statement just ahead of the bound: name the bound.
+                raise self.timeout(cut[1]) from exc
+            raise
+        finally:
+            self.last_active = time.monotonic()
+
+    async def commit(self) -> None:
+        """COMMIT. Raise `TransactionAborted` if a statement had failed (nothing committed),
+        `StatementFailed` if COMMIT failed (e.g. 40001, a deferred constraint), `LeaseTimeout`,
+        or `TransactionLost` (``nothing_committed`` False when the outcome is unknown)."""
+        self.check_bounds()
+        if self.conn.pg.transaction_status is TransactionStatus.INERROR:
+            raise TransactionAborted()
+        await self._on_worker(_end, "COMMIT")
+        self.committed = True
+
+    async def rollback(self) -> None:
+        """ROLLBACK; raise `TransactionLost` if the connection broke (nothing committed)."""
+        await self._on_worker(_end, "ROLLBACK")
+
+    # -- bounds --------------------------------------------------------------------------
+
+    def next_bound(self, *, idle: bool) -> tuple[float, End] | None:
+        """The earliest bound still ahead (monotonic time, which one); with *idle* the idle
+        timeout counts too. None when nothing bounds the lease."""
+        bounds = self.bounds
+        candidates = []
+        if bounds.deadline is not None:
+            candidates.append((bounds.deadline, End.DEADLINE))
+        if self.ends_at is not None:
+            candidates.append((self.ends_at, End.TRANSACTION_TIMEOUT))
+        if idle and bounds.idle_timeout:
+            candidates.append(
+                (self.last_active + bounds.idle_timeout, End.IDLE_TRANSACTION_TIMEOUT)
+            )
+        return min(candidates, key=lambda c: c[0]) if candidates else None
+
+    def check_bounds(self) -> None:
+        """Raise `LeaseTimeout` if the deadline or the transaction timeout has passed."""
+        upcoming = self.next_bound(idle=False)
+        if upcoming is not None and time.monotonic() >= upcoming[0]:
+            raise self.timeout(upcoming[1])
+
+    def timeout(self, bound: End) -> LeaseTimeout:
+        """The error for *bound* having passed."""
+        bounds = self.bounds
+        rolled_back = "the transaction was rolled back and its connection returned to the pool"
+        if bound is End.IDLE_TRANSACTION_TIMEOUT:
+            return LeaseTimeout(
+                bound,
+                f"no step for {bounds.idle_timeout:g}s inside the transaction"
+                f" (PGBROKER_IDLE_TRANSACTION_TIMEOUT): {rolled_back}",
+                Reason.IDLE_TRANSACTION_TIMEOUT,
+            )
+        if bound is End.TRANSACTION_TIMEOUT:
+            return LeaseTimeout(
+                bound,
+                f"the transaction lasted {bounds.transaction_timeout:g}s"
+                f" (PGBROKER_TRANSACTION_TIMEOUT): {rolled_back}",
+                Reason.TRANSACTION_TIMEOUT,
+            )
+        return LeaseTimeout(bound, f"the caller's deadline passed: {rolled_back}")
+
+    # -- running on the connection ---------------------------------------------------------
+
+    async def _on_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run *fn(conn, *args)* on a worker; send a cancel request when a bound passes or
+        the caller goes away (then wait for the worker, so the connection's state is known)."""
+        work = self.pool.run_in_worker(fn, self.conn.pg, *args)
+        self._attempt.work = work  # type: ignore[assignment]
+        watchdog = None
+        upcoming = self.next_bound(idle=False)
+        if upcoming is not None:
+            loop = asyncio.get_running_loop()
+            why = f"{upcoming[1].value} passed"
+            watchdog = loop.call_at(upcoming[0], _send_cancel, self.pool, self._attempt, why)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            _send_cancel(self.pool, self._attempt, "caller went away")
+            await _settle(work)  # type: ignore[arg-type]
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    # -- ending --------------------------------------------------------------------------
+
+    async def release(self, error: BaseException | None = None) -> None:
+        """Roll back unless committed, then return the connection (or replace it when it is
+        not idle and clean: `broker.flow.batch._close_reason`). Never raises; runs to the
+        end even if the calling task is cancelled meanwhile (which is then re-raised)."""
+        task = asyncio.ensure_future(self._release(error))
+        _releasing.add(task)
+        task.add_done_callback(_releasing.discard)
+        await asyncio.shield(task)
+
+    async def _release(self, error: BaseException | None) -> None:
+        attempt = self._attempt
+        reason: str | None = None
+        try:
+            if attempt.work is not None and not attempt.work.done():
+                await _settle(attempt.work)
+            if attempt.cancel_tasks:
+                # Let a cancel request land before ROLLBACK, which it must not hit.
+                await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
+            pg = self.conn.pg
+            if not pg.closed and (
+                pg.transaction_status is not TransactionStatus.IDLE or self.audit
+            ):
+                await self.pool.run_in_worker(_tidy, pg, self.audit)
+        except Exception as exc:  # a worker pool shut down under us: do not hand it on
+            reason = f"release failed ({type(exc).__name__})"
+        self.pool.putconn(self.conn, reason or _close_reason(self.conn, attempt, error))
+
+
+# -- on the worker thread ------------------------------------------------------------------
+
+
+def _begin(conn: PgConnection, sql: str) -> None:
+    try:
+        conn.execute_simple(sql)
+    except PgError as exc:
+        _rollback(conn)
+        raise StatementFailed(exc, -1) from exc
+    except ConnectionLost as exc:
+        raise TransactionLost(exc, nothing_committed=True) from exc
+
+
+def _run_statements(
+    conn: PgConnection,
+    statements: Sequence[pb.Statement],
+    plan: RequestPlan,
+    bound: Sequence[Bound],
+    timeout_ms: int,
+) -> list[pb.StatementResult]:
+    # In an aborted transaction only ROLLBACK (TO SAVEPOINT) runs: the SET LOCAL would fail
+    # ahead of it.
+    before = None
+    if conn.transaction_status is not TransactionStatus.INERROR:
+        before = f"SET LOCAL statement_timeout = {timeout_ms}"
+    pairs = [(statement.sql, statement.params) for statement in statements]
+    try:
+        return conn.run_many(pairs, before=before, bound=bound, plans=plan.statements)
+    except PgError as exc:
+        raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
+    except ConnectionLost as exc:
+        raise TransactionLost(exc, nothing_committed=True) from exc
+
+
+def _end(conn: PgConnection, sql: str) -> None:
+    """COMMIT or ROLLBACK; a broken link during COMMIT leaves the outcome unknown unless the
+    server said it was ending the session (as for a batch)."""
+    try:
+        conn.execute_simple(sql)
+    except PgError as exc:
+        raise StatementFailed(exc, -1) from exc
+    except ConnectionLost as exc:
+        certain = sql == "ROLLBACK" or exc.fatal is not None
+        raise TransactionLost(exc, nothing_committed=certain) from exc
+
+
+def _tidy(conn: PgConnection, audit: bool) -> None:
+    """ROLLBACK what is left open; audit the session when a statement asked for it."""
+    _rollback(conn)
+    if audit and (leaked := audit_session(conn)):
+        conn.session_dirty = ", ".join(leaked)
