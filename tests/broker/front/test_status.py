@@ -12,7 +12,9 @@ import broker.front.service  # noqa: F401 (imports every module that defines a f
 from broker.errors import BrokerFailure
 from broker.flow.batch import DeadlineBeforeStart, StatementFailed, TransactionLost
 from broker.front.service import BadRequest
+from broker.flow.lease import End, LeaseTimeout, TransactionAborted
 from broker.front.status import failure_for, status_for
+from broker.front.transact import StepRefused
 from broker.pooling.pool import (
     DeadlineExpired,
     PoolClosed,
@@ -130,6 +132,26 @@ CASES: list[tuple[BaseException, Expected]] = [
             {"limit": "PGBROKER_MAX_INFLIGHT_PER_CALLER", "maximum": "1", "observed": "2"},
         ),
     ),
+    (
+        LeaseTimeout(End.IDLE_TRANSACTION_TIMEOUT, "idle", Reason.IDLE_TRANSACTION_TIMEOUT),
+        Expected(
+            _S.DEADLINE_EXCEEDED,
+            Reason.IDLE_TRANSACTION_TIMEOUT,
+            None,
+            {"bound": "idle_transaction_timeout"},
+        ),
+    ),
+    (
+        LeaseTimeout(End.TRANSACTION_TIMEOUT, "too long", Reason.TRANSACTION_TIMEOUT),
+        Expected(
+            _S.DEADLINE_EXCEEDED,
+            Reason.TRANSACTION_TIMEOUT,
+            None,
+            {"bound": "transaction_timeout"},
+        ),
+    ),
+    (TransactionAborted(), Expected(_S.FAILED_PRECONDITION, None, sqlstate="25P02")),
+    (StepRefused("execute before begin"), Expected(_S.INVALID_ARGUMENT, Reason.BAD_REQUEST)),
     (AuthError("no credentials"), Expected(_S.UNAUTHENTICATED, Reason.UNAUTHENTICATED)),
     (
         PermissionDenied("role not allowed"),
