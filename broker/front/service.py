@@ -39,9 +39,9 @@ caller maps to no role             RoleRefused           PERMISSION_DENIED    PE
 a limit crossed                    LimitExceeded         RESOURCE_EXHAUSTED   LIMIT_EXCEEDED
 (security/limits.py)                                                          (+RetryInfo for the
                                                                               in-flight limit)
-Transact: no step within the idle   LeaseTimeout          DEADLINE_EXCEEDED    IDLE_TRANSACTION_
-timeout, or too long a transaction                                            TIMEOUT or TRANSACTION_
-                                                                              TIMEOUT (bound=…)
+Transact: no step within the idle  LeaseTimeout          DEADLINE_EXCEEDED    IDLE_TRANSACTION_
+timeout, or too long a transaction                                            TIMEOUT or
+                                                                              TRANSACTION_TIMEOUT
 Transact: COMMIT after an error    TransactionAborted    FAILED_PRECONDITION  DatabaseError 25P02
 Transact: a step out of order      StepRefused           INVALID_ARGUMENT     BAD_REQUEST
 shutting down                      PoolClosed            UNAVAILABLE          SHUTTING_DOWN,
