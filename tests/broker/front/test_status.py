@@ -11,8 +11,8 @@ import pytest
 import broker.front.service  # noqa: F401 (imports every module that defines a failure)
 from broker.errors import BrokerFailure
 from broker.flow.batch import DeadlineBeforeStart, StatementFailed, TransactionLost
-from broker.front.service import BadRequest
 from broker.flow.lease import End, LeaseTimeout, TransactionAborted
+from broker.front.service import BadRequest
 from broker.front.status import failure_for, status_for
 from broker.front.transact import StepRefused
 from broker.pooling.pool import (
