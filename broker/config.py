@@ -415,6 +415,13 @@ class Settings:
         " non-built-in function or unparsed SQL), `always` or `off`",
         choices=SESSION_AUDIT_MODES,
     )
+    idempotency_ttl: float = setting(
+        duration,
+        86400.0,
+        "seconds an idempotency key (exactly-once retries, docs/broker.md) is kept; a"
+        " background sweep deletes expired keys",
+        check=positive,
+    )
     max_statements: int = setting(
         integer, 1000, "statements per request (0: no limit)", check=at_least(0)
     )

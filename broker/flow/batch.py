@@ -31,10 +31,11 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.pooling.pool import Pool, ServerConnection
+from broker.postgres import keys
 from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
@@ -87,6 +88,9 @@ class Batch:
     # Each statement's parameters already bound (`broker.postgres.params.bind_params`), or None to
     # bind them on the worker.
     bound: Sequence[Bound] | None = None
+    # The request's idempotency key, claimed inside the transaction (broker/postgres/keys.py);
+    # forces BEGIN … COMMIT. None: no key, or the request is exempt (it writes nothing).
+    claim: keys.KeyClaim | None = None
 
     @property
     def explicit(self) -> bool:
@@ -97,6 +101,7 @@ class Batch:
             or self.read_only
             or self.deferrable
             or self.role is not None
+            or self.claim is not None
         )
 
 
@@ -248,6 +253,8 @@ def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
 
 
 def _begin_sql(batch: Batch, timeout_ms: int) -> str:
+    """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
+    is written as the login role, which owns it."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -258,6 +265,9 @@ def _begin_sql(batch: Batch, timeout_ms: int) -> str:
     sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    if batch.claim is not None:
+        claim = batch.claim
+        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
     if batch.role is not None:
         sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
     return sql
@@ -331,17 +341,44 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     """BEGIN …, the statements, COMMIT, pipelined (`PgConnection.run_many`): one round trip
     when every statement is already prepared on this connection."""
     statements = [(statement.sql, statement.params) for statement in batch.statements]
+    claim = batch.claim
     try:
-        return conn.run_many(
+        results = conn.run_many(
             statements,
             before=_begin_sql(batch, timeout_ms),
-            after="COMMIT",
+            # A keyed batch stores its response before COMMIT: one more round trip.
+            after="COMMIT" if claim is None else None,
             bound=batch.bound,
             plans=batch.plan.statements,
         )
+        if claim is not None:
+            _commit_keyed(conn, claim, results, batch.role is not None)
+        return results
     except PgError as exc:
         _rollback(conn)
+        if claim is not None and exc.phase is Phase.BEFORE:
+            if keys.is_claimed(exc):  # committed before: answer as then, run nothing
+                return keys.replay(conn, claim.caller, claim.key, claim.digest)
+            if exc.sqlstate == "57014":  # waited for another attempt with the key in vain
+                raise keys.KeyInProgress(
+                    "another attempt with this idempotency key is still running; nothing ran"
+                ) from exc
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
+
+
+def _commit_keyed(
+    conn: PgConnection, claim: keys.KeyClaim, results: list[pb.StatementResult], role: bool
+) -> None:
+    """Store the response on the claimed key and COMMIT, in one round trip; a COMMIT that
+    fails raises `PgError` with phase AFTER."""
+    response = pb.ExecuteResponse(results=results).SerializeToString()
+    sql = keys.finish_sql(claim.caller, claim.key, response) + "; COMMIT"
+    if role:  # back to the login role, which owns the store, for the rest of the transaction
+        sql = "SET LOCAL ROLE NONE; " + sql
+    try:
+        conn.execute_simple(sql)
+    except PgError as exc:
+        raise replace(exc, phase=Phase.AFTER) from exc
 
 
 def _rollback(conn: PgConnection) -> None:

@@ -30,7 +30,9 @@ from broker.front.service import BrokerService
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
+from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.postgres.audit import read_builtin_functions
+from broker.postgres.keys import store_status
 from broker.postgres.budget import BudgetProbe
 from broker.postgres.credentials import connect_with_credentials, credentials_for
 from broker.postgres.probe import FirstConnectionProbe
@@ -151,7 +153,9 @@ class BrokerServer:
         )
         # Read on the first connection: max_connections (start() checks the budget with it)
         # and pg_catalog's function names (calls of other functions get the session audited).
-        self.functions_probe = FirstConnectionProbe(connect, read_builtin_functions)
+        # And the idempotency-key store (created if missing: broker/postgres/keys.py).
+        self.store_probe = FirstConnectionProbe(connect, store_status)
+        self.functions_probe = FirstConnectionProbe(self.store_probe, read_builtin_functions)
         self.budget_probe = BudgetProbe(self.functions_probe)
         self.metrics: MetricsPublisher | None = None
         self.pool = Pool(
@@ -171,7 +175,9 @@ class BrokerServer:
             auth_stats=self.auth_stats,
             role_map=RoleMap.parse(settings.role_map, settings.default_role),
             session_audit=settings.session_audit,
+            idempotency_ttl=settings.idempotency_ttl,
         )
+        self.key_sweeper = KeySweeper(self.pool, sweep_interval(settings.idempotency_ttl))
         self.transact = TransactService(
             self.service,
             idle_transaction_timeout=settings.idle_transaction_timeout,
@@ -223,6 +229,7 @@ class BrokerServer:
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
         self._learn_builtin_functions()
+        self._check_key_store()
         self.pool.fill()
         await self.server.start()
         if settings.metrics_interval > 0:
@@ -244,6 +251,19 @@ class BrokerServer:
                 extra={"error": probe.error},
             )
         self.service.known_functions = probe.value
+
+    def _check_key_store(self) -> None:
+        probe = self.store_probe
+        error = probe.error if probe.value is None else probe.value
+        self.service.key_store_error = error or ""
+        if error:
+            log.warning(
+                "idempotency keys unavailable: keyed requests are refused (FAILED_PRECONDITION,"
+                " IDEMPOTENCY_UNAVAILABLE) and clients send them without a key",
+                extra={"error": error},
+            )
+        else:
+            self.key_sweeper.start()
 
     def _log_worker_started(self) -> None:
         assert self.worker is not None
@@ -283,6 +303,7 @@ class BrokerServer:
         await self.server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        await self.key_sweeper.stop()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")

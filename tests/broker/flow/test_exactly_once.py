@@ -1,0 +1,120 @@
+"""Idempotency keys through a real broker on a real Postgres (broker/postgres/keys.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from tests.support import request, rows, status_of
+
+
+@pytest.fixture
+def broker(start_inproc_broker: Any) -> Any:
+    return start_inproc_broker(pool_size=2)
+
+
+def _keyed(key: str, *statements: Any, **options: Any) -> pb.ExecuteRequest:
+    keyed = request(*statements, **options)
+    keyed.idempotency_key = key
+    return keyed
+
+
+def _count(broker: Any, table: str) -> int:
+    return int(rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0])[0][0])
+
+
+def test_a_retried_key_returns_the_stored_response_and_runs_nothing(
+    broker: Any, table: str
+) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id serial, note text)"))
+    insert = (f"INSERT INTO {table} (note) VALUES ($1) RETURNING id", ["x"])
+    first = broker.execute(_keyed("order-42", insert))
+    again = broker.execute(_keyed("order-42", insert))
+    assert rows(again.results[0]) == rows(first.results[0])
+    assert again.results[0].command_tag == "INSERT 0 1"
+    assert _count(broker, table) == 1
+    other = broker.execute(_keyed("order-43", insert))
+    assert rows(other.results[0]) != rows(first.results[0])
+    assert _count(broker, table) == 2
+
+
+def test_a_key_reused_for_another_request_is_refused(broker: Any, table: str) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    broker.execute(_keyed("k", (f"INSERT INTO {table} VALUES ($1)", [1])))
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(_keyed("k", (f"INSERT INTO {table} VALUES ($1)", [2])))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(failure.value).reason == "IDEMPOTENCY_KEY_REUSED"
+    assert _count(broker, table) == 1
+
+
+def test_the_key_commits_only_with_the_work(broker: Any, table: str) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int PRIMARY KEY)"))
+    broker.execute(request(f"INSERT INTO {table} VALUES (1)"))
+    failing = _keyed(
+        "k1", (f"INSERT INTO {table} VALUES ($1)", [2]), f"INSERT INTO {table} VALUES (1)"
+    )
+    for _ in range(2):  # rolled back, so the key is free again: the same error, not a replay
+        with pytest.raises(grpc.RpcError) as failure:
+            broker.execute(failing)
+        assert status_of(failure.value).database_error.sqlstate == "23505"
+        assert status_of(failure.value).database_error.statement_index == 1
+    assert _count(broker, table) == 1
+
+
+def test_a_retry_waits_for_the_attempt_still_running(broker: Any, table: str) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    slow = _keyed("slow", (f"INSERT INTO {table} VALUES ($1)", [1]), "SELECT pg_sleep(0.5)")
+    answers: list[Any] = []
+    first = threading.Thread(target=lambda: answers.append(broker.execute(slow)))
+    first.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    second = broker.execute(slow)
+    first.join()
+    assert time.monotonic() - started > 0.2  # it waited for the first attempt
+    assert rows(second.results[0]) == rows(answers[0].results[0])
+    assert _count(broker, table) == 1
+
+
+def test_read_only_work_records_no_key(broker: Any, admin: Any) -> None:
+    before = admin.run("SELECT count(*) FROM pgbroker.idempotency_keys")[0][0]
+    broker.execute(_keyed("read-1", "SELECT 1"))
+    broker.execute(_keyed("read-2", "SELECT 2", read_only=True))
+    after = admin.run("SELECT count(*) FROM pgbroker.idempotency_keys")[0][0]
+    assert after == before
+
+
+def test_keys_are_scoped_by_caller_and_expire(broker: Any, admin: Any, table: str) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    broker.execute(_keyed("exp", (f"INSERT INTO {table} VALUES ($1)", [1])))
+    admin.run(
+        "UPDATE pgbroker.idempotency_keys SET expires_at = now() - interval '1 s' WHERE key = 'exp'"
+    )
+    broker.execute(_keyed("exp", (f"INSERT INTO {table} VALUES ($1)", [1])))  # a new request now
+    assert _count(broker, table) == 2
+
+
+def test_the_sweep_deletes_expired_keys(broker: Any, admin: Any, table: str) -> None:
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    broker.execute(_keyed("sweep-me", (f"INSERT INTO {table} VALUES ($1)", [1])))
+    admin.run(
+        "UPDATE pgbroker.idempotency_keys SET expires_at = now() - interval '1 s'"
+        " WHERE key = 'sweep-me'"
+    )
+    deleted = broker.call(broker.server.key_sweeper.sweep_once())
+    assert deleted >= 1
+    assert admin.run("SELECT count(*) FROM pgbroker.idempotency_keys WHERE key = 'sweep-me'") == [
+        [0]
+    ]
+
+
+def test_a_bad_key_is_a_bad_request(broker: Any) -> None:
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(_keyed("x" * 256, "SELECT 1"))
+    assert status_of(failure.value).reason == "BAD_REQUEST"
