@@ -25,16 +25,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
+from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
-from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.postgres.audit import read_builtin_functions
-from broker.postgres.keys import store_status
 from broker.postgres.budget import BudgetProbe
 from broker.postgres.credentials import connect_with_credentials, credentials_for
+from broker.postgres.keys import store_status
 from broker.postgres.probe import FirstConnectionProbe
 from broker.security import tls
 from broker.security.auth import authenticator_for_settings

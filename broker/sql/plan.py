@@ -205,9 +205,7 @@ def _read_only(
         if isinstance(stmt, ast.ExplainStmt):
             if any(getattr(o, "defname", "") == "analyze" for o in stmt.options or ()):
                 return False
-        elif not isinstance(stmt, ast.SelectStmt | ast.VariableShowStmt):
-            return False
-        elif getattr(stmt, "intoClause", None) is not None:  # SELECT … INTO creates a table
+        elif not isinstance(stmt, ast.SelectStmt | ast.VariableShowStmt) or getattr(stmt, "intoClause", None) is not None:
             return False
     writes = ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt
     if any(isinstance(node, writes) for node in nodes):
