@@ -205,12 +205,19 @@ def _read_only(
         if isinstance(stmt, ast.ExplainStmt):
             if any(getattr(o, "defname", "") == "analyze" for o in stmt.options or ()):
                 return False
-        elif not isinstance(stmt, ast.SelectStmt | ast.VariableShowStmt) or getattr(stmt, "intoClause", None) is not None:
+        elif not _plain_query(stmt):
             return False
     writes = ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt
     if any(isinstance(node, writes) for node in nodes):
         return False
     return not any(name.startswith(_EFFECTFUL_PREFIXES) for name in calls if name)
+
+
+def _plain_query(stmt: ast.Node | None) -> bool:
+    """SELECT, VALUES or SHOW; not SELECT … INTO, which creates a table."""
+    if isinstance(stmt, ast.VariableShowStmt):
+        return True
+    return isinstance(stmt, ast.SelectStmt) and stmt.intoClause is None
 
 
 def _autocommit_only(stmt: ast.Node | None) -> bool:
