@@ -9,13 +9,17 @@ awaiting each step).
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
 
+from lambda_client import errors
 from lambda_client._config import ClientConfig, open_channel
 from lambda_client._policy import Call, CallPolicy, Link, Metadata, Plan, time_left
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -29,7 +33,7 @@ from lambda_client._requests import (
     transaction_request,
 )
 from lambda_client._result import Result, results_of
-from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
+from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY, Reason
 from lambda_client.auth import auth_for
 
 __all__ = ["DEFAULT_TARGET", "AuthHook", "ClientBase", "channel_options"]
@@ -72,6 +76,7 @@ class ClientBase:
         health_check: bool = True,
         options: Sequence[tuple[str, Any]] = (),
         config: ClientConfig | None = None,
+        idempotency: bool = True,
     ) -> None:
         self.policy = CallPolicy(
             timeout, deadline_margin, max_attempts, initial_backoff, max_backoff
@@ -105,35 +110,69 @@ class ClientBase:
         self._link: Link | None = None  # the stub on self._channel
         self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
         self.channels_created = 0
+        # Exactly-once: a key generated for every call that may write (docs/client.md);
+        # turned off for good when the broker says it has no key store.
+        self.idempotency = idempotency
 
     # -- what the public methods ask for ---------------------------------------------------
 
-    @staticmethod
-    def _query(sql: str, params: Sequence[Any] | None) -> Call[Result]:
+    def _query(
+        self, sql: str, params: Sequence[Any] | None, idempotency_key: str | None = None
+    ) -> Call[Result]:
         """`query`: one statement, autocommit; `TypeError` for an unmappable parameter."""
-        return Call(_execute(query_request(sql, params)), lambda r: results_of(r)[0])
+        request = query_request(sql, params)
+        return self._keyed(request, lambda r: results_of(r)[0], False, idempotency_key)
 
-    @staticmethod
     def _transaction(
+        self,
         statements: Sequence[Statement],
         isolation: str | None,
         read_only: bool,
         deferrable: bool,
         retry_serialization: bool,
+        idempotency_key: str | None = None,
     ) -> Call[list[Result]]:
         """`transaction`; `TypeError`/`ValueError` for a bad argument. An empty one sends
         nothing."""
         request = transaction_request(statements, isolation, read_only, deferrable)
-        invoke = _execute(request) if request.statements else None
-        return Call(invoke, lambda r: results_of(r) if r is not None else [], retry_serialization)
+        if not request.statements:
+            return Call(None, _all_results, retry_serialization)
+        return self._keyed(request, _all_results, retry_serialization, idempotency_key)
 
-    @classmethod
     def _execute_many(
-        cls, sql: str, param_sets: Sequence[Sequence[Any]], retry_serialization: bool
+        self,
+        sql: str,
+        param_sets: Sequence[Sequence[Any]],
+        retry_serialization: bool,
+        idempotency_key: str | None = None,
     ) -> Call[list[Result]]:
         """`execute_many`: *sql* once per parameter set, in one transaction."""
         statements = many_statements(sql, param_sets)
-        return cls._transaction(statements, None, False, False, retry_serialization)
+        return self._transaction(
+            statements, None, False, False, retry_serialization, idempotency_key
+        )
+
+    def _keyed(
+        self,
+        request: pb.ExecuteRequest,
+        finish: Callable[[Any], T],
+        retry_aborted: bool,
+        idempotency_key: str | None,
+    ) -> ExecuteCall[T]:
+        """An ``Execute`` call with its idempotency key: *idempotency_key*, else one generated
+        for this call (kept across its retries) unless keys are off or it is read-only."""
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty string")
+            request.idempotency_key = idempotency_key
+            generated = False
+        else:
+            generated = self.idempotency and not request.options.read_only
+            if generated:
+                request.idempotency_key = f"pgbroker-{uuid.uuid4()}"
+        return ExecuteCall(
+            _execute(request), finish, retry_aborted, request=request, generated_key=generated
+        )
 
     @staticmethod
     def _stats() -> Call[dict[str, int]]:
@@ -161,7 +200,14 @@ class ClientBase:
                 response = yield _bind(call.invoke, link.stub, left, metadata)
             except grpc.RpcError as exc:
                 link.call_failed(exc)
-                delay = self.policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
+                if isinstance(call, ExecuteCall):
+                    unkeyed = self._without_key(call, exc)
+                    if unkeyed is not None:
+                        call = unkeyed  # nothing ran: resend at once, without the key
+                        continue
+                    delay = execute_backoff_or_raise(self.policy, call, exc, attempt, deadline)
+                else:
+                    delay = self.policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
                 yield _bind(self._sleep, delay)
             else:
                 link.reached = True
@@ -169,6 +215,17 @@ class ClientBase:
             finally:
                 self._mark_used()
         raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
+
+    def _without_key(self, call: ExecuteCall[T], exc: grpc.RpcError) -> ExecuteCall[T] | None:
+        """*call* without its generated key when the broker has no key store (it then ran
+        nothing); None otherwise. Keys stay off for this client afterwards."""
+        if not call.generated_key or errors.from_rpc_error(exc).reason != _NO_STORE:
+            return None
+        self.idempotency = False
+        request = pb.ExecuteRequest()
+        request.CopyFrom(call.request)
+        request.idempotency_key = ""
+        return replace(call, invoke=_execute(request), request=request, generated_key=False)
 
     def _get_link(self) -> Link:
         """The stub on the channel to use now (the driver's)."""
@@ -274,9 +331,79 @@ def channel_options(
     return [o for o in defaults if o[0] not in overridden] + list(overrides)
 
 
+_NO_STORE = Reason.IDEMPOTENCY_UNAVAILABLE.value
+_IN_PROGRESS = Reason.IDEMPOTENCY_KEY_IN_PROGRESS.value
+
+
+@dataclass(frozen=True)
+class ExecuteCall(Call[T]):
+    """An ``Execute`` call: its *request* (with the idempotency key, if any) and whether the
+    client generated that key."""
+
+    request: pb.ExecuteRequest = field(default_factory=pb.ExecuteRequest)
+    generated_key: bool = False
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether resending after an unknown outcome is safe: a key, or read-only work."""
+        return bool(self.request.idempotency_key) or self.request.options.read_only
+
+
+def outcome_unknown(exc: grpc.RpcError, error: errors.Error) -> bool:
+    """Whether *exc* leaves unknown whether the request ran: the broker said so (UNKNOWN:
+    the database link broke during COMMIT, or gRPC's "stream removed"), or the transport
+    failed after the request went out (UNAVAILABLE without the broker's status: a broker
+    killed mid-call, a connection dead after a freeze, grpc/grpc#11043). Calls wait for the
+    channel (``wait_for_ready``), so a bare UNAVAILABLE is never "could not connect"."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code is grpc.StatusCode.UNKNOWN:
+        return True
+    no_status = error.reason is None and error.retry_after is None
+    bare = no_status and not getattr(error, "sqlstate", None)
+    return code is grpc.StatusCode.UNAVAILABLE and bare
+
+
+def execute_backoff_or_raise(
+    policy: CallPolicy, call: ExecuteCall[Any], exc: grpc.RpcError, attempt: int, deadline: float
+) -> float:
+    """`CallPolicy.backoff_or_raise` for an ``Execute``: an unknown outcome is resent when
+    *call* is idempotent (its key makes the broker answer a committed attempt from its store)
+    and raises `errors.OutcomeUnknown` otherwise, never `errors.Unavailable`; an attempt that
+    found the key still held by an earlier one waits and resends."""
+    error = errors.from_rpc_error(exc)
+    unknown = outcome_unknown(exc, error)
+    if not unknown and not (call.idempotent and error.reason == _IN_PROGRESS):
+        return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
+    backoff = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+    delay = (error.retry_after or 0.0) + random.uniform(backoff / 2, backoff)
+    if call.idempotent and attempt < policy.max_attempts and time.monotonic() + delay < deadline:
+        return delay
+    if not unknown:
+        raise error from exc
+    key = call.request.idempotency_key
+    if key:
+        advice = (
+            f"after {attempt} attempts with idempotency key {key!r}; resending with the same"
+            " key is safe: it runs at most once"
+        )
+    else:
+        advice = "no idempotency key was sent, so resending may run it twice"
+    raise errors.OutcomeUnknown(
+        f"the request may or may not have committed ({error.details}); {advice}",
+        code=error.code,
+        reason=error.reason,
+        retry_after=error.retry_after,
+        metadata=error.metadata,
+    ) from exc
+
+
 def _execute(request: pb.ExecuteRequest) -> Any:
     """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike)."""
     return lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True)
+
+
+def _all_results(response: Any) -> list[Result]:
+    return results_of(response) if response is not None else []
 
 
 def _get_stats(stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata) -> Any:

@@ -56,9 +56,10 @@ class AsyncBrokerClient(ClientBase):
         *,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Result:
         """As `BrokerClient.query`."""
-        return await self._run(self._query(sql, params), context, timeout)
+        return await self._run(self._query(sql, params, idempotency_key), context, timeout)
 
     async def transaction(
         self,
@@ -70,9 +71,12 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """As `BrokerClient.transaction`."""
-        call = self._transaction(statements, isolation, read_only, deferrable, retry_serialization)
+        call = self._transaction(
+            statements, isolation, read_only, deferrable, retry_serialization, idempotency_key
+        )
         return await self._run(call, context, timeout)
 
     async def execute_many(
@@ -83,9 +87,10 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """As `BrokerClient.execute_many`."""
-        call = self._execute_many(sql, param_sets, retry_serialization)
+        call = self._execute_many(sql, param_sets, retry_serialization, idempotency_key)
         return await self._run(call, context, timeout)
 
     async def begin(

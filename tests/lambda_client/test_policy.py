@@ -141,7 +141,9 @@ def test_the_async_client_resends_and_refuses_exactly_as_the_blocking_one() -> N
     lost = bare(SC.UNKNOWN, "connection lost during COMMIT")
 
     async def run(target: str) -> None:
-        db = AsyncBrokerClient(target, timeout=10, initial_backoff=0.01, max_backoff=0.02)
+        db = AsyncBrokerClient(
+            target, timeout=10, initial_backoff=0.01, max_backoff=0.02, idempotency=False
+        )
         assert (await db.query("SELECT 1")).scalar() == 1  # after two QUEUE_FULL
         with pytest.raises(lc.OutcomeUnknown):
             await db.transaction(["SELECT 1"])
