@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import audit_session
+from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
 from broker.security.roles import quote_role
@@ -91,6 +91,9 @@ class Batch:
     # The request's idempotency key, claimed inside the transaction (broker/postgres/keys.py);
     # forces BEGIN … COMMIT. None: no key, or the request is exempt (it writes nothing).
     claim: keys.KeyClaim | None = None
+    # Reset the session behind COMMIT and probe what cannot be reset (audit.RESET_SQL), in
+    # the same flush; False with PGBROKER_SESSION_AUDIT=off.
+    reset_session: bool = True
 
     @property
     def explicit(self) -> bool:
@@ -288,13 +291,20 @@ def run_transaction(
                 return _run_explicit(conn, batch, timeout_ms)
             return [_run_single(conn, batch, timeout_ms)]
         finally:
-            if batch.audit_session:
-                # Also after a failure: session advisory locks survive a rollback.
-                leaked = audit_session(conn)
-                if leaked:
-                    conn.session_dirty = ", ".join(leaked)
+            _check_session(conn, batch)
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=_nothing_committed(exc, batch)) from exc
+
+
+def _check_session(conn: PgConnection, batch: Batch) -> None:
+    """Mark *conn* dirty (replaced, never handed on) if the transaction left session state
+    behind: read the probe behind COMMIT, else (it did not run) audit with one more query."""
+    leaked = probe_leaks(conn.after_rows) if batch.reset_session else None
+    if leaked is None and (batch.audit_session or batch.reset_session):
+        # Also after a failure: session advisory locks survive a rollback.
+        leaked = audit_session(conn)
+    if leaked:
+        conn.session_dirty = ", ".join(leaked)
 
 
 def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
@@ -320,6 +330,8 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
     if batch.application_name:
         before += f"; SET application_name = '{batch.application_name}'"
         after += "; RESET application_name"
+    if batch.reset_session:
+        after = RESET_SQL  # resets both, and whatever else the statement set
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
@@ -347,12 +359,12 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
             statements,
             before=_begin_sql(batch, timeout_ms),
             # A keyed batch stores its response before COMMIT: one more round trip.
-            after="COMMIT" if claim is None else None,
+            after=None if claim is not None else _commit_sql(batch),
             bound=batch.bound,
             plans=batch.plan.statements,
         )
         if claim is not None:
-            _commit_keyed(conn, claim, results, batch.role is not None)
+            _commit_keyed(conn, claim, results, batch)
         return results
     except PgError as exc:
         _rollback(conn)
@@ -366,17 +378,22 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
 
 
+def _commit_sql(batch: Batch) -> str:
+    """COMMIT, and the session reset and probe behind it (broker/postgres/audit.py)."""
+    return "COMMIT; " + RESET_SQL if batch.reset_session else "COMMIT"
+
+
 def _commit_keyed(
-    conn: PgConnection, claim: keys.KeyClaim, results: list[pb.StatementResult], role: bool
+    conn: PgConnection, claim: keys.KeyClaim, results: list[pb.StatementResult], batch: Batch
 ) -> None:
     """Store the response on the claimed key and COMMIT, in one round trip; a COMMIT that
     fails raises `PgError` with phase AFTER."""
     response = pb.ExecuteResponse(results=results).SerializeToString()
-    sql = keys.finish_sql(claim.caller, claim.key, response) + "; COMMIT"
-    if role:  # back to the login role, which owns the store, for the rest of the transaction
+    sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+    if batch.role is not None:  # back to the login role, which owns the store
         sql = "SET LOCAL ROLE NONE; " + sql
     try:
-        conn.execute_simple(sql)
+        conn.after_rows = conn.execute_simple(sql)
     except PgError as exc:
         raise replace(exc, phase=Phase.AFTER) from exc
 

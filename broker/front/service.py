@@ -197,6 +197,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 audit_session=self._audit(plan),
                 bound=bound,
                 claim=self._claim(request, plan, caller),
+                reset_session=self.session_audit != "off",
             )
             with self.inflight.hold(caller):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
@@ -256,6 +257,21 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
         digest = keys.request_hash(request)
         return keys.KeyClaim(caller or "", key, digest, self.idempotency_ttl)
+
+    def commit_claim(self, request: pb.TransactRequest, caller: str | None) -> keys.KeyClaim | None:
+        """The key a Transact COMMIT claims (None without one); raise `BadRequest` for a bad
+        key, `StoreUnavailable` without a store."""
+        key = request.commit.idempotency_key
+        if not key:
+            return None
+        if why := keys.check_key(key):
+            raise BadRequest(why)
+        if self.key_store_error:
+            raise keys.StoreUnavailable(
+                f"idempotency keys are not available on this broker ({self.key_store_error});"
+                " the transaction was rolled back"
+            )
+        return keys.KeyClaim(caller or "", key, keys.request_hash(None), self.idempotency_ttl)
 
     def _audit(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""

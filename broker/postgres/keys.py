@@ -42,6 +42,7 @@ __all__ = [
     "finish_sql",
     "is_claimed",
     "replay",
+    "replay_transact",
     "request_hash",
     "store_status",
     "sweep",
@@ -178,6 +179,14 @@ def replay(conn: PgConnection, caller: str, key: str, digest: bytes) -> list[pb.
     if response.WhichOneof("kind") != "bytea":
         raise KeyInProgress("the idempotency key has no stored response yet")
     return list(pb.ExecuteResponse.FromString(response.bytea).results)
+
+
+def replay_transact(conn: PgConnection, caller: str, key: str, digest: bytes) -> None:
+    """As `replay`, for an interactive transaction's COMMIT: return when *key* was claimed
+    by an earlier COMMIT, raise `KeyReused` when by another kind of request."""
+    row = conn.run(_REPLAY_SQL, [pb.Value(text=caller), pb.Value(text=key)])
+    if row.rows and row.rows[0].values[0].bytea != digest:
+        raise KeyReused("this idempotency_key was used with a different request; nothing committed")
 
 
 def ensure_store(conn: PgConnection) -> str | None:

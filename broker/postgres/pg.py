@@ -359,6 +359,9 @@ class PgConnection:
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None
+        # The rows of the last `run_many` call's *after* SQL (the session probe behind COMMIT:
+        # broker/postgres/audit.py), [] when it had none or it was not sent.
+        self.after_rows: list[list[Any]] = []
         # How far the running `run_many` call got, for the `ConnectionLost` a break raises.
         self._progress = _Progress()
 
@@ -384,10 +387,11 @@ class PgConnection:
 
     # running SQL ---------------------------------------------------------------------------
 
-    def execute_simple(self, sql: str) -> None:
-        """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip."""
+    def execute_simple(self, sql: str) -> list[list[Any]]:
+        """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip;
+        return the rows it produced (of every statement in *sql*, in order)."""
         with _Guard(self):
-            self._core.execute_simple(sql)
+            return list(self._core.execute_simple(sql).rows or ())
 
     def run(
         self,
@@ -439,6 +443,7 @@ class PgConnection:
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
+        self.after_rows = []
         self._progress = progress = _Progress()
         with _Guard(self, progress):
             return self._run_groups(statements, bound, before, after)
@@ -518,7 +523,9 @@ class PgConnection:
             if any(e.sqlstate == "0A000" and e.index == index for e in errors):
                 self._forget(sql, bound[index][1])  # cached plan must not change result type
         if after:
-            self._read_reply(Context(after), errors, Phase.AFTER)
+            context = Context(after)
+            self._read_reply(context, errors, Phase.AFTER)
+            self.after_rows = list(context.rows or ())
         if errors:
             raise errors[0]
         return results
