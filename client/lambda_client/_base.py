@@ -349,20 +349,6 @@ class ExecuteCall(Call[T]):
         return bool(self.request.idempotency_key) or self.request.options.read_only
 
 
-def outcome_unknown(exc: grpc.RpcError, error: errors.Error) -> bool:
-    """Whether *exc* leaves unknown whether the request ran: the broker said so (UNKNOWN:
-    the database link broke during COMMIT, or gRPC's "stream removed"), or the transport
-    failed after the request went out (UNAVAILABLE without the broker's status: a broker
-    killed mid-call, a connection dead after a freeze, grpc/grpc#11043). Calls wait for the
-    channel (``wait_for_ready``), so a bare UNAVAILABLE is never "could not connect"."""
-    code = exc.code() if hasattr(exc, "code") else None
-    if code is grpc.StatusCode.UNKNOWN:
-        return True
-    no_status = error.reason is None and error.retry_after is None
-    bare = no_status and not getattr(error, "sqlstate", None)
-    return code is grpc.StatusCode.UNAVAILABLE and bare
-
-
 def execute_backoff_or_raise(
     policy: CallPolicy, call: ExecuteCall[Any], exc: grpc.RpcError, attempt: int, deadline: float
 ) -> float:
@@ -371,7 +357,7 @@ def execute_backoff_or_raise(
     and raises `errors.OutcomeUnknown` otherwise, never `errors.Unavailable`; an attempt that
     found the key still held by an earlier one waits and resends."""
     error = errors.from_rpc_error(exc)
-    unknown = outcome_unknown(exc, error)
+    unknown = errors.outcome_unknown(exc, error)
     if not unknown and not (call.idempotent and error.reason == _IN_PROGRESS):
         return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
     backoff = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))

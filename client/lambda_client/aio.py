@@ -101,10 +101,12 @@ class AsyncBrokerClient(ClientBase):
         deferrable: bool = False,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AsyncTransaction:
         """As `BrokerClient.begin`: ``async with await db.begin(...) as tx:``."""
         invoke = open_async_transaction(isolation, read_only, deferrable, Result.from_proto)
         transaction: AsyncTransaction = await self._run(Call(invoke, lambda t: t), context, timeout)
+        transaction.idempotency_key = idempotency_key
         return transaction
 
     async def run_transaction(

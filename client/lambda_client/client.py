@@ -154,14 +154,17 @@ class BrokerClient(ClientBase):
         deferrable: bool = False,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Transaction:
         """Open an interactive transaction on a pooled connection the broker leases to it
         until it ends (`lambda_client.transaction`); use it as ``with db.begin(...) as tx:``.
 
         *timeout* and *context* bound the whole transaction. Raise as `query` when no
-        connection could be leased (retried like a call while nothing ran)."""
+        connection could be leased (retried like a call while nothing ran). With
+        *idempotency_key*, COMMIT records it (`Transaction.commit`)."""
         invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto)
         transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
+        transaction.idempotency_key = idempotency_key
         return transaction
 
     def run_transaction(

@@ -610,3 +610,18 @@ def from_rpc_error(exc: grpc.RpcError) -> Error:
         )
     cls = error_class(code.name if code is not None else "", fields.get("sqlstate"))
     return cls(message, **fields)
+
+
+def outcome_unknown(exc: grpc.RpcError, error: Error) -> bool:
+    """Whether *exc* leaves unknown whether the request ran: the broker said so (UNKNOWN:
+    the database link broke during COMMIT, or gRPC's "stream removed"), or the transport
+    failed after the request went out (UNAVAILABLE without the broker's status: a broker
+    killed mid-call, a connection dead after a freeze, grpc/grpc#11043). Calls wait for the
+    channel (``wait_for_ready``), so a bare UNAVAILABLE is never "could not connect"."""
+    code = exc.code() if hasattr(exc, "code") else None
+    name = getattr(code, "name", "")
+    if name == "UNKNOWN":
+        return True
+    no_status = error.reason is None and error.retry_after is None
+    bare = no_status and not getattr(error, "sqlstate", None)
+    return name == "UNAVAILABLE" and bare

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any
 
 import grpc
@@ -118,3 +119,27 @@ def test_a_bad_key_is_a_bad_request(broker: Any) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         broker.execute(_keyed("x" * 256, "SELECT 1"))
     assert status_of(failure.value).reason == "BAD_REQUEST"
+
+
+def test_an_interactive_commit_with_a_committed_key_rolls_back_and_says_replayed(
+    broker: Any, table: str
+) -> None:
+    import lambda_client as lc
+
+    broker.execute(request(f"CREATE TABLE {table} (id int)"))
+    db = lc.BrokerClient(broker.target, auth=lambda: ())
+    key = f"tx-{uuid.uuid4()}"
+    for _ in range(2):  # the second run is the application's retry after OutcomeUnknown
+        with db.begin(idempotency_key=key) as tx:
+            tx.execute(f"INSERT INTO {table} VALUES (1)")
+    assert tx.committed and tx.replayed
+    assert _count(broker, table) == 1
+    executed = f"ex-{uuid.uuid4()}"
+    broker.execute(_keyed(executed, (f"INSERT INTO {table} VALUES ($1)", [3])))
+    tx = db.begin()
+    tx.execute(f"INSERT INTO {table} VALUES (2)")
+    with pytest.raises(lc.InvalidRequest) as failure:  # an Execute's key is not a COMMIT's
+        tx.commit(idempotency_key=executed)
+    assert failure.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert _count(broker, table) == 2  # the Execute's row; the transaction's was rolled back
+    db.close()
