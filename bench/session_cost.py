@@ -16,13 +16,17 @@ import json
 import random
 import statistics
 import time
+import uuid
 from typing import Any
 
-import lambda_client as lc
+import grpc
+
 from bench.pgbench_runner import initialise, pgbench_binary
 from bench.workloads import Transfer
 from devtools.brokerproc import BrokerProcess
 from devtools.localpg import LocalPostgres
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from lambda_client._requests import query_request, transaction_request
 
 CONFIGS = {
     "baseline": (False, "off"),
@@ -33,13 +37,19 @@ CONFIGS = {
 SCALE = 1
 
 
-def _timed(fn: Any, n: int) -> list[float]:
-    times = []
+def _timed(stub: Any, make: Any, keys: bool, n: int) -> tuple[list[float], list[float]]:
+    """Wall-clock milliseconds per call, and the broker's ``run_us`` (the time the pooled
+    connection was held: Postgres' side only, without the client's and gRPC's noise)."""
+    wall, held = [], []
     for _ in range(n):
+        request = make()
+        if keys:
+            request.idempotency_key = f"cost-{uuid.uuid4()}"
         started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+        response = stub.Execute(request, timeout=30)
+        wall.append((time.perf_counter() - started) * 1000)
+        held.append(response.run_us / 1000)
+    return wall, held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="calls per configuration and round")
     args = parser.parse_args(argv)
     rng = random.Random(7)
+    kinds = ("w2", "w2_held", "select1", "select1_held")
     samples: dict[str, dict[str, list[float]]] = {
-        name: {"w2": [], "select1": []} for name in CONFIGS
+        name: {kind: [] for kind in kinds} for name in CONFIGS
     }
+    w2 = lambda: transaction_request(Transfer.random(rng, SCALE).statements(), None, False, False)  # noqa: E731
+    select1 = lambda: query_request("SELECT 1", None)  # noqa: E731
     with LocalPostgres() as pg:
         initialise(pgbench_binary(pg.bindir), pg.host, pg.port, pg.user, SCALE)
         brokers = {
@@ -65,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(2):
                 for name, (keys, _) in CONFIGS.items():
-                    db = lc.BrokerClient(brokers[name].target, idempotency=keys, auth=lambda: ())
-                    db.query("SELECT 1")  # warm: channel, prepared statements
-                    samples[name]["w2"] += _timed(
-                        lambda db=db: db.transaction(Transfer.random(rng, SCALE).statements()),
-                        args.n,
-                    )
-                    samples[name]["select1"] += _timed(lambda db=db: db.query("SELECT 1"), args.n)
-                    db.close()
+                    channel = grpc.insecure_channel(brokers[name].target)
+                    stub = pb_grpc.BrokerStub(channel)
+                    stub.Execute(select1(), timeout=30)  # warm: channel, prepared statements
+                    for kind, make in (("w2", w2), ("select1", select1)):
+                        wall, held = _timed(stub, make, keys, args.n)
+                        samples[name][kind] += wall
+                        samples[name][kind + "_held"] += held
+                    channel.close()
         finally:
             for broker in brokers.values():
                 broker.close()
