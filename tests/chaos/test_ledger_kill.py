@@ -54,10 +54,14 @@ def ledger(admin: Any) -> Any:
 
 def _transfer(name: str, tid: str, n: int) -> list[Any]:
     src, dst, amount = n % ACCOUNTS + 1, (n * 7 + 3) % ACCOUNTS + 1, n % 97 + 1
+    # The lower account id first, so two transfers never wait on each other's rows in
+    # opposite orders (a deadlock would be the application's error, not the broker's).
+    first, second = sorted([(src, -amount), (dst, amount)])
+    update = f"UPDATE {name}_accounts SET balance = balance + $1 WHERE id = $2"
     return [
         (f"INSERT INTO {name}_transfers VALUES ($1, $2, $3, $4)", [tid, src, dst, amount]),
-        (f"UPDATE {name}_accounts SET balance = balance - $1 WHERE id = $2", [amount, src]),
-        (f"UPDATE {name}_accounts SET balance = balance + $1 WHERE id = $2", [amount, dst]),
+        (update, [first[1], first[0]]),
+        (update, [second[1], second[0]]),
         # A little work inside the transaction, so kills land mid-transaction too.
         ("SELECT pg_sleep(0.005)", []),
     ]
