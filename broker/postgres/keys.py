@@ -53,7 +53,11 @@ log = logging.getLogger("pgbroker.keys")
 MAX_KEY_CHARS = 255  # as Stripe's keys
 TABLE = "pgbroker.idempotency_keys"
 CONSTRAINT = "idempotency_keys_pkey"
-STORE_SQL = f"""CREATE SCHEMA IF NOT EXISTS pgbroker;
+# One simple query is one implicit transaction: the transaction-scoped advisory lock makes
+# the workers and replicas that start together create the store one after the other (two
+# concurrent CREATE … IF NOT EXISTS can fail on each other's catalog rows).
+STORE_SQL = f"""SELECT pg_advisory_xact_lock(7264811963);
+CREATE SCHEMA IF NOT EXISTS pgbroker;
 CREATE TABLE IF NOT EXISTS {TABLE} (
   caller text NOT NULL,
   key text NOT NULL,

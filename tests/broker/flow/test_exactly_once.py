@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -142,4 +144,36 @@ def test_an_interactive_commit_with_a_committed_key_rolls_back_and_says_replayed
         tx.commit(idempotency_key=executed)
     assert failure.value.reason == "IDEMPOTENCY_KEY_REUSED"
     assert _count(broker, table) == 2  # the Execute's row; the transaction's was rolled back
+    db.close()
+
+
+@pytest.fixture
+def unprivileged(admin: Any, postgres: Any) -> Iterator[str]:
+    """A login role that may neither create the store nor use the one that exists."""
+    name = f"eo_plain_{uuid.uuid4().hex[:8]}"
+    admin.run(f"CREATE ROLE {name} LOGIN PASSWORD 'pw-{name}'")
+    # PUBLIC has no CREATE on a database by default: the role cannot make the schema.
+    url = urlsplit(postgres.dsn)
+    yield url._replace(netloc=f"{name}:pw-{name}@{url.hostname}:{url.port}").geturl()
+    admin.run(f"DROP OWNED BY {name}")
+    admin.run(f"DROP ROLE {name}")
+
+
+def test_without_a_usable_store_keyed_requests_are_refused_and_the_client_drops_its_key(
+    start_inproc_broker: Any, unprivileged: str
+) -> None:
+    import lambda_client as lc
+
+    broker = start_inproc_broker(unprivileged, pool_size=1)
+    assert broker.server.service.key_store_error
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(_keyed("k", "CREATE TEMP TABLE x (id int) ON COMMIT DROP", "SELECT 1"))
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(failure.value).reason == "IDEMPOTENCY_UNAVAILABLE"
+    db = lc.BrokerClient(broker.target, auth=lambda: ())
+    db.transaction(["CREATE TEMP TABLE x (id int) ON COMMIT DROP", "SELECT 1"])  # resent keyless
+    assert db.idempotency is False
+    with pytest.raises(lc.OperationalError) as given:  # a key the caller chose is never dropped
+        db.transaction(["CREATE TEMP TABLE x (id int) ON COMMIT DROP"], idempotency_key="mine")
+    assert given.value.reason == "IDEMPOTENCY_UNAVAILABLE"
     db.close()
