@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             for broker in brokers.values():
                 broker.close()
     report: dict[str, Any] = {}
-    for name, kinds in samples.items():
+    for name, by_kind in samples.items():
         report[name] = {
             kind: {
                 "median_ms": round(statistics.median(times), 3),
                 "p90_ms": round(statistics.quantiles(times, n=10)[-1], 3),
             }
-            for kind, times in kinds.items()
+            for kind, times in by_kind.items()
         }
     base = report["baseline"]
     report["added_median_ms"] = {
