@@ -184,7 +184,8 @@ class ClientBase:
     def _plan(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> Plan[T]:
         """Attempt *call* until success, an error that must not be resent, *max_attempts* or
         the deadline (from *context* and *timeout*, `CallPolicy.deadline`); each piece of
-        I/O is a yielded step (`lambda_client._policy`)."""
+        I/O is a yielded step (`lambda_client._policy`). An ``Execute`` with an idempotency
+        key is also resent after an unknown outcome (`execute_backoff_or_raise`)."""
         if call.invoke is None:
             return call.finish(None)
         started = time.monotonic()
