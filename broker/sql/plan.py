@@ -23,6 +23,7 @@ Longer SQL is planned again for each request, still once per request.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +75,9 @@ class StatementPlan:
     # Exactly-once (broker/postgres/keys.py): ``read_only`` is a plain query that writes
     # nothing (no data-modifying CTE, no INTO, no side-effecting built-in), so a keyed
     # request of such statements records no key; ``autocommit_only`` is a statement Postgres
-    # refuses inside a transaction block (VACUUM, … CONCURRENTLY, CREATE DATABASE, CALL of a
-    # procedure that may COMMIT), which therefore runs without a key.
+    # refuses inside a transaction block (VACUUM, … CONCURRENTLY, CREATE DATABASE), or that
+    # may COMMIT itself (CALL; a DO block whose body has the word COMMIT or ROLLBACK, a
+    # conservative reading), which therefore runs without a key.
     read_only: bool = False
     autocommit_only: bool = False
 
@@ -213,6 +215,9 @@ def _read_only(
     return not any(name.startswith(_EFFECTFUL_PREFIXES) for name in calls if name)
 
 
+_TRANSACTION_CONTROL = re.compile(r"\b(commit|rollback)\b", re.IGNORECASE)
+
+
 def _plain_query(stmt: ast.Node | None) -> bool:
     """SELECT, VALUES or SHOW; not SELECT … INTO, which creates a table."""
     if isinstance(stmt, ast.VariableShowStmt):
@@ -231,6 +236,9 @@ def _autocommit_only(stmt: ast.Node | None) -> bool:
         )
     if isinstance(stmt, ast.DropStmt):
         return bool(stmt.concurrent)
+    if isinstance(stmt, ast.DoStmt):  # a DO block may COMMIT (2D000 inside BEGIN)
+        body = " ".join(str(getattr(o.arg, "sval", "")) for o in stmt.args or ())
+        return _TRANSACTION_CONTROL.search(body) is not None
     return isinstance(
         stmt,
         ast.CreatedbStmt
