@@ -172,8 +172,9 @@ class ClientBase:
 
     def _plan(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> Plan[T]:
         """Attempt *call* until success, an error that must not be resent, the attempt bound
-        (`CallPolicy.retry_delay`) or the deadline (from *context* and *timeout*, `CallPolicy.deadline`); each piece of
-        I/O is a yielded step (`lambda_client._policy`)."""
+        (`CallPolicy.retry_delay`) or the deadline (from *context* and *timeout*,
+        `CallPolicy.deadline`); each piece of I/O is a yielded step (`lambda_client._policy`).
+        Raise `errors.InterfaceError` at once when the client has no usable target."""
         if self._unusable is not None:
             raise errors.InterfaceError(self._unusable)
         if call.invoke is None:

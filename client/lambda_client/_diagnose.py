@@ -24,7 +24,9 @@ DEFAULT_TARGET_NOTE = (
     "the broker's address (host:port or dns:///host:port)"
 )
 # "ipv4:127.0.0.1:50051: Socket closed" in gRPC's "last error" text.
-_ADDRESS = re.compile(r"\b(?:ipv4:(?P<v4>[0-9.]+)|ipv6:\[?(?P<v6>[0-9a-fA-F:]+?)\]?):(?P<port>\d+):")
+_ADDRESS = re.compile(
+    r"\b(?:ipv4:(?P<v4>[0-9.]+)|ipv6:\[?(?P<v6>[0-9a-fA-F:]+?)\]?):(?P<port>\d+):"
+)
 
 
 def explain(last_error: str, *, tls: bool, probe_timeout: float = 0.2) -> str:
@@ -71,9 +73,11 @@ def speaks_tls(host: str, port: int, *, timeout: float = 0.2) -> bool:
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])  # gRPC servers refuse a handshake without h2
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host):
-                return True
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
     except (OSError, ssl.SSLError):
         return False
 

@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BROKER_UNREACHABLE",
+    "SAFETY_ATTEMPTS",
     "Call",
     "CallPolicy",
     "Link",
-    "SAFETY_ATTEMPTS",
     "Outcome",
     "Plan",
     "Step",
@@ -140,10 +140,10 @@ class CallPolicy:
             # database that was unreachable before BEGIN).
             if error.reason not in NOTHING_RAN and error.retry_after is None:
                 return None
-        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
-            return None
-        elif attempt >= self.max_attempts:
-            return None
+        elif attempt >= self.max_attempts or not (
+            retry_aborted and isinstance(error, errors.TransactionRollback)
+        ):
+            return None  # a rolled-back transaction is resent only if asked, max_attempts times
         backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
         if error.retry_after is not None:
             return error.retry_after + random.uniform(0, backoff)
