@@ -223,6 +223,8 @@ class BrokerServer:
             raise RuntimeError(f"cannot listen on {settings.listen}")
         # One connection first: an over-budget pool is refused before it opens the rest.
         self.phase = "connecting to the database"
+        # Said before the wait (up to connect_timeout), so a start that seems stuck says why.
+        log.info("connecting to the database", extra={"timeout_s": settings.connect_timeout})
         await self.pool.open(wait="first", timeout=settings.connect_timeout, fill=False)
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
@@ -325,7 +327,12 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
             server.phase,
             extra={"phase": server.phase},
         )
-        return 0
+        # A connection attempt blocked in a pool thread (a database that accepts and never
+        # answers) would hold the interpreter's exit, which joins those threads, for up to
+        # connect_timeout. Nothing was serving and nothing is left to save: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     stopped.cancel()
     if (exc := starting.exception()) is not None:
         await _abandon_start(server)
