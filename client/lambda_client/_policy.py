@@ -294,12 +294,12 @@ def time_left(deadline: float, attempt: int) -> float:
 
 def broker_unreachable(target: str, waited: float, why: str = "") -> errors.Unavailable:
     """The error for a call whose deadline passed before its channel reached the broker: the
-    request never left the client."""
+    request never left the client. *why* is the likely cause and fix, when known."""
     no_port = " (the target has no port, so gRPC uses 443)" if None in target_ports(target) else ""
     return errors.Unavailable(
-        f"broker at {target!r} not reachable within {waited:.3g}s: no connection was ready, "
-        f"or the broker reported NOT_SERVING{no_port}; nothing was sent, so retrying is safe"
-        + (f"; {why}" if why else ""),
+        f"broker at {target!r} not reachable within {waited:.3g}s: "
+        f"{why or 'no connection was ready, or the broker reported NOT_SERVING'}{no_port}; "
+        "nothing was sent, so retrying is safe",
         code=grpc.StatusCode.UNAVAILABLE,
         reason=BROKER_UNREACHABLE,
     )

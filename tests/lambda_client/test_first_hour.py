@@ -225,9 +225,11 @@ def test_retries_are_logged_at_info_with_structured_fields(
 ) -> None:
     full = failure(SC.RESOURCE_EXHAUSTED, "queue full", retry_after=0.01, reason="QUEUE_FULL")
     caplog.set_level(logging.INFO, logger="lambda_client")
-    with standin(full, full) as (target, _):
-        with lc.BrokerClient(target, initial_backoff=0.01, max_backoff=0.02) as client:
-            client.query("SELECT 1")
+    with (
+        standin(full, full) as (target, _),
+        lc.BrokerClient(target, initial_backoff=0.01, max_backoff=0.02) as client,
+    ):
+        client.query("SELECT 1")
     retries = [r for r in caplog.records if r.name == "lambda_client"]
     assert [(r.levelno, r.reason, r.attempt) for r in retries] == [  # type: ignore[attr-defined]
         (logging.INFO, "QUEUE_FULL", 1),
@@ -239,9 +241,13 @@ def test_retries_are_logged_at_info_with_structured_fields(
 
 def test_outcome_unknown_is_logged_at_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lambda_client")
-    with standin(bare(SC.UNKNOWN, "connection lost during COMMIT")) as (target, _):
-        with lc.BrokerClient(target) as client, pytest.raises(lc.OutcomeUnknown):
-            client.query("SELECT 1")
+    unknown = bare(SC.UNKNOWN, "connection lost during COMMIT")
+    with (
+        standin(unknown) as (target, _),
+        lc.BrokerClient(target) as client,
+        pytest.raises(lc.OutcomeUnknown),
+    ):
+        client.query("SELECT 1")
     [record] = [r for r in caplog.records if r.name == "lambda_client"]
     assert record.levelno == logging.WARNING
     assert record.outcome == "unknown"  # type: ignore[attr-defined]
