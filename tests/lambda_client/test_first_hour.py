@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -209,6 +210,33 @@ def test_an_explicit_max_attempts_still_bounds_retries() -> None:
         client.close()
     assert len(script.requests) == 3
     assert "gave up after 3 attempts" in str(error) and "max_attempts reached" in str(error)
+
+
+def test_a_burst_on_a_full_queue_all_succeeds_within_the_deadline(
+    start_broker_process: Any,
+) -> None:
+    """Issue 17's case: callers gave up after 5 attempts with most of their deadline unused.
+    One pooled connection, one queue slot, 40 callers at once (each its own client, as
+    separate Lambdas): every call succeeds."""
+    broker = start_broker_process(pool_size=1, max_waiting=1)
+    results: list[object] = []
+
+    def call() -> None:
+        with lc.BrokerClient(broker.target, timeout=20) as client:
+            try:
+                results.append(client.query("SELECT pg_sleep(0.02), 'done'").rows[0][1])
+            except lc.Error as exc:
+                results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    with lc.BrokerClient(broker.target) as observer:
+        rejected = observer.stats()["rpcs_rejected"]
+    assert results == ["done"] * 40, [r for r in results if r != "done"][:3]
+    assert rejected >= 40  # the queue was full, often: the retries did the work
 
 
 def _failure_of(call: Any) -> lc.Error:
