@@ -61,6 +61,15 @@ def test_stats_with_the_token_works(token_broker: InProcessBroker) -> None:
     assert "pool_size" in proc.stdout
 
 
+def test_the_brokers_tokens_lose_surrounding_whitespace() -> None:
+    from broker.security.tokens import parse_tokens
+
+    expected = {TOKEN: "admin"}
+    assert parse_tokens(f" admin:{TOKEN} \n") == expected
+    assert parse_tokens(f'{{"admin": "{TOKEN}\\n"}}') == expected
+    assert parse_tokens(f'["{TOKEN} "]') == {TOKEN: "token"}
+
+
 # -- 2. health/stats against a TLS broker ------------------------------------------------------
 
 
