@@ -137,8 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class _StoppedAtStart(Exception):
-    """SIGTERM arrived before the broker's own signal handling took over."""
+class _StoppedAtStart(BaseException):
+    """SIGTERM arrived before the broker's own signal handling took over. A BaseException,
+    like KeyboardInterrupt: an ``except Exception`` in a module being imported must not
+    swallow it."""
 
 
 def _stop_at_start(signum: int, frame: object) -> None:

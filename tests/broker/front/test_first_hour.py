@@ -160,9 +160,10 @@ def silent_database() -> Iterator[str]:
         yield f"postgresql://u:p@127.0.0.1:{server.getsockname()[1]}/db?sslmode=disable"
 
 
-def _start(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+def _start(database_url: str, tmp_path: Path, **more: str) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / "broker.log"
     env = {
+        **more,
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PGBROKER_DATABASE_URL": database_url,
         "PGBROKER_LISTEN": "127.0.0.1:0",
@@ -222,4 +223,19 @@ def test_sigterm_while_waiting_for_the_database_exits_0_naming_it(
     finally:
         proc.kill()
     text = log.read_text()
+    assert "stopped during start-up, while connecting to the database" in text, text
+
+
+def test_sigterm_while_workers_start_exits_0_naming_it(
+    silent_database: str, tmp_path: Path
+) -> None:
+    proc, log = _start(silent_database, tmp_path, PGBROKER_WORKERS="2")
+    try:
+        _wait_for(lambda: "connecting to the database" in log.read_text(), 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "stopped during start-up, while starting workers" in text, text
     assert "stopped during start-up, while connecting to the database" in text, text
