@@ -204,10 +204,10 @@ class ClientBase:
                 self._mark_used()
         raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
 
-    def _explain(self, last_error: str) -> str:
-        """Why the broker was not reached (`lambda_client._diagnose.explain`), and that the
-        default target was used when it was."""
-        why = explain(last_error, tls=self.tls)
+    def _explain(self, last_error: str, probe_seconds: float) -> str:
+        """Why the broker was not reached (`lambda_client._diagnose.explain`, probing for
+        at most *probe_seconds*), and that the default target was used when it was."""
+        why = explain(last_error, tls=self.tls, probe_timeout=probe_seconds)
         if self.target_is_default:
             why = f"{why}; {DEFAULT_TARGET_NOTE}" if why else DEFAULT_TARGET_NOTE
         return why

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import time
 
 __all__ = ["DEFAULT_TARGET_NOTE", "explain", "speaks_tls"]
 
@@ -32,7 +33,8 @@ _ADDRESS = re.compile(
 def explain(last_error: str, *, tls: bool, probe_timeout: float = 0.2) -> str:
     """The likely cause of *last_error* (gRPC's last connection error; empty if none) and
     its fix, for a channel with or without *tls*; empty when there is nothing to add. May
-    make one TLS handshake of at most *probe_timeout* seconds (`speaks_tls`)."""
+    make one TLS handshake of at most *probe_timeout* seconds (`speaks_tls`; none when less
+    than 10 ms are left)."""
     text = last_error
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return (
@@ -53,7 +55,7 @@ def explain(last_error: str, *, tls: bool, probe_timeout: float = 0.2) -> str:
         )
     if "handshake" in text.lower():
         return f"TLS handshake failed ({_last(text)}): check PGBROKER_TLS and PGBROKER_TLS_CA_FILE"
-    if not tls and "Socket closed" in text:
+    if not tls and "Socket closed" in text and probe_timeout > 0.01:
         address = _address(text)
         if address is not None and speaks_tls(*address, timeout=probe_timeout):
             return (
@@ -66,18 +68,18 @@ def explain(last_error: str, *, tls: bool, probe_timeout: float = 0.2) -> str:
 
 
 def speaks_tls(host: str, port: int, *, timeout: float = 0.2) -> bool:
-    """Whether a TLS handshake with *host*:*port* completes (any certificate is accepted:
-    this asks which protocol is spoken, not whom to trust)."""
+    """Whether a TLS handshake with *host*:*port* completes within *timeout* seconds in all
+    (any certificate is accepted: this asks which protocol is spoken, not whom to trust)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])  # gRPC servers refuse a handshake without h2
+    ends = time.monotonic() + timeout
     try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return True
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(max(0.001, ends - time.monotonic()))  # the handshake's share
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
     except (OSError, ssl.SSLError):
         return False
 

@@ -243,14 +243,16 @@ class Link:
         timeout: float,
         target: str,
         started: float,
-        explain: Callable[[str], str] | None = None,
+        explain: Callable[[str, float], str] | None = None,
     ) -> Plan[None]:
         """Check the channel (one step); raise `broker_unreachable` if the deadline passes
         first. Any other failure is left to the call itself (which waits for the channel).
 
-        With *explain* (gRPC's last connection error -> cause and fix), the end of *timeout*
-        is kept back to ask the channel why it is not ready (`lambda_client._diagnose`), so
-        the error says "TLS handshake failed: …" rather than only the deadline."""
+        With *explain* (gRPC's last connection error and the seconds it may spend probing ->
+        cause and fix), the end of *timeout* is kept back to ask the channel why it is not
+        ready (`lambda_client._diagnose`), so the error says "TLS handshake failed: …"
+        rather than only the deadline; the call still ends within *timeout*."""
+        ends = time.monotonic() + timeout
         reserve = min(_DIAGNOSIS_SECONDS, timeout / 10) if explain is not None else 0.0
         try:
             yield lambda: self.health_check(b"", timeout=timeout - reserve, wait_for_ready=True)
@@ -259,7 +261,7 @@ class Link:
                 why = ""
                 if explain is not None:
                     last_error = yield from self._last_error(reserve / 2)
-                    why = explain(last_error)
+                    why = explain(last_error, ends - time.monotonic())
                 raise broker_unreachable(target, time.monotonic() - started, why) from exc
         else:
             self.reached = True

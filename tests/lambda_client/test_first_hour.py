@@ -6,6 +6,7 @@ stand-in where the status must be exact (a full queue, an outcome-unknown failur
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import pytest
 import lambda_client as lc
 from devtools.brokerproc import BrokerProcess
 from lambda_client._config import ClientConfig
+from lambda_client.aio import AsyncBrokerClient
 from lambda_client.auth import BearerAuth
 from tests.fixtures.brokers import InProcessBroker
 from tests.fixtures.certs import TestCA
@@ -108,6 +110,18 @@ def test_plaintext_client_against_a_tls_broker_is_told_to_set_pgbroker_tls(
 ) -> None:
     error = _failure(_client(tls_broker.target, {}, timeout=1.5))
     assert isinstance(error, lc.Unavailable)
+    assert "the broker speaks TLS and this client plaintext: set PGBROKER_TLS=1" in str(error)
+
+
+def test_the_asyncio_client_says_the_same(tls_broker: InProcessBroker) -> None:
+    async def call() -> lc.Error:
+        config = ClientConfig.from_env({})
+        async with AsyncBrokerClient(tls_broker.target, timeout=1.5, config=config) as client:
+            with pytest.raises(lc.Error) as caught:
+                await client.query("SELECT 1")
+        return caught.value
+
+    error = asyncio.run(call())
     assert "the broker speaks TLS and this client plaintext: set PGBROKER_TLS=1" in str(error)
 
 
