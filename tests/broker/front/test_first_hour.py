@@ -148,6 +148,32 @@ def test_a_broker_refusal_is_logged_as_such(
     assert record.__dict__["sqlstate"] is None
 
 
+def test_a_lease_ended_by_a_database_error_logs_its_sqlstate(
+    postgres: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import lambda_client as lc
+
+    caplog.set_level(logging.INFO, logger="pgbroker.transact")
+    columns = "id int UNIQUE DEFERRABLE INITIALLY DEFERRED"  # violated at COMMIT
+    with (
+        InProcessBroker(postgres.dsn) as broker,
+        lc.BrokerClient(broker.target) as client,
+        temp_table(postgres, "first_hour", columns) as table,
+        pytest.raises(lc.errors.UniqueViolation),
+        client.begin() as tx,
+    ):
+        tx.query(f"INSERT INTO {table} VALUES (1), (1)")
+    [record] = [r for r in caplog.records if r.getMessage() == "lease ended abnormally"]
+    fields = record.__dict__
+    assert (fields["kind"], fields["sqlstate"], fields["end"]) == (
+        "database error",
+        "23505",
+        "error",
+    )
+    assert fields["statement_index"] == -1  # COMMIT
+    assert "request_id" in fields and "caller" in fields
+
+
 # -- 9. SIGTERM during start-up ----------------------------------------------------------------
 
 
