@@ -60,7 +60,7 @@ def test_a_percent_that_is_no_placeholder_is_a_programming_error(query: str, mes
 
 def test_parameters_must_be_a_sequence_or_a_mapping() -> None:
     for params in ("ab", b"ab", 5, {1, 2}):
-        with pytest.raises(TypeError, match="sequence .* or a mapping"):
+        with pytest.raises(TypeError, match=r"sequence .* or a mapping"):
             bind("SELECT %s", params)  # type: ignore[arg-type]
 
 

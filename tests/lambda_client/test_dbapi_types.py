@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -55,7 +55,7 @@ def roundtrip(cur: dbapi.Cursor, value: Any, cast: str = "") -> Any:
         date(2024, 2, 29),
         time(23, 59, 59, 999999),
         datetime(2024, 1, 2, 3, 4, 5, 6),
-        datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+        datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
         timedelta(days=-3, seconds=5, microseconds=7),
         Interval(months=14, days=3, microseconds=1),
         uuid.UUID("12345678-1234-5678-1234-567812345678"),
