@@ -487,3 +487,31 @@ def test_named_cursor_rules(broker: BrokerProcess) -> None:
         assert cur.fetchall() == [(1,)]
     with pytest.raises(errors.InvalidRequest, match="WITH HOLD"):
         conn.cursor().execute("DECLARE h CURSOR WITH HOLD FOR SELECT 1")
+
+
+def test_executemany_of_big_values_stays_under_the_request_size_limit(
+    broker: BrokerProcess, postgres: Any, admin: pg8000.native.Connection
+) -> None:
+    """40 values of 300 kB (12 MB) exceed the broker's 8 MiB per request: they go as several
+    steps of one Transact stream, still one request in the stats."""
+    with temp_table(postgres, "blobs", "id int, body text") as table:
+        conn = dbapi.connect(broker.target, autocommit=True)
+        body = "x" * 300_000
+        before = stats(broker)
+        conn.cursor().executemany(
+            f"INSERT INTO {table} VALUES (%s, %s)", [(i, body) for i in range(40)]
+        )
+        after = stats(broker)
+        assert count(admin, table) == 40
+        assert after["leases_num"] - before["leases_num"] == 1
+        assert after["rpcs_num"] == before["rpcs_num"]
+
+
+def test_executemany_chunks() -> None:
+    from lambda_client.dbapi._connection import _chunks
+
+    sets = [[i] for i in range(10)]
+    assert [len(c) for c in _chunks("q", sets, 4, 10**6)] == [4, 4, 2]
+    assert [len(c) for c in _chunks("q", [["x" * 100]] * 5, 100, 250)] == [2, 2, 1]
+    assert [len(c) for c in _chunks("q", [["x" * 1000]] * 2, 100, 10)] == [1, 1]  # never empty
+    assert _chunks("q", [], 4, 10) == [[]]
