@@ -288,6 +288,13 @@ def test_a_failed_statement_aborts_the_transaction_until_rollback(
         cur.execute("SELECT 1")
     conn.rollback()
     assert one(conn, f"SELECT count(*) FROM {items}") == (0,)
+    cur.execute("SELECT 1")
+    with pytest.raises(dbapi.ProgrammingError):
+        cur.execute("SELECT * FROM no_such_table")
+    with pytest.raises(dbapi.ProgrammingError, match="no results"):  # not the earlier row
+        cur.fetchall()
+    assert cur.description is None and cur.rowcount == -1
+    conn.rollback()
 
 
 def test_context_manager_commits_or_rolls_back_and_closes(

@@ -75,6 +75,7 @@ class Cursor:
         bad placeholder or parameter, a `DatabaseError` subclass for a Postgres error."""
         self._check_open()
         sql, values = bind(query, params)
+        self._reset()  # a failed statement leaves no earlier rows behind
         with _parameter_errors():
             result = self.connection._execute(sql, values)
         self._set_result(result)
@@ -245,6 +246,7 @@ class ServerCursor(Cursor):
             (f"DECLARE {self._quoted} NO SCROLL CURSOR WITHOUT HOLD FOR {sql}", values),
             self._fetch_sql("0"),
         ]
+        self._reset()
         with _parameter_errors():
             results = connection._transaction().pipeline(statements)
         self._declared, self._done = True, False
