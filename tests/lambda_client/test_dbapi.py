@@ -90,6 +90,12 @@ def test_dbname_is_checked_against_the_database_the_broker_serves(
         dbapi.connect(broker.target, dbname="elsewhere")
 
 
+@pytest.mark.parametrize("target", ["127.0.0.1:50051/app", "dns:///broker.internal:50051/app"])
+def test_a_target_naming_a_database_is_refused_clearly(target: str) -> None:
+    with pytest.raises(ValueError, match=r"ends with a path \('/app'\).*dbname="):
+        dbapi.connect(target)
+
+
 # -- parameter styles ---------------------------------------------------------------------
 
 
