@@ -366,6 +366,8 @@ def test_a_transaction_the_broker_ended_fails_until_rollback(conn: dbapi.Connect
         cur.execute("SELECT 1")
     with pytest.raises(errors.InFailedSqlTransaction, match="rollback"):
         cur.execute("SELECT 1")
+    with pytest.raises(errors.InFailedSqlTransaction), conn.transaction():
+        pass  # no savepoint in a transaction that is gone
     conn.rollback()
     assert one(conn, "SELECT 2") == (2,)
     conn.rollback()
@@ -485,7 +487,13 @@ def test_a_named_cursor_fetches_in_chunks_within_the_transaction(conn: dbapi.Con
     cur.execute("SELECT %s::text", ["again"])  # redeclared under the same name
     assert cur.fetchall() == [("again",)]
     cur.close()
+    cur = conn.cursor("ends_with_commit")
+    cur.execute("SELECT 1")
     conn.commit()
+    with pytest.raises(dbapi.ProgrammingError, match="ended with the transaction"):
+        cur.fetchone()
+    assert not conn.in_transaction  # no transaction opened just to fail
+    cur.close()
 
 
 def test_named_cursor_rules(broker: BrokerProcess) -> None:

@@ -282,7 +282,7 @@ class Connection:
         lease is held only for the block."""
         self._check_open()
         if self._tx is not None:
-            with self._tx.savepoint():
+            with self._transaction().savepoint():  # refused if the broker ended it
                 yield self
             return
         self._begin()

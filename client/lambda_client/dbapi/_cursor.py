@@ -21,6 +21,7 @@ from lambda_client.dbapi._pyformat import bind
 
 if TYPE_CHECKING:
     from lambda_client.dbapi._connection import Connection
+    from lambda_client.transaction import Transaction
 
 __all__ = ["Column", "Cursor", "ServerCursor"]
 
@@ -223,6 +224,7 @@ class ServerCursor(Cursor):
         self.name = name
         self._quoted = '"' + name.replace('"', '""') + '"'
         self._declared = False
+        self._declared_in: Transaction | None = None  # the transaction it lives in
         self._done = False
         # Each declaration's FETCH text is unique: the broker caches prepared statements by
         # text per pooled connection, with the columns of the cursor they were prepared for.
@@ -247,9 +249,10 @@ class ServerCursor(Cursor):
             self._fetch_sql("0"),
         ]
         self._reset()
+        tx = connection._transaction()
         with _parameter_errors():
-            results = connection._transaction().pipeline(statements)
-        self._declared, self._done = True, False
+            results = tx.pipeline(statements)
+        self._declared, self._done, self._declared_in = True, False, tx
         self._set_result(results[-1])
         self.rowcount = 0
         return self
@@ -264,6 +267,11 @@ class ServerCursor(Cursor):
         self._check_result()
         if self._done or size == 0:
             return []
+        if self.connection._tx is not self._declared_in:
+            raise errors.ProgrammingError(
+                f"server-side cursor {self.name!r} ended with the transaction it was declared "
+                "in (a WITHOUT HOLD cursor): fetch before commit() or rollback()"
+            )
         count = "ALL" if size is None else str(max(size, 0))
         result = self.connection._transaction().query(self._fetch_sql(count))
         rows = result.rows
@@ -278,7 +286,7 @@ class ServerCursor(Cursor):
         if self._closed:
             return
         tx = self.connection._tx
-        if self._declared and tx is not None and not tx.closed and not self.connection.closed:
+        if self._declared and tx is self._declared_in and tx is not None and not tx.closed:
             # A failed transaction has dropped the cursor already.
             with contextlib.suppress(errors.DatabaseError):
                 tx.execute(f"CLOSE {self._quoted}")
