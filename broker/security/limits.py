@@ -214,11 +214,12 @@ class InflightLimiter:
 def caller_key(caller: str | None, function: str | None) -> str | None:
     """The identity a request queues and is counted as: the authenticated caller (its ARN, or
     ``kind:name``) and the Lambda function (``x-lambda-function-name``), as
-    ``caller|function``; None when neither is known (``PGBROKER_AUTH=none`` and no function
+    ``caller|function`` (``|function`` without authentication), or just the caller when no
+    function name was sent; None when neither is known (``PGBROKER_AUTH=none`` and no function
     name), which is not limited and shares one queue."""
-    if caller is None and function is None:
-        return None
-    return f"{caller or ''}|{function or ''}"
+    if function is None:
+        return caller
+    return f"{caller or ''}|{function}"
 
 
 MAX_QUEUE_WEIGHT = 1000
@@ -261,7 +262,7 @@ class QueueWeights:
         """The weight of caller key *key* (1 when no entry matches, or for None)."""
         if key is None or not self.entries:
             return 1.0
-        caller, _, function = key.rpartition("|")
+        caller, _, function = key.rpartition("|") if "|" in key else (key, "", "")
         for pattern, weight in self.entries:
             if any(fnmatch.fnmatchcase(part, pattern) for part in (function, caller, key)):
                 return weight
