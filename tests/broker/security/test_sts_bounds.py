@@ -258,5 +258,6 @@ def test_valid_first_call_is_not_queued_behind_a_forged_flood(
     print(
         f"\nvalid first call: unloaded {unloaded * 1000:.0f} ms, under a forged flood"
         f" {loaded * 1000:.0f} ms ({loaded / unloaded:.2f}x); STS calls {len(post.keys)},"
-        f" throttled {gate.throttled}"
+        f" throttled {gate.throttled} (flood, server and moto share this process; for times"
+        " with each in its own process run devtools/stsflood.py)"
     )
