@@ -9,6 +9,7 @@ through gRPC.
 from __future__ import annotations
 
 import asyncio
+import queue
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from broker.config import parse_database_url
 from broker.pooling.pool import Pool, QueueTimeout, ServerConnection
 from broker.postgres.pg import connect
 from broker.security.limits import QueueWeights, caller_key
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._status import FUNCTION_NAME_KEY
 from tests.support import request, rows, status_of, wait_until
 
@@ -262,3 +264,36 @@ def test_inflight_cap_counts_per_function(
     assert rows(other.result().results[0]) == [(1,)]
     for future in held:
         future.result()
+
+
+def test_transact_lease_queues_fairly_behind_another_functions_flood(
+    start_inproc_broker: Any, admin: pg8000.native.Connection, sequence: str
+) -> None:
+    broker = start_inproc_broker(pool_size=2)
+    # Each of A's requests holds its connection 50 ms once the lock is free, so a few
+    # milliseconds between B's BEGIN and its first statement let at most one more A in.
+    sql = f"SELECT pg_advisory_xact_lock_shared({LOCK_KEY}), nextval('{sequence}'), pg_sleep(0.05)"
+    requests: queue.SimpleQueue[pb.TransactRequest | None] = queue.SimpleQueue()
+    stream = broker.stub().Transact(
+        iter(requests.get, None), timeout=60, metadata=((FUNCTION_NAME_KEY, "fn-b"),)
+    )
+    admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+    try:
+        flood = [_send(broker, sql, "fn-a") for _ in range(50)]
+        wait_until(lambda: broker.stats()["requests_waiting"] == 48, what="A's flood to queue")
+        requests.put(pb.TransactRequest(begin=pb.TransactionOptions()))
+        wait_until(lambda: broker.stats()["requests_waiting"] == 49, what="B's BEGIN to queue")
+    finally:
+        admin.run("SELECT pg_advisory_unlock_all()")
+    assert next(stream).WhichOneof("step") == "begun"
+    step = pb.TransactRequest.Execute()
+    step.statements.add(sql=f"SELECT nextval('{sequence}')")
+    requests.put(pb.TransactRequest(execute=step))
+    turn_b = rows(next(stream).executed.results[0])[0][0]
+    requests.put(pb.TransactRequest(commit=pb.TransactRequest.Commit()))
+    next(stream)
+    requests.put(None)
+    for future in flood:
+        future.result()
+    # FIFO would lease B's connection after all 50 of A's (turn 51).
+    assert turn_b <= 2 + 2 + 1, turn_b
