@@ -297,3 +297,29 @@ def test_transact_lease_queues_fairly_behind_another_functions_flood(
         future.result()
     # FIFO would lease B's connection after all 50 of A's (turn 51).
     assert turn_b <= 2 + 2 + 1, turn_b
+
+
+def test_broker_weights_shift_the_share_and_keep_fifo_within_a_function(
+    start_inproc_broker: Any, admin: pg8000.native.Connection, sequence: str
+) -> None:
+    broker = start_inproc_broker(pool_size=1, queue_weights="fn-a=3")
+    sql = f"SELECT pg_advisory_xact_lock_shared({LOCK_KEY}), nextval('{sequence}')"
+    admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+    sent: list[tuple[str, Any]] = []
+    try:
+        sent.append(("hold", _send(broker, sql, "fn-hold")))
+        wait_until(lambda: broker.stats()["pool_active"] == 1, what="the connection taken")
+        # One at a time, so the order each function's requests queued in is known.
+        for i in range(80):
+            function = "fn-a" if i % 2 == 0 else "fn-b"
+            sent.append((function, _send(broker, sql, function)))
+            wait_until(lambda i=i: broker.stats()["requests_waiting"] == i + 1)
+    finally:
+        admin.run("SELECT pg_advisory_unlock_all()")
+    turns = [(rows(f.result().results[0])[0][1], function) for function, f in sent]
+    queued = sorted(turn for turn in turns if turn[1] != "hold")
+    first_40 = [function for _, function in queued[:40]]
+    assert 29 <= first_40.count("fn-a") <= 31, first_40  # weight 3 to 1: three turns in four
+    for function in ("fn-a", "fn-b"):
+        mine = [turn for turn, f in turns if f == function]  # in the order they queued
+        assert mine == sorted(mine), (function, mine)
