@@ -261,3 +261,18 @@ def test_valid_first_call_is_not_queued_behind_a_forged_flood(
         f" throttled {gate.throttled} (flood, server and moto share this process; for times"
         " with each in its own process run devtools/stsflood.py)"
     )
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.3.7:50122", "ipv4:10.0.3.7"),
+        ("ipv6:[::1]:50122", "ipv6:[::1]"),
+        ("ipv6:[2001:db8::5]:443", "ipv6:[2001:db8::5]"),
+        ("unix:/tmp/broker.sock", "unix:/tmp/broker.sock"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_source_is_the_peer_address_without_its_port(peer: str | None, host: str) -> None:
+    assert peer_host(peer) == host
