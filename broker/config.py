@@ -433,10 +433,16 @@ class Settings:
     max_inflight_per_caller: int = setting(
         integer,
         DERIVED,
-        "running + queued requests of one identity, iam or token (0: no limit)",
+        "running + queued requests of one identity and Lambda function (0: no limit)",
         check=at_least(0),
         derive=_half_of_admitted,
         shown_default="half of `pool_size + max_waiting` ({})",
+    )
+    queue_weights: str = setting(
+        stripped,
+        "",
+        "share of queued turns per caller when several wait: JSON or `pattern=weight,…` over"
+        " function names or identities (`*` patterns; others weigh 1)",
     )
     aws_region: str = setting(
         stripped,
@@ -618,6 +624,15 @@ def _check_role_map(settings: Settings, r: _Resolver) -> None:
         r.problems.append(str(exc))
 
 
+def _check_queue_weights(settings: Settings, r: _Resolver) -> None:
+    from broker.security.limits import QueueWeights
+
+    try:
+        QueueWeights.parse(settings.queue_weights)
+    except ValueError as exc:
+        r.problems.append(str(exc))
+
+
 def _check_authenticator(settings: Settings, r: _Resolver) -> None:
     if settings.auth not in ("iam", "token"):
         return
@@ -641,6 +656,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_auth_listen,
     _check_tls,
     _check_role_map,
+    _check_queue_weights,
     _check_authenticator,
     _check_database_credentials,
 )

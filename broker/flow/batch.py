@@ -87,6 +87,8 @@ class Batch:
     # Each statement's parameters already bound (`broker.postgres.params.bind_params`), or None to
     # bind them on the worker.
     bound: Sequence[Bound] | None = None
+    # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
+    queue_key: str | None = None
 
     @property
     def explicit(self) -> bool:
@@ -378,7 +380,7 @@ async def execute(
     attempt_no = 0
     while True:
         attempt_no += 1
-        conn = await pool.getconn(deadline)
+        conn = await pool.getconn(deadline, key=batch.queue_key)
         checked_out = time.monotonic()
         try:
             results = await _run_on(pool, conn, batch, deadline, statement_timeout)

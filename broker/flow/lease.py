@@ -1,7 +1,8 @@
 """A pooled connection leased to one interactive transaction (``Broker.Transact``); no gRPC.
 
-A lease is taken exactly as a batch takes its connection (`Pool.getconn`: FIFO, ``max_waiting``,
-``queue_timeout``, the caller's deadline; checked again before BEGIN). BEGIN carries the
+A lease is taken exactly as a batch takes its connection (`Pool.getconn`: fair queuing by
+caller key, FIFO within one, ``max_waiting``, ``queue_timeout``, the caller's deadline;
+checked again before BEGIN). BEGIN carries the
 batch's options (isolation, read only, deferrable, ``SET LOCAL`` statement_timeout,
 application_name and the mapped role: `broker.flow.batch`). Each `Lease.execute` then runs its
 statements pipelined on a worker thread (`PgConnection.run_many`), so between steps the lease
@@ -191,7 +192,7 @@ class Lease:
         """
         arrived = time.monotonic()
         for attempt_no in range(1, MAX_ATTEMPTS + 1):
-            conn = await pool.getconn(bounds.deadline)
+            conn = await pool.getconn(bounds.deadline, key=options.queue_key)
             lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
             error: BaseException | None = None
             try:

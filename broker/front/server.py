@@ -38,7 +38,7 @@ from broker.security import tls
 from broker.security.auth import authenticator_for_settings
 from broker.security.gate import AuthGate
 from broker.security.identity import AuthStats
-from broker.security.limits import Limits
+from broker.security.limits import Limits, QueueWeights
 from broker.security.roles import RoleMap
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -160,6 +160,7 @@ class BrokerServer:
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
+            weights=QueueWeights.parse(settings.queue_weights),
         )
         # Caller authentication (broker/security/): Broker methods only; health stays open.
         self.auth_stats = AuthStats()

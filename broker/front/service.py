@@ -69,7 +69,13 @@ from broker.front.status import failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, current_identity
-from broker.security.limits import InflightLimiter, Limits, check_request, check_results
+from broker.security.limits import (
+    InflightLimiter,
+    Limits,
+    caller_key,
+    check_request,
+    check_results,
+)
 from broker.security.roles import RoleMap
 from broker.sql.plan import RequestPlan, plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -176,6 +182,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             deadline = started + self.pool.queue_timeout + self.statement_timeout
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
+        # Queued fairly and counted by the in-flight cap per identity and function.
+        key = caller_key(caller, function)
         try:
             plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
@@ -189,8 +197,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 role=role,
                 audit_session=self._audit(plan),
                 bound=bound,
+                queue_key=key,
             )
-            with self.inflight.hold(caller):
+            with self.inflight.hold(key):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
             check_results(outcome.results, self.limits)
         except Exception as exc:

@@ -36,7 +36,7 @@ from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
 from broker.front.service import BrokerService, _lambda_metadata, validate
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
-from broker.security.limits import LimitExceeded, check_results
+from broker.security.limits import LimitExceeded, caller_key, check_results
 from broker.sql.plan import RequestPlan
 from lambda_client import _status
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -106,6 +106,8 @@ class _Call:
         identity = current_identity.get()
         self.identity = identity
         self.caller = str(identity) if identity is not None and identity.kind != "none" else None
+        # Queued fairly and counted by the in-flight cap per identity and function.
+        self.key = caller_key(self.caller, self.function)
         remaining = context.time_remaining()
         self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.lease: Lease | None = None
@@ -113,7 +115,7 @@ class _Call:
     async def run(self) -> AsyncIterator[pb.TransactResponse]:
         """The responses; the lease is released (and counted, and logged if abnormal) on the
         way out, whatever happened."""
-        with self.service.inflight.hold(self.caller):
+        with self.service.inflight.hold(self.key):
             first = await self._next(None)
             if first.WhichOneof("step") != "begin":
                 raise StepRefused("the first request of a Transact stream must be begin")
@@ -215,6 +217,7 @@ class _Call:
             deferrable=options.deferrable,
             application_name=application_name(self.function, self.request_id),
             role=role_map.role_for(self.identity) if role_map is not None else None,
+            queue_key=self.key,
         )
 
     def _bounds(self) -> LeaseBounds:

@@ -13,6 +13,7 @@ variable                            default      checked
 ``PGBROKER_MAX_RESULT_ROWS``        1000000      rows of all results of one request
 ``PGBROKER_MAX_RESULT_BYTES``       32 MiB       encoded size of all results of one request
 ``PGBROKER_MAX_INFLIGHT_PER_CALLER`` (*)         running + queued requests of one identity
+                                                 and Lambda function (`caller_key`)
 ==================================  ===========  ==========================================
 
 (*) half of ``PGBROKER_POOL_SIZE + PGBROKER_MAX_WAITING`` (1010 with the defaults), so one
@@ -27,12 +28,17 @@ Result limits are checked once the transaction has finished, because the broker 
 (ErrorInfo metadata ``completed=true``) but its result is not sent. Page instead:
 ``WHERE id > $1 ORDER BY id LIMIT 1000``.
 
-The in-flight limit applies to authenticated identities (iam, token); with ``none`` every
-caller is the same ``anonymous`` and ``PGBROKER_MAX_WAITING`` already bounds the queue.
+The in-flight limit counts per identity (iam, token) and Lambda function name (the
+``x-lambda-function-name`` metadata the client sends), so one function cannot take another's
+share; with ``none`` and no function name every caller is the same ``anonymous`` and
+``PGBROKER_MAX_WAITING`` already bounds the queue. The same key orders the pool's queue
+(`QueueWeights`, broker/pooling/fairqueue.py).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +47,15 @@ from broker.configvalues import MIB
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
-__all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
+__all__ = [
+    "InflightLimiter",
+    "LimitExceeded",
+    "Limits",
+    "QueueWeights",
+    "caller_key",
+    "check_request",
+    "check_results",
+]
 
 # Postgres' Bind message counts parameters in an Int16.
 POSTGRES_MAX_PARAMS = 65_535
@@ -192,3 +206,77 @@ class InflightLimiter:
 
     def in_flight(self, key: str) -> int:
         return self._counts.get(key, 0)
+
+
+# -- fair queuing: who a request is queued as, and with what weight ------------------------------
+
+
+def caller_key(caller: str | None, function: str | None) -> str | None:
+    """The identity a request queues and is counted as: the authenticated caller (its ARN, or
+    ``kind:name``) and the Lambda function (``x-lambda-function-name``), as
+    ``caller|function`` (``|function`` without authentication), or just the caller when no
+    function name was sent; None when neither is known (``PGBROKER_AUTH=none`` and no function
+    name), which is not limited and shares one queue."""
+    if function is None:
+        return caller
+    return f"{caller or ''}|{function}"
+
+
+MAX_QUEUE_WEIGHT = 1000
+
+
+@dataclass(frozen=True)
+class QueueWeights:
+    """``PGBROKER_QUEUE_WEIGHTS``: ordered (pattern, weight) entries; a caller key no pattern
+    matches weighs 1. A pattern (``*`` and ``?`` wildcards, case-sensitive) is matched against
+    the key's function name, then its caller (ARN or ``kind:name``), then the whole key
+    (`caller_key`); the first matching entry wins."""
+
+    entries: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> QueueWeights:
+        """The weights from JSON (``{"fn-a": 2, "report-*": 0.5}``) or ``pattern=weight,…``.
+
+        Raise ValueError (one line) for malformed text or a weight that is not a number in
+        (0, 1000]."""
+        text = text.strip()
+        items: list[tuple[str, object]] = []
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"PGBROKER_QUEUE_WEIGHTS is not valid JSON ({exc.msg})") from None
+            items = [(str(k).strip(), v) for k, v in data.items()]
+        elif text:
+            for item in text.split(","):
+                pattern, sep, weight = item.partition("=")
+                if not sep or not pattern.strip() or not weight.strip():
+                    raise ValueError(
+                        f"PGBROKER_QUEUE_WEIGHTS entry {item.strip()!r} is not pattern=weight"
+                    )
+                items.append((pattern.strip(), weight.strip()))
+        return cls(tuple((pattern, _weight(pattern, value)) for pattern, value in items))
+
+    def weight_for(self, key: str | None) -> float:
+        """The weight of caller key *key* (1 when no entry matches, or for None)."""
+        if key is None or not self.entries:
+            return 1.0
+        caller, _, function = key.rpartition("|") if "|" in key else (key, "", "")
+        for pattern, weight in self.entries:
+            if any(fnmatch.fnmatchcase(part, pattern) for part in (function, caller, key)):
+                return weight
+        return 1.0
+
+
+def _weight(pattern: str, value: object) -> float:
+    try:
+        weight = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not 0 < weight <= MAX_QUEUE_WEIGHT:  # also false for NaN
+        raise ValueError(
+            f"PGBROKER_QUEUE_WEIGHTS: the weight of {pattern!r} must be a number in"
+            f" (0, {MAX_QUEUE_WEIGHT}], not {value!r}"
+        )
+    return weight
