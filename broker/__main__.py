@@ -137,24 +137,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _StoppedAtStart(BaseException):
+    """SIGTERM arrived before the broker's own signal handling took over. A BaseException,
+    like KeyboardInterrupt: an ``except Exception`` in a module being imported must not
+    swallow it."""
+
+
+def _stop_at_start(signum: int, frame: object) -> None:
+    raise _StoppedAtStart
+
+
 def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
     """Serve; with ``--workers N`` > 1 start N worker processes instead (broker/front/workers.py),
-    unless this process is one of them."""
+    unless this process is one of them.
+
+    SIGTERM at any point of start-up exits 0 with a line saying what it stopped: until
+    `broker.front.server.serve` or the supervisor handles signals itself (a container stopped
+    while the broker loads its modules must not exit 143 with an empty log)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop_at_start)
+    phase = "reading the configuration"
     try:
         settings = load_settings(flags)
+        phase = "loading modules"
+        from broker.front.server import serve, setup_logging  # grpc import only when serving
+        from broker.front.workers import supervise, worker_role
+
+        logger = setup_logging(settings.log_level)
+        role = worker_role(settings) if settings.workers > 1 else None
+        if role is not None:
+            logger.append_keys(worker=role.index)  # on every line, modules' loggers included
+        phase = "starting"
+        if settings.workers > 1 and role is None:
+            return supervise(settings, argv)
+        return asyncio.run(serve(settings, role))
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
         return 2
-    from broker.front.server import serve, setup_logging  # grpc import only when serving
-    from broker.front.workers import supervise, worker_role
-
-    logger = setup_logging(settings.log_level)
-    role = worker_role(settings) if settings.workers > 1 else None
-    if role is not None:
-        logger.append_keys(worker=role.index)  # on every line, modules' loggers included
-    if settings.workers > 1 and role is None:
-        return supervise(settings, argv)
-    return asyncio.run(serve(settings, role))
+    except _StoppedAtStart:
+        print(
+            json.dumps(
+                {
+                    "level": "INFO",
+                    "message": f"SIGTERM while {phase}: start-up stopped, nothing was serving",
+                    "service": "pgbroker",
+                }
+            ),
+            flush=True,
+        )
+        return 0
 
 
 def _target(explicit: str | None) -> str:
@@ -185,7 +217,12 @@ def _stats(target: str, timeout: float, as_json: bool) -> int:
                 pb.GetStatsRequest(), timeout=timeout, metadata=_auth_metadata(target)
             )
     except grpc.RpcError as exc:
-        print(f"pgbroker: cannot get stats from {target}: {exc.code().name}", file=sys.stderr)
+        hint = _failure_hint(exc)
+        print(
+            f"pgbroker: cannot get stats from {target}: {exc.code().name}"
+            + (f": {hint}" if hint else ""),
+            file=sys.stderr,
+        )
         return 1
     stats = dict(sorted(reply.stats.items()))
     if as_json:
@@ -208,6 +245,8 @@ def _health(target: str, timeout: float) -> int:
             )
     except grpc.RpcError as exc:
         print(f"NOT_SERVING ({exc.code().name})")
+        if hint := _failure_hint(exc):
+            print(f"pgbroker: {target}: {hint}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
@@ -220,23 +259,52 @@ def _channel(target: str) -> Any:
     (else the certificate itself), with the client certificate of
     ``PGBROKER_TLS_CLIENT_CERT_FILE``/``_KEY_FILE`` for mTLS; the name checked is
     ``PGBROKER_TLS_SERVER_NAME`` when set (the certificate is for a DNS name, not 127.0.0.1).
-    Each variable holds a path or the PEM text itself. Raise `TlsConfigError` naming the
-    variable of an unusable PEM."""
+    Without ``PGBROKER_TLS_CERT``, TLS as ``PGBROKER_TLS`` says. Each variable holds a path
+    or the PEM text itself. Raise `TlsConfigError` naming the variable of an unusable PEM."""
     from broker.security.tls import TlsConfigError
-    from lambda_client._config import ClientConfig, ConfigError, Pem, open_channel
+    from lambda_client._config import ConfigError, Pem, open_channel
 
-    config = ClientConfig.from_env()
+    config = _cli_config()
     server_cert = lookup("tls_cert")  # the broker's own setting, read as the broker reads it
     if server_cert:
         config = config.replace(
             tls=True, tls_ca=config.tls_ca or Pem("PGBROKER_TLS_CERT", server_cert)
         )
-    else:
-        config = config.replace(tls=False)
+    # else: TLS only when the client's PGBROKER_TLS asks for it (a broker elsewhere)
     try:
         return open_channel(target, config)
     except ConfigError as exc:
         raise TlsConfigError(str(exc)) from None
+
+
+def _cli_config() -> Any:
+    """The client configuration these commands use (`lambda_client._config.ClientConfig`)."""
+    from lambda_client._config import ClientConfig
+
+    return ClientConfig.from_env()
+
+
+def _failure_hint(exc: Any) -> str:
+    """What to do about a failed admin call: the variable to set for UNAUTHENTICATED, the
+    likely cause of a connection that never became ready (TLS mismatch, an untrusted
+    certificate, nothing listening: `lambda_client._diagnose.explain`)."""
+    import grpc
+
+    from lambda_client._diagnose import explain
+
+    code = exc.code()
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            "the broker requires credentials: set PGBROKER_AUTH=token with PGBROKER_TOKEN "
+            "(one of the broker's PGBROKER_TOKENS), or PGBROKER_AUTH=iam with AWS credentials"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return "the credentials are valid but not allowed to ask: " + (exc.details() or "")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        config = _cli_config()
+        tls = bool(lookup("tls_cert")) or config.tls
+        return explain(exc.details() or "", tls=tls)
+    return ""
 
 
 def _auth_metadata(target: str) -> Sequence[tuple[str, str]]:

@@ -26,7 +26,8 @@ __all__ = ["instructions", "main"]
 
 
 def instructions(target: str, database: DemoDatabase) -> str:
-    """How to call the broker at *target*: client library, example handler, grpcurl."""
+    """How to call the broker at *target*: one query by hand (``python -m lambda_client``),
+    client library, example handler, then grpcurl (often not installed)."""
     q = "'"
     execute = json.dumps(
         {
@@ -40,6 +41,10 @@ def instructions(target: str, database: DemoDatabase) -> str:
 pgbroker is serving on {target} (auth: none, loopback only)
 database: {database.describe()}
 
+One query by hand (like psql -c; --json for JSON):
+  PGBROKER_URL={target} .venv/bin/python -m lambda_client \
+    "SELECT id, balance FROM accounts WHERE id = $1::int" 1
+
 From Python, with the client library:
   PGBROKER_URL={target} .venv/bin/python -c {q}from lambda_client import BrokerClient; \\
 print(BrokerClient().query("SELECT now(), $1::text", ["hello"]).one()){q}
@@ -49,7 +54,7 @@ The example Lambda handler (tables created, accounts 1..100 funded):
 from devtools.lambda_context import FakeLambdaContext; \\
 print(handler({{"from": 1, "to": 2, "amount": "10.00"}}, FakeLambdaContext())){q}
 
-From grpcurl (server reflection is on):
+From grpcurl, if installed (server reflection is on):
   grpcurl -plaintext {target} list
   grpcurl -plaintext -d {q}{execute}{q} \\
     {target} pgbroker.v1.Broker/Execute

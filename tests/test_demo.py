@@ -90,6 +90,16 @@ def test_make_run_serves_the_example_handler_and_stops_everything_on_sigterm() -
         target = _read_until(proc, r"serving on (127\.0\.0\.1:\d+)", timeout=60)[1]
         data_dir = _read_until(proc, r"data in (\S+)", timeout=5)[1]
         assert Path(data_dir).is_dir()
+        # One query by hand comes first, grpcurl (often not installed) after it.
+        _read_until(proc, r"python -m lambda_client", timeout=5)
+        _read_until(proc, r"grpcurl", timeout=5)
+        by_hand = subprocess.run(
+            [sys.executable, "-m", "lambda_client",
+             "SELECT id, balance FROM accounts WHERE id = $1::int", "1"],
+            cwd=ROOT, env={**_env(), "PGBROKER_URL": target}, capture_output=True,
+            text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert by_hand.stdout.splitlines()[-1] == "(1 row)", by_hand.stdout
         with BrokerClient(target, tls=False, timeout=10) as client:
             assert client.query("SELECT $1::int + 1", [41]).scalar() == 42
         out = subprocess.run(

@@ -139,6 +139,7 @@ class BrokerServer:
         self.settings = settings
         self.worker = worker
         self.port = 0
+        self.phase = "created"  # what start() is doing, for a SIGTERM during it
         # Credentials from the URL, a Secrets Manager secret or RDS IAM
         # (broker/postgres/credentials.py).
         self.credentials = credentials_for(settings)
@@ -210,8 +211,10 @@ class BrokerServer:
         ``connect_timeout`` seconds, RuntimeError if the address cannot be bound.
         """
         settings = self.settings
+        self.phase = "building the server"
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.phase = f"binding {settings.listen}"
         credentials = tls.server_credentials(settings)
         if credentials is not None:
             self.port = self.server.add_secure_port(settings.listen, credentials)
@@ -220,11 +223,15 @@ class BrokerServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
         # One connection first: an over-budget pool is refused before it opens the rest.
+        self.phase = "connecting to the database"
+        # Said before the wait (up to connect_timeout), so a start that seems stuck says why.
+        log.info("connecting to the database", extra={"timeout_s": settings.connect_timeout})
         await self.pool.open(wait="first", timeout=settings.connect_timeout, fill=False)
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
         self._learn_builtin_functions()
         self.pool.fill()
+        self.phase = "starting the gRPC server"
         await self.server.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
@@ -306,15 +313,40 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await server.pool.close()
-        with contextlib.suppress(Exception):
-            await server.server.stop(0)
+    # A signal during start-up (waiting for the database may take connect_timeout) stops
+    # the start at once rather than after it.
+    starting = asyncio.create_task(server.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await _abandon_start(server)
+        log.info(
+            "stopped during start-up, while %s; nothing was serving",
+            server.phase,
+            extra={"phase": server.phase},
+        )
+        # A connection attempt blocked in a pool thread (a database that accepts and never
+        # answers) would hold the interpreter's exit, which joins those threads, for up to
+        # connect_timeout. Nothing was serving and nothing is left to save: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    stopped.cancel()
+    if (exc := starting.exception()) is not None:
+        await _abandon_start(server)
         print(f"pgbroker: cannot start: {exc}", file=sys.stderr)
         return 1
     await stop.wait()
     await server.stop()
     return 0
+
+
+async def _abandon_start(server: BrokerServer) -> None:
+    """Close what a start that did not finish opened."""
+    with contextlib.suppress(Exception):
+        await server.pool.close()
+    with contextlib.suppress(Exception):
+        await server.server.stop(0)

@@ -65,7 +65,7 @@ import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, application_name, execute
-from broker.front.status import failure_for, status_for
+from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, current_identity
@@ -186,6 +186,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         key = caller_key(caller, function)
         try:
             plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
+            plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
                 statements=request.statements,
@@ -205,13 +206,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         except Exception as exc:
             failure = failure_for(exc)
             self._count_failure(failure)
+            fields = failure_fields(failure)
             log.info(
-                "request failed",
+                "request failed: %s",
+                fields["kind"],
                 extra={
+                    **fields,
                     "request_id": request_id,
                     "function": function,
                     "caller": caller,
-                    "code": failure.code.name,
                     "error": str(failure),
                     "statements": len(request.statements),
                 },

@@ -19,7 +19,7 @@ from lambda_client._status import pack
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["failure_for", "status_for"]
+__all__ = ["failure_fields", "failure_for", "status_for"]
 
 
 def failure_for(exc: BaseException) -> BrokerFailure:
@@ -40,3 +40,20 @@ def status_for(failure: BrokerFailure) -> grpc.Status:
         retry_after=failure.retry_after,
         database_error=failure.database_error,
     )
+
+
+def failure_fields(failure: BrokerFailure) -> dict[str, object]:
+    """Log fields for *failure*: ``kind`` says whose failure it is, "database error" (Postgres
+    raised it; ``sqlstate`` and ``statement_index`` say which) or "broker refusal" (the broker
+    refused or could not run the request), so a constraint violation, sent as
+    INVALID_ARGUMENT, does not read as a validation failure of the broker's; ``code`` is the
+    gRPC status the caller got and ``reason`` the pgbroker reason."""
+    db = failure.database_error
+    fields: dict[str, object] = {
+        "kind": "database error" if db is not None else "broker refusal",
+        "code": failure.code.name,
+        "reason": failure.reason.value if failure.reason is not None else None,
+        "sqlstate": db.sqlstate if db is not None else None,
+        "statement_index": db.statement_index if db is not None else None,
+    }
+    return fields

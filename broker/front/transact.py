@@ -34,7 +34,7 @@ from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
 from broker.front.service import BrokerService, _lambda_metadata, validate
-from broker.front.status import failure_for, status_for
+from broker.front.status import failure_fields, failure_for, status_for
 from broker.security.identity import current_identity
 from broker.security.limits import LimitExceeded, caller_key, check_results
 from broker.sql.plan import RequestPlan
@@ -246,6 +246,8 @@ class _Call:
             log.warning(
                 "lease ended abnormally",
                 extra={
+                    # sqlstate/statement_index/kind when a failure ended it
+                    **(failure_fields(error) if isinstance(error, BrokerFailure) else {}),
                     "end": end.value,
                     "caller": self.caller,
                     "request_id": self.request_id,

@@ -141,8 +141,10 @@ class _Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        started = False
         try:
-            if self._start_all():
+            started = self._start_all()
+            if started:
                 self._log_listening()
             self._wait_all()
         finally:
@@ -151,8 +153,17 @@ class _Supervisor:
                     child.kill()
                     child.wait()
         codes = [child.returncode for child in self.children]
+        clean = [0]
+        if self.stopping and not started:
+            # A worker that got the forwarded SIGTERM before Python ran its code dies of it:
+            # that is the stop asked for, not a failure.
+            clean.append(-signal.SIGTERM)
+            log.info(
+                "stopped during start-up, while starting workers; nothing was serving",
+                extra={"phase": "starting workers", "workers_started": len(self.children)},
+            )
         log.info("workers stopped", extra={"exit_codes": codes})
-        return 0 if not self.failed and all(code == 0 for code in codes) else 1
+        return 0 if not self.failed and all(code in clean for code in codes) else 1
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -190,6 +201,8 @@ class _Supervisor:
                     selector.unregister(key.fd)
                     os.close(key.fd)
                     pending.discard(key.data)
+                    if not data and self.stopping:  # it obeyed the forwarded signal
+                        return False
                     if not data:  # closed without reporting: the worker could not start
                         self._fail(key.data, "could not start")
                         return False

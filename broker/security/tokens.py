@@ -42,9 +42,9 @@ def parse_tokens(text: str) -> dict[str, str]:
         if isinstance(data, dict) and "tokens" in data:
             data = data["tokens"]
         if isinstance(data, list):
-            entries = [("token", str(t)) for t in data]
-        elif isinstance(data, dict):
-            entries = [(str(k), str(v)) for k, v in data.items()]
+            entries = [("token", str(t).strip()) for t in data]
+        elif isinstance(data, dict):  # whitespace is never part of a token (as below)
+            entries = [(str(k), str(v).strip()) for k, v in data.items()]
     else:
         for item in text.split(","):
             label, _, token = item.strip().rpartition(":")

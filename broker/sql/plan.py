@@ -35,6 +35,8 @@ from broker.sql.sessionstate import (
     SessionStateError,
     classify,
     function_name,
+    lone_in_autocommit,
+    transaction_scoped,
     walk,
 )
 
@@ -64,6 +66,8 @@ class StatementPlan:
     does not parse, ``$n`` that are a SQL-standard function body's arguments, ``EXPLAIN``).
     ``catalog_calls`` are the called names that may be built-ins; ``foreign_call`` is true
     when some call certainly is not (qualified with another schema, or unparsed SQL).
+    ``transaction_scoped`` names the command when all the statement does lasts until the
+    end of its transaction (`broker.sql.sessionstate.transaction_scoped`).
     """
 
     refusal: Refusal | None
@@ -71,6 +75,8 @@ class StatementPlan:
     placeholders: int | None
     catalog_calls: frozenset[str] = frozenset()
     foreign_call: bool = False
+    # "SET LOCAL name" / "SET TRANSACTION": all it does ends with its transaction.
+    transaction_scoped: str | None = None
 
     def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
         """True if this calls a function not among *known* (pg_catalog's names; None when
@@ -98,6 +104,14 @@ class RequestPlan:
         operators) are not seen: ``PGBROKER_SESSION_AUDIT=always`` covers those.
         """
         return any(plan.calls_unknown_function(known) for plan in self.statements)
+
+    def check_autocommit(self) -> None:
+        """Raise `SessionStateError` (reason ``BAD_REQUEST``) when this is one statement
+        that runs in autocommit and only changes its own transaction (``SET LOCAL``): it
+        would silently do nothing. Batches of several statements and interactive
+        transactions do not ask this."""
+        if len(self.statements) == 1 and (command := self.statements[0].transaction_scoped):
+            raise lone_in_autocommit(command)
 
 
 def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPlan:
@@ -148,6 +162,7 @@ def _plan(sql: str, role_locked: bool) -> StatementPlan:
         placeholders=_highest_placeholder(raw_statements, nodes),
         catalog_calls=frozenset(name for name in calls if name),
         foreign_call="" in calls,
+        transaction_scoped=transaction_scoped(raw_statements),
     )
 
 

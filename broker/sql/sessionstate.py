@@ -50,6 +50,8 @@ __all__ = [
     "SessionStateError",
     "classify",
     "function_name",
+    "lone_in_autocommit",
+    "transaction_scoped",
     "walk",
 ]
 
@@ -227,6 +229,35 @@ def _transaction_control(stmt: ast.TransactionStmt) -> Refusal:
         f"{verb} is transaction control, which the broker does itself: the statements of one"
         " request already run as one transaction (set isolation, read_only and deferrable in"
         " the request's options); SAVEPOINT, RELEASE and ROLLBACK TO are allowed",
+    )
+
+
+def transaction_scoped(raw_statements: Sequence[ast.RawStmt]) -> str | None:
+    """The command (``SET LOCAL name``, ``SET TRANSACTION``) when *raw_statements* is one
+    statement whose only effect lasts until the end of its transaction, else None. Sent as a
+    request of its own it runs in autocommit, so it would end before anything it was meant
+    for ran (`lone_in_autocommit`)."""
+    if len(raw_statements) != 1:
+        return None
+    stmt = raw_statements[0].stmt
+    if not isinstance(stmt, ast.VariableSetStmt):
+        return None
+    name = stmt.name or ""
+    if stmt.kind == VariableSetKind.VAR_SET_MULTI:
+        return "SET TRANSACTION" if name.startswith("TRANSACTION") else None
+    return f"SET LOCAL {name}" if stmt.is_local else None
+
+
+def lone_in_autocommit(command: str) -> SessionStateError:
+    """The refusal of *command* (`transaction_scoped`) sent as a request's only statement:
+    it would run in a transaction of its own and silently change nothing."""
+    return SessionStateError(
+        0,
+        f"{command} alone runs in autocommit, in a transaction of its own, so it would end"
+        " before any other statement and change nothing; send it with the statements it is"
+        " for in one batch (BrokerClient.transaction([...])), or run it inside"
+        " BrokerClient.begin() (an interactive transaction)",
+        REASON_BAD_REQUEST,
     )
 
 

@@ -8,6 +8,7 @@ awaiting each step).
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -16,8 +17,18 @@ from typing import Any, TypeVar
 
 import grpc
 
+from lambda_client import errors
 from lambda_client._config import ClientConfig, open_channel
-from lambda_client._policy import Call, CallPolicy, Link, Metadata, Plan, time_left
+from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
+from lambda_client._policy import (
+    SAFETY_ATTEMPTS,
+    Call,
+    CallPolicy,
+    Link,
+    Metadata,
+    Plan,
+    time_left,
+)
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._requests import (
@@ -35,6 +46,8 @@ from lambda_client.auth import auth_for
 __all__ = ["DEFAULT_TARGET", "AuthHook", "ClientBase", "channel_options"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# Resends of a rolled-back transaction when max_attempts is not given.
+DEFAULT_MAX_ATTEMPTS = 5
 HEALTH_CHECK_SERVICE = "pgbroker.v1.Broker"
 USER_AGENT = "pgbroker-lambda-client/0.1"
 CORRELATION_ID_KEY = "x-correlation-id"
@@ -61,7 +74,7 @@ class ClientBase:
         root_certificates: bytes | None = None,
         tls_server_name: str | None = None,
         auth: AuthHook | None = None,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         initial_backoff: float = 0.05,
         max_backoff: float = 1.0,
         correlation_id: Callable[[], str | None] | None = None,
@@ -73,16 +86,31 @@ class ClientBase:
         options: Sequence[tuple[str, Any]] = (),
         config: ClientConfig | None = None,
     ) -> None:
+        # No max_attempts: work that did not run is resent until the deadline (up to
+        # SAFETY_ATTEMPTS), a rolled-back transaction 5 times; given, it bounds both.
         self.policy = CallPolicy(
-            timeout, deadline_margin, max_attempts, initial_backoff, max_backoff
+            timeout,
+            deadline_margin,
+            DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+            initial_backoff,
+            max_backoff,
+            SAFETY_ATTEMPTS if max_attempts is None else max_attempts,
         )
         config = ClientConfig.from_env() if config is None else config
+        # Why calls cannot be made (set when the target was left to a default that cannot
+        # work): raised by the first call, not here, so a module-level client never breaks
+        # the Lambda's init phase.
+        self._unusable: str | None = None
+        self.target_is_default = False
         if target is not None:
             self.target = check_target(target)
         elif config.target:  # an empty PGBROKER_URL counts as unset (from_env makes it None)
             self.target = check_target(config.target, "PGBROKER_URL")
         else:
             self.target = DEFAULT_TARGET
+            self.target_is_default = True
+            if config.lambda_function:
+                self._unusable = no_target_in_lambda(config.lambda_function)
         self.config = config.replace(
             tls=config.tls if tls is None else tls,
             tls_server_name=tls_server_name or config.tls_server_name,
@@ -143,25 +171,31 @@ class ClientBase:
     # -- the plan every call follows -------------------------------------------------------
 
     def _plan(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> Plan[T]:
-        """Attempt *call* until success, an error that must not be resent, *max_attempts* or
-        the deadline (from *context* and *timeout*, `CallPolicy.deadline`); each piece of
-        I/O is a yielded step (`lambda_client._policy`)."""
+        """Attempt *call* until success, an error that must not be resent, the attempt bound
+        (`CallPolicy.retry_delay`) or the deadline (from *context* and *timeout*,
+        `CallPolicy.deadline`); each piece of I/O is a yielded step (`lambda_client._policy`).
+        Raise `errors.InterfaceError` at once when the client has no usable target."""
+        if self._unusable is not None:
+            raise errors.InterfaceError(self._unusable)
         if call.invoke is None:
             return call.finish(None)
         started = time.monotonic()
         deadline = self.policy.deadline(context, timeout)
-        for attempt in range(1, self.policy.max_attempts + 1):
+        for attempt in itertools.count(1):
             link = self._get_link()
             metadata = self._metadata(context)
             if not link.reached:
-                yield from link.reach(time_left(deadline, attempt), self.target, started)
+                left = time_left(deadline, attempt)
+                yield from link.reach(left, self.target, started, self._explain)
             try:
                 # Measured after the channel, credentials and check: the call must not outlive it.
                 left = time_left(deadline, attempt)
                 response = yield _bind(call.invoke, link.stub, left, metadata)
             except grpc.RpcError as exc:
                 link.call_failed(exc)
-                delay = self.policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted)
+                delay = self.policy.backoff_or_raise(
+                    exc, attempt, deadline, call.retry_aborted, started
+                )
                 yield _bind(self._sleep, delay)
             else:
                 link.reached = True
@@ -169,6 +203,14 @@ class ClientBase:
             finally:
                 self._mark_used()
         raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
+
+    def _explain(self, last_error: str, probe_seconds: float) -> str:
+        """Why the broker was not reached (`lambda_client._diagnose.explain`, probing for
+        at most *probe_seconds*), and that the default target was used when it was."""
+        why = explain(last_error, tls=self.tls, probe_timeout=probe_seconds)
+        if self.target_is_default:
+            why = f"{why}; {DEFAULT_TARGET_NOTE}" if why else DEFAULT_TARGET_NOTE
+        return why
 
     def _get_link(self) -> Link:
         """The stub on the channel to use now (the driver's)."""
@@ -283,6 +325,16 @@ def _get_stats(stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata) -> 
     """One ``GetStats`` attempt (blocking or ``grpc.aio`` stub alike)."""
     return stub.GetStats(
         pb.GetStatsRequest(), timeout=timeout, metadata=metadata, wait_for_ready=True
+    )
+
+
+def no_target_in_lambda(function_name: str) -> str:
+    """The error text for a client in Lambda *function_name* with no target configured."""
+    return (
+        f"no broker target: PGBROKER_URL is not set in Lambda function {function_name!r}, and "
+        f"the default {DEFAULT_TARGET} (this Lambda's own loopback) has no broker: set "
+        "PGBROKER_URL to the broker's address (e.g. dns:///broker.internal:50051), or pass "
+        "BrokerClient(target=...); nothing was sent"
     )
 
 

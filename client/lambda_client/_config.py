@@ -4,14 +4,17 @@
 ``PGBROKER_*`` name:
 
 =================================  ==========================================================
-``PGBROKER_URL``                   the broker target (empty counts as unset)
+``PGBROKER_URL``                   the broker target (empty counts as unset; unset:
+                                   ``127.0.0.1:50051``, except inside a Lambda, where a
+                                   call then fails at once naming ``PGBROKER_URL``)
 ``PGBROKER_TLS``                   1/true/yes/on: TLS to the broker
 ``PGBROKER_TLS_CA_FILE``           the CA to trust (default: the system roots)
 ``PGBROKER_TLS_CLIENT_CERT_FILE``  with ``_KEY_FILE``: a client certificate (mTLS)
 ``PGBROKER_TLS_CLIENT_KEY_FILE``
 ``PGBROKER_TLS_SERVER_NAME``       the name to check in the broker's certificate
 ``PGBROKER_AUTH``                  iam | token | none (`lambda_client.auth.auth_for`)
-``PGBROKER_TOKEN``                 the bearer token (``token``)
+``PGBROKER_TOKEN``                 the bearer token (``token``); surrounding whitespace,
+                                   such as a file's last newline, is stripped
 ``PGBROKER_AUTH_AUDIENCE``         the audience of the IAM proof (default: the target)
 ``PGBROKER_STS_ENDPOINT``          the STS endpoint the broker verifies with (``iam``)
 =================================  ==========================================================
@@ -90,6 +93,7 @@ class ClientConfig:
     auth_audience: str | None = None
     sts_endpoint: str | None = None
     aws_region: str | None = None
+    lambda_function: str | None = None  # AWS_LAMBDA_FUNCTION_NAME: running inside a Lambda
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientConfig:
@@ -113,10 +117,13 @@ class ClientConfig:
             tls_client_key=pem("PGBROKER_TLS_CLIENT_KEY_FILE"),
             tls_server_name=text("PGBROKER_TLS_SERVER_NAME"),
             auth=(text("PGBROKER_AUTH") or "none").lower(),
-            token=env.get("PGBROKER_TOKEN") or None,
+            # A token from a file or a secret often ends in a newline, which gRPC refuses in
+            # metadata ("Invalid metadata"): whitespace is never part of a token.
+            token=text("PGBROKER_TOKEN"),
             auth_audience=env.get("PGBROKER_AUTH_AUDIENCE") or None,
             sts_endpoint=env.get("PGBROKER_STS_ENDPOINT") or None,
             aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            lambda_function=text("AWS_LAMBDA_FUNCTION_NAME"),
         )
 
     def replace(self, **changes: Any) -> ClientConfig:

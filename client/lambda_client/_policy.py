@@ -11,13 +11,21 @@ step instead. The policy:
   minus the margin (`CallPolicy.deadline`); a call never outlives it (`time_left`);
 * resent only where nothing ran: a reason in `lambda_client._status.NOTHING_RAN` or a
   ``RetryInfo`` (`CallPolicy.retry_delay`), and a rolled-back transaction only when asked;
-* jittered exponential backoff that honours ``RetryInfo``, never past the deadline;
+* jittered exponential backoff that honours ``RetryInfo``, never past the deadline: work that
+  did not run is resent until the deadline (bounded only by `SAFETY_ATTEMPTS`, far above
+  what a 30 s deadline needs), a rolled-back transaction at most *max_attempts* times; the
+  error that ends the call says how many attempts were made, over how long;
+* logged through the standard `logging` module under ``lambda_client`` (`logger`), with
+  structured fields (``extra=``) that Powertools' ``Logger`` and CloudWatch Logs Insights can
+  filter: each retry at INFO (``reason``, ``attempt``, ``delay_s``), a call whose outcome is
+  unknown at WARNING. No handler is configured here: the application's logging decides.
 * a channel that has not reached the broker is health-checked first (`Link`), so a deadline
   that passes while connecting is `errors.Unavailable` with "nothing was sent".
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BROKER_UNREACHABLE",
+    "SAFETY_ATTEMPTS",
     "Call",
     "CallPolicy",
     "Link",
@@ -43,6 +52,7 @@ __all__ = [
     "Plan",
     "Step",
     "broker_unreachable",
+    "logger",
     "resume",
     "run_plan",
     "time_left",
@@ -51,6 +61,13 @@ __all__ = [
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 # The reason of the `Unavailable` the client raises when no connection was ready in time.
 BROKER_UNREACHABLE = Reason.BROKER_UNREACHABLE.value
+
+# Attempts of work that did not run when *max_attempts* is not given: a bound against a
+# broken loop, not a policy (a 30 s deadline with the default backoff needs about 40).
+SAFETY_ATTEMPTS = 1000
+logger = logging.getLogger("lambda_client")
+# At most this much of a call's time asks an unready channel why (`Link.reach`).
+_DIAGNOSIS_SECONDS = 0.3
 
 T = TypeVar("T")
 Metadata = Sequence[tuple[str, str]]
@@ -74,18 +91,23 @@ class Call(Generic[T]):
 @dataclass(frozen=True)
 class CallPolicy:
     """Deadline and retry settings, with the arithmetic on them; arguments as on
-    `lambda_client.BrokerClient`. Raise `TypeError`/`ValueError` naming a bad one."""
+    `lambda_client.BrokerClient`. Raise `TypeError`/`ValueError` naming a bad one.
+
+    *max_attempts* bounds the resending of a rolled-back transaction; *nothing_ran_attempts*
+    the resending of work that did not run (a full queue, an unreachable broker), which
+    otherwise goes on until the deadline."""
 
     timeout: float = 30.0
     deadline_margin: float = 0.5
     max_attempts: int = 5
     initial_backoff: float = 0.05
     max_backoff: float = 1.0
+    nothing_ran_attempts: int = SAFETY_ATTEMPTS
 
     def __post_init__(self) -> None:
         seconds("timeout", self.timeout)
         seconds("deadline_margin", self.deadline_margin, allow_zero=True)
-        if self.max_attempts < 1:
+        if self.max_attempts < 1 or self.nothing_ran_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
 
     def deadline(self, context: LambdaContext | None, timeout: float | None) -> float:
@@ -108,9 +130,9 @@ class CallPolicy:
 
     def retry_delay(self, error: errors.Error, attempt: int, retry_aborted: bool) -> float | None:
         """Seconds to wait before resending after *error*, or None if it must not be resent."""
-        if attempt >= self.max_attempts:
-            return None
         if isinstance(error, errors.Overloaded | errors.Unavailable):
+            if attempt >= self.nothing_ran_attempts:
+                return None
             # Only what the broker says never ran: a crossed limit (PGBROKER_MAX_*, or gRPC's
             # message size cap, which has no reason) fails the same way again, and a
             # transport failure mid-call (no rich status) may hide a committed transaction.
@@ -118,23 +140,84 @@ class CallPolicy:
             # database that was unreachable before BEGIN).
             if error.reason not in NOTHING_RAN and error.retry_after is None:
                 return None
-        elif not (retry_aborted and isinstance(error, errors.TransactionRollback)):
-            return None
+        elif attempt >= self.max_attempts or not (
+            retry_aborted and isinstance(error, errors.TransactionRollback)
+        ):
+            return None  # a rolled-back transaction is resent only if asked, max_attempts times
         backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
         if error.retry_after is not None:
             return error.retry_after + random.uniform(0, backoff)
         return random.uniform(backoff / 2, backoff)
 
     def backoff_or_raise(
-        self, exc: grpc.RpcError, attempt: int, deadline: float, retry_aborted: bool
+        self,
+        exc: grpc.RpcError,
+        attempt: int,
+        deadline: float,
+        retry_aborted: bool,
+        started: float | None = None,
     ) -> float:
-        """Seconds to wait before resending after *exc*; raise its `errors.Error` (caused by
-        *exc*) if it must not be resent or the wait would pass *deadline*."""
+        """Seconds to wait before resending after *exc* (logged at INFO); raise its
+        `errors.Error` (caused by *exc*) if it must not be resent or the wait would pass
+        *deadline*. An error that was being retried then says how many attempts were made
+        since *started* (monotonic); one whose outcome is unknown is logged at WARNING."""
         error = errors.from_rpc_error(exc)
         delay = self.retry_delay(error, attempt, retry_aborted)
-        if delay is None or time.monotonic() + delay >= deadline:
-            raise error from exc
-        return delay
+        if delay is not None and time.monotonic() + delay < deadline:
+            logger.info(
+                "pgbroker call failed with %s, retrying in %.3fs (attempt %d)",
+                error.reason or _code_name(error),
+                delay,
+                attempt,
+                extra=_fields(error, attempt, delay_s=round(delay, 3)),
+            )
+            return delay
+        if started is not None and self.retry_delay(error, 1, retry_aborted) is not None:
+            gave_up(error, attempt, time.monotonic() - started, delay is None)
+        if outcome_unknown(error):
+            logger.warning(
+                "pgbroker call failed with %s; it may have run: %s",
+                _code_name(error),
+                error.details,
+                extra=_fields(error, attempt, outcome="unknown"),
+            )
+        raise error from exc
+
+
+def gave_up(error: errors.Error, attempts: int, elapsed: float, capped: bool) -> None:
+    """Add to *error*'s message how many attempts were made over *elapsed* seconds, and why
+    no more were (the attempt bound, else the deadline)."""
+    why = "max_attempts reached" if capped else "the next retry would pass the deadline"
+    plural = "s" if attempts != 1 else ""
+    error.details = (
+        f"{error.details} (gave up after {attempts} attempt{plural} over {elapsed:.3g}s: {why})"
+    )
+    error.args = (error.details,)
+
+
+def outcome_unknown(error: errors.Error) -> bool:
+    """Whether the request may have run although the call failed: the broker lost the
+    connection during it, or the deadline or the transport ended the call with no word from
+    the broker (no reason, no SQLSTATE)."""
+    if isinstance(error, errors.OutcomeUnknown):
+        return True
+    silent = error.reason is None and error.sqlstate is None and error.retry_after is None
+    return silent and isinstance(error, errors.DeadlineExceeded | errors.Unavailable)
+
+
+def _code_name(error: errors.Error) -> str:
+    return error.code.name if error.code is not None else type(error).__name__
+
+
+def _fields(error: errors.Error, attempt: int, **more: Any) -> dict[str, Any]:
+    """Structured log fields (``extra=``): flat names that do not collide with `logging`'s."""
+    fields = {
+        "pgbroker_code": _code_name(error),
+        "reason": error.reason,
+        "sqlstate": error.sqlstate,
+        "attempt": attempt,
+    }
+    return {**fields, **more}
 
 
 class Link:
@@ -155,16 +238,43 @@ class Link:
         self.health_check = channel.unary_unary(HEALTH_CHECK_METHOD)
         self.reached = False
 
-    def reach(self, timeout: float, target: str, started: float) -> Plan[None]:
+    def reach(
+        self,
+        timeout: float,
+        target: str,
+        started: float,
+        explain: Callable[[str, float], str] | None = None,
+    ) -> Plan[None]:
         """Check the channel (one step); raise `broker_unreachable` if the deadline passes
-        first. Any other failure is left to the call itself (which waits for the channel)."""
+        first. Any other failure is left to the call itself (which waits for the channel).
+
+        With *explain* (gRPC's last connection error and the seconds it may spend probing ->
+        cause and fix), the end of *timeout* is kept back to ask the channel why it is not
+        ready (`lambda_client._diagnose`), so the error says "TLS handshake failed: …"
+        rather than only the deadline; the call still ends within *timeout*."""
+        ends = time.monotonic() + timeout
+        reserve = min(_DIAGNOSIS_SECONDS, timeout / 10) if explain is not None else 0.0
         try:
-            yield lambda: self.health_check(b"", timeout=timeout, wait_for_ready=True)
+            yield lambda: self.health_check(b"", timeout=timeout - reserve, wait_for_ready=True)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise broker_unreachable(target, time.monotonic() - started) from exc
+                why = ""
+                if explain is not None:
+                    last_error = yield from self._last_error(reserve / 2)
+                    why = explain(last_error, ends - time.monotonic())
+                raise broker_unreachable(target, time.monotonic() - started, why) from exc
         else:
             self.reached = True
+
+    def _last_error(self, timeout: float) -> Plan[str]:
+        """The channel's last connection error: a check that does not wait for the channel
+        fails at once with it (empty if the check succeeds or says nothing)."""
+        try:
+            yield lambda: self.health_check(b"", timeout=timeout, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            return str(exc.details() or "")
+        self.reached = True
+        return ""
 
     def call_failed(self, exc: grpc.RpcError) -> None:
         if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
@@ -184,13 +294,14 @@ def time_left(deadline: float, attempt: int) -> float:
     raise errors.DeadlineExceeded(message, code=grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def broker_unreachable(target: str, waited: float) -> errors.Unavailable:
+def broker_unreachable(target: str, waited: float, why: str = "") -> errors.Unavailable:
     """The error for a call whose deadline passed before its channel reached the broker: the
-    request never left the client."""
+    request never left the client. *why* is the likely cause and fix, when known."""
     no_port = " (the target has no port, so gRPC uses 443)" if None in target_ports(target) else ""
     return errors.Unavailable(
-        f"broker at {target!r} not reachable within {waited:.3g}s: no connection was ready, "
-        f"or the broker reported NOT_SERVING{no_port}; nothing was sent, so retrying is safe",
+        f"broker at {target!r} not reachable within {waited:.3g}s: "
+        f"{why or 'no connection was ready, or the broker reported NOT_SERVING'}{no_port}; "
+        "nothing was sent, so retrying is safe",
         code=grpc.StatusCode.UNAVAILABLE,
         reason=BROKER_UNREACHABLE,
     )

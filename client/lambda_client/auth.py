@@ -45,11 +45,21 @@ Metadata = Sequence[tuple[str, str]]
 
 
 class BearerAuth:
-    """``authorization: Bearer <token>`` on every call (``token`` mode)."""
+    """``authorization: Bearer <token>`` on every call (``token`` mode).
 
-    def __init__(self, token: str) -> None:
+    Surrounding whitespace (a file's last newline) is stripped; raise ValueError naming
+    *variable* for an empty token or one holding a character gRPC metadata cannot carry
+    (gRPC itself would fail every call with a bare "Invalid metadata")."""
+
+    def __init__(self, token: str, variable: str = "PGBROKER_TOKEN") -> None:
+        token = token.strip()
         if not token:
-            raise ValueError("an empty bearer token")
+            raise ValueError(f"an empty bearer token ({variable})")
+        if any(not " " <= c <= "~" for c in token):
+            raise ValueError(
+                f"{variable}: the bearer token holds a character gRPC metadata cannot carry "
+                "(a line break, a control or non-ASCII character); use the token alone"
+            )
         self._metadata = (("authorization", f"Bearer {token}"),)
 
     def __call__(self) -> Metadata:

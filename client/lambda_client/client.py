@@ -71,7 +71,8 @@ class BrokerClient(ClientBase):
     TLS with *root_certificates* (PEM bytes; default ``PGBROKER_TLS_CA_FILE``, else the system
     roots), checking *tls_server_name* (default ``PGBROKER_TLS_SERVER_NAME``) in the broker's
     certificate. *auth* returns metadata added to every attempt (tokens, signatures); by
-    default it comes from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts*,
+    default it comes from ``PGBROKER_AUTH`` (`lambda_client.auth`). *max_attempts* (default:
+    work that did not run is resent until the deadline, a rolled-back transaction 5 times),
     *initial_backoff* and *max_backoff* shape the retries described in the module docstring.
     *correlation_id* returns an id to send as ``x-correlation-id`` (e.g. powertools
     ``logger.get_correlation_id``). A channel idle longer than *reconnect_after_idle* seconds
