@@ -43,14 +43,11 @@ from broker.flow.batch import (
     DeadlineBeforeStart,
     StatementFailed,
     TransactionLost,
-    _Attempt,
-    _begin_sql,
-    _close_reason,
-    _rollback,
-    _send_cancel,
-    _settle,
-    _timeout_ms,
+    begin_sql,
+    rollback,
+    statement_timeout_ms,
 )
+from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
@@ -177,7 +174,7 @@ class Lease:
         )
         self.audit = False
         self.committed = False
-        self._attempt = _Attempt(conn)
+        self._attempt = Attempt(conn)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -195,8 +192,8 @@ class Lease:
             lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
             error: BaseException | None = None
             try:
-                timeout_ms = _timeout_ms(bounds.deadline, bounds.statement_timeout)
-                await lease._on_worker(_begin, _begin_sql(options, timeout_ms))
+                timeout_ms = statement_timeout_ms(bounds.deadline, bounds.statement_timeout)
+                await lease._on_worker(_begin, begin_sql(options, timeout_ms))
                 return lease
             except TransactionLost as exc:
                 error = exc
@@ -231,7 +228,9 @@ class Lease:
         self.audit = self.audit or audit
         cut = self.next_bound(idle=False)
         try:
-            timeout_ms = _timeout_ms(cut[0] if cut else None, self.bounds.statement_timeout)
+            timeout_ms = statement_timeout_ms(
+                cut[0] if cut else None, self.bounds.statement_timeout
+            )
         except DeadlineBeforeStart:
             assert cut is not None  # only a bound leaves no time
             raise self.timeout(cut[1]) from None
@@ -316,12 +315,12 @@ class Lease:
         if upcoming is not None:
             loop = asyncio.get_running_loop()
             why = f"{upcoming[1].value} passed"
-            watchdog = loop.call_at(upcoming[0], _send_cancel, self.pool, self._attempt, why)
+            watchdog = loop.call_at(upcoming[0], send_cancel, self.pool, self._attempt, why)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            _send_cancel(self.pool, self._attempt, "caller went away")
-            await _settle(work)  # type: ignore[arg-type]
+            send_cancel(self.pool, self._attempt, "caller went away")
+            await settle(work)  # type: ignore[arg-type]
             raise
         finally:
             if watchdog is not None:
@@ -331,7 +330,7 @@ class Lease:
 
     async def release(self, error: BaseException | None = None) -> None:
         """Roll back unless committed, then return the connection (or replace it when it is
-        not idle and clean: `broker.flow.batch._close_reason`). Never raises; runs to the
+        not idle and clean: `broker.flow.cancel.close_reason`). Never raises; runs to the
         end even if the calling task is cancelled meanwhile (which is then re-raised)."""
         task = asyncio.ensure_future(self._release(error))
         _releasing.add(task)
@@ -343,7 +342,7 @@ class Lease:
         reason: str | None = None
         try:
             if attempt.work is not None and not attempt.work.done():
-                await _settle(attempt.work)
+                await settle(attempt.work)
             if attempt.cancel_tasks:
                 # Let a cancel request land before ROLLBACK, which it must not hit.
                 await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
@@ -354,7 +353,7 @@ class Lease:
                 await self.pool.run_in_worker(_tidy, pg, self.audit)
         except Exception as exc:  # a worker pool shut down under us: do not hand it on
             reason = f"release failed ({type(exc).__name__})"
-        self.pool.putconn(self.conn, reason or _close_reason(self.conn, attempt, error))
+        self.pool.putconn(self.conn, reason or close_reason(self.conn, attempt, error))
 
 
 # -- on the worker thread ------------------------------------------------------------------
@@ -364,7 +363,7 @@ def _begin(conn: PgConnection, sql: str) -> None:
     try:
         conn.execute_simple(sql)
     except PgError as exc:
-        _rollback(conn)
+        rollback(conn)
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=True) from exc
@@ -405,6 +404,6 @@ def _end(conn: PgConnection, sql: str) -> None:
 
 def _tidy(conn: PgConnection, audit: bool) -> None:
     """ROLLBACK what is left open; audit the session when a statement asked for it."""
-    _rollback(conn)
+    rollback(conn)
     if audit and (leaked := audit_session(conn)):
         conn.session_dirty = ", ".join(leaked)

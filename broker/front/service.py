@@ -76,7 +76,7 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BadRequest", "BrokerService", "validate"]
+__all__ = ["BadRequest", "BrokerService", "lambda_metadata", "validate"]
 
 log = logging.getLogger("pgbroker.service")
 
@@ -122,7 +122,7 @@ def validate(
     return plan, bound
 
 
-def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
+def lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
     """The caller's Lambda request id and function name from the call metadata, if sent."""
     request_id = function = None
     for key, value in metadata or ():
@@ -167,7 +167,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.ExecuteResponse:
         started = time.monotonic()
         self._stats["rpcs_num"] += 1
-        request_id, function = _lambda_metadata(context.invocation_metadata())
+        request_id, function = lambda_metadata(context.invocation_metadata())
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None else None
         if deadline is None:

@@ -33,7 +33,7 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
-from broker.front.service import BrokerService, _lambda_metadata, validate
+from broker.front.service import BrokerService, lambda_metadata, validate
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
 from broker.security.limits import LimitExceeded, check_results
@@ -102,7 +102,7 @@ class _Call:
         self.owner = owner
         self.service = owner.service
         self.requests = aiter(requests)
-        self.request_id, self.function = _lambda_metadata(context.invocation_metadata())
+        self.request_id, self.function = lambda_metadata(context.invocation_metadata())
         identity = current_identity.get()
         self.identity = identity
         self.caller = str(identity) if identity is not None and identity.kind != "none" else None
