@@ -65,6 +65,7 @@ import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, application_name, execute
+from broker.flow.stream import StreamStats
 from broker.front.status import failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.postgres.params import BadParameter, Bound, bind_params
@@ -161,6 +162,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         # call of any other function is audited. None: not read, every call is audited.
         self.known_functions: frozenset[str] | None = None
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        # Rows and bytes streamed (Stream, and Transact's stream steps).
+        self.stream_stats = StreamStats()
+        self.stats_sources.append(self.stream_stats.as_dict)
 
     async def Execute(
         self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -187,7 +191,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
                 role=role,
-                audit_session=self._audit(plan),
+                audit_session=self.audit_needed(plan),
                 bound=bound,
             )
             with self.inflight.hold(caller):
@@ -228,12 +232,17 @@ class BrokerService(pb_grpc.BrokerServicer):
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
 
+    def Stream(self, request: Any, context: Any) -> Any:
+        """Served by `broker.front.stream.StreamService`, which the server registers in this
+        method's place."""
+        raise NotImplementedError
+
     def Transact(self, request_iterator: Any, context: Any) -> Any:
         """Served by `broker.front.transact.TransactService`, which the server registers in
         this method's place."""
         raise NotImplementedError
 
-    def _audit(self, plan: RequestPlan) -> bool:
+    def audit_needed(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""
         if self.session_audit == "always":
             return True

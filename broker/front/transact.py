@@ -188,7 +188,9 @@ class _Call:
             request, self.service.limits, role_locked=self.service.role_map is not None
         )
         try:
-            results = await lease.execute(step.statements, plan, bound, self.service._audit(plan))
+            results = await lease.execute(
+                step.statements, plan, bound, self.service.audit_needed(plan)
+            )
         except StatementFailed as exc:
             return pb.TransactResponse(executed=_executed_error(exc))
         try:

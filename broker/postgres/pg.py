@@ -317,6 +317,12 @@ class _Core(CoreConnection):  # type: ignore[misc]
                 row.append(_Raw(text))
         context.rows.append(row)
 
+    def handle_ROW_DESCRIPTION(self, data: bytes, context: Any) -> None:
+        super().handle_ROW_DESCRIPTION(data, context)
+        if getattr(context, "broker_types", False):
+            # A FETCH read with the simple protocol: parse cells as prepared statements do.
+            context.input_funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in context.columns]
+
     def send_query_nowait(self, sql: str) -> None:
         """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
         self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
@@ -442,6 +448,26 @@ class PgConnection:
         self._progress = progress = _Progress()
         with _Guard(self, progress):
             return self._run_groups(statements, bound, before, after)
+
+    def fetch(self, cursor: str, count: int) -> tuple[list[pb.Column], list[pb.Row]]:
+        """``FETCH FORWARD count FROM cursor`` (an open cursor, a plain identifier): its
+        columns and up to *count* rows, encoded as a prepared statement's rows are. Raise
+        `PgError` (the transaction is then aborted) or `ConnectionLost`."""
+        sql = f"FETCH FORWARD {int(count)} FROM {cursor}"
+        context = Context(sql)
+        context.broker_types = True
+        with _Guard(self):
+            self._core.send_query_nowait(sql)
+            self._core.flush()
+            self._core.handle_messages(context)
+        columns = context.columns or []
+        oids = [c["type_oid"] for c in columns]
+        head = [pb.Column(name=c["name"], type_oid=c["type_oid"]) for c in columns]
+        rows = [
+            pb.Row(values=[_encode_cell(v, oid) for v, oid in zip(row, oids, strict=True)])
+            for row in context.rows or ()
+        ]
+        return head, rows
 
     def _check_statements(
         self,
