@@ -32,7 +32,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,11 +48,12 @@ from broker.flow.batch import (
     statement_timeout_ms,
 )
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
+from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
-from broker.sql.plan import RequestPlan
+from broker.sql.plan import RequestPlan, StatementPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -174,6 +175,8 @@ class Lease:
         )
         self.audit = False
         self.committed = False
+        # A stream's cursor left open by a reader that stopped early (closed before the next).
+        self.cursor_open = False
         self._attempt = Attempt(conn)
 
     # -- opening -------------------------------------------------------------------------
@@ -224,6 +227,56 @@ class Lease:
         lease still usable), `LeaseTimeout` when a bound passed before or during the run,
         `TransactionLost` when the connection broke (nothing committed).
         """
+        timeout_ms, cut = self._step_start(audit)
+        try:
+            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+        except StatementFailed as exc:
+            named = self._named(exc, cut)
+            if named is exc:
+                raise
+            raise named from exc
+        finally:
+            self.last_active = time.monotonic()
+
+    async def stream(
+        self,
+        statement: pb.Statement,
+        plan: StatementPlan,
+        bound: Bound,
+        audit: bool,
+        chunk_rows: int,
+    ) -> AsyncGenerator[pb.RowChunk, None]:
+        """The rows of *statement* in chunks, through a cursor in the open transaction
+        (`broker.flow.stream`): DECLARE, FETCH after FETCH (one ahead of the chunk being
+        written), CLOSE. Raise as `execute`; closing the iterator early cancels the running
+        FETCH (the cursor ends with the transaction, or at the next stream's DECLARE)."""
+        timeout_ms, cut = self._step_start(audit)
+        before = None
+        if self.conn.pg.transaction_status is not TransactionStatus.INERROR:
+            before = f"SET LOCAL statement_timeout = {timeout_ms}"
+        try:
+            if self.cursor_open:
+                await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+                self.cursor_open = False
+            await self._on_worker(declare, statement, plan, bound, before)
+            self.cursor_open = True
+            async for chunk in prefetched(self._on_worker, Fetcher(chunk_rows=chunk_rows)):
+                yield chunk
+                self.last_active = time.monotonic()
+            await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+            self.cursor_open = False
+        except StatementFailed as exc:
+            self.cursor_open = False  # the transaction is aborted: the cursor is unusable
+            named = self._named(exc, cut)
+            if named is exc:
+                raise
+            raise named from exc
+        finally:
+            self.last_active = time.monotonic()
+
+    def _step_start(self, audit: bool) -> tuple[int, tuple[float, End] | None]:
+        """Check the bounds; the statement timeout (ms) for a step starting now, and the bound
+        of the lease that cuts it first (None when the statement timeout does)."""
         self.check_bounds()
         self.audit = self.audit or audit
         cut = self.next_bound(idle=False)
@@ -236,15 +289,15 @@ class Lease:
             raise self.timeout(cut[1]) from None
         if cut is not None and cut[0] - time.monotonic() >= self.bounds.statement_timeout:
             cut = None  # the statement timeout bounds this step, not a bound of the lease
-        try:
-            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
-        except StatementFailed as exc:
-            if cut is not None and exc.error.sqlstate == "57014":
-                # Postgres stopped the statement just ahead of the bound: name the bound.
-                raise self.timeout(cut[1]) from exc
-            raise
-        finally:
-            self.last_active = time.monotonic()
+        return timeout_ms, cut
+
+    def _named(
+        self, exc: StatementFailed, cut: tuple[float, End] | None
+    ) -> StatementFailed | LeaseTimeout:
+        """*exc*, or the bound's error when Postgres stopped the statement just ahead of it."""
+        if cut is not None and exc.error.sqlstate == "57014":
+            return self.timeout(cut[1])
+        return exc
 
     async def commit(self) -> None:
         """COMMIT. Raise `TransactionAborted` if a statement had failed (nothing committed),

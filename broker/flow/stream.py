@@ -105,10 +105,10 @@ class Fetcher:
         per_row = max(1, self._bytes // self.rows)
         return max(1, min(MAX_FETCH, CHUNK_BYTES // per_row))
 
-    def fetch(self, conn: PgConnection) -> list[pb.RowChunk]:
+    def fetch(self, conn: PgConnection) -> tuple[list[pb.RowChunk], bool]:
         """One FETCH (blocking; worker thread), as chunks of about `CHUNK_BYTES` each (the
-        first chunk of the stream carries the columns). Raise `StatementFailed` or
-        `TransactionLost`."""
+        first chunk of the stream carries the columns), and whether it was the last. Raise
+        `StatementFailed` or `TransactionLost`."""
         count = self.next_count()
         try:
             columns, rows = conn.fetch(CURSOR, count)
@@ -123,7 +123,7 @@ class Fetcher:
                 chunks = [pb.RowChunk()]
             chunks[0].columns.extend(columns)
             self.columns_sent = True
-        return chunks
+        return chunks, self.done
 
     def _split(self, rows: list[pb.Row]) -> list[pb.RowChunk]:
         limit = CHUNK_BYTES
@@ -229,12 +229,13 @@ async def prefetched(run: Callable[..., Any], fetcher: Fetcher) -> AsyncIterator
     pending = asyncio.ensure_future(run(fetcher.fetch))
     try:
         while True:
-            chunks = await pending
-            if not fetcher.done:
+            # The FETCH's own verdict on the end: fetcher.done may already be the next one's.
+            chunks, done = await pending
+            if not done:
                 pending = asyncio.ensure_future(run(fetcher.fetch))
             for chunk in chunks:
                 yield chunk
-            if fetcher.done and pending.done():
+            if done:
                 return
     finally:
         if not pending.done():

@@ -44,6 +44,8 @@ timeout, or too long a transaction                                            TI
                                                                               TRANSACTION_TIMEOUT
 Transact: COMMIT after an error    TransactionAborted    FAILED_PRECONDITION  DatabaseError 25P02
 Transact: a step out of order      StepRefused           INVALID_ARGUMENT     BAD_REQUEST
+Stream: no chunk taken within the  ReaderStalled         DEADLINE_EXCEEDED    IDLE_TRANSACTION_
+idle timeout                                                                  TIMEOUT
 shutting down                      PoolClosed            UNAVAILABLE          SHUTTING_DOWN,
                                                                               RetryInfo
 anything else (a bug)              (any exception)       INTERNAL             none; the message

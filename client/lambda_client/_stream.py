@@ -67,7 +67,7 @@ def open_stream(request: pb.StreamRequest) -> Callable[..., RowStream]:
         except BaseException:
             call.cancel()
             raise
-        return RowStream(call, first)
+        return CallRowStream(call, first)
 
     return invoke
 
@@ -84,7 +84,7 @@ def open_async_stream(request: pb.StreamRequest) -> Callable[..., Any]:
         except BaseException:
             call.cancel()
             raise
-        return AsyncRowStream(call, pb.RowChunk() if first is grpc.aio.EOF else first)
+        return AsyncCallRowStream(call, pb.RowChunk() if first is grpc.aio.EOF else first)
 
     return invoke
 
@@ -92,8 +92,7 @@ def open_async_stream(request: pb.StreamRequest) -> Callable[..., Any]:
 class _RowStreamBase:
     """The columns of a stream and what is left of its current chunk."""
 
-    def __init__(self, call: Any, first: pb.RowChunk) -> None:
-        self._call = call
+    def __init__(self, first: pb.RowChunk) -> None:
         self.columns: tuple[str, ...] = tuple(c.name for c in first.columns)
         self.type_oids: tuple[int, ...] = tuple(c.type_oid for c in first.columns)
         self.rows_read = 0
@@ -110,14 +109,6 @@ class _RowStreamBase:
             return None
         self.rows_read += 1
         return decode_row(row.values)
-
-    def close(self) -> None:
-        """Stop reading: cancel the call (the broker closes the cursor and frees the
-        connection). Does nothing once the stream has ended."""
-        if not self.closed:
-            self.closed = True
-            self._pending = None
-            self._call.cancel()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -139,21 +130,50 @@ class RowStream(_RowStreamBase):
                 return row
             if self.closed:
                 raise StopIteration
-            try:
-                chunk = next(self._call)
-            except StopIteration:
+            chunk = self._next_chunk()
+            if chunk is None:
                 self.closed = True
-                raise
-            except grpc.RpcError as exc:
-                self.closed = True
-                raise errors.from_rpc_error(exc) from exc
+                raise StopIteration
             self._pending = iter(chunk.rows)
+
+    def _next_chunk(self) -> pb.RowChunk | None:
+        """The next chunk, None at the end; raise the error that ended the stream."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop reading (see the subclass); does nothing once the stream has ended."""
+        raise NotImplementedError
 
     def __enter__(self) -> RowStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class CallRowStream(RowStream):
+    """The rows of one ``Broker.Stream`` call (``db.stream``)."""
+
+    def __init__(self, call: Any, first: pb.RowChunk) -> None:
+        super().__init__(first)
+        self._call = call
+
+    def _next_chunk(self) -> pb.RowChunk | None:
+        try:
+            chunk: pb.RowChunk = next(self._call)
+        except StopIteration:
+            return None
+        except grpc.RpcError as exc:
+            self.closed = True
+            raise errors.from_rpc_error(exc) from exc
+        return chunk
+
+    def close(self) -> None:
+        """Cancel the call: the broker closes the cursor and frees the connection at once."""
+        if not self.closed:
+            self.closed = True
+            self._pending = None
+            self._call.cancel()
 
     def __del__(self) -> None:
         # Abandoned mid-stream: cancel, so the broker frees its connection now.
@@ -174,18 +194,44 @@ class AsyncRowStream(_RowStreamBase):
                 return row
             if self.closed:
                 raise StopAsyncIteration
-            try:
-                chunk = await self._call.read()
-            except grpc.RpcError as exc:
-                self.closed = True
-                raise errors.from_rpc_error(exc) from exc
-            if chunk is grpc.aio.EOF:
+            chunk = await self._next_chunk()
+            if chunk is None:
                 self.closed = True
                 raise StopAsyncIteration
             self._pending = iter(chunk.rows)
+
+    async def _next_chunk(self) -> pb.RowChunk | None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Stop reading (see the subclass); does nothing once the stream has ended."""
+        raise NotImplementedError
 
     async def __aenter__(self) -> AsyncRowStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+        await self.aclose()
+
+
+class AsyncCallRowStream(AsyncRowStream):
+    """The rows of one ``Broker.Stream`` call on a ``grpc.aio`` stub."""
+
+    def __init__(self, call: Any, first: pb.RowChunk) -> None:
+        super().__init__(first)
+        self._call = call
+
+    async def _next_chunk(self) -> pb.RowChunk | None:
+        try:
+            chunk = await self._call.read()
+        except grpc.RpcError as exc:
+            self.closed = True
+            raise errors.from_rpc_error(exc) from exc
+        return None if chunk is grpc.aio.EOF else chunk  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """As `CallRowStream.close`."""
+        if not self.closed:
+            self.closed = True
+            self._pending = None
+            self._call.cancel()

@@ -151,12 +151,11 @@ def test_the_deadline_bounds_the_whole_stream(db: BrokerClient) -> None:
 
 def test_async_stream(broker: BrokerProcess) -> None:
     async def main() -> list[Any]:
-        async with AsyncBrokerClient(broker.target) as db:
-            async with await db.stream(
-                "SELECT g FROM generate_series(1, $1::int) g", [3000], chunk_rows=700
-            ) as rows:
-                assert rows.columns == ("g",)
-                return [r[0] async for r in rows]
+        async with AsyncBrokerClient(broker.target) as db, await db.stream(
+            "SELECT g FROM generate_series(1, $1::int) g", [3000], chunk_rows=700
+        ) as rows:
+            assert rows.columns == ("g",)
+            return [r[0] async for r in rows]
 
     assert asyncio.run(main()) == list(range(1, 3001))
 
@@ -192,3 +191,23 @@ def test_tx_stream_error_aborts_the_transaction_like_a_statement(db: BrokerClien
             list(rows)
         tx.rollback()
     assert _all_idle(db)
+
+
+def test_a_stalled_reader_inside_a_transaction_loses_the_lease_at_the_idle_timeout(
+    db: BrokerClient, postgres: Any
+) -> None:
+    with temp_table(postgres, "stream", "id int") as table:
+        tx = db.begin()
+        tx.execute(f"INSERT INTO {table} VALUES (1)")
+        rows = tx.stream("SELECT repeat('x', 1000), generate_series(1, 10000000)")
+        next(rows)
+        started = time.monotonic()
+        wait_until(lambda: _all_idle(db), timeout=IDLE_TIMEOUT + 10)
+        assert time.monotonic() - started >= IDLE_TIMEOUT - 0.5
+        assert db.stats()["leases_ended_idle_transaction_timeout"] >= 1
+        with pytest.raises(DeadlineExceeded) as caught:
+            for _ in rows:
+                pass
+        assert caught.value.reason == "IDLE_TRANSACTION_TIMEOUT"
+        assert tx.closed
+        assert db.query(f"SELECT count(*) FROM {table}").scalar() == 0  # rolled back
