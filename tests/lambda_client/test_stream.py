@@ -151,9 +151,12 @@ def test_the_deadline_bounds_the_whole_stream(db: BrokerClient) -> None:
 
 def test_async_stream(broker: BrokerProcess) -> None:
     async def main() -> list[Any]:
-        async with AsyncBrokerClient(broker.target) as db, await db.stream(
-            "SELECT g FROM generate_series(1, $1::int) g", [3000], chunk_rows=700
-        ) as rows:
+        async with (
+            AsyncBrokerClient(broker.target) as db,
+            await db.stream(
+                "SELECT g FROM generate_series(1, $1::int) g", [3000], chunk_rows=700
+            ) as rows,
+        ):
             assert rows.columns == ("g",)
             return [r[0] async for r in rows]
 
