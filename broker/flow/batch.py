@@ -9,6 +9,9 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
+* a batch whose statements return rows holds COMMIT back until ``result_check`` (the result
+  limits) has seen the results: a result over its limit is refused before COMMIT and the batch
+  rolled back (one more round trip for such batches; see broker/security/limits.py).
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
@@ -30,7 +33,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
@@ -92,6 +95,9 @@ class Batch:
     # Each statement's parameters already bound (`broker.postgres.params.bind_params`), or None to
     # bind them on the worker.
     bound: Sequence[Bound] | None = None
+    # Called with the results before COMMIT when a statement returns rows (the result limits,
+    # broker/security/limits.py); what it raises rolls the batch back and reaches the caller.
+    result_check: Callable[[list[pb.StatementResult]], None] | None = None
 
     @property
     def explicit(self) -> bool:
@@ -343,10 +349,14 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
             after="COMMIT",
             bound=batch.bound,
             plans=batch.plan.statements,
+            check=batch.result_check,
         )
     except PgError as exc:
         rollback(conn)
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
+    except BrokerFailure:  # refused by result_check before COMMIT
+        rollback(conn)
+        raise
 
 
 def rollback(conn: PgConnection) -> None:

@@ -195,9 +195,11 @@ class BrokerService(pb_grpc.BrokerServicer):
                 role=role,
                 audit_session=self.audit_needed(plan),
                 bound=bound,
+                result_check=self._check_before_commit,
             )
             with self.inflight.hold(caller):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+            # A single statement committed as it completed: checked now (completed=true).
             check_results(outcome.results, self.limits)
         except Exception as exc:
             failure = failure_for(exc)
@@ -243,6 +245,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         """Served by `broker.front.transact.TransactService`, which the server registers in
         this method's place."""
         raise NotImplementedError
+
+    def _check_before_commit(self, results: list[pb.StatementResult]) -> None:
+        """The result limits, checked before a batch's COMMIT (on the worker)."""
+        check_results(results, self.limits, completed=False)
 
     def audit_needed(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""

@@ -37,7 +37,7 @@ from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
 from broker.front.service import BrokerService, lambda_metadata, validate
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
-from broker.security.limits import LimitExceeded, check_results
+from broker.security.limits import check_results
 from broker.sql.plan import RequestPlan
 from lambda_client import _status
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -198,16 +198,8 @@ class _Call:
             )
         except StatementFailed as exc:
             return pb.TransactResponse(executed=_executed_error(exc))
-        try:
-            check_results(results, self.service.limits)
-        except LimitExceeded as exc:
-            # Refused before COMMIT, so nothing behind it commits: say so, not "completed".
-            message = exc.message.replace(
-                "the transaction completed, but its results", "the results"
-            )
-            raise LimitExceeded(
-                exc.limit, exc.maximum, exc.observed, f"{message}; the transaction was rolled back"
-            ) from exc
+        # Refused before COMMIT, so nothing behind it commits (the lease is rolled back).
+        check_results(results, self.service.limits, completed=False)
         return pb.TransactResponse(executed=pb.TransactExecuted(results=results))
 
     async def _stream(

@@ -426,6 +426,7 @@ class PgConnection:
         after: str | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -441,13 +442,17 @@ class PgConnection:
         (the service binds them to validate the request); otherwise they are bound here.
         *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
         without them the SQL is planned here.
+        With *check*, *after* (a COMMIT) is held back when a statement returns rows: the
+        results are read, ``check(results)`` may raise (then *after* is never sent, and the
+        caller rolls back), and *after* follows in a round trip of its own. Statements that
+        return no rows keep the single round trip.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
         self._progress = progress = _Progress()
         with _Guard(self, progress):
-            return self._run_groups(statements, bound, before, after)
+            return self._run_groups(statements, bound, before, after, check)
 
     def fetch(self, cursor: str, count: int) -> tuple[list[pb.Column], list[pb.Row]]:
         """``FETCH FORWARD count FROM cursor`` (an open cursor, a plain identifier): its
@@ -499,9 +504,11 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
+        returns_rows = False
         for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
             prepared = self._cached(sql, oids)
             if prepared is None:
@@ -509,10 +516,26 @@ class PgConnection:
                     results += self._send_group(group, statements, bound, before, None)
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
+            returns_rows = returns_rows or bool(prepared.columns)
             group.append((index, prepared, texts))
+        if check is not None and after is not None and returns_rows:
+            results += self._send_group(group, statements, bound, before, None)
+            check(results)
+            self._send_after(after)
+            return results
         self._progress.after_sent = after is not None
         results += self._send_group(group, statements, bound, before, after)
         return results
+
+    def _send_after(self, after: str) -> None:
+        """*after* alone (a held-back COMMIT); raise its error as `PgError` (phase AFTER)."""
+        self._progress.after_sent = True
+        self._core.send_query_nowait(after)
+        self._core.flush()
+        errors: list[PgError] = []
+        self._read_reply(Context(after), errors, Phase.AFTER)
+        if errors:
+            raise errors[0]
 
     def _send_group(
         self,
