@@ -111,36 +111,20 @@ class Fetcher:
         `StatementFailed` or `TransactionLost`."""
         count = self.next_count()
         try:
-            columns, rows = conn.fetch(CURSOR, count)
+            columns, chunks, fetched = conn.fetch(CURSOR, count, CHUNK_BYTES)
         except PgError as exc:
             raise StatementFailed(exc, 0) from exc
         except ConnectionLost as exc:
             raise TransactionLost(exc, nothing_committed=True) from exc
-        self.done = len(rows) < count
-        chunks = self._split(rows)
+        self.done = fetched < count
+        self.rows += fetched
+        self._bytes += sum(chunk.ByteSize() for chunk in chunks)
         if not self.columns_sent:
             if not chunks:
                 chunks = [pb.RowChunk()]
             chunks[0].columns.extend(columns)
             self.columns_sent = True
         return chunks, self.done
-
-    def _split(self, rows: list[pb.Row]) -> list[pb.RowChunk]:
-        limit = CHUNK_BYTES
-        chunks: list[pb.RowChunk] = []
-        chunk, size = pb.RowChunk(), 0
-        for row in rows:
-            row_size = row.ByteSize() + 5  # the field's tag and length
-            if chunk.rows and size + row_size > limit:
-                chunks.append(chunk)
-                chunk, size = pb.RowChunk(), 0
-            chunk.rows.append(row)
-            size += row_size
-        if chunk.rows:
-            chunks.append(chunk)
-        self.rows += len(rows)
-        self._bytes += sum(c.ByteSize() for c in chunks)
-        return chunks
 
 
 def declare(

@@ -454,9 +454,12 @@ class PgConnection:
         with _Guard(self, progress):
             return self._run_groups(statements, bound, before, after, check)
 
-    def fetch(self, cursor: str, count: int) -> tuple[list[pb.Column], list[pb.Row]]:
+    def fetch(
+        self, cursor: str, count: int, chunk_bytes: int
+    ) -> tuple[list[pb.Column], list[pb.RowChunk], int]:
         """``FETCH FORWARD count FROM cursor`` (an open cursor, a plain identifier): its
-        columns and up to *count* rows, encoded as a prepared statement's rows are. Raise
+        columns, its rows encoded as a prepared statement's rows are and split into chunks of
+        about *chunk_bytes* (a larger row travels alone), and the rows' count. Raise
         `PgError` (the transaction is then aborted) or `ConnectionLost`."""
         sql = f"FETCH FORWARD {int(count)} FROM {cursor}"
         context = Context(sql)
@@ -468,11 +471,19 @@ class PgConnection:
         columns = context.columns or []
         oids = [c["type_oid"] for c in columns]
         head = [pb.Column(name=c["name"], type_oid=c["type_oid"]) for c in columns]
-        rows = [
-            pb.Row(values=[_encode_cell(v, oid) for v, oid in zip(row, oids, strict=True)])
-            for row in context.rows or ()
-        ]
-        return head, rows
+        rows = context.rows or ()
+        chunks: list[pb.RowChunk] = []
+        chunk, size = pb.RowChunk(), 0
+        for row in rows:
+            if size >= chunk_bytes:
+                chunks.append(chunk)
+                chunk, size = pb.RowChunk(), 0
+            message = chunk.rows.add()
+            message.values.extend([_encode_cell(v, oid) for v, oid in zip(row, oids, strict=True)])
+            size += message.ByteSize() + 5  # with the field's tag and length
+        if chunk.rows:
+            chunks.append(chunk)
+        return head, chunks, len(rows)
 
     def _check_statements(
         self,
