@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
-.PHONY: install proto proto-check test test-client-pythons lint run demo bench validate image deploy \
+.PHONY: install proto proto-check test test-large test-client-pythons lint run demo bench validate image deploy \
         clean
 
 IMAGE    ?= pgbroker:dev
@@ -36,6 +36,11 @@ proto-check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Streamed reads of 5 million rows and 200 MB of bytea with both sides' memory sampled
+# (minutes on a shared machine; skipped by `make test`).
+test-large: $(STAMP)
+	PGBROKER_LARGE_TESTS=1 $(PY) -m pytest -p no:cacheprovider tests/lambda_client/test_stream_large.py -s $(PYTEST_ARGS)
 
 # The client distribution alone (pip install ./client pytest, one .venv-client-<version> each)
 # on the oldest and newest Python it supports, from pyenv, against a broker run from .venv.
