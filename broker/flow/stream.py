@@ -3,7 +3,8 @@
 pg8000 reads a whole result into memory, so a large result is read in slices instead:
 ``DECLARE pgbroker_cursor NO SCROLL CURSOR FOR <query>`` (prepared, parameters bound as for any
 statement), then ``FETCH FORWARD n`` until it returns fewer than *n* rows. *n* adapts so that one
-FETCH brings about `CHUNK_BYTES` of encoded rows (`Fetcher`), and a FETCH that brought more is
+FETCH brings about `CHUNK_BYTES` of encoded rows (`Fetcher`: 16 rows first, then at most four
+times the previous count), and a FETCH that brought more is
 split into chunks of about that size, so every chunk stays far below gRPC's message limit
 whatever the rows' width. A row larger than a chunk travels alone.
 
@@ -62,8 +63,11 @@ __all__ = [
 # Encoded rows per chunk: far below gRPC's 4 MiB default message limit (and the client's).
 CHUNK_BYTES = MIB
 CURSOR = "pgbroker_cursor"
-# Rows of the first FETCH, before a row's size is known; and the most of any FETCH.
-FIRST_FETCH = 1000
+# Rows of the first FETCH, before a row's size is known (16 rows of 1 MiB are still only
+# 16 MiB); each later FETCH asks for at most RAMP times the rows of the one before, and never
+# more than MAX_FETCH, so a wide row met late cannot make one FETCH huge.
+FIRST_FETCH = 16
+RAMP = 4
 MAX_FETCH = 100_000
 
 _T = TypeVar("_T")
@@ -103,13 +107,15 @@ class Fetcher:
         if not self.rows:
             return FIRST_FETCH
         per_row = max(1, self._bytes // self.rows)
-        return max(1, min(MAX_FETCH, CHUNK_BYTES // per_row))
+        ramp = max(1, self.count * RAMP)
+        self.count = max(1, min(MAX_FETCH, ramp, CHUNK_BYTES // per_row))
+        return self.count
 
     def fetch(self, conn: PgConnection) -> tuple[list[pb.RowChunk], bool]:
         """One FETCH (blocking; worker thread), as chunks of about `CHUNK_BYTES` each (the
         first chunk of the stream carries the columns), and whether it was the last. Raise
         `StatementFailed` or `TransactionLost`."""
-        count = self.next_count()
+        count = self.count = self.next_count()
         try:
             columns, chunks, fetched = conn.fetch(CURSOR, count, CHUNK_BYTES)
         except PgError as exc:
