@@ -27,6 +27,7 @@ and a cancelled caller cannot interrupt it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import statistics
@@ -260,9 +261,11 @@ class Lease:
                 self.cursor_open = False
             await self._on_worker(declare, statement, plan, bound, before)
             self.cursor_open = True
-            async for chunk in prefetched(self._on_worker, Fetcher(chunk_rows=chunk_rows)):
-                yield chunk
-                self.last_active = time.monotonic()
+            fetches = prefetched(self._on_worker, Fetcher(chunk_rows=chunk_rows))
+            async with contextlib.aclosing(fetches) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+                    self.last_active = time.monotonic()
             await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
             self.cursor_open = False
         except StatementFailed as exc:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -199,9 +199,10 @@ async def stream_rows(
         begin = begin_sql(_read_only(options), timeout_ms)
         run = _runner(pool, attempt)
         await run(declare, statement, plan, bound, begin)
-        fetcher = Fetcher(chunk_rows=chunk_rows)
-        async for chunk in prefetched(run, fetcher):
-            yield chunk
+        # aclosing: a reader gone mid-stream cancels the FETCH running ahead at once.
+        async with contextlib.aclosing(prefetched(run, Fetcher(chunk_rows=chunk_rows))) as chunks:
+            async for chunk in chunks:
+                yield chunk
         await run(close_cursor, "COMMIT")
         if options.audit_session:
             await run(audit)
@@ -214,7 +215,9 @@ async def stream_rows(
         await _release(pool, attempt, error)
 
 
-async def prefetched(run: Callable[..., Any], fetcher: Fetcher) -> AsyncIterator[pb.RowChunk]:
+async def prefetched(
+    run: Callable[..., Any], fetcher: Fetcher
+) -> AsyncGenerator[pb.RowChunk, None]:
     """The fetcher's chunks, the next FETCH running on the worker while these are written."""
     pending = asyncio.ensure_future(run(fetcher.fetch))
     try:
