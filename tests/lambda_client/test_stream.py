@@ -125,6 +125,7 @@ def test_a_reader_that_stops_early_closes_the_cursor_and_frees_the_connection(
     assert running == [[0]]
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_reading_is_cut_off_after_the_idle_timeout(
     db: BrokerClient,
 ) -> None:
@@ -139,6 +140,7 @@ def test_a_reader_that_stops_reading_is_cut_off_after_the_idle_timeout(
     assert caught.value.reason == "IDLE_TRANSACTION_TIMEOUT"
 
 
+@pytest.mark.slow
 def test_the_deadline_bounds_the_whole_stream(db: BrokerClient) -> None:
     rows = db.stream(
         "SELECT g, pg_sleep(0.01) FROM generate_series(1, 100000) g", timeout=1.5, chunk_rows=10
@@ -196,6 +198,7 @@ def test_tx_stream_error_aborts_the_transaction_like_a_statement(db: BrokerClien
     assert _all_idle(db)
 
 
+@pytest.mark.slow
 def test_a_stalled_reader_inside_a_transaction_loses_the_lease_at_the_idle_timeout(
     db: BrokerClient, postgres: Any
 ) -> None:
