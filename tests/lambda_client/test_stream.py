@@ -217,3 +217,27 @@ def test_a_stalled_reader_inside_a_transaction_loses_the_lease_at_the_idle_timeo
         assert caught.value.reason == "IDLE_TRANSACTION_TIMEOUT"
         assert tx.closed
         assert db.query(f"SELECT count(*) FROM {table}").scalar() == 0  # rolled back
+
+
+def test_chunks_stay_near_one_mib_whatever_the_row_width(broker: BrokerProcess) -> None:
+    import grpc
+
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+    from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(broker.target) as channel:
+        stub = pb_grpc.BrokerStub(channel)
+        for width, count in ((10, 300_000), (5000, 2000), (3 * 1024 * 1024, 3)):
+            request = pb.StreamRequest(
+                statement=pb.Statement(
+                    sql=f"SELECT repeat('x', {width}) FROM generate_series(1, {count})"
+                )
+            )
+            chunks = list(stub.Stream(request, timeout=60))
+            assert sum(len(c.rows) for c in chunks) == count
+            assert chunks[0].columns[0].type_oid == 25
+            for chunk in chunks:
+                # About 1 MiB: a chunk closes once it reaches 1 MiB; a wider row travels alone.
+                assert chunk.ByteSize() <= 1024 * 1024 + width + 64 or len(chunk.rows) == 1
+            if width * count > 2 * 1024 * 1024:
+                assert len(chunks) >= min(count, (width * count) // (1024 * 1024))
