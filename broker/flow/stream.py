@@ -64,8 +64,10 @@ __all__ = [
 CHUNK_BYTES = MIB
 CURSOR = "pgbroker_cursor"
 # Rows of the first FETCH, before a row's size is known (16 rows of 1 MiB are still only
-# 16 MiB); each later FETCH asks for at most RAMP times the rows of the one before, and never
-# more than MAX_FETCH, so a wide row met late cannot make one FETCH huge.
+# 16 MiB); each later FETCH is sized from the rows of the one before, asks for at most RAMP
+# times its rows and never more than MAX_FETCH. pg8000 holds a FETCH's rows in memory: a
+# result whose rows suddenly grow much wider can still make one FETCH large (chunk_rows, or
+# narrower rows, bound it then).
 FIRST_FETCH = 16
 RAMP = 4
 MAX_FETCH = 100_000
@@ -92,21 +94,22 @@ class StreamStats:
 @dataclass
 class Fetcher:
     """How many rows the next FETCH asks for: *chunk_rows* when the caller fixed it, else
-    sized from the rows seen so far to bring about `CHUNK_BYTES`."""
+    sized from the previous FETCH's rows to bring about `CHUNK_BYTES`."""
 
     chunk_rows: int = 0
     count: int = 0
     rows: int = 0
     columns_sent: bool = False
     done: bool = False
-    _bytes: int = field(default=0, repr=False)
+    _bytes: int = field(default=0, repr=False)  # of the last FETCH that brought rows
+    _last_rows: int = field(default=0, repr=False)
 
     def next_count(self) -> int:
         if self.chunk_rows:
             return self.chunk_rows
         if not self.rows:
             return FIRST_FETCH
-        per_row = max(1, self._bytes // self.rows)
+        per_row = max(1, self._bytes // max(1, self._last_rows))
         ramp = max(1, self.count * RAMP)
         self.count = max(1, min(MAX_FETCH, ramp, CHUNK_BYTES // per_row))
         return self.count
@@ -124,7 +127,9 @@ class Fetcher:
             raise TransactionLost(exc, nothing_committed=True) from exc
         self.done = fetched < count
         self.rows += fetched
-        self._bytes += sum(chunk.ByteSize() for chunk in chunks)
+        if fetched:
+            self._last_rows = fetched
+            self._bytes = sum(chunk.ByteSize() for chunk in chunks)
         if not self.columns_sent:
             if not chunks:
                 chunks = [pb.RowChunk()]
