@@ -422,12 +422,16 @@ class Settings:
         size, 8 * MIB, "encoded size of a request (0: no limit)", check=at_least(0)
     )
     max_result_rows: int = setting(
-        integer, 1_000_000, "rows of all results of one request (0: no limit)", check=at_least(0)
+        integer,
+        1_000_000,
+        "rows of all buffered results of one request (streamed rows: no limit; 0: no limit)",
+        check=at_least(0),
     )
     max_result_bytes: int = setting(
         size,
         32 * MIB,
-        "encoded size of all results of one request (0: no limit)",
+        "encoded size of all buffered results of one request (streamed rows: no limit; 0: no"
+        " limit)",
         check=at_least(0),
     )
     max_inflight_per_caller: int = setting(

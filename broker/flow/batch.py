@@ -9,6 +9,9 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
+* a batch whose statements return rows holds COMMIT back until ``result_check`` (the result
+  limits) has seen the results: a result over its limit is refused before COMMIT and the batch
+  rolled back (one more round trip for such batches; see broker/security/limits.py).
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
@@ -30,10 +33,11 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
+from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres.audit import audit_session
 from broker.postgres.params import Bound
@@ -48,8 +52,12 @@ __all__ = [
     "ExecuteOutcome",
     "StatementFailed",
     "TransactionLost",
+    "application_name",
+    "begin_sql",
     "execute",
+    "rollback",
     "run_transaction",
+    "statement_timeout_ms",
 ]
 
 log = logging.getLogger("pgbroker.execute")
@@ -89,6 +97,9 @@ class Batch:
     bound: Sequence[Bound] | None = None
     # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
     queue_key: str | None = None
+    # Called with the results before COMMIT when a statement returns rows (the result limits,
+    # broker/security/limits.py); what it raises rolls the batch back and reaches the caller.
+    result_check: Callable[[list[pb.StatementResult]], None] | None = None
 
     @property
     def explicit(self) -> bool:
@@ -233,7 +244,7 @@ def application_name(function: str | None, request_id: str | None) -> str:
     return f"pgbroker:{function}:{request}"[:63]
 
 
-def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
+def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> int:
     """Milliseconds Postgres may spend: the statement timeout, cut to the caller's deadline.
 
     The margin (10% of the remaining time, at most 50 ms) lets Postgres stop the statement
@@ -249,7 +260,7 @@ def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
     return max(1, int(budget * 1000))
 
 
-def _begin_sql(batch: Batch, timeout_ms: int) -> str:
+def begin_sql(batch: Batch, timeout_ms: int) -> str:
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -273,7 +284,7 @@ def run_transaction(
     Raise `StatementFailed` (rolled back), `TransactionLost` (link broke) or
     `DeadlineBeforeStart` (nothing sent).
     """
-    timeout_ms = _timeout_ms(deadline, statement_timeout)
+    timeout_ms = statement_timeout_ms(deadline, statement_timeout)
     try:
         try:
             if batch.explicit:
@@ -336,17 +347,21 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     try:
         return conn.run_many(
             statements,
-            before=_begin_sql(batch, timeout_ms),
+            before=begin_sql(batch, timeout_ms),
             after="COMMIT",
             bound=batch.bound,
             plans=batch.plan.statements,
+            check=batch.result_check,
         )
     except PgError as exc:
-        _rollback(conn)
+        rollback(conn)
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
+    except BrokerFailure:  # refused by result_check before COMMIT
+        rollback(conn)
+        raise
 
 
-def _rollback(conn: PgConnection) -> None:
+def rollback(conn: PgConnection) -> None:
     """End a failed transaction; a connection that stays in a transaction is replaced later."""
     if conn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         # Still not idle afterwards (or the link broke): the pool replaces the connection.
@@ -355,16 +370,6 @@ def _rollback(conn: PgConnection) -> None:
 
 
 # -- the async flow ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Attempt:
-    """What the event loop knows about a transaction running on a worker."""
-
-    conn: ServerConnection
-    work: asyncio.Future[list[pb.StatementResult]] | None = None
-    cancel_sent: bool = False
-    cancel_tasks: list[asyncio.Task[bool]] = field(default_factory=list)
 
 
 async def execute(
@@ -418,21 +423,21 @@ async def _run_on(
     statement_timeout: float,
 ) -> list[pb.StatementResult]:
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
-    attempt = _Attempt(conn)
+    attempt = Attempt(conn)
     loop = asyncio.get_running_loop()
     work = pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
     attempt.work = work
     watchdog = None
     if deadline is not None:
-        watchdog = loop.call_at(deadline, _send_cancel, pool, attempt, "deadline passed")
+        watchdog = loop.call_at(deadline, send_cancel, pool, attempt, "deadline passed")
     error: BaseException | None = None
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         # The caller went away: stop the backend query, then wait for the worker so the
         # connection is returned in a known state.
-        _send_cancel(pool, attempt, "caller cancelled")
-        error = await _settle(work)
+        send_cancel(pool, attempt, "caller cancelled")
+        error = await settle(work)
         raise
     except BaseException as exc:
         error = exc
@@ -445,73 +450,6 @@ async def _run_on(
                 # Let the cancel request land before the connection can serve anyone else.
                 await asyncio.shield(asyncio.gather(*attempt.cancel_tasks, return_exceptions=True))
         except asyncio.CancelledError:
-            pass  # cancelled again: _close_reason replaces a connection a cancel may still hit
+            pass  # cancelled again: close_reason replaces a connection a cancel may still hit
         finally:
-            pool.putconn(conn, _close_reason(conn, attempt, error))
-
-
-async def _settle(work: asyncio.Future[list[pb.StatementResult]]) -> BaseException | None:
-    """Wait for the worker even though our task was cancelled; return its exception."""
-    while not work.done():
-        try:
-            await asyncio.shield(work)
-        except asyncio.CancelledError:
-            continue
-        except BaseException:
-            break
-    return None if work.cancelled() else work.exception()
-
-
-def _send_cancel(pool: Pool, attempt: _Attempt, why: str) -> None:
-    if attempt.cancel_sent:
-        return
-    attempt.cancel_sent = True
-    log.info(
-        "cancelling backend query",
-        extra={"backend_pid": attempt.conn.pg.backend_pid, "reason": why},
-    )
-    attempt.cancel_tasks.append(asyncio.ensure_future(_deliver_cancel(pool, attempt)))
-
-
-async def _deliver_cancel(pool: Pool, attempt: _Attempt, tries: int = 3) -> bool:
-    """Send the cancel request; on a failed delivery (a slow or busy server) try again while
-    the statement still runs. Return True once the postmaster took one."""
-    for _ in range(tries):
-        if await pool.cancel_backend(attempt.conn):
-            return True
-        if attempt.work is None or attempt.work.done():
-            return False
-        await asyncio.sleep(0.1)
-    return False
-
-
-def _cancel_delivered(attempt: _Attempt) -> bool:
-    """True once the postmaster has taken every cancel request we sent (it closed the socket).
-
-    The signal has then reached the backend: it stopped the running statement (an error we
-    read), or, arriving while the backend waited for the next command, it was dropped — a
-    delivered cancel cannot reach a later query on this connection.
-    """
-    return all(
-        task.done() and not task.cancelled() and task.exception() is None and task.result()
-        for task in attempt.cancel_tasks
-    )
-
-
-def _close_reason(
-    conn: ServerConnection, attempt: _Attempt, error: BaseException | None
-) -> str | None:
-    """Why *conn* must not go back to the pool, or None if it is idle and clean."""
-    if conn.pg.closed:
-        return "server connection lost"
-    if conn.pg.transaction_status is not TransactionStatus.IDLE:
-        return f"not idle after the transaction ({conn.pg.transaction_status.value})"
-    # Session state the caller left behind (broker/postgres/audit.py): replace, never hand on.
-    if changed := conn.pg.reported_changes():
-        return f"session state changed ({', '.join(changed)})"
-    if conn.pg.session_dirty:
-        return f"session state left behind ({conn.pg.session_dirty})"
-    if attempt.cancel_sent and not _cancel_delivered(attempt):
-        # A cancel request still in flight could hit the next caller's query.
-        return "cancel request not confirmed delivered"
-    return None
+            pool.putconn(conn, close_reason(conn, attempt, error))

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from broker.config import Settings
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
+from broker.front.stream import StreamService, stream_handler
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
@@ -180,6 +181,11 @@ class BrokerServer:
             transaction_timeout=settings.transaction_timeout,
         )
         self.service.stats_sources.append(self.transact.get_stats)
+        self.stream = StreamService(
+            self.service,
+            idle_timeout=settings.idle_transaction_timeout,
+            stats=self.service.stream_stats,
+        )
         if worker is not None:
             self.service.extra_stats = {
                 "worker": worker.index,
@@ -198,6 +204,7 @@ class BrokerServer:
         gate = AuthGate(self.authenticator, self.auth_stats)
         methods = broker_method_handlers(self.service)
         methods["Transact"] = transact_handler(self.transact)  # broker/front/transact.py
+        methods["Stream"] = stream_handler(self.stream)  # broker/front/stream.py
         gate.add_service(self.server, SERVICE_NAME, methods)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

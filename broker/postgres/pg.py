@@ -317,6 +317,12 @@ class _Core(CoreConnection):  # type: ignore[misc]
                 row.append(_Raw(text))
         context.rows.append(row)
 
+    def handle_ROW_DESCRIPTION(self, data: bytes, context: Any) -> None:
+        super().handle_ROW_DESCRIPTION(data, context)
+        if getattr(context, "broker_types", False):
+            # A FETCH read with the simple protocol: parse cells as prepared statements do.
+            context.input_funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in context.columns]
+
     def send_query_nowait(self, sql: str) -> None:
         """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
         self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
@@ -420,6 +426,7 @@ class PgConnection:
         after: str | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -435,13 +442,48 @@ class PgConnection:
         (the service binds them to validate the request); otherwise they are bound here.
         *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
         without them the SQL is planned here.
+        With *check*, *after* (a COMMIT) is held back when a statement returns rows: the
+        results are read, ``check(results)`` may raise (then *after* is never sent, and the
+        caller rolls back), and *after* follows in a round trip of its own. Statements that
+        return no rows keep the single round trip.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
         self._progress = progress = _Progress()
         with _Guard(self, progress):
-            return self._run_groups(statements, bound, before, after)
+            return self._run_groups(statements, bound, before, after, check)
+
+    def fetch(
+        self, cursor: str, count: int, chunk_bytes: int
+    ) -> tuple[list[pb.Column], list[pb.RowChunk], int]:
+        """``FETCH FORWARD count FROM cursor`` (an open cursor, a plain identifier): its
+        columns, its rows encoded as a prepared statement's rows are and split into chunks of
+        about *chunk_bytes* (a larger row travels alone), and the rows' count. Raise
+        `PgError` (the transaction is then aborted) or `ConnectionLost`."""
+        sql = f"FETCH FORWARD {int(count)} FROM {cursor}"
+        context = Context(sql)
+        context.broker_types = True
+        with _Guard(self):
+            self._core.send_query_nowait(sql)
+            self._core.flush()
+            self._core.handle_messages(context)
+        columns = context.columns or []
+        oids = [c["type_oid"] for c in columns]
+        head = [pb.Column(name=c["name"], type_oid=c["type_oid"]) for c in columns]
+        rows = context.rows or ()
+        chunks: list[pb.RowChunk] = []
+        chunk, size = pb.RowChunk(), 0
+        for row in rows:
+            if size >= chunk_bytes:
+                chunks.append(chunk)
+                chunk, size = pb.RowChunk(), 0
+            message = chunk.rows.add()
+            message.values.extend([_encode_cell(v, oid) for v, oid in zip(row, oids, strict=True)])
+            size += message.ByteSize() + 5  # with the field's tag and length
+        if chunk.rows:
+            chunks.append(chunk)
+        return head, chunks, len(rows)
 
     def _check_statements(
         self,
@@ -473,9 +515,11 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
+        returns_rows = False
         for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
             prepared = self._cached(sql, oids)
             if prepared is None:
@@ -483,10 +527,26 @@ class PgConnection:
                     results += self._send_group(group, statements, bound, before, None)
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
+            returns_rows = returns_rows or bool(prepared.columns)
             group.append((index, prepared, texts))
+        if check is not None and after is not None and returns_rows:
+            results += self._send_group(group, statements, bound, before, None)
+            check(results)
+            self._send_after(after)
+            return results
         self._progress.after_sent = after is not None
         results += self._send_group(group, statements, bound, before, after)
         return results
+
+    def _send_after(self, after: str) -> None:
+        """*after* alone (a held-back COMMIT); raise its error as `PgError` (phase AFTER)."""
+        self._progress.after_sent = True
+        self._core.send_query_nowait(after)
+        self._core.flush()
+        errors: list[PgError] = []
+        self._read_reply(Context(after), errors, Phase.AFTER)
+        if errors:
+            raise errors[0]
 
     def _send_group(
         self,

@@ -23,10 +23,16 @@ Nothing runs when a request limit or the in-flight limit is crossed; the in-flig
 carries ``RetryInfo`` (it clears as the caller's other requests finish), the others do not:
 resending the same request cannot succeed, and clients do not retry them.
 
-Result limits are checked once the transaction has finished, because the broker sends
-``COMMIT`` together with the last statement (one round trip): the transaction *completed*
-(ErrorInfo metadata ``completed=true``) but its result is not sent. Page instead:
-``WHERE id > $1 ORDER BY id LIMIT 1000``.
+Result limits bound a *buffered* result (``Execute``, a ``Transact`` ``execute`` step), which
+travels in one response; streamed rows (``Broker.Stream``, a ``Transact`` ``stream`` step) have
+no limit. A batch's results are checked **before COMMIT**: when a statement of the batch
+returns rows, the broker reads the results, checks them and only then sends ``COMMIT`` (one
+more round trip for such batches; a batch whose statements return no rows still sends
+``COMMIT`` with them), so a result over its limit is refused and the transaction rolled back:
+nothing committed. A single statement runs without BEGIN … COMMIT and commits as it
+completes, so its result is checked afterwards: ErrorInfo metadata ``completed=true`` says it
+ran (for a single ``INSERT … RETURNING``, wrap it in a batch to make the check come first).
+Page instead (``WHERE id > $1 ORDER BY id LIMIT 1000``) or stream.
 
 The in-flight limit counts per identity (iam, token) and Lambda function name (the
 ``x-lambda-function-name`` metadata the client sends), so one function cannot take another's
@@ -141,18 +147,29 @@ def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:
             )
 
 
-def check_results(results: Sequence[pb.StatementResult], limits: Limits) -> None:
-    """Raise `LimitExceeded` (``completed=True``) if *results* are too large to send."""
+def check_results(
+    results: Sequence[pb.StatementResult], limits: Limits, *, completed: bool = True
+) -> None:
+    """Raise `LimitExceeded` if *results* are too large to send (buffered in one response).
+
+    *completed* says whether the work already committed (a single statement, which runs
+    without BEGIN … COMMIT: metadata ``completed=true``) or is checked before COMMIT (a batch
+    or a Transact step: the message says it was rolled back)."""
+    if completed:
+        outcome, stop = "the transaction completed, but its results", ""
+    else:
+        outcome, stop = "the results", "; the transaction was rolled back, nothing committed"
+    advice = " or stream them (db.stream, tx.stream: no limit)"
     rows = sum(len(result.rows) for result in results)
     if limits.max_result_rows and rows > limits.max_result_rows:
         raise LimitExceeded(
             "PGBROKER_MAX_RESULT_ROWS",
             limits.max_result_rows,
             rows,
-            f"the transaction completed, but its results have {rows} rows; at most"
-            f" {limits.max_result_rows} are sent (PGBROKER_MAX_RESULT_ROWS): page with"
-            " WHERE key > $1 ORDER BY key LIMIT n",
-            completed=True,
+            f"{outcome} have {rows} rows; at most {limits.max_result_rows} are sent"
+            " (PGBROKER_MAX_RESULT_ROWS): page with WHERE key > $1 ORDER BY key LIMIT n"
+            f"{advice}{stop}",
+            completed=completed,
         )
     size = sum(result.ByteSize() for result in results)
     if limits.max_result_bytes and size > limits.max_result_bytes:
@@ -160,10 +177,10 @@ def check_results(results: Sequence[pb.StatementResult], limits: Limits) -> None
             "PGBROKER_MAX_RESULT_BYTES",
             limits.max_result_bytes,
             size,
-            f"the transaction completed, but its results are {size} bytes; at most"
-            f" {limits.max_result_bytes} are sent (PGBROKER_MAX_RESULT_BYTES): select fewer"
-            " columns or page with WHERE key > $1 ORDER BY key LIMIT n",
-            completed=True,
+            f"{outcome} are {size} bytes; at most {limits.max_result_bytes} are sent"
+            " (PGBROKER_MAX_RESULT_BYTES): select fewer columns, page with WHERE key > $1"
+            f" ORDER BY key LIMIT n{advice}{stop}",
+            completed=completed,
         )
 
 

@@ -14,6 +14,7 @@ from broker.flow.batch import DeadlineBeforeStart, StatementFailed, TransactionL
 from broker.flow.lease import End, LeaseTimeout, TransactionAborted
 from broker.front.service import BadRequest
 from broker.front.status import failure_for, status_for
+from broker.front.stream import ReaderStalled
 from broker.front.transact import StepRefused
 from broker.pooling.pool import (
     DeadlineExpired,
@@ -152,6 +153,10 @@ CASES: list[tuple[BaseException, Expected]] = [
     ),
     (TransactionAborted(), Expected(_S.FAILED_PRECONDITION, None, sqlstate="25P02")),
     (StepRefused("execute before begin"), Expected(_S.INVALID_ARGUMENT, Reason.BAD_REQUEST)),
+    (
+        ReaderStalled("no rows taken"),
+        Expected(_S.DEADLINE_EXCEEDED, Reason.IDLE_TRANSACTION_TIMEOUT),
+    ),
     (AuthError("no credentials"), Expected(_S.UNAUTHENTICATED, Reason.UNAUTHENTICATED)),
     (
         PermissionDenied("role not allowed"),
