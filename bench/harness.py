@@ -92,12 +92,16 @@ PLANS = {
 }  # fmt: skip
 
 
+# The W2 variant pgbroker runs through Transact (db.begin()) instead of one batch.
+TRANSACT = "transact"
+
+
 @dataclass
 class Case:
     """One row of results: a workload variant against one competitor."""
 
     workload: str  # W1 | W2 | W3
-    variant: str  # base | think0 | +latency
+    variant: str  # base | light | think0 | +latency | transact
     competitor: str
     clients: int
     think_ms: float
@@ -213,6 +217,10 @@ class Bench:
             think = plan.think_ms if workload == "W2" else 0.0
             for competitor in COMPETITORS:
                 yield Case(workload, "base", competitor, clients, think, 0.0)
+            if workload == "W2":
+                # The same transfer through Transact: the lease held across the think times,
+                # as PgBouncer holds a server connection (ratios against W2 base's rows).
+                yield Case(workload, TRANSACT, PGBROKER, clients, think, 0.0)
             if plan.variants and workload == "W1":
                 # Per-request latency without queueing: closed loops of 200 measure mostly
                 # throughput (Little's law), a few clients measure the path itself.
@@ -308,7 +316,7 @@ class Bench:
             warmup=plan.warmup, think_ms=case.think_ms, scale=plan.scale,
             timeout=plan.burst_timeout if case.workload == "W3" else 60.0,
             user=ROLES[DIRECT] if case.competitor == DIRECT else "postgres",
-            asyncio=plan.pgbroker_asyncio,
+            asyncio=plan.pgbroker_asyncio, transact=case.variant == TRANSACT,
         )  # fmt: skip
         limit = plan.warmup + plan.duration + spec.timeout + 60
         if case.workload == "W3":

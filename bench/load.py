@@ -60,6 +60,9 @@ class Spec:
     wait_for_go: bool = False  # burst: print "ready", wait for a line on stdin, then release
     first_index: int = 0  # this process's first invocation (bursts split across processes)
     asyncio: bool = True  # pgbroker: lambda_client.aio on one event loop, else a thread each
+    # pgbroker W2 through Transact (db.begin()): statement by statement with the think time
+    # between them, as PgBouncer's clients run it, instead of one batch after the think time.
+    transact: bool = False
 
 
 @dataclass
@@ -220,6 +223,18 @@ class BrokerLoadClient:
             time.sleep(think)
         self.client.transaction(t.statements(), timeout=self.spec.timeout)
 
+    def w2_transact(self, rng: random.Random) -> None:
+        """W2 as an interactive transaction: the lease is held across the think times."""
+        t = Transfer.random(rng, self.spec.scale)
+        think = self.spec.think_ms / 1000
+        with self.client.begin(timeout=self.spec.timeout) as tx:
+            for sql, params in t.statements():
+                if think:
+                    time.sleep(think)
+                tx.execute(sql, params)
+            if think:
+                time.sleep(think)
+
     def close(self) -> None:
         if self.client is not None:
             with contextlib.suppress(Exception):
@@ -300,10 +315,31 @@ class AsyncBrokerLoadClient:
             await asyncio.sleep(think)
         await self.client.transaction(t.statements(), timeout=self.spec.timeout)
 
+    async def w2_transact(self, rng: random.Random) -> None:
+        """As `BrokerLoadClient.w2_transact`."""
+        t = Transfer.random(rng, self.spec.scale)
+        think = self.spec.think_ms / 1000
+        async with await self.client.begin(timeout=self.spec.timeout) as tx:
+            for sql, params in t.statements():
+                if think:
+                    await asyncio.sleep(think)
+                await tx.execute(sql, params)
+            if think:
+                await asyncio.sleep(think)
+
     async def close(self) -> None:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
+
+
+def _op(spec: Spec, client: Any) -> Callable[[random.Random], Any]:
+    """The steady loop's transaction: W1, W2, or W2 through Transact (pgbroker only)."""
+    if spec.workload == "w1":
+        return client.w1  # type: ignore[no-any-return]
+    if spec.transact:
+        return client.w2_transact  # type: ignore[no-any-return]
+    return client.w2  # type: ignore[no-any-return]
 
 
 def _async_factory(spec: Spec) -> Callable[[], Any]:
@@ -330,7 +366,7 @@ def run_threads_steady(spec: Spec) -> dict[str, Any]:
 
     def client_main(index: int) -> None:
         tally, client, rng = tallies[index], factory(), random.Random(index)
-        op = client.w1 if spec.workload == "w1" else client.w2
+        op = _op(spec, client)
         try:
             client.connect()
         except Exception as exc:
@@ -481,7 +517,7 @@ async def _async_steady(spec: Spec) -> dict[str, Any]:
 
     async def loop(index: int, client: Any) -> None:
         tally, rng = tallies[index], random.Random(index)
-        op = client.w1 if spec.workload == "w1" else client.w2
+        op = _op(spec, client)
         while (now := time.monotonic()) < window.end:
             try:
                 await op(rng)

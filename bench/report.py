@@ -35,8 +35,10 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = rows.get(PGBROKER)
         if mine is None or mine.get("skipped"):
             continue
+        # The Transact variant has only pgbroker's row: compared with the base run's others.
+        others = by_case.get((workload, "base"), {}) if variant == "transact" else rows
         for other_name in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, DIRECT):
-            other = rows.get(other_name)
+            other = others.get(other_name)
             if other is None or other.get("skipped"):
                 continue
             entry: dict[str, Any] = {"workload": workload, "variant": variant}

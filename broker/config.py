@@ -431,21 +431,31 @@ class Settings:
         size, 8 * MIB, "encoded size of a request (0: no limit)", check=at_least(0)
     )
     max_result_rows: int = setting(
-        integer, 1_000_000, "rows of all results of one request (0: no limit)", check=at_least(0)
+        integer,
+        1_000_000,
+        "rows of all buffered results of one request (streamed rows: no limit; 0: no limit)",
+        check=at_least(0),
     )
     max_result_bytes: int = setting(
         size,
         32 * MIB,
-        "encoded size of all results of one request (0: no limit)",
+        "encoded size of all buffered results of one request (streamed rows: no limit; 0: no"
+        " limit)",
         check=at_least(0),
     )
     max_inflight_per_caller: int = setting(
         integer,
         DERIVED,
-        "running + queued requests of one identity, iam or token (0: no limit)",
+        "running + queued requests of one identity and Lambda function (0: no limit)",
         check=at_least(0),
         derive=_half_of_admitted,
         shown_default="half of `pool_size + max_waiting` ({})",
+    )
+    queue_weights: str = setting(
+        stripped,
+        "",
+        "share of queued turns per caller when several wait: JSON or `pattern=weight,…` over"
+        " function names or identities (`*` patterns; others weigh 1)",
     )
     aws_region: str = setting(
         stripped,
@@ -627,6 +637,15 @@ def _check_role_map(settings: Settings, r: _Resolver) -> None:
         r.problems.append(str(exc))
 
 
+def _check_queue_weights(settings: Settings, r: _Resolver) -> None:
+    from broker.security.limits import QueueWeights
+
+    try:
+        QueueWeights.parse(settings.queue_weights)
+    except ValueError as exc:
+        r.problems.append(str(exc))
+
+
 def _check_authenticator(settings: Settings, r: _Resolver) -> None:
     if settings.auth not in ("iam", "token"):
         return
@@ -650,6 +669,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_auth_listen,
     _check_tls,
     _check_role_map,
+    _check_queue_weights,
     _check_authenticator,
     _check_database_credentials,
 )

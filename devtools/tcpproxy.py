@@ -225,7 +225,9 @@ class TcpProxy:
     *delay* (seconds) applies to both directions unless *upstream_delay* (client -> target)
     or *downstream_delay* (target -> client) is given. Delays can be changed while running
     (`set_delay`); they apply to bytes read from then on. `start()` binds the port (0: any
-    free port) and returns self; `stop()` closes everything and joins the thread.
+    free port) and returns self; `stop()` closes everything and joins the thread. With
+    *source_host* (e.g. ``127.0.0.2``) the target sees connections from that address, so a
+    test can present a second client address on loopback.
     """
 
     def __init__(
@@ -237,8 +239,10 @@ class TcpProxy:
         delay: float = 0.0,
         upstream_delay: float | None = None,
         downstream_delay: float | None = None,
+        source_host: str | None = None,
     ) -> None:
         self.target = target
+        self.source_host = source_host
         self.host = listen_host
         self.port = listen_port
         self.upstream_delay = delay if upstream_delay is None else upstream_delay
@@ -385,7 +389,8 @@ class TcpProxy:
     async def _connect_upstream(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: conn.server, *self.target)
+            local = (self.source_host, 0) if self.source_host else None
+            await loop.create_connection(lambda: conn.server, *self.target, local_addr=local)
         except OSError:
             # The target is down: the client sees its connection closed, as with a real hop.
             conn.abort(reset=False)

@@ -9,6 +9,16 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
+* behind COMMIT (or the single statement), in the same flush: the session reset and probe
+  (``RESET ALL``, advisory unlock, one row naming what cannot be reset: broker/postgres/audit.py),
+  unless ``PGBROKER_SESSION_AUDIT=off``.
+* a batch whose statements return rows, or that carries an idempotency key (the claim goes
+  with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
+  ``result_check`` (the result limits) sees results with rows, and the store of a keyed
+  batch's response, COMMIT and the session reset go together in ONE more round trip. A result
+  over its limit is refused before COMMIT and the batch rolled back (nothing commits, the key
+  stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
+  statements' flush.
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
@@ -30,15 +40,23 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
+from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
 from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
-from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
+from broker.postgres.pg import (
+    After,
+    ConnectionLost,
+    PgConnection,
+    PgError,
+    Phase,
+    TransactionStatus,
+)
 from broker.security.roles import quote_role
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -49,8 +67,12 @@ __all__ = [
     "ExecuteOutcome",
     "StatementFailed",
     "TransactionLost",
+    "application_name",
+    "begin_sql",
     "execute",
+    "rollback",
     "run_transaction",
+    "statement_timeout_ms",
 ]
 
 log = logging.getLogger("pgbroker.execute")
@@ -94,6 +116,11 @@ class Batch:
     # Reset the session behind COMMIT and probe what cannot be reset (audit.RESET_SQL), in
     # the same flush; False with PGBROKER_SESSION_AUDIT=off.
     reset_session: bool = True
+    # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
+    queue_key: str | None = None
+    # Called with the results before COMMIT when a statement returns rows (the result limits,
+    # broker/security/limits.py); what it raises rolls the batch back and reaches the caller.
+    result_check: Callable[[list[pb.StatementResult]], None] | None = None
 
     @property
     def explicit(self) -> bool:
@@ -239,7 +266,7 @@ def application_name(function: str | None, request_id: str | None) -> str:
     return f"pgbroker:{function}:{request}"[:63]
 
 
-def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
+def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> int:
     """Milliseconds Postgres may spend: the statement timeout, cut to the caller's deadline.
 
     The margin (10% of the remaining time, at most 50 ms) lets Postgres stop the statement
@@ -255,7 +282,7 @@ def _timeout_ms(deadline: float | None, statement_timeout: float) -> int:
     return max(1, int(budget * 1000))
 
 
-def _begin_sql(batch: Batch, timeout_ms: int) -> str:
+def begin_sql(batch: Batch, timeout_ms: int) -> str:
     """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
     is written as the login role, which owns it."""
     begin = "BEGIN"
@@ -284,7 +311,7 @@ def run_transaction(
     Raise `StatementFailed` (rolled back), `TransactionLost` (link broke) or
     `DeadlineBeforeStart` (nothing sent).
     """
-    timeout_ms = _timeout_ms(deadline, statement_timeout)
+    timeout_ms = statement_timeout_ms(deadline, statement_timeout)
     try:
         try:
             if batch.explicit:
@@ -355,19 +382,16 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     statements = [(statement.sql, statement.params) for statement in batch.statements]
     claim = batch.claim
     try:
-        results = conn.run_many(
+        return conn.run_many(
             statements,
-            before=_begin_sql(batch, timeout_ms),
-            # A keyed batch stores its response before COMMIT: one more round trip.
-            after=None if claim is not None else _commit_sql(batch),
+            before=begin_sql(batch, timeout_ms),
+            after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
+            check=batch.result_check,
         )
-        if claim is not None:
-            _commit_keyed(conn, claim, results, batch)
-        return results
     except PgError as exc:
-        _rollback(conn)
+        rollback(conn)
         if claim is not None and exc.phase is Phase.BEFORE:
             if keys.is_claimed(exc):  # committed before: answer as then, run nothing
                 return keys.replay(conn, claim.caller, claim.key, claim.digest)
@@ -376,6 +400,9 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
                     "another attempt with this idempotency key is still running; nothing ran"
                 ) from exc
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
+    except BrokerFailure:  # refused by result_check before COMMIT
+        rollback(conn)
+        raise
 
 
 def _commit_sql(batch: Batch) -> str:
@@ -383,22 +410,22 @@ def _commit_sql(batch: Batch) -> str:
     return "COMMIT; " + RESET_SQL if batch.reset_session else "COMMIT"
 
 
-def _commit_keyed(
-    conn: PgConnection, claim: keys.KeyClaim, results: list[pb.StatementResult], batch: Batch
-) -> None:
-    """Store the response on the claimed key and COMMIT, in one round trip; a COMMIT that
-    fails raises `PgError` with phase AFTER."""
-    response = pb.ExecuteResponse(results=results).SerializeToString()
-    sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
-    if batch.role is not None:  # back to the login role, which owns the store
-        sql = "SET LOCAL ROLE NONE; " + sql
-    try:
-        conn.after_rows = conn.execute_simple(sql)
-    except PgError as exc:
-        raise replace(exc, phase=Phase.AFTER) from exc
+def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
+    """What follows a keyed batch's statements once their results are read (and checked):
+    the response stored on the claimed key, COMMIT, the session reset and probe, in one
+    round trip (`PgConnection.run_many`)."""
+
+    def after(results: list[pb.StatementResult]) -> str:
+        response = pb.ExecuteResponse(results=results).SerializeToString()
+        sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+        if batch.role is not None:  # back to the login role, which owns the store
+            sql = "SET LOCAL ROLE NONE; " + sql
+        return sql
+
+    return after
 
 
-def _rollback(conn: PgConnection) -> None:
+def rollback(conn: PgConnection) -> None:
     """End a failed transaction; a connection that stays in a transaction is replaced later."""
     if conn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         # Still not idle afterwards (or the link broke): the pool replaces the connection.
@@ -407,16 +434,6 @@ def _rollback(conn: PgConnection) -> None:
 
 
 # -- the async flow ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Attempt:
-    """What the event loop knows about a transaction running on a worker."""
-
-    conn: ServerConnection
-    work: asyncio.Future[list[pb.StatementResult]] | None = None
-    cancel_sent: bool = False
-    cancel_tasks: list[asyncio.Task[bool]] = field(default_factory=list)
 
 
 async def execute(
@@ -432,7 +449,7 @@ async def execute(
     attempt_no = 0
     while True:
         attempt_no += 1
-        conn = await pool.getconn(deadline)
+        conn = await pool.getconn(deadline, key=batch.queue_key)
         checked_out = time.monotonic()
         try:
             results = await _run_on(pool, conn, batch, deadline, statement_timeout)
@@ -470,21 +487,21 @@ async def _run_on(
     statement_timeout: float,
 ) -> list[pb.StatementResult]:
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
-    attempt = _Attempt(conn)
+    attempt = Attempt(conn)
     loop = asyncio.get_running_loop()
     work = pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
     attempt.work = work
     watchdog = None
     if deadline is not None:
-        watchdog = loop.call_at(deadline, _send_cancel, pool, attempt, "deadline passed")
+        watchdog = loop.call_at(deadline, send_cancel, pool, attempt, "deadline passed")
     error: BaseException | None = None
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         # The caller went away: stop the backend query, then wait for the worker so the
         # connection is returned in a known state.
-        _send_cancel(pool, attempt, "caller cancelled")
-        error = await _settle(work)
+        send_cancel(pool, attempt, "caller cancelled")
+        error = await settle(work)
         raise
     except BaseException as exc:
         error = exc
@@ -497,73 +514,6 @@ async def _run_on(
                 # Let the cancel request land before the connection can serve anyone else.
                 await asyncio.shield(asyncio.gather(*attempt.cancel_tasks, return_exceptions=True))
         except asyncio.CancelledError:
-            pass  # cancelled again: _close_reason replaces a connection a cancel may still hit
+            pass  # cancelled again: close_reason replaces a connection a cancel may still hit
         finally:
-            pool.putconn(conn, _close_reason(conn, attempt, error))
-
-
-async def _settle(work: asyncio.Future[list[pb.StatementResult]]) -> BaseException | None:
-    """Wait for the worker even though our task was cancelled; return its exception."""
-    while not work.done():
-        try:
-            await asyncio.shield(work)
-        except asyncio.CancelledError:
-            continue
-        except BaseException:
-            break
-    return None if work.cancelled() else work.exception()
-
-
-def _send_cancel(pool: Pool, attempt: _Attempt, why: str) -> None:
-    if attempt.cancel_sent:
-        return
-    attempt.cancel_sent = True
-    log.info(
-        "cancelling backend query",
-        extra={"backend_pid": attempt.conn.pg.backend_pid, "reason": why},
-    )
-    attempt.cancel_tasks.append(asyncio.ensure_future(_deliver_cancel(pool, attempt)))
-
-
-async def _deliver_cancel(pool: Pool, attempt: _Attempt, tries: int = 3) -> bool:
-    """Send the cancel request; on a failed delivery (a slow or busy server) try again while
-    the statement still runs. Return True once the postmaster took one."""
-    for _ in range(tries):
-        if await pool.cancel_backend(attempt.conn):
-            return True
-        if attempt.work is None or attempt.work.done():
-            return False
-        await asyncio.sleep(0.1)
-    return False
-
-
-def _cancel_delivered(attempt: _Attempt) -> bool:
-    """True once the postmaster has taken every cancel request we sent (it closed the socket).
-
-    The signal has then reached the backend: it stopped the running statement (an error we
-    read), or, arriving while the backend waited for the next command, it was dropped — a
-    delivered cancel cannot reach a later query on this connection.
-    """
-    return all(
-        task.done() and not task.cancelled() and task.exception() is None and task.result()
-        for task in attempt.cancel_tasks
-    )
-
-
-def _close_reason(
-    conn: ServerConnection, attempt: _Attempt, error: BaseException | None
-) -> str | None:
-    """Why *conn* must not go back to the pool, or None if it is idle and clean."""
-    if conn.pg.closed:
-        return "server connection lost"
-    if conn.pg.transaction_status is not TransactionStatus.IDLE:
-        return f"not idle after the transaction ({conn.pg.transaction_status.value})"
-    # Session state the caller left behind (broker/postgres/audit.py): replace, never hand on.
-    if changed := conn.pg.reported_changes():
-        return f"session state changed ({', '.join(changed)})"
-    if conn.pg.session_dirty:
-        return f"session state left behind ({conn.pg.session_dirty})"
-    if attempt.cancel_sent and not _cancel_delivered(attempt):
-        # A cancel request still in flight could hit the next caller's query.
-        return "cancel request not confirmed delivered"
-    return None
+            pool.putconn(conn, close_reason(conn, attempt, error))

@@ -1,7 +1,8 @@
 """A pooled connection leased to one interactive transaction (``Broker.Transact``); no gRPC.
 
-A lease is taken exactly as a batch takes its connection (`Pool.getconn`: FIFO, ``max_waiting``,
-``queue_timeout``, the caller's deadline; checked again before BEGIN). BEGIN carries the
+A lease is taken exactly as a batch takes its connection (`Pool.getconn`: fair queuing by
+caller key, FIFO within one, ``max_waiting``, ``queue_timeout``, the caller's deadline;
+checked again before BEGIN). BEGIN carries the
 batch's options (isolation, read only, deferrable, ``SET LOCAL`` statement_timeout,
 application_name and the mapped role: `broker.flow.batch`). Each `Lease.execute` then runs its
 statements pipelined on a worker thread (`PgConnection.run_many`), so between steps the lease
@@ -27,12 +28,13 @@ and a cancelled caller cannot interrupt it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,20 +45,18 @@ from broker.flow.batch import (
     DeadlineBeforeStart,
     StatementFailed,
     TransactionLost,
-    _Attempt,
-    _begin_sql,
-    _close_reason,
-    _rollback,
-    _send_cancel,
-    _settle,
-    _timeout_ms,
+    begin_sql,
+    rollback,
+    statement_timeout_ms,
 )
+from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
+from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
 from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
-from broker.sql.plan import RequestPlan
+from broker.sql.plan import RequestPlan, StatementPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
@@ -180,7 +180,9 @@ class Lease:
         self.committed = False
         # Reset the session behind COMMIT/ROLLBACK (broker/postgres/audit.py RESET_SQL).
         self.reset_session = True
-        self._attempt = _Attempt(conn)
+        # A stream's cursor left open by a reader that stopped early (closed before the next).
+        self.cursor_open = False
+        self._attempt = Attempt(conn)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -194,13 +196,13 @@ class Lease:
         """
         arrived = time.monotonic()
         for attempt_no in range(1, MAX_ATTEMPTS + 1):
-            conn = await pool.getconn(bounds.deadline)
+            conn = await pool.getconn(bounds.deadline, key=options.queue_key)
             lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
             lease.reset_session = options.reset_session
             error: BaseException | None = None
             try:
-                timeout_ms = _timeout_ms(bounds.deadline, bounds.statement_timeout)
-                await lease._on_worker(_begin, _begin_sql(options, timeout_ms))
+                timeout_ms = statement_timeout_ms(bounds.deadline, bounds.statement_timeout)
+                await lease._on_worker(_begin, begin_sql(options, timeout_ms))
                 return lease
             except TransactionLost as exc:
                 error = exc
@@ -231,25 +233,79 @@ class Lease:
         lease still usable), `LeaseTimeout` when a bound passed before or during the run,
         `TransactionLost` when the connection broke (nothing committed).
         """
+        timeout_ms, cut = self._step_start(audit)
+        try:
+            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+        except StatementFailed as exc:
+            named = self._named(exc, cut)
+            if named is exc:
+                raise
+            raise named from exc
+        finally:
+            self.last_active = time.monotonic()
+
+    async def stream(
+        self,
+        statement: pb.Statement,
+        plan: StatementPlan,
+        bound: Bound,
+        audit: bool,
+        chunk_rows: int,
+    ) -> AsyncGenerator[pb.RowChunk, None]:
+        """The rows of *statement* in chunks, through a cursor in the open transaction
+        (`broker.flow.stream`): DECLARE, FETCH after FETCH (one ahead of the chunk being
+        written), CLOSE. Raise as `execute`; closing the iterator early cancels the running
+        FETCH (the cursor ends with the transaction, or at the next stream's DECLARE)."""
+        timeout_ms, cut = self._step_start(audit)
+        before = None
+        if self.conn.pg.transaction_status is not TransactionStatus.INERROR:
+            before = f"SET LOCAL statement_timeout = {timeout_ms}"
+        try:
+            if self.cursor_open:
+                await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+                self.cursor_open = False
+            await self._on_worker(declare, statement, plan, bound, before)
+            self.cursor_open = True
+            fetches = prefetched(self._on_worker, Fetcher(chunk_rows=chunk_rows))
+            async with contextlib.aclosing(fetches) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+                    self.last_active = time.monotonic()
+            await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+            self.cursor_open = False
+        except StatementFailed as exc:
+            self.cursor_open = False  # the transaction is aborted: the cursor is unusable
+            named = self._named(exc, cut)
+            if named is exc:
+                raise
+            raise named from exc
+        finally:
+            self.last_active = time.monotonic()
+
+    def _step_start(self, audit: bool) -> tuple[int, tuple[float, End] | None]:
+        """Check the bounds; the statement timeout (ms) for a step starting now, and the bound
+        of the lease that cuts it first (None when the statement timeout does)."""
         self.check_bounds()
         self.audit = self.audit or audit
         cut = self.next_bound(idle=False)
         try:
-            timeout_ms = _timeout_ms(cut[0] if cut else None, self.bounds.statement_timeout)
+            timeout_ms = statement_timeout_ms(
+                cut[0] if cut else None, self.bounds.statement_timeout
+            )
         except DeadlineBeforeStart:
             assert cut is not None  # only a bound leaves no time
             raise self.timeout(cut[1]) from None
         if cut is not None and cut[0] - time.monotonic() >= self.bounds.statement_timeout:
             cut = None  # the statement timeout bounds this step, not a bound of the lease
-        try:
-            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
-        except StatementFailed as exc:
-            if cut is not None and exc.error.sqlstate == "57014":
-                # Postgres stopped the statement just ahead of the bound: name the bound.
-                raise self.timeout(cut[1]) from exc
-            raise
-        finally:
-            self.last_active = time.monotonic()
+        return timeout_ms, cut
+
+    def _named(
+        self, exc: StatementFailed, cut: tuple[float, End] | None
+    ) -> StatementFailed | LeaseTimeout:
+        """*exc*, or the bound's error when Postgres stopped the statement just ahead of it."""
+        if cut is not None and exc.error.sqlstate == "57014":
+            return self.timeout(cut[1])
+        return exc
 
     async def commit(self, claim: keys.KeyClaim | None = None) -> bool:
         """COMMIT, claiming *claim*'s idempotency key in the same transaction (one round
@@ -335,12 +391,12 @@ class Lease:
         if upcoming is not None:
             loop = asyncio.get_running_loop()
             why = f"{upcoming[1].value} passed"
-            watchdog = loop.call_at(upcoming[0], _send_cancel, self.pool, self._attempt, why)
+            watchdog = loop.call_at(upcoming[0], send_cancel, self.pool, self._attempt, why)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            _send_cancel(self.pool, self._attempt, "caller went away")
-            await _settle(work)  # type: ignore[arg-type]
+            send_cancel(self.pool, self._attempt, "caller went away")
+            await settle(work)  # type: ignore[arg-type]
             raise
         finally:
             if watchdog is not None:
@@ -350,7 +406,7 @@ class Lease:
 
     async def release(self, error: BaseException | None = None) -> None:
         """Roll back unless committed, then return the connection (or replace it when it is
-        not idle and clean: `broker.flow.batch._close_reason`). Never raises; runs to the
+        not idle and clean: `broker.flow.cancel.close_reason`). Never raises; runs to the
         end even if the calling task is cancelled meanwhile (which is then re-raised)."""
         task = asyncio.ensure_future(self._release(error))
         _releasing.add(task)
@@ -362,7 +418,7 @@ class Lease:
         reason: str | None = None
         try:
             if attempt.work is not None and not attempt.work.done():
-                await _settle(attempt.work)
+                await settle(attempt.work)
             if attempt.cancel_tasks:
                 # Let a cancel request land before ROLLBACK, which it must not hit.
                 await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
@@ -373,7 +429,7 @@ class Lease:
                 await self.pool.run_in_worker(_tidy, pg, self.audit)
         except Exception as exc:  # a worker pool shut down under us: do not hand it on
             reason = f"release failed ({type(exc).__name__})"
-        self.pool.putconn(self.conn, reason or _close_reason(self.conn, attempt, error))
+        self.pool.putconn(self.conn, reason or close_reason(self.conn, attempt, error))
 
 
 # -- on the worker thread ------------------------------------------------------------------
@@ -383,7 +439,7 @@ def _begin(conn: PgConnection, sql: str) -> None:
     try:
         conn.execute_simple(sql)
     except PgError as exc:
-        _rollback(conn)
+        rollback(conn)
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=True) from exc
@@ -417,7 +473,7 @@ def _end(conn: PgConnection, sql: str, reset: bool = False) -> None:
     try:
         rows = conn.execute_simple(sql + "; " + RESET_SQL if reset else sql)
     except PgError as exc:
-        _rollback(conn)
+        rollback(conn)
         if reset:  # the probe did not run: audit on release
             conn.session_dirty = _audit_or_none(conn)
         raise StatementFailed(exc, -1) from exc
@@ -441,6 +497,6 @@ def _replayed(conn: PgConnection, claim: keys.KeyClaim) -> None:
 
 def _tidy(conn: PgConnection, audit: bool) -> None:
     """ROLLBACK what is left open; audit the session when a statement asked for it."""
-    _rollback(conn)
+    rollback(conn)
     if audit and (leaked := audit_session(conn)):
         conn.session_dirty = ", ".join(leaked)

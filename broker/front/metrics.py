@@ -35,6 +35,9 @@ TransactionLeasesIdleTimeout         Count        leases_ended_idle_transaction_
 TransactionLeasesTimeout             Count        leases_ended_transaction_timeout, this period
 TransactionLeasesDeadline            Count        leases_ended_deadline, this period
 TransactionLeasesClientGone          Count        leases_ended_client_gone, this period
+StreamedResults                      Count        streams_num (Stream calls and tx.stream), period
+StreamedRows                         Count        streams_rows, this period
+StreamedBytes                        Bytes        streams_bytes (encoded rows), this period
 ==================================== ============ =========================================
 
 Counters in `GetStats` run since start; a metric reports the change since the previous line (a
@@ -93,13 +96,17 @@ COUNTERS: dict[str, str] = {
     "TransactionLeasesTimeout": "leases_ended_transaction_timeout",
     "TransactionLeasesDeadline": "leases_ended_deadline",
     "TransactionLeasesClientGone": "leases_ended_client_gone",
+    "StreamedResults": "streams_num",
+    "StreamedRows": "streams_rows",
 }
+# metric name -> stats key: byte counters, reported as the change since the previous line.
+BYTE_COUNTERS: dict[str, str] = {"StreamedBytes": "streams_bytes"}
 # metric name -> (total ms counter, count counter): mean over the period, in microseconds.
 LATENCIES: dict[str, tuple[str, str]] = {
     "DatabaseConnectionsBorrowLatency": ("requests_wait_ms", "requests_num"),
     "QueryDatabaseResponseLatency": ("transactions_ms", "transactions_num"),
 }
-METRIC_NAMES = frozenset([*GAUGES, *COUNTERS, *LATENCIES, "PoolUtilization"])
+METRIC_NAMES = frozenset([*GAUGES, *COUNTERS, *BYTE_COUNTERS, *LATENCIES, "PoolUtilization"])
 
 
 def _delta(stats: Mapping[str, int], previous: Mapping[str, int] | None, key: str) -> int:
@@ -133,6 +140,9 @@ def emf_record(
     for name, key in COUNTERS.items():
         if key in stats:
             emf.add_metric(name=name, unit=MetricUnit.Count, value=_delta(stats, previous, key))
+    for name, key in BYTE_COUNTERS.items():
+        if key in stats:
+            emf.add_metric(name=name, unit=MetricUnit.Bytes, value=_delta(stats, previous, key))
     for name, (total_key, count_key) in LATENCIES.items():
         if total_key in stats and count_key in stats:
             count = _delta(stats, previous, count_key)

@@ -28,6 +28,7 @@ from broker.config import Settings
 from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
+from broker.front.stream import StreamService, stream_handler
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
@@ -40,7 +41,7 @@ from broker.security import tls
 from broker.security.auth import authenticator_for_settings
 from broker.security.gate import AuthGate
 from broker.security.identity import AuthStats
-from broker.security.limits import Limits
+from broker.security.limits import Limits, QueueWeights
 from broker.security.roles import RoleMap
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -165,6 +166,7 @@ class BrokerServer:
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
+            weights=QueueWeights.parse(settings.queue_weights),
         )
         # Caller authentication (broker/security/): Broker methods only; health stays open.
         self.auth_stats = AuthStats()
@@ -185,6 +187,11 @@ class BrokerServer:
             transaction_timeout=settings.transaction_timeout,
         )
         self.service.stats_sources.append(self.transact.get_stats)
+        self.stream = StreamService(
+            self.service,
+            idle_timeout=settings.idle_transaction_timeout,
+            stats=self.service.stream_stats,
+        )
         if worker is not None:
             self.service.extra_stats = {
                 "worker": worker.index,
@@ -203,6 +210,7 @@ class BrokerServer:
         gate = AuthGate(self.authenticator, self.auth_stats)
         methods = broker_method_handlers(self.service)
         methods["Transact"] = transact_handler(self.transact)  # broker/front/transact.py
+        methods["Stream"] = stream_handler(self.stream)  # broker/front/stream.py
         gate.add_service(self.server, SERVICE_NAME, methods)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

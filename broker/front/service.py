@@ -50,6 +50,8 @@ timeout, or too long a transaction                                            TI
                                                                               TRANSACTION_TIMEOUT
 Transact: COMMIT after an error    TransactionAborted    FAILED_PRECONDITION  DatabaseError 25P02
 Transact: a step out of order      StepRefused           INVALID_ARGUMENT     BAD_REQUEST
+Stream: no chunk taken within the  ReaderStalled         DEADLINE_EXCEEDED    IDLE_TRANSACTION_
+idle timeout                                                                  TIMEOUT
 shutting down                      PoolClosed            UNAVAILABLE          SHUTTING_DOWN,
                                                                               RetryInfo
 anything else (a bug)              (any exception)       INTERNAL             none; the message
@@ -71,19 +73,26 @@ import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, application_name, execute
+from broker.flow.stream import StreamStats
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.postgres import keys
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, current_identity
-from broker.security.limits import InflightLimiter, Limits, check_request, check_results
+from broker.security.limits import (
+    InflightLimiter,
+    Limits,
+    caller_key,
+    check_request,
+    check_results,
+)
 from broker.security.roles import RoleMap
 from broker.sql.plan import RequestPlan, plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BadRequest", "BrokerService", "validate"]
+__all__ = ["BadRequest", "BrokerService", "lambda_metadata", "validate"]
 
 log = logging.getLogger("pgbroker.service")
 
@@ -124,7 +133,7 @@ def validate(
     return plan, bound
 
 
-def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
+def lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
     """The caller's Lambda request id and function name from the call metadata, if sent."""
     request_id = function = None
     for key, value in metadata or ():
@@ -168,13 +177,16 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.key_store_error: str | None = "the key store was not checked"
         self.idempotency_ttl = idempotency_ttl
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        # Rows and bytes streamed (Stream, and Transact's stream steps).
+        self.stream_stats = StreamStats()
+        self.stats_sources.append(self.stream_stats.as_dict)
 
     async def Execute(
         self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExecuteResponse:
         started = time.monotonic()
         self._stats["rpcs_num"] += 1
-        request_id, function = _lambda_metadata(context.invocation_metadata())
+        request_id, function = lambda_metadata(context.invocation_metadata())
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None else None
         if deadline is None:
@@ -183,6 +195,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             deadline = started + self.pool.queue_timeout + self.statement_timeout
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
+        # Queued fairly and counted by the in-flight cap per identity and function.
+        key = caller_key(caller, function)
         try:
             plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
             plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
@@ -195,13 +209,16 @@ class BrokerService(pb_grpc.BrokerServicer):
                 deferrable=request.options.deferrable,
                 application_name=application_name(function, request_id),
                 role=role,
-                audit_session=self._audit(plan),
+                audit_session=self.audit_needed(plan),
                 bound=bound,
                 claim=self._claim(request, plan, caller),
                 reset_session=self.session_audit != "off",
+                queue_key=key,
+                result_check=self._check_before_commit,
             )
-            with self.inflight.hold(caller):
+            with self.inflight.hold(key):
                 outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+            # A single statement committed as it completed: checked now (completed=true).
             check_results(outcome.results, self.limits)
         except Exception as exc:
             failure = failure_for(exc)
@@ -240,6 +257,11 @@ class BrokerService(pb_grpc.BrokerServicer):
             results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
         )
 
+    def Stream(self, request: Any, context: Any) -> Any:
+        """Served by `broker.front.stream.StreamService`, which the server registers in this
+        method's place."""
+        raise NotImplementedError
+
     def Transact(self, request_iterator: Any, context: Any) -> Any:
         """Served by `broker.front.transact.TransactService`, which the server registers in
         this method's place."""
@@ -276,7 +298,11 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
         return keys.KeyClaim(caller or "", key, keys.request_hash(None), self.idempotency_ttl)
 
-    def _audit(self, plan: RequestPlan) -> bool:
+    def _check_before_commit(self, results: list[pb.StatementResult]) -> None:
+        """The result limits, checked before a batch's COMMIT (on the worker)."""
+        check_results(results, self.limits, completed=False)
+
+    def audit_needed(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""
         if self.session_audit == "always":
             return True

@@ -23,6 +23,7 @@ with the caller and the request id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,10 +34,10 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
-from broker.front.service import BrokerService, _lambda_metadata, validate
+from broker.front.service import BrokerService, lambda_metadata, validate
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.security.identity import current_identity
-from broker.security.limits import LimitExceeded, check_results
+from broker.security.limits import caller_key, check_results
 from broker.sql.plan import RequestPlan
 from lambda_client import _status
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -100,12 +101,15 @@ class _Call:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         self.owner = owner
+        self.context = context
         self.service = owner.service
         self.requests = aiter(requests)
-        self.request_id, self.function = _lambda_metadata(context.invocation_metadata())
+        self.request_id, self.function = lambda_metadata(context.invocation_metadata())
         identity = current_identity.get()
         self.identity = identity
         self.caller = str(identity) if identity is not None and identity.kind != "none" else None
+        # Queued fairly and counted by the in-flight cap per identity and function.
+        self.key = caller_key(self.caller, self.function)
         remaining = context.time_remaining()
         self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.lease: Lease | None = None
@@ -113,7 +117,7 @@ class _Call:
     async def run(self) -> AsyncIterator[pb.TransactResponse]:
         """The responses; the lease is released (and counted, and logged if abnormal) on the
         way out, whatever happened."""
-        with self.service.inflight.hold(self.caller):
+        with self.service.inflight.hold(self.key):
             first = await self._next(None)
             if first.WhichOneof("step") != "begin":
                 raise StepRefused("the first request of a Transact stream must be begin")
@@ -147,6 +151,9 @@ class _Call:
             step = request.WhichOneof("step")
             if step == "execute":
                 yield await self._execute(lease, request.execute)
+            elif step == "stream":
+                async for response in self._stream(lease, request.stream):
+                    yield response
             elif step in ("commit", "rollback"):
                 replayed = False
                 if step == "commit":
@@ -193,20 +200,63 @@ class _Call:
             request, self.service.limits, role_locked=self.service.role_map is not None
         )
         try:
-            results = await lease.execute(step.statements, plan, bound, self.service._audit(plan))
+            results = await lease.execute(
+                step.statements, plan, bound, self.service.audit_needed(plan)
+            )
         except StatementFailed as exc:
             return pb.TransactResponse(executed=_executed_error(exc))
-        try:
-            check_results(results, self.service.limits)
-        except LimitExceeded as exc:
-            # Refused before COMMIT, so nothing behind it commits: say so, not "completed".
-            message = exc.message.replace(
-                "the transaction completed, but its results", "the results"
-            )
-            raise LimitExceeded(
-                exc.limit, exc.maximum, exc.observed, f"{message}; the transaction was rolled back"
-            ) from exc
+        # Refused before COMMIT, so nothing behind it commits (the lease is rolled back).
+        check_results(results, self.service.limits, completed=False)
         return pb.TransactResponse(executed=pb.TransactExecuted(results=results))
+
+    async def _stream(
+        self, lease: Lease, step: pb.TransactRequest.Stream
+    ) -> AsyncIterator[pb.TransactResponse]:
+        """Check and run one ``stream``: ``rows`` chunks, then ``executed`` with the count and
+        tag (or the Postgres error, in-stream). No result limit applies. A chunk gRPC has not
+        taken within the idle bound (a reader that stopped reading) ends the lease."""
+        request = pb.ExecuteRequest(statements=[step.statement])
+        plan, bound = validate(
+            request, self.service.limits, role_locked=self.service.role_map is not None
+        )
+        stats = self.service.stream_stats
+        stats.counters["streams_num"] += 1
+        result = pb.StatementResult(rows_affected=0)
+        chunks = lease.stream(
+            step.statement,
+            plan.statements[0],
+            bound[0],
+            self.service.audit_needed(plan),
+            step.chunk_rows,
+        )
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if chunk.columns:
+                        result.columns.extend(chunk.columns)
+                    result.rows_affected += len(chunk.rows)
+                    await self._write_chunk(lease, chunk)
+                    stats.sent(chunk)
+        except StatementFailed as exc:
+            yield pb.TransactResponse(executed=_executed_error(exc))
+            return
+        result.command_tag = f"SELECT {result.rows_affected}"
+        yield pb.TransactResponse(executed=pb.TransactExecuted(results=[result]))
+
+    async def _write_chunk(self, lease: Lease, chunk: pb.RowChunk) -> None:
+        """Write *chunk* directly, once gRPC has taken the previous one (flow control), so a
+        reader that stops reading can be timed: past the lease's next bound (the idle timeout
+        counting from now) the lease ends with that bound's error."""
+        lease.last_active = time.monotonic()
+        bound = lease.next_bound(idle=True)
+        write = self.context.write(pb.TransactResponse(rows=chunk))
+        if bound is None:
+            await write
+            return
+        try:
+            await asyncio.wait_for(write, max(0.0, bound[0] - time.monotonic()))
+        except TimeoutError:
+            raise lease.timeout(bound[1]) from None
 
     def _options(self, options: pb.TransactionOptions) -> Batch:
         if options.isolation not in pb.IsolationLevel.values():
@@ -221,6 +271,7 @@ class _Call:
             application_name=application_name(self.function, self.request_id),
             role=role_map.role_for(self.identity) if role_map is not None else None,
             reset_session=self.service.session_audit != "off",
+            queue_key=self.key,
         )
 
     def _bounds(self) -> LeaseBounds:

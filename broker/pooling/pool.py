@@ -1,4 +1,4 @@
-"""A fixed pool of Postgres server connections with a FIFO queue of waiting requests.
+"""A fixed pool of Postgres server connections with a fair queue of waiting requests.
 
 The pool knows nothing of gRPC. Its bookkeeping runs on the asyncio event loop (one thread,
 no locks); pg8000 is blocking, so connects run on a maintenance thread pool and transactions
@@ -10,8 +10,12 @@ Behaviour, in PgBouncer's terms:
   (server restart, ``pg_terminate_backend``, network loss) or outlives ``max_lifetime`` is
   closed — always with a logged reason — and replaced, retrying with exponential backoff and
   jitter while the database is down.
-* A request that finds no idle connection waits in a FIFO queue (``requests_waiting``). At
-  ``max_waiting`` waiters, one more is rejected at once with `QueueFull`. A waiter gives up
+* A request that finds no idle connection waits (``requests_waiting``). Waiters are served by
+  weighted fair queuing over their caller keys (`broker.pooling.fairqueue`: the identity and
+  Lambda function a request comes from, ``PGBROKER_QUEUE_WEIGHTS``), strict FIFO within one
+  key, so one caller's backlog delays another's request by about one turn, not by the
+  backlog; PgBouncer has no such rule. At ``max_waiting`` waiters, one more is rejected at
+  once with `QueueFull`. A waiter gives up
   after ``queue_timeout`` (`QueueTimeout`, or `PoolUnavailable` when no server connection
   exists, i.e. the database is unreachable) or when its caller's deadline can no longer be met
   (`DeadlineExpired`); a waiter that gave up is skipped when a connection frees up, so no
@@ -29,7 +33,6 @@ Every failure here is a `broker.errors.BrokerFailure` declaring the status the c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import random
@@ -43,7 +46,9 @@ from itertools import count
 from typing import Any, TypeVar
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
+from broker.pooling.fairqueue import FairQueue
 from broker.postgres.pg import ConnectionLost, PgConnection
+from broker.security.limits import QueueWeights
 
 __all__ = [
     "DeadlineExpired",
@@ -152,6 +157,7 @@ class Pool:
         max_lifetime: float,
         reconnect_initial: float = 0.05,
         reconnect_max: float = 2.0,
+        weights: QueueWeights | None = None,
     ) -> None:
         self.size = size
         self.max_waiting = max_waiting
@@ -162,7 +168,8 @@ class Pool:
         self._reconnect_max = reconnect_max
         self._idle: deque[ServerConnection] = deque()
         self._active: set[ServerConnection] = set()
-        self._waiters: deque[_Waiter] = deque()
+        self.weights = weights or QueueWeights()
+        self._waiters: FairQueue[_Waiter] = FairQueue(self.weights.weight_for)
         self._connecting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = count(1)
@@ -235,8 +242,7 @@ class Pool:
         if self._closed:
             return
         self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while (waiter := self._waiters.pop()) is not None:
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosed("the broker is shutting down"))
         for task in list(self._tasks):
@@ -248,8 +254,12 @@ class Pool:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def getconn(self, deadline: float | None = None) -> ServerConnection:
-        """Return a server connection, waiting in FIFO order if none is idle.
+    async def getconn(
+        self, deadline: float | None = None, *, key: str | None = None
+    ) -> ServerConnection:
+        """Return a server connection, waiting in fair order if none is idle: among the
+        requests of caller *key* (a plain string, `broker.security.limits.caller_key`; None
+        for unknown callers, who share one queue) in FIFO order.
 
         Raise `QueueFull` at once if ``max_waiting`` requests already wait; `QueueTimeout` /
         `PoolUnavailable` after ``queue_timeout`` seconds; `DeadlineExpired` when *deadline*
@@ -269,11 +279,11 @@ class Pool:
         if len(self._waiters) >= self.max_waiting:
             self._count_error("requests_rejected")
             raise QueueFull(f"{len(self._waiters)} requests already waiting (max_waiting)")
-        return await self._wait(now, deadline)
+        return await self._wait(now, deadline, key)
 
-    async def _wait(self, now: float, deadline: float | None) -> ServerConnection:
+    async def _wait(self, now: float, deadline: float | None, key: str | None) -> ServerConnection:
         waiter = _Waiter(self._loop.create_future(), deadline, now)
-        self._waiters.append(waiter)
+        self._waiters.push(waiter, key)
         self._stats["requests_queued"] += 1
         give_up_at = now + self.queue_timeout
         if deadline is not None:
@@ -314,8 +324,7 @@ class Pool:
         waiter.future.set_exception(error)
 
     def _discard_waiter(self, waiter: _Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+        self._waiters.remove(waiter)
 
     def _count_error(self, key: str) -> None:
         self._stats["requests_errors"] += 1
@@ -367,9 +376,8 @@ class Pool:
         self._active.add(conn)
 
     def _hand_over(self, conn: ServerConnection) -> None:
-        """Give *conn* to the first waiter still waiting, else make it idle."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        """Give *conn* to the next waiter in fair order still waiting, else make it idle."""
+        while (waiter := self._waiters.pop()) is not None:
             if waiter.future.done():
                 continue  # gave up already: skip, never hand a connection to nobody
             if waiter.deadline is not None and waiter.deadline - time.monotonic() < MIN_RUN_TIME:
@@ -502,7 +510,7 @@ class Pool:
     def get_stats(self) -> dict[str, int]:
         """psycopg_pool's figures (gauges computed now, counters since start) plus maxwait."""
         now = time.monotonic()
-        oldest = next((w.enqueued_at for w in self._waiters if not w.future.done()), now)
+        oldest = self._waiters.oldest(_enqueued_at, now)
         stats = {
             "pool_min": self.size,
             "pool_max": self.size,
@@ -511,6 +519,7 @@ class Pool:
             "pool_active": len(self._active),
             "pool_connecting": self._connecting,
             "requests_waiting": len(self._waiters),
+            "requests_waiting_callers": self._waiters.flows_waiting(),
             "maxwait": int(now - oldest),
             "maxwait_us": int((now - oldest) * 1_000_000),
         }
@@ -533,6 +542,10 @@ _COUNTERS = (
     "connections_errors",
     "connections_lost",
 )
+
+
+def _enqueued_at(waiter: _Waiter) -> float:
+    return waiter.enqueued_at
 
 
 def _close_opened(attempt: asyncio.Future[PgConnection]) -> None:

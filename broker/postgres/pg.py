@@ -37,6 +37,7 @@ from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
+    "After",
     "ConnectionLost",
     "PgConnection",
     "PgError",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 _CANCEL_REQUEST_CODE = 80877102
+
+# What `PgConnection.run_many` sends behind the statements when it is built from their
+# results (the response stored under an idempotency key, then COMMIT): held back one round trip.
+After = Callable[[list[pb.StatementResult]], str]
 
 
 class Phase(enum.Enum):
@@ -317,6 +322,12 @@ class _Core(CoreConnection):  # type: ignore[misc]
                 row.append(_Raw(text))
         context.rows.append(row)
 
+    def handle_ROW_DESCRIPTION(self, data: bytes, context: Any) -> None:
+        super().handle_ROW_DESCRIPTION(data, context)
+        if getattr(context, "broker_types", False):
+            # A FETCH read with the simple protocol: parse cells as prepared statements do.
+            context.input_funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in context.columns]
+
     def send_query_nowait(self, sql: str) -> None:
         """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
         self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
@@ -421,9 +432,10 @@ class PgConnection:
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         before: str | None = None,
-        after: str | None = None,
+        after: str | After | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -439,6 +451,14 @@ class PgConnection:
         (the service binds them to validate the request); otherwise they are bound here.
         *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
         without them the SQL is planned here.
+        *after* (a COMMIT) is held back, and follows in a round trip of its own, when it
+        needs the results (a callable: ``after(results)`` returns the SQL, e.g. storing the
+        response under an idempotency key before COMMIT), or when a statement returns rows
+        and *check* is given. Before a held-back *after* the results are read and, when a
+        statement returns rows, ``check(results)`` runs: what it (or ``after``) raises
+        propagates and *after* is never sent (the caller rolls back). Otherwise *after* stays
+        in the statements' flush (one round trip). The rows *after* returned are kept in
+        `after_rows` (the session probe behind COMMIT).
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
@@ -446,7 +466,38 @@ class PgConnection:
         self.after_rows = []
         self._progress = progress = _Progress()
         with _Guard(self, progress):
-            return self._run_groups(statements, bound, before, after)
+            return self._run_groups(statements, bound, before, after, check)
+
+    def fetch(
+        self, cursor: str, count: int, chunk_bytes: int
+    ) -> tuple[list[pb.Column], list[pb.RowChunk], int]:
+        """``FETCH FORWARD count FROM cursor`` (an open cursor, a plain identifier): its
+        columns, its rows encoded as a prepared statement's rows are and split into chunks of
+        about *chunk_bytes* (a larger row travels alone), and the rows' count. Raise
+        `PgError` (the transaction is then aborted) or `ConnectionLost`."""
+        sql = f"FETCH FORWARD {int(count)} FROM {cursor}"
+        context = Context(sql)
+        context.broker_types = True
+        with _Guard(self):
+            self._core.send_query_nowait(sql)
+            self._core.flush()
+            self._core.handle_messages(context)
+        columns = context.columns or []
+        oids = [c["type_oid"] for c in columns]
+        head = [pb.Column(name=c["name"], type_oid=c["type_oid"]) for c in columns]
+        rows = context.rows or ()
+        chunks: list[pb.RowChunk] = []
+        chunk, size = pb.RowChunk(), 0
+        for row in rows:
+            if size >= chunk_bytes:
+                chunks.append(chunk)
+                chunk, size = pb.RowChunk(), 0
+            message = chunk.rows.add()
+            message.values.extend([_encode_cell(v, oid) for v, oid in zip(row, oids, strict=True)])
+            size += message.ByteSize() + 5  # with the field's tag and length
+        if chunk.rows:
+            chunks.append(chunk)
+        return head, chunks, len(rows)
 
     def _check_statements(
         self,
@@ -477,10 +528,12 @@ class PgConnection:
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
         before: str | None,
-        after: str | None,
+        after: str | After | None,
+        check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
+        returns_rows = False
         for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
             prepared = self._cached(sql, oids)
             if prepared is None:
@@ -488,10 +541,31 @@ class PgConnection:
                     results += self._send_group(group, statements, bound, before, None)
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
+            returns_rows = returns_rows or bool(prepared.columns)
             group.append((index, prepared, texts))
+        if callable(after) or (check is not None and after is not None and returns_rows):
+            # One round trip more, whatever holds *after* back (results to check, to store).
+            results += self._send_group(group, statements, bound, before, None)
+            if check is not None and returns_rows:
+                check(results)
+            self._send_after(after(results) if callable(after) else after)
+            return results
         self._progress.after_sent = after is not None
         results += self._send_group(group, statements, bound, before, after)
         return results
+
+    def _send_after(self, after: str) -> None:
+        """*after* alone (a held-back COMMIT); keep its rows in `after_rows`; raise its error
+        as `PgError` (phase AFTER)."""
+        self._progress.after_sent = True
+        self._core.send_query_nowait(after)
+        self._core.flush()
+        errors: list[PgError] = []
+        context = Context(after)
+        self._read_reply(context, errors, Phase.AFTER)
+        self.after_rows = list(context.rows or ())
+        if errors:
+            raise errors[0]
 
     def _send_group(
         self,

@@ -30,6 +30,7 @@ from broker.security.identity import (
     NoAuth,
     current_identity,
 )
+from broker.security.stsgate import peer_host
 from lambda_client._status import FUNCTION_NAME_KEY, Code, Reason, pack
 
 __all__ = ["AuthGate", "LogBudget"]
@@ -89,7 +90,8 @@ class AuthGate:
         self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext
     ) -> Identity:
         try:
-            return await self.authenticator.authenticate(metadata)
+            source = peer_host(context.peer())
+            return await self.authenticator.authenticate(metadata, source)
         except AuthError as exc:
             self.stats.auth_failures += 1
             if self._log_budget.take():

@@ -18,7 +18,13 @@ as ``authorization: AWS4-STS <base64 JSON>``. `IamAuth.authenticate`:
 
 Verdicts are cached per token (by SHA-256, never the token itself): an admitted identity until
 the token expires or 10 minutes pass, a refusal for 1 minute. Concurrent requests with the
-same new token share one STS call.
+same new token share one STS call. A refusal is also cached by the exact request forwarded to
+STS (its signature and the headers it signs), so a forged proof re-sent with other unsigned
+parts (JSON spacing, extra headers) costs no second call.
+
+STS calls are bounded per source address (`broker.security.stsgate.VerifyGate`): at most 32 at
+once broker-wide, given round-robin across sources; at most 64 pending per source, and a
+source with 32 refused proofs in 10 s is refused without STS calls for the rest of the window.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from broker.security.identity import (
     PermissionDenied,
     split_scheme,
 )
+from broker.security.stsgate import STS_CONCURRENCY, VerifyGate
 from lambda_client.auth import AUDIENCE_HEADER, canonical_host  # one name for signer and verifier
 
 __all__ = [
@@ -70,7 +77,6 @@ POSITIVE_CACHE_TTL = 600.0  # never longer than the token's own remaining lifeti
 NEGATIVE_CACHE_TTL = 60.0  # a refused token is not re-sent to STS for this long
 CACHE_MAX_ENTRIES = 10_000
 STS_TIMEOUT = 5.0
-STS_CONCURRENCY = 32  # STS calls in flight at once (one per new proof)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class SignedRequest:
     signed_headers: frozenset[str]
     signed_at: float  # epoch seconds of X-Amz-Date
     access_key_hint: str = field(default="", repr=False)
+    access_key: str = field(default="", repr=False)  # claimed; proven only by STS
 
 
 def decode_iam_token(credential: str) -> SignedRequest:
@@ -125,6 +132,7 @@ def decode_iam_token(credential: str) -> SignedRequest:
         signed_headers=signed,
         signed_at=signed_at.replace(tzinfo=UTC).timestamp(),
         access_key_hint=scope[0][:4],
+        access_key=scope[0][:128],
     )
 
 
@@ -191,6 +199,7 @@ class IamAuth:
         post: PostFn = http_post,
         max_age: float = TOKEN_MAX_AGE,
         clock: Callable[[], float] = time.time,
+        gate: VerifyGate | None = None,
     ) -> None:
         if not audience:
             raise ValueError("an audience is required for iam authentication")
@@ -212,8 +221,13 @@ class IamAuth:
         # token digest -> (expires at, epoch seconds; Identity or AuthError)
         self._verdicts: OrderedDict[bytes, tuple[float, Identity | AuthError]] = OrderedDict()
         self._in_flight: dict[bytes, asyncio.Future[Identity]] = {}
+        self.gate = gate or VerifyGate()
 
-    async def authenticate(self, metadata: Mapping[str, str]) -> Identity:
+    async def authenticate(self, metadata: Mapping[str, str], source: str = "") -> Identity:
+        """The caller proven by the ``AWS4-STS`` token in *metadata*; *source* is its network
+        address (bounds on STS calls per source: `VerifyGate`). Raise `AuthError`,
+        `PermissionDenied`, or `AuthUnavailable` (STS unreachable, or the source over its
+        bounds: retry later)."""
         credential = split_scheme(metadata, IAM_SCHEME)
         key = hashlib.sha256(credential.encode()).digest()
         cached = self._cached(key)
@@ -228,7 +242,7 @@ class IamAuth:
         future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            identity = await self._verify(credential, key)
+            identity = await self._verify(credential, key, source)
         except AuthError as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it themselves
@@ -259,21 +273,47 @@ class IamAuth:
         while len(self._verdicts) > CACHE_MAX_ENTRIES:
             self._verdicts.popitem(last=False)
 
-    async def _verify(self, credential: str, key: bytes) -> Identity:
+    async def _verify(self, credential: str, key: bytes, source: str) -> Identity:
         signed = decode_iam_token(credential)
         self._check_claims(signed)
         now = self._clock()
         token_expires = signed.signed_at + self._max_age
+        headers = _forwarded_headers(signed)
+        # The exact request STS would see: a refusal of it holds for any token carrying it.
+        request_key = _request_digest(headers, signed.body)
+        cached = self._cached(request_key)
+        if isinstance(cached, AuthError):
+            self.stats.auth_cache_hits += 1
+            self._remember(key, cached, min(now + NEGATIVE_CACHE_TTL, token_expires))
+            raise cached
         try:
-            arn = await self._call_sts(signed)
+            arn = await self._call_sts_bounded(headers, signed, source)
             identity = parse_caller_arn(arn)
             self._check_allowed(identity)
         except AuthError as exc:
             if not isinstance(exc, AuthUnavailable):
-                self._remember(key, exc, min(now + NEGATIVE_CACHE_TTL, token_expires))
+                expires = min(now + NEGATIVE_CACHE_TTL, token_expires)
+                self._remember(key, exc, expires)
+                self._remember(request_key, exc, expires)
             raise
         self._remember(key, identity, min(now + POSITIVE_CACHE_TTL, token_expires))
         return identity
+
+    async def _call_sts_bounded(
+        self, headers: dict[str, str], signed: SignedRequest, source: str
+    ) -> str:
+        """`_call_sts` within *source*'s bounds; an STS refusal counts against them."""
+        source = source or f"claim:{signed.access_key}"
+        try:
+            async with self.gate.verifying(source):
+                arn = await self._call_sts(headers, signed.body)
+        except AuthUnavailable:
+            self.stats.auth_throttled = self.gate.throttled
+            raise
+        except AuthError:
+            self.gate.refused(source)
+            raise
+        return arn
 
     def _check_claims(self, signed: SignedRequest) -> None:
         if not hmac.compare_digest(
@@ -297,16 +337,11 @@ class IamAuth:
                 f" broker verifies with {self._sts_host!r} (PGBROKER_STS_ENDPOINT)"
             )
 
-    async def _call_sts(self, signed: SignedRequest) -> str:
-        headers = {name: signed.headers[name] for name in signed.signed_headers}
-        headers["authorization"] = signed.headers["authorization"]
-        headers.setdefault(
-            "content-type", signed.headers.get("content-type", "application/x-www-form-urlencoded")
-        )
+    async def _call_sts(self, headers: dict[str, str], body: str) -> str:
         self.stats.auth_sts_calls += 1
         try:
-            status, body = await asyncio.get_running_loop().run_in_executor(
-                self._sts_threads, self._post, self.sts_endpoint, headers, signed.body.encode()
+            status, answer = await asyncio.get_running_loop().run_in_executor(
+                self._sts_threads, self._post, self.sts_endpoint, headers, body.encode()
             )
         except OSError as exc:
             log.error("STS unreachable at %s: %s", self.sts_endpoint, type(exc).__name__)
@@ -314,7 +349,7 @@ class IamAuth:
                 "the broker cannot reach STS to verify the caller; retry later",
                 retry_after=1.0,
             ) from exc
-        return _arn_from_sts_response(status, body)
+        return _arn_from_sts_response(status, answer)
 
     def _check_allowed(self, identity: Identity) -> None:
         if any(identity.matches(pattern) for pattern in self.allowed_roles):
@@ -323,6 +358,21 @@ class IamAuth:
             f"{identity.arn} is not allowed by PGBROKER_IAM_ALLOWED_ROLES",
             caller_arn=identity.arn,
         )
+
+
+def _forwarded_headers(signed: SignedRequest) -> dict[str, str]:
+    """Exactly what goes to STS: the signed headers, the signature and a content type."""
+    headers = {name: signed.headers[name] for name in signed.signed_headers}
+    headers["authorization"] = signed.headers["authorization"]
+    headers.setdefault(
+        "content-type", signed.headers.get("content-type", "application/x-www-form-urlencoded")
+    )
+    return headers
+
+
+def _request_digest(headers: Mapping[str, str], body: str) -> bytes:
+    canonical = json.dumps([sorted(headers.items()), body], separators=(",", ":"))
+    return hashlib.sha256(b"sts-request\0" + canonical.encode()).digest()
 
 
 def _arn_from_sts_response(status: int, body: bytes) -> str:

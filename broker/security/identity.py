@@ -124,22 +124,28 @@ class AuthUnavailable(AuthError):
 class Authenticator(Protocol):
     """Turns a call's metadata into an `Identity` or raises `AuthError`."""
 
-    async def authenticate(self, metadata: Mapping[str, str]) -> Identity: ...
+    async def authenticate(self, metadata: Mapping[str, str], source: str = "") -> Identity:
+        """*source*: the caller's network address (`broker.security.stsgate.peer_host`),
+        "" when unknown; authenticators that call out per new credential bound by it."""
+        ...
 
 
 @dataclass
 class AuthStats:
-    """Counters for GetStats: ``auth_failures``, ``auth_sts_calls``, ``auth_cache_hits``."""
+    """Counters for GetStats: ``auth_failures``, ``auth_sts_calls``, ``auth_cache_hits``,
+    ``auth_throttled`` (proofs refused without an STS call: broker/security/stsgate.py)."""
 
     auth_failures: int = 0
     auth_sts_calls: int = 0
     auth_cache_hits: int = 0
+    auth_throttled: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
             "auth_failures": self.auth_failures,
             "auth_sts_calls": self.auth_sts_calls,
             "auth_cache_hits": self.auth_cache_hits,
+            "auth_throttled": self.auth_throttled,
         }
 
 
@@ -149,7 +155,7 @@ class NoAuth:
 
     anonymous = Identity("none", "anonymous")
 
-    async def authenticate(self, metadata: Mapping[str, str]) -> Identity:
+    async def authenticate(self, metadata: Mapping[str, str], source: str = "") -> Identity:
         return self.anonymous
 
 

@@ -13,6 +13,7 @@ variable                            default      checked
 ``PGBROKER_MAX_RESULT_ROWS``        1000000      rows of all results of one request
 ``PGBROKER_MAX_RESULT_BYTES``       32 MiB       encoded size of all results of one request
 ``PGBROKER_MAX_INFLIGHT_PER_CALLER`` (*)         running + queued requests of one identity
+                                                 and Lambda function (`caller_key`)
 ==================================  ===========  ==========================================
 
 (*) half of ``PGBROKER_POOL_SIZE + PGBROKER_MAX_WAITING`` (1010 with the defaults), so one
@@ -22,17 +23,28 @@ Nothing runs when a request limit or the in-flight limit is crossed; the in-flig
 carries ``RetryInfo`` (it clears as the caller's other requests finish), the others do not:
 resending the same request cannot succeed, and clients do not retry them.
 
-Result limits are checked once the transaction has finished, because the broker sends
-``COMMIT`` together with the last statement (one round trip): the transaction *completed*
-(ErrorInfo metadata ``completed=true``) but its result is not sent. Page instead:
-``WHERE id > $1 ORDER BY id LIMIT 1000``.
+Result limits bound a *buffered* result (``Execute``, a ``Transact`` ``execute`` step), which
+travels in one response; streamed rows (``Broker.Stream``, a ``Transact`` ``stream`` step) have
+no limit. A batch's results are checked **before COMMIT**: when a statement of the batch
+returns rows, the broker reads the results, checks them and only then sends ``COMMIT`` (one
+more round trip for such batches; a batch whose statements return no rows still sends
+``COMMIT`` with them), so a result over its limit is refused and the transaction rolled back:
+nothing committed. A single statement runs without BEGIN … COMMIT and commits as it
+completes, so its result is checked afterwards: ErrorInfo metadata ``completed=true`` says it
+ran (for a single ``INSERT … RETURNING``, wrap it in a batch to make the check come first).
+Page instead (``WHERE id > $1 ORDER BY id LIMIT 1000``) or stream.
 
-The in-flight limit applies to authenticated identities (iam, token); with ``none`` every
-caller is the same ``anonymous`` and ``PGBROKER_MAX_WAITING`` already bounds the queue.
+The in-flight limit counts per identity (iam, token) and Lambda function name (the
+``x-lambda-function-name`` metadata the client sends), so one function cannot take another's
+share; with ``none`` and no function name every caller is the same ``anonymous`` and
+``PGBROKER_MAX_WAITING`` already bounds the queue. The same key orders the pool's queue
+(`QueueWeights`, broker/pooling/fairqueue.py).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +53,15 @@ from broker.configvalues import MIB
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
-__all__ = ["InflightLimiter", "LimitExceeded", "Limits", "check_request", "check_results"]
+__all__ = [
+    "InflightLimiter",
+    "LimitExceeded",
+    "Limits",
+    "QueueWeights",
+    "caller_key",
+    "check_request",
+    "check_results",
+]
 
 # Postgres' Bind message counts parameters in an Int16.
 POSTGRES_MAX_PARAMS = 65_535
@@ -127,18 +147,29 @@ def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:
             )
 
 
-def check_results(results: Sequence[pb.StatementResult], limits: Limits) -> None:
-    """Raise `LimitExceeded` (``completed=True``) if *results* are too large to send."""
+def check_results(
+    results: Sequence[pb.StatementResult], limits: Limits, *, completed: bool = True
+) -> None:
+    """Raise `LimitExceeded` if *results* are too large to send (buffered in one response).
+
+    *completed* says whether the work already committed (a single statement, which runs
+    without BEGIN … COMMIT: metadata ``completed=true``) or is checked before COMMIT (a batch
+    or a Transact step: the message says it was rolled back)."""
+    if completed:
+        outcome, stop = "the transaction completed, but its results", ""
+    else:
+        outcome, stop = "the results", "; the transaction was rolled back, nothing committed"
+    advice = " or stream them (db.stream, tx.stream: no limit)"
     rows = sum(len(result.rows) for result in results)
     if limits.max_result_rows and rows > limits.max_result_rows:
         raise LimitExceeded(
             "PGBROKER_MAX_RESULT_ROWS",
             limits.max_result_rows,
             rows,
-            f"the transaction completed, but its results have {rows} rows; at most"
-            f" {limits.max_result_rows} are sent (PGBROKER_MAX_RESULT_ROWS): page with"
-            " WHERE key > $1 ORDER BY key LIMIT n",
-            completed=True,
+            f"{outcome} have {rows} rows; at most {limits.max_result_rows} are sent"
+            " (PGBROKER_MAX_RESULT_ROWS): page with WHERE key > $1 ORDER BY key LIMIT n"
+            f"{advice}{stop}",
+            completed=completed,
         )
     size = sum(result.ByteSize() for result in results)
     if limits.max_result_bytes and size > limits.max_result_bytes:
@@ -146,10 +177,10 @@ def check_results(results: Sequence[pb.StatementResult], limits: Limits) -> None
             "PGBROKER_MAX_RESULT_BYTES",
             limits.max_result_bytes,
             size,
-            f"the transaction completed, but its results are {size} bytes; at most"
-            f" {limits.max_result_bytes} are sent (PGBROKER_MAX_RESULT_BYTES): select fewer"
-            " columns or page with WHERE key > $1 ORDER BY key LIMIT n",
-            completed=True,
+            f"{outcome} are {size} bytes; at most {limits.max_result_bytes} are sent"
+            " (PGBROKER_MAX_RESULT_BYTES): select fewer columns, page with WHERE key > $1"
+            f" ORDER BY key LIMIT n{advice}{stop}",
+            completed=completed,
         )
 
 
@@ -192,3 +223,77 @@ class InflightLimiter:
 
     def in_flight(self, key: str) -> int:
         return self._counts.get(key, 0)
+
+
+# -- fair queuing: who a request is queued as, and with what weight ------------------------------
+
+
+def caller_key(caller: str | None, function: str | None) -> str | None:
+    """The identity a request queues and is counted as: the authenticated caller (its ARN, or
+    ``kind:name``) and the Lambda function (``x-lambda-function-name``), as
+    ``caller|function`` (``|function`` without authentication), or just the caller when no
+    function name was sent; None when neither is known (``PGBROKER_AUTH=none`` and no function
+    name), which is not limited and shares one queue."""
+    if function is None:
+        return caller
+    return f"{caller or ''}|{function}"
+
+
+MAX_QUEUE_WEIGHT = 1000
+
+
+@dataclass(frozen=True)
+class QueueWeights:
+    """``PGBROKER_QUEUE_WEIGHTS``: ordered (pattern, weight) entries; a caller key no pattern
+    matches weighs 1. A pattern (``*`` and ``?`` wildcards, case-sensitive) is matched against
+    the key's function name, then its caller (ARN or ``kind:name``), then the whole key
+    (`caller_key`); the first matching entry wins."""
+
+    entries: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> QueueWeights:
+        """The weights from JSON (``{"fn-a": 2, "report-*": 0.5}``) or ``pattern=weight,…``.
+
+        Raise ValueError (one line) for malformed text or a weight that is not a number in
+        (0, 1000]."""
+        text = text.strip()
+        items: list[tuple[str, object]] = []
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"PGBROKER_QUEUE_WEIGHTS is not valid JSON ({exc.msg})") from None
+            items = [(str(k).strip(), v) for k, v in data.items()]
+        elif text:
+            for item in text.split(","):
+                pattern, sep, weight = item.partition("=")
+                if not sep or not pattern.strip() or not weight.strip():
+                    raise ValueError(
+                        f"PGBROKER_QUEUE_WEIGHTS entry {item.strip()!r} is not pattern=weight"
+                    )
+                items.append((pattern.strip(), weight.strip()))
+        return cls(tuple((pattern, _weight(pattern, value)) for pattern, value in items))
+
+    def weight_for(self, key: str | None) -> float:
+        """The weight of caller key *key* (1 when no entry matches, or for None)."""
+        if key is None or not self.entries:
+            return 1.0
+        caller, _, function = key.rpartition("|") if "|" in key else (key, "", "")
+        for pattern, weight in self.entries:
+            if any(fnmatch.fnmatchcase(part, pattern) for part in (function, caller, key)):
+                return weight
+        return 1.0
+
+
+def _weight(pattern: str, value: object) -> float:
+    try:
+        weight = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not 0 < weight <= MAX_QUEUE_WEIGHT:  # also false for NaN
+        raise ValueError(
+            f"PGBROKER_QUEUE_WEIGHTS: the weight of {pattern!r} must be a number in"
+            f" (0, {MAX_QUEUE_WEIGHT}], not {value!r}"
+        )
+    return weight

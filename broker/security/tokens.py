@@ -84,7 +84,7 @@ class TokenAuth:
         self._loaded_at: float | None = None
         self._reload: asyncio.Task[None] | None = None
 
-    async def authenticate(self, metadata: Mapping[str, str]) -> Identity:
+    async def authenticate(self, metadata: Mapping[str, str], source: str = "") -> Identity:
         presented = split_scheme(metadata, BEARER_SCHEME)
         if self._load_secret is not None and self._due(self._refresh_interval):
             await self._reload_tokens()

@@ -26,6 +26,7 @@ from lambda_client._base import ClientBase
 from lambda_client._policy import Call, Link, Outcome, resume
 from lambda_client._requests import LambdaContext, Statement
 from lambda_client._result import Result
+from lambda_client._stream import AsyncRowStream, open_async_stream, stream_request
 from lambda_client.transaction import (
     AsyncTransaction,
     open_async_transaction,
@@ -134,6 +135,21 @@ class AsyncBrokerClient(ClientBase):
             initial_backoff=self.policy.initial_backoff,
             max_backoff=self.policy.max_backoff,
         )
+
+    async def stream(
+        self,
+        sql: str,
+        params: Sequence[Any] | None = None,
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        chunk_rows: int | None = None,
+    ) -> AsyncRowStream:
+        """As `BrokerClient.stream`: ``async with await db.stream(...) as rows:`` then
+        ``async for row in rows``."""
+        invoke = open_async_stream(stream_request(sql, params, chunk_rows))
+        rows: AsyncRowStream = await self._run(Call(invoke, lambda r: r), context, timeout)
+        return rows
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """As `BrokerClient.stats`."""

@@ -42,6 +42,7 @@ from lambda_client._base import DEFAULT_TARGET, AuthHook, ClientBase, channel_op
 from lambda_client._policy import BROKER_UNREACHABLE, Call, Link, broker_unreachable, run_plan
 from lambda_client._requests import LambdaContext, Statement, check_target
 from lambda_client._result import Result
+from lambda_client._stream import RowStream, open_stream, stream_request
 from lambda_client.transaction import Transaction, open_transaction, run_transaction
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "BrokerClient",
     "LambdaContext",
     "Result",
+    "RowStream",
     "Statement",
     "broker_unreachable",
     "channel_options",
@@ -195,6 +197,26 @@ class BrokerClient(ClientBase):
             initial_backoff=self.policy.initial_backoff,
             max_backoff=self.policy.max_backoff,
         )
+
+    def stream(
+        self,
+        sql: str,
+        params: Sequence[Any] | None = None,
+        *,
+        context: LambdaContext | None = None,
+        timeout: float | None = None,
+        chunk_rows: int | None = None,
+    ) -> RowStream:
+        """Run one query (SELECT, VALUES, TABLE, WITH … SELECT) and return its rows lazily, in
+        chunks of about 1 MiB (or *chunk_rows* rows), with no result limit
+        (`lambda_client._stream`). The deadline (*timeout*, *context*) bounds the whole read.
+
+        Raise as `query` if the stream could not open (retried like a call while nothing
+        ran); iterating raises if it fails midway. Use ``with db.stream(...) as rows:`` so an
+        early exit frees the broker's connection at once."""
+        invoke = open_stream(stream_request(sql, params, chunk_rows))
+        rows: RowStream = self._run(Call(invoke, _opened), context, timeout)
+        return rows
 
     def stats(self, *, timeout: float | None = None) -> dict[str, int]:
         """The broker replica's pool and queue figures (``GetStats``)."""

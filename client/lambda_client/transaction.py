@@ -51,6 +51,7 @@ import grpc
 from lambda_client import errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import Statement, _options, _split, _statement
+from lambda_client._stream import AsyncRowStream, RowStream, _chunk_rows
 
 if TYPE_CHECKING:
     from lambda_client.client import Result
@@ -85,6 +86,10 @@ class _Stream:
 
     def send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._requests.put(request)
+        return self.read()
+
+    def read(self) -> pb.TransactResponse:
+        """The next response (a streamed statement's answer is several)."""
         try:
             response: pb.TransactResponse = next(self._call)
         except StopIteration:
@@ -116,6 +121,10 @@ class _AsyncStream:
         with contextlib.suppress(asyncio.InvalidStateError):
             # Raised when the broker has ended the call; reading raises its status.
             await self._call.write(request)
+        return await self.read()
+
+    async def read(self) -> pb.TransactResponse:
+        """As `_Stream.read`."""
         response = await self._call.read()
         if response is grpc.aio.EOF:
             raise errors.BrokerError(
@@ -183,6 +192,7 @@ class _TransactionBase:
     def __init__(self, decode: Decode) -> None:
         self._decode = decode
         self._savepoints = 0
+        self._streaming: Any = None  # the stream whose rows are still arriving
         self.closed = False
         self.committed = False
         # Exactly-once COMMIT: the key `commit` sends unless given another (`begin`'s
@@ -200,6 +210,22 @@ class _TransactionBase:
             statements=[_statement(*_split(s, i)) for i, s in enumerate(statements)]
         )
         return pb.TransactRequest(execute=step) if step.statements else None
+
+    def _stream_request(
+        self, sql: str, params: Sequence[Any] | None, chunk_rows: int | None
+    ) -> pb.TransactRequest:
+        """The ``stream`` request; `TypeError`/`ValueError` for a bad argument (nothing sent)."""
+        step = pb.TransactRequest.Stream(
+            statement=_statement(sql, params), chunk_rows=_chunk_rows(chunk_rows)
+        )
+        return pb.TransactRequest(stream=step)
+
+    def _first_chunk(self, response: pb.TransactResponse) -> pb.RowChunk:
+        """The first chunk of a streamed statement; raise its error when it failed at once."""
+        if response.WhichOneof("step") == "rows":
+            return response.rows
+        self._results(response)  # raises the statement's error
+        return pb.RowChunk()
 
     def _results(self, response: pb.TransactResponse) -> list[Result]:
         executed = response.executed
@@ -277,6 +303,21 @@ class Transaction(_TransactionBase):
         request = self._execute_request(statements)
         return [] if request is None else self._results(self._send(request))
 
+    def stream(
+        self, sql: str, params: Sequence[Any] | None = None, *, chunk_rows: int | None = None
+    ) -> RowStream:
+        """Run one query in the transaction and return its rows lazily, in chunks of about
+        1 MiB (or *chunk_rows* rows), through a server-side cursor; no result limit applies
+        (`lambda_client._stream`). Stopping early (``with`` exit, `RowStream.close`, or the
+        next call on the transaction) reads and discards the rest, so the transaction goes
+        on: bound a large read with ``LIMIT`` if it may stop early. A Postgres error raises as
+        in `query` and aborts the transaction."""
+        request = self._stream_request(sql, params, chunk_rows)
+        rows = _TxRowStream(self, self._first_chunk(self._send(request)))
+        if not rows.closed:
+            self._streaming = rows
+        return rows
+
     @contextlib.contextmanager
     def savepoint(self, name: str | None = None) -> Iterator[Transaction]:
         """A nested transaction: ``SAVEPOINT`` on entry, ``RELEASE`` on normal exit; on an
@@ -334,8 +375,19 @@ class Transaction(_TransactionBase):
 
     def _send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._check_open()
+        if self._streaming is not None:
+            self._streaming.close()  # its rows come first: read and drop them
+        return self._read(lambda: self._stream.send(request), request)
+
+    def _read(
+        self,
+        read: Callable[[], pb.TransactResponse] | None = None,
+        request: pb.TransactRequest | None = None,
+    ) -> pb.TransactResponse:
+        """The next response (*read*, or the next one on the stream: a streamed chunk); an
+        error closes the transaction and is raised as `_error` says for *request*."""
         try:
-            return self._stream.send(request)
+            return (read or self._stream.read)()
         except grpc.RpcError as exc:
             self._close()  # the broker rolled back and ended the stream
             raise _error(exc, request) from exc
@@ -368,6 +420,16 @@ class AsyncTransaction(_TransactionBase):
         """As `Transaction.pipeline`."""
         request = self._execute_request(statements)
         return [] if request is None else self._results(await self._send(request))
+
+    async def stream(
+        self, sql: str, params: Sequence[Any] | None = None, *, chunk_rows: int | None = None
+    ) -> AsyncRowStream:
+        """As `Transaction.stream`: ``async with await tx.stream(...) as rows:``."""
+        request = self._stream_request(sql, params, chunk_rows)
+        rows = _AsyncTxRowStream(self, self._first_chunk(await self._send(request)))
+        if not rows.closed:
+            self._streaming = rows
+        return rows
 
     @contextlib.asynccontextmanager
     async def savepoint(self, name: str | None = None) -> AsyncIterator[AsyncTransaction]:
@@ -419,8 +481,18 @@ class AsyncTransaction(_TransactionBase):
 
     async def _send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._check_open()
+        if self._streaming is not None:
+            await self._streaming.aclose()  # its rows come first: read and drop them
+        return await self._read(self._stream.send(request), request)
+
+    async def _read(
+        self,
+        read: Awaitable[pb.TransactResponse] | None = None,
+        request: pb.TransactRequest | None = None,
+    ) -> pb.TransactResponse:
+        """As `Transaction._read`."""
         try:
-            return await self._stream.send(request)
+            return await (read if read is not None else self._stream.read())
         except grpc.RpcError as exc:
             self._close()
             raise _error(exc, request) from exc
@@ -429,11 +501,14 @@ class AsyncTransaction(_TransactionBase):
             raise
 
 
-def _error(exc: grpc.RpcError, request: pb.TransactRequest) -> errors.Error:
-    """The error for a failed step; a COMMIT whose outcome is unknown (the broker's UNKNOWN,
-    or a transport failure after it was sent) is `OutcomeUnknown`, never `Unavailable`."""
+def _error(exc: grpc.RpcError, request: pb.TransactRequest | None) -> errors.Error:
+    """The error for a failed step (*request*; None while reading a stream's rows); a COMMIT
+    whose outcome is unknown (the broker's UNKNOWN, or a transport failure after it was sent)
+    is `OutcomeUnknown`, never `Unavailable`."""
     error = errors.from_rpc_error(exc)
-    if request.WhichOneof("step") != "commit" or not errors.outcome_unknown(exc, error):
+    if request is None or request.WhichOneof("step") != "commit":
+        return error
+    if not errors.outcome_unknown(exc, error):
         return error
     key = request.commit.idempotency_key
     advice = (
@@ -447,6 +522,57 @@ def _error(exc: grpc.RpcError, request: pb.TransactRequest) -> errors.Error:
         reason=error.reason,
         metadata=error.metadata,
     )
+
+
+class _TxRowStream(RowStream):
+    """The rows of `Transaction.stream`: ``rows`` responses up to the ``executed`` that ends
+    the statement."""
+
+    def __init__(self, tx: Transaction, first: pb.RowChunk) -> None:
+        super().__init__(first)
+        self._tx = tx
+
+    def _next_chunk(self) -> pb.RowChunk | None:
+        response = self._tx._read()
+        if response.WhichOneof("step") == "rows":
+            return response.rows
+        self.closed = True
+        self._tx._streaming = None
+        self._tx._results(response)  # raises the statement's error
+        return None
+
+    def close(self) -> None:
+        """Read and drop the rows still coming, so the transaction can go on."""
+        self._pending = None
+        while not self.closed and not self._tx.closed:
+            self._next_chunk()
+        self.closed = True
+        self._tx._streaming = None
+
+
+class _AsyncTxRowStream(AsyncRowStream):
+    """`_TxRowStream` for `AsyncTransaction.stream`."""
+
+    def __init__(self, tx: AsyncTransaction, first: pb.RowChunk) -> None:
+        super().__init__(first)
+        self._tx = tx
+
+    async def _next_chunk(self) -> pb.RowChunk | None:
+        response = await self._tx._read()
+        if response.WhichOneof("step") == "rows":
+            return response.rows
+        self.closed = True
+        self._tx._streaming = None
+        self._tx._results(response)
+        return None
+
+    async def aclose(self) -> None:
+        """As `_TxRowStream.close`."""
+        self._pending = None
+        while not self.closed and not self._tx.closed:
+            await self._next_chunk()
+        self.closed = True
+        self._tx._streaming = None
 
 
 def _database_error(executed: pb.TransactExecuted) -> errors.BrokerError:

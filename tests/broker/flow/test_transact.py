@@ -104,7 +104,8 @@ def test_rollback_undoes_the_transaction(
     stream.execute(f"UPDATE {counter} SET n = 7")
     assert not stream.rollback().committed
     assert admin.run(f"SELECT n FROM {counter}") == [[0]]
-    assert broker.stats()["leases_ended_rollback"] == 1
+    # Counted when the lease is released, just after `ended` is sent.
+    wait_until(lambda: broker.stats()["leases_ended_rollback"] == 1, what="the lease to end")
 
 
 def test_an_error_aborts_until_rollback_to_savepoint(

@@ -42,6 +42,7 @@ STATS = {
     "connections_lost": 1, "leases_active": 2, "leases_p50_ms": 12, "leases_num": 40,
     "leases_ended_idle_transaction_timeout": 3, "leases_ended_transaction_timeout": 1,
     "leases_ended_deadline": 2, "leases_ended_client_gone": 1,
+    "streams_num": 3, "streams_rows": 5_000_000, "streams_bytes": 140_000_000,
 }  # fmt: skip
 
 
@@ -123,6 +124,9 @@ def test_emf_figures_follow_getstats() -> None:
     assert value(doc, "TransactionLeasesTimeout") == 1
     assert value(doc, "TransactionLeasesDeadline") == 2
     assert value(doc, "TransactionLeasesClientGone") == 1
+    assert value(doc, "StreamedResults") == 3
+    assert value(doc, "StreamedRows") == 5_000_000
+    assert value(doc, "StreamedBytes") == 140_000_000
     assert value(doc, "DatabaseConnectionsBorrowLatency") == 600 / 120 * 1000
     assert value(doc, "QueryDatabaseResponseLatency") == 230 / 115 * 1000
 

@@ -14,6 +14,7 @@ from broker.flow.batch import DeadlineBeforeStart, StatementFailed, TransactionL
 from broker.flow.lease import End, LeaseTimeout, TransactionAborted
 from broker.front.service import BadRequest
 from broker.front.status import failure_for, status_for
+from broker.front.stream import ReaderStalled
 from broker.front.transact import StepRefused
 from broker.pooling.pool import (
     DeadlineExpired,
@@ -158,6 +159,10 @@ CASES: list[tuple[BaseException, Expected]] = [
     (
         StoreUnavailable("no store"),
         Expected(_S.FAILED_PRECONDITION, Reason.IDEMPOTENCY_UNAVAILABLE),
+    ),
+    (
+        ReaderStalled("no rows taken"),
+        Expected(_S.DEADLINE_EXCEEDED, Reason.IDLE_TRANSACTION_TIMEOUT),
     ),
     (AuthError("no credentials"), Expected(_S.UNAUTHENTICATED, Reason.UNAUTHENTICATED)),
     (

@@ -97,6 +97,45 @@ def test_rows_over_several_statements_add_up(broker: InProcessBroker) -> None:
     assert info.metadata["observed"] == "120"
 
 
+def test_a_write_batch_whose_result_is_over_its_limit_commits_nothing(
+    broker: InProcessBroker, table: str
+) -> None:
+    # Issue 11: refused before COMMIT (the old behaviour committed and said completed=true).
+    error = refused(
+        broker,
+        request(
+            (f"INSERT INTO {table} VALUES (1, 'x')", []),
+            "SELECT g FROM generate_series(1, 101) AS g",
+            (f"INSERT INTO {table} VALUES (2, 'y')", []),
+        ),
+    )
+    info = status_of(error)
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
+    assert "completed" not in info.metadata
+    assert "rolled back, nothing committed" in (error.details() or "")
+    assert count(broker, table) == 0
+    # The connection went back clean: the next batch commits.
+    broker.stub().Execute(
+        request((f"INSERT INTO {table} VALUES (3, 'z')", []), "SELECT 1"), metadata=BEARER
+    )
+    assert count(broker, table) == 1
+
+
+def test_a_write_batch_over_the_byte_limit_commits_nothing(
+    broker: InProcessBroker, table: str
+) -> None:
+    error = refused(
+        broker,
+        request(
+            (f"INSERT INTO {table} VALUES (1, repeat('x', 20000)) RETURNING body", []),
+            "SELECT 1",
+        ),
+    )
+    info = status_of(error)
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_BYTES"
+    assert count(broker, table) == 0
+
+
 def test_too_many_result_bytes_names_the_limit(broker: InProcessBroker) -> None:
     error = refused(broker, request("SELECT repeat('x', 20000)"))
     info = status_of(error)

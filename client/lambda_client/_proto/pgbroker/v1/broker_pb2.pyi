@@ -509,10 +509,38 @@ class TransactRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Stream(_message.Message):
+        """One statement whose rows come back streamed, through a server-side cursor: answered by
+        `rows` chunks (the first carries the columns), then `executed` with one result holding no
+        rows, its count and tag (or the error, which aborts the transaction as for `execute`).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        STATEMENT_FIELD_NUMBER: _builtins.int
+        CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+        chunk_rows: _builtins.int
+        """rows per chunk; 0: sized in bytes (about 1 MiB)"""
+        @_builtins.property
+        def statement(self) -> Global___Statement: ...
+        def __init__(
+            self,
+            *,
+            statement: Global___Statement | None = ...,
+            chunk_rows: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_rows", b"chunk_rows", "statement", b"statement"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BEGIN_FIELD_NUMBER: _builtins.int
     EXECUTE_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def begin(self) -> Global___TransactionOptions:
         """the first request, and only the first"""
@@ -527,6 +555,8 @@ class TransactRequest(_message.Message):
     def rollback(self) -> Global___TransactRequest.Rollback:
         """the last request: answered with `ended`, then the stream ends"""
 
+    @_builtins.property
+    def stream(self) -> Global___TransactRequest.Stream: ...
     def __init__(
         self,
         *,
@@ -534,12 +564,13 @@ class TransactRequest(_message.Message):
         execute: Global___TransactRequest.Execute | None = ...,
         commit: Global___TransactRequest.Commit | None = ...,
         rollback: Global___TransactRequest.Rollback | None = ...,
+        stream: Global___TransactRequest.Stream | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "execute", b"execute", "rollback", b"rollback", "step", b"step", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begin", "execute", "commit", "rollback"]  # noqa: Y015
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begin", "execute", "commit", "rollback", "stream"]  # noqa: Y015
     _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 
@@ -554,6 +585,7 @@ class TransactResponse(_message.Message):
     BEGUN_FIELD_NUMBER: _builtins.int
     EXECUTED_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def begun(self) -> Global___TransactBegun:
         """answers `begin`: the connection is leased, BEGIN ran"""
@@ -566,18 +598,23 @@ class TransactResponse(_message.Message):
     def ended(self) -> Global___TransactEnded:
         """answers `commit` or `rollback`"""
 
+    @_builtins.property
+    def rows(self) -> Global___RowChunk:
+        """part of the answer to `stream`, before its `executed`"""
+
     def __init__(
         self,
         *,
         begun: Global___TransactBegun | None = ...,
         executed: Global___TransactExecuted | None = ...,
         ended: Global___TransactEnded | None = ...,
+        rows: Global___RowChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "rows", b"rows", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "ended", b"ended", "executed", b"executed", "rows", b"rows", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begun", "executed", "ended"]  # noqa: Y015
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begun", "executed", "ended", "rows"]  # noqa: Y015
     _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 
@@ -669,6 +706,58 @@ class TransactEnded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransactEnded: _TypeAlias = TransactEnded  # noqa: Y015
+
+@_typing.final
+class StreamRequest(_message.Message):
+    """Broker.Stream's request: one statement (a query: SELECT, VALUES, TABLE, WITH … SELECT)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    chunk_rows: _builtins.int
+    """rows per chunk; 0: sized in bytes (about 1 MiB)"""
+    @_builtins.property
+    def statement(self) -> Global___Statement: ...
+    def __init__(
+        self,
+        *,
+        statement: Global___Statement | None = ...,
+        chunk_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_rows", b"chunk_rows", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
+
+@_typing.final
+class RowChunk(_message.Message):
+    """Some rows of a streamed result; `columns` only in the first chunk of a result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Column]: ...
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Row]: ...
+    def __init__(
+        self,
+        *,
+        columns: _abc.Iterable[Global___Column] | None = ...,
+        rows: _abc.Iterable[Global___Row] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowChunk: _TypeAlias = RowChunk  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):

@@ -51,6 +51,11 @@ class BrokerStub:
                 request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.SerializeToString,
                 response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.unary_stream(
+                '/pgbroker.v1.Broker/Stream',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.RowChunk.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -89,6 +94,18 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request, context):
+        """One large read outside a transaction, streamed: the rows come back in chunks sized in
+        bytes (about 1 MiB each, or `chunk_rows` rows), through a server-side cursor in a READ
+        ONLY transaction on a pooled connection held only while the stream is read. No result
+        limit applies. The first chunk carries the columns (sent even when there are no rows);
+        the stream then ends OK. A reader that stops (cancels) closes the cursor and frees the
+        connection; one that stops reading for PGBROKER_IDLE_TRANSACTION_TIMEOUT is cut off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +123,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Transact,
                     request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.FromString,
                     response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.SerializeToString,
+            ),
+            'Stream': grpc.unary_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.StreamRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.RowChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,6 +213,33 @@ class Broker:
             '/pgbroker.v1.Broker/Transact',
             lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactRequest.SerializeToString,
             lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.TransactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pgbroker.v1.Broker/Stream',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.RowChunk.FromString,
             options,
             channel_credentials,
             insecure,

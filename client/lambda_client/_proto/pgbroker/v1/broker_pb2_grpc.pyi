@@ -55,6 +55,14 @@ class BrokerStub:
     connection, a failed COMMIT) ends the stream with a status as Execute would, and the
     transaction is rolled back.
     """
+    Stream: _grpc.UnaryStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.RowChunk]
+    """One large read outside a transaction, streamed: the rows come back in chunks sized in
+    bytes (about 1 MiB each, or `chunk_rows` rows), through a server-side cursor in a READ
+    ONLY transaction on a pooled connection held only while the stream is read. No result
+    limit applies. The first chunk carries the columns (sent even when there are no rows);
+    the stream then ends OK. A reader that stops (cancels) closes the cursor and frees the
+    connection; one that stops reading for PGBROKER_IDLE_TRANSACTION_TIMEOUT is cut off.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -80,6 +88,14 @@ class BrokerAsyncStub(BrokerStub):
     wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
     connection, a failed COMMIT) ends the stream with a status as Execute would, and the
     transaction is rolled back.
+    """
+    Stream: _aio.UnaryStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.RowChunk]  # type: ignore[assignment]
+    """One large read outside a transaction, streamed: the rows come back in chunks sized in
+    bytes (about 1 MiB each, or `chunk_rows` rows), through a server-side cursor in a READ
+    ONLY transaction on a pooled connection held only while the stream is read. No result
+    limit applies. The first chunk carries the columns (sent even when there are no rows);
+    the stream then ends OK. A reader that stops (cancels) closes the cursor and frees the
+    connection; one that stops reading for PGBROKER_IDLE_TRANSACTION_TIMEOUT is cut off.
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -121,6 +137,20 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         wrong (a refused statement, a bound such as PGBROKER_IDLE_TRANSACTION_TIMEOUT, a lost
         connection, a failed COMMIT) ends the stream with a status as Execute would, and the
         transaction is rolled back.
+        """
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request: _broker_pb2.StreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.RowChunk], _abc.AsyncIterator[_broker_pb2.RowChunk]]:
+        """One large read outside a transaction, streamed: the rows come back in chunks sized in
+        bytes (about 1 MiB each, or `chunk_rows` rows), through a server-side cursor in a READ
+        ONLY transaction on a pooled connection held only while the stream is read. No result
+        limit applies. The first chunk carries the columns (sent even when there are no rows);
+        the stream then ends OK. A reader that stops (cancels) closes the cursor and frees the
+        connection; one that stops reading for PGBROKER_IDLE_TRANSACTION_TIMEOUT is cut off.
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,278 @@
+"""STS calls that unverified IAM proofs cause are bounded (issue 15, item 7): moto's STS in
+server mode checks every forwarded signature; forged proofs come from 127.0.0.1, the valid
+caller through a TCP proxy whose upstream side is bound to 127.0.0.2 (another source address).
+
+Times depend on this machine's load, so the tests assert what implies them — STS call counts,
+and how many forged verifications may start ahead of a valid one — and print the times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+from botocore.credentials import Credentials
+
+from broker.front.server import SERVICE_NAME, broker_method_handlers
+from broker.security.gate import AuthGate, LogBudget
+from broker.security.iam import IamAuth, http_post
+from broker.security.identity import AuthStats, current_identity
+from broker.security.stsgate import VerifyGate, peer_host
+from devtools.tcpproxy import TcpProxy
+from lambda_client import auth as client_auth
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.fixtures.aws import REGION, MotoAws
+from tests.support import status_of
+
+AUDIENCE = "dns:///broker.pgbroker.local:50051"
+VALID_SOURCE = "127.0.0.2"
+
+
+class IdentityEcho(pb_grpc.BrokerServicer):
+    async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
+        return pb.ExecuteResponse(
+            results=[pb.StatementResult(command_tag=str(current_identity.get()))]
+        )
+
+
+@asynccontextmanager
+async def serve(authenticator: Any) -> AsyncIterator[int]:
+    gate = AuthGate(authenticator, log_budget=LogBudget(per_window=5, window=3600))
+    server = grpc.aio.server()
+    gate.add_service(server, SERVICE_NAME, broker_method_handlers(IdentityEcho()))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+def proof(moto_aws: MotoAws, credentials: Any, age: int = 0) -> list[tuple[str, str]]:
+    """A signed GetCallerIdentity; *age* seconds in the past makes a token not yet cached."""
+    signed_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age)
+    signer = client_auth.IamAuth(
+        AUDIENCE,
+        sts_endpoint=moto_aws.url,
+        region=REGION,
+        credentials=credentials,
+        utcnow=lambda: signed_at,
+    )
+    return list(signer())
+
+
+def forged(moto_aws: MotoAws) -> list[tuple[str, str]]:
+    """A well-formed proof signed with a made-up secret: only STS can tell."""
+    key = "ASIA" + secrets.token_hex(8).upper()
+    return proof(moto_aws, Credentials(key, secrets.token_urlsafe(30), "forged-session"))
+
+
+class CountingPost:
+    """The real HTTP POST to moto, recording which access key each STS call carried."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def __call__(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
+        self.keys.append(headers["authorization"].split("Credential=")[1].split("/")[0])
+        return http_post(url, headers, body)
+
+
+class WatchedGate(VerifyGate):
+    """The real gate, noting how many STS calls had started when a source first entered."""
+
+    def __init__(self, post: CountingPost, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.post = post
+        self.entered: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def verifying(self, source: str) -> AsyncIterator[None]:
+        self.entered.setdefault(source, len(self.post.keys))
+        async with super().verifying(source):
+            yield
+
+
+def iam_auth(moto_aws: MotoAws, post: CountingPost, gate: VerifyGate) -> IamAuth:
+    return IamAuth(
+        sts_endpoint=moto_aws.url,
+        audience=AUDIENCE,
+        allowed_roles=["app-role"],
+        stats=AuthStats(),
+        post=post,
+        gate=gate,
+    )
+
+
+async def call(stub: Any, metadata: Sequence[tuple[str, str]]) -> grpc.StatusCode:
+    try:
+        await stub.Execute(
+            pb.ExecuteRequest(statements=[pb.Statement(sql="SELECT 1")]),
+            metadata=tuple(metadata),
+            timeout=30,
+        )
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def proofs_600(moto_aws: MotoAws) -> list[list[tuple[str, str]]]:
+    return [forged(moto_aws) for _ in range(600)]
+
+
+def test_600_forged_proofs_from_one_address_cost_a_bounded_number_of_sts_calls(
+    moto_aws: MotoAws, proofs_600: list[list[tuple[str, str]]]
+) -> None:
+    post = CountingPost()
+    gate = VerifyGate()
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with serve(auth) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            return list(await asyncio.gather(*(call(stub, p) for p in proofs_600)))
+
+    codes = asyncio.run(scenario())
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE}
+    # Before: 600 proofs, 600 STS calls. Now at most the refusal budget plus what was
+    # already pending when it ran out.
+    assert len(post.keys) <= gate.refusals + gate.per_source, len(post.keys)
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == gate.throttled >= 600 - len(post.keys)
+
+
+def test_a_forged_proof_re_encoded_is_refused_from_the_cache(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    proofs = [forged(moto_aws) for _ in range(5)]
+
+    def re_encoded(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        scheme, token = metadata[0][1].split(" ", 1)
+        data = json.loads(base64.b64decode(token))
+        data["headers"]["X-Unsigned-Noise"] = secrets.token_hex(4)  # not signed, not sent
+        text = json.dumps(data, indent=1)
+        return [("authorization", f"{scheme} {base64.b64encode(text.encode()).decode()}")]
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = iam_auth(moto_aws, post, VerifyGate())
+        async with serve(auth) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            first = [await call(stub, p) for p in proofs]
+            again = [await call(stub, re_encoded(p)) for p in proofs for _ in range(3)]
+            return first + again
+
+    codes = asyncio.run(scenario())
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    assert len(post.keys) == 5  # 15 re-encoded copies, no new STS call
+
+
+def test_throttled_proof_gets_a_retryable_refusal_without_sts(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    gate = VerifyGate(refusals=3)
+
+    async def scenario() -> tuple[list[grpc.StatusCode], Any]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with serve(auth) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            codes = [await call(stub, forged(moto_aws)) for _ in range(3)]
+            try:
+                await stub.Execute(
+                    pb.ExecuteRequest(), metadata=tuple(forged(moto_aws)), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                return codes, exc
+        raise AssertionError("the fourth forged proof was admitted")
+
+    codes, error = asyncio.run(scenario())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    details = status_of(error)
+    assert details.reason == "AUTH_UNAVAILABLE"
+    assert details.retry_after is not None and details.retry_after >= 1
+    assert len(post.keys) == 3
+
+
+@pytest.fixture
+def valid_proofs(moto_aws: MotoAws) -> Iterator[list[list[tuple[str, str]]]]:
+    # Distinct signing times: each is a first call (nothing cached).
+    yield [proof(moto_aws, moto_aws.role_credentials["app-role"], age=k) for k in range(1, 5)]
+
+
+def test_valid_first_call_is_not_queued_behind_a_forged_flood(
+    moto_aws: MotoAws, valid_proofs: list[list[tuple[str, str]]]
+) -> None:
+    post = CountingPost()
+    # No refusal budget: the flood keeps the gate saturated the whole time.
+    gate = WatchedGate(post, refusals=10**9)
+    valid_key = moto_aws.role_credentials["app-role"].access_key
+
+    async def first_call(address: str, metadata: list[tuple[str, str]]) -> float:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BrokerStub(channel)
+            await channel.channel_ready()
+            started = time.perf_counter()
+            assert await call(stub, metadata) is grpc.StatusCode.OK
+            return time.perf_counter() - started
+
+    async def flood(stub: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await call(stub, forged(moto_aws))
+
+    async def scenario() -> tuple[float, float]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with serve(auth) as port:
+            with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
+                unloaded = min([await first_call(proxy.address, p) for p in valid_proofs[:2]])
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    stub = pb_grpc.BrokerStub(ch)
+                    stop = asyncio.Event()
+                    flooders = [asyncio.create_task(flood(stub, stop)) for _ in range(150)]
+                    deadline = time.monotonic() + 20
+                    while gate.queued() < gate.concurrency and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                    assert gate.queued() >= gate.concurrency, "the flood did not saturate STS"
+                    gate.entered.pop(peer_host(f"ipv4:{VALID_SOURCE}:1"), None)
+                    calls_before = len(post.keys)
+                    loaded = await first_call(proxy.address, valid_proofs[2])
+                    stop.set()
+                    await asyncio.gather(*flooders)
+        source = peer_host(f"ipv4:{VALID_SOURCE}:1")
+        entered = gate.entered[source]
+        started = len(post.keys) - 1 - post.keys[::-1].index(valid_key)
+        # Round-robin across sources: the freed slot in hand and at most one more forged
+        # verification start between the valid one entering the gate and its STS call.
+        assert started - entered <= 2, (entered, started)
+        assert entered >= calls_before
+        return unloaded, loaded
+
+    unloaded, loaded = asyncio.run(scenario())
+    print(
+        f"\nvalid first call: unloaded {unloaded * 1000:.0f} ms, under a forged flood"
+        f" {loaded * 1000:.0f} ms ({loaded / unloaded:.2f}x); STS calls {len(post.keys)},"
+        f" throttled {gate.throttled} (flood, server and moto share this process; for times"
+        " with each in its own process run devtools/stsflood.py)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.3.7:50122", "ipv4:10.0.3.7"),
+        ("ipv6:[::1]:50122", "ipv6:[::1]"),
+        ("ipv6:[2001:db8::5]:443", "ipv6:[2001:db8::5]"),
+        ("unix:/tmp/broker.sock", "unix:/tmp/broker.sock"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_source_is_the_peer_address_without_its_port(peer: str | None, host: str) -> None:
+    assert peer_host(peer) == host
