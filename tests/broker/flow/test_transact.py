@@ -104,7 +104,7 @@ def test_rollback_undoes_the_transaction(
     stream.execute(f"UPDATE {counter} SET n = 7")
     assert not stream.rollback().committed
     assert admin.run(f"SELECT n FROM {counter}") == [[0]]
-    # Counted when the lease is released, just after `ended` is sent.
+    # Counted once the stream is over, just after the ROLLBACK is answered.
     wait_until(lambda: broker.stats()["leases_ended_rollback"] == 1, what="the lease to end")
 
 
@@ -137,7 +137,7 @@ def test_commit_of_an_aborted_transaction_fails_and_commits_nothing(
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert status_of(error).database_error.sqlstate == "25P02"
     assert admin.run(f"SELECT n FROM {counter}") == [[0]]
-    assert broker.stats()["leases_ended_error"] == 1
+    wait_until(lambda: broker.stats()["leases_ended_error"] == 1, what="the lease to end")
 
 
 def test_session_state_guard_applies_inside_a_transaction(broker: InProcessBroker) -> None:
