@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import lambda_client as lc
-from tests.support import request, rows
+from tests.support import request, rows, wait_until
 
 
 @pytest.fixture(params=["opaque", "always"])
@@ -116,3 +116,37 @@ def test_state_that_cannot_be_reset_in_place_replaces_the_connection(broker: Any
     assert rows(
         broker.execute(request("SELECT count(*) FROM pg_listening_channels()")).results[0]
     ) == [(0,)]
+
+
+def test_a_streamed_read_leaves_nothing_behind(broker: Any, setter: str) -> None:
+    """``Broker.Stream`` commits its READ ONLY transaction with the reset behind it, and
+    ``tx.stream`` runs inside a lease whose COMMIT carries it, as a batch's does."""
+    db = lc.BrokerClient(broker.target, auth=lambda: ())
+    with db.stream(f"SELECT * FROM {setter}_view") as streamed:
+        assert [tuple(row) for row in streamed] == [(1,)]
+    _clean(_next_caller_sees(broker, setter))
+    with db.begin() as tx, tx.stream(f"SELECT * FROM {setter}_view") as streamed:
+        assert [tuple(row) for row in streamed] == [(1,)]
+    _clean(_next_caller_sees(broker, setter))
+    assert broker.stats()["pool_size"] == 1
+    db.close()
+
+
+def test_a_stream_stopped_early_leaves_no_advisory_lock(
+    broker: Any, admin: Any, table: str
+) -> None:
+    """A stream the reader closes mid-way is rolled back and audited on release, as a failed
+    batch is: a session advisory lock (taken out of the guard's sight) survives a rollback."""
+    admin.run(
+        f"CREATE FUNCTION {table}_lock() RETURNS int LANGUAGE plpgsql AS $$ BEGIN"
+        " PERFORM pg_advisory_lock(434343); RETURN 1; END $$"
+    )
+    db = lc.BrokerClient(broker.target, auth=lambda: ())
+    sql = f"SELECT {table}_lock(), g FROM generate_series(1, 100000) AS g"
+    with db.stream(sql, chunk_rows=10) as streamed:
+        next(iter(streamed))  # stop after the first row
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 434343"
+    wait_until(lambda: admin.run(held) == [[0]], what="the advisory lock released")
+    wait_until(lambda: broker.stats()["pool_size"] == 1, what="the pool back to its size")
+    db.close()
+    admin.run(f"DROP FUNCTION {table}_lock()")
