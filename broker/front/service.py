@@ -56,6 +56,7 @@ a lost connection whose server sent a FATAL also carries it as DatabaseError.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -71,12 +72,13 @@ from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, current_identity
 from broker.security.limits import InflightLimiter, Limits, check_request, check_results
 from broker.security.roles import RoleMap
-from broker.sql.plan import RequestPlan, plan_request
+from broker.sql.plan import DIRECT_PARSE_CHARS, RequestPlan, plan_request
+from broker.sql.stack import parser_threads
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BadRequest", "BrokerService", "validate"]
+__all__ = ["BadRequest", "BrokerService", "analyse", "validate"]
 
 log = logging.getLogger("pgbroker.service")
 
@@ -120,6 +122,25 @@ def validate(
         except BadParameter as exc:
             raise BadParameter(f"statement {index}: {exc}") from exc
     return plan, bound
+
+
+# Requests up to this encoded size are validated on the event loop: binding their values and
+# parsing their SQL (at most this long, so parsed where it is: broker/sql/plan.py) takes
+# microseconds to a few ms, less than the hop to another thread would cost.
+ANALYSE_ON_LOOP_BYTES = DIRECT_PARSE_CHARS
+
+
+async def analyse(
+    request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
+) -> tuple[RequestPlan, list[Bound]]:
+    """`validate`, run on a parser thread (broker/sql/stack.py) for a request over
+    ``ANALYSE_ON_LOOP_BYTES``, so that binding 65,535 parameters or planning 1 MB of SQL
+    (seconds of CPU) does not stall every other caller on the event loop (issue 15); raises
+    what `validate` raises."""
+    if request.ByteSize() <= ANALYSE_ON_LOOP_BYTES:
+        return validate(request, limits, role_locked)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(parser_threads(), validate, request, limits, role_locked)
 
 
 def _lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
@@ -177,7 +198,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
-            plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
+            plan, bound = await analyse(request, self.limits, self.role_map is not None)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
                 statements=request.statements,

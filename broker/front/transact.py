@@ -33,7 +33,7 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
-from broker.front.service import BrokerService, _lambda_metadata, validate
+from broker.front.service import BrokerService, _lambda_metadata, analyse
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
 from broker.security.limits import LimitExceeded, check_results
@@ -184,9 +184,7 @@ class _Call:
     async def _execute(self, lease: Lease, step: pb.TransactRequest.Execute) -> pb.TransactResponse:
         """Check and run one ``execute``: a Postgres error is answered in-stream."""
         request = pb.ExecuteRequest(statements=step.statements)
-        plan, bound = validate(
-            request, self.service.limits, role_locked=self.service.role_map is not None
-        )
+        plan, bound = await analyse(request, self.service.limits, self.service.role_map is not None)
         try:
             results = await lease.execute(step.statements, plan, bound, self.service._audit(plan))
         except StatementFailed as exc:
