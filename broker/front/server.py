@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
+from broker.front.fdlimit import DescriptorWatch, raise_nofile
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
 from broker.front.transact import TransactService, transact_handler
@@ -185,6 +186,7 @@ class BrokerServer:
                 "worker_pid": os.getpid(),
             }
         self._serving_task: asyncio.Task[None] | None = None
+        self._descriptor_watch: DescriptorWatch | None = None
         self._stopped = asyncio.Event()
 
     def _build(self) -> None:
@@ -209,6 +211,9 @@ class BrokerServer:
         ``connect_timeout`` seconds, RuntimeError if the address cannot be bound.
         """
         settings = self.settings
+        # Before any socket opens: the soft open-file limit up to the hard one, and a warning
+        # with the arithmetic if it cannot hold the callers (broker/front/fdlimit.py).
+        descriptors = raise_nofile(settings.max_waiting, worker_pool_size(settings))
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = tls.server_credentials(settings)
@@ -225,6 +230,9 @@ class BrokerServer:
         self._learn_builtin_functions()
         self.pool.fill()
         await self.server.start()
+        if descriptors is not None:
+            self._descriptor_watch = DescriptorWatch(descriptors.soft)
+            self._descriptor_watch.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
             self.metrics.start()
@@ -283,6 +291,8 @@ class BrokerServer:
         await self.server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self._descriptor_watch is not None:
+            await self._descriptor_watch.stop()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
