@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
 from broker.front.fdlimit import DescriptorWatch, raise_nofile
+from broker.front.memory import MemoryTrimmer, tune_malloc
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
 from broker.front.transact import TransactService, transact_handler
@@ -187,6 +188,8 @@ class BrokerServer:
             }
         self._serving_task: asyncio.Task[None] | None = None
         self._descriptor_watch: DescriptorWatch | None = None
+        # Gives freed result memory back to the kernel (broker/front/memory.py).
+        self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
 
     def _build(self) -> None:
@@ -233,6 +236,7 @@ class BrokerServer:
         if descriptors is not None:
             self._descriptor_watch = DescriptorWatch(descriptors.soft)
             self._descriptor_watch.start()
+        self.trimmer.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
             self.metrics.start()
@@ -293,6 +297,7 @@ class BrokerServer:
             await self.metrics.stop()
         if self._descriptor_watch is not None:
             await self._descriptor_watch.stop()
+        await self.trimmer.stop()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
@@ -310,6 +315,7 @@ class BrokerServer:
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
     return the process exit code."""
+    tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
     server = BrokerServer(settings, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
