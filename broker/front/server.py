@@ -50,6 +50,8 @@ __all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
 log = logging.getLogger("pgbroker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
+# Seconds a thread may hold the GIL while another waits for it (serve() sets it).
+SWITCH_INTERVAL = 0.001
 # Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
 SHUTDOWN_DRAIN = 0.5
 
@@ -315,6 +317,10 @@ class BrokerServer:
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
     return the process exit code."""
+    # A thread holding the GIL (binding 65,535 values, planning 1 MB of SQL: broker/sql/stack.py)
+    # gives it up to the event loop after this long; Python's 5 ms default let such a request
+    # add 230 ms to other callers' p99, 1 ms 85 ms (bench/bigresults.py, docs/performance.md).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
     server = BrokerServer(settings, worker)
     loop = asyncio.get_running_loop()
