@@ -318,8 +318,9 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
     return the process exit code."""
     # A thread holding the GIL (binding 65,535 values, planning 1 MB of SQL: broker/sql/stack.py)
-    # gives it up to the event loop after this long; Python's 5 ms default let such a request
-    # add 230 ms to other callers' p99, 1 ms 85 ms (bench/bigresults.py, docs/performance.md).
+    # gives it up to the event loop after this long; with Python's 5 ms default such a request
+    # added 230-320 ms to other callers' p99, with 1 ms 60-120 ms (bench/bigresults.py,
+    # docs/performance.md).
     sys.setswitchinterval(SWITCH_INTERVAL)
     tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
     server = BrokerServer(settings, worker)

@@ -124,20 +124,36 @@ def validate(
     return plan, bound
 
 
-# Requests up to this encoded size are validated on the event loop: binding their values and
-# parsing their SQL (at most this long, so parsed where it is: broker/sql/plan.py) takes
-# microseconds to a few ms, less than the hop to another thread would cost.
-ANALYSE_ON_LOOP_BYTES = DIRECT_PARSE_CHARS
+# A request at most this small is validated on the event loop: binding its values and parsing
+# its SQL (at most this long, so parsed where it is: broker/sql/plan.py) takes microseconds to a
+# few ms, less than the hop to another thread would cost. Told without ByteSize(), which
+# serializes the message (45 ms for a 1M-element array: that would stall the loop itself).
+ON_LOOP_SQL_CHARS = DIRECT_PARSE_CHARS
+ON_LOOP_STATEMENTS = 16
+ON_LOOP_VALUES = 256
+
+
+def _small(request: pb.ExecuteRequest) -> bool:
+    """Whether *request* is cheap to validate: few statements, short SQL, few scalar values."""
+    statements = request.statements
+    if len(statements) > ON_LOOP_STATEMENTS:
+        return False
+    if sum(len(statement.sql) for statement in statements) > ON_LOOP_SQL_CHARS:
+        return False
+    values = [value for statement in statements for value in statement.params]
+    return len(values) <= ON_LOOP_VALUES and not any(
+        value.WhichOneof("kind") == "array" for value in values
+    )
 
 
 async def analyse(
     request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
 ) -> tuple[RequestPlan, list[Bound]]:
-    """`validate`, run on a parser thread (broker/sql/stack.py) for a request over
-    ``ANALYSE_ON_LOOP_BYTES``, so that binding 65,535 parameters or planning 1 MB of SQL
-    (seconds of CPU) does not stall every other caller on the event loop (issue 15); raises
-    what `validate` raises."""
-    if request.ByteSize() <= ANALYSE_ON_LOOP_BYTES:
+    """`validate`, run on a parser thread (broker/sql/stack.py) unless the request is small
+    (`_small`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
+    does not stall every other caller on the event loop (issue 15); raises what `validate`
+    raises."""
+    if _small(request):
         return validate(request, limits, role_locked)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(parser_threads(), validate, request, limits, role_locked)
