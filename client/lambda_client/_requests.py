@@ -77,7 +77,18 @@ def many_statements(sql: str, param_sets: Iterable[Sequence[Any]]) -> list[State
 def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
     if not isinstance(sql, str):
         raise TypeError(f"sql must be a str, not {type(sql).__name__}")
+    if params and not _DOLLAR_PLACEHOLDER.search(sql) and _PYFORMAT_PLACEHOLDER.search(sql):
+        # The broker would refuse it too ("no parameters but 1 value"), pointing nowhere.
+        raise ValueError(
+            "sql has %s-style placeholders, but BrokerClient takes Postgres' $1, $2, …; "
+            "write $1 … $n, or use lambda_client.dbapi, whose cursors take %s and %(name)s"
+        )
     return pb.Statement(sql=utf8_text(sql, "sql"), params=encode_params(params))
+
+
+# With values and no $n, a %s or %(name)s is a placeholder written for another driver.
+_DOLLAR_PLACEHOLDER = re.compile(r"\$[0-9]")
+_PYFORMAT_PLACEHOLDER = re.compile(r"%(?:\([^)]+\))?s")
 
 
 def _split(statement: Statement, index: int) -> tuple[str, Sequence[Any] | None]:

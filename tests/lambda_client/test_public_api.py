@@ -40,6 +40,7 @@ PUBLIC_NAMES = {
     "Unauthenticated",
     "Unavailable",
     "Warning",
+    "dbapi",
     "errors",
 }
 
@@ -51,7 +52,7 @@ def test_public_names_are_pinned() -> None:
     assert set(dir(lambda_client)) >= PUBLIC_NAMES
 
 
-NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "errors", "Warning"}
+NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "dbapi", "errors", "Warning"}
 
 # Each public error class and its parent: the PEP 249 tree, with the broker's failures placed.
 PARENTS: dict[str, type | str] = {
