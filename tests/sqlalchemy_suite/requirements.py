@@ -87,7 +87,21 @@ def broker_differs(reason: str) -> exclusions.compound:
 
 # Requirement -> why the broker cannot offer it although Postgres does. docs/sqlalchemy.md
 # repeats this table; keep them together.
-BROKER_OVERRIDES: dict[str, str] = {}
+_TEMP_TABLES = (
+    "a temporary table outlives its transaction, and the broker returns the Postgres "
+    "connection to the pool when the transaction ends, so it refuses CREATE TEMP TABLE "
+    "without ON COMMIT DROP (the next statement may run on another connection)"
+)
+BROKER_OVERRIDES: dict[str, str] = {
+    "temporary_tables": _TEMP_TABLES,
+    "temp_table_reflection": _TEMP_TABLES,
+    "temp_table_reflect_indexes": _TEMP_TABLES,
+    "temp_table_names": _TEMP_TABLES,
+    "temp_table_comment_reflection": _TEMP_TABLES,
+    "has_temp_table": _TEMP_TABLES,
+    "temporary_views": _TEMP_TABLES,
+    "create_temp_table_as": _TEMP_TABLES,
+}
 
 
 class Requirements(GenericRequirements):
