@@ -101,6 +101,11 @@ BROKER_OVERRIDES: dict[str, str] = {
     "has_temp_table": _TEMP_TABLES,
     "temporary_views": _TEMP_TABLES,
     "create_temp_table_as": _TEMP_TABLES,
+    "default_schema_name_switch": (
+        "the tests switch the default schema with SET search_path on connect: session state, "
+        "which the broker refuses (it would reach the next caller of the pooled connection); "
+        "use schema-qualified names or SET LOCAL search_path inside a transaction"
+    ),
 }
 
 

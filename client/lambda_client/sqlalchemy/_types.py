@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from sqlalchemy import exc
-from sqlalchemy.dialects.postgresql import INTERVAL, JSON, JSONB
+from sqlalchemy.dialects.postgresql import ENUM, INTERVAL, JSON, JSONB
 from sqlalchemy.dialects.postgresql.array import ARRAY as PGARRAY
 from sqlalchemy.dialects.postgresql.base import _DECIMAL_TYPES, _FLOAT_TYPES, _INT_TYPES
 from sqlalchemy.dialects.postgresql.pg_catalog import INT2VECTOR, OIDVECTOR
@@ -99,7 +99,9 @@ class _Interval(INTERVAL):
         return _Interval(precision=impl.second_precision)
 
 
-class _Enum(sqltypes.Enum):
+class _Enum(ENUM):
+    """PostgreSQL's ENUM (CREATE TYPE … AS ENUM with the table); values travel as text."""
+
     def get_dbapi_type(self, dbapi: Any) -> None:
         return None
 

@@ -146,10 +146,6 @@ class PGDialect_pgbroker(PGDialect):
         dbapi_connection.autocommit = False
         dbapi_connection.isolation_level = level
 
-    def reset_isolation_level(self, dbapi_connection: Any) -> None:
-        dbapi_connection.autocommit = False
-        dbapi_connection.isolation_level = None
-
     def detect_autocommit_setting(self, dbapi_conn: Any) -> bool:
         return bool(dbapi_conn.autocommit)
 
