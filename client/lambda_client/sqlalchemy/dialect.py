@@ -152,13 +152,21 @@ class PGDialect_pgbroker(PGDialect):
     def get_isolation_level(self, dbapi_connection: Any) -> IsolationLevel:
         if dbapi_connection.autocommit and not dbapi_connection.in_transaction:
             return "AUTOCOMMIT"
+        # The level the connection's transactions begin with (it cannot change inside one);
+        # READ UNCOMMITTED is asked for as such, although Postgres runs it as READ COMMITTED.
         level = dbapi_connection.isolation_level
-        if level is not None and not dbapi_connection.in_transaction:
+        if level is not None:
             return _level(level.name.replace("_", " "))
         return _level(self._show(dbapi_connection, "transaction_isolation"))
 
     def get_default_isolation_level(self, dbapi_conn: Any) -> IsolationLevel:
-        return _level(self._show(dbapi_conn, "default_transaction_isolation"))
+        """The level the engine's connections start with (an ``isolation_level=`` given to
+        `create_engine` is applied by then), which a connection returned to the pool gets
+        back; under AUTOCOMMIT, the server's."""
+        level = self.get_isolation_level(dbapi_conn)
+        if level == "AUTOCOMMIT":
+            return _level(self._show(dbapi_conn, "transaction_isolation"))
+        return level
 
     def set_readonly(self, connection: Any, value: bool) -> None:
         connection.read_only = bool(value)
