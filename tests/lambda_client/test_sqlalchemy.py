@@ -5,13 +5,14 @@ Lambda deadline as an execution option, per-transaction isolation, and the URL's
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import ForeignKey, NullPool, String, create_engine, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -19,6 +20,7 @@ from devtools.brokerproc import BrokerProcess
 from devtools.lambda_context import FakeLambdaContext
 from lambda_client import dbapi
 from lambda_client.sqlalchemy import PGDialect_pgbroker
+from lambda_client.sqlalchemy._url import connect_args_from_url
 from tests.support import connect
 
 SUFFIX = uuid.uuid4().hex[:8]
@@ -200,3 +202,46 @@ def test_nothing_is_left_behind_in_postgres(engine: Engine, postgres: Any) -> No
     finally:
         admin.close()
     assert rows[0][0] == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+pgbroker://b.internal:6000/app",
+            {"target": "b.internal:6000", "dbname": "app"},
+        ),
+        ("postgresql+pgbroker://b.internal", {"target": "b.internal:50051"}),
+        ("postgresql+pgbroker://[::1]:7000", {"target": "[::1]:7000"}),
+        ("postgresql+pgbroker://", {}),
+        (
+            "postgresql+pgbroker://h:1/?tls=true&tls_server_name=broker&max_attempts=3",
+            {"target": "h:1", "tls": True, "tls_server_name": "broker", "max_attempts": 3},
+        ),
+    ],
+)
+def test_connect_args_from_the_url(url: str, expected: dict[str, Any]) -> None:
+    assert connect_args_from_url(make_url(url)) == expected
+
+
+def test_the_user_part_of_the_url_is_a_bearer_token() -> None:
+    args = connect_args_from_url(make_url("postgresql+pgbroker://s3cret@h:1"))
+    assert args["auth"]() == (("authorization", "Bearer s3cret"),)
+    # One hook per token: the DB-API keeps one client (one channel) per target and options.
+    assert (
+        connect_args_from_url(make_url("postgresql+pgbroker://s3cret@h:1"))["auth"] is args["auth"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql+pgbroker://h:1/?tls=maybe", "tls='maybe' must be true or false"),
+        ("postgresql+pgbroker://h:1/?timeout=soon", "timeout='soon' is not a number"),
+        ("postgresql+pgbroker://h:1/?target=dns:///x:1", "not both"),
+        ("postgresql+pgbroker://h:1/?tls=1&tls=0", "tls is given more than once"),
+    ],
+)
+def test_bad_urls_are_refused_by_name(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        connect_args_from_url(make_url(url))
