@@ -160,6 +160,12 @@ def check_target(target: object, source: str = "target") -> str:
     if scheme and scheme.group(1).lower() not in _GRPC_SCHEMES:
         raise ValueError(f"{source} {target!r} is a URL, not a gRPC target; {forms}")
     for port in target_ports(target):
+        if port is not None and "/" in port and port.partition("/")[0].isdigit():
+            raise ValueError(
+                f"{source} {target!r} ends with a path ({'/' + port.partition('/')[2]!r}): a "
+                "gRPC target names no database, the broker serves one; drop the path (with "
+                "lambda_client.dbapi, pass dbname=... to check which database it is)"
+            )
         if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"{source} {target!r}: port {port!r} is not in 1..65535")
     return target

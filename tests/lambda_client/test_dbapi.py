@@ -90,6 +90,12 @@ def test_dbname_is_checked_against_the_database_the_broker_serves(
         dbapi.connect(broker.target, dbname="elsewhere")
 
 
+@pytest.mark.parametrize("target", ["127.0.0.1:50051/app", "dns:///broker.internal:50051/app"])
+def test_a_target_naming_a_database_is_refused_clearly(target: str) -> None:
+    with pytest.raises(ValueError, match=r"ends with a path \('/app'\).*dbname="):
+        dbapi.connect(target)
+
+
 # -- parameter styles ---------------------------------------------------------------------
 
 
@@ -288,6 +294,13 @@ def test_a_failed_statement_aborts_the_transaction_until_rollback(
         cur.execute("SELECT 1")
     conn.rollback()
     assert one(conn, f"SELECT count(*) FROM {items}") == (0,)
+    cur.execute("SELECT 1")
+    with pytest.raises(dbapi.ProgrammingError):
+        cur.execute("SELECT * FROM no_such_table")
+    with pytest.raises(dbapi.ProgrammingError, match="no results"):  # not the earlier row
+        cur.fetchall()
+    assert cur.description is None and cur.rowcount == -1
+    conn.rollback()
 
 
 def test_context_manager_commits_or_rolls_back_and_closes(
@@ -353,6 +366,8 @@ def test_a_transaction_the_broker_ended_fails_until_rollback(conn: dbapi.Connect
         cur.execute("SELECT 1")
     with pytest.raises(errors.InFailedSqlTransaction, match="rollback"):
         cur.execute("SELECT 1")
+    with pytest.raises(errors.InFailedSqlTransaction), conn.transaction():
+        pass  # no savepoint in a transaction that is gone
     conn.rollback()
     assert one(conn, "SELECT 2") == (2,)
     conn.rollback()
@@ -472,7 +487,13 @@ def test_a_named_cursor_fetches_in_chunks_within_the_transaction(conn: dbapi.Con
     cur.execute("SELECT %s::text", ["again"])  # redeclared under the same name
     assert cur.fetchall() == [("again",)]
     cur.close()
+    cur = conn.cursor("ends_with_commit")
+    cur.execute("SELECT 1")
     conn.commit()
+    with pytest.raises(dbapi.ProgrammingError, match="ended with the transaction"):
+        cur.fetchone()
+    assert not conn.in_transaction  # no transaction opened just to fail
+    cur.close()
 
 
 def test_named_cursor_rules(broker: BrokerProcess) -> None:
@@ -487,3 +508,31 @@ def test_named_cursor_rules(broker: BrokerProcess) -> None:
         assert cur.fetchall() == [(1,)]
     with pytest.raises(errors.InvalidRequest, match="WITH HOLD"):
         conn.cursor().execute("DECLARE h CURSOR WITH HOLD FOR SELECT 1")
+
+
+def test_executemany_of_big_values_stays_under_the_request_size_limit(
+    broker: BrokerProcess, postgres: Any, admin: pg8000.native.Connection
+) -> None:
+    """40 values of 300 kB (12 MB) exceed the broker's 8 MiB per request: they go as several
+    steps of one Transact stream, still one request in the stats."""
+    with temp_table(postgres, "blobs", "id int, body text") as table:
+        conn = dbapi.connect(broker.target, autocommit=True)
+        body = "x" * 300_000
+        before = stats(broker)
+        conn.cursor().executemany(
+            f"INSERT INTO {table} VALUES (%s, %s)", [(i, body) for i in range(40)]
+        )
+        after = stats(broker)
+        assert count(admin, table) == 40
+        assert after["leases_num"] - before["leases_num"] == 1
+        assert after["rpcs_num"] == before["rpcs_num"]
+
+
+def test_executemany_chunks() -> None:
+    from lambda_client.dbapi._connection import _chunks
+
+    sets = [[i] for i in range(10)]
+    assert [len(c) for c in _chunks("q", sets, 4, 10**6)] == [4, 4, 2]
+    assert [len(c) for c in _chunks("q", [["x" * 100]] * 5, 100, 250)] == [2, 2, 1]
+    assert [len(c) for c in _chunks("q", [["x" * 1000]] * 2, 100, 10)] == [1, 1]  # never empty
+    assert _chunks("q", [], 4, 10) == [[]]

@@ -161,3 +161,14 @@ def test_type_objects_and_constructors() -> None:
     assert dbapi.Binary(b"x") == b"x"
     assert isinstance(dbapi.TimestampFromTicks(0), datetime)
     assert isinstance(dbapi.DateFromTicks(0), date) and isinstance(dbapi.TimeFromTicks(0), time)
+
+
+def test_hstore_comes_back_as_text(
+    cur: dbapi.Cursor, admin_module: pg8000.native.Connection
+) -> None:
+    try:
+        admin_module.run("CREATE EXTENSION IF NOT EXISTS hstore")
+    except pg8000.native.DatabaseError as exc:
+        pytest.skip(f"the hstore extension is not installed here: {exc}")
+    cur.execute("SELECT %s::hstore -> 'a', %s::hstore", ['"a"=>"1"', '"b"=>"2"'])
+    assert cur.fetchone() == ("1", '"b"=>"2"')

@@ -180,6 +180,18 @@ def test_client_never_imports_broker_pg8000_or_devtools() -> None:
     assert _fresh(code).strip() == "[]"
 
 
+def test_dbapi_loads_on_first_use_and_needs_only_the_client() -> None:
+    code = (
+        "import sys, lambda_client\n"
+        "print('lambda_client.dbapi' in sys.modules)\n"
+        "conn = lambda_client.dbapi.connect('127.0.0.1:1')\n"
+        "print(type(conn).__name__, conn.client.channels_created)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('broker', 'pg8000', 'devtools', 'psycopg', 'sqlalchemy', 'django')))\n"
+    )
+    assert _fresh(code).split("\n")[:3] == ["False", "Connection 0", "[]"]
+
+
 def test_construction_connects_nothing() -> None:
     db = lambda_client.BrokerClient("127.0.0.1:1")
     assert db.channels_created == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -31,7 +32,14 @@ from lambda_client.client import BrokerClient
 from lambda_client.dbapi._cursor import Cursor, ServerCursor
 from lambda_client.transaction import Transaction
 
-__all__ = ["MAX_STATEMENTS", "Connection", "IsolationLevel", "client_for", "served_database"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "MAX_STATEMENTS",
+    "Connection",
+    "IsolationLevel",
+    "client_for",
+    "served_database",
+]
 
 # The broker's default PGBROKER_MAX_STATEMENTS: executemany sends at most this many
 # statements per request (several requests go on one Transact lease).
@@ -54,8 +62,13 @@ _ISOLATION_NAMES = {
     IsolationLevel.SERIALIZABLE: "serializable",
 }
 
+# Half the broker's default PGBROKER_MAX_REQUEST_BYTES (8 MiB): executemany's requests stay
+# under it by an estimate of their size (`_chunks`).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
 _clients: dict[Any, BrokerClient] = {}
-_databases: dict[int, str] = {}  # id(client) -> the database its broker serves
+# client -> the database its broker serves (weak: a caller's own client may go away)
+_databases: weakref.WeakKeyDictionary[BrokerClient, str] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -90,10 +103,10 @@ def served_database(
 ) -> str:
     """The database *client*'s broker serves, asked once per client
     (``SELECT current_database()``)."""
-    name = _databases.get(id(client))
+    name = _databases.get(client)
     if name is None:
         result = client.query("SELECT current_database()", context=context, timeout=timeout)
-        name = _databases[id(client)] = str(result.scalar())
+        name = _databases[client] = str(result.scalar())
     return name
 
 
@@ -269,7 +282,7 @@ class Connection:
         lease is held only for the block."""
         self._check_open()
         if self._tx is not None:
-            with self._tx.savepoint():
+            with self._transaction().savepoint():  # refused if the broker ended it
                 yield self
             return
         self._begin()
@@ -291,26 +304,26 @@ class Connection:
         return self._transaction().query(sql, params)
 
     def _execute_many(self, sql: str, param_sets: Sequence[Sequence[Any]]) -> list[Result]:
-        """Run *sql* once per parameter set in as few requests as the broker's
-        *max_statements* allow: one ``Execute`` batch in autocommit when they fit, else
-        pipelined steps on one transaction (the open one, or one opened and committed here
-        in autocommit)."""
+        """Run *sql* once per parameter set in as few requests as the broker's limits allow
+        (`_chunks`): one ``Execute`` batch in autocommit when they fit in one, else pipelined
+        steps on one transaction (the open one, or one opened and committed here in
+        autocommit)."""
         self._check_open()
-        chunk = self.max_statements
+        chunks = _chunks(sql, param_sets, self.max_statements, MAX_REQUEST_BYTES)
         if self._tx is None and self._autocommit:
-            if len(param_sets) <= chunk:
+            if len(chunks) == 1:
                 return self.client.execute_many(
-                    sql, param_sets, context=self.context, timeout=self.timeout
+                    sql, chunks[0], context=self.context, timeout=self.timeout
                 )
             with self.transaction():
-                return self._pipelined(sql, param_sets, chunk)
-        return self._pipelined(sql, param_sets, chunk)
+                return self._pipelined(sql, chunks)
+        return self._pipelined(sql, chunks)
 
-    def _pipelined(self, sql: str, param_sets: Sequence[Sequence[Any]], chunk: int) -> list[Result]:
+    def _pipelined(self, sql: str, chunks: list[Sequence[Sequence[Any]]]) -> list[Result]:
         tx = self._transaction()
         results: list[Result] = []
-        for start in range(0, len(param_sets), chunk):
-            results += tx.execute_many(sql, param_sets[start : start + chunk])
+        for chunk in chunks:
+            results += tx.execute_many(sql, chunk)
         return results
 
     def _transaction(self) -> Transaction:
@@ -350,6 +363,37 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "in transaction" if self._tx else "idle"
         return f"<Connection {self.client.target} {state} autocommit={self._autocommit}>"
+
+
+def _chunks(
+    sql: str, param_sets: Sequence[Sequence[Any]], max_statements: int, max_bytes: int
+) -> list[Sequence[Sequence[Any]]]:
+    """*param_sets* cut into requests of at most *max_statements* sets and about *max_bytes*
+    (an estimate: a request of one set is never cut). At least one chunk, possibly empty."""
+    chunks: list[Sequence[Sequence[Any]]] = []
+    start, size = 0, 0
+    overhead = _estimate(sql) + 16
+    for index, params in enumerate(param_sets):
+        cost = overhead + sum(_estimate(value) for value in params)
+        if index > start and (index - start >= max_statements or size + cost > max_bytes):
+            chunks.append(param_sets[start:index])
+            start, size = index, 0
+        size += cost
+    chunks.append(param_sets[start:])
+    return chunks
+
+
+def _estimate(value: Any) -> int:
+    """About how many bytes *value* takes in a request (UTF-8 text counted at its worst)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else 4 * len(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return 4 + sum(_estimate(item) for item in value)
+    if isinstance(value, dict):
+        return len(repr(value)) * 2  # sent as JSON text; repr is about its size
+    return 16
 
 
 def _flag(name: str, value: object) -> bool:

@@ -21,6 +21,7 @@ from lambda_client.dbapi._pyformat import bind
 
 if TYPE_CHECKING:
     from lambda_client.dbapi._connection import Connection
+    from lambda_client.transaction import Transaction
 
 __all__ = ["Column", "Cursor", "ServerCursor"]
 
@@ -75,6 +76,7 @@ class Cursor:
         bad placeholder or parameter, a `DatabaseError` subclass for a Postgres error."""
         self._check_open()
         sql, values = bind(query, params)
+        self._reset()  # a failed statement leaves no earlier rows behind
         with _parameter_errors():
             result = self.connection._execute(sql, values)
         self._set_result(result)
@@ -222,6 +224,7 @@ class ServerCursor(Cursor):
         self.name = name
         self._quoted = '"' + name.replace('"', '""') + '"'
         self._declared = False
+        self._declared_in: Transaction | None = None  # the transaction it lives in
         self._done = False
         # Each declaration's FETCH text is unique: the broker caches prepared statements by
         # text per pooled connection, with the columns of the cursor they were prepared for.
@@ -245,9 +248,11 @@ class ServerCursor(Cursor):
             (f"DECLARE {self._quoted} NO SCROLL CURSOR WITHOUT HOLD FOR {sql}", values),
             self._fetch_sql("0"),
         ]
+        self._reset()
+        tx = connection._transaction()
         with _parameter_errors():
-            results = connection._transaction().pipeline(statements)
-        self._declared, self._done = True, False
+            results = tx.pipeline(statements)
+        self._declared, self._done, self._declared_in = True, False, tx
         self._set_result(results[-1])
         self.rowcount = 0
         return self
@@ -262,6 +267,11 @@ class ServerCursor(Cursor):
         self._check_result()
         if self._done or size == 0:
             return []
+        if self.connection._tx is not self._declared_in:
+            raise errors.ProgrammingError(
+                f"server-side cursor {self.name!r} ended with the transaction it was declared "
+                "in (a WITHOUT HOLD cursor): fetch before commit() or rollback()"
+            )
         count = "ALL" if size is None else str(max(size, 0))
         result = self.connection._transaction().query(self._fetch_sql(count))
         rows = result.rows
@@ -276,7 +286,7 @@ class ServerCursor(Cursor):
         if self._closed:
             return
         tx = self.connection._tx
-        if self._declared and tx is not None and not tx.closed and not self.connection.closed:
+        if self._declared and tx is self._declared_in and tx is not None and not tx.closed:
             # A failed transaction has dropped the cursor already.
             with contextlib.suppress(errors.DatabaseError):
                 tx.execute(f"CLOSE {self._quoted}")
