@@ -28,7 +28,12 @@ class _String(sqltypes.String):
     render_bind_cast = True
 
 
-class _NumericCommon(sqltypes.NumericCommon):  # type: ignore[misc, name-defined]
+# SQLAlchemy 2.1 shares Numeric's and Float's behaviour in NumericCommon; 2.0 has Float under
+# Numeric.
+_NumericBase: Any = getattr(sqltypes, "NumericCommon", sqltypes.Numeric)
+
+
+class _NumericCommon(_NumericBase):  # type: ignore[misc]
     """numeric comes back as Decimal, float8 as float, integers as int (the codec's
     choices); convert where the column asks for the other."""
 
