@@ -245,3 +245,33 @@ def test_the_user_part_of_the_url_is_a_bearer_token() -> None:
 def test_bad_urls_are_refused_by_name(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         connect_args_from_url(make_url(url))
+
+
+def test_a_closed_dbapi_connection_is_a_disconnect_and_the_pool_replaces_it(
+    broker: BrokerProcess,
+) -> None:
+    engine = create_engine(f"postgresql+pgbroker://{broker.target}/")  # QueuePool: reused
+    with engine.connect() as conn:
+        conn.connection.dbapi_connection.close()
+        with pytest.raises(DBAPIError) as caught:
+            conn.execute(text("SELECT 1"))
+        assert caught.value.connection_invalidated
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT 1")) == 1
+    engine.dispose()
+
+
+def test_the_engine_recovers_when_the_broker_comes_back(start_broker_process: Any) -> None:
+    process = start_broker_process()
+    assert process.wait_serving(30)
+    engine = create_engine(f"postgresql+pgbroker://{process.target}/?max_attempts=1&timeout=2")
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT 1")) == 1
+    process.stop()
+    with pytest.raises(OperationalError), engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    process.start()
+    assert process.wait_serving(30)
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT 2")) == 2
+    engine.dispose()
