@@ -207,7 +207,7 @@ def read_junit(path: Path) -> Outcomes:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed"}.get(child.tag, child.tag)
                 message = (child.get("message") or "") + "\n" + (child.text or "")
-        test = test_id(case.get("classname", ""), case.get("name", ""))
+        test = stable_id(case.get("classname", ""), case.get("name", ""))
         if rank[outcome] >= rank.get(outcomes.by_test.get(test, "passed"), 0):
             outcomes.by_test[test] = outcome
             if outcome in ("failed", "error"):
@@ -215,7 +215,7 @@ def read_junit(path: Path) -> Outcomes:
     return outcomes
 
 
-def test_id(classname: str, name: str) -> str:
+def stable_id(classname: str, name: str) -> str:
     """``test_suite_x.py::Class::name`` from junit's ``test_suite_x.Class_<backend>``."""
     module, _, cls = classname.partition(".")
     cls = cls.split("_postgresql+", 1)[0]
