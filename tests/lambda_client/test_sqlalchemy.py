@@ -275,3 +275,17 @@ def test_the_engine_recovers_when_the_broker_comes_back(start_broker_process: An
     with engine.connect() as conn:
         assert conn.scalar(text("SELECT 2")) == 2
     engine.dispose()
+
+
+def test_the_timeout_option_applies_per_statement_and_the_default_comes_back(
+    broker: BrokerProcess,
+) -> None:
+    engine = create_engine(f"postgresql+pgbroker://{broker.target}/", connect_args={"timeout": 7.0})
+    with engine.connect() as conn:
+        with pytest.raises(OperationalError):
+            conn.execution_options(timeout=0.05).execute(text("SELECT pg_sleep(1)"))
+        conn.rollback()
+    with engine.connect() as conn:  # the same pooled DB-API connection, no option given
+        conn.execute(text("SELECT 1"))
+        assert conn.connection.dbapi_connection.timeout == 7.0
+    engine.dispose()

@@ -107,7 +107,8 @@ class PGDialect_pgbroker(PGDialect):
 
     def __init__(self, timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        #: Seconds bounding each call when no ``timeout`` execution option is given.
+        #: Seconds bounding each call when no ``timeout`` execution option is given (the
+        #: URL's or connect_args' ``timeout`` when there is one).
         self.default_timeout = timeout
 
     @classmethod
@@ -117,10 +118,14 @@ class PGDialect_pgbroker(PGDialect):
         return dbapi
 
     def create_connect_args(self, url: URL) -> tuple[list[Any], dict[str, Any]]:
-        args = connect_args_from_url(url)
-        if "timeout" in args:
-            self.default_timeout = args["timeout"]
-        return [], args
+        return [], connect_args_from_url(url)
+
+    def connect(self, *cargs: Any, **cparams: Any) -> Any:
+        """`lambda_client.dbapi.connect`; a ``timeout`` from the URL or ``connect_args``
+        becomes the default that statements without a ``timeout`` option get back."""
+        if "timeout" in cparams:
+            self.default_timeout = cparams["timeout"]
+        return super().connect(*cargs, **cparams)
 
     def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
         """A closed DB-API connection, or a broker that cannot be reached: the pool drops
