@@ -1,0 +1,131 @@
+"""Values in and out, the way Django's stock postgresql backend sees them through psycopg.
+
+In: the stock backend (psycopg 3, ``server_side_binding`` off, Django's default) binds on the
+client: psycopg's ``ClientCursor`` merges the parameters into the SQL as literals. `mogrify`
+does the same with psycopg's own dumpers and Django's adapters map (`get_adapters_template`),
+without a psycopg connection, so the SQL Postgres receives is the stock backend's, byte for
+byte, and every value psycopg can send (Jsonb, ranges, Inet, arrays, hstore dicts, …) works.
+The broker then receives a statement without parameters.
+
+Out: the broker decodes values to Python (`lambda_client.codec`); `RowLoader` turns them into
+what Django's adapters map would have returned: jsonb as text (JSONField decodes it itself),
+inet/cidr as text, timestamptz in the connection's time zone (UTC with ``USE_TZ``; naive
+local time without), and the types the broker sends as text (ranges, hstore, …) through
+psycopg's loader for the column's type OID.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from typing import Any
+
+from psycopg import adapt
+from psycopg.pq import Format
+
+from lambda_client import errors
+
+# %s, %(name)s and %% as psycopg's ClientCursor reads them; any other %x is an error there too.
+_PLACEHOLDER = re.compile(rb"%(?:\((?P<name>[^)]*)\))?(?P<kind>.)", re.S)
+
+JSONB_OID = 3802
+INET_OIDS = (869, 650)
+TIMESTAMPTZ_OID = 1184
+
+
+def mogrify(sql: str, params: Sequence[Any] | Mapping[str, Any] | None, context: Any) -> str:
+    """*sql* with *params* merged in as psycopg's ``ClientCursor.mogrify`` would (``%%`` → ``%``);
+    *sql* unchanged when *params* is None. Raise `errors.ProgrammingError` when the
+    placeholders and the parameters do not match, `errors.DataError` when psycopg cannot
+    dump a value."""
+    if params is None:
+        return sql
+    transformer = adapt.Transformer(context)
+    query = sql.encode()
+    parts: list[bytes] = []
+    position = 0
+    sequential = 0
+    named = isinstance(params, Mapping)
+    for match in _PLACEHOLDER.finditer(query):
+        parts.append(query[position : match.start()])
+        position = match.end()
+        kind, name = match.group("kind"), match.group("name")
+        if kind == b"%" and name is None:
+            parts.append(b"%")
+            continue
+        if kind not in (b"s", b"b", b"t"):
+            raise errors.ProgrammingError(f"only '%s', '%b', '%t' are allowed as placeholders, "
+                                          f"got {match.group().decode()!r}")
+        if name is not None:
+            if not named:
+                raise errors.ProgrammingError("named placeholder with positional parameters")
+            value = params[name.decode()]  # type: ignore[call-overload]
+        else:
+            if named:
+                raise errors.ProgrammingError("positional placeholder with named parameters")
+            if sequential >= len(params):
+                raise errors.ProgrammingError(
+                    f"the query has more placeholders than the {len(params)} parameters passed")
+            value = params[sequential]  # type: ignore[index]
+            sequential += 1
+        parts.append(_literal(transformer, value))
+    parts.append(query[position:])
+    if not named and sequential != len(params):
+        raise errors.ProgrammingError(
+            f"the query has {sequential} placeholders but {len(params)} parameters were passed")
+    return b"".join(parts).decode()
+
+
+def _literal(transformer: adapt.Transformer, value: Any) -> bytes:
+    try:
+        return bytes(transformer.as_literal(value))
+    except Exception as exc:  # psycopg raises its own errors; Django wants the PEP 249 ones
+        raise errors.DataError(f"cannot send {type(value).__name__} value: {exc}") from exc
+
+
+class RowLoader:
+    """Converts the broker's decoded rows for one result (its column type OIDs) into the
+    values Django's psycopg adapters map returns (see the module docstring)."""
+
+    def __init__(self, type_oids: Sequence[int], context: Any, zone: tzinfo, aware: bool) -> None:
+        self._convert: list[Callable[[Any], Any] | None] = [
+            self._converter(oid, context, zone, aware) for oid in type_oids
+        ]
+        self.identity = not any(self._convert)
+
+    def __call__(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            value if fn is None or value is None else fn(value)
+            for fn, value in zip(self._convert, row, strict=False)
+        )
+
+    @staticmethod
+    def _converter(
+        oid: int, context: Any, zone: tzinfo, aware: bool
+    ) -> Callable[[Any], Any] | None:
+        if oid == JSONB_OID:
+            return _jsonb_text
+        if oid in INET_OIDS:
+            return str
+        if oid == TIMESTAMPTZ_OID:
+            return lambda v: _in_zone(v, zone, aware) if isinstance(v, datetime) else v
+        loader = context.get_loader(oid, Format.TEXT) if oid else None
+        if loader is None or loader.__module__.startswith("psycopg.types.string"):
+            return None
+        load = loader(oid, None).load
+        # The broker sends types it has no kind for as their text form; psycopg reads those.
+        return lambda v: load(v.encode()) if isinstance(v, str) else v
+
+
+def _jsonb_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _in_zone(value: datetime, zone: tzinfo, aware: bool) -> datetime:
+    """An aware UTC datetime from the broker as psycopg returns it with Django's session time
+    zone *zone*: aware in *zone*, or naive local time there when not *aware* (``USE_TZ =
+    False``)."""
+    local = value.astimezone(zone)
+    return local if aware else local.replace(tzinfo=None)

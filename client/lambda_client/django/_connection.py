@@ -1,0 +1,251 @@
+"""The connection Django's DatabaseWrapper holds: PEP 249's shape over one `BrokerClient`.
+
+* Autocommit (Django's default outside ``atomic()``): each statement is one ``Execute`` call;
+  nothing is held between statements.
+* ``autocommit = False`` (``atomic()``): the first statement opens a ``Transact`` lease
+  (`BrokerClient.begin`, with the isolation level), the next ones run on it, and
+  ``commit()``/``rollback()`` end it. A connection is leased only while Django is inside
+  ``atomic()`` and has run something.
+* Session state travels per transaction (see `Connection.time_zone`): a pooled connection
+  never keeps it.
+* Deadlines: the Lambda context set for the request (`lambda_client.django.middleware`)
+  bounds each call and each lease; otherwise *timeout* seconds.
+
+Errors are `lambda_client.errors` classes, which Django's ``wrap_database_errors`` turns into
+``django.db.IntegrityError`` & co. by name (the SQLSTATE stays on ``__cause__.sqlstate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+from lambda_client import errors
+from lambda_client.django import _adapt, deadline
+
+if TYPE_CHECKING:
+    from lambda_client.client import BrokerClient, Result
+    from lambda_client.transaction import Transaction
+
+ISOLATION_NAMES = {1: "read uncommitted", 2: "read committed", 3: "repeatable read",
+                   4: "serializable"}  # psycopg.IsolationLevel values
+
+
+class Column(NamedTuple):
+    """One entry of `Cursor.description` (PEP 249's seven items)."""
+
+    name: str
+    type_code: int
+    display_size: int | None = None
+    internal_size: int | None = None
+    precision: int | None = None
+    scale: int | None = None
+    null_ok: bool | None = None
+
+
+class ServerInfo:
+    """What Django reads from ``connection.info``: the server version and the defaults the
+    broker's pooled connections have (read once per process, they do not change)."""
+
+    def __init__(self, server_version: int, parameters: dict[str, str]) -> None:
+        self.server_version = server_version
+        self._parameters = parameters
+
+    def parameter_status(self, name: str) -> str | None:
+        return self._parameters.get(name)
+
+
+class Connection:
+    """See the module docstring. *adapters* is Django's psycopg adapters map, used to write
+    literals and read values (`lambda_client.django._adapt`)."""
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        *,
+        timeout: float,
+        adapters: Any,
+        info: ServerInfo,
+        aware: bool,
+    ) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.adapters = adapters
+        self.info = info
+        self.aware = aware
+        self.autocommit = True
+        self.isolation_level: int | None = None
+        self.closed = False
+        # Django's session time zone, carried by every transaction (None: the server's own).
+        self.time_zone: str | None = None
+        self._zone = ZoneInfo("UTC")
+        self._transaction: Transaction | None = None
+
+    # -- PEP 249 ---------------------------------------------------------------------------
+
+    def cursor(self) -> Cursor:
+        self._check_open()
+        return Cursor(self)
+
+    def commit(self) -> None:
+        """End the lease with COMMIT (nothing to do when nothing ran since the last one)."""
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.commit()
+
+    def rollback(self) -> None:
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.rollback()
+
+    def close(self) -> None:
+        """Roll back what is open; the client (one gRPC channel per process) stays open for
+        the next connection, as Lambda reuses it across warm invocations."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.rollback()
+            except errors.Error:
+                pass  # the lease is gone either way: the broker rolled it back
+
+    # -- Django's needs ----------------------------------------------------------------------
+
+    def set_time_zone(self, name: str | None) -> None:
+        """Carry *name* as ``SET LOCAL TimeZone`` in each transaction (None: do not)."""
+        server = self.info.parameter_status("TimeZone")
+        self.time_zone = None if name is None or name == server else name
+        self._zone = ZoneInfo(name or server or "UTC")
+
+    def run(self, sql: str) -> Result:
+        """Run one statement: on the open lease, a new lease, or as one ``Execute``."""
+        self._check_open()
+        options = deadline.call_options(self.timeout)
+        if not self.autocommit:
+            if self._transaction is None:
+                self._transaction = self._begin(options)
+            return self._transaction.query(sql)
+        if self.time_zone is None:
+            return self.client.query(sql, **options)
+        return self.client.transaction([self._set_time_zone_sql(), sql], **options)[-1]
+
+    def run_many(self, sqls: Sequence[str]) -> list[Result]:
+        """Several statements in one round trip, in one transaction (executemany)."""
+        self._check_open()
+        if not sqls:
+            return []
+        options = deadline.call_options(self.timeout)
+        if not self.autocommit:
+            if self._transaction is None:
+                self._transaction = self._begin(options)
+            return self._transaction.pipeline(list(sqls))
+        prefix = [] if self.time_zone is None else [self._set_time_zone_sql()]
+        return self.client.transaction([*prefix, *sqls], **options)[len(prefix) :]
+
+    def row_loader(self, type_oids: Sequence[int]) -> _adapt.RowLoader:
+        return _adapt.RowLoader(type_oids, self.adapters, self._zone, self.aware)
+
+    def _begin(self, options: dict[str, Any]) -> Transaction:
+        isolation = ISOLATION_NAMES.get(self.isolation_level or 0)
+        transaction = self.client.begin(isolation=isolation, **options)
+        if self.time_zone is not None:
+            try:
+                transaction.query(self._set_time_zone_sql())
+            except BaseException:
+                transaction.rollback()
+                raise
+        return transaction
+
+    def _set_time_zone_sql(self) -> str:
+        assert self.time_zone is not None
+        return _adapt.mogrify("SET LOCAL TimeZone TO %s", [self.time_zone], self.adapters)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.InterfaceError("the connection is closed")
+
+
+class Cursor:
+    """A PEP 249 cursor: ``%s``/``%(name)s`` placeholders bound on the client as psycopg's
+    ClientCursor does; the whole result is fetched with the statement."""
+
+    arraysize = 1
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.description: list[Column] | None = None
+        self.rowcount = -1
+        self.statusmessage: str | None = None
+        self._rows: Iterator[tuple[Any, ...]] = iter(())
+        self.closed = False
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Cursor:
+        self._check_open()
+        self._take(self.connection.run(_adapt.mogrify(sql, params, self.connection.adapters)))
+        return self
+
+    def executemany(self, sql: str, param_sets: Sequence[Sequence[Any]]) -> Cursor:
+        self._check_open()
+        adapters = self.connection.adapters
+        results = self.connection.run_many([_adapt.mogrify(sql, p, adapters) for p in param_sets])
+        self.description = None
+        self._rows = iter(())
+        self.rowcount = sum(max(r.rows_affected, 0) for r in results) if results else 0
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        self._check_result()
+        return next(self._rows, None)
+
+    def fetchmany(self, size: int | None = None) -> list[tuple[Any, ...]]:
+        self._check_result()
+        count = self.arraysize if size is None else size
+        return [row for _, row in zip(range(count), self._rows, strict=False)]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        self._check_result()
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        self._check_result()
+        return self._rows
+
+    def close(self) -> None:
+        self.closed = True
+        self._rows = iter(())
+
+    def setinputsizes(self, sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, size: Any, column: Any = None) -> None:
+        pass
+
+    def __enter__(self) -> Cursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take(self, result: Result) -> None:
+        self.statusmessage = result.command_tag
+        self.rowcount = result.rows_affected
+        if result.columns:
+            self.description = [Column(n, t) for n, t in zip(result.columns, result.type_oids,
+                                                               strict=False)]
+            load = self.connection.row_loader(result.type_oids)
+            self._rows = iter(result.rows) if load.identity else map(load, result.rows)
+            if self.rowcount < 0:
+                self.rowcount = len(result.rows)
+        else:
+            self.description = None
+            self._rows = iter(())
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.InterfaceError("the cursor is closed")
+        self.connection._check_open()
+
+    def _check_result(self) -> None:
+        self._check_open()
+        if self.description is None:
+            raise errors.ProgrammingError("the last statement returned no rows")
