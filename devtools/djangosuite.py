@@ -128,7 +128,7 @@ def run_suite(
 
 def stock_databases(pg: Any) -> dict[str, Any]:
     common = {"ENGINE": "django.db.backends.postgresql", "HOST": pg.host, "PORT": pg.port,
-              "USER": pg.user, "PASSWORD": pg.password or ""}
+              "USER": pg.user, "PASSWORD": getattr(pg, "password", None) or ""}
     return {"default": {**common, "NAME": "django_stock"},
             "other": {**common, "NAME": "django_stock_other"}}
 
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             targets = {}
             for alias, db in (("default", "django_broker"), ("other", "django_broker_other")):
                 _recreate_database(pg, db)
-                base = f"postgresql://{pg.user}" + (f":{pg.password}" if pg.password else "")
+                password = getattr(pg, "password", None)
+                base = f"postgresql://{pg.user}" + (f":{password}" if password else "")
                 broker = BrokerProcess(f"{base}@{pg.host}:{pg.port}/{db}?sslmode=disable",
                                        log_level="INFO", pool_size=4, auth="none")
                 brokers.append(broker.start())
@@ -222,7 +223,7 @@ def _recreate_database(pg: Any, name: str) -> None:
     import pg8000.native
 
     conn = pg8000.native.Connection(pg.user, host=pg.host, port=pg.port, database="postgres",
-                                    password=pg.password)
+                                    password=getattr(pg, "password", None))
     try:
         conn.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.run(f'CREATE DATABASE "{name}"')

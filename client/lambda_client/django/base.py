@@ -1,0 +1,156 @@
+"""The DatabaseWrapper: Django's postgresql one with a broker connection (see the package
+docstring and `lambda_client.django._connection`).
+
+Importing it imports psycopg: the stock backend's modules do, and this backend uses psycopg's
+adapters to write literals and read values exactly as the stock backend does
+(`lambda_client.django._adapt`); psycopg never opens a connection here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.postgresql import base as stock
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, get_adapters_template
+from psycopg import adapt
+
+from lambda_client import errors
+from lambda_client.django import operations
+from lambda_client.django._connection import Connection, ServerInfo
+from lambda_client.django.client import DatabaseClient
+from lambda_client.django.creation import DatabaseCreation
+from lambda_client.django.features import DatabaseFeatures
+
+# OPTIONS keys passed to BrokerClient as they are (the rest of BrokerClient's arguments have
+# PGBROKER_* variables or sensible defaults).
+CLIENT_OPTIONS = ("target", "tls", "tls_server_name", "deadline_margin", "max_attempts",
+                  "health_check")
+OWN_OPTIONS = ("timeout", "token", "tls_ca_file", "isolation_level")
+
+_clients: dict[tuple[Any, ...], Any] = {}
+_infos: dict[int, ServerInfo] = {}
+_lock = threading.Lock()
+
+
+class DatabaseWrapper(stock.DatabaseWrapper):
+    display_name = "PostgreSQL through pgbroker"
+    Database = errors  # Django wraps exceptions by their PEP 249 names
+    client_class = DatabaseClient
+    creation_class = DatabaseCreation
+    features_class = DatabaseFeatures
+    ops_class = operations.DatabaseOperations
+    SchemaEditorClass = operations.DatabaseSchemaEditor
+
+    def __init__(self, settings_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        # Behind a transaction pooler server-side cursors cannot outlive a transaction
+        # (Django's docs); .iterator() reads in chunks from a regular cursor instead.
+        settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = True
+        super().__init__(settings_dict, *args, **kwargs)
+
+    @property
+    def pool(self) -> None:
+        """No psycopg pool: the broker pools."""
+        return None
+
+    def get_connection_params(self) -> dict[str, Any]:
+        """BrokerClient's arguments from OPTIONS (target, tls, token, …) and the timeout;
+        unset ones come from the PGBROKER_* environment. Raise ImproperlyConfigured for an
+        unknown option."""
+        options = dict(self.settings_dict["OPTIONS"])
+        unknown = set(options) - set(CLIENT_OPTIONS) - set(OWN_OPTIONS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"unknown OPTIONS for lambda_client.django: {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(CLIENT_OPTIONS + OWN_OPTIONS)})"
+            )
+        if options.get("pool"):
+            raise ImproperlyConfigured("OPTIONS['pool'] does not apply: the broker pools")
+        params = {k: options[k] for k in CLIENT_OPTIONS if k in options}
+        if "token" in options:
+            from lambda_client.auth import BearerAuth
+
+            params["auth"] = BearerAuth(options["token"])
+        if "tls_ca_file" in options:
+            with open(options["tls_ca_file"], "rb") as pem:
+                params["root_certificates"] = pem.read()
+        params["timeout"] = float(options.get("timeout", 30.0))
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Connection:
+        options = self.settings_dict["OPTIONS"]
+        try:
+            self.isolation_level = IsolationLevel(
+                options.get("isolation_level", IsolationLevel.READ_COMMITTED)
+            )
+        except ValueError as exc:
+            raise ImproperlyConfigured(
+                f"Invalid transaction isolation level {options['isolation_level']} "
+                f"specified. Use one of the psycopg.IsolationLevel values."
+            ) from exc
+        timeout = conn_params["timeout"]
+        client = _client_for(conn_params)
+        connection = Connection(
+            client,
+            timeout=timeout,
+            # A copy: contrib.postgres registers hstore/citext on it per connection.
+            adapters=adapt.AdaptersMap(get_adapters_template(settings.USE_TZ, self.timezone)),
+            info=_server_info(client, timeout),
+            aware=settings.USE_TZ,
+        )
+        if "isolation_level" in options:
+            connection.isolation_level = self.isolation_level
+        return connection
+
+    def _configure_timezone(self, connection: Connection) -> bool:
+        """Django's SET TIME ZONE, carried by each transaction instead of the session."""
+        connection.set_time_zone(self.timezone_name)
+        return False
+
+    def _configure_role(self, connection: Connection) -> bool:
+        if self.settings_dict["OPTIONS"].get("assume_role"):
+            raise ImproperlyConfigured(
+                "assume_role is session state; the broker sets roles (PGBROKER_ROLE_MAP)")
+        return False
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        return self.connection.cursor()
+
+    def chunked_cursor(self) -> Any:
+        """A regular cursor: server-side cursors need WITH HOLD, which a pooler refuses."""
+        return self._cursor()
+
+    def is_usable(self) -> bool:
+        """True while open: every call finds its own pooled connection, so there is no
+        socket of this process' own to go stale."""
+        return self.connection is not None and not self.connection.closed
+
+
+def _client_for(params: dict[str, Any]) -> Any:
+    """One BrokerClient (one gRPC channel) per distinct set of options, for the process:
+    Django opens a connection per request and thread, Lambda reuses the process."""
+    key = tuple(sorted((k, repr(v)) for k, v in params.items() if k != "timeout"))
+    with _lock:
+        if key not in _clients:
+            from lambda_client.client import BrokerClient
+
+            kwargs = {k: v for k, v in params.items() if k != "timeout"}
+            _clients[key] = BrokerClient(timeout=params["timeout"], **kwargs)
+        return _clients[key]
+
+
+def _server_info(client: Any, timeout: float) -> ServerInfo:
+    """The server version and the pooled connections' TimeZone, asked once per client."""
+    with _lock:
+        info = _infos.get(id(client))
+    if info is None:
+        row = client.query(
+            "SELECT current_setting('server_version_num')::int, current_setting('TimeZone')",
+            timeout=timeout,
+        ).one()
+        info = ServerInfo(row[0], {"TimeZone": row[1]})
+        with _lock:
+            _infos[id(client)] = info
+    return info
