@@ -18,6 +18,7 @@ Errors are `lambda_client.errors` classes, which Django's ``wrap_database_errors
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import tzinfo
 from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -111,6 +112,11 @@ class Connection:
 
     # -- Django's needs ----------------------------------------------------------------------
 
+    @property
+    def in_transaction(self) -> bool:
+        """A lease is open (a statement ran since autocommit was turned off)."""
+        return self._transaction is not None
+
     def set_time_zone(self, name: str | None) -> None:
         """Carry *name* as ``SET LOCAL TimeZone`` in each transaction (None: do not)."""
         server = self.info.parameter_status("TimeZone")
@@ -142,8 +148,8 @@ class Connection:
         prefix = [] if self.time_zone is None else [self._set_time_zone_sql()]
         return self.client.transaction([*prefix, *sqls], **options)[len(prefix) :]
 
-    def row_loader(self, type_oids: Sequence[int]) -> _adapt.RowLoader:
-        return _adapt.RowLoader(type_oids, self.adapters, self._zone, self.aware)
+    def row_loader(self, type_oids: Sequence[int], zone: tzinfo | None) -> _adapt.RowLoader:
+        return _adapt.RowLoader(type_oids, self.adapters, zone or self._zone, self.aware)
 
     def _begin(self, options: dict[str, Any]) -> Transaction:
         isolation = ISOLATION_NAMES.get(self.isolation_level or 0)
@@ -173,6 +179,7 @@ class Cursor:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self.zone: tzinfo | None = None  # timestamptz values' zone; None: the session's
         self.description: list[Column] | None = None
         self.rowcount = -1
         self.statusmessage: str | None = None
@@ -232,7 +239,7 @@ class Cursor:
         if result.columns:
             self.description = [Column(n, t) for n, t in zip(result.columns, result.type_oids,
                                                                strict=False)]
-            load = self.connection.row_loader(result.type_oids)
+            load = self.connection.row_loader(result.type_oids, self.zone)
             self._rows = iter(result.rows) if load.identity else map(load, result.rows)
             if self.rowcount < 0:
                 self.rowcount = len(result.rows)

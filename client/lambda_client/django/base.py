@@ -17,8 +17,7 @@ from django.db.backends.postgresql import base as stock
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, get_adapters_template
 from psycopg import adapt
 
-from lambda_client import errors
-from lambda_client.django import operations
+from lambda_client.django import database, operations
 from lambda_client.django._connection import Connection, ServerInfo
 from lambda_client.django.client import DatabaseClient
 from lambda_client.django.creation import DatabaseCreation
@@ -37,7 +36,7 @@ _lock = threading.Lock()
 
 class DatabaseWrapper(stock.DatabaseWrapper):
     display_name = "PostgreSQL through pgbroker"
-    Database = errors  # Django wraps exceptions by their PEP 249 names
+    Database = database  # Django wraps exceptions by their PEP 249 names
     client_class = DatabaseClient
     creation_class = DatabaseCreation
     features_class = DatabaseFeatures
@@ -116,16 +115,30 @@ class DatabaseWrapper(stock.DatabaseWrapper):
         return False
 
     def create_cursor(self, name: str | None = None) -> Any:
-        return self.connection.cursor()
+        cursor = self.connection.cursor()
+        if self.timezone is not None:
+            # As the stock backend's per-cursor tz loader: aware in the current self.timezone
+            # (a test may change the database's TIME_ZONE between cursors).
+            cursor.zone = self.timezone
+        return cursor
 
     def chunked_cursor(self) -> Any:
         """A regular cursor: server-side cursors need WITH HOLD, which a pooler refuses."""
         return self._cursor()
 
     def is_usable(self) -> bool:
-        """True while open: every call finds its own pooled connection, so there is no
-        socket of this process' own to go stale."""
-        return self.connection is not None and not self.connection.closed
+        """Outside a lease, True while open: every call finds its own pooled connection, so
+        there is no socket of this process' own to go stale. Inside one, whether the lease
+        still answers (False when it is aborted or gone), as psycopg's SELECT 1 says."""
+        if self.connection is None or self.connection.closed:
+            return False
+        if not self.connection.in_transaction:
+            return True
+        try:
+            self.connection.run("SELECT 1")
+        except database.Error:
+            return False
+        return True
 
 
 def _client_for(params: dict[str, Any]) -> Any:
