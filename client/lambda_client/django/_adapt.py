@@ -109,13 +109,15 @@ class RowLoader:
             return _jsonb_text
         if oid in INET_OIDS:
             return str
-        if oid == TIMESTAMPTZ_OID:
-            return lambda v: _in_zone(v, zone, aware) if isinstance(v, datetime) else v
         loader = context.get_loader(oid, Format.TEXT) if oid else None
         if loader is None or loader.__module__.startswith("psycopg.types.string"):
             return None
+        # The broker sends types it has no kind for, and values Python's types cannot hold
+        # its way, as their text form; psycopg reads those.
         load = loader(oid, None).load
-        # The broker sends types it has no kind for as their text form; psycopg reads those.
+        if oid == TIMESTAMPTZ_OID:
+            return lambda v: _in_zone(v if isinstance(v, datetime) else load(v.encode()),
+                                      zone, aware)
         return lambda v: load(v.encode()) if isinstance(v, str) else v
 
 

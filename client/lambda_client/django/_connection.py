@@ -118,20 +118,29 @@ class Connection:
         return self._transaction is not None
 
     def set_time_zone(self, name: str | None) -> None:
-        """Carry *name* as ``SET LOCAL TimeZone`` in each transaction (None: do not)."""
+        """Carry *name* as ``SET LOCAL TimeZone`` in each transaction (None, or the zone the
+        pooled connections already have: do not)."""
         server = self.info.parameter_status("TimeZone")
-        self.time_zone = None if name is None or name == server else name
+        same = name == server or (_is_utc(name) and _is_utc(server))
+        self.time_zone = None if name is None or same else name
         self._zone = ZoneInfo(name or server or "UTC")
 
     def run(self, sql: str) -> Result:
-        """Run one statement: on the open lease, a new lease, or as one ``Execute``."""
+        """Run *sql* (one statement, or several as Django's migrations may send, split with
+        sqlparse and sent in one request) on the open lease, a new lease, or as one
+        ``Execute``; return the last statement's result."""
         self._check_open()
+        statements = split_statements(sql)
+        if len(statements) > 1:
+            return self.run_many(statements)[-1]
         options = deadline.call_options(self.timeout)
         if not self.autocommit:
             if self._transaction is None:
                 self._transaction = self._begin(options)
             return self._transaction.query(sql)
-        if self.time_zone is None:
+        if self.time_zone is None or _is_ddl(sql):
+            # DDL alone: CREATE INDEX CONCURRENTLY & co. cannot run inside a transaction
+            # block, and the session time zone does not change what DDL does.
             return self.client.query(sql, **options)
         return self.client.transaction([self._set_time_zone_sql(), sql], **options)[-1]
 
@@ -151,6 +160,19 @@ class Connection:
     def row_loader(self, type_oids: Sequence[int], zone: tzinfo | None) -> _adapt.RowLoader:
         return _adapt.RowLoader(type_oids, self.adapters, zone or self._zone, self.aware)
 
+    def lease(self) -> Transaction:
+        """The open lease of this ``atomic()`` block, opened now if nothing ran yet."""
+        self._check_open()
+        if self._transaction is None:
+            self._transaction = self._begin(deadline.call_options(self.timeout))
+        return self._transaction
+
+    def begin_lease(self, options: dict[str, Any]) -> Transaction:
+        """A lease of its own (a streaming cursor's in autocommit), with this connection's
+        isolation level and time zone; the caller ends it."""
+        self._check_open()
+        return self._begin(options)
+
     def _begin(self, options: dict[str, Any]) -> Transaction:
         isolation = ISOLATION_NAMES.get(self.isolation_level or 0)
         transaction = self.client.begin(isolation=isolation, **options)
@@ -169,6 +191,30 @@ class Connection:
     def _check_open(self) -> None:
         if self.closed:
             raise errors.InterfaceError("the connection is closed")
+
+
+_UTC_NAMES = {"utc", "etc/utc", "uct", "etc/uct", "universal", "etc/universal", "zulu",
+              "etc/zulu", "gmt", "etc/gmt", "gmt0", "etc/gmt0", "greenwich", "etc/greenwich"}
+_DDL = ("create", "drop", "alter", "vacuum", "reindex", "cluster", "comment", "grant",
+        "revoke", "truncate")
+
+
+def _is_utc(name: str | None) -> bool:
+    return name is not None and name.lower() in _UTC_NAMES
+
+
+def _is_ddl(sql: str) -> bool:
+    return sql.lstrip().split(None, 1)[0].lower() in _DDL if sql.strip() else False
+
+
+def split_statements(sql: str) -> list[str]:
+    """*sql* as its statements (sqlparse, which knows quotes, comments and dollar quotes);
+    only texts with a ``;`` before their end are parsed, the rest are one statement."""
+    if ";" not in sql.rstrip().rstrip(";"):
+        return [sql]
+    import sqlparse  # a Django dependency; loaded only for multi-statement texts
+
+    return [s.rstrip(";") for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
 
 
 class Cursor:
@@ -199,6 +245,12 @@ class Cursor:
         self._rows = iter(())
         self.rowcount = sum(max(r.rows_affected, 0) for r in results) if results else 0
         return self
+
+    def callproc(self, procname: str, args: Sequence[Any] = ()) -> Sequence[Any]:
+        """``SELECT * FROM procname(args)``, as psycopg's Django cursor does."""
+        placeholders = ", ".join(["%s"] * len(args))
+        self.execute(f"SELECT * FROM {procname}({placeholders})", list(args))
+        return args
 
     def fetchone(self) -> tuple[Any, ...] | None:
         self._check_result()

@@ -19,6 +19,7 @@ from psycopg import adapt
 
 from lambda_client.django import database, operations
 from lambda_client.django._connection import Connection, ServerInfo
+from lambda_client.django._streaming import StreamingCursor
 from lambda_client.django.client import DatabaseClient
 from lambda_client.django.creation import DatabaseCreation
 from lambda_client.django.features import DatabaseFeatures
@@ -42,12 +43,6 @@ class DatabaseWrapper(stock.DatabaseWrapper):
     features_class = DatabaseFeatures
     ops_class = operations.DatabaseOperations
     SchemaEditorClass = operations.DatabaseSchemaEditor
-
-    def __init__(self, settings_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        # Behind a transaction pooler server-side cursors cannot outlive a transaction
-        # (Django's docs); .iterator() reads in chunks from a regular cursor instead.
-        settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = True
-        super().__init__(settings_dict, *args, **kwargs)
 
     @property
     def pool(self) -> None:
@@ -123,8 +118,16 @@ class DatabaseWrapper(stock.DatabaseWrapper):
         return cursor
 
     def chunked_cursor(self) -> Any:
-        """A regular cursor: server-side cursors need WITH HOLD, which a pooler refuses."""
-        return self._cursor()
+        """For .iterator(): a cursor declared WITHOUT HOLD inside a lease, read in chunks
+        (`lambda_client.django._streaming`); never the WITH HOLD cursor psycopg would
+        declare, which a pooler refuses. With DISABLE_SERVER_SIDE_CURSORS = True Django does
+        not ask for it and reads the whole result at once."""
+        self.ensure_connection()
+        with self.wrap_database_errors:
+            cursor = StreamingCursor(self.connection)
+        if self.timezone is not None:
+            cursor.zone = self.timezone
+        return self._prepare_cursor(cursor)
 
     def is_usable(self) -> bool:
         """Outside a lease, True while open: every call finds its own pooled connection, so
