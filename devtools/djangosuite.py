@@ -37,16 +37,44 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
 DJANGO_SPEC = "django>=5.2,<5.3"
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
 
 # The app list of issue 13.
-APPS = (
-    "basic transactions transaction_hooks select_for_update queries expressions lookup "
-    "aggregation model_fields db_functions bulk_create update delete get_or_create timezones "
-    "introspection schema migrations constraints backends postgres_tests"
-).split()
+APPS = [
+    "basic",
+    "transactions",
+    "transaction_hooks",
+    "select_for_update",
+    "queries",
+    "expressions",
+    "lookup",
+    "aggregation",
+    "model_fields",
+    "db_functions",
+    "bulk_create",
+    "update",
+    "delete",
+    "get_or_create",
+    "timezones",
+    "introspection",
+    "schema",
+    "migrations",
+    "constraints",
+    "backends",
+    "postgres_tests",
+]
 
 # A fixed subset CI runs (about a minute each on this machine); `make django-suite` runs all.
-CI_APPS = "basic transactions transaction_hooks select_for_update get_or_create bulk_create update delete".split()
+CI_APPS = [
+    "basic",
+    "transactions",
+    "transaction_hooks",
+    "select_for_update",
+    "get_or_create",
+    "bulk_create",
+    "update",
+    "delete",
+]
 
 SETTINGS = """\
 import os
@@ -64,8 +92,7 @@ def django_tests_dir() -> Path:
         return tests.parent
     CACHE.mkdir(exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-        + [DJANGO_SPEC, "-d", str(CACHE)],
+        [*PIP_DOWNLOAD, DJANGO_SPEC, "-d", str(CACHE)],
         check=True,
     )
     sdist = max(CACHE.glob("django-5.2.*.tar.gz"))
@@ -117,8 +144,15 @@ def run_suite(
     started = time.monotonic()
     with log.open("w") as out:
         try:
-            proc = subprocess.run(argv, cwd=tests, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(
+                argv,
+                cwd=tests,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
             status = proc.returncode
         except subprocess.TimeoutExpired:
             status = -1
@@ -127,29 +161,50 @@ def run_suite(
 
 
 def stock_databases(pg: Any) -> dict[str, Any]:
-    common = {"ENGINE": "django.db.backends.postgresql", "HOST": pg.host, "PORT": pg.port,
-              "USER": pg.user, "PASSWORD": getattr(pg, "password", None) or ""}
-    return {"default": {**common, "NAME": "django_stock"},
-            "other": {**common, "NAME": "django_stock_other"}}
+    common = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": pg.host,
+        "PORT": pg.port,
+        "USER": pg.user,
+        "PASSWORD": getattr(pg, "password", None) or "",
+    }
+    return {
+        "default": {**common, "NAME": "django_stock"},
+        "other": {**common, "NAME": "django_stock_other"},
+    }
 
 
 def broker_databases(targets: dict[str, tuple[str, str]]) -> dict[str, Any]:
     return {
-        alias: {"ENGINE": "lambda_client.django", "NAME": db, "TEST": {"NAME": db},
-                "OPTIONS": {"target": target, "timeout": 60}}
+        alias: {
+            "ENGINE": "lambda_client.django",
+            "NAME": db,
+            "TEST": {"NAME": db},
+            "OPTIONS": {"target": target, "timeout": 60},
+        }
         for alias, (db, target) in targets.items()
     }
 
 
 def table(results: dict[str, Outcome]) -> str:
     rows = [("", *results)]
-    for label, attr in (("tests run", "run"), ("failures", "failures"), ("errors", "errors"),
-                        ("skipped", "skipped"), ("expected failures", "expected_failures"),
-                        ("seconds", "seconds"), ("exit status", "status")):
+    for label, attr in (
+        ("tests run", "run"),
+        ("failures", "failures"),
+        ("errors", "errors"),
+        ("skipped", "skipped"),
+        ("expected failures", "expected_failures"),
+        ("seconds", "seconds"),
+        ("exit status", "status"),
+    ):
         rows.append((label, *(_fmt(getattr(o, attr)) for o in results.values())))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                               enumerate(zip(r, widths, strict=True))) for r in rows)
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )
 
 
 def _fmt(value: float) -> str:
@@ -178,21 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Outcome] = {}
     try:
         if args.only in (None, "stock"):
-            results["stock postgresql"] = run_suite("stock", stock_databases(pg), apps, extra,
-                                                    args.timeout)
+            results["stock postgresql"] = run_suite(
+                "stock", stock_databases(pg), apps, extra, args.timeout
+            )
         if args.only in (None, "broker"):
             targets = {}
             for alias, db in (("default", "django_broker"), ("other", "django_broker_other")):
                 _recreate_database(pg, db)
                 password = getattr(pg, "password", None)
                 base = f"postgresql://{pg.user}" + (f":{password}" if password else "")
-                broker = BrokerProcess(f"{base}@{pg.host}:{pg.port}/{db}?sslmode=disable",
-                                       log_level="INFO", pool_size=4, auth="none")
+                broker = BrokerProcess(
+                    f"{base}@{pg.host}:{pg.port}/{db}?sslmode=disable",
+                    log_level="INFO",
+                    pool_size=4,
+                    auth="none",
+                )
                 brokers.append(broker.start())
                 broker.wait_serving()
                 targets[alias] = (db, broker.target)
             results["lambda_client.django"] = run_suite(
-                "broker", broker_databases(targets), apps, ["--keepdb", *extra], args.timeout)
+                "broker", broker_databases(targets), apps, ["--keepdb", *extra], args.timeout
+            )
     finally:
         for broker in brokers:
             broker.stop()
@@ -222,8 +283,13 @@ def _recreate_database(pg: Any, name: str) -> None:
     through migrations (they need a superuser, which the broker's login is here)."""
     import pg8000.native
 
-    conn = pg8000.native.Connection(pg.user, host=pg.host, port=pg.port, database="postgres",
-                                    password=getattr(pg, "password", None))
+    conn = pg8000.native.Connection(
+        pg.user,
+        host=pg.host,
+        port=pg.port,
+        database="postgres",
+        password=getattr(pg, "password", None),
+    )
     try:
         conn.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.run(f'CREATE DATABASE "{name}"')

@@ -38,8 +38,9 @@ POOL = 4
 
 @pytest.fixture(scope="module")
 def broker(postgres: Any) -> Iterator[BrokerProcess]:
-    process = BrokerProcess(postgres.dsn + "?sslmode=disable", log_level="INFO",
-                            pool_size=POOL, auth="none")
+    process = BrokerProcess(
+        postgres.dsn + "?sslmode=disable", log_level="INFO", pool_size=POOL, auth="none"
+    )
     process.start()
     process.wait_serving()
     try:
@@ -58,10 +59,16 @@ def app(broker: BrokerProcess) -> Any:
         pytest.skip("Django was configured by another test module")
     from devtools import djangoapp
 
-    db = {"ENGINE": "lambda_client.django", "NAME": "postgres",
-          "OPTIONS": {"target": broker.target, "timeout": 120}}
-    djangoapp.configure({"default": db, "tokyo": {**db, "TIME_ZONE": "Asia/Tokyo"}},
-                        TIME_ZONE="Asia/Tokyo", USE_TZ=True)
+    db = {
+        "ENGINE": "lambda_client.django",
+        "NAME": "postgres",
+        "OPTIONS": {"target": broker.target, "timeout": 120},
+    }
+    djangoapp.configure(
+        {"default": db, "tokyo": {**db, "TIME_ZONE": "Asia/Tokyo"}},
+        TIME_ZONE="Asia/Tokyo",
+        USE_TZ=True,
+    )
     djangoapp.create_tables()
     return djangoapp
 
@@ -92,10 +99,8 @@ def test_concurrent_requests_count_exactly(app: Any) -> None:
     barrier = threading.Barrier(20)
 
     def request(name: str) -> int:
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
         response = Client().get(f"/bump/{name}")
         assert response.status_code == 200, response.content
         return int(response.json()["value"])
@@ -106,7 +111,8 @@ def test_concurrent_requests_count_exactly(app: Any) -> None:
     assert counts == {"c0": 25, "c1": 25, "c2": 25, "c3": 25}
     for name in counts:  # each value was handed out once: the locks serialised the updates
         assert sorted(v for n, v in zip(names, values, strict=True) if n == name) == list(
-            range(1, 26))
+            range(1, 26)
+        )
 
 
 def test_deadline_mid_query_raises_operational_error_and_frees_the_lease(
@@ -124,8 +130,11 @@ def test_deadline_mid_query_raises_operational_error_and_frees_the_lease(
     assert time.monotonic() - started < 5
     assert getattr(caught.value.__cause__, "code", None) is not None  # the broker's status
     with BrokerClient(broker.target, timeout=5) as client:
-        wait_until(lambda: client.stats()["pool_available"] == POOL, 10,
-                   what="the lease to come back to the pool")
+        wait_until(
+            lambda: client.stats()["pool_available"] == POOL,
+            10,
+            what="the lease to come back to the pool",
+        )
 
 
 def test_iterator_keeps_memory_bounded(app: Any, postgres: Any) -> None:

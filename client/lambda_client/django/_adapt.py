@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import Any, cast
 
 from psycopg import adapt
 from psycopg.pq import Format
@@ -56,29 +56,32 @@ def mogrify(sql: str, params: Sequence[Any] | Mapping[str, Any] | None, context:
             parts.append(b"%")
             continue
         if kind not in (b"s", b"b", b"t"):
-            raise errors.ProgrammingError(f"only '%s', '%b', '%t' are allowed as placeholders, "
-                                          f"got {match.group().decode()!r}")
+            raise errors.ProgrammingError(
+                f"only '%s', '%b', '%t' are allowed as placeholders, got {match.group().decode()!r}"
+            )
         if name is not None:
             if not named:
                 raise errors.ProgrammingError("named placeholder with positional parameters")
-            value = params[name.decode()]  # type: ignore[call-overload]
+            value = cast(Mapping[str, Any], params)[name.decode()]
         else:
             if named:
                 raise errors.ProgrammingError("positional placeholder with named parameters")
             if sequential >= len(params):
                 raise errors.ProgrammingError(
-                    f"the query has more placeholders than the {len(params)} parameters passed")
-            value = params[sequential]  # type: ignore[index]
+                    f"the query has more placeholders than the {len(params)} parameters passed"
+                )
+            value = cast(Sequence[Any], params)[sequential]
             sequential += 1
         parts.append(_literal(transformer, value))
     parts.append(query[position:])
     if not named and sequential != len(params):
         raise errors.ProgrammingError(
-            f"the query has {sequential} placeholders but {len(params)} parameters were passed")
+            f"the query has {sequential} placeholders but {len(params)} parameters were passed"
+        )
     return b"".join(parts).decode()
 
 
-def _literal(transformer: adapt.Transformer, value: Any) -> bytes:
+def _literal(transformer: Any, value: Any) -> bytes:
     try:
         return bytes(transformer.as_literal(value))
     except Exception as exc:  # psycopg raises its own errors; Django wants the PEP 249 ones
@@ -116,8 +119,9 @@ class RowLoader:
         # its way, as their text form; psycopg reads those.
         load = loader(oid, None).load
         if oid == TIMESTAMPTZ_OID:
-            return lambda v: _in_zone(v if isinstance(v, datetime) else load(v.encode()),
-                                      zone, aware)
+            return lambda v: _in_zone(
+                v if isinstance(v, datetime) else load(v.encode()), zone, aware
+            )
         return lambda v: load(v.encode()) if isinstance(v, str) else v
 
 

@@ -17,6 +17,7 @@ Errors are `lambda_client.errors` classes, which Django's ``wrap_database_errors
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import tzinfo
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,8 +30,12 @@ if TYPE_CHECKING:
     from lambda_client.client import BrokerClient, Result
     from lambda_client.transaction import Transaction
 
-ISOLATION_NAMES = {1: "read uncommitted", 2: "read committed", 3: "repeatable read",
-                   4: "serializable"}  # psycopg.IsolationLevel values
+ISOLATION_NAMES = {
+    1: "read uncommitted",
+    2: "read committed",
+    3: "repeatable read",
+    4: "serializable",
+}  # psycopg.IsolationLevel values
 
 
 class Column(NamedTuple):
@@ -105,10 +110,9 @@ class Connection:
         the next connection, as Lambda reuses it across warm invocations."""
         if not self.closed:
             self.closed = True
-            try:
+            # The lease is gone either way if this fails: the broker rolled it back.
+            with contextlib.suppress(errors.Error):
                 self.rollback()
-            except errors.Error:
-                pass  # the lease is gone either way: the broker rolled it back
 
     # -- Django's needs ----------------------------------------------------------------------
 
@@ -193,10 +197,34 @@ class Connection:
             raise errors.InterfaceError("the connection is closed")
 
 
-_UTC_NAMES = {"utc", "etc/utc", "uct", "etc/uct", "universal", "etc/universal", "zulu",
-              "etc/zulu", "gmt", "etc/gmt", "gmt0", "etc/gmt0", "greenwich", "etc/greenwich"}
-_DDL = ("create", "drop", "alter", "vacuum", "reindex", "cluster", "comment", "grant",
-        "revoke", "truncate")
+_UTC_NAMES = {
+    "utc",
+    "etc/utc",
+    "uct",
+    "etc/uct",
+    "universal",
+    "etc/universal",
+    "zulu",
+    "etc/zulu",
+    "gmt",
+    "etc/gmt",
+    "gmt0",
+    "etc/gmt0",
+    "greenwich",
+    "etc/greenwich",
+}
+_DDL = (
+    "create",
+    "drop",
+    "alter",
+    "vacuum",
+    "reindex",
+    "cluster",
+    "comment",
+    "grant",
+    "revoke",
+    "truncate",
+)
 
 
 def _is_utc(name: str | None) -> bool:
@@ -289,8 +317,9 @@ class Cursor:
         self.statusmessage = result.command_tag
         self.rowcount = result.rows_affected
         if result.columns:
-            self.description = [Column(n, t) for n, t in zip(result.columns, result.type_oids,
-                                                               strict=False)]
+            self.description = [
+                Column(n, t) for n, t in zip(result.columns, result.type_oids, strict=False)
+            ]
             load = self.connection.row_loader(result.type_oids, self.zone)
             self._rows = iter(result.rows) if load.identity else map(load, result.rows)
             if self.rowcount < 0:

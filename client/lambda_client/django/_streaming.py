@@ -45,7 +45,9 @@ class StreamingCursor(Cursor):
         self._end_own_lease(commit=False)
         literal = _adapt.mogrify(sql, params, self.connection.adapters)
         if self.connection.autocommit:
-            self._lease = self.connection.begin_lease(deadline.call_options(self.connection.timeout))
+            self._lease = self.connection.begin_lease(
+                deadline.call_options(self.connection.timeout)
+            )
             self._own_lease = True
         else:
             self._lease = self.connection.lease()
@@ -93,8 +95,9 @@ class StreamingCursor(Cursor):
         assert self._lease is not None
         result: Result = self._lease.query(f"FETCH FORWARD {max(count, 1)} FROM {self._name}")
         if self.description is None or self._load is None:
-            self.description = [Column(n, t) for n, t in zip(result.columns, result.type_oids,
-                                                               strict=False)]
+            self.description = [
+                Column(n, t) for n, t in zip(result.columns, result.type_oids, strict=False)
+            ]
             self._load = self.connection.row_loader(result.type_oids, self.zone)
         rows = result.rows if self._load.identity else [self._load(r) for r in result.rows]
         self._buffer.extend(rows)

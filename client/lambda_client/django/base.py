@@ -26,8 +26,14 @@ from lambda_client.django.features import DatabaseFeatures
 
 # OPTIONS keys passed to BrokerClient as they are (the rest of BrokerClient's arguments have
 # PGBROKER_* variables or sensible defaults).
-CLIENT_OPTIONS = ("target", "tls", "tls_server_name", "deadline_margin", "max_attempts",
-                  "health_check")
+CLIENT_OPTIONS = (
+    "target",
+    "tls",
+    "tls_server_name",
+    "deadline_margin",
+    "max_attempts",
+    "health_check",
+)
 OWN_OPTIONS = ("timeout", "token", "tls_ca_file", "isolation_level")
 
 _clients: dict[tuple[Any, ...], Any] = {}
@@ -106,7 +112,8 @@ class DatabaseWrapper(stock.DatabaseWrapper):
     def _configure_role(self, connection: Connection) -> bool:
         if self.settings_dict["OPTIONS"].get("assume_role"):
             raise ImproperlyConfigured(
-                "assume_role is session state; the broker sets roles (PGBROKER_ROLE_MAP)")
+                "assume_role is session state; the broker sets roles (PGBROKER_ROLE_MAP)"
+            )
         return False
 
     def create_cursor(self, name: str | None = None) -> Any:

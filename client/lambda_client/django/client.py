@@ -15,6 +15,6 @@ class DatabaseClient(BaseDatabaseClient):
         raise CommandError(
             "dbshell is not supported through pgbroker: the broker speaks gRPC, not the "
             "Postgres wire protocol. Run psql with the database's direct URL instead, e.g. "
-            "`psql \"$PGBROKER_DATABASE_URL\"` where the broker's own settings are (its task "
+            '`psql "$PGBROKER_DATABASE_URL"` where the broker\'s own settings are (its task '
             "definition or secret), from a host that can reach the database."
         )

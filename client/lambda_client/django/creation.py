@@ -34,4 +34,5 @@ class DatabaseCreation(stock.DatabaseCreation):
 
     def _clone_test_db(self, suffix: Any, verbosity: int, keepdb: bool = False) -> None:
         raise ImproperlyConfigured(
-            "parallel tests need cloned databases, which a broker cannot create: --parallel=1")
+            "parallel tests need cloned databases, which a broker cannot create: --parallel=1"
+        )
