@@ -130,16 +130,26 @@ class Outcome:
 
 
 def run_suite(
-    name: str, databases: dict[str, Any], apps: list[str], extra: list[str], timeout: float
+    name: str,
+    databases: dict[str, Any],
+    apps: list[str],
+    extra: list[str],
+    timeout: float,
+    python: str = sys.executable,
+    tests: Path | None = None,
 ) -> Outcome:
-    """``runtests.py`` with a settings module holding *databases*; output to a log file."""
-    tests = django_tests_dir()
+    """``runtests.py`` (of *tests*, default the 5.2 sdist's) run by *python* with a settings
+    module holding *databases*; output to a log file in .cache/."""
+    tests = tests or django_tests_dir()
     workdir = Path(tempfile.mkdtemp(prefix=f"djangosuite-{name}-"))
     module = f"pgbroker_settings_{name}"
     (workdir / f"{module}.py").write_text(SETTINGS.format(databases=databases))
-    log = CACHE / f"django-suite-{name}.log"
+    log = (
+        CACHE
+        / f"django-suite-{name}{'' if tests == django_tests_dir() else '-' + tests.parent.name}.log"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT / "client")])}
-    argv = [sys.executable, "-X", "faulthandler", "runtests.py", f"--settings={module}"]
+    argv = [python, "-X", "faulthandler", "runtests.py", f"--settings={module}"]
     argv += ["--parallel=1", "--noinput", *extra, *apps]
     started = time.monotonic()
     with log.open("w") as out:
@@ -218,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("stock", "broker"))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--extra", default="", help="more runtests.py arguments")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the Python that runs runtests.py, with Django and psycopg installed "
+        "(e.g. a 3.12 virtualenv with Django 6)",
+    )
+    parser.add_argument(
+        "--tests", type=Path, help="a Django sdist's tests/ directory (default: 5.2's, cached)"
+    )
     args = parser.parse_args(argv)
     apps = args.apps or (CI_APPS if args.ci else APPS)
     extra = args.extra.split()
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.only in (None, "stock"):
             results["stock postgresql"] = run_suite(
-                "stock", stock_databases(pg), apps, extra, args.timeout
+                "stock", stock_databases(pg), apps, extra, args.timeout, args.python, args.tests
             )
         if args.only in (None, "broker"):
             targets = {}
@@ -252,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 broker.wait_serving()
                 targets[alias] = (db, broker.target)
             results["lambda_client.django"] = run_suite(
-                "broker", broker_databases(targets), apps, ["--keepdb", *extra], args.timeout
+                "broker",
+                broker_databases(targets),
+                apps,
+                ["--keepdb", *extra],
+                args.timeout,
+                args.python,
+                args.tests,
             )
     finally:
         for broker in brokers:
