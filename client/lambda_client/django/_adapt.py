@@ -22,8 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import Any, cast
 
+import psycopg
 from psycopg import adapt
 from psycopg.pq import Format
+from psycopg.types.datetime import TimestamptzLoader
 
 from lambda_client import errors
 
@@ -31,6 +33,7 @@ from lambda_client import errors
 _PLACEHOLDER = re.compile(rb"%(?:\((?P<name>[^)]*)\))?(?P<kind>.)", re.S)
 
 JSONB_OID = 3802
+JSONB_ARRAY_OID = 3807
 INET_OIDS = (869, 650)
 TIMESTAMPTZ_OID = 1184
 
@@ -82,10 +85,16 @@ def mogrify(sql: str, params: Sequence[Any] | Mapping[str, Any] | None, context:
 
 
 def _literal(transformer: Any, value: Any) -> bytes:
+    """psycopg's literal for *value*; its TypeError/ValueError (json.dumps of an object it
+    cannot serialise) pass as they are, as with the stock backend; psycopg's own errors
+    ("cannot adapt type") become the PEP 249 class of the same name here."""
     try:
         return bytes(transformer.as_literal(value))
-    except Exception as exc:  # psycopg raises its own errors; Django wants the PEP 249 ones
-        raise errors.DataError(f"cannot send {type(value).__name__} value: {exc}") from exc
+    except psycopg.Error as exc:
+        cls = getattr(errors, type(exc).__name__, errors.ProgrammingError)
+        if not (isinstance(cls, type) and issubclass(cls, errors.Error)):
+            cls = errors.ProgrammingError
+        raise cls(f"cannot send {type(value).__name__} value: {exc}") from exc
 
 
 class RowLoader:
@@ -110,6 +119,8 @@ class RowLoader:
     ) -> Callable[[Any], Any] | None:
         if oid == JSONB_OID:
             return _jsonb_text
+        if oid == JSONB_ARRAY_OID:
+            return _jsonb_array_text
         if oid in INET_OIDS:
             return str
         loader = context.get_loader(oid, Format.TEXT) if oid else None
@@ -117,16 +128,27 @@ class RowLoader:
             return None
         # The broker sends types it has no kind for, and values Python's types cannot hold
         # its way, as their text form; psycopg reads those.
-        load = loader(oid, None).load
         if oid == TIMESTAMPTZ_OID:
+            # Text (a year Python's datetime holds but the codec sends as text): read aware,
+            # with psycopg's plain loader, then as for the others.
+            aware_load = TimestamptzLoader(oid, None).load
             return lambda v: _in_zone(
-                v if isinstance(v, datetime) else load(v.encode()), zone, aware
+                v if isinstance(v, datetime) else aware_load(v.encode()), zone, aware
             )
+        # Loaded in Django's adapters map, so a range's bounds use its timestamptz loader.
+        load = loader(oid, context).load
         return lambda v: load(v.encode()) if isinstance(v, str) else v
 
 
 def _jsonb_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _jsonb_array_text(value: Any) -> Any:
+    """jsonb[] elements as text, as Django's jsonb loader gives them (arrays nest)."""
+    if isinstance(value, list):
+        return [None if v is None else _jsonb_array_text(v) for v in value]
+    return _jsonb_text(value)
 
 
 def _in_zone(value: datetime, zone: tzinfo, aware: bool) -> datetime:

@@ -95,10 +95,15 @@ class Connection:
         return Cursor(self)
 
     def commit(self) -> None:
-        """End the lease with COMMIT (nothing to do when nothing ran since the last one)."""
+        """End the lease with COMMIT (nothing to do when nothing ran since the last one).
+
+        COMMIT of a transaction an earlier error aborted rolls back; psycopg reports that
+        silently (Postgres answers ROLLBACK, not an error) and Django relies on it, so the
+        broker's 25P02 for it is not raised here either: nothing was committed."""
         transaction, self._transaction = self._transaction, None
         if transaction is not None:
-            transaction.commit()
+            with contextlib.suppress(errors.InFailedSqlTransaction):
+                transaction.commit()
 
     def rollback(self) -> None:
         transaction, self._transaction = self._transaction, None
@@ -142,9 +147,9 @@ class Connection:
             if self._transaction is None:
                 self._transaction = self._begin(options)
             return self._transaction.query(sql)
-        if self.time_zone is None or _is_ddl(sql):
-            # DDL alone: CREATE INDEX CONCURRENTLY & co. cannot run inside a transaction
-            # block, and the session time zone does not change what DDL does.
+        if self.time_zone is None or _outside_transaction_only(sql):
+            # CREATE INDEX CONCURRENTLY, VACUUM & co. cannot run inside a transaction block;
+            # they do not read the session time zone.
             return self.client.query(sql, **options)
         return self.client.transaction([self._set_time_zone_sql(), sql], **options)[-1]
 
@@ -213,17 +218,13 @@ _UTC_NAMES = {
     "greenwich",
     "etc/greenwich",
 }
-_DDL = (
-    "create",
-    "drop",
-    "alter",
+_OUTSIDE_TRANSACTION = (
     "vacuum",
-    "reindex",
-    "cluster",
-    "comment",
-    "grant",
-    "revoke",
-    "truncate",
+    "create database",
+    "drop database",
+    "alter system",
+    "create tablespace",
+    "drop tablespace",
 )
 
 
@@ -231,8 +232,11 @@ def _is_utc(name: str | None) -> bool:
     return name is not None and name.lower() in _UTC_NAMES
 
 
-def _is_ddl(sql: str) -> bool:
-    return sql.lstrip().split(None, 1)[0].lower() in _DDL if sql.strip() else False
+def _outside_transaction_only(sql: str) -> bool:
+    """Statements Postgres refuses inside a transaction block (a coarse test: it only decides
+    whether the SET LOCAL TimeZone prefix is left out)."""
+    text = " ".join(sql.lower().split())
+    return text.startswith(_OUTSIDE_TRANSACTION) or " concurrently " in f"{text} "
 
 
 def split_statements(sql: str) -> list[str]:

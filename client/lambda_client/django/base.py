@@ -42,7 +42,7 @@ _lock = threading.Lock()
 
 
 class DatabaseWrapper(stock.DatabaseWrapper):
-    display_name = "PostgreSQL through pgbroker"
+    display_name = "PostgreSQL"  # Django's messages say "PostgreSQL 14 or later is required"
     Database = database  # Django wraps exceptions by their PEP 249 names
     client_class = DatabaseClient
     creation_class = DatabaseCreation
