@@ -34,6 +34,7 @@ _PLACEHOLDER = re.compile(rb"%(?:\((?P<name>[^)]*)\))?(?P<kind>.)", re.S)
 
 JSONB_OID = 3802
 JSONB_ARRAY_OID = 3807
+TIMESTAMPTZ_ARRAY_OID = 1185
 INET_OIDS = (869, 650)
 TIMESTAMPTZ_OID = 1184
 
@@ -121,6 +122,8 @@ class RowLoader:
             return _jsonb_text
         if oid == JSONB_ARRAY_OID:
             return _jsonb_array_text
+        if oid == TIMESTAMPTZ_ARRAY_OID:
+            return lambda v: _nested(v, lambda d: _in_zone(d, zone, aware))
         if oid in INET_OIDS:
             return str
         loader = context.get_loader(oid, Format.TEXT) if oid else None
@@ -142,6 +145,25 @@ class RowLoader:
 
 def _jsonb_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _nested(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """*fn* applied to the datetimes of a (nested) array as the codec decodes it."""
+    if isinstance(value, list):
+        return [_nested(v, fn) for v in value]
+    return fn(value) if isinstance(value, datetime) else value
+
+
+def zone_tz_loader(zone: tzinfo, aware: bool) -> type[TimestamptzLoader]:
+    """A timestamptz loader for Django's adapters map that reads text (range bounds the broker
+    sends as text) into *zone*, as psycopg's loader does with the session's TimeZone (there
+    is no session to ask here): aware, or naive local time when not *aware*."""
+
+    class ZoneTzLoader(TimestamptzLoader):
+        def load(self, data: Any) -> datetime:
+            return _in_zone(super().load(data), zone, aware)
+
+    return ZoneTzLoader
 
 
 def _jsonb_array_text(value: Any) -> Any:

@@ -133,6 +133,7 @@ class Connection:
         same = name == server or (_is_utc(name) and _is_utc(server))
         self.time_zone = None if name is None or same else name
         self._zone = ZoneInfo(name or server or "UTC")
+        self.adapters.register_loader("timestamptz", _adapt.zone_tz_loader(self._zone, self.aware))
 
     def run(self, sql: str) -> Result:
         """Run *sql* (one statement, or several as Django's migrations may send, split with
@@ -258,6 +259,7 @@ class Cursor:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.zone: tzinfo | None = None  # timestamptz values' zone; None: the session's
+        self.query: str | None = None  # the last SQL sent, literals merged (psycopg's _query)
         self.description: list[Column] | None = None
         self.rowcount = -1
         self.statusmessage: str | None = None
@@ -266,7 +268,8 @@ class Cursor:
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Cursor:
         self._check_open()
-        self._take(self.connection.run(_adapt.mogrify(sql, params, self.connection.adapters)))
+        self.query = _adapt.mogrify(sql, params, self.connection.adapters)
+        self._take(self.connection.run(self.query))
         return self
 
     def executemany(self, sql: str, param_sets: Sequence[Sequence[Any]]) -> Cursor:

@@ -43,7 +43,7 @@ class StreamingCursor(Cursor):
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Cursor:
         self._check_open()
         self._end_own_lease(commit=False)
-        literal = _adapt.mogrify(sql, params, self.connection.adapters)
+        literal = self.query = _adapt.mogrify(sql, params, self.connection.adapters)
         if self.connection.autocommit:
             self._lease = self.connection.begin_lease(
                 deadline.call_options(self.connection.timeout)

@@ -26,6 +26,9 @@ class DatabaseOperations(stock_ops.DatabaseOperations):
         return _adapt.mogrify(sql, params, _adapters(self.connection))
 
     def last_executed_query(self, cursor: Any, sql: str, params: Any) -> str | None:
+        """The SQL sent (after execute wrappers), as the stock backend reads psycopg's."""
+        if (sent := getattr(cursor, "query", None)) is not None:
+            return str(sent)
         try:
             return self.compose_sql(sql, params)
         except errors.Error:
