@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
-.PHONY: install proto proto-check test test-client-pythons lint run demo bench validate image deploy \
+.PHONY: install proto proto-check test test-dbapi20 test-client-pythons lint run demo bench validate image deploy \
         clean django-suite
 
 IMAGE    ?= pgbroker:dev
@@ -36,6 +36,14 @@ proto-check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The PEP 249 compliance suite (dbapi20) against lambda_client.dbapi (also part of `make test`),
+# then the same suite, unmodified, against pg8000's DB-API for comparison (its failures are
+# pg8000's and do not fail the target).
+test-dbapi20: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/lambda_client/test_dbapi20.py
+	-PGBROKER_DBAPI20_COMPARE=1 $(PY) -m pytest -q -p no:cacheprovider -k Pg8000 \
+	  tests/lambda_client/test_dbapi20.py
 
 # The client distribution alone (pip install ./client pytest, one .venv-client-<version> each)
 # on the oldest and newest Python it supports, from pyenv, against a broker run from .venv.

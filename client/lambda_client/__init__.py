@@ -15,7 +15,8 @@ Errors follow PEP 249 (`Error`, `DatabaseError`, `OperationalError`, …; ``Brok
 
 This module only re-exports. ``import lambda_client`` is cheap: the client, gRPC and protobuf
 load when a name is first used (``from lambda_client import BrokerClient`` loads them, which
-is best done at module level, in the Lambda init phase).
+is best done at module level, in the Lambda init phase). `lambda_client.dbapi`, the PEP 249
+module, loads on first use too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lambda_client import errors
+    from lambda_client import dbapi, errors
     from lambda_client.client import BrokerClient, Result
     from lambda_client.codec import Interval, Json, Jsonb
     from lambda_client.errors import (
@@ -82,6 +83,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Warning",
+    "dbapi",
     "errors",
 ]
 
@@ -96,8 +98,8 @@ _HOME = {
 
 def __getattr__(name: str) -> Any:
     """Import a public name on first use (PEP 562), so a bare import costs nothing."""
-    if name == "errors":
-        return importlib.import_module("lambda_client.errors")
+    if name in ("errors", "dbapi"):
+        return importlib.import_module(f"lambda_client.{name}")
     if name in __all__:
         module = importlib.import_module(_HOME.get(name, "lambda_client.errors"))
         value = getattr(module, name)

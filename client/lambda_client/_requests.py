@@ -77,7 +77,18 @@ def many_statements(sql: str, param_sets: Iterable[Sequence[Any]]) -> list[State
 def _statement(sql: str, params: Sequence[Any] | None) -> pb.Statement:
     if not isinstance(sql, str):
         raise TypeError(f"sql must be a str, not {type(sql).__name__}")
+    if params and not _DOLLAR_PLACEHOLDER.search(sql) and _PYFORMAT_PLACEHOLDER.search(sql):
+        # The broker would refuse it too ("no parameters but 1 value"), pointing nowhere.
+        raise ValueError(
+            "sql has %s-style placeholders, but BrokerClient takes Postgres' $1, $2, …; "
+            "write $1 … $n, or use lambda_client.dbapi, whose cursors take %s and %(name)s"
+        )
     return pb.Statement(sql=utf8_text(sql, "sql"), params=encode_params(params))
+
+
+# With values and no $n, a %s or %(name)s is a placeholder written for another driver.
+_DOLLAR_PLACEHOLDER = re.compile(r"\$[0-9]")
+_PYFORMAT_PLACEHOLDER = re.compile(r"%(?:\([^)]+\))?s")
 
 
 def _split(statement: Statement, index: int) -> tuple[str, Sequence[Any] | None]:
@@ -149,6 +160,12 @@ def check_target(target: object, source: str = "target") -> str:
     if scheme and scheme.group(1).lower() not in _GRPC_SCHEMES:
         raise ValueError(f"{source} {target!r} is a URL, not a gRPC target; {forms}")
     for port in target_ports(target):
+        if port is not None and "/" in port and port.partition("/")[0].isdigit():
+            raise ValueError(
+                f"{source} {target!r} ends with a path ({'/' + port.partition('/')[2]!r}): a "
+                "gRPC target names no database, the broker serves one; drop the path (with "
+                "lambda_client.dbapi, pass dbname=... to check which database it is)"
+            )
         if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"{source} {target!r}: port {port!r} is not in 1..65535")
     return target

@@ -26,18 +26,21 @@ A list is always an array; wrap a JSON array in `Jsonb` (or `Json`) to send it a
 psycopg. A value with no mapping raises `TypeError` naming the parameter (``$2``), and a value
 that cannot travel (text with a lone surrogate) `ValueError`, before anything is sent.
 
-Results decode the other way: intervals without months come back as `timedelta`,
-timestamptz as an aware `datetime` in UTC, json/jsonb parsed. Decoding never raises on a value
-Postgres can return, since a failure after COMMIT would hide a committed transaction: what
-Python's types cannot hold comes back as Postgres' text instead (an interval beyond
-`timedelta`'s ±999999999 days; dates and timestamps that are infinite, BC or after 9999, which
-the broker already sends as text), time 24:00:00 as `time.max`, a JSON integer beyond Python's
-int/str conversion limit as `Decimal`, and JSON nested deeper than Python can parse as its text.
+Results decode the other way: a numeric that is an integer beyond int64 comes back as `int`
+(that is how such an int was sent), other numerics as `Decimal`; intervals without months come
+back as `timedelta`, timestamptz as an aware `datetime` in UTC, json/jsonb parsed. Decoding
+never raises on a value Postgres can return, since a failure after COMMIT would hide a
+committed transaction: what Python's types cannot hold comes back as Postgres' text instead (an
+interval beyond `timedelta`'s ±999999999 days; dates and timestamps that are infinite, BC or
+after 9999, which the broker already sends as text), time 24:00:00 as `time.max`, a JSON
+integer beyond Python's int/str conversion limit as `Decimal`, and JSON nested deeper than
+Python can parse as its text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -397,11 +400,55 @@ def _exact_int(digits: str) -> int | Decimal:
         return Decimal(digits)
 
 
+def _decode_numeric(text: str) -> Decimal | int:
+    """numeric text as `Decimal`, except an integer beyond int64, which comes back as `int`:
+    an `int` is sent as numeric only when it is that large, so it round-trips (a `Decimal`
+    that large and integral comes back as `int` too; it compares equal)."""
+    if len(text) >= 19 and _INTEGER.fullmatch(text):
+        try:
+            number = int(text)
+        except ValueError:  # over int()'s digit limit (sys.get_int_max_str_digits())
+            return Decimal(text)
+        if not _INT64[0] <= number <= _INT64[1]:
+            return number
+    return Decimal(text)
+
+
+def _decode_array(array: pb.Array) -> list[Any]:
+    """An array's elements; a numeric array holding an integer beyond int64 comes back with
+    all its integral elements as `int`, as `encode` widened a list of ints to numeric."""
+    items = [decode(v) for v in array.values]
+    if array.element_type == pb.TYPE_NUMERIC and _holds_big_int(items):
+        return _integral_as_int(items)
+    return items
+
+
+def _holds_big_int(items: list[Any]) -> bool:
+    return any(
+        (isinstance(i, int) and not isinstance(i, bool))
+        or (isinstance(i, list) and _holds_big_int(i))
+        for i in items
+    )
+
+
+def _integral_as_int(items: list[Any]) -> list[Any]:
+    return [
+        _integral_as_int(i)
+        if isinstance(i, list)
+        else int(i)
+        if isinstance(i, Decimal) and i.is_finite() and i.as_tuple().exponent == 0
+        else i
+        for i in items
+    ]
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
 _DECODERS: dict[str, Any] = {
     "bool": bool,
     "int64": int,
     "float64": float,
-    "numeric": Decimal,
+    "numeric": _decode_numeric,
     "text": str,
     "bytea": bytes,
     "date": _decode_date,
@@ -412,5 +459,5 @@ _DECODERS: dict[str, Any] = {
     "uuid": lambda b: uuid.UUID(bytes=b),
     "json": _decode_json,
     "jsonb": _decode_json,
-    "array": lambda a: [decode(v) for v in a.values],
+    "array": _decode_array,
 }

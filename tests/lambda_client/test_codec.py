@@ -76,8 +76,22 @@ def test_array_element_type_is_inferred_from_non_null_leaves() -> None:
     assert value.array.values[0].array.element_type == pb.TYPE_INT64
 
 
-def test_mixed_int_and_big_int_array_widens_to_numeric() -> None:
-    assert decode(encode([1, 2**70])) == [Decimal(1), Decimal(2**70)]
+def test_mixed_int_and_big_int_array_widens_to_numeric_and_comes_back_as_ints() -> None:
+    value = encode([1, 2**70])
+    assert value.array.element_type == pb.TYPE_NUMERIC
+    back = decode(value)
+    assert back == [1, 2**70] and [type(v) for v in back] == [int, int]
+
+
+def test_numeric_is_decimal_except_integers_beyond_int64() -> None:
+    assert type(decode(pb.Value(numeric="5"))) is Decimal
+    assert type(decode(pb.Value(numeric=str(2**63 - 1)))) is Decimal
+    assert decode(pb.Value(numeric=str(2**63))) == 2**63
+    assert type(decode(pb.Value(numeric=str(-(2**63) - 1)))) is int
+    assert type(decode(pb.Value(numeric=str(2**70) + ".0"))) is Decimal
+    assert type(decode(pb.Value(numeric="1" * 5000))) is Decimal  # over int()'s digit limit
+    decimals = decode(encode([Decimal("1.5"), Decimal("2")]))
+    assert [type(v) for v in decimals] == [Decimal, Decimal]
 
 
 @pytest.mark.parametrize(

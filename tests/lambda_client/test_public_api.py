@@ -40,6 +40,7 @@ PUBLIC_NAMES = {
     "Unauthenticated",
     "Unavailable",
     "Warning",
+    "dbapi",
     "errors",
 }
 
@@ -51,7 +52,7 @@ def test_public_names_are_pinned() -> None:
     assert set(dir(lambda_client)) >= PUBLIC_NAMES
 
 
-NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "errors", "Warning"}
+NOT_ERRORS = {"BrokerClient", "Result", "Interval", "Json", "Jsonb", "dbapi", "errors", "Warning"}
 
 # Each public error class and its parent: the PEP 249 tree, with the broker's failures placed.
 PARENTS: dict[str, type | str] = {
@@ -177,6 +178,18 @@ def test_client_never_imports_broker_pg8000_or_devtools() -> None:
         "('broker', 'pg8000', 'devtools', 'aws_lambda_powertools', 'boto3')))\n"
     )
     assert _fresh(code).strip() == "[]"
+
+
+def test_dbapi_loads_on_first_use_and_needs_only_the_client() -> None:
+    code = (
+        "import sys, lambda_client\n"
+        "print('lambda_client.dbapi' in sys.modules)\n"
+        "conn = lambda_client.dbapi.connect('127.0.0.1:1')\n"
+        "print(type(conn).__name__, conn.client.channels_created)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('broker', 'pg8000', 'devtools', 'psycopg', 'sqlalchemy', 'django')))\n"
+    )
+    assert _fresh(code).split("\n")[:3] == ["False", "Connection 0", "[]"]
 
 
 def test_construction_connects_nothing() -> None:
