@@ -17,7 +17,8 @@ from django.db.backends.postgresql import base as stock
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, get_adapters_template
 from psycopg import adapt
 
-from lambda_client.django import database, operations
+from lambda_client import dbapi
+from lambda_client.django import operations
 from lambda_client.django._connection import Connection, ServerInfo
 from lambda_client.django._streaming import StreamingCursor
 from lambda_client.django.client import DatabaseClient
@@ -36,14 +37,14 @@ CLIENT_OPTIONS = (
 )
 OWN_OPTIONS = ("timeout", "token", "tls_ca_file", "isolation_level")
 
-_clients: dict[tuple[Any, ...], Any] = {}
 _infos: dict[int, ServerInfo] = {}
 _lock = threading.Lock()
 
 
 class DatabaseWrapper(stock.DatabaseWrapper):
     display_name = "PostgreSQL"  # Django's messages say "PostgreSQL 14 or later is required"
-    Database = database  # Django wraps exceptions by their PEP 249 names
+    # Django wraps exceptions by their PEP 249 names and takes Binary from here.
+    Database = dbapi
     client_class = DatabaseClient
     creation_class = DatabaseCreation
     features_class = DatabaseFeatures
@@ -146,22 +147,17 @@ class DatabaseWrapper(stock.DatabaseWrapper):
             return True
         try:
             self.connection.run("SELECT 1")
-        except database.Error:
+        except dbapi.Error:
             return False
         return True
 
 
 def _client_for(params: dict[str, Any]) -> Any:
-    """One BrokerClient (one gRPC channel) per distinct set of options, for the process:
-    Django opens a connection per request and thread, Lambda reuses the process."""
-    key = tuple(sorted((k, repr(v)) for k, v in params.items() if k != "timeout"))
-    with _lock:
-        if key not in _clients:
-            from lambda_client.client import BrokerClient
-
-            kwargs = {k: v for k, v in params.items() if k != "timeout"}
-            _clients[key] = BrokerClient(timeout=params["timeout"], **kwargs)
-        return _clients[key]
+    """The process's BrokerClient (one gRPC channel) for these options, shared with
+    `lambda_client.dbapi` connections: Django opens a connection per request and thread,
+    Lambda reuses the process."""
+    options = dict(params)
+    return dbapi.client_for(options.pop("target", None), options)
 
 
 def _server_info(client: Any, timeout: float) -> ServerInfo:
