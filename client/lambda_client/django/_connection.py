@@ -49,6 +49,15 @@ class Column(NamedTuple):
     scale: int | None = None
     null_ok: bool | None = None
 
+    @property
+    def type_display(self) -> str | None:
+        """The type's name, as psycopg's Column gives it (Django 6's introspection reads it);
+        without modifiers, which the broker does not send."""
+        from psycopg.postgres import types
+
+        info = types.get(self.type_code)
+        return info.regtype if info is not None else None
+
 
 class ServerInfo:
     """What Django reads from ``connection.info``: the server version and the defaults the
