@@ -50,9 +50,9 @@ def broker(postgres: Any) -> Iterator[BrokerProcess]:
 
 
 @pytest.fixture(scope="module")
-def app(broker: BrokerProcess) -> Any:
+def app(broker: BrokerProcess, postgres: Any) -> Any:
     """Django set up for devtools.djangoapp, ``default`` (UTC) and ``tokyo`` (its own
-    TIME_ZONE) both through *broker*."""
+    TIME_ZONE) both through *broker*, and ``stock``: Django's postgresql backend, direct."""
     from django.conf import settings
 
     if settings.configured:
@@ -64,8 +64,16 @@ def app(broker: BrokerProcess) -> Any:
         "NAME": "postgres",
         "OPTIONS": {"target": broker.target, "timeout": 120},
     }
+    stock = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": postgres.database,
+        "HOST": postgres.host,
+        "PORT": postgres.port,
+        "USER": postgres.user,
+        "PASSWORD": getattr(postgres, "password", None) or "",
+    }
     djangoapp.configure(
-        {"default": db, "tokyo": {**db, "TIME_ZONE": "Asia/Tokyo"}},
+        {"default": db, "tokyo": {**db, "TIME_ZONE": "Asia/Tokyo"}, "stock": stock},
         TIME_ZONE="Asia/Tokyo",
         USE_TZ=True,
     )
@@ -203,3 +211,56 @@ def test_time_zone_never_becomes_session_state(app: Any, broker: BrokerProcess) 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(request, range(1000)))
     assert _pooled_timezones(broker) == before
+
+
+def test_same_sql_as_the_stock_backend(app: Any) -> None:
+    """The SQL Postgres receives is the stock backend's: the compiler's output and the merged
+    literals (psycopg's ClientCursor there, psycopg's adapters without a connection here)."""
+    import uuid
+    from decimal import Decimal
+
+    from django.db import connections, transaction
+    from django.db.models import F, Q
+    from psycopg.types.json import Jsonb
+
+    from devtools.djangoapp.models import Counter, Event
+
+    moment = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    querysets = [
+        Counter.objects.filter(Q(name__icontains="a%b") | Q(value__gt=3)).order_by("-value"),
+        Counter.objects.select_for_update(skip_locked=True).filter(name__in=["x", "y"]),
+        Counter.objects.filter(value=F("value") + 1).values("name"),
+        Event.objects.filter(payload__a__b=[1, "x"], at__date=moment.date()),
+        Event.objects.filter(payload__contains={"k": None}, at__gte=moment),
+    ]
+    for qs in querysets:
+        # atomic(): select_for_update compiles only inside a transaction (no query is run).
+        with transaction.atomic("default"), transaction.atomic("stock"):
+            ours = qs.query.get_compiler(using="default").as_sql()
+            theirs = qs.query.get_compiler(using="stock").as_sql()
+        assert ours[0] == theirs[0]  # the params hold Jsonb objects, which compare by identity
+        assert connections["default"].ops.compose_sql(*ours) == connections[
+            "stock"
+        ].ops.compose_sql(*theirs)
+    values = [
+        None,
+        True,
+        42,
+        2**40,
+        1.5,
+        Decimal("1.10"),
+        "it's",
+        "a\u00e9",
+        b"\x00\x01",
+        moment,
+        moment.date(),
+        uuid.UUID(int=7),
+        [1, 2],
+        ["a", None],
+        Jsonb({"k": "v"}),
+    ]
+    for value in values:
+        sql = "SELECT %s"
+        assert connections["default"].ops.compose_sql(sql, [value]) == connections[
+            "stock"
+        ].ops.compose_sql(sql, [value]), value

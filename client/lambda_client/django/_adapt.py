@@ -26,6 +26,7 @@ import psycopg
 from psycopg import adapt
 from psycopg.pq import Format
 from psycopg.types.datetime import TimestamptzLoader
+from psycopg.types.string import BytesDumper
 
 from lambda_client import errors
 
@@ -96,6 +97,23 @@ def _literal(transformer: Any, value: Any) -> bytes:
         if not (isinstance(cls, type) and issubclass(cls, errors.Error)):
             cls = errors.ProgrammingError
         raise cls(f"cannot send {type(value).__name__} value: {exc}") from exc
+
+
+class HexBytesDumper(BytesDumper):
+    """bytea literals in hex, as psycopg writes them with a connection (without one it falls
+    back to the old escape format: the same value, different SQL)."""
+
+    def quote(self, obj: Any) -> bytes:
+        return b"'\\x" + bytes(obj).hex().encode() + b"'"
+
+
+def adapters_for(template: Any) -> Any:
+    """A copy of Django's adapters map *template* (contrib.postgres registers hstore and
+    citext on it per connection) writing bytea in hex."""
+    adapters = adapt.AdaptersMap(template)
+    for cls in (bytes, bytearray, memoryview):
+        adapters.register_dumper(cls, HexBytesDumper)
+    return adapters
 
 
 class RowLoader:

@@ -15,10 +15,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql import base as stock
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, get_adapters_template
-from psycopg import adapt
 
 from lambda_client import dbapi
-from lambda_client.django import operations
+from lambda_client.django import _adapt, operations
 from lambda_client.django._connection import Connection, ServerInfo
 from lambda_client.django._streaming import StreamingCursor
 from lambda_client.django.client import DatabaseClient
@@ -97,7 +96,7 @@ class DatabaseWrapper(stock.DatabaseWrapper):
             client,
             timeout=timeout,
             # A copy: contrib.postgres registers hstore/citext on it per connection.
-            adapters=adapt.AdaptersMap(get_adapters_template(settings.USE_TZ, self.timezone)),
+            adapters=_adapt.adapters_for(get_adapters_template(settings.USE_TZ, self.timezone)),
             info=_server_info(client, timeout),
             aware=settings.USE_TZ,
         )

@@ -3,6 +3,7 @@ connection (`lambda_client.django._adapt.mogrify`), as psycopg's ClientCursor wo
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.conf import settings
@@ -18,7 +19,12 @@ from lambda_client.django import _adapt
 def _adapters(connection: Any) -> Any:
     if connection.connection is not None:
         return connection.connection.adapters
-    return get_adapters_template(settings.USE_TZ, connection.timezone)
+    return _unconnected_adapters(settings.USE_TZ, connection.timezone)
+
+
+@functools.lru_cache
+def _unconnected_adapters(use_tz: bool, timezone: Any) -> Any:
+    return _adapt.adapters_for(get_adapters_template(use_tz, timezone))
 
 
 class DatabaseOperations(stock_ops.DatabaseOperations):
