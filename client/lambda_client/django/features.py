@@ -30,6 +30,7 @@ CACHED_PLAN = (
 
 SKIPS: dict[str, set[str]] = {
     CACHED_PLAN: {
+        "schema.tests.SchemaTests.test_add_field_default_nullable",
         "schema.tests.SchemaTests.test_add_field_binary",
         "schema.tests.SchemaTests.test_add_field_use_effective_default",
         "schema.tests.SchemaTests.test_add_db_comment_charfield",
