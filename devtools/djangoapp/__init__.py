@@ -17,7 +17,7 @@ def configure(databases: dict[str, Any], **extra: Any) -> None:
 
     settings.configure(
         DATABASES=databases,
-        INSTALLED_APPS=["devtools.djangoapp"],
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "devtools.djangoapp"],
         ROOT_URLCONF="devtools.djangoapp.urls",
         MIDDLEWARE=["lambda_client.django.middleware.LambdaDeadlineMiddleware"],
         ALLOWED_HOSTS=["*"],

@@ -9,7 +9,9 @@
   as long and the bound does not depend on the row count);
 * after 1000 requests with TIME_ZONE="Asia/Tokyo", USE_TZ=True (and a connection whose own
   TIME_ZONE is Asia/Tokyo), every pooled connection's TimeZone is the server default and the
-  datetimes read back are the ones written.
+  datetimes read back are the ones written;
+* the SQL (compiled and with literals merged) is the stock backend's;
+* migrate, createsuperuser and dbshell's refusal.
 
 Django is configured once for this module's process (settings cannot be configured twice).
 """
@@ -264,3 +266,22 @@ def test_same_sql_as_the_stock_backend(app: Any) -> None:
         assert connections["default"].ops.compose_sql(sql, [value]) == connections[
             "stock"
         ].ops.compose_sql(sql, [value]), value
+
+
+def test_management_commands_through_the_broker(app: Any, monkeypatch: Any) -> None:
+    """migrate and createsuperuser work through the broker; dbshell says it cannot and
+    points to the direct URL."""
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    call_command("migrate", "auth", verbosity=0)
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "s3cret-pass-42")
+    User.objects.filter(username="admin").delete()
+    call_command(
+        "createsuperuser", interactive=False, username="admin", email="a@example.com", verbosity=0
+    )
+    admin = User.objects.get(username="admin")
+    assert admin.is_superuser and admin.check_password("s3cret-pass-42")
+    with pytest.raises(CommandError, match=r"not supported through pgbroker.*direct URL"):
+        call_command("dbshell")
