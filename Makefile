@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
 .PHONY: install proto proto-check test test-dbapi20 test-large test-client-pythons \
-        sqlalchemy-suite sqlalchemy-suite-ci lint run demo bench validate image deploy clean
+        sqlalchemy-suite sqlalchemy-suite-ci django-suite lint run demo bench validate image deploy \
+        clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
@@ -71,6 +72,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-logo
+
+# Django's own test suite (the 5.2 sdist, cached in .cache/) on the stock postgresql backend and
+# on lambda_client.django through brokers, in one run, counts side by side; fails on a test that
+# fails only through the broker. CI=1: the fixed quick subset; ARGS: app labels, --only, --extra.
+django-suite: $(STAMP)
+	$(PY) -m devtools.djangosuite $(if $(CI),--ci) $(ARGS)
 
 # With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)
