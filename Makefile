@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
-.PHONY: install proto proto-check test test-dbapi20 test-large test-client-pythons lint run demo bench \
-        chaos validate image deploy clean
+.PHONY: install proto proto-check test test-dbapi20 test-large test-client-pythons \
+        sqlalchemy-suite sqlalchemy-suite-ci django-suite lint run demo bench chaos validate image \
+        deploy clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
@@ -56,11 +57,27 @@ CLIENT_PYTHONS ?= 3.10 3.13
 test-client-pythons: $(STAMP)
 	$(PY) -m devtools.clientpythons $(CLIENT_PYTHONS)
 
+# SQLAlchemy's and Alembic's dialect compliance suites against postgresql+pgbroker (through a
+# real broker) and stock postgresql+pg8000, on one temporary Postgres, counts side by side; a
+# pgbroker failure not in tests/sqlalchemy_suite/expected_failures.toml fails it. The -ci
+# target runs that file's fixed subset, without the generic-requirements baseline.
+sqlalchemy-suite: $(STAMP)
+	$(PY) -m devtools.sqlasuite $(ARGS)
+
+sqlalchemy-suite-ci: $(STAMP)
+	$(PY) -m devtools.sqlasuite --ci $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-logo
+
+# Django's own test suite (the 5.2 sdist, cached in .cache/) on the stock postgresql backend and
+# on lambda_client.django through brokers, in one run, counts side by side; fails on a test that
+# fails only through the broker. CI=1: the fixed quick subset; ARGS: app labels, --only, --extra.
+django-suite: $(STAMP)
+	$(PY) -m devtools.djangosuite $(if $(CI),--ci) $(ARGS)
 
 # With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)

@@ -26,6 +26,8 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
 from broker.flow.keysweep import KeySweeper, sweep_interval
+from broker.front.fdlimit import DescriptorWatch, raise_nofile
+from broker.front.memory import MemoryTrimmer, tune_malloc
 from broker.front.metrics import MetricsPublisher
 from broker.front.service import BrokerService
 from broker.front.stream import StreamService, stream_handler
@@ -51,6 +53,8 @@ __all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
 log = logging.getLogger("pgbroker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
+# Seconds a thread may hold the GIL while another waits for it (serve() sets it).
+SWITCH_INTERVAL = 0.001
 # Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
 SHUTDOWN_DRAIN = 0.5
 
@@ -199,6 +203,9 @@ class BrokerServer:
                 "worker_pid": os.getpid(),
             }
         self._serving_task: asyncio.Task[None] | None = None
+        self._descriptor_watch: DescriptorWatch | None = None
+        # Gives freed result memory back to the kernel (broker/front/memory.py).
+        self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
 
     def _build(self) -> None:
@@ -225,6 +232,9 @@ class BrokerServer:
         """
         settings = self.settings
         self.phase = "building the server"
+        # Before any socket opens: the soft open-file limit up to the hard one, and a warning
+        # with the arithmetic if it cannot hold the callers (broker/front/fdlimit.py).
+        descriptors = raise_nofile(settings.max_waiting, worker_pool_size(settings))
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.phase = f"binding {settings.listen}"
@@ -247,6 +257,10 @@ class BrokerServer:
         self.pool.fill()
         self.phase = "starting the gRPC server"
         await self.server.start()
+        if descriptors is not None:
+            self._descriptor_watch = DescriptorWatch(descriptors.soft)
+            self._descriptor_watch.start()
+        self.trimmer.start()
         if settings.metrics_interval > 0:
             self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
             self.metrics.start()
@@ -319,6 +333,9 @@ class BrokerServer:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.key_sweeper.stop()
+        if self._descriptor_watch is not None:
+            await self._descriptor_watch.stop()
+        await self.trimmer.stop()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
@@ -336,6 +353,12 @@ class BrokerServer:
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
     return the process exit code."""
+    # A thread holding the GIL (binding 65,535 values, planning 1 MB of SQL: broker/sql/stack.py)
+    # gives it up to the event loop after this long; with Python's 5 ms default such a request
+    # added 230-320 ms to other callers' p99, with 1 ms 60-120 ms (bench/bigresults.py,
+    # docs/performance.md).
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
     server = BrokerServer(settings, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -64,6 +64,7 @@ a lost connection whose server sent a FATAL also carries it as DatabaseError.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -87,12 +88,13 @@ from broker.security.limits import (
     check_results,
 )
 from broker.security.roles import RoleMap
-from broker.sql.plan import RequestPlan, plan_request
+from broker.sql.plan import DIRECT_PARSE_CHARS, RequestPlan, plan_request
+from broker.sql.stack import parser_threads
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BadRequest", "BrokerService", "lambda_metadata", "validate"]
+__all__ = ["BadRequest", "BrokerService", "analyse", "lambda_metadata", "validate"]
 
 log = logging.getLogger("pgbroker.service")
 
@@ -131,6 +133,41 @@ def validate(
         except BadParameter as exc:
             raise BadParameter(f"statement {index}: {exc}") from exc
     return plan, bound
+
+
+# A request at most this small is validated on the event loop: binding its values and parsing
+# its SQL (at most this long, so parsed where it is: broker/sql/plan.py) takes microseconds to a
+# few ms, less than the hop to another thread would cost. Told without ByteSize(), which
+# serializes the message (45 ms for a 1M-element array: that would stall the loop itself).
+ON_LOOP_SQL_CHARS = DIRECT_PARSE_CHARS
+ON_LOOP_STATEMENTS = 16
+ON_LOOP_VALUES = 256
+
+
+def _small(request: pb.ExecuteRequest) -> bool:
+    """Whether *request* is cheap to validate: few statements, short SQL, few scalar values."""
+    statements = request.statements
+    if len(statements) > ON_LOOP_STATEMENTS:
+        return False
+    if sum(len(statement.sql) for statement in statements) > ON_LOOP_SQL_CHARS:
+        return False
+    values = [value for statement in statements for value in statement.params]
+    return len(values) <= ON_LOOP_VALUES and not any(
+        value.WhichOneof("kind") == "array" for value in values
+    )
+
+
+async def analyse(
+    request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
+) -> tuple[RequestPlan, list[Bound]]:
+    """`validate`, run on a parser thread (broker/sql/stack.py) unless the request is small
+    (`_small`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
+    does not stall every other caller on the event loop (issue 15); raises what `validate`
+    raises."""
+    if _small(request):
+        return validate(request, limits, role_locked)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(parser_threads(), validate, request, limits, role_locked)
 
 
 def lambda_metadata(metadata: Any) -> tuple[str | None, str | None]:
@@ -198,7 +235,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         # Queued fairly and counted by the in-flight cap per identity and function.
         key = caller_key(caller, function)
         try:
-            plan, bound = validate(request, self.limits, role_locked=self.role_map is not None)
+            plan, bound = await analyse(request, self.limits, self.role_map is not None)
             plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
@@ -211,7 +248,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 role=role,
                 audit_session=self.audit_needed(plan),
                 bound=bound,
-                claim=self._claim(request, plan, caller),
+                claim=await self._claim(request, plan, caller),
                 reset_session=self.session_audit != "off",
                 queue_key=key,
                 result_check=self._check_before_commit,
@@ -267,11 +304,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         this method's place."""
         raise NotImplementedError
 
-    def _claim(
+    async def _claim(
         self, request: pb.ExecuteRequest, plan: RequestPlan, caller: str | None
     ) -> keys.KeyClaim | None:
         """The key to claim with this request, or None: no key, or it writes nothing (the
-        read_only option, or the plan says so); raise `StoreUnavailable` without a store."""
+        read_only option, or the plan says so); raise `StoreUnavailable` without a store.
+        The request's hash serializes it: a request that is not small is hashed on a parser
+        thread, as `analyse` validates it there (a large one would stall the event loop)."""
         key = request.idempotency_key
         if not key or request.options.read_only or plan.exempt_from_key(self.known_functions):
             return None
@@ -280,7 +319,11 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"idempotency keys are not available on this broker ({self.key_store_error});"
                 " nothing ran: send the request without idempotency_key"
             )
-        digest = keys.request_hash(request)
+        if _small(request):
+            digest = keys.request_hash(request)
+        else:
+            loop = asyncio.get_running_loop()
+            digest = await loop.run_in_executor(parser_threads(), keys.request_hash, request)
         return keys.KeyClaim(caller or "", key, digest, self.idempotency_ttl)
 
     def commit_claim(self, request: pb.TransactRequest, caller: str | None) -> keys.KeyClaim | None:

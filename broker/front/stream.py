@@ -26,7 +26,7 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, application_name
 from broker.flow.stream import StreamStats, stream_rows
-from broker.front.service import BrokerService, lambda_metadata, validate
+from broker.front.service import BrokerService, analyse, lambda_metadata
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -64,10 +64,10 @@ class StreamService:
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         try:
             with service.inflight.hold(caller):
-                plan, bound = validate(
+                plan, bound = await analyse(
                     pb.ExecuteRequest(statements=[request.statement]),
                     service.limits,
-                    role_locked=service.role_map is not None,
+                    service.role_map is not None,
                 )
                 role = service.role_map.role_for(identity) if service.role_map else None
                 options = Batch(

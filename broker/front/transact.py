@@ -34,7 +34,7 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
-from broker.front.service import BrokerService, lambda_metadata, validate
+from broker.front.service import BrokerService, analyse, lambda_metadata
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.security.identity import current_identity
 from broker.security.limits import caller_key, check_results
@@ -196,9 +196,7 @@ class _Call:
     async def _execute(self, lease: Lease, step: pb.TransactRequest.Execute) -> pb.TransactResponse:
         """Check and run one ``execute``: a Postgres error is answered in-stream."""
         request = pb.ExecuteRequest(statements=step.statements)
-        plan, bound = validate(
-            request, self.service.limits, role_locked=self.service.role_map is not None
-        )
+        plan, bound = await analyse(request, self.service.limits, self.service.role_map is not None)
         try:
             results = await lease.execute(
                 step.statements, plan, bound, self.service.audit_needed(plan)
@@ -216,9 +214,7 @@ class _Call:
         tag (or the Postgres error, in-stream). No result limit applies. A chunk gRPC has not
         taken within the idle bound (a reader that stopped reading) ends the lease."""
         request = pb.ExecuteRequest(statements=[step.statement])
-        plan, bound = validate(
-            request, self.service.limits, role_locked=self.service.role_map is not None
-        )
+        plan, bound = await analyse(request, self.service.limits, self.service.role_map is not None)
         stats = self.service.stream_stats
         stats.counters["streams_num"] += 1
         result = pb.StatementResult(rows_affected=0)

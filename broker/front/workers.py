@@ -14,8 +14,13 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
   server connections; the kernel spreads new client connections over them;
 * once every worker has started it logs ``listening on HOST:PORT`` once, with the real port;
 * it forwards SIGTERM/SIGINT to the workers, waits for them to drain and exits 0 when all of
-  them exited 0. A worker that exits unexpectedly (or fails to start) makes it stop the others
-  and exit 1; it never restarts a worker (the orchestrator restarts the task).
+  them exited 0;
+* a worker that exits unexpectedly once serving (a crash, the OOM killer) is logged (``worker
+  N was killed by SIGKILL; restarting it``, level ERROR) and started again on the same port;
+  the other workers keep serving meanwhile, and only calls in flight on the dead worker fail.
+  The (``RESTART_LIMIT`` + 1)th unexpected exit within ``RESTART_WINDOW`` seconds, or a
+  worker that fails its first start, makes it stop the others and exit 1 (the orchestrator
+  then replaces the task).
 
 Figures (``GetStats``, ``python -m broker stats``, EMF metrics) and health are per worker: a
 call reaches whichever worker the kernel chose for its connection.
@@ -23,6 +28,7 @@ call reaches whichever worker the kernel chose for its connection.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -39,7 +45,15 @@ from types import FrameType
 
 from broker.config import Settings, named
 
-__all__ = ["WORKER_ENV", "WorkerRole", "supervise", "worker_pool_size", "worker_role"]
+__all__ = [
+    "RESTART_LIMIT",
+    "RESTART_WINDOW",
+    "WORKER_ENV",
+    "WorkerRole",
+    "supervise",
+    "worker_pool_size",
+    "worker_role",
+]
 
 log = logging.getLogger("pgbroker.workers")
 
@@ -49,6 +63,11 @@ WORKER_ENV = named("worker").variable
 # Seconds a worker gets beyond shutdown_grace to exit before the supervisor kills it.
 _EXIT_SLACK = 30.0
 _POLL = 0.2
+# A worker that exits unexpectedly is restarted, unless this is the (RESTART_LIMIT + 1)th
+# unexpected exit within RESTART_WINDOW seconds: a worker that cannot stay up (a crash on
+# every request, a broken database) then stops the broker, so the orchestrator sees it.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,10 @@ class _Supervisor:
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
         self.failed = False
+        # Readiness pipes of starting workers (first start and restarts).
+        self.selector = selectors.DefaultSelector()
+        # When workers exited unexpectedly, within the last RESTART_WINDOW seconds.
+        self.deaths: collections.deque[float] = collections.deque()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,6 +175,9 @@ class _Supervisor:
                 if child.poll() is None:
                     child.kill()
                     child.wait()
+            for key in list(self.selector.get_map().values()):
+                os.close(key.fd)
+            self.selector.close()
         codes = [child.returncode for child in self.children]
         clean = [0]
         if self.stopping and not started:
@@ -175,44 +201,56 @@ class _Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(sig)
 
-    def _start_all(self) -> bool:
-        """Start every worker and wait until each reports ready; False if one failed first
-        (the others are then being stopped) or a signal came."""
-        selector = selectors.DefaultSelector()
-        for index in range(self.settings.workers):
-            if self.stopping:  # a signal came while starting: start no more
-                break
-            read_fd, write_fd = os.pipe()
-            env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd}"}
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        """Start worker *index* (a first start or a restart); its readiness pipe is watched by
+        ``self.selector``."""
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd}"}
+        try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "broker", *self.argv],
                 env=env,
                 pass_fds=(write_fd,),
                 preexec_fn=_die_with_parent,
             )
-            os.close(write_fd)
-            self.children.append(child)
-            selector.register(read_fd, selectors.EVENT_READ, index)
-        pending = set(range(len(self.children)))
-        try:
-            while pending and not self.stopping:
-                for key, _ in selector.select(_POLL):
-                    data = os.read(key.fd, 16)
-                    selector.unregister(key.fd)
-                    os.close(key.fd)
-                    pending.discard(key.data)
-                    if not data and self.stopping:  # it obeyed the forwarded signal
-                        return False
-                    if not data:  # closed without reporting: the worker could not start
-                        self._fail(key.data, "could not start")
-                        return False
-                if self._check_children():
-                    return False
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
-            for key in list(selector.get_map().values()):
-                os.close(key.fd)
-            selector.close()
+            os.close(write_fd)
+        self.selector.register(read_fd, selectors.EVENT_READ, index)
+        return child
+
+    def _start_all(self) -> bool:
+        """Start every worker and wait until each reports ready; False if one failed first
+        (the others are then being stopped) or a signal came."""
+        for index in range(self.settings.workers):
+            if self.stopping:  # a signal came while starting: start no more
+                break
+            self.children.append(self._spawn(index))
+        pending = set(range(len(self.children)))
+        while pending and not self.stopping:
+            for index, ready in self._readiness(_POLL):
+                pending.discard(index)
+                if not ready and self.stopping:  # it obeyed the forwarded signal
+                    return False
+                if not ready:  # closed without reporting: the worker could not start
+                    self._fail(index, "could not start")
+                    return False
+            if self._check_children(restart=False):
+                return False
         return not pending
+
+    def _readiness(self, timeout: float) -> list[tuple[int, bool]]:
+        """(worker index, whether it reported ready) for each readiness pipe that spoke
+        within *timeout* seconds; those pipes are closed."""
+        reported = []
+        for key, _ in self.selector.select(timeout):
+            data = os.read(key.fd, 16)
+            self.selector.unregister(key.fd)
+            os.close(key.fd)
+            reported.append((int(key.data), bool(data)))
+        return reported
 
     def _log_listening(self) -> None:
         log_listening(
@@ -223,11 +261,12 @@ class _Supervisor:
         )
 
     def _wait_all(self) -> None:
-        """Until every worker exited: stop the others when one exits unexpectedly; kill the
-        ones still running ``shutdown_grace`` + 30 s after the stop began."""
+        """Until every worker exited: restart a worker that exits unexpectedly (stop them all
+        when one dies too often); kill the ones still running ``shutdown_grace`` + 30 s after
+        the stop began."""
         deadline: float | None = None
         while any(child.poll() is None for child in self.children):
-            self._check_children()
+            self._check_children(restart=True)
             if self.stopping and deadline is None:
                 deadline = time.monotonic() + self.settings.shutdown_grace + _EXIT_SLACK
             if deadline is not None and time.monotonic() > deadline:
@@ -236,16 +275,44 @@ class _Supervisor:
                 for child in self.children:
                     if child.poll() is None:
                         child.kill()
-            time.sleep(_POLL)
+            for index, ready in self._readiness(_POLL):
+                if ready:
+                    log.info(
+                        "worker %d restarted",
+                        index,
+                        extra={"worker": index, "pid": self.children[index].pid},
+                    )
 
-    def _check_children(self) -> bool:
-        """True (after starting to stop the others) if a worker exited while not stopping."""
+    def _check_children(self, *, restart: bool) -> bool:
+        """True (after starting to stop the others) if a worker exited while not stopping and
+        is not restarted: *restart* is false (still starting), or it died too often."""
         if self.stopping:
             return False
         for index, child in enumerate(self.children):
-            if child.poll() is not None:
-                self._fail(index, f"exited with code {child.returncode}")
+            if child.poll() is None:
+                continue
+            what = _exit_description(child.returncode)
+            if not restart:
+                self._fail(index, what)
                 return True
+            now = time.monotonic()
+            self.deaths.append(now)
+            while self.deaths and self.deaths[0] < now - RESTART_WINDOW:
+                self.deaths.popleft()
+            if len(self.deaths) > RESTART_LIMIT:
+                self._fail(
+                    index,
+                    f"{what}, the {len(self.deaths)}th worker exit within"
+                    f" {RESTART_WINDOW:.0f} s (at most {RESTART_LIMIT} are restarted)",
+                )
+                return True
+            log.error(
+                "worker %d %s; restarting it",
+                index,
+                what,
+                extra={"worker": index, "pid": child.pid, "exit_code": child.returncode},
+            )
+            self.children[index] = self._spawn(index)
         return False
 
     def _fail(self, index: int, what: str) -> None:
@@ -258,6 +325,14 @@ class _Supervisor:
         self.failed = True
         self.stopping = True
         self._forward(signal.SIGTERM)
+
+
+def _exit_description(returncode: int) -> str:
+    """ "exited with code 3" or "was killed by SIGSEGV" (Popen: -N for signal N)."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
 
 
 def _die_with_parent() -> None:

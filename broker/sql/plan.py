@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pglast import ast, parse_sql
-from pglast.parser import ParseError, scan
+from pglast.parser import ParseError, parse_sql_json, scan
 
 from broker.sql.sessionstate import (
     TOO_DEEP,
@@ -40,6 +40,7 @@ from broker.sql.sessionstate import (
     transaction_scoped,
     walk,
 )
+from broker.sql.stack import run_on_parser_thread
 
 __all__ = [
     "CACHE_ENTRIES",
@@ -54,6 +55,11 @@ __all__ = [
 
 CACHE_ENTRIES = 2048
 CACHE_MAX_SQL_CHARS = 4096
+# SQL up to this long nests at most this deep (every level takes a token): under 1 MB of C
+# stack in pglast, so any thread may parse it. Longer SQL: see `_parse` and broker/sql/stack.py.
+DIRECT_PARSE_CHARS = 2048
+# libpg_query's message when its own stack check refuses (Postgres' SQLSTATE 54001).
+_STACK_DEPTH_EXCEEDED = "stack depth limit exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +174,9 @@ def placeholder_count(sql: str) -> int | None:
 
 def _plan(sql: str, role_locked: bool) -> StatementPlan:
     try:
-        raw_statements = parse_sql(sql)
+        raw_statements = _parse(sql)
+    except _TooDeep:
+        return _unparsed(sql, TOO_DEEP)
     except ParseError:
         return _unparsed(sql, None)
     except RecursionError:
@@ -265,6 +273,30 @@ def _autocommit_only(stmt: ast.Node | None) -> bool:
         | ast.DropSubscriptionStmt
         | ast.CallStmt,
     )
+
+
+class _TooDeep(Exception):
+    """SQL nested deeper than libpg_query's stack check allows (Postgres: 54001)."""
+
+
+def _parse(sql: str) -> tuple[ast.RawStmt, ...]:
+    """``pglast.parse_sql`` of *sql*, without ever overflowing the C stack (issue 15: a 50 KB
+    ``SELECT 1+1+…`` killed the process with SIGSEGV). Raise `_TooDeep` for SQL nested
+    beyond what libpg_query's own stack check allows, ParseError for SQL it cannot parse.
+
+    Short SQL is parsed here. Longer SQL is first put through libpg_query's JSON output, which
+    checks its stack depth as Postgres does (about 60 ms per MB), then parsed on a thread
+    whose stack holds any depth that check lets through (broker/sql/stack.py has the
+    figures)."""
+    if len(sql) <= DIRECT_PARSE_CHARS:
+        return tuple(parse_sql(sql))
+    try:
+        parse_sql_json(sql)
+    except ParseError as exc:
+        if _STACK_DEPTH_EXCEEDED in str(exc):
+            raise _TooDeep(str(exc)) from exc
+        raise
+    return tuple(run_on_parser_thread(parse_sql, sql))
 
 
 _cached_plan = functools.lru_cache(maxsize=CACHE_ENTRIES)(_plan)

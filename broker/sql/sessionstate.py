@@ -131,7 +131,8 @@ def classify(raw_statements: Sequence[ast.RawStmt], role_locked: bool = False) -
 # SQL nested deeper than Python's recursion limit lets pglast build: refused, not guessed at.
 TOO_DEEP = Refusal(
     "too deeply nested",
-    "the statement nests too deeply for the broker to check; simplify it",
+    "the statement nests too deeply for the broker to check (Postgres refuses such SQL as"
+    " well: 54001 stack depth limit exceeded); simplify it",
     REASON_BAD_REQUEST,
 )
 

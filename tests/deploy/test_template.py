@@ -433,6 +433,15 @@ def test_task_is_fargate_arm64_with_health_check_and_drain_time(stack: Stack) ->
     assert int(stack.broker_env()["PGBROKER_SHUTDOWN_GRACE"]) <= grace_max
 
 
+def test_task_sets_the_open_file_limit_for_max_waiting_callers(stack: Stack) -> None:
+    (nofile,) = [u for u in stack.broker_container()["Ulimits"] if u["Name"] == "nofile"]
+    max_waiting = int(stack.broker_env().get("PGBROKER_MAX_WAITING", 2000))
+    pool_size = int(stack.broker_env()["PGBROKER_POOL_SIZE"])
+    # broker/front/fdlimit.py's arithmetic, with room for warm sandboxes that wait for nothing.
+    assert int(nofile["SoftLimit"]) == int(nofile["HardLimit"])
+    assert int(nofile["HardLimit"]) >= 10 * (max_waiting + 2 * pool_size + 64)
+
+
 def test_rolling_deploy_never_drops_below_desired_count(stack: Stack) -> None:
     _, service = stack.one("AWS::ECS::Service")
     deploy = service["DeploymentConfiguration"]

@@ -17,6 +17,7 @@ import grpc
 import pg8000.native
 import pytest
 
+from broker.front.workers import RESTART_LIMIT
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.support import request, rows, wait_until
@@ -155,12 +156,72 @@ def test_two_workers_share_the_port_and_the_pool_and_stop_on_sigterm(
     assert len(process.listening) == 1
 
 
-def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor: Any) -> None:
+def _wait_for(process: Supervisor, message: str, timeout: float = 60) -> dict[str, Any]:
+    """The next log line of *process* that starts with *message*."""
+    while True:
+        record = process.lines.get(timeout=timeout)
+        if str(record.get("message", "")).startswith(message):
+            return record
+
+
+def test_a_killed_worker_is_restarted_and_calls_keep_succeeding(supervisor: Any) -> None:
+    process = supervisor("--workers", "2", "--pool-size", "2")
+    record = process.wait_listening()
+    pids = record["worker_pids"]
+    target = f"127.0.0.1:{record['port']}"
+    failed: list[BaseException] = []
+    succeeded = 0
+    stop = threading.Event()
+
+    def call_continuously() -> None:
+        nonlocal succeeded
+        while not stop.is_set():
+            # A new connection per call, so calls reach both workers (and the new one).
+            with grpc.insecure_channel(
+                target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                try:
+                    stub = pb_grpc.BrokerStub(channel)
+                    reply = stub.Execute(request("SELECT 1"), timeout=10, wait_for_ready=True)
+                    assert rows(reply.results[0]) == [(1,)]
+                    succeeded += 1
+                except grpc.RpcError as exc:
+                    failed.append(exc)
+
+    caller = threading.Thread(target=call_continuously)
+    caller.start()
+    try:
+        wait_until(lambda: succeeded >= 20, what="calls before the kill")
+        os.kill(pids[0], signal.SIGKILL)
+        died = _wait_for(process, "worker 0 was killed by SIGKILL; restarting it")
+        assert died["level"] == "ERROR" and died["pid"] == pids[0]
+        restarted = _wait_for(process, "worker 0 restarted")
+        assert restarted["pid"] not in pids and _alive(restarted["pid"])
+        before = succeeded
+        wait_until(lambda: succeeded >= before + 20, what="calls after the restart")
+    finally:
+        stop.set()
+        caller.join(30)
+    assert process.proc.poll() is None and _alive(pids[1])
+    # Only a call in flight on the killed worker's connection may fail.
+    assert len(failed) <= 2, failed
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(30) == 0
+
+
+def test_a_worker_that_keeps_dying_stops_the_broker(supervisor: Any) -> None:
     process = supervisor("--workers", "2", "--pool-size", "2")
     pids = process.wait_listening()["worker_pids"]
+    seen = list(pids)
     os.kill(pids[0], signal.SIGKILL)
-    assert process.proc.wait(30) != 0
-    assert not [pid for pid in pids if _alive(pid)]
+    for _ in range(RESTART_LIMIT):
+        pid = _wait_for(process, "worker 0 restarted")["pid"]
+        seen.append(pid)
+        os.kill(pid, signal.SIGKILL)
+    assert process.proc.wait(30) == 1
+    stopped = _wait_for(process, "worker 0 was killed by SIGKILL, the 6th worker exit within")
+    assert stopped["level"] == "ERROR"
+    assert not [pid for pid in seen if _alive(pid)]
 
 
 def test_fewer_connections_than_workers_is_refused_with_exit_2(postgres: Any) -> None:

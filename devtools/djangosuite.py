@@ -1,0 +1,326 @@
+"""Django's own test suite against the stock postgresql backend and against
+``lambda_client.django`` through a real broker, in one run, side by side (``make django-suite``).
+
+    python -m devtools.djangosuite [--only stock|broker] [--timeout S] [APP ...]
+
+The Django 5.2 sdist (it carries ``tests/runtests.py`` and the test apps; the wheel does not)
+is downloaded once with ``pip download`` into ``.cache/`` (ignored by git) and unpacked there.
+A temporary Postgres is started (or ``PGBROKER_TEST_DSN`` used), then:
+
+* **stock**: ``runtests.py`` with ``ENGINE django.db.backends.postgresql`` on psycopg, straight
+  to Postgres; Django creates and drops its test databases itself.
+* **broker**: two brokers (auth none, loopback), one per test database (``default`` and
+  ``other``, created here beforehand); ``runtests.py --keepdb`` with ``ENGINE
+  lambda_client.django`` and ``TEST: {"NAME": ...}`` naming the broker's database (a broker
+  serves one database, so the backend never creates or drops one; see docs/django.md).
+
+Both runs use ``--parallel=1`` (cloned test databases need CREATE DATABASE, and the machine is
+shared). The table gives tests run, failures, errors, skips and seconds for each, read from
+unittest's summary lines; the exit status is 1 when the broker run has a failure or error the
+stock run does not have (named at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+DJANGO_SPEC = "django>=5.2,<5.3"
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+
+# The app list of issue 13.
+APPS = [
+    "basic",
+    "transactions",
+    "transaction_hooks",
+    "select_for_update",
+    "queries",
+    "expressions",
+    "lookup",
+    "aggregation",
+    "model_fields",
+    "db_functions",
+    "bulk_create",
+    "update",
+    "delete",
+    "get_or_create",
+    "timezones",
+    "introspection",
+    "schema",
+    "migrations",
+    "constraints",
+    "backends",
+    "postgres_tests",
+]
+
+# A fixed subset CI runs (about a minute each on this machine); `make django-suite` runs all.
+CI_APPS = [
+    "basic",
+    "transactions",
+    "transaction_hooks",
+    "select_for_update",
+    "get_or_create",
+    "bulk_create",
+    "update",
+    "delete",
+]
+
+SETTINGS = """\
+import os
+DATABASES = {databases!r}
+SECRET_KEY = "django_tests_secret_key"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+"""
+
+
+def django_tests_dir() -> Path:
+    """The unpacked sdist's ``tests`` directory, downloading and unpacking it on first use."""
+    for tests in sorted(CACHE.glob("django-5.2.*/tests/runtests.py"), reverse=True):
+        return tests.parent
+    CACHE.mkdir(exist_ok=True)
+    subprocess.run(
+        [*PIP_DOWNLOAD, DJANGO_SPEC, "-d", str(CACHE)],
+        check=True,
+    )
+    sdist = max(CACHE.glob("django-5.2.*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        tar.extractall(CACHE, filter="data")
+    return django_tests_dir()
+
+
+@dataclass
+class Outcome:
+    """unittest's summary of one run."""
+
+    run: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    expected_failures: int = 0
+    seconds: float = 0.0
+    status: int = 0
+    log: Path = field(default_factory=Path)
+
+    @classmethod
+    def parse(cls, text: str, seconds: float, status: int, log: Path) -> Outcome:
+        out = cls(seconds=seconds, status=status, log=log)
+        if m := re.search(r"^Ran (\d+) tests? in", text, re.M):
+            out.run = int(m.group(1))
+        if m := re.search(r"^(?:OK|FAILED) \((.*)\)\s*$", text, re.M):
+            for part in m.group(1).split(","):
+                key, _, value = part.strip().partition("=")
+                attr = {"failures": "failures", "errors": "errors", "skipped": "skipped"}
+                attr |= {"expected failures": "expected_failures"}
+                if key in attr:
+                    setattr(out, attr[key], int(value))
+        return out
+
+
+def run_suite(
+    name: str,
+    databases: dict[str, Any],
+    apps: list[str],
+    extra: list[str],
+    timeout: float,
+    python: str = sys.executable,
+    tests: Path | None = None,
+) -> Outcome:
+    """``runtests.py`` (of *tests*, default the 5.2 sdist's) run by *python* with a settings
+    module holding *databases*; output to a log file in .cache/."""
+    tests = tests or django_tests_dir()
+    workdir = Path(tempfile.mkdtemp(prefix=f"djangosuite-{name}-"))
+    module = f"pgbroker_settings_{name}"
+    (workdir / f"{module}.py").write_text(SETTINGS.format(databases=databases))
+    log = (
+        CACHE
+        / f"django-suite-{name}{'' if tests == django_tests_dir() else '-' + tests.parent.name}.log"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT / "client")])}
+    argv = [python, "-X", "faulthandler", "runtests.py", f"--settings={module}"]
+    argv += ["--parallel=1", "--noinput", *extra, *apps]
+    started = time.monotonic()
+    with log.open("w") as out:
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=tests,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+            status = proc.returncode
+        except subprocess.TimeoutExpired:
+            status = -1
+    seconds = time.monotonic() - started
+    return Outcome.parse(log.read_text(errors="replace"), seconds, status, log)
+
+
+def stock_databases(pg: Any) -> dict[str, Any]:
+    common = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": pg.host,
+        "PORT": pg.port,
+        "USER": pg.user,
+        "PASSWORD": getattr(pg, "password", None) or "",
+    }
+    return {
+        "default": {**common, "NAME": "django_stock"},
+        "other": {**common, "NAME": "django_stock_other"},
+    }
+
+
+def broker_databases(targets: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    return {
+        alias: {
+            "ENGINE": "lambda_client.django",
+            "NAME": db,
+            "TEST": {"NAME": db},
+            "OPTIONS": {"target": target, "timeout": 60},
+        }
+        for alias, (db, target) in targets.items()
+    }
+
+
+def table(results: dict[str, Outcome]) -> str:
+    rows = [("", *results)]
+    for label, attr in (
+        ("tests run", "run"),
+        ("failures", "failures"),
+        ("errors", "errors"),
+        ("skipped", "skipped"),
+        ("expected failures", "expected_failures"),
+        ("seconds", "seconds"),
+        ("exit status", "status"),
+    ):
+        rows.append((label, *(_fmt(getattr(o, attr)) for o in results.values())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("apps", nargs="*", help="test apps or labels (default: issue 13's list)")
+    parser.add_argument("--ci", action="store_true", help="the fixed CI subset")
+    parser.add_argument("--only", choices=("stock", "broker"))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--extra", default="", help="more runtests.py arguments")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the Python that runs runtests.py, with Django and psycopg installed "
+        "(e.g. a 3.12 virtualenv with Django 6)",
+    )
+    parser.add_argument(
+        "--tests", type=Path, help="a Django sdist's tests/ directory (default: 5.2's, cached)"
+    )
+    args = parser.parse_args(argv)
+    apps = args.apps or (CI_APPS if args.ci else APPS)
+    extra = args.extra.split()
+    django_tests_dir()
+
+    from devtools.brokerproc import BrokerProcess
+    from devtools.localpg import LocalPostgres
+    from tests.fixtures.postgres import ExternalPostgres
+
+    dsn = os.environ.get("PGBROKER_TEST_DSN")
+    pg: Any = ExternalPostgres.from_dsn(dsn) if dsn else LocalPostgres(max_connections=100).start()
+    brokers: list[BrokerProcess] = []
+    results: dict[str, Outcome] = {}
+    try:
+        if args.only in (None, "stock"):
+            results["stock postgresql"] = run_suite(
+                "stock", stock_databases(pg), apps, extra, args.timeout, args.python, args.tests
+            )
+        if args.only in (None, "broker"):
+            targets = {}
+            for alias, db in (("default", "django_broker"), ("other", "django_broker_other")):
+                _recreate_database(pg, db)
+                password = getattr(pg, "password", None)
+                base = f"postgresql://{pg.user}" + (f":{password}" if password else "")
+                broker = BrokerProcess(
+                    f"{base}@{pg.host}:{pg.port}/{db}?sslmode=disable",
+                    log_level="INFO",
+                    pool_size=4,
+                    auth="none",
+                )
+                brokers.append(broker.start())
+                broker.wait_serving()
+                targets[alias] = (db, broker.target)
+            results["lambda_client.django"] = run_suite(
+                "broker",
+                broker_databases(targets),
+                apps,
+                ["--keepdb", *extra],
+                args.timeout,
+                args.python,
+                args.tests,
+            )
+    finally:
+        for broker in brokers:
+            broker.stop()
+        if not dsn:
+            pg.stop()
+    print(f"Django suite, apps: {' '.join(apps)}")
+    print(table(results))
+    for name, outcome in results.items():
+        print(f"{name}: log {outcome.log}")
+    if len(results) == 2:
+        stock, ours = results.values()
+        new = sorted(failed_tests(ours.log) - failed_tests(stock.log))
+        for test in new:
+            print(f"NEW in lambda_client.django: {test}")
+        return int(bool(new) or ours.status == -1)
+    return int(any(o.failures or o.errors for o in results.values()))
+
+
+def failed_tests(log: Path) -> set[str]:
+    """The ids of the tests unittest reports as FAIL or ERROR in *log*."""
+    text = log.read_text(errors="replace")
+    return set(re.findall(r"^(?:FAIL|ERROR): (\S+ \([^)]*\))", text, re.M))
+
+
+def _recreate_database(pg: Any, name: str) -> None:
+    """A fresh, empty database *name* with the extensions postgres_tests installs itself
+    through migrations (they need a superuser, which the broker's login is here)."""
+    import pg8000.native
+
+    conn = pg8000.native.Connection(
+        pg.user,
+        host=pg.host,
+        port=pg.port,
+        database="postgres",
+        password=getattr(pg, "password", None),
+    )
+    try:
+        conn.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.run(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
