@@ -177,3 +177,18 @@ def test_without_a_usable_store_keyed_requests_are_refused_and_the_client_drops_
         db.transaction(["CREATE TEMP TABLE x (id int) ON COMMIT DROP"], idempotency_key="mine")
     assert given.value.reason == "IDEMPOTENCY_UNAVAILABLE"
     db.close()
+
+
+def test_a_large_keyed_request_is_replayed_too(broker: Any, table: str) -> None:
+    """A request too large to validate on the event loop (an array) is hashed off it too."""
+    broker.execute(request(f"CREATE TABLE {table} (id serial, arr int[])"))
+    insert = (f"INSERT INTO {table} (arr) VALUES ($1) RETURNING id", [list(range(5000))])
+    key = f"large-{uuid.uuid4()}"
+    first = broker.execute(_keyed(key, insert))
+    again = broker.execute(_keyed(key, insert))
+    assert rows(again.results[0]) == rows(first.results[0])
+    assert _count(broker, table) == 1
+    changed = (insert[0], [list(range(5001))])
+    with pytest.raises(grpc.RpcError) as failure:
+        broker.execute(_keyed(key, changed))
+    assert status_of(failure.value).reason == "IDEMPOTENCY_KEY_REUSED"
