@@ -5,7 +5,8 @@ A connection owns no network connection: statements go over the process's shared
 one transaction:
 
 * ``autocommit=True``: each ``execute`` is one ``Execute`` call; a pooled Postgres connection
-  is held only while Postgres works.
+  is held only while Postgres works. A named cursor's ``execute`` is one ``Stream`` call, its
+  connection held while the rows are read (`ServerCursor`); `close` stops such streams.
 * ``autocommit=False`` (PEP 249's default): the first statement opens a ``Transact`` lease
   (`lambda_client.transaction.Transaction`) held until `commit`, `rollback` or `close`, and
   bounded by the broker's idle-transaction and transaction timeouts. A connection garbage
@@ -146,6 +147,9 @@ class Connection:
         self.timeout = timeout
         self.max_statements = max_statements
         self._tx: Transaction | None = None
+        # Named cursors reading a stream in autocommit: close() stops them, so the broker
+        # frees their connections at once rather than when the cursors are collected.
+        self._streams: weakref.WeakSet[ServerCursor] = weakref.WeakSet()
         self._closed = False
         self._isolation_level: IsolationLevel | None = None
         self._read_only: bool | None = None
@@ -209,8 +213,9 @@ class Connection:
     def cursor(
         self, name: str | None = None, *, withhold: bool = False, scrollable: bool | None = None
     ) -> Cursor:
-        """A cursor; with *name*, a server-side cursor (DECLARE/FETCH) that needs a
-        transaction. ``withhold=True`` raises `NotSupportedError`: a WITH HOLD cursor
+        """A cursor; with *name*, a server-side cursor (`ServerCursor`: a stream in
+        autocommit, DECLARE/FETCH in a transaction). ``withhold=True`` raises
+        `NotSupportedError`: a WITH HOLD cursor
         outlives its transaction, and the broker returns the connection to the pool at its
         end (as any transaction pooler must)."""
         self._check_open()
@@ -243,12 +248,14 @@ class Connection:
             tx.rollback()
 
     def close(self) -> None:
-        """Roll back an open transaction and close; the shared channel stays open. Closing
-        twice does nothing."""
+        """Stop the named cursors reading a stream, roll back an open transaction and close;
+        the shared channel stays open. Closing twice does nothing."""
         if self._closed:
             return
         tx, self._tx = self._tx, None
         self._closed = True
+        for cursor in list(self._streams):
+            cursor.close()
         if tx is not None:
             with contextlib.suppress(errors.Error):
                 tx.rollback()
@@ -325,6 +332,10 @@ class Connection:
         for chunk in chunks:
             results += tx.execute_many(sql, chunk)
         return results
+
+    def _streaming(self, cursor: ServerCursor) -> None:
+        """*cursor* reads a stream that `close` must stop."""
+        self._streams.add(cursor)
 
     def _transaction(self) -> Transaction:
         """The open transaction, opened now if there is none. A transaction the broker ended

@@ -1,8 +1,9 @@
-"""`Cursor` (results buffered from one answer) and `ServerCursor` (a named DECLARE/FETCH
-cursor inside a transaction).
+"""`Cursor` (results buffered from one answer) and `ServerCursor` (a named cursor whose rows
+are pulled as they are fetched: a ``Broker.Stream`` in autocommit, DECLARE/FETCH inside a
+transaction).
 
-Every row a cursor hands out comes through `Cursor._fetch_rows`: the one seam where a
-streamed result (rows pulled in chunks as they are fetched) replaces the buffered one.
+Every row a cursor hands out comes through `Cursor._fetch_rows`, which `ServerCursor`
+overrides.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lambda_client._result import Result
 from lambda_client.dbapi._pyformat import bind
 
 if TYPE_CHECKING:
+    from lambda_client._stream import RowStream
     from lambda_client.dbapi._connection import Connection
     from lambda_client.transaction import Transaction
 
@@ -212,10 +214,19 @@ class Cursor:
 
 
 class ServerCursor(Cursor):
-    """A named cursor: ``DECLARE name NO SCROLL CURSOR WITHOUT HOLD FOR query`` in the
-    connection's transaction, rows pulled with ``FETCH FORWARD n`` as they are fetched, so a
-    big result never sits in memory whole. Needs a transaction (autocommit off, or inside
-    ``conn.transaction()``); closed by `close` or by the transaction's end."""
+    """A named cursor: its rows are pulled from the server as they are fetched, so a big
+    result never sits in memory whole. Two ways, chosen at each `execute`:
+
+    * in autocommit mode outside a transaction, one ``Broker.Stream`` call
+      (`BrokerClient.stream`): chunks of about 1 MiB, each read only when a fetch reaches it,
+      from a cursor the broker runs in a READ ONLY transaction on a pooled connection held
+      until the result is read to its end, `close` is called or another statement is
+      executed on this cursor;
+    * in a transaction, ``DECLARE name NO SCROLL CURSOR WITHOUT HOLD FOR query`` on the lease
+      and one ``FETCH FORWARD n`` per fetch, so other statements may run on the transaction
+      between fetches (as with psycopg); closed by `close` or by the transaction's end.
+
+    `rowcount` is the number of rows fetched so far (0 after `execute`), as psycopg's."""
 
     def __init__(self, connection: Connection, name: str) -> None:
         super().__init__(connection)
@@ -223,39 +234,56 @@ class ServerCursor(Cursor):
             raise TypeError("a server-side cursor's name must be a non-empty str")
         self.name = name
         self._quoted = '"' + name.replace('"', '""') + '"'
-        self._declared = False
-        self._declared_in: Transaction | None = None  # the transaction it lives in
+        self._declared_in: Transaction | None = None  # the transaction it is declared in
         self._done = False
         # Each declaration's FETCH text is unique: the broker caches prepared statements by
         # text per pooled connection, with the columns of the cursor they were prepared for.
         self._tag = ""
+        self._stream: RowStream | None = None  # autocommit: the stream being read
+        self._failure: errors.Error | None = None  # what ended the stream midway
 
     def execute(self, query: str, params: Params = None) -> Cursor:
-        """DECLARE the cursor for *query* and read its columns (one round trip); rows come
-        with the fetches. Raise `ProgrammingError` in autocommit mode outside a
-        ``conn.transaction()`` block."""
+        """Open the cursor for *query* (a SELECT, VALUES, TABLE or WITH … SELECT) and read its
+        columns (one round trip); rows come with the fetches. In autocommit mode the query
+        runs read-only: a query that writes raises `ReadOnlySqlTransaction` (use a
+        transaction). Raise `ProgrammingError` for bad SQL or parameters, a `DatabaseError`
+        subclass for any other Postgres error, as `Cursor.execute` does."""
         self._check_open()
-        connection = self.connection
-        if connection.autocommit and not connection.in_transaction:
-            raise errors.ProgrammingError(
-                f"server-side cursor {self.name!r} needs a transaction: use autocommit=False "
-                "or a `with conn.transaction():` block"
-            )
         sql, values = bind(query, params)
-        statements: list[Any] = [f"CLOSE {self._quoted}"] if self._declared else []
+        connection = self.connection
+        # Declared in the open transaction: its CLOSE goes in one request with the new DECLARE.
+        redeclare = self._declared_in is not None and self._declared_in is connection._tx
+        self._stop(close_declared=not redeclare)  # an earlier result, streamed or declared
+        self._reset()
+        if connection.autocommit and not connection.in_transaction:
+            self._open_stream(sql, values)
+        else:
+            self._declare(sql, values, connection._transaction(), close_first=redeclare)
+        return self
+
+    def _open_stream(self, sql: str, values: list[Any]) -> None:
+        connection = self.connection
+        with _parameter_errors():
+            stream = connection.client.stream(
+                sql, values, context=connection.context, timeout=connection.timeout
+            )
+        self._stream, self._done = stream, False
+        connection._streaming(self)
+        self.description = _columns(stream.columns, stream.type_oids)
+        self.rowcount = 0
+
+    def _declare(self, sql: str, values: list[Any], tx: Transaction, close_first: bool) -> None:
+        statements: list[Any] = [f"CLOSE {self._quoted}"] if close_first else []
         self._tag = f"{secrets.token_hex(6)}"
         statements += [
             (f"DECLARE {self._quoted} NO SCROLL CURSOR WITHOUT HOLD FOR {sql}", values),
             self._fetch_sql("0"),
         ]
-        self._reset()
-        tx = connection._transaction()
         with _parameter_errors():
             results = tx.pipeline(statements)
-        self._declared, self._done, self._declared_in = True, False, tx
+        self._done, self._declared_in = False, tx
         self._set_result(results[-1])
         self.rowcount = 0
-        return self
 
     def executemany(self, query: str, params_seq: Iterable[Params]) -> Cursor:
         raise errors.NotSupportedError("executemany is not supported on a server-side cursor")
@@ -263,33 +291,75 @@ class ServerCursor(Cursor):
     def _fetch_sql(self, count: str) -> str:
         return f"FETCH FORWARD {count} FROM {self._quoted} /* pgbroker {self._tag} */"
 
+    def __iter__(self) -> Iterator[Row]:
+        """The rows; a stream hands them out one at a time (its chunks are the read-ahead),
+        so iteration stopped midway leaves no row fetched but unseen; DECLARE/FETCH reads
+        `itersize` rows per round trip."""
+        if self._declared_in is not None:
+            yield from super().__iter__()
+            return
+        while rows := self._fetch_rows(1):
+            yield rows[0]
+
     def _fetch_rows(self, size: int | None) -> list[Row]:
+        if self._failure is not None:
+            raise errors.ProgrammingError(
+                f"server-side cursor {self.name!r} failed midway ({self._failure}); the rows "
+                "after the failure are lost: execute it again"
+            ) from self._failure
         self._check_result()
         if self._done or size == 0:
             return []
-        if self.connection._tx is not self._declared_in:
-            raise errors.ProgrammingError(
-                f"server-side cursor {self.name!r} ended with the transaction it was declared "
-                "in (a WITHOUT HOLD cursor): fetch before commit() or rollback()"
-            )
-        count = "ALL" if size is None else str(max(size, 0))
-        result = self.connection._transaction().query(self._fetch_sql(count))
-        rows = result.rows
+        rows = self._read_stream(size) if self._declared_in is None else self._fetch(size)
         if size is None or len(rows) < size:
             self._done = True
         self._pos += len(rows)
         self.rowcount = self._pos
         return rows
 
-    def close(self) -> None:
-        """CLOSE the cursor on the server if its transaction is still open."""
-        if self._closed:
-            return
-        tx = self.connection._tx
-        if self._declared and tx is self._declared_in and tx is not None and not tx.closed:
-            # A failed transaction has dropped the cursor already.
+    def _read_stream(self, size: int | None) -> list[Row]:
+        """Up to *size* rows of the stream; its next chunk is read only when they need it."""
+        stream = self._stream
+        if stream is None:
+            return []
+        try:
+            rows = list(stream) if size is None else list(itertools.islice(stream, max(size, 0)))
+        except errors.Error as exc:
+            self._stream, self._failure = None, exc
+            raise
+        if stream.closed:  # read to its end: the broker has freed the connection
+            self._stream = None
+        return rows
+
+    def _fetch(self, size: int | None) -> list[Row]:
+        """Up to *size* rows with one FETCH on the transaction the cursor lives in."""
+        if self.connection._tx is not self._declared_in:
+            raise errors.ProgrammingError(
+                f"server-side cursor {self.name!r} ended with the transaction it was declared "
+                "in (a WITHOUT HOLD cursor): fetch before commit() or rollback()"
+            )
+        count = "ALL" if size is None else str(max(size, 0))
+        return self.connection._transaction().query(self._fetch_sql(count)).rows
+
+    def _stop(self, close_declared: bool = True) -> None:
+        """End the current result: cancel a stream (the broker frees its connection at
+        once), CLOSE a cursor declared in the still-open transaction (unless
+        *close_declared* is False). Never raises a database error (a failed transaction has
+        dropped the cursor already)."""
+        stream, self._stream, self._failure = self._stream, None, None
+        if stream is not None:
+            stream.close()
+        tx, self._declared_in = self._declared_in, None
+        if close_declared and tx is not None and tx is self.connection._tx and not tx.closed:
             with contextlib.suppress(errors.DatabaseError):
                 tx.execute(f"CLOSE {self._quoted}")
+
+    def close(self) -> None:
+        """Stop the stream, or CLOSE the cursor if its transaction is still open; the cursor
+        refuses further use."""
+        if self._closed:
+            return
+        self._stop()
         super().close()
 
 
@@ -308,7 +378,11 @@ class _parameter_errors:
 
 
 def _description(result: Result) -> list[Column] | None:
-    if not result.columns:
+    return _columns(result.columns, result.type_oids)
+
+
+def _columns(names: Sequence[str], type_oids: Sequence[int]) -> list[Column] | None:
+    if not names:
         return None
-    oids = result.type_oids or itertools.repeat(0)
-    return [Column(name, oid) for name, oid in zip(result.columns, oids, strict=False)]
+    oids: Iterable[int] = type_oids or itertools.repeat(0)
+    return [Column(name, oid) for name, oid in zip(names, oids, strict=False)]

@@ -16,8 +16,9 @@ What differs from a direct Postgres driver, and why:
   transaction opened by them as a whole; ``engine.execution_options(lambda_context=context)``
   applies them to everything run through that engine view. The URL's ``timeout`` is the
   default.
-* Server-side cursors (``stream_results``) are DB-API named cursors (DECLARE/FETCH inside the
-  transaction); ``use_server_side_cursors`` stays off by default.
+* Server-side cursors (``stream_results``, ``yield_per``) are DB-API named cursors: a
+  ``Broker.Stream`` read as SQLAlchemy fetches under AUTOCOMMIT, DECLARE/FETCH inside a
+  transaction; ``use_server_side_cursors`` stays off by default.
 
 URL: ``postgresql+pgbroker://[token@]host:port[/dbname][?tls=true&…]`` or
 ``postgresql+pgbroker:///[dbname]?target=dns:///broker.ns:50051`` (`connect_args_from_url`).
