@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lambda_client/_proto/pgbroker/v1
 
 .PHONY: install proto proto-check test test-dbapi20 test-large test-client-pythons \
-        sqlalchemy-suite sqlalchemy-suite-ci django-suite lint run demo bench validate image deploy \
-        clean
+        sqlalchemy-suite sqlalchemy-suite-ci django-suite lint run demo bench chaos validate image \
+        deploy clean
 
 IMAGE    ?= pgbroker:dev
 PLATFORM ?= linux/arm64
@@ -88,6 +88,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick) $(ARGS)
+
+# The chaos suite, longer than in CI: more transfers and broker kills (tests/chaos/).
+# Each scenario prints one JSON line with its figures.
+CHAOS_TRANSFERS ?= 1000
+CHAOS_KILLS ?= 5
+chaos: $(STAMP)
+	PGBROKER_CHAOS_TRANSFERS=$(CHAOS_TRANSFERS) PGBROKER_CHAOS_KILLS=$(CHAOS_KILLS) \
+	  $(PY) -m pytest -p no:cacheprovider -q -s tests/chaos $(ARGS)
 
 # The broker image for Fargate ARM64 (needs a Docker engine); PUSH=1 pushes IMAGE to its registry.
 image:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import sys
@@ -34,6 +35,10 @@ from bench.workloads import W1_SQL, W2_THINKS, Transfer, random_aid
 from devtools.runas import raise_fd_limit
 
 COMPETITORS = ("direct", "asyncpg", "pgbroker")
+
+# Idempotency keys on the pgbroker client's writes (its default); PGBROKER_BENCH_KEYS=0 turns
+# them off, to measure what exactly-once costs under load.
+_KEYS = os.environ.get("PGBROKER_BENCH_KEYS", "1") != "0"
 
 
 @dataclass
@@ -204,7 +209,7 @@ class BrokerLoadClient:
     def connect(self) -> None:
         from lambda_client import BrokerClient
 
-        self.client = BrokerClient(f"{self.spec.host}:{self.spec.port}")
+        self.client = BrokerClient(f"{self.spec.host}:{self.spec.port}", idempotency=_KEYS)
         # A channel connects lazily; a first cheap call makes it ready like a warm container.
         self.client.query("SELECT 1", timeout=self.spec.timeout)
 
@@ -295,7 +300,7 @@ class AsyncBrokerLoadClient:
     async def connect(self) -> None:
         from lambda_client.aio import AsyncBrokerClient
 
-        self.client = AsyncBrokerClient(f"{self.spec.host}:{self.spec.port}")
+        self.client = AsyncBrokerClient(f"{self.spec.host}:{self.spec.port}", idempotency=_KEYS)
         await self.client.query("SELECT 1", timeout=self.spec.timeout)
 
     async def w1(self, rng: random.Random) -> None:

@@ -411,9 +411,18 @@ class Settings:
     session_audit: str = setting(
         lowercase,
         "opaque",
-        "when to check the session after a transaction: `opaque` (after `DO`, `CALL`, a"
-        " non-built-in function or unparsed SQL), `always` or `off`",
+        "session checks: `opaque` (settings reset and the session probed behind every COMMIT,"
+        " in the same round trip; a full audit query after `DO`, `CALL`, a non-built-in"
+        " function or unparsed SQL), `always` (the full audit after every request too) or"
+        " `off` (neither)",
         choices=SESSION_AUDIT_MODES,
+    )
+    idempotency_ttl: float = setting(
+        duration,
+        86400.0,
+        "seconds an idempotency key (exactly-once retries, docs/broker.md) is kept; a"
+        " background sweep deletes expired keys",
+        check=positive,
     )
     max_statements: int = setting(
         integer, 1000, "statements per request (0: no limit)", check=at_least(0)

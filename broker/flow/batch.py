@@ -9,9 +9,16 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
-* a batch whose statements return rows holds COMMIT back until ``result_check`` (the result
-  limits) has seen the results: a result over its limit is refused before COMMIT and the batch
-  rolled back (one more round trip for such batches; see broker/security/limits.py).
+* behind COMMIT (or the single statement), in the same flush: the session reset and probe
+  (``RESET ALL``, advisory unlock, one row naming what cannot be reset: broker/postgres/audit.py),
+  unless ``PGBROKER_SESSION_AUDIT=off``.
+* a batch whose statements return rows, or that carries an idempotency key (the claim goes
+  with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
+  ``result_check`` (the result limits) sees results with rows, and the store of a keyed
+  batch's response, COMMIT and the session reset go together in ONE more round trip. A result
+  over its limit is refused before COMMIT and the batch rolled back (nothing commits, the key
+  stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
+  statements' flush.
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
@@ -39,9 +46,17 @@ from dataclasses import dataclass
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
-from broker.postgres.audit import audit_session
+from broker.postgres import keys
+from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
-from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
+from broker.postgres.pg import (
+    After,
+    ConnectionLost,
+    PgConnection,
+    PgError,
+    Phase,
+    TransactionStatus,
+)
 from broker.security.roles import quote_role
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -95,6 +110,12 @@ class Batch:
     # Each statement's parameters already bound (`broker.postgres.params.bind_params`), or None to
     # bind them on the worker.
     bound: Sequence[Bound] | None = None
+    # The request's idempotency key, claimed inside the transaction (broker/postgres/keys.py);
+    # forces BEGIN … COMMIT. None: no key, or the request is exempt (it writes nothing).
+    claim: keys.KeyClaim | None = None
+    # Reset the session behind COMMIT and probe what cannot be reset (audit.RESET_SQL), in
+    # the same flush; False with PGBROKER_SESSION_AUDIT=off.
+    reset_session: bool = True
     # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
     queue_key: str | None = None
     # Called with the results before COMMIT when a statement returns rows (the result limits,
@@ -110,6 +131,7 @@ class Batch:
             or self.read_only
             or self.deferrable
             or self.role is not None
+            or self.claim is not None
         )
 
 
@@ -261,6 +283,8 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
 
 
 def begin_sql(batch: Batch, timeout_ms: int) -> str:
+    """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
+    is written as the login role, which owns it."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -271,6 +295,9 @@ def begin_sql(batch: Batch, timeout_ms: int) -> str:
     sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    if batch.claim is not None:
+        claim = batch.claim
+        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
     if batch.role is not None:
         sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
     return sql
@@ -291,13 +318,20 @@ def run_transaction(
                 return _run_explicit(conn, batch, timeout_ms)
             return [_run_single(conn, batch, timeout_ms)]
         finally:
-            if batch.audit_session:
-                # Also after a failure: session advisory locks survive a rollback.
-                leaked = audit_session(conn)
-                if leaked:
-                    conn.session_dirty = ", ".join(leaked)
+            _check_session(conn, batch)
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=_nothing_committed(exc, batch)) from exc
+
+
+def _check_session(conn: PgConnection, batch: Batch) -> None:
+    """Mark *conn* dirty (replaced, never handed on) if the transaction left session state
+    behind: read the probe behind COMMIT, else (it did not run) audit with one more query."""
+    leaked = probe_leaks(conn.after_rows) if batch.reset_session else None
+    if leaked is None and (batch.audit_session or batch.reset_session):
+        # Also after a failure: session advisory locks survive a rollback.
+        leaked = audit_session(conn)
+    if leaked:
+        conn.session_dirty = ", ".join(leaked)
 
 
 def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
@@ -323,6 +357,8 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
     if batch.application_name:
         before += f"; SET application_name = '{batch.application_name}'"
         after += "; RESET application_name"
+    if batch.reset_session:
+        after = RESET_SQL  # resets both, and whatever else the statement set
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
@@ -344,21 +380,49 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     """BEGIN …, the statements, COMMIT, pipelined (`PgConnection.run_many`): one round trip
     when every statement is already prepared on this connection."""
     statements = [(statement.sql, statement.params) for statement in batch.statements]
+    claim = batch.claim
     try:
         return conn.run_many(
             statements,
             before=begin_sql(batch, timeout_ms),
-            after="COMMIT",
+            after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
             check=batch.result_check,
         )
     except PgError as exc:
         rollback(conn)
+        if claim is not None and exc.phase is Phase.BEFORE:
+            if keys.is_claimed(exc):  # committed before: answer as then, run nothing
+                return keys.replay(conn, claim.caller, claim.key, claim.digest)
+            if exc.sqlstate == "57014":  # waited for another attempt with the key in vain
+                raise keys.KeyInProgress(
+                    "another attempt with this idempotency key is still running; nothing ran"
+                ) from exc
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
     except BrokerFailure:  # refused by result_check before COMMIT
         rollback(conn)
         raise
+
+
+def _commit_sql(batch: Batch) -> str:
+    """COMMIT, and the session reset and probe behind it (broker/postgres/audit.py)."""
+    return "COMMIT; " + RESET_SQL if batch.reset_session else "COMMIT"
+
+
+def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
+    """What follows a keyed batch's statements once their results are read (and checked):
+    the response stored on the claimed key, COMMIT, the session reset and probe, in one
+    round trip (`PgConnection.run_many`)."""
+
+    def after(results: list[pb.StatementResult]) -> str:
+        response = pb.ExecuteResponse(results=results).SerializeToString()
+        sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+        if batch.role is not None:  # back to the login role, which owns the store
+            sql = "SET LOCAL ROLE NONE; " + sql
+        return sql
+
+    return after
 
 
 def rollback(conn: PgConnection) -> None:

@@ -52,7 +52,8 @@ from broker.flow.batch import (
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched
 from broker.pooling.pool import Pool, ServerConnection
-from broker.postgres.audit import audit_session
+from broker.postgres import keys
+from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
 from broker.sql.plan import RequestPlan, StatementPlan
@@ -177,6 +178,8 @@ class Lease:
         )
         self.audit = False
         self.committed = False
+        # Reset the session behind COMMIT/ROLLBACK (broker/postgres/audit.py RESET_SQL).
+        self.reset_session = True
         # A stream's cursor left open by a reader that stopped early (closed before the next).
         self.cursor_open = False
         self._attempt = Attempt(conn)
@@ -195,6 +198,7 @@ class Lease:
         for attempt_no in range(1, MAX_ATTEMPTS + 1):
             conn = await pool.getconn(bounds.deadline, key=options.queue_key)
             lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
+            lease.reset_session = options.reset_session
             error: BaseException | None = None
             try:
                 timeout_ms = statement_timeout_ms(bounds.deadline, bounds.statement_timeout)
@@ -303,19 +307,34 @@ class Lease:
             return self.timeout(cut[1])
         return exc
 
-    async def commit(self) -> None:
-        """COMMIT. Raise `TransactionAborted` if a statement had failed (nothing committed),
-        `StatementFailed` if COMMIT failed (e.g. 40001, a deferred constraint), `LeaseTimeout`,
-        or `TransactionLost` (``nothing_committed`` False when the outcome is unknown)."""
+    async def commit(self, claim: keys.KeyClaim | None = None) -> bool:
+        """COMMIT, claiming *claim*'s idempotency key in the same transaction (one round
+        trip either way). Return True when the key had committed before: this transaction
+        was rolled back instead and the earlier one stands (`keys.KeyReused` when the key was
+        an ``Execute``'s). Raise `TransactionAborted` if a statement had failed (nothing
+        committed), `StatementFailed` if COMMIT failed (e.g. 40001, a deferred constraint),
+        `LeaseTimeout`, or `TransactionLost` (``nothing_committed`` False when the outcome is
+        unknown)."""
         self.check_bounds()
         if self.conn.pg.transaction_status is TransactionStatus.INERROR:
             raise TransactionAborted()
-        await self._on_worker(_end, "COMMIT")
+        sql = "COMMIT"
+        if claim is not None:
+            sql = keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
+            sql = "SET LOCAL ROLE NONE; " + sql + "; COMMIT"
+        try:
+            await self._on_worker(_end, sql, self.reset_session)
+        except StatementFailed as exc:
+            if claim is None or not keys.is_claimed(exc.error):
+                raise
+            await self._on_worker(_replayed, claim)
+            return True
         self.committed = True
+        return False
 
     async def rollback(self) -> None:
         """ROLLBACK; raise `TransactionLost` if the connection broke (nothing committed)."""
-        await self._on_worker(_end, "ROLLBACK")
+        await self._on_worker(_end, "ROLLBACK", self.reset_session)
 
     # -- bounds --------------------------------------------------------------------------
 
@@ -447,16 +466,33 @@ def _run_statements(
         raise TransactionLost(exc, nothing_committed=True) from exc
 
 
-def _end(conn: PgConnection, sql: str) -> None:
-    """COMMIT or ROLLBACK; a broken link during COMMIT leaves the outcome unknown unless the
-    server said it was ending the session (as for a batch)."""
+def _end(conn: PgConnection, sql: str, reset: bool = False) -> None:
+    """COMMIT or ROLLBACK (with *reset*, the session reset and probe behind it in the same
+    round trip); a broken link during COMMIT leaves the outcome unknown unless the server
+    said it was ending the session (as for a batch)."""
     try:
-        conn.execute_simple(sql)
+        rows = conn.execute_simple(sql + "; " + RESET_SQL if reset else sql)
     except PgError as exc:
+        rollback(conn)
+        if reset:  # the probe did not run: audit on release
+            conn.session_dirty = _audit_or_none(conn)
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         certain = sql == "ROLLBACK" or exc.fatal is not None
         raise TransactionLost(exc, nothing_committed=certain) from exc
+    if reset and (leaked := probe_leaks(rows)):
+        conn.session_dirty = ", ".join(leaked)
+
+
+def _audit_or_none(conn: PgConnection) -> str | None:
+    leaked = audit_session(conn)
+    return ", ".join(leaked) if leaked else None
+
+
+def _replayed(conn: PgConnection, claim: keys.KeyClaim) -> None:
+    """After a claim at COMMIT met a committed key: raise `keys.KeyReused` when it was
+    claimed for an ``Execute``, else return (the earlier transaction stands)."""
+    keys.replay_transact(conn, claim.caller, claim.key, claim.digest)
 
 
 def _tidy(conn: PgConnection, audit: bool) -> None:

@@ -15,8 +15,10 @@ writes). So the broker holds about two FETCHes of rows, whatever the result size
 
 `stream_rows` is the flow of ``Broker.Stream``, outside a transaction: queue for a connection
 as a batch does, ``BEGIN READ ONLY`` (with the batch's ``SET LOCAL`` statement_timeout,
-application_name and role), the cursor, FETCH after FETCH, ``COMMIT``. The connection is held
-only while the stream is read; statement_timeout bounds each FETCH, the caller's deadline the
+application_name and role), the cursor, FETCH after FETCH, ``COMMIT`` with the session reset
+and probe behind it in the same round trip, as behind a batch's (broker/postgres/audit.py;
+after a failure the session is audited instead). The connection is held only while the stream
+is read; statement_timeout bounds each FETCH, the caller's deadline the
 whole stream (a cancel request is sent when it passes or the caller goes away), and the
 connection is returned only when idle and clean, as after a batch.
 
@@ -43,7 +45,7 @@ from broker.flow.batch import (
 )
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool
-from broker.postgres.audit import audit_session
+from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
 from broker.sql.plan import StatementPlan
@@ -157,10 +159,29 @@ def declare(
         raise TransactionLost(exc, nothing_committed=True) from exc
 
 
-def audit(conn: PgConnection) -> None:
-    """Audit the session after the stream (broker/postgres/audit.py): a connection whose
-    session changed is replaced on release."""
-    if leaked := audit_session(conn):
+def commit(conn: PgConnection, reset: bool, audit: bool) -> None:
+    """``COMMIT`` the read-only transaction (blocking; worker thread); with *reset*, the
+    session reset and probe behind it in the same round trip (broker/postgres/audit.py), else
+    with *audit* an audit query after it. A session left changed marks *conn* dirty (replaced
+    on release). Raise `StatementFailed` or `TransactionLost` (nothing to commit: read only)."""
+    try:
+        rows = conn.execute_simple("COMMIT; " + RESET_SQL if reset else "COMMIT")
+    except PgError as exc:
+        raise StatementFailed(exc, -1) from exc
+    except ConnectionLost as exc:
+        raise TransactionLost(exc, nothing_committed=True) from exc
+    leaked = probe_leaks(rows) if reset else None
+    if leaked is None and audit:
+        leaked = audit_session(conn)
+    if leaked:
+        conn.session_dirty = ", ".join(leaked)
+
+
+def _tidy(conn: PgConnection, audit: bool) -> None:
+    """ROLLBACK what is left open; with *audit*, audit the session (session advisory locks
+    survive a rollback, and no probe ran behind a COMMIT)."""
+    rollback(conn)
+    if audit and (leaked := audit_session(conn)):
         conn.session_dirty = ", ".join(leaked)
 
 
@@ -208,16 +229,16 @@ async def stream_rows(
         async with contextlib.aclosing(prefetched(run, Fetcher(chunk_rows=chunk_rows))) as chunks:
             async for chunk in chunks:
                 yield chunk
-        await run(close_cursor, "COMMIT")
-        if options.audit_session:
-            await run(audit)
+        await run(commit, options.reset_session, options.audit_session)
     except BaseException as exc:
         error = exc
         raise
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        await _release(pool, attempt, error)
+        # The probe behind COMMIT did not run: audit instead when a check was asked for.
+        audit = error is not None and (options.reset_session or options.audit_session)
+        await _release(pool, attempt, error, audit)
 
 
 async def prefetched(
@@ -259,9 +280,10 @@ def _runner(pool: Pool, attempt: Attempt) -> Callable[..., Any]:
     return run
 
 
-async def _release(pool: Pool, attempt: Attempt, error: BaseException | None) -> None:
-    """Roll back what is open and return the connection (or replace it), whatever happened;
-    not interrupted by a cancellation of the calling task."""
+async def _release(pool: Pool, attempt: Attempt, error: BaseException | None, audit: bool) -> None:
+    """Roll back what is open (with *audit*, audit the session) and return the connection
+    (or replace it), whatever happened; not interrupted by a cancellation of the calling
+    task."""
 
     async def release() -> None:
         reason: str | None = None
@@ -271,8 +293,8 @@ async def _release(pool: Pool, attempt: Attempt, error: BaseException | None) ->
             if attempt.cancel_tasks:
                 await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
             pg = attempt.conn.pg
-            if not pg.closed and pg.transaction_status is not TransactionStatus.IDLE:
-                await pool.run_in_worker(rollback, pg)
+            if not pg.closed and (pg.transaction_status is not TransactionStatus.IDLE or audit):
+                await pool.run_in_worker(_tidy, pg, audit)
         except Exception as exc:  # a worker pool shut down under us
             reason = f"release failed ({type(exc).__name__})"
         pool.putconn(attempt.conn, reason or close_reason(attempt.conn, attempt, error))

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
+from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.front.fdlimit import DescriptorWatch, raise_nofile
 from broker.front.memory import MemoryTrimmer, tune_malloc
 from broker.front.metrics import MetricsPublisher
@@ -36,6 +37,7 @@ from broker.pooling.pool import Pool
 from broker.postgres.audit import read_builtin_functions
 from broker.postgres.budget import BudgetProbe
 from broker.postgres.credentials import connect_with_credentials, credentials_for
+from broker.postgres.keys import store_status
 from broker.postgres.probe import FirstConnectionProbe
 from broker.security import tls
 from broker.security.auth import authenticator_for_settings
@@ -157,7 +159,9 @@ class BrokerServer:
         )
         # Read on the first connection: max_connections (start() checks the budget with it)
         # and pg_catalog's function names (calls of other functions get the session audited).
-        self.functions_probe = FirstConnectionProbe(connect, read_builtin_functions)
+        # And the idempotency-key store (created if missing: broker/postgres/keys.py).
+        self.store_probe = FirstConnectionProbe(connect, store_status)
+        self.functions_probe = FirstConnectionProbe(self.store_probe, read_builtin_functions)
         self.budget_probe = BudgetProbe(self.functions_probe)
         self.metrics: MetricsPublisher | None = None
         self.pool = Pool(
@@ -178,7 +182,9 @@ class BrokerServer:
             auth_stats=self.auth_stats,
             role_map=RoleMap.parse(settings.role_map, settings.default_role),
             session_audit=settings.session_audit,
+            idempotency_ttl=settings.idempotency_ttl,
         )
+        self.key_sweeper = KeySweeper(self.pool, sweep_interval(settings.idempotency_ttl))
         self.transact = TransactService(
             self.service,
             idle_transaction_timeout=settings.idle_transaction_timeout,
@@ -247,6 +253,7 @@ class BrokerServer:
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(settings.pool_size, settings.max_replicas)
         self._learn_builtin_functions()
+        self._check_key_store()
         self.pool.fill()
         self.phase = "starting the gRPC server"
         await self.server.start()
@@ -273,6 +280,19 @@ class BrokerServer:
                 extra={"error": probe.error},
             )
         self.service.known_functions = probe.value
+
+    def _check_key_store(self) -> None:
+        probe = self.store_probe
+        error = probe.error if probe.value is None else probe.value
+        self.service.key_store_error = error or ""
+        if error:
+            log.warning(
+                "idempotency keys unavailable: keyed requests are refused (FAILED_PRECONDITION,"
+                " IDEMPOTENCY_UNAVAILABLE) and clients send them without a key",
+                extra={"error": error},
+            )
+        else:
+            self.key_sweeper.start()
 
     def _log_worker_started(self) -> None:
         assert self.worker is not None
@@ -312,6 +332,7 @@ class BrokerServer:
         await self.server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        await self.key_sweeper.stop()
         if self._descriptor_watch is not None:
             await self._descriptor_watch.stop()
         await self.trimmer.stop()

@@ -26,8 +26,14 @@ connection lost, none committed    TransactionLost       UNAVAILABLE          PO
 connection lost, outcome unknown   TransactionLost       UNKNOWN              CONNECTION_LOST
 lost mid-statement on every        TransactionLost       UNAVAILABLE          CONNECTION_LOST (no
 attempt (nothing committed)        (gave_up)                                  RetryInfo)
-bad request, idempotency_key set   BadRequest,           INVALID_ARGUMENT     BAD_REQUEST
-                                   BadParameter
+bad request (also a bad            BadRequest,           INVALID_ARGUMENT     BAD_REQUEST
+idempotency_key)                   BadParameter
+key used for another request       KeyReused             INVALID_ARGUMENT     IDEMPOTENCY_KEY_
+                                                                              REUSED
+key held by an attempt that        KeyInProgress         ABORTED              IDEMPOTENCY_KEY_
+outlasted the statement timeout                                               IN_PROGRESS, RetryInfo
+keyed request, no key store        StoreUnavailable      FAILED_PRECONDITION  IDEMPOTENCY_
+                                                                              UNAVAILABLE
 session-state SQL                  SessionStateError     INVALID_ARGUMENT     SESSION_STATE or
                                                                               BAD_REQUEST
 no, bad or expired credentials     AuthError             UNAUTHENTICATED      UNAUTHENTICATED
@@ -71,6 +77,7 @@ from broker.flow.batch import Batch, application_name, execute
 from broker.flow.stream import StreamStats
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.pool import Pool
+from broker.postgres import keys
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, current_identity
 from broker.security.limits import (
@@ -108,13 +115,8 @@ def validate(
 
     Return the request's plan (its SQL parsed once, broker/sql/plan.py) and each statement's
     parameters bound for the wire, so neither is done again."""
-    if request.idempotency_key:
-        # A caller who sets it believes a retry cannot apply the transaction twice; until
-        # exactly-once lands that would be false, so refuse rather than ignore it.
-        raise BadRequest(
-            "idempotency_key is not supported: exactly-once execution is not implemented yet;"
-            " send the request without it"
-        )
+    if request.idempotency_key and (why := keys.check_key(request.idempotency_key)):
+        raise BadRequest(why)
     if not request.statements:
         raise BadRequest("no statements")
     check_request(request, limits)
@@ -191,6 +193,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         auth_stats: AuthStats | None = None,
         role_map: RoleMap | None = None,
         session_audit: str = "opaque",
+        idempotency_ttl: float = 86400.0,
     ) -> None:
         self.pool = pool
         self.statement_timeout = statement_timeout
@@ -206,6 +209,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         # pg_catalog's function names, read on the first connection (BrokerServer.start); a
         # call of any other function is audited. None: not read, every call is audited.
         self.known_functions: frozenset[str] | None = None
+        # Exactly-once (broker/postgres/keys.py): why the key store is unusable ("" when it
+        # is usable; set at start by BrokerServer), and how long a key lives.
+        self.key_store_error: str | None = "the key store was not checked"
+        self.idempotency_ttl = idempotency_ttl
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         # Rows and bytes streamed (Stream, and Transact's stream steps).
         self.stream_stats = StreamStats()
@@ -241,6 +248,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 role=role,
                 audit_session=self.audit_needed(plan),
                 bound=bound,
+                claim=await self._claim(request, plan, caller),
+                reset_session=self.session_audit != "off",
                 queue_key=key,
                 result_check=self._check_before_commit,
             )
@@ -294,6 +303,43 @@ class BrokerService(pb_grpc.BrokerServicer):
         """Served by `broker.front.transact.TransactService`, which the server registers in
         this method's place."""
         raise NotImplementedError
+
+    async def _claim(
+        self, request: pb.ExecuteRequest, plan: RequestPlan, caller: str | None
+    ) -> keys.KeyClaim | None:
+        """The key to claim with this request, or None: no key, or it writes nothing (the
+        read_only option, or the plan says so); raise `StoreUnavailable` without a store.
+        The request's hash serializes it: a request that is not small is hashed on a parser
+        thread, as `analyse` validates it there (a large one would stall the event loop)."""
+        key = request.idempotency_key
+        if not key or request.options.read_only or plan.exempt_from_key(self.known_functions):
+            return None
+        if self.key_store_error:
+            raise keys.StoreUnavailable(
+                f"idempotency keys are not available on this broker ({self.key_store_error});"
+                " nothing ran: send the request without idempotency_key"
+            )
+        if _small(request):
+            digest = keys.request_hash(request)
+        else:
+            loop = asyncio.get_running_loop()
+            digest = await loop.run_in_executor(parser_threads(), keys.request_hash, request)
+        return keys.KeyClaim(caller or "", key, digest, self.idempotency_ttl)
+
+    def commit_claim(self, request: pb.TransactRequest, caller: str | None) -> keys.KeyClaim | None:
+        """The key a Transact COMMIT claims (None without one); raise `BadRequest` for a bad
+        key, `StoreUnavailable` without a store."""
+        key = request.commit.idempotency_key
+        if not key:
+            return None
+        if why := keys.check_key(key):
+            raise BadRequest(why)
+        if self.key_store_error:
+            raise keys.StoreUnavailable(
+                f"idempotency keys are not available on this broker ({self.key_store_error});"
+                " the transaction was rolled back"
+            )
+        return keys.KeyClaim(caller or "", key, keys.request_hash(None), self.idempotency_ttl)
 
     def _check_before_commit(self, results: list[pb.StatementResult]) -> None:
         """The result limits, checked before a batch's COMMIT (on the worker)."""

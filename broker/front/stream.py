@@ -76,6 +76,7 @@ class StreamService:
                     application_name=application_name(function, request_id),
                     role=role,
                     audit_session=service.audit_needed(plan),
+                    reset_session=service.session_audit != "off",
                 )
                 self.stats.counters["streams_num"] += 1
                 chunks = stream_rows(

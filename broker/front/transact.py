@@ -155,11 +155,16 @@ class _Call:
                 async for response in self._stream(lease, request.stream):
                     yield response
             elif step in ("commit", "rollback"):
-                await (lease.commit() if step == "commit" else lease.rollback())
+                replayed = False
+                if step == "commit":
+                    replayed = await lease.commit(self.service.commit_claim(request, self.caller))
+                else:
+                    await lease.rollback()
                 run_us = int((time.monotonic() - lease.began_at) * 1_000_000)
-                yield pb.TransactResponse(
-                    ended=pb.TransactEnded(committed=lease.committed, run_us=run_us)
+                ended = pb.TransactEnded(
+                    committed=lease.committed or replayed, run_us=run_us, replayed=replayed
                 )
+                yield pb.TransactResponse(ended=ended)
                 return
             else:
                 raise StepRefused(f"unexpected {step or 'empty'} request inside a transaction")
@@ -261,6 +266,7 @@ class _Call:
             deferrable=options.deferrable,
             application_name=application_name(self.function, self.request_id),
             role=role_map.role_for(self.identity) if role_map is not None else None,
+            reset_session=self.service.session_audit != "off",
             queue_key=self.key,
         )
 

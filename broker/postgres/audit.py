@@ -24,7 +24,14 @@ import logging
 
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, TransactionStatus
 
-__all__ = ["AUDIT_MODES", "AUDIT_SQL", "audit_session", "read_builtin_functions"]
+__all__ = [
+    "AUDIT_MODES",
+    "AUDIT_SQL",
+    "RESET_SQL",
+    "audit_session",
+    "probe_leaks",
+    "read_builtin_functions",
+]
 
 log = logging.getLogger("pgbroker.sessionaudit")
 
@@ -48,6 +55,35 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
        THEN 'temporary relations' END,
   CASE WHEN current_user <> session_user THEN 'role' END
 ], NULL)::text[]"""
+
+
+# Sent behind every transaction's COMMIT (or a single statement), in the same flush, so it
+# costs no round trip: RESET ALL puts every setting back to its connect-time value, custom
+# ones (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
+# and search_path included: pg_settings does not list custom settings, so no check can see
+# them, and resetting is as cheap as looking. pg_advisory_unlock_all() drops session advisory
+# locks the same way. The one row then names what cannot be reset in place: a role, LISTEN,
+# SQL prepared statements, WITH HOLD cursors, temporary relations; the connection is then
+# replaced. (The broker's own statements are protocol-level, not from SQL: they stay.)
+RESET_SQL = """RESET ALL; SELECT concat_ws(',',
+  CASE WHEN current_user <> session_user THEN 'role' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) THEN 'listen' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)
+       THEN 'prepared statements' END,
+  CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) THEN 'cursors' END,
+  CASE WHEN pg_catalog.pg_my_temp_schema() <> 0 AND EXISTS (
+         SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())
+       THEN 'temporary relations' END,
+  CASE WHEN pg_catalog.pg_advisory_unlock_all() IS NULL THEN NULL END)"""
+
+
+def probe_leaks(rows: list[list[object]]) -> list[str] | None:
+    """What `RESET_SQL`'s row says was left behind ([] when clean), or None without its row
+    (not sent, or skipped after a failed COMMIT): the caller then audits the session."""
+    if not rows or not rows[-1]:
+        return None
+    cell = rows[-1][0]
+    return str(cell).split(",") if cell else []
 
 
 # Names a user function also has (an overload such as public.lower(int, int)) are left out:

@@ -37,6 +37,7 @@ from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
+    "After",
     "ConnectionLost",
     "PgConnection",
     "PgError",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 _CANCEL_REQUEST_CODE = 80877102
+
+# What `PgConnection.run_many` sends behind the statements when it is built from their
+# results (the response stored under an idempotency key, then COMMIT): held back one round trip.
+After = Callable[[list[pb.StatementResult]], str]
 
 
 class Phase(enum.Enum):
@@ -365,6 +370,9 @@ class PgConnection:
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None
+        # The rows of the last `run_many` call's *after* SQL (the session probe behind COMMIT:
+        # broker/postgres/audit.py), [] when it had none or it was not sent.
+        self.after_rows: list[list[Any]] = []
         # How far the running `run_many` call got, for the `ConnectionLost` a break raises.
         self._progress = _Progress()
 
@@ -390,10 +398,11 @@ class PgConnection:
 
     # running SQL ---------------------------------------------------------------------------
 
-    def execute_simple(self, sql: str) -> None:
-        """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip."""
+    def execute_simple(self, sql: str) -> list[list[Any]]:
+        """Run session SQL (BEGIN, ROLLBACK, SET …) with the simple protocol, one round trip;
+        return the rows it produced (of every statement in *sql*, in order)."""
         with _Guard(self):
-            self._core.execute_simple(sql)
+            return list(self._core.execute_simple(sql).rows or ())
 
     def run(
         self,
@@ -423,7 +432,7 @@ class PgConnection:
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         before: str | None = None,
-        after: str | None = None,
+        after: str | After | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
         check: Callable[[list[pb.StatementResult]], None] | None = None,
@@ -442,14 +451,19 @@ class PgConnection:
         (the service binds them to validate the request); otherwise they are bound here.
         *plans* are the statements' plans (`broker.sql.plan`), which count their placeholders;
         without them the SQL is planned here.
-        With *check*, *after* (a COMMIT) is held back when a statement returns rows: the
-        results are read, ``check(results)`` may raise (then *after* is never sent, and the
-        caller rolls back), and *after* follows in a round trip of its own. Statements that
-        return no rows keep the single round trip.
+        *after* (a COMMIT) is held back, and follows in a round trip of its own, when it
+        needs the results (a callable: ``after(results)`` returns the SQL, e.g. storing the
+        response under an idempotency key before COMMIT), or when a statement returns rows
+        and *check* is given. Before a held-back *after* the results are read and, when a
+        statement returns rows, ``check(results)`` runs: what it (or ``after``) raises
+        propagates and *after* is never sent (the caller rolls back). Otherwise *after* stays
+        in the statements' flush (one round trip). The rows *after* returned are kept in
+        `after_rows` (the session probe behind COMMIT).
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
+        self.after_rows = []
         self._progress = progress = _Progress()
         with _Guard(self, progress):
             return self._run_groups(statements, bound, before, after, check)
@@ -514,7 +528,7 @@ class PgConnection:
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
         before: str | None,
-        after: str | None,
+        after: str | After | None,
         check: Callable[[list[pb.StatementResult]], None] | None = None,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
@@ -529,22 +543,27 @@ class PgConnection:
                 prepared = self._prepare_at(sql, oids, index)
             returns_rows = returns_rows or bool(prepared.columns)
             group.append((index, prepared, texts))
-        if check is not None and after is not None and returns_rows:
+        if callable(after) or (check is not None and after is not None and returns_rows):
+            # One round trip more, whatever holds *after* back (results to check, to store).
             results += self._send_group(group, statements, bound, before, None)
-            check(results)
-            self._send_after(after)
+            if check is not None and returns_rows:
+                check(results)
+            self._send_after(after(results) if callable(after) else after)
             return results
         self._progress.after_sent = after is not None
         results += self._send_group(group, statements, bound, before, after)
         return results
 
     def _send_after(self, after: str) -> None:
-        """*after* alone (a held-back COMMIT); raise its error as `PgError` (phase AFTER)."""
+        """*after* alone (a held-back COMMIT); keep its rows in `after_rows`; raise its error
+        as `PgError` (phase AFTER)."""
         self._progress.after_sent = True
         self._core.send_query_nowait(after)
         self._core.flush()
         errors: list[PgError] = []
-        self._read_reply(Context(after), errors, Phase.AFTER)
+        context = Context(after)
+        self._read_reply(context, errors, Phase.AFTER)
+        self.after_rows = list(context.rows or ())
         if errors:
             raise errors[0]
 
@@ -578,7 +597,9 @@ class PgConnection:
             if any(e.sqlstate == "0A000" and e.index == index for e in errors):
                 self._forget(sql, bound[index][1])  # cached plan must not change result type
         if after:
-            self._read_reply(Context(after), errors, Phase.AFTER)
+            context = Context(after)
+            self._read_reply(context, errors, Phase.AFTER)
+            self.after_rows = list(context.rows or ())
         if errors:
             raise errors[0]
         return results

@@ -23,6 +23,7 @@ Longer SQL is planned again for each request, still once per request.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,14 @@ class StatementPlan:
     foreign_call: bool = False
     # "SET LOCAL name" / "SET TRANSACTION": all it does ends with its transaction.
     transaction_scoped: str | None = None
+    # Exactly-once (broker/postgres/keys.py): ``read_only`` is a plain query that writes
+    # nothing (no data-modifying CTE, no INTO, no side-effecting built-in), so a keyed
+    # request of such statements records no key; ``autocommit_only`` is a statement Postgres
+    # refuses inside a transaction block (VACUUM, … CONCURRENTLY, CREATE DATABASE), or that
+    # may COMMIT itself (CALL; a DO block whose body has the word COMMIT or ROLLBACK, a
+    # conservative reading), which therefore runs without a key.
+    read_only: bool = False
+    autocommit_only: bool = False
 
     def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
         """True if this calls a function not among *known* (pg_catalog's names; None when
@@ -102,6 +111,16 @@ class RequestPlan:
     def needs_audit(self) -> bool:
         """True if a statement is opaque (``DO``, ``CALL``, unparsed): audit the session."""
         return any(plan.opaque for plan in self.statements)
+
+    def exempt_from_key(self, known: frozenset[str] | None) -> bool:
+        """True if a keyed request needs no key: it writes nothing (every statement
+        `read_only`, calling only built-ins), or is one statement that cannot run inside
+        BEGIN … COMMIT (`autocommit_only`)."""
+        if len(self.statements) == 1 and self.statements[0].autocommit_only:
+            return True
+        return all(plan.read_only for plan in self.statements) and not (
+            self.calls_unknown_function(known)
+        )
 
     def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
         """True if a statement calls a function outside *known* (see `StatementPlan`).
@@ -171,6 +190,88 @@ def _plan(sql: str, role_locked: bool) -> StatementPlan:
         catalog_calls=frozenset(name for name in calls if name),
         foreign_call="" in calls,
         transaction_scoped=transaction_scoped(raw_statements),
+        read_only=_read_only(raw_statements, nodes, calls),
+        autocommit_only=any(_autocommit_only(raw.stmt) for raw in raw_statements),
+    )
+
+
+# Built-ins with effects a second run would repeat (or that write outside the tables).
+_EFFECTFUL_PREFIXES = (
+    "nextval",
+    "setval",
+    "pg_notify",
+    "lo_",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_switch_wal",
+    "pg_create_",
+    "pg_drop_",
+    "pg_replication_",
+    "pg_stat_reset",
+    "pg_file",
+    "pg_promote",
+    "pg_log_",
+    "set_config",
+    "dblink",
+    "pg_advisory",
+    "pg_try_advisory",
+    "txid_current",
+    "pg_current_xact_id",
+)
+
+
+def _read_only(
+    raw_statements: Sequence[ast.RawStmt], nodes: Sequence[ast.Node], calls: Sequence[str]
+) -> bool:
+    """A SELECT (or VALUES, SHOW, EXPLAIN without ANALYZE) that writes nothing it can see."""
+    for raw in raw_statements:
+        stmt = raw.stmt
+        if isinstance(stmt, ast.ExplainStmt):
+            if any(getattr(o, "defname", "") == "analyze" for o in stmt.options or ()):
+                return False
+        elif not _plain_query(stmt):
+            return False
+    writes = ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt
+    if any(isinstance(node, writes) for node in nodes):
+        return False
+    return not any(name.startswith(_EFFECTFUL_PREFIXES) for name in calls if name)
+
+
+_TRANSACTION_CONTROL = re.compile(r"\b(commit|rollback)\b", re.IGNORECASE)
+
+
+def _plain_query(stmt: ast.Node | None) -> bool:
+    """SELECT, VALUES or SHOW; not SELECT … INTO, which creates a table."""
+    if isinstance(stmt, ast.VariableShowStmt):
+        return True
+    return isinstance(stmt, ast.SelectStmt) and stmt.intoClause is None
+
+
+def _autocommit_only(stmt: ast.Node | None) -> bool:
+    """Whether Postgres refuses *stmt* inside a transaction block (25001), or it may run
+    transaction control itself (a procedure's COMMIT fails inside BEGIN: 2D000)."""
+    if isinstance(stmt, ast.VacuumStmt):
+        return bool(stmt.is_vacuumcmd)  # ANALYZE alone runs in a transaction
+    if isinstance(stmt, ast.IndexStmt | ast.ReindexStmt):
+        return bool(getattr(stmt, "concurrent", False)) or any(
+            getattr(o, "defname", "") == "concurrently" for o in getattr(stmt, "params", ()) or ()
+        )
+    if isinstance(stmt, ast.DropStmt):
+        return bool(stmt.concurrent)
+    if isinstance(stmt, ast.DoStmt):  # a DO block may COMMIT (2D000 inside BEGIN)
+        body = " ".join(str(getattr(o.arg, "sval", "")) for o in stmt.args or ())
+        return _TRANSACTION_CONTROL.search(body) is not None
+    return isinstance(
+        stmt,
+        ast.CreatedbStmt
+        | ast.DropdbStmt
+        | ast.CreateTableSpaceStmt
+        | ast.DropTableSpaceStmt
+        | ast.AlterSystemStmt
+        | ast.CreateSubscriptionStmt
+        | ast.DropSubscriptionStmt
+        | ast.CallStmt,
     )
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -27,6 +30,7 @@ from lambda_client._policy import (
     Link,
     Metadata,
     Plan,
+    logger,
     time_left,
 )
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -40,7 +44,7 @@ from lambda_client._requests import (
     transaction_request,
 )
 from lambda_client._result import Result, results_of
-from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
+from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY, Reason
 from lambda_client.auth import auth_for
 
 __all__ = ["DEFAULT_TARGET", "AuthHook", "ClientBase", "channel_options"]
@@ -85,6 +89,7 @@ class ClientBase:
         health_check: bool = True,
         options: Sequence[tuple[str, Any]] = (),
         config: ClientConfig | None = None,
+        idempotency: bool = True,
     ) -> None:
         # No max_attempts: work that did not run is resent until the deadline (up to
         # SAFETY_ATTEMPTS), a rolled-back transaction 5 times; given, it bounds both.
@@ -133,35 +138,69 @@ class ClientBase:
         self._link: Link | None = None  # the stub on self._channel
         self._last_used = (0.0, 0.0)  # (monotonic, wall clock) at the end of the last call
         self.channels_created = 0
+        # Exactly-once: a key generated for every call that may write (docs/client.md);
+        # turned off for good when the broker says it has no key store.
+        self.idempotency = idempotency
 
     # -- what the public methods ask for ---------------------------------------------------
 
-    @staticmethod
-    def _query(sql: str, params: Sequence[Any] | None) -> Call[Result]:
+    def _query(
+        self, sql: str, params: Sequence[Any] | None, idempotency_key: str | None = None
+    ) -> Call[Result]:
         """`query`: one statement, autocommit; `TypeError` for an unmappable parameter."""
-        return Call(_execute(query_request(sql, params)), lambda r: results_of(r)[0])
+        request = query_request(sql, params)
+        return self._keyed(request, lambda r: results_of(r)[0], False, idempotency_key)
 
-    @staticmethod
     def _transaction(
+        self,
         statements: Sequence[Statement],
         isolation: str | None,
         read_only: bool,
         deferrable: bool,
         retry_serialization: bool,
+        idempotency_key: str | None = None,
     ) -> Call[list[Result]]:
         """`transaction`; `TypeError`/`ValueError` for a bad argument. An empty one sends
         nothing."""
         request = transaction_request(statements, isolation, read_only, deferrable)
-        invoke = _execute(request) if request.statements else None
-        return Call(invoke, lambda r: results_of(r) if r is not None else [], retry_serialization)
+        if not request.statements:
+            return Call(None, _all_results, retry_serialization)
+        return self._keyed(request, _all_results, retry_serialization, idempotency_key)
 
-    @classmethod
     def _execute_many(
-        cls, sql: str, param_sets: Sequence[Sequence[Any]], retry_serialization: bool
+        self,
+        sql: str,
+        param_sets: Sequence[Sequence[Any]],
+        retry_serialization: bool,
+        idempotency_key: str | None = None,
     ) -> Call[list[Result]]:
         """`execute_many`: *sql* once per parameter set, in one transaction."""
         statements = many_statements(sql, param_sets)
-        return cls._transaction(statements, None, False, False, retry_serialization)
+        return self._transaction(
+            statements, None, False, False, retry_serialization, idempotency_key
+        )
+
+    def _keyed(
+        self,
+        request: pb.ExecuteRequest,
+        finish: Callable[[Any], T],
+        retry_aborted: bool,
+        idempotency_key: str | None,
+    ) -> ExecuteCall[T]:
+        """An ``Execute`` call with its idempotency key: *idempotency_key*, else one generated
+        for this call (kept across its retries) unless keys are off or it is read-only."""
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty string")
+            request.idempotency_key = idempotency_key
+            generated = False
+        else:
+            generated = self.idempotency and not request.options.read_only
+            if generated:
+                request.idempotency_key = f"pgbroker-{uuid.uuid4()}"
+        return ExecuteCall(
+            _execute(request), finish, retry_aborted, request=request, generated_key=generated
+        )
 
     @staticmethod
     def _stats() -> Call[dict[str, int]]:
@@ -174,7 +213,9 @@ class ClientBase:
         """Attempt *call* until success, an error that must not be resent, the attempt bound
         (`CallPolicy.retry_delay`) or the deadline (from *context* and *timeout*,
         `CallPolicy.deadline`); each piece of I/O is a yielded step (`lambda_client._policy`).
-        Raise `errors.InterfaceError` at once when the client has no usable target."""
+        An ``Execute`` with an idempotency key is also resent after an unknown outcome
+        (`execute_backoff_or_raise`). Raise `errors.InterfaceError` at once when the client
+        has no usable target."""
         if self._unusable is not None:
             raise errors.InterfaceError(self._unusable)
         if call.invoke is None:
@@ -193,9 +234,18 @@ class ClientBase:
                 response = yield _bind(call.invoke, link.stub, left, metadata)
             except grpc.RpcError as exc:
                 link.call_failed(exc)
-                delay = self.policy.backoff_or_raise(
-                    exc, attempt, deadline, call.retry_aborted, started
-                )
+                if isinstance(call, ExecuteCall):
+                    unkeyed = self._without_key(call, exc)
+                    if unkeyed is not None:
+                        call = unkeyed  # nothing ran: resend at once, without the key
+                        continue
+                    delay = execute_backoff_or_raise(
+                        self.policy, call, exc, attempt, deadline, started
+                    )
+                else:
+                    delay = self.policy.backoff_or_raise(
+                        exc, attempt, deadline, call.retry_aborted, started
+                    )
                 yield _bind(self._sleep, delay)
             else:
                 link.reached = True
@@ -203,6 +253,17 @@ class ClientBase:
             finally:
                 self._mark_used()
         raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
+
+    def _without_key(self, call: ExecuteCall[T], exc: grpc.RpcError) -> ExecuteCall[T] | None:
+        """*call* without its generated key when the broker has no key store (it then ran
+        nothing); None otherwise. Keys stay off for this client afterwards."""
+        if not call.generated_key or errors.from_rpc_error(exc).reason != _NO_STORE:
+            return None
+        self.idempotency = False
+        request = pb.ExecuteRequest()
+        request.CopyFrom(call.request)
+        request.idempotency_key = ""
+        return replace(call, invoke=_execute(request), request=request, generated_key=False)
 
     def _explain(self, last_error: str, probe_seconds: float) -> str:
         """Why the broker was not reached (`lambda_client._diagnose.explain`, probing for
@@ -316,9 +377,91 @@ def channel_options(
     return [o for o in defaults if o[0] not in overridden] + list(overrides)
 
 
+_NO_STORE = Reason.IDEMPOTENCY_UNAVAILABLE.value
+_IN_PROGRESS = Reason.IDEMPOTENCY_KEY_IN_PROGRESS.value
+
+
+@dataclass(frozen=True)
+class ExecuteCall(Call[T]):
+    """An ``Execute`` call: its *request* (with the idempotency key, if any) and whether the
+    client generated that key."""
+
+    request: pb.ExecuteRequest = field(default_factory=pb.ExecuteRequest)
+    generated_key: bool = False
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether resending after an unknown outcome is safe: a key, or read-only work."""
+        return bool(self.request.idempotency_key) or self.request.options.read_only
+
+
+def execute_backoff_or_raise(
+    policy: CallPolicy,
+    call: ExecuteCall[Any],
+    exc: grpc.RpcError,
+    attempt: int,
+    deadline: float,
+    started: float | None = None,
+) -> float:
+    """`CallPolicy.backoff_or_raise` for an ``Execute``: an unknown outcome is resent when
+    *call* is idempotent (its key makes the broker answer a committed attempt from its store)
+    and raises `errors.OutcomeUnknown` otherwise, never `errors.Unavailable`; an attempt that
+    found the key still held by an earlier one waits and resends."""
+    error = errors.from_rpc_error(exc)
+    unknown = errors.outcome_unknown(exc, error)
+    if not unknown and not (call.idempotent and error.reason == _IN_PROGRESS):
+        return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted, started)
+    backoff = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+    delay = (error.retry_after or 0.0) + random.uniform(backoff / 2, backoff)
+    # Safe to resend like work that did not run: until the deadline (or nothing_ran_attempts).
+    safe = call.idempotent and attempt < policy.nothing_ran_attempts
+    if safe and time.monotonic() + delay < deadline:
+        logger.info(
+            "pgbroker call's outcome unknown (%s), resending with its idempotency key in %.3fs"
+            " (attempt %d)",
+            error.reason or (error.code.name if error.code else type(error).__name__),
+            delay,
+            attempt,
+        )
+        return delay
+    if not unknown:
+        raise error from exc
+    code = error.code.name if error.code else type(error).__name__
+    logger.warning(
+        "pgbroker call failed with %s; it may have run: %s",
+        code,
+        error.details,
+        extra={
+            "pgbroker_code": code,
+            "reason": error.reason,
+            "attempt": attempt,
+            "outcome": "unknown",
+        },
+    )
+    key = call.request.idempotency_key
+    if key:
+        advice = (
+            f"after {attempt} attempts with idempotency key {key!r}; resending with the same"
+            " key is safe: it runs at most once"
+        )
+    else:
+        advice = "no idempotency key was sent, so resending may run it twice"
+    raise errors.OutcomeUnknown(
+        f"the request may or may not have committed ({error.details}); {advice}",
+        code=error.code,
+        reason=error.reason,
+        retry_after=error.retry_after,
+        metadata=error.metadata,
+    ) from exc
+
+
 def _execute(request: pb.ExecuteRequest) -> Any:
     """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike)."""
     return lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True)
+
+
+def _all_results(response: Any) -> list[Result]:
+    return results_of(response) if response is not None else []
 
 
 def _get_stats(stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata) -> Any:

@@ -93,6 +93,10 @@ class Reason(str, enum.Enum):  # a str enum: StrEnum is 3.11+, the client runs o
     # A bound of an interactive transaction (Transact) fired; it was rolled back.
     IDLE_TRANSACTION_TIMEOUT = "IDLE_TRANSACTION_TIMEOUT"  # PGBROKER_IDLE_TRANSACTION_TIMEOUT
     TRANSACTION_TIMEOUT = "TRANSACTION_TIMEOUT"  # PGBROKER_TRANSACTION_TIMEOUT
+    # Exactly-once (idempotency keys); nothing ran.
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"  # the key was used for another request
+    IDEMPOTENCY_KEY_IN_PROGRESS = "IDEMPOTENCY_KEY_IN_PROGRESS"  # an attempt with it still runs
+    IDEMPOTENCY_UNAVAILABLE = "IDEMPOTENCY_UNAVAILABLE"  # the broker has no key store
 
 
 # Reasons that guarantee nothing ran, so a retry cannot apply work twice.

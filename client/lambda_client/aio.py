@@ -57,9 +57,10 @@ class AsyncBrokerClient(ClientBase):
         *,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Result:
         """As `BrokerClient.query`."""
-        return await self._run(self._query(sql, params), context, timeout)
+        return await self._run(self._query(sql, params, idempotency_key), context, timeout)
 
     async def transaction(
         self,
@@ -71,9 +72,12 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """As `BrokerClient.transaction`."""
-        call = self._transaction(statements, isolation, read_only, deferrable, retry_serialization)
+        call = self._transaction(
+            statements, isolation, read_only, deferrable, retry_serialization, idempotency_key
+        )
         return await self._run(call, context, timeout)
 
     async def execute_many(
@@ -84,9 +88,10 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """As `BrokerClient.execute_many`."""
-        call = self._execute_many(sql, param_sets, retry_serialization)
+        call = self._execute_many(sql, param_sets, retry_serialization, idempotency_key)
         return await self._run(call, context, timeout)
 
     async def begin(
@@ -97,10 +102,12 @@ class AsyncBrokerClient(ClientBase):
         deferrable: bool = False,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AsyncTransaction:
         """As `BrokerClient.begin`: ``async with await db.begin(...) as tx:``."""
         invoke = open_async_transaction(isolation, read_only, deferrable, Result.from_proto)
         transaction: AsyncTransaction = await self._run(Call(invoke, lambda t: t), context, timeout)
+        transaction.idempotency_key = idempotency_key
         return transaction
 
     async def run_transaction(

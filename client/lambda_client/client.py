@@ -99,13 +99,14 @@ class BrokerClient(ClientBase):
         *,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Result:
         """Run one statement on its own (autocommit) and return its `Result`.
 
         Raise `TypeError` naming the parameter if a value has no Postgres mapping (before
         anything is sent), or an `errors.Error` subclass if the call fails.
         """
-        return self._run(self._query(sql, params), context, timeout)
+        return self._run(self._query(sql, params, idempotency_key), context, timeout)
 
     def transaction(
         self,
@@ -117,6 +118,7 @@ class BrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """Run *statements* (``sql`` or ``(sql, params)``) as one transaction, one round trip.
 
@@ -125,7 +127,9 @@ class BrokerClient(ClientBase):
         `DatabaseError` names the failing statement (`statement_index`). With
         *retry_serialization* a serialization failure or deadlock resends the transaction.
         """
-        call = self._transaction(statements, isolation, read_only, deferrable, retry_serialization)
+        call = self._transaction(
+            statements, isolation, read_only, deferrable, retry_serialization, idempotency_key
+        )
         return self._run(call, context, timeout)
 
     def execute_many(
@@ -136,9 +140,14 @@ class BrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         retry_serialization: bool = False,
+        idempotency_key: str | None = None,
     ) -> list[Result]:
         """Run *sql* once per parameter set, all in one transaction; one `Result` each."""
-        return self._run(self._execute_many(sql, param_sets, retry_serialization), context, timeout)
+        return self._run(
+            self._execute_many(sql, param_sets, retry_serialization, idempotency_key),
+            context,
+            timeout,
+        )
 
     def begin(
         self,
@@ -148,14 +157,17 @@ class BrokerClient(ClientBase):
         deferrable: bool = False,
         context: LambdaContext | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Transaction:
         """Open an interactive transaction on a pooled connection the broker leases to it
         until it ends (`lambda_client.transaction`); use it as ``with db.begin(...) as tx:``.
 
         *timeout* and *context* bound the whole transaction. Raise as `query` when no
-        connection could be leased (retried like a call while nothing ran)."""
+        connection could be leased (retried like a call while nothing ran). With
+        *idempotency_key*, COMMIT records it (`Transaction.commit`)."""
         invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto)
         transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
+        transaction.idempotency_key = idempotency_key
         return transaction
 
     def run_transaction(

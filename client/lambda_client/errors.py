@@ -28,8 +28,10 @@ SQLSTATE as psycopg classes them (same names; each such class has its ``.sqlstat
             ├── Unavailable             UNAVAILABLE: broker or database unreachable
             ├── Unauthenticated         UNAUTHENTICATED: no or bad credentials
             ├── Cancelled               CANCELLED
-            ├── OutcomeUnknown          UNKNOWN: the connection broke during COMMIT; it may
-            │                           have committed
+            ├── OutcomeUnknown          UNKNOWN: the connection broke during COMMIT, or the
+            │                           transport failed after the request was sent (no
+            │                           idempotency key, or attempts ran out); it may have
+            │                           committed
             ├── DeadlineExceeded        DEADLINE_EXCEEDED: the deadline passed; rolled back
             │   └── QueryCanceled       57014: statement timeout or cancel
             └── TransactionRollback     class 40: rolled back, safe to resend the whole batch
@@ -226,7 +228,10 @@ class Cancelled(OperationalError):
 
 
 class OutcomeUnknown(OperationalError):
-    """The connection broke during COMMIT: the transaction may or may not have committed."""
+    """The transaction may or may not have committed: the database connection broke during
+    COMMIT, or the call failed after the request was sent (a broker killed mid-call). With an
+    idempotency key the client resends it itself; this is raised without one, or when the
+    attempts ran out (resending with the same key is then still safe)."""
 
 
 class DeadlineExceeded(OperationalError):
@@ -610,3 +615,18 @@ def from_rpc_error(exc: grpc.RpcError) -> Error:
         )
     cls = error_class(code.name if code is not None else "", fields.get("sqlstate"))
     return cls(message, **fields)
+
+
+def outcome_unknown(exc: grpc.RpcError, error: Error) -> bool:
+    """Whether *exc* leaves unknown whether the request ran: the broker said so (UNKNOWN:
+    the database link broke during COMMIT, or gRPC's "stream removed"), or the transport
+    failed after the request went out (UNAVAILABLE without the broker's status: a broker
+    killed mid-call, a connection dead after a freeze, grpc/grpc#11043). Calls wait for the
+    channel (``wait_for_ready``), so a bare UNAVAILABLE is never "could not connect"."""
+    code = exc.code() if hasattr(exc, "code") else None
+    name = getattr(code, "name", "")
+    if name == "UNKNOWN":
+        return True
+    no_status = error.reason is None and error.retry_after is None
+    bare = no_status and not getattr(error, "sqlstate", None)
+    return name == "UNAVAILABLE" and bare

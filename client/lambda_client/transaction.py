@@ -195,6 +195,11 @@ class _TransactionBase:
         self._streaming: Any = None  # the stream whose rows are still arriving
         self.closed = False
         self.committed = False
+        # Exactly-once COMMIT: the key `commit` sends unless given another (`begin`'s
+        # *idempotency_key*), and whether the broker found it committed already (an earlier
+        # attempt of this transaction committed; this one was rolled back).
+        self.idempotency_key: str | None = None
+        self.replayed = False
 
     def _execute_request(self, statements: Sequence[Statement]) -> pb.TransactRequest | None:
         """The ``execute`` request for *statements*, None for none; `TypeError` /
@@ -258,7 +263,10 @@ class _TransactionBase:
             self._stream.cancel()
 
 
-_COMMIT = pb.TransactRequest(commit=pb.TransactRequest.Commit())
+def _commit_request(key: str | None) -> pb.TransactRequest:
+    return pb.TransactRequest(commit=pb.TransactRequest.Commit(idempotency_key=key or ""))
+
+
 _ROLLBACK = pb.TransactRequest(rollback=pb.TransactRequest.Rollback())
 
 
@@ -325,11 +333,15 @@ class Transaction(_TransactionBase):
             raise
         self.execute(f"RELEASE SAVEPOINT {name}")
 
-    def commit(self) -> None:
+    def commit(self, idempotency_key: str | None = None) -> None:
         """COMMIT. Raise a `DatabaseError` if it failed (serialization failure, deferred
-        constraint, an earlier error: 25P02) or `OutcomeUnknown` if the connection broke
-        during it; after any error nothing is committed unless the error says it may be."""
-        self._end(_COMMIT)
+        constraint, an earlier error: 25P02) or `OutcomeUnknown` if the connection (or the
+        broker) broke during it; after any error nothing is committed unless the error says
+        it may be. With *idempotency_key* (default: `begin`'s), the key commits with the
+        transaction: re-running the whole transaction after `OutcomeUnknown` with the same key
+        commits at most once (`replayed` is then True: the earlier attempt stands)."""
+        key = idempotency_key or self.idempotency_key
+        self.replayed = self._end(_commit_request(key)).ended.replayed
         self.committed = True
 
     def rollback(self) -> None:
@@ -355,23 +367,30 @@ class Transaction(_TransactionBase):
             self.rollback()  # the original exception matters more than a failed rollback
         self._close()
 
-    def _end(self, request: pb.TransactRequest) -> None:
-        self._send(request)  # an error closes the transaction
+    def _end(self, request: pb.TransactRequest) -> pb.TransactResponse:
+        response = self._send(request)  # an error closes the transaction
         self.closed = True
         self._stream.finish()
+        return response
 
     def _send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._check_open()
         if self._streaming is not None:
             self._streaming.close()  # its rows come first: read and drop them
-        return self._read(lambda: self._stream.send(request))
+        return self._read(lambda: self._stream.send(request), request)
 
-    def _read(self, read: Callable[[], pb.TransactResponse] | None = None) -> pb.TransactResponse:
+    def _read(
+        self,
+        read: Callable[[], pb.TransactResponse] | None = None,
+        request: pb.TransactRequest | None = None,
+    ) -> pb.TransactResponse:
+        """The next response (*read*, or the next one on the stream: a streamed chunk); an
+        error closes the transaction and is raised as `_error` says for *request*."""
         try:
             return (read or self._stream.read)()
         except grpc.RpcError as exc:
             self._close()  # the broker rolled back and ended the stream
-            raise errors.from_rpc_error(exc) from exc
+            raise _error(exc, request) from exc
         except BaseException:
             self._close()
             raise
@@ -425,9 +444,10 @@ class AsyncTransaction(_TransactionBase):
             raise
         await self.execute(f"RELEASE SAVEPOINT {name}")
 
-    async def commit(self) -> None:
+    async def commit(self, idempotency_key: str | None = None) -> None:
         """As `Transaction.commit`."""
-        await self._end(_COMMIT)
+        key = idempotency_key or self.idempotency_key
+        self.replayed = (await self._end(_commit_request(key))).ended.replayed
         self.committed = True
 
     async def rollback(self) -> None:
@@ -453,28 +473,55 @@ class AsyncTransaction(_TransactionBase):
             await self.rollback()
         self._close()
 
-    async def _end(self, request: pb.TransactRequest) -> None:
-        await self._send(request)
+    async def _end(self, request: pb.TransactRequest) -> pb.TransactResponse:
+        response = await self._send(request)
         self.closed = True
         await self._stream.finish()
+        return response
 
     async def _send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._check_open()
         if self._streaming is not None:
             await self._streaming.aclose()  # its rows come first: read and drop them
-        return await self._read(self._stream.send(request))
+        return await self._read(self._stream.send(request), request)
 
     async def _read(
-        self, read: Awaitable[pb.TransactResponse] | None = None
+        self,
+        read: Awaitable[pb.TransactResponse] | None = None,
+        request: pb.TransactRequest | None = None,
     ) -> pb.TransactResponse:
+        """As `Transaction._read`."""
         try:
             return await (read if read is not None else self._stream.read())
         except grpc.RpcError as exc:
             self._close()
-            raise errors.from_rpc_error(exc) from exc
+            raise _error(exc, request) from exc
         except BaseException:
             self._close()
             raise
+
+
+def _error(exc: grpc.RpcError, request: pb.TransactRequest | None) -> errors.Error:
+    """The error for a failed step (*request*; None while reading a stream's rows); a COMMIT
+    whose outcome is unknown (the broker's UNKNOWN, or a transport failure after it was sent)
+    is `OutcomeUnknown`, never `Unavailable`."""
+    error = errors.from_rpc_error(exc)
+    if request is None or request.WhichOneof("step") != "commit":
+        return error
+    if not errors.outcome_unknown(exc, error):
+        return error
+    key = request.commit.idempotency_key
+    advice = (
+        f"re-running the transaction with idempotency key {key!r} commits it at most once"
+        if key
+        else "COMMIT had no idempotency key, so re-running it may commit it twice"
+    )
+    return errors.OutcomeUnknown(
+        f"COMMIT may or may not have taken effect ({error.details}); {advice}",
+        code=error.code,
+        reason=error.reason,
+        metadata=error.metadata,
+    )
 
 
 class _TxRowStream(RowStream):

@@ -141,7 +141,9 @@ def test_the_async_client_resends_and_refuses_exactly_as_the_blocking_one() -> N
     lost = bare(SC.UNKNOWN, "connection lost during COMMIT")
 
     async def run(target: str) -> None:
-        db = AsyncBrokerClient(target, timeout=10, initial_backoff=0.01, max_backoff=0.02)
+        db = AsyncBrokerClient(
+            target, timeout=10, initial_backoff=0.01, max_backoff=0.02, idempotency=False
+        )
         assert (await db.query("SELECT 1")).scalar() == 1  # after two QUEUE_FULL
         with pytest.raises(lc.OutcomeUnknown):
             await db.transaction(["SELECT 1"])
@@ -150,3 +152,21 @@ def test_the_async_client_resends_and_refuses_exactly_as_the_blocking_one() -> N
     with standin(full, full, None, lost) as (target, script):
         asyncio.run(run(target))
     assert len(script.requests) == 4
+
+
+def test_the_async_client_resends_an_unknown_outcome_with_the_same_key() -> None:
+    lost = bare(SC.UNAVAILABLE, "Socket closed")
+
+    async def run(target: str) -> None:
+        db = AsyncBrokerClient(target, timeout=10, initial_backoff=0.01, max_backoff=0.02)
+        assert (await db.transaction(["INSERT 1"])) is not None
+        keyless = AsyncBrokerClient(target, timeout=10, idempotency=False)
+        with pytest.raises(lc.OutcomeUnknown):  # without a key it is never Unavailable
+            await keyless.query("INSERT 2")
+        await db.close()
+        await keyless.close()
+
+    with standin(lost, None, lost) as (target, script):
+        asyncio.run(run(target))
+    keys = [r.idempotency_key for r in script.requests]
+    assert len(keys) == 3 and keys[0] == keys[1] != "" and keys[2] == ""

@@ -60,16 +60,66 @@ def test_retry_that_would_outlive_the_deadline_is_not_made() -> None:
         (failure(SC.ABORTED, "deadlock detected", sqlstate="40P01"), lc.DeadlockDetected),
         (failure(SC.DEADLINE_EXCEEDED, "canceling statement", sqlstate="57014"), lc.QueryCanceled),
         (bare(SC.CANCELLED, "cancelled"), lc.Cancelled),
-        (bare(SC.UNAVAILABLE, "Socket closed"), lc.Unavailable),
+        # A transport failure after the request went out (a broker killed mid-call): the
+        # outcome is unknown, never "Unavailable", whose meaning is that nothing ran.
+        (bare(SC.UNAVAILABLE, "Socket closed"), lc.OutcomeUnknown),
         (failure(SC.INVALID_ARGUMENT, "duplicate key", sqlstate="23505"), lc.IntegrityError),
     ],
 )
-def test_failures_that_may_have_run_are_not_retried(
+def test_failures_that_may_have_run_are_not_retried_without_a_key(
     status: object, error: type[lc.BrokerError]
 ) -> None:
     with standin(status) as (target, script), pytest.raises(error):  # type: ignore[arg-type]
-        fast_client(target).transaction(["SELECT 1", "SELECT 2"])
+        fast_client(target, idempotency=False).transaction(["SELECT 1", "SELECT 2"])
     assert len(script.requests) == 1
+    assert not script.requests[0].idempotency_key
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        bare(SC.UNKNOWN, "Stream removed"),
+        failure(SC.UNKNOWN, "terminating", sqlstate="57P01", reason="CONNECTION_LOST"),
+        bare(SC.UNAVAILABLE, "Socket closed"),
+        failure(SC.ABORTED, "in progress", retry_after=0.01, reason="IDEMPOTENCY_KEY_IN_PROGRESS"),
+    ],
+    ids=["stream-removed", "lost-at-commit", "socket-closed", "in-progress"],
+)
+def test_an_unknown_outcome_is_resent_with_the_same_key(status: object) -> None:
+    with standin(status, status) as (target, script):  # type: ignore[arg-type]
+        results = fast_client(target).transaction(["INSERT 1", "INSERT 2"])
+    assert results[0].scalar() == 1
+    keys = [r.idempotency_key for r in script.requests]
+    assert len(keys) == 3 and keys[0].startswith("pgbroker-") and len(set(keys)) == 1
+
+
+def test_each_logical_call_gets_its_own_key_and_a_given_key_is_sent() -> None:
+    with standin() as (target, script):
+        db = fast_client(target)
+        db.query("INSERT 1")
+        db.query("INSERT 1")
+        db.transaction(["INSERT 1"], idempotency_key="sqs-msg-1:charge")
+        db.transaction(["SELECT 1"], read_only=True)  # read-only work is exempt
+    keys = [r.idempotency_key for r in script.requests]
+    assert keys[0] != keys[1] and keys[2] == "sqs-msg-1:charge" and keys[3] == ""
+
+
+def test_an_unknown_outcome_with_a_key_is_outcome_unknown_once_attempts_run_out() -> None:
+    lost = bare(SC.UNAVAILABLE, "Socket closed")
+    with standin(lost, lost, lost) as (target, script), pytest.raises(lc.OutcomeUnknown) as info:
+        fast_client(target, max_attempts=3).query("INSERT 1", idempotency_key="k-1")
+    assert len(script.requests) == 3
+    assert "resending with the same key is safe" in str(info.value)
+
+
+def test_without_a_key_store_the_generated_key_is_dropped_once() -> None:
+    no_store = failure(SC.FAILED_PRECONDITION, "no store", reason="IDEMPOTENCY_UNAVAILABLE")
+    with standin(no_store) as (target, script):
+        db = fast_client(target)
+        assert db.query("INSERT 1").scalar() == 1
+        db.query("INSERT 2")
+    keys = [r.idempotency_key for r in script.requests]
+    assert keys[0] and keys[1:] == ["", ""]
 
 
 @pytest.mark.parametrize("sqlstate", ["40001", "40P01"])

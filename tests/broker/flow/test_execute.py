@@ -166,18 +166,6 @@ def test_empty_request_is_a_bad_request(broker: Any) -> None:
     assert status_of(failure.value).reason == "BAD_REQUEST"
 
 
-def test_idempotency_key_is_refused_until_exactly_once_lands(broker: Any, table: str) -> None:
-    broker.execute(request(f"CREATE TABLE {table} (id int)"))
-    keyed = request(f"INSERT INTO {table} VALUES (1)")
-    keyed.idempotency_key = "order-42"
-    with pytest.raises(grpc.RpcError) as failure:
-        broker.execute(keyed)
-    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_of(failure.value).reason == "BAD_REQUEST"
-    assert "exactly-once execution is not implemented yet" in failure.value.details()
-    assert rows(broker.execute(request(f"SELECT count(*) FROM {table}")).results[0]) == [(0,)]
-
-
 def test_response_reports_wait_and_run_time(broker: Any) -> None:
     reply = broker.execute(request("SELECT pg_sleep(0.01)"))
     assert reply.run_us >= 10_000

@@ -23,6 +23,7 @@ from broker.pooling.pool import (
     QueueFull,
     QueueTimeout,
 )
+from broker.postgres.keys import KeyInProgress, KeyReused, StoreUnavailable
 from broker.postgres.params import BadParameter
 from broker.postgres.pg import ConnectionLost, PgError, Phase
 from broker.security.identity import AuthError, AuthUnavailable, Identity, PermissionDenied
@@ -153,6 +154,12 @@ CASES: list[tuple[BaseException, Expected]] = [
     ),
     (TransactionAborted(), Expected(_S.FAILED_PRECONDITION, None, sqlstate="25P02")),
     (StepRefused("execute before begin"), Expected(_S.INVALID_ARGUMENT, Reason.BAD_REQUEST)),
+    (KeyReused("other request"), Expected(_S.INVALID_ARGUMENT, Reason.IDEMPOTENCY_KEY_REUSED)),
+    (KeyInProgress("running"), Expected(_S.ABORTED, Reason.IDEMPOTENCY_KEY_IN_PROGRESS, 0.1)),
+    (
+        StoreUnavailable("no store"),
+        Expected(_S.FAILED_PRECONDITION, Reason.IDEMPOTENCY_UNAVAILABLE),
+    ),
     (
         ReaderStalled("no rows taken"),
         Expected(_S.DEADLINE_EXCEEDED, Reason.IDLE_TRANSACTION_TIMEOUT),

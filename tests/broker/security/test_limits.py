@@ -4,6 +4,7 @@ the limit, nothing run for request limits, and the pool healthy afterwards."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +135,57 @@ def test_a_write_batch_over_the_byte_limit_commits_nothing(
     info = status_of(error)
     assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_BYTES"
     assert count(broker, table) == 0
+
+
+def test_a_keyed_batch_over_its_limit_commits_nothing_and_leaves_its_key_free(
+    broker: InProcessBroker, table: str
+) -> None:
+    """The limits see the results before the key's response is stored and COMMIT is sent (one
+    round trip for both): a refused batch claims no key, so it is not replayed, and the key
+    still runs a request that fits."""
+    key = f"limits-{uuid.uuid4()}"
+    over = request(
+        (f"INSERT INTO {table} VALUES (1, 'x')", []), "SELECT g FROM generate_series(1, 101) AS g"
+    )
+    over.idempotency_key = key
+    for _ in range(2):  # the resend is refused again, not answered from a stored response
+        info = status_of(refused(broker, over))
+        assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
+        assert count(broker, table) == 0
+    fits = request(
+        (f"INSERT INTO {table} VALUES (1, 'x')", []), "SELECT g FROM generate_series(1, 3) AS g"
+    )
+    fits.idempotency_key = key  # a claimed key would be IDEMPOTENCY_KEY_REUSED here
+    for _ in range(2):  # committed once, then replayed
+        reply = broker.stub().Execute(fits, metadata=BEARER, timeout=10)
+        assert rows(reply.results[1]) == [(1,), (2,), (3,)]
+        assert count(broker, table) == 1
+
+
+def test_a_keyed_interactive_commit_after_a_refused_step_claims_nothing(
+    broker: InProcessBroker, table: str
+) -> None:
+    """A step over its limit ends the lease before COMMIT (rolled back), so the COMMIT's key
+    is never claimed: re-running the transaction with it commits, once."""
+    from lambda_client import BrokerClient, Overloaded
+
+    key = f"limits-tx-{uuid.uuid4()}"
+    client = BrokerClient(broker.target, auth=lambda: BEARER, timeout=10)
+    try:
+        with pytest.raises(Overloaded), client.begin(idempotency_key=key) as tx:
+            tx.query(f"INSERT INTO {table} VALUES (1, 'x')")
+            tx.query("SELECT g FROM generate_series(1, 101) AS g")
+        assert count(broker, table) == 0
+        replayed = []
+        for row_id in (1, 2):  # the re-run's own row is rolled back: the first one stands
+            with client.begin(idempotency_key=key) as tx:
+                tx.query(f"INSERT INTO {table} VALUES ($1, 'x')", [row_id])
+            replayed.append(tx.replayed)
+        assert replayed == [False, True]
+        reply = broker.stub().Execute(request(f"SELECT id FROM {table}"), metadata=BEARER)
+        assert rows(reply.results[0]) == [(1,)]
+    finally:
+        client.close()
 
 
 def test_too_many_result_bytes_names_the_limit(broker: InProcessBroker) -> None:

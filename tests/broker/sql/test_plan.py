@@ -176,3 +176,42 @@ def test_the_parse_tree_counts_what_postgres_lexer_finds(sql: str) -> None:
 def test_placeholder_count_of_sql_without_a_dollar_parses_nothing(parses: list[str]) -> None:
     assert placeholder_count(fresh("SELECT count(*) FROM pg_stat_activity")) == 0
     assert parses == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "read_only", "autocommit_only"),
+    [
+        ("SELECT a FROM t WHERE id = $1", True, False),
+        ("VALUES (1)", True, False),
+        ("SHOW work_mem", True, False),
+        ("EXPLAIN SELECT 1", True, False),
+        ("EXPLAIN ANALYZE DELETE FROM t", False, False),
+        ("SELECT nextval('s')", False, False),
+        ("SELECT pg_notify('c', 'x')", False, False),
+        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", False, False),
+        ("SELECT 1 INTO t2", False, False),
+        ("INSERT INTO t VALUES (1)", False, False),
+        ("VACUUM t", False, True),
+        ("ANALYZE t", False, False),
+        ("CREATE INDEX CONCURRENTLY i ON t (a)", False, True),
+        ("DROP INDEX CONCURRENTLY i", False, True),
+        ("CREATE DATABASE d", False, True),
+        ("CALL p()", False, True),
+        ("DO $$ BEGIN INSERT INTO t VALUES (1); COMMIT; END $$", False, True),
+        ("DO $$ BEGIN INSERT INTO t VALUES (1); END $$", False, False),
+    ],
+)
+def test_the_plan_says_what_a_key_can_skip(
+    sql: str, read_only: bool, autocommit_only: bool
+) -> None:
+    plan = plan_statement(sql)
+    assert (plan.read_only, plan.autocommit_only) == (read_only, autocommit_only)
+
+
+def test_a_request_is_exempt_from_its_key_only_when_nothing_in_it_writes() -> None:
+    known = frozenset({"lower", "now"})
+    assert plan_request(["SELECT lower('A')", "SELECT now()"]).exempt_from_key(known)
+    assert not plan_request(["SELECT my_func()"]).exempt_from_key(known)  # may write
+    assert not plan_request(["SELECT 1", "INSERT INTO t VALUES (1)"]).exempt_from_key(known)
+    assert plan_request(["VACUUM t"]).exempt_from_key(known)
+    assert not plan_request(["VACUUM t", "SELECT 1"]).exempt_from_key(known)  # fails anyway

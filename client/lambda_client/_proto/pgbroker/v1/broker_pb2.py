@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-lambda_client/_proto/pgbroker/v1/broker.proto\x12\x0bpgbroker.v1\">\n\x08Interval\x12\x0e\n\x06months\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\x05\x12\x14\n\x0cmicroseconds\x18\x03 \x01(\x03\"T\n\x05\x41rray\x12\'\n\x0c\x65lement_type\x18\x01 \x01(\x0e\x32\x11.pgbroker.v1.Type\x12\"\n\x06values\x18\x02 \x03(\x0b\x32\x12.pgbroker.v1.Value\"\xe7\x02\n\x05Value\x12!\n\x04null\x18\x01 \x01(\x0e\x32\x11.pgbroker.v1.TypeH\x00\x12\x0e\n\x04\x62ool\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05int64\x18\x03 \x01(\x03H\x00\x12\x11\n\x07\x66loat64\x18\x04 \x01(\x01H\x00\x12\x11\n\x07numeric\x18\x05 \x01(\tH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x0f\n\x05\x62ytea\x18\x07 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61te\x18\x08 \x01(\x05H\x00\x12\x0e\n\x04time\x18\t \x01(\x03H\x00\x12\x13\n\ttimestamp\x18\n \x01(\x03H\x00\x12\x15\n\x0btimestamptz\x18\x0b \x01(\x03H\x00\x12)\n\x08interval\x18\x0c \x01(\x0b\x32\x15.pgbroker.v1.IntervalH\x00\x12\x0e\n\x04uuid\x18\r \x01(\x0cH\x00\x12\x0e\n\x04json\x18\x0e \x01(\tH\x00\x12\x0f\n\x05jsonb\x18\x0f \x01(\tH\x00\x12#\n\x05\x61rray\x18\x10 \x01(\x0b\x32\x12.pgbroker.v1.ArrayH\x00\x42\x06\n\x04kind\"<\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\"\n\x06params\x18\x02 \x03(\x0b\x32\x12.pgbroker.v1.Value\"k\n\x12TransactionOptions\x12.\n\tisolation\x18\x01 \x01(\x0e\x32\x1b.pgbroker.v1.IsolationLevel\x12\x11\n\tread_only\x18\x02 \x01(\x08\x12\x12\n\ndeferrable\x18\x03 \x01(\x08\"\x87\x01\n\x0e\x45xecuteRequest\x12*\n\nstatements\x18\x01 \x03(\x0b\x32\x16.pgbroker.v1.Statement\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.pgbroker.v1.TransactionOptions\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"(\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\")\n\x03Row\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgbroker.v1.Value\"\x83\x01\n\x0fStatementResult\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgbroker.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgbroker.v1.Row\x12\x15\n\rrows_affected\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ommand_tag\x18\x04 \x01(\t\"a\n\x0f\x45xecuteResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.pgbroker.v1.StatementResult\x12\x0f\n\x07wait_us\x18\x02 \x01(\x03\x12\x0e\n\x06run_us\x18\x03 \x01(\x03\"{\n\rDatabaseError\x12\x10\n\x08sqlstate\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t\x12\x17\n\x0fstatement_index\x18\x05 \x01(\x05\x12\x10\n\x08severity\x18\x06 \x01(\t\"\xc3\x03\n\x0fTransactRequest\x12\x30\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x1f.pgbroker.v1.TransactionOptionsH\x00\x12\x37\n\x07\x65xecute\x18\x02 \x01(\x0b\x32$.pgbroker.v1.TransactRequest.ExecuteH\x00\x12\x35\n\x06\x63ommit\x18\x03 \x01(\x0b\x32#.pgbroker.v1.TransactRequest.CommitH\x00\x12\x39\n\x08rollback\x18\x04 \x01(\x0b\x32%.pgbroker.v1.TransactRequest.RollbackH\x00\x12\x35\n\x06stream\x18\x05 \x01(\x0b\x32#.pgbroker.v1.TransactRequest.StreamH\x00\x1a\x35\n\x07\x45xecute\x12*\n\nstatements\x18\x01 \x03(\x0b\x32\x16.pgbroker.v1.Statement\x1a\x08\n\x06\x43ommit\x1a\n\n\x08Rollback\x1aG\n\x06Stream\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.pgbroker.v1.Statement\x12\x12\n\nchunk_rows\x18\x02 \x01(\rB\x06\n\x04step\"\xce\x01\n\x10TransactResponse\x12+\n\x05\x62\x65gun\x18\x01 \x01(\x0b\x32\x1a.pgbroker.v1.TransactBegunH\x00\x12\x31\n\x08\x65xecuted\x18\x02 \x01(\x0b\x32\x1d.pgbroker.v1.TransactExecutedH\x00\x12+\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x1a.pgbroker.v1.TransactEndedH\x00\x12%\n\x04rows\x18\x04 \x01(\x0b\x32\x15.pgbroker.v1.RowChunkH\x00\x42\x06\n\x04step\" \n\rTransactBegun\x12\x0f\n\x07wait_us\x18\x01 \x01(\x03\"\x80\x01\n\x10TransactExecuted\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.pgbroker.v1.StatementResult\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.pgbroker.v1.DatabaseError\x12\x12\n\nerror_code\x18\x03 \x01(\x05\"2\n\rTransactEnded\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06run_us\x18\x02 \x01(\x03\"N\n\rStreamRequest\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.pgbroker.v1.Statement\x12\x12\n\nchunk_rows\x18\x02 \x01(\r\"P\n\x08RowChunk\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgbroker.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgbroker.v1.Row\"\x11\n\x0fGetStatsRequest\"y\n\x10GetStatsResponse\x12\x37\n\x05stats\x18\x01 \x03(\x0b\x32(.pgbroker.v1.GetStatsResponse.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*\x87\x02\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_INT64\x10\x02\x12\x10\n\x0cTYPE_FLOAT64\x10\x03\x12\x10\n\x0cTYPE_NUMERIC\x10\x04\x12\r\n\tTYPE_TEXT\x10\x05\x12\x0e\n\nTYPE_BYTEA\x10\x06\x12\r\n\tTYPE_DATE\x10\x07\x12\r\n\tTYPE_TIME\x10\x08\x12\x12\n\x0eTYPE_TIMESTAMP\x10\t\x12\x14\n\x10TYPE_TIMESTAMPTZ\x10\n\x12\x11\n\rTYPE_INTERVAL\x10\x0b\x12\r\n\tTYPE_UUID\x10\x0c\x12\r\n\tTYPE_JSON\x10\r\x12\x0e\n\nTYPE_JSONB\x10\x0e*\x9c\x01\n\x0eIsolationLevel\x12\x1f\n\x1bISOLATION_LEVEL_UNSPECIFIED\x10\x00\x12\"\n\x1eISOLATION_LEVEL_READ_COMMITTED\x10\x01\x12#\n\x1fISOLATION_LEVEL_REPEATABLE_READ\x10\x02\x12 \n\x1cISOLATION_LEVEL_SERIALIZABLE\x10\x03\x32\xa3\x02\n\x06\x42roker\x12\x44\n\x07\x45xecute\x12\x1b.pgbroker.v1.ExecuteRequest\x1a\x1c.pgbroker.v1.ExecuteResponse\x12G\n\x08GetStats\x12\x1c.pgbroker.v1.GetStatsRequest\x1a\x1d.pgbroker.v1.GetStatsResponse\x12K\n\x08Transact\x12\x1c.pgbroker.v1.TransactRequest\x1a\x1d.pgbroker.v1.TransactResponse(\x01\x30\x01\x12=\n\x06Stream\x12\x1a.pgbroker.v1.StreamRequest\x1a\x15.pgbroker.v1.RowChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-lambda_client/_proto/pgbroker/v1/broker.proto\x12\x0bpgbroker.v1\">\n\x08Interval\x12\x0e\n\x06months\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\x05\x12\x14\n\x0cmicroseconds\x18\x03 \x01(\x03\"T\n\x05\x41rray\x12\'\n\x0c\x65lement_type\x18\x01 \x01(\x0e\x32\x11.pgbroker.v1.Type\x12\"\n\x06values\x18\x02 \x03(\x0b\x32\x12.pgbroker.v1.Value\"\xe7\x02\n\x05Value\x12!\n\x04null\x18\x01 \x01(\x0e\x32\x11.pgbroker.v1.TypeH\x00\x12\x0e\n\x04\x62ool\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05int64\x18\x03 \x01(\x03H\x00\x12\x11\n\x07\x66loat64\x18\x04 \x01(\x01H\x00\x12\x11\n\x07numeric\x18\x05 \x01(\tH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x0f\n\x05\x62ytea\x18\x07 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61te\x18\x08 \x01(\x05H\x00\x12\x0e\n\x04time\x18\t \x01(\x03H\x00\x12\x13\n\ttimestamp\x18\n \x01(\x03H\x00\x12\x15\n\x0btimestamptz\x18\x0b \x01(\x03H\x00\x12)\n\x08interval\x18\x0c \x01(\x0b\x32\x15.pgbroker.v1.IntervalH\x00\x12\x0e\n\x04uuid\x18\r \x01(\x0cH\x00\x12\x0e\n\x04json\x18\x0e \x01(\tH\x00\x12\x0f\n\x05jsonb\x18\x0f \x01(\tH\x00\x12#\n\x05\x61rray\x18\x10 \x01(\x0b\x32\x12.pgbroker.v1.ArrayH\x00\x42\x06\n\x04kind\"<\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\"\n\x06params\x18\x02 \x03(\x0b\x32\x12.pgbroker.v1.Value\"k\n\x12TransactionOptions\x12.\n\tisolation\x18\x01 \x01(\x0e\x32\x1b.pgbroker.v1.IsolationLevel\x12\x11\n\tread_only\x18\x02 \x01(\x08\x12\x12\n\ndeferrable\x18\x03 \x01(\x08\"\x87\x01\n\x0e\x45xecuteRequest\x12*\n\nstatements\x18\x01 \x03(\x0b\x32\x16.pgbroker.v1.Statement\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.pgbroker.v1.TransactionOptions\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"(\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\")\n\x03Row\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgbroker.v1.Value\"\x83\x01\n\x0fStatementResult\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgbroker.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgbroker.v1.Row\x12\x15\n\rrows_affected\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ommand_tag\x18\x04 \x01(\t\"a\n\x0f\x45xecuteResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.pgbroker.v1.StatementResult\x12\x0f\n\x07wait_us\x18\x02 \x01(\x03\x12\x0e\n\x06run_us\x18\x03 \x01(\x03\"{\n\rDatabaseError\x12\x10\n\x08sqlstate\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t\x12\x17\n\x0fstatement_index\x18\x05 \x01(\x05\x12\x10\n\x08severity\x18\x06 \x01(\t\"\xdc\x03\n\x0fTransactRequest\x12\x30\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x1f.pgbroker.v1.TransactionOptionsH\x00\x12\x37\n\x07\x65xecute\x18\x02 \x01(\x0b\x32$.pgbroker.v1.TransactRequest.ExecuteH\x00\x12\x35\n\x06\x63ommit\x18\x03 \x01(\x0b\x32#.pgbroker.v1.TransactRequest.CommitH\x00\x12\x39\n\x08rollback\x18\x04 \x01(\x0b\x32%.pgbroker.v1.TransactRequest.RollbackH\x00\x12\x35\n\x06stream\x18\x05 \x01(\x0b\x32#.pgbroker.v1.TransactRequest.StreamH\x00\x1a\x35\n\x07\x45xecute\x12*\n\nstatements\x18\x01 \x03(\x0b\x32\x16.pgbroker.v1.Statement\x1a!\n\x06\x43ommit\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x1a\n\n\x08Rollback\x1aG\n\x06Stream\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.pgbroker.v1.Statement\x12\x12\n\nchunk_rows\x18\x02 \x01(\rB\x06\n\x04step\"\xce\x01\n\x10TransactResponse\x12+\n\x05\x62\x65gun\x18\x01 \x01(\x0b\x32\x1a.pgbroker.v1.TransactBegunH\x00\x12\x31\n\x08\x65xecuted\x18\x02 \x01(\x0b\x32\x1d.pgbroker.v1.TransactExecutedH\x00\x12+\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x1a.pgbroker.v1.TransactEndedH\x00\x12%\n\x04rows\x18\x04 \x01(\x0b\x32\x15.pgbroker.v1.RowChunkH\x00\x42\x06\n\x04step\" \n\rTransactBegun\x12\x0f\n\x07wait_us\x18\x01 \x01(\x03\"\x80\x01\n\x10TransactExecuted\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.pgbroker.v1.StatementResult\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.pgbroker.v1.DatabaseError\x12\x12\n\nerror_code\x18\x03 \x01(\x05\"D\n\rTransactEnded\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06run_us\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"N\n\rStreamRequest\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.pgbroker.v1.Statement\x12\x12\n\nchunk_rows\x18\x02 \x01(\r\"P\n\x08RowChunk\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgbroker.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgbroker.v1.Row\"\x11\n\x0fGetStatsRequest\"y\n\x10GetStatsResponse\x12\x37\n\x05stats\x18\x01 \x03(\x0b\x32(.pgbroker.v1.GetStatsResponse.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*\x87\x02\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_INT64\x10\x02\x12\x10\n\x0cTYPE_FLOAT64\x10\x03\x12\x10\n\x0cTYPE_NUMERIC\x10\x04\x12\r\n\tTYPE_TEXT\x10\x05\x12\x0e\n\nTYPE_BYTEA\x10\x06\x12\r\n\tTYPE_DATE\x10\x07\x12\r\n\tTYPE_TIME\x10\x08\x12\x12\n\x0eTYPE_TIMESTAMP\x10\t\x12\x14\n\x10TYPE_TIMESTAMPTZ\x10\n\x12\x11\n\rTYPE_INTERVAL\x10\x0b\x12\r\n\tTYPE_UUID\x10\x0c\x12\r\n\tTYPE_JSON\x10\r\x12\x0e\n\nTYPE_JSONB\x10\x0e*\x9c\x01\n\x0eIsolationLevel\x12\x1f\n\x1bISOLATION_LEVEL_UNSPECIFIED\x10\x00\x12\"\n\x1eISOLATION_LEVEL_READ_COMMITTED\x10\x01\x12#\n\x1fISOLATION_LEVEL_REPEATABLE_READ\x10\x02\x12 \n\x1cISOLATION_LEVEL_SERIALIZABLE\x10\x03\x32\xa3\x02\n\x06\x42roker\x12\x44\n\x07\x45xecute\x12\x1b.pgbroker.v1.ExecuteRequest\x1a\x1c.pgbroker.v1.ExecuteResponse\x12G\n\x08GetStats\x12\x1c.pgbroker.v1.GetStatsRequest\x1a\x1d.pgbroker.v1.GetStatsResponse\x12K\n\x08Transact\x12\x1c.pgbroker.v1.TransactRequest\x1a\x1d.pgbroker.v1.TransactResponse(\x01\x30\x01\x12=\n\x06Stream\x12\x1a.pgbroker.v1.StreamRequest\x1a\x15.pgbroker.v1.RowChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATSRESPONSE_STATSENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_STATSENTRY']._serialized_options = b'8\001'
-  _globals['_TYPE']._serialized_start=2511
-  _globals['_TYPE']._serialized_end=2774
-  _globals['_ISOLATIONLEVEL']._serialized_start=2777
-  _globals['_ISOLATIONLEVEL']._serialized_end=2933
+  _globals['_TYPE']._serialized_start=2554
+  _globals['_TYPE']._serialized_end=2817
+  _globals['_ISOLATIONLEVEL']._serialized_start=2820
+  _globals['_ISOLATIONLEVEL']._serialized_end=2976
   _globals['_INTERVAL']._serialized_start=62
   _globals['_INTERVAL']._serialized_end=124
   _globals['_ARRAY']._serialized_start=126
@@ -60,33 +60,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATABASEERROR']._serialized_start=1201
   _globals['_DATABASEERROR']._serialized_end=1324
   _globals['_TRANSACTREQUEST']._serialized_start=1327
-  _globals['_TRANSACTREQUEST']._serialized_end=1778
+  _globals['_TRANSACTREQUEST']._serialized_end=1803
   _globals['_TRANSACTREQUEST_EXECUTE']._serialized_start=1622
   _globals['_TRANSACTREQUEST_EXECUTE']._serialized_end=1675
   _globals['_TRANSACTREQUEST_COMMIT']._serialized_start=1677
-  _globals['_TRANSACTREQUEST_COMMIT']._serialized_end=1685
-  _globals['_TRANSACTREQUEST_ROLLBACK']._serialized_start=1687
-  _globals['_TRANSACTREQUEST_ROLLBACK']._serialized_end=1697
-  _globals['_TRANSACTREQUEST_STREAM']._serialized_start=1699
-  _globals['_TRANSACTREQUEST_STREAM']._serialized_end=1770
-  _globals['_TRANSACTRESPONSE']._serialized_start=1781
-  _globals['_TRANSACTRESPONSE']._serialized_end=1987
-  _globals['_TRANSACTBEGUN']._serialized_start=1989
-  _globals['_TRANSACTBEGUN']._serialized_end=2021
-  _globals['_TRANSACTEXECUTED']._serialized_start=2024
-  _globals['_TRANSACTEXECUTED']._serialized_end=2152
-  _globals['_TRANSACTENDED']._serialized_start=2154
-  _globals['_TRANSACTENDED']._serialized_end=2204
-  _globals['_STREAMREQUEST']._serialized_start=2206
-  _globals['_STREAMREQUEST']._serialized_end=2284
-  _globals['_ROWCHUNK']._serialized_start=2286
-  _globals['_ROWCHUNK']._serialized_end=2366
-  _globals['_GETSTATSREQUEST']._serialized_start=2368
-  _globals['_GETSTATSREQUEST']._serialized_end=2385
-  _globals['_GETSTATSRESPONSE']._serialized_start=2387
-  _globals['_GETSTATSRESPONSE']._serialized_end=2508
-  _globals['_GETSTATSRESPONSE_STATSENTRY']._serialized_start=2464
-  _globals['_GETSTATSRESPONSE_STATSENTRY']._serialized_end=2508
-  _globals['_BROKER']._serialized_start=2936
-  _globals['_BROKER']._serialized_end=3227
+  _globals['_TRANSACTREQUEST_COMMIT']._serialized_end=1710
+  _globals['_TRANSACTREQUEST_ROLLBACK']._serialized_start=1712
+  _globals['_TRANSACTREQUEST_ROLLBACK']._serialized_end=1722
+  _globals['_TRANSACTREQUEST_STREAM']._serialized_start=1724
+  _globals['_TRANSACTREQUEST_STREAM']._serialized_end=1795
+  _globals['_TRANSACTRESPONSE']._serialized_start=1806
+  _globals['_TRANSACTRESPONSE']._serialized_end=2012
+  _globals['_TRANSACTBEGUN']._serialized_start=2014
+  _globals['_TRANSACTBEGUN']._serialized_end=2046
+  _globals['_TRANSACTEXECUTED']._serialized_start=2049
+  _globals['_TRANSACTEXECUTED']._serialized_end=2177
+  _globals['_TRANSACTENDED']._serialized_start=2179
+  _globals['_TRANSACTENDED']._serialized_end=2247
+  _globals['_STREAMREQUEST']._serialized_start=2249
+  _globals['_STREAMREQUEST']._serialized_end=2327
+  _globals['_ROWCHUNK']._serialized_start=2329
+  _globals['_ROWCHUNK']._serialized_end=2409
+  _globals['_GETSTATSREQUEST']._serialized_start=2411
+  _globals['_GETSTATSREQUEST']._serialized_end=2428
+  _globals['_GETSTATSRESPONSE']._serialized_start=2430
+  _globals['_GETSTATSRESPONSE']._serialized_end=2551
+  _globals['_GETSTATSRESPONSE_STATSENTRY']._serialized_start=2507
+  _globals['_GETSTATSRESPONSE_STATSENTRY']._serialized_end=2551
+  _globals['_BROKER']._serialized_start=2979
+  _globals['_BROKER']._serialized_end=3270
 # @@protoc_insertion_point(module_scope)

@@ -279,7 +279,12 @@ class ExecuteRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Reserved for a later issue: lets a caller retry a transaction whose outcome is unknown."""
+    """Exactly-once: the broker records this key (per caller, with a hash of the request and
+    the response) in the same transaction as the work, so a retry of a request whose
+    outcome was unknown gets the stored response and runs nothing twice; the same key with
+    a different request is refused. Empty: no key. Read-only work is exempt (see
+    docs/broker.md, "Exactly-once").
+    """
     @_builtins.property
     def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Statement]: ...
     @_builtins.property
@@ -474,12 +479,20 @@ class TransactRequest(_message.Message):
     class Commit(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
+        IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+        idempotency_key: _builtins.str
+        """As ExecuteRequest.idempotency_key: recorded inside the transaction at COMMIT; when
+        an earlier stream committed with it, this one is rolled back and answered
+        `ended.replayed`.
+        """
         def __init__(
             self,
+            *,
+            idempotency_key: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -670,19 +683,25 @@ class TransactEnded(_message.Message):
 
     COMMITTED_FIELD_NUMBER: _builtins.int
     RUN_US_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     committed: _builtins.bool
     """true after a COMMIT that succeeded, false after a rollback"""
     run_us: _builtins.int
     """time the pooled connection was held"""
+    replayed: _builtins.bool
+    """With `committed`: the commit's idempotency key had committed already (an earlier
+    attempt); this stream's statements were rolled back and the earlier attempt stands.
+    """
     def __init__(
         self,
         *,
         committed: _builtins.bool = ...,
         run_us: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "run_us", b"run_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "replayed", b"replayed", "run_us", b"run_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
