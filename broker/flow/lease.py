@@ -180,6 +180,8 @@ class Lease:
         # A stream's cursor left open by a reader that stopped early (closed before the next).
         self.cursor_open = False
         self._attempt = Attempt(conn)
+        # A step was DDL: its COMMIT drops the pool's prepared statements (broker/pooling).
+        self.ran_ddl = False
 
     # -- opening -------------------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class Lease:
         `TransactionLost` when the connection broke (nothing committed).
         """
         timeout_ms, cut = self._step_start(audit)
+        self.ran_ddl = self.ran_ddl or plan.ddl  # see commit
         try:
             return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
         except StatementFailed as exc:
@@ -312,6 +315,8 @@ class Lease:
             raise TransactionAborted()
         await self._on_worker(_end, "COMMIT")
         self.committed = True
+        if self.ran_ddl:
+            self.pool.statements_changed()  # other connections' plans may no longer fit
 
     async def rollback(self) -> None:
         """ROLLBACK; raise `TransactionLost` if the connection broke (nothing committed)."""
