@@ -232,9 +232,13 @@ class Lease:
         `TransactionLost` when the connection broke (nothing committed).
         """
         timeout_ms, cut = self._step_start(audit)
-        self.ran_ddl = self.ran_ddl or plan.ddl  # see commit
         try:
-            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+            results = await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+            if plan.ddl:
+                self.ran_ddl = True  # see commit
+                # This transaction sees the changed tables already: prepare afresh in it.
+                self.conn.pg.drop_statements()
+            return results
         except StatementFailed as exc:
             named = self._named(exc, cut)
             if named is exc:

@@ -124,6 +124,17 @@ def test_ddl_committed_in_a_lease_drops_every_connections_statements(
     assert RERUN not in caplog.text
 
 
+def test_a_lease_reads_what_its_own_ddl_changed(broker: InProcessBroker, ints: str) -> None:
+    select = f"SELECT v FROM {ints} ORDER BY id"
+    on_every_connection(broker, select)
+    lease = Lease(broker)  # LIFO: the connection used last, which has the SELECT prepared
+    assert not lease.execute(f"ALTER TABLE {ints} ALTER v TYPE text").HasField("error")
+    executed = lease.execute(select)
+    assert not executed.HasField("error"), executed.error
+    assert rows(executed.results[0]) == [("10",), ("20",)]
+    lease.end(commit=True)
+
+
 def test_rolled_back_ddl_keeps_the_statements(broker: InProcessBroker, ints: str) -> None:
     select = f"SELECT v FROM {ints} ORDER BY id"
     on_every_connection(broker, select)
