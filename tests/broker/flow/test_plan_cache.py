@@ -108,6 +108,10 @@ def test_ddl_through_execute_drops_every_connections_statements(
         results = select_many(broker, select)
     assert results == [[("a",), ("b",)]] * (20 + POOL)
     assert RERUN not in caplog.text  # no statement met a stale plan: none needed a re-run
+    # DEALLOCATE ALL went to the server: only what ran since is prepared on the connection.
+    prepared = "SELECT statement FROM pg_prepared_statements ORDER BY 1"
+    left = rows(broker.execute(request(prepared)).results[0])
+    assert left == sorted([(prepared,), ("SELECT pg_sleep(0.3)",), (select,)])
 
 
 def test_ddl_committed_in_a_lease_drops_every_connections_statements(
