@@ -23,6 +23,10 @@
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
 * on a Postgres error the transaction is rolled back and `StatementFailed` names the failing
   statement (-1 for BEGIN/COMMIT).
+* a statement whose prepared plan no longer fits its table (0A000 "cached plan must not change
+  result type", after DDL outside the broker) did nothing, and the connection has forgotten
+  it: the whole request runs once more on the same connection, idle again (`_plan_changed`).
+  A batch whose DDL committed tells the pool (`Pool.statements_changed`).
 
 Each failure here is a `broker.errors.BrokerFailure` that declares the status the caller gets
 (the table in `broker.front.service`).
@@ -311,12 +315,15 @@ def run_transaction(
     Raise `StatementFailed` (rolled back), `TransactionLost` (link broke) or
     `DeadlineBeforeStart` (nothing sent).
     """
-    timeout_ms = statement_timeout_ms(deadline, statement_timeout)
     try:
         try:
-            if batch.explicit:
-                return _run_explicit(conn, batch, timeout_ms)
-            return [_run_single(conn, batch, timeout_ms)]
+            try:
+                return _run_once(conn, batch, deadline, statement_timeout)
+            except StatementFailed as exc:
+                if not _plan_changed(conn, batch, exc):
+                    raise
+                log.info("re-running after a plan change", extra={"error": str(exc)})
+                return _run_once(conn, batch, deadline, statement_timeout)
         finally:
             _check_session(conn, batch)
     except ConnectionLost as exc:
@@ -332,6 +339,26 @@ def _check_session(conn: PgConnection, batch: Batch) -> None:
         leaked = audit_session(conn)
     if leaked:
         conn.session_dirty = ", ".join(leaked)
+
+
+def _run_once(
+    conn: PgConnection, batch: Batch, deadline: float | None, statement_timeout: float
+) -> list[pb.StatementResult]:
+    timeout_ms = statement_timeout_ms(deadline, statement_timeout)
+    if batch.explicit:
+        return _run_explicit(conn, batch, timeout_ms)
+    return [_run_single(conn, batch, timeout_ms)]
+
+
+def _plan_changed(conn: PgConnection, batch: Batch, exc: StatementFailed) -> bool:
+    """Whether *exc* is a statement meeting a stale prepared plan (`PgError.plan_changed`)
+    that left nothing behind: the batch rolled back (or a lone statement failed whole, unless
+    opaque: a CALL may have committed inside) and *conn* is idle, so running again is safe."""
+    if not exc.error.plan_changed or exc.error.phase is not Phase.STATEMENT:
+        return False
+    if not batch.explicit and batch.plan.statements[0].opaque:
+        return False
+    return conn.transaction_status is TransactionStatus.IDLE
 
 
 def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
@@ -466,6 +493,8 @@ async def execute(
                 # enough; the client must not multiply them by its own retries.
                 raise TransactionLost(exc.cause, nothing_committed=True, gave_up=True) from exc
             raise
+        if batch.plan.ddl:
+            pool.statements_changed()  # committed: other connections' plans may not fit
         done = time.monotonic()
         return ExecuteOutcome(
             results=results,

@@ -183,6 +183,8 @@ class Lease:
         # A stream's cursor left open by a reader that stopped early (closed before the next).
         self.cursor_open = False
         self._attempt = Attempt(conn)
+        # A step was DDL: its COMMIT drops the pool's prepared statements (broker/pooling).
+        self.ran_ddl = False
 
     # -- opening -------------------------------------------------------------------------
 
@@ -235,7 +237,12 @@ class Lease:
         """
         timeout_ms, cut = self._step_start(audit)
         try:
-            return await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+            results = await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+            if plan.ddl:
+                self.ran_ddl = True  # see commit
+                # This transaction sees the changed tables already: prepare afresh in it.
+                self.conn.pg.drop_statements()
+            return results
         except StatementFailed as exc:
             named = self._named(exc, cut)
             if named is exc:
@@ -330,6 +337,8 @@ class Lease:
             await self._on_worker(_replayed, claim)
             return True
         self.committed = True
+        if self.ran_ddl:
+            self.pool.statements_changed()  # other connections' plans may no longer fit
         return False
 
     async def rollback(self) -> None:

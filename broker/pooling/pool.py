@@ -21,6 +21,11 @@ Behaviour, in PgBouncer's terms:
   (`DeadlineExpired`); a waiter that gave up is skipped when a connection frees up, so no
   connection is ever handed to nobody.
 * Deadlines are `time.monotonic()` values (the event loop's clock).
+* Statement cache: each connection keeps its prepared statements. When DDL commits through
+  the broker, the flow calls `Pool.statements_changed`, which bumps the pool's statement
+  generation; a connection prepared under an older one drops its statements as it is handed
+  out (`PgConnection.drop_statements`: DEALLOCATE ALL rides on the request's first round
+  trip), so no request meets a plan whose table changed (0A000).
 
 A server connection is in one `ServerState` (PgBouncer's names): ``SV_IDLE`` in the pool,
 ``SV_ACTIVE`` handed to a request, ``SV_JUSTFREE`` closed. Returning a connection that is not
@@ -132,6 +137,8 @@ class ServerConnection:
     state: ServerState = ServerState.SV_IDLE
     checked_out_at: float = 0.0
     idle_since: float = field(default_factory=time.monotonic)
+    # The pool's statement generation its prepared statements belong to (`Pool._activate`).
+    statement_generation: int = 0
 
 
 @dataclass(eq=False)
@@ -187,6 +194,8 @@ class Pool:
         # Connects, closes and cancel requests never queue behind running transactions.
         self._maintenance = ThreadPoolExecutor(size + 2, thread_name_prefix="pgbroker-maint")
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        # Bumped when DDL commits through the broker (`statements_changed`).
+        self.statement_generation = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -370,7 +379,17 @@ class Pool:
             return conn
         return None
 
+    def statements_changed(self) -> None:
+        """DDL committed: every connection drops its prepared statements before its next
+        request (their plans may no longer fit the tables). Connections busy now drop them
+        when handed out next."""
+        self.statement_generation += 1
+
     def _activate(self, conn: ServerConnection) -> None:
+        if conn.statement_generation != self.statement_generation:
+            # Idle here: no worker touches the connection, and dropping is local.
+            conn.pg.drop_statements()
+            conn.statement_generation = self.statement_generation
         conn.state = ServerState.SV_ACTIVE
         conn.checked_out_at = time.monotonic()
         self._active.add(conn)
@@ -484,6 +503,7 @@ class Pool:
         conn = ServerConnection(
             next(self._ids), pg, expire_at=now + self.max_lifetime * random.uniform(0.95, 1.0)
         )
+        conn.statement_generation = self.statement_generation  # nothing prepared yet
         if self._closed:
             self._retire(conn, "pool closed")
             return

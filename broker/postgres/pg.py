@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _CANCEL_REQUEST_CODE = 80877102
+_PLAN_CHANGED = "cached plan must not change result type"
 
 # What `PgConnection.run_many` sends behind the statements when it is built from their
 # results (the response stored under an idempotency key, then COMMIT): held back one round trip.
@@ -100,6 +101,13 @@ class PgError(Exception):
 
     def __str__(self) -> str:
         return f"{self.severity} {self.sqlstate}: {self.message}"
+
+    @property
+    def plan_changed(self) -> bool:
+        """True for 0A000 "cached plan must not change result type": a statement prepared on
+        the connection no longer fits a table that changed (DDL); it has been forgotten, so the
+        same SQL prepares afresh next time."""
+        return self.sqlstate == "0A000" and _PLAN_CHANGED in self.message
 
     @classmethod
     def from_pg8000(cls, exc: DatabaseError) -> PgError:
@@ -287,6 +295,27 @@ def _encode_array(items: list[Any], elem_oid: int, elem_type: int) -> pb.Value:
 class _Core(CoreConnection):  # type: ignore[misc]
     """pg8000's protocol engine with the command tag kept and cell parsing made safe."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Simple queries sent ahead of the next request (`queue_ahead`); set before the
+        # handshake, which already reads messages.
+        self._ahead: list[Context] = []
+        super().__init__(*args, **kwargs)
+
+    def queue_ahead(self, sql: str) -> None:
+        """Queue *sql* (no flush) to go out with the next request's first flush; its reply is
+        read first (`handle_messages`) and an ERROR in it ignored: no round trip of its own."""
+        self.send_query_nowait(sql)
+        self._ahead.append(Context(sql))
+
+    def handle_messages(self, context: Any) -> None:
+        while self._ahead:
+            try:
+                super().handle_messages(self._ahead.pop(0))
+            except DatabaseError as exc:
+                if PgError.from_pg8000(exc).severity in ("FATAL", "PANIC"):
+                    raise
+        super().handle_messages(context)
+
     def handle_COMMAND_COMPLETE(self, data: bytes, context: Any) -> None:
         tag = data[:-1].decode(self._client_encoding)
         context.command_tag = tag
@@ -375,6 +404,8 @@ class PgConnection:
         self.after_rows: list[list[Any]] = []
         # How far the running `run_many` call got, for the `ConnectionLost` a break raises.
         self._progress = _Progress()
+        # Set by `drop_statements`: DEALLOCATE ALL goes out ahead of the next request.
+        self._deallocate = False
 
     # state ---------------------------------------------------------------------------------
 
@@ -651,6 +682,17 @@ class PgConnection:
                 self._core.close_prepared_statement(evicted.name)
         return prepared
 
+    def drop_statements(self) -> None:
+        """Forget every prepared statement (DDL committed since they were prepared: their
+        plans may no longer fit). Local only, so the event loop may call it on an idle
+        connection; ``DEALLOCATE ALL`` is queued ahead of the next request's first round trip
+        (`_Guard`), before any statement can be prepared again under a freed name."""
+        if not self._cache and not self._core._statement_nums:
+            return
+        self._cache.clear()
+        self._core._statement_nums.clear()
+        self._deallocate = True
+
     def _forget(self, sql: str, oids: tuple[int, ...]) -> None:
         evicted = self._cache.pop((sql, oids), None)
         if evicted is not None:
@@ -704,6 +746,13 @@ class _Guard:
     def __enter__(self) -> None:
         if self.conn.closed:
             raise self._lost("connection is closed")
+        if self.conn._deallocate:  # `PgConnection.drop_statements`
+            self.conn._deallocate = False
+            try:
+                self.conn._core.queue_ahead("DEALLOCATE ALL")
+            except (OSError, AttributeError) as exc:
+                self.conn.close_quietly()
+                raise self._lost(f"connection to Postgres lost: {exc}") from exc
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None:

@@ -11,7 +11,9 @@ one tree travel with the batch, so nothing downstream parses again:
 * the functions it calls, so a call outside ``pg_catalog``'s names (read from the server at
   start, after the plan may already be cached) is audited too;
 * how many values it takes (its highest ``$n``), so a wrong count is refused before anything
-  is sent (broker/postgres/pg.py).
+  is sent (broker/postgres/pg.py);
+* whether it is DDL (`StatementPlan.ddl`), so the pool's prepared statements are dropped once
+  it commits (broker/pooling/pool.py, "statement cache" in docs/broker.md).
 
 Plans are cached by SQL text (and the broker-wide ``role_locked``) in one LRU of
 ``CACHE_ENTRIES`` plans, for texts up to ``CACHE_MAX_SQL_CHARS`` characters: an application's
@@ -74,7 +76,10 @@ class StatementPlan:
     ``catalog_calls`` are the called names that may be built-ins; ``foreign_call`` is true
     when some call certainly is not (qualified with another schema, or unparsed SQL).
     ``transaction_scoped`` names the command when all the statement does lasts until the
-    end of its transaction (`broker.sql.sessionstate.transaction_scoped`).
+    end of its transaction (`broker.sql.sessionstate.transaction_scoped`). ``ddl`` is true
+    for a utility statement that may change the catalog (CREATE, ALTER, DROP, RENAME,
+    COMMENT, GRANT, ``SELECT … INTO`` …; not SET, SHOW, transaction control, cursors, COPY,
+    VACUUM, DO or CALL): once it commits, prepared statements may no longer fit.
     """
 
     refusal: Refusal | None
@@ -92,6 +97,7 @@ class StatementPlan:
     # conservative reading), which therefore runs without a key.
     read_only: bool = False
     autocommit_only: bool = False
+    ddl: bool = False
 
     def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
         """True if this calls a function not among *known* (pg_catalog's names; None when
@@ -106,6 +112,11 @@ class RequestPlan:
     """The plans of a request's statements, in order (``statements[i]`` is statement *i*)."""
 
     statements: tuple[StatementPlan, ...]
+
+    @property
+    def ddl(self) -> bool:
+        """True if a statement is DDL (`StatementPlan.ddl`)."""
+        return any(plan.ddl for plan in self.statements)
 
     @property
     def needs_audit(self) -> bool:
@@ -192,6 +203,7 @@ def _plan(sql: str, role_locked: bool) -> StatementPlan:
         transaction_scoped=transaction_scoped(raw_statements),
         read_only=_read_only(raw_statements, nodes, calls),
         autocommit_only=any(_autocommit_only(raw.stmt) for raw in raw_statements),
+        ddl=any(_is_ddl(raw.stmt) for raw in raw_statements),
     )
 
 
@@ -273,6 +285,51 @@ def _autocommit_only(stmt: ast.Node | None) -> bool:
         | ast.DropSubscriptionStmt
         | ast.CallStmt,
     )
+
+
+# Utility statements that leave the catalog alone (or only touch rows, sessions, cursors):
+# every other utility statement counts as DDL. Counting too much costs a re-prepare on each
+# pooled connection; counting too little, an error (0A000) once per connection.
+_NOT_DDL: tuple[type[ast.Node], ...] = (
+    ast.SelectStmt,
+    ast.InsertStmt,
+    ast.UpdateStmt,
+    ast.DeleteStmt,
+    ast.MergeStmt,
+    ast.TransactionStmt,
+    ast.VariableSetStmt,
+    ast.VariableShowStmt,
+    ast.ConstraintsSetStmt,
+    ast.DiscardStmt,
+    ast.ExplainStmt,
+    ast.CopyStmt,
+    ast.PrepareStmt,
+    ast.ExecuteStmt,
+    ast.DeallocateStmt,
+    ast.DeclareCursorStmt,
+    ast.FetchStmt,
+    ast.ClosePortalStmt,
+    ast.LockStmt,
+    ast.NotifyStmt,
+    ast.ListenStmt,
+    ast.UnlistenStmt,
+    ast.VacuumStmt,
+    ast.ClusterStmt,
+    ast.ReindexStmt,
+    ast.RefreshMatViewStmt,
+    ast.TruncateStmt,
+    ast.CheckPointStmt,
+    ast.LoadStmt,
+    ast.DoStmt,  # opaque: counting every DO/CALL would defeat the cache for procedure users
+    ast.CallStmt,
+)
+
+
+def _is_ddl(stmt: ast.Node | None) -> bool:
+    """Whether *stmt* (a top-level statement) may change the catalog; see `_NOT_DDL`."""
+    if isinstance(stmt, ast.SelectStmt):
+        return stmt.intoClause is not None  # SELECT … INTO creates a table
+    return stmt is not None and not isinstance(stmt, _NOT_DDL)
 
 
 class _TooDeep(Exception):

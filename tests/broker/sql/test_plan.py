@@ -215,3 +215,44 @@ def test_a_request_is_exempt_from_its_key_only_when_nothing_in_it_writes() -> No
     assert not plan_request(["SELECT 1", "INSERT INTO t VALUES (1)"]).exempt_from_key(known)
     assert plan_request(["VACUUM t"]).exempt_from_key(known)
     assert not plan_request(["VACUUM t", "SELECT 1"]).exempt_from_key(known)  # fails anyway
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE t (a int)",
+        "ALTER TABLE t ALTER a TYPE text",
+        "DROP TABLE t",
+        "ALTER TABLE t RENAME TO u",
+        "COMMENT ON TABLE t IS 'x'",
+        "CREATE INDEX i ON t (a)",
+        "CREATE VIEW v AS SELECT 1",
+        "GRANT SELECT ON t TO PUBLIC",
+        "SELECT 1 INTO t",
+    ],
+)
+def test_ddl_is_read_from_the_tree(sql: str) -> None:
+    assert plan_statement(sql).ddl
+    assert plan_request(["SELECT 1", sql]).ddl
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "INSERT INTO t VALUES (1)",
+        "SET LOCAL statement_timeout = 1",
+        "SHOW search_path",
+        "BEGIN",
+        "SAVEPOINT s",
+        "LOCK t",
+        "TRUNCATE t",
+        "VACUUM t",
+        "DECLARE c CURSOR FOR SELECT 1",
+        "DO $$ BEGIN END $$",
+        "EXPLAIN SELECT 1",
+        "not sql at all",
+    ],
+)
+def test_other_statements_are_not_ddl(sql: str) -> None:
+    assert not plan_statement(sql).ddl
