@@ -213,7 +213,7 @@ async def stream_rows(
     `TransactionLost`; closing the iterator early (the caller went away) cancels the running
     FETCH, rolls back and returns the connection clean (or replaces it).
     """
-    conn = await pool.getconn(deadline)
+    conn = await pool.getconn(deadline, key=options.queue_key)
     attempt = Attempt(conn)
     error: BaseException | None = None
     watchdog = None

@@ -29,6 +29,7 @@ from broker.flow.stream import StreamStats, stream_rows
 from broker.front.service import BrokerService, analyse, lambda_metadata
 from broker.front.status import failure_for, status_for
 from broker.security.identity import current_identity
+from broker.security.limits import caller_key
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = ["ReaderStalled", "StreamService", "stream_handler"]
@@ -62,8 +63,9 @@ class StreamService:
         deadline = time.monotonic() + remaining if remaining is not None else None
         identity = current_identity.get()
         caller = str(identity) if identity is not None and identity.kind != "none" else None
+        key = caller_key(caller, function)  # queued and counted as Execute and Transact are
         try:
-            with service.inflight.hold(caller):
+            with service.inflight.hold(key):
                 plan, bound = await analyse(
                     pb.ExecuteRequest(statements=[request.statement]),
                     service.limits,
@@ -77,6 +79,7 @@ class StreamService:
                     role=role,
                     audit_session=service.audit_needed(plan),
                     reset_session=service.session_audit != "off",
+                    queue_key=key,
                 )
                 self.stats.counters["streams_num"] += 1
                 chunks = stream_rows(
