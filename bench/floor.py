@@ -4,7 +4,7 @@
 `broker.front.server.BrokerServer` builds it — ``grpc.aio``, the same channel options
 (`broker.front.server.grpc_options` of the default settings), the Broker's handlers wrapped
 once by `broker.security.gate.AuthGate` (``PGBROKER_AUTH=none``, as the bench runs the broker),
-``grpc.health.v1`` and the same GIL switch interval — but its ``Execute`` returns a canned
+``grpc.health.v1`` and Python's default GIL switch interval — but its ``Execute`` returns a canned
 one-row reply without touching Postgres. The broker's CPU per request divided by this
 server's, under the same load (`bench.harness`), is how far the broker is from what its own
 stack allows (issue 14).
@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from broker.config import load_settings
-from broker.front.server import SERVICE_NAME, SWITCH_INTERVAL, broker_method_handlers, grpc_options
+from broker.front.server import SERVICE_NAME, broker_method_handlers, grpc_options
 from broker.security.gate import AuthGate
 from broker.security.identity import NoAuth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -62,7 +61,6 @@ class FloorService(pb_grpc.BrokerServicer):
 
 
 async def serve() -> None:
-    sys.setswitchinterval(SWITCH_INTERVAL)  # as broker.front.server.serve sets it
     settings = load_settings({"database_url": "postgresql://floor@127.0.0.1/floor"}, {})
     server = grpc.aio.server(options=grpc_options(settings))
     AuthGate(NoAuth()).add_service(server, SERVICE_NAME, broker_method_handlers(FloorService()))

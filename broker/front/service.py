@@ -59,6 +59,7 @@ a lost connection whose server sent a FATAL also carries it as DatabaseError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -82,7 +83,7 @@ from broker.security.limits import (
 )
 from broker.security.roles import RoleMap
 from broker.sql.plan import DIRECT_PARSE_CHARS, RequestPlan, plan_request
-from broker.sql.stack import parser_threads
+from broker.sql.stack import parser_threads, short_switch_interval
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
@@ -227,6 +228,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         # Queued fairly and counted by the in-flight cap per identity and function.
         key = caller_key(caller, function)
+        # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
+        # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
+        busy = contextlib.nullcontext() if _small(request) else short_switch_interval()
+        busy.__enter__()
         try:
             plan, bound = await analyse(request, self.limits, self.role_map is not None)
             plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
@@ -266,6 +271,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
             await context.abort_with_status(status_for(failure))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
+        finally:
+            busy.__exit__(None, None, None)
         stats = self._stats
         stats["transactions_num"] += 1
         stats["transactions_ms"] += outcome.run_us // 1000
