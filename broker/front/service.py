@@ -157,13 +157,18 @@ def _small(request: pb.ExecuteRequest) -> bool:
 
 
 async def analyse(
-    request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
+    request: pb.ExecuteRequest,
+    limits: Limits,
+    role_locked: bool = False,
+    small: bool | None = None,
 ) -> tuple[RequestPlan, list[Bound]]:
     """`validate`, run on a parser thread (broker/sql/stack.py) unless the request is small
     (`_small`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
     does not stall every other caller on the event loop (issue 15); raises what `validate`
-    raises."""
-    if _small(request):
+    raises. *small*: `_small` (request) when the caller has it already."""
+    if small is None:
+        small = _small(request)
+    if small:
         return validate(request, limits, role_locked)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(parser_threads(), validate, request, limits, role_locked)
@@ -230,10 +235,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         key = caller_key(caller, function)
         # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
         # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
-        busy = contextlib.nullcontext() if _small(request) else short_switch_interval()
+        small = _small(request)
+        busy = contextlib.nullcontext() if small else short_switch_interval()
         busy.__enter__()
         try:
-            plan, bound = await analyse(request, self.limits, self.role_map is not None)
+            plan, bound = await analyse(request, self.limits, self.role_map is not None, small)
             plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
