@@ -43,6 +43,9 @@ BOUNCER_ASYNCPG = "pgbouncer+asyncpg"
 BOUNCER_PGBENCH = "pgbouncer+pgbench"
 PGBROKER = "pgbroker"
 COMPETITORS = (DIRECT, BOUNCER_ASYNCPG, BOUNCER_PGBENCH, PGBROKER)
+# The broker's gRPC stack with a canned Execute and no Postgres (bench/floor.py): W1 only, and
+# reported apart from `COMPETITORS` ("floor" in the JSON) as the broker's CPU-per-request floor.
+FLOOR = "floor"
 # The Postgres role each competitor's server connections log in as, so backends are counted
 # per competitor (another pooler's idle pool does not count).
 ROLES = {
@@ -50,6 +53,7 @@ ROLES = {
     BOUNCER_ASYNCPG: "bench_pgbouncer",
     BOUNCER_PGBENCH: "bench_pgbouncer",
     PGBROKER: "bench_pgbroker",
+    FLOOR: "bench_floor",  # no such role: the floor opens no backend
 }
 
 
@@ -123,6 +127,7 @@ class Bench:
         self.pg: LocalPostgres | None = None
         self.bouncer: PgBouncer | None = None
         self.broker: BrokerProcess | None = None
+        self.floor: tuple[int, int] | None = None  # the floor server's (pid, port)
         self.monitor: Monitor | None = None
         self.proxies: dict[str, TcpProxy] = {}
         self.pgbench = ""
@@ -153,8 +158,10 @@ class Bench:
         self.bouncer.start()
         if self.with_pgbroker:
             self._start_broker()
+            self._start_floor()
         else:
             self.skipped[PGBROKER] = "left out (--no-pgbroker)"
+            self.skipped[FLOOR] = "left out (--no-pgbroker)"
         self.monitor = Monitor(self.pg.host, self.pg.port, "postgres", "postgres")
         self.stack.callback(self.monitor.close)
         if plan.variants:
@@ -193,6 +200,23 @@ class Bench:
             return
         self.broker = broker
 
+    def _start_floor(self) -> None:
+        """Start `bench.floor` (the broker's stack, canned replies) and read its port."""
+        if self.broker is None:
+            self.skipped[FLOOR] = "no broker to compare with"
+            return
+        _log("starting the floor competitor (bench/floor.py)")
+        argv = [sys.executable, "-m", "bench.floor"]
+        proc = self.procs.start(argv, stdout=subprocess.PIPE, cwd=ROOT)
+        try:
+            event = _read_until(proc.stdout, "listening")
+        except (RuntimeError, ValueError) as exc:
+            self.procs.stop(proc)
+            self.skipped[FLOOR] = f"floor server did not start: {exc}"
+            _log(self.skipped[FLOOR])
+            return
+        self.floor = (proc.pid, int(event["port"]))
+
     def _start_proxies(self) -> None:
         delay = self.plan.latency_ms / 1000
         assert self.bouncer is not None
@@ -217,6 +241,8 @@ class Bench:
             think = plan.think_ms if workload == "W2" else 0.0
             for competitor in COMPETITORS:
                 yield Case(workload, "base", competitor, clients, think, 0.0)
+            if workload == "W1":
+                yield Case(workload, "base", FLOOR, clients, think, 0.0)
             if workload == "W2":
                 # The same transfer through Transact: the lease held across the think times,
                 # as PgBouncer holds a server connection (ratios against W2 base's rows).
@@ -224,7 +250,7 @@ class Bench:
             if plan.variants and workload == "W1":
                 # Per-request latency without queueing: closed loops of 200 measure mostly
                 # throughput (Little's law), a few clients measure the path itself.
-                for competitor in COMPETITORS:
+                for competitor in (*COMPETITORS, FLOOR):
                     yield Case(workload, "light", competitor, plan.light_clients, 0.0, 0.0)
             if plan.variants and workload == "W2":
                 for competitor in COMPETITORS:
@@ -274,6 +300,9 @@ class Bench:
         assert self.pg is not None and self.bouncer is not None
         if case.competitor == DIRECT:
             return self.pg.host, self.pg.port, None
+        if case.competitor == FLOOR:
+            assert self.floor is not None
+            return "127.0.0.1", self.floor[1], self.floor[0]
         if case.competitor == PGBROKER:
             assert self.broker is not None
             name, host, port, pid = "pgbroker", self.broker.host, self.broker.port, self.broker.pid
@@ -297,8 +326,9 @@ class Bench:
         if case.workload == "W3":
             tx = result.get("tx", 0)
         per_1000 = round(used / tx * 1000, 3) if used is not None and tx else None
+        names = {PGBROKER: "pgbroker", FLOOR: "floor"}
         return {
-            "name": "pgbroker" if case.competitor == PGBROKER else "pgbouncer",
+            "name": names.get(case.competitor, "pgbouncer"),
             "cpu_s": round(used, 3) if used is not None else None,
             "cpu_s_per_1000_tx": per_1000,
             "peak_rss_mb": round(rss / 2**20, 1) if rss else None,
@@ -309,7 +339,10 @@ class Bench:
         on_end: Callable[[], None],
     ) -> dict[str, Any]:  # fmt: skip
         plan = self.plan
-        competitor = {DIRECT: "direct", BOUNCER_ASYNCPG: "asyncpg", PGBROKER: "pgbroker"}
+        # The floor speaks the Broker protocol: the same client as pgbroker drives it.
+        competitor = {
+            DIRECT: "direct", BOUNCER_ASYNCPG: "asyncpg", PGBROKER: "pgbroker", FLOOR: "pgbroker"
+        }  # fmt: skip
         spec = Spec(
             competitor=competitor[case.competitor], workload=case.workload.lower(),
             host=host, port=port, clients=case.clients, duration=plan.duration,
@@ -542,7 +575,9 @@ def _selected(case: Case, only: set[str]) -> bool:
     if not only:
         return True
     workloads = {o.upper() for o in only if o.upper() in ("W1", "W2", "W3")}
-    competitors = {o for o in only if o in COMPETITORS}
+    competitors = {o for o in only if o in (*COMPETITORS, FLOOR)}
+    if PGBROKER in competitors:
+        competitors.add(FLOOR)  # pgbroker's CPU is read against its floor
     return (not workloads or case.workload in workloads) and (
         not competitors or case.competitor in competitors
     )
@@ -561,6 +596,8 @@ def run_bench(
             bench.start()
             cases = [c for c in bench.cases() if _selected(c, only or set())]
             rows = _run_rounds(bench, cases)
+            floor = [row for row in rows if row["competitor"] == FLOOR]
+            rows = [row for row in rows if row["competitor"] != FLOOR]
             _log("cold starts")
             cold = bench.cold_starts()
         finally:
@@ -583,8 +620,44 @@ def run_bench(
             "only": sorted(only or ()),
         },
         "results": rows,
+        "floor": floor,
+        "cpu_multiples": cpu_multiples(rows, floor),
         "cold_start": cold,
     }
+
+
+def cpu_multiples(
+    results: list[dict[str, Any]], floor: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per W1 variant with a floor row: pooler CPU per 1,000 requests of pgbroker, of the
+    floor and of PgBouncer (asyncpg), and pgbroker's as a multiple of the other two."""
+    rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
+    out = []
+    for base in floor:
+        key = (base["workload"], base["variant"])
+        figures = {
+            name: _cpu_per_1000(rows.get((*key, name)) if name != FLOOR else base)
+            for name in (PGBROKER, FLOOR, BOUNCER_ASYNCPG)
+        }
+        broker = figures[PGBROKER]
+        out.append({
+            "workload": key[0], "variant": key[1],
+            "cpu_s_per_1000_tx": figures,
+            "pgbroker_x_floor": _multiple(broker, figures[FLOOR]),
+            "pgbroker_x_pgbouncer": _multiple(broker, figures[BOUNCER_ASYNCPG]),
+        })  # fmt: skip
+    return out
+
+
+def _cpu_per_1000(row: dict[str, Any] | None) -> float | None:
+    if not row or row.get("skipped"):
+        return None
+    value = (row.get("pooler") or {}).get("cpu_s_per_1000_tx")
+    return float(value) if value is not None else None
+
+
+def _multiple(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def with_overrides(plan: Plan, **changes: Any) -> Plan:

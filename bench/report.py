@@ -139,6 +139,27 @@ def print_report(data: dict[str, Any], console: Console | None = None) -> None:
             _fmt(entry["p50"], 2), _fmt(entry.get("elapsed"), 2),
         )  # fmt: skip
     console.print(ratio_table)
+    floor = Table(
+        title="pooler CPU per 1k W1 requests, s: pgbroker against its floor (bench/floor.py)"
+    )
+    for header in (
+        "workload",
+        "floor tx/s",
+        "floor",
+        "pgbroker",
+        "PgBouncer",
+        "÷ floor",
+        "÷ PgBouncer",
+    ):
+        floor.add_column(header)
+    for entry, row in zip(data.get("cpu_multiples", []), data.get("floor", []), strict=False):
+        cpu = entry["cpu_s_per_1000_tx"]
+        floor.add_row(
+            f"{entry['workload']} {entry['variant']}", _fmt(row.get("tps")),
+            _fmt(cpu["floor"], 3), _fmt(cpu[PGBROKER], 3), _fmt(cpu[BOUNCER_ASYNCPG], 3),
+            _fmt(entry["pgbroker_x_floor"], 2), _fmt(entry["pgbroker_x_pgbouncer"], 2),
+        )  # fmt: skip
+    console.print(floor)
     for entry in data.get("targets", []):
         mark = "[green]met[/]" if entry["met"] else "[red]not met[/]"
         console.print(f"target: {entry['target']}: {entry['value']} — {mark}")
@@ -241,6 +262,19 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {entry['workload']} {entry['variant']} | {entry['versus']} "
             f"| {_fmt(entry['tps'], 2)} | {_fmt(entry['p50'], 2)} |"
+        )
+    lines += [
+        "",
+        "| W1 | floor tx/s | pooler CPU s/1k tx: floor | pgbroker | PgBouncer "
+        "| pgbroker ÷ floor | pgbroker ÷ PgBouncer |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for entry, row in zip(data.get("cpu_multiples", []), data.get("floor", []), strict=False):
+        cpu = entry["cpu_s_per_1000_tx"]
+        lines.append(
+            f"| {entry['variant']} | {_fmt(row.get('tps'))} | {_fmt(cpu['floor'], 3)} "
+            f"| {_fmt(cpu[PGBROKER], 3)} | {_fmt(cpu[BOUNCER_ASYNCPG], 3)} "
+            f"| {_fmt(entry['pgbroker_x_floor'], 2)} | {_fmt(entry['pgbroker_x_pgbouncer'], 2)} |"
         )
     lines += ["", "| cold start (median, ms) | samples | import | import + first query |"]
     lines.append("|---|--:|--:|--:|")

@@ -91,3 +91,22 @@ def test_cold_start_ratios_and_targets_are_reported(tiny_run: dict[str, Any]) ->
     assert ("W2", "pgbouncer+asyncpg") in versus and ("W1", "direct") in versus
     assert len(tiny_run["targets"]) == 3
     assert "pgbroker ÷ competitor" in tiny_run["_stdout"]
+
+
+def test_the_floor_competitor_and_cpu_multiples_are_reported(tiny_run: dict[str, Any]) -> None:
+    """W1 runs against bench/floor.py too (the broker's stack, a canned reply): its rows are
+    apart from the poolers', and pgbroker's CPU per request is given as a multiple of it."""
+    floor = tiny_run["floor"]
+    assert [(r["workload"], r["variant"]) for r in floor] == [("W1", "base")]
+    row = floor[0]
+    assert row["tx"] > 0 and row["errors"] == 0, row["error_messages"]
+    assert row["peak_backends"] == 0  # it never touches Postgres
+    assert row["pooler"]["name"] == "floor" and row["pooler"]["cpu_s_per_1000_tx"] > 0
+    (multiples,) = tiny_run["cpu_multiples"]
+    cpu = multiples["cpu_s_per_1000_tx"]
+    assert set(cpu) == {"pgbroker", "floor", "pgbouncer+asyncpg"}
+    # CPU is counted in 10 ms clock ticks: a tiny run's PgBouncer may show none (no multiple).
+    for name, key in (("floor", "pgbroker_x_floor"), ("pgbouncer+asyncpg", "pgbroker_x_pgbouncer")):
+        expected = round(cpu["pgbroker"] / cpu[name], 2) if cpu["pgbroker"] and cpu[name] else None
+        assert multiples[key] == expected
+    assert "against its floor" in tiny_run["_stdout"]

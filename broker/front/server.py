@@ -53,8 +53,6 @@ __all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
 log = logging.getLogger("pgbroker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
-# Seconds a thread may hold the GIL while another waits for it (serve() sets it).
-SWITCH_INTERVAL = 0.001
 # Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
 SHUTDOWN_DRAIN = 0.5
 
@@ -353,11 +351,9 @@ class BrokerServer:
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
     return the process exit code."""
-    # A thread holding the GIL (binding 65,535 values, planning 1 MB of SQL: broker/sql/stack.py)
-    # gives it up to the event loop after this long; with Python's 5 ms default such a request
-    # added 230-320 ms to other callers' p99, with 1 ms 60-120 ms (bench/bigresults.py,
-    # docs/performance.md).
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    # Python's GIL switch interval stays at its 5 ms default; it is 1 ms only while a heavy
+    # request is analysed on a parser thread (broker/sql/stack.py: 1 ms all the time cost a
+    # third of W2's throughput, docs/performance.md).
     tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
     server = BrokerServer(settings, worker)
     loop = asyncio.get_running_loop()

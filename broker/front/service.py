@@ -65,6 +65,7 @@ a lost connection whose server sent a FATAL also carries it as DatabaseError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +90,7 @@ from broker.security.limits import (
 )
 from broker.security.roles import RoleMap
 from broker.sql.plan import DIRECT_PARSE_CHARS, RequestPlan, plan_request
-from broker.sql.stack import parser_threads
+from broker.sql.stack import parser_threads, short_switch_interval
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
@@ -158,13 +159,18 @@ def _small(request: pb.ExecuteRequest) -> bool:
 
 
 async def analyse(
-    request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
+    request: pb.ExecuteRequest,
+    limits: Limits,
+    role_locked: bool = False,
+    small: bool | None = None,
 ) -> tuple[RequestPlan, list[Bound]]:
     """`validate`, run on a parser thread (broker/sql/stack.py) unless the request is small
     (`_small`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
     does not stall every other caller on the event loop (issue 15); raises what `validate`
-    raises."""
-    if _small(request):
+    raises. *small*: `_small` (request) when the caller has it already."""
+    if small is None:
+        small = _small(request)
+    if small:
         return validate(request, limits, role_locked)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(parser_threads(), validate, request, limits, role_locked)
@@ -234,8 +240,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         caller = str(identity) if identity is not None and identity.kind != "none" else None
         # Queued fairly and counted by the in-flight cap per identity and function.
         key = caller_key(caller, function)
+        # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
+        # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
+        small = _small(request)
+        busy = contextlib.nullcontext() if small else short_switch_interval()
+        busy.__enter__()
         try:
-            plan, bound = await analyse(request, self.limits, self.role_map is not None)
+            plan, bound = await analyse(request, self.limits, self.role_map is not None, small)
             plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
             role = self.role_map.role_for(identity) if self.role_map is not None else None
             batch = Batch(
@@ -275,6 +286,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
             await context.abort_with_status(status_for(failure))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
+        finally:
+            busy.__exit__(None, None, None)
         stats = self._stats
         stats["transactions_num"] += 1
         stats["transactions_ms"] += outcome.run_us // 1000

@@ -77,7 +77,10 @@ class TokenAuth:
     ) -> None:
         if (tokens is None) == (load_secret is None):
             raise ValueError("give either tokens or load_secret")
-        self._tokens: dict[str, str] = dict(tokens or {})
+        self._tokens: dict[str, str] = {}
+        # (sha256 of a known token, its label): hashed once per (re)load, not on every call.
+        self._digests: list[tuple[bytes, str]] = []
+        self._set_tokens(dict(tokens or {}))
         self._load_secret = load_secret
         self._refresh_interval = refresh_interval
         self._min_reload_interval = min_reload_interval
@@ -96,13 +99,19 @@ class TokenAuth:
             raise AuthError("unknown bearer token")
         return Identity("token", label)
 
+    def _set_tokens(self, tokens: dict[str, str]) -> None:
+        self._digests = [
+            (hashlib.sha256(t.encode()).digest(), label) for t, label in tokens.items()
+        ]
+        self._tokens = tokens
+
     def _lookup(self, presented: str) -> str | None:
         found = None
         # Fixed-length digests, compared with every token: timing tells neither the length of
         # a token nor which one came close.
         given = hashlib.sha256(presented.encode()).digest()
-        for token, label in self._tokens.items():
-            if hmac.compare_digest(given, hashlib.sha256(token.encode()).digest()):
+        for digest, label in self._digests:
+            if hmac.compare_digest(given, digest):
                 found = label
         return found
 
@@ -118,7 +127,7 @@ class TokenAuth:
         assert self._load_secret is not None
         try:
             text = await asyncio.to_thread(self._load_secret)
-            self._tokens = parse_tokens(text)
+            self._set_tokens(parse_tokens(text))
         except Exception as exc:  # keep serving with the tokens already known
             log.error("cannot read the bearer tokens secret: %s", type(exc).__name__)
             if not self._tokens:

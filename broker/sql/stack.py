@@ -34,24 +34,34 @@ alone: 50 KB of SQL is a legitimate bulk ``INSERT``.
 
 The same threads run a big request's analysis (`broker.front.service.validate`) off the
 event loop, so binding 65,535 parameters or planning a 1 MB statement does not stall other
-callers (they share the GIL in 5 ms slices, ``sys.getswitchinterval``).
+callers. They still share the GIL with the loop, which Python hands over every
+``sys.getswitchinterval()`` (5 ms by default): while any of these threads runs a job, and while
+a heavy request runs (`short_switch_interval`), the interval is ``BUSY_SWITCH_INTERVAL``
+(1 ms), so the loop gets the GIL back quickly (with 5 ms a 65,535-parameter request added
+230-320 ms to other callers' p99, with 1 ms 60-120 ms: docs/performance.md), and back to what
+it was once none runs. Not 1 ms all the time: that cost a third of W2's throughput (the pool's
+worker threads and the loop trade the GIL five times as often; issue 14's A/B in
+docs/performance.md).
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 __all__ = [
+    "BUSY_SWITCH_INTERVAL",
     "STACK_BYTES",
     "THREADS",
     "ParserThreads",
     "on_parser_thread",
     "parser_threads",
     "run_on_parser_thread",
+    "short_switch_interval",
 ]
 
 T = TypeVar("T")
@@ -60,7 +70,44 @@ STACK_BYTES = 128 * 1024 * 1024
 # Several, so one 2 s parse of a 1 MB statement does not queue every other request behind it.
 THREADS = 4
 
+# Seconds a thread may hold the GIL while another waits, while a parser thread runs a job.
+BUSY_SWITCH_INTERVAL = 0.001
+
 _local = threading.local()
+
+
+class _ShortSwitchWhileBusy:
+    """Sets ``sys.setswitchinterval(BUSY_SWITCH_INTERVAL)`` while at least one job runs (over
+    all parser threads) and puts back the interval found when the first one started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle_interval = sys.getswitchinterval()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._idle_interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(BUSY_SWITCH_INTERVAL, self._idle_interval))
+            self._running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                sys.setswitchinterval(self._idle_interval)
+
+
+_busy = _ShortSwitchWhileBusy()
+
+
+def short_switch_interval() -> _ShortSwitchWhileBusy:
+    """A context manager holding the GIL switch interval at ``BUSY_SWITCH_INTERVAL`` while it
+    is entered (also from other threads at once: the interval comes back when the last one
+    leaves). A parser thread's job holds it; so does a heavy request while it runs on a pool
+    worker (broker/front/service.py), whose pg8000 encoding of 65,535 values is Python too."""
+    return _busy
 
 
 class ParserThreads(Executor):
@@ -110,7 +157,9 @@ class ParserThreads(Executor):
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(call())
+                with _busy:
+                    result = call()
+                future.set_result(result)
             except BaseException as exc:  # the caller gets it from the future
                 future.set_exception(exc)
 

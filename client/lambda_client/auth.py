@@ -21,8 +21,6 @@ regional STS of ``AWS_REGION``)); `auth_from_env` reads that configuration first
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import os
 import threading
@@ -178,6 +176,9 @@ def sigv4_authorization(
 ) -> str:
     """The ``Authorization`` value of AWS Signature Version 4 for a POST of *body* to *url*
     signing every header in *headers* (names compared in lower case)."""
+    import hashlib  # here, not at the top: only IAM auth pays for OpenSSL's libcrypto
+    import hmac
+
     amz_date = next(v for k, v in headers.items() if k.lower() == "x-amz-date")
     canonical = {k.lower(): " ".join(v.strip().split()) for k, v in headers.items()}
     signed = ";".join(sorted(canonical))

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
@@ -172,7 +172,9 @@ def _kind_of(value: object, name: str) -> tuple[str, Any]:
         return "interval", pb.Interval(
             months=value.months, days=value.days, microseconds=value.microseconds
         )
-    if isinstance(value, uuid.UUID):
+    # A UUID instance exists only once its module is loaded: no import (platform, …) here.
+    uuids = sys.modules.get("uuid")
+    if uuids is not None and isinstance(value, uuids.UUID):
         return "uuid", value.bytes
     if isinstance(value, dict):
         return "jsonb", _dumps(value, name)
@@ -444,6 +446,13 @@ def _integral_as_int(items: list[Any]) -> list[Any]:
 
 _INTEGER = re.compile(r"-?[0-9]+")
 
+
+def _decode_uuid(data: bytes) -> Any:
+    import uuid  # on the first UUID decoded, not at import (cold starts)
+
+    return uuid.UUID(bytes=data)
+
+
 _DECODERS: dict[str, Any] = {
     "bool": bool,
     "int64": int,
@@ -456,7 +465,7 @@ _DECODERS: dict[str, Any] = {
     "timestamp": _decode_timestamp,
     "timestamptz": _decode_timestamptz,
     "interval": _decode_interval,
-    "uuid": lambda b: uuid.UUID(bytes=b),
+    "uuid": _decode_uuid,
     "json": _decode_json,
     "jsonb": _decode_json,
     "array": _decode_array,

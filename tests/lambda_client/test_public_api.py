@@ -168,6 +168,18 @@ def test_bare_import_loads_neither_grpc_nor_protobuf() -> None:
     assert out.split() == ["False", "False"]
 
 
+def test_client_import_leaves_uuid_and_hashing_to_first_use() -> None:
+    # uuid (and the platform module it imports), hashlib and hmac cost ~4.5 ms of a cold start
+    # (docs/performance.md); only a UUID value or IAM signing needs them.
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        "db = BrokerClient('127.0.0.1:1')\n"
+        "print(sorted(m for m in ('uuid', 'platform', 'hashlib', 'hmac') if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
 def test_client_never_imports_broker_pg8000_or_devtools() -> None:
     code = (
         "import sys\n"
