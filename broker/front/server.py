@@ -145,31 +145,8 @@ class BrokerServer:
         self.worker = worker
         self.port = 0
         self.phase = "created"  # what start() is doing, for a SIGTERM during it
-        # Credentials from the URL, a Secrets Manager secret or RDS IAM
-        # (broker/postgres/credentials.py).
-        self.credentials = credentials_for(settings)
-        connect = partial(
-            connect_with_credentials,
-            self.credentials,
-            settings.connect_timeout,
-            settings.statement_timeout,
-            settings.statement_cache_size,
-        )
-        # Read on the first connection: max_connections (start() checks the budget with it)
-        # and pg_catalog's function names (calls of other functions get the session audited).
-        # And the idempotency-key store (created if missing: broker/postgres/keys.py).
-        self.store_probe = FirstConnectionProbe(connect, store_status)
-        self.functions_probe = FirstConnectionProbe(self.store_probe, read_builtin_functions)
-        self.budget_probe = BudgetProbe(self.functions_probe)
+        self.pool = self._pool(settings)
         self.metrics: MetricsPublisher | None = None
-        self.pool = Pool(
-            self.budget_probe,
-            size=worker_pool_size(settings),
-            max_waiting=settings.max_waiting,
-            queue_timeout=settings.queue_timeout,
-            max_lifetime=settings.max_lifetime,
-            weights=QueueWeights.parse(settings.queue_weights),
-        )
         # Caller authentication (broker/security/): Broker methods only; health stays open.
         self.auth_stats = AuthStats()
         self.authenticator = authenticator_for_settings(settings, self.auth_stats)
@@ -205,6 +182,34 @@ class BrokerServer:
         # Gives freed result memory back to the kernel (broker/front/memory.py).
         self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
+
+    def _pool(self, settings: Settings) -> Pool:
+        """The pool, connecting with *settings*' credentials through the first-connection
+        probes."""
+        # Credentials from the URL, a Secrets Manager secret or RDS IAM
+        # (broker/postgres/credentials.py).
+        self.credentials = credentials_for(settings)
+        connect = partial(
+            connect_with_credentials,
+            self.credentials,
+            settings.connect_timeout,
+            settings.statement_timeout,
+            settings.statement_cache_size,
+        )
+        # Read on the first connection: max_connections (start() checks the budget with it)
+        # and pg_catalog's function names (calls of other functions get the session audited).
+        # And the idempotency-key store (created if missing: broker/postgres/keys.py).
+        self.store_probe = FirstConnectionProbe(connect, store_status)
+        self.functions_probe = FirstConnectionProbe(self.store_probe, read_builtin_functions)
+        self.budget_probe = BudgetProbe(self.functions_probe)
+        return Pool(
+            self.budget_probe,
+            size=worker_pool_size(settings),
+            max_waiting=settings.max_waiting,
+            queue_timeout=settings.queue_timeout,
+            max_lifetime=settings.max_lifetime,
+            weights=QueueWeights.parse(settings.queue_weights),
+        )
 
     def _build(self) -> None:
         # grpc.aio objects bind to the running event loop: build them inside it.

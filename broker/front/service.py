@@ -69,18 +69,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
-from broker.flow.batch import Batch, application_name, execute
+from broker.flow.batch import Batch, ExecuteOutcome, application_name, execute
 from broker.flow.stream import StreamStats
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.postgres import keys
 from broker.postgres.params import BadParameter, Bound, bind_params
-from broker.security.identity import AuthStats, current_identity
+from broker.security.identity import AuthStats, Identity, current_identity
 from broker.security.limits import (
     InflightLimiter,
     Limits,
@@ -227,67 +228,61 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Execute(
         self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExecuteResponse:
-        started = time.monotonic()
         self._stats["rpcs_num"] += 1
-        request_id, function = lambda_metadata(context.invocation_metadata())
-        remaining = context.time_remaining()
-        deadline = started + remaining if remaining is not None else None
-        if deadline is None:
-            # A caller without a deadline is still bounded (issue 6): otherwise
-            # SET LOCAL statement_timeout = 0 could hold a pooled connection forever.
-            deadline = started + self.pool.queue_timeout + self.statement_timeout
-        identity = current_identity.get()
-        caller = str(identity) if identity is not None and identity.kind != "none" else None
-        # Queued fairly and counted by the in-flight cap per identity and function.
-        key = caller_key(caller, function)
+        call = _Caller.of(context)
+        deadline = self._deadline(context)
         # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
         # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
         small = _small(request)
-        busy = contextlib.nullcontext() if small else short_switch_interval()
-        busy.__enter__()
-        try:
-            plan, bound = await analyse(request, self.limits, self.role_map is not None, small)
-            plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
-            role = self.role_map.role_for(identity) if self.role_map is not None else None
-            batch = Batch(
-                statements=request.statements,
-                plan=plan,
-                isolation=request.options.isolation,
-                read_only=request.options.read_only,
-                deferrable=request.options.deferrable,
-                application_name=application_name(function, request_id),
-                role=role,
-                audit_session=self.audit_needed(plan),
-                bound=bound,
-                claim=await self._claim(request, plan, caller),
-                reset_session=self.session_audit != "off",
-                queue_key=key,
-                result_check=self._check_before_commit,
-            )
-            with self.inflight.hold(key):
-                outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
-            # A single statement committed as it completed: checked now (completed=true).
-            check_results(outcome.results, self.limits)
-        except Exception as exc:
-            failure = failure_for(exc)
-            self._count_failure(failure)
-            fields = failure_fields(failure)
-            log.info(
-                "request failed: %s",
-                fields["kind"],
-                extra={
-                    **fields,
-                    "request_id": request_id,
-                    "function": function,
-                    "caller": caller,
-                    "error": str(failure),
-                    "statements": len(request.statements),
-                },
-            )
-            await context.abort_with_status(status_for(failure))
-            raise AssertionError("unreachable") from exc  # abort_with_status raises
-        finally:
-            busy.__exit__(None, None, None)
+        with contextlib.nullcontext() if small else short_switch_interval():
+            try:
+                batch = await self._batch(request, call, small)
+                with self.inflight.hold(call.key):
+                    outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+                # A single statement committed as it completed: checked now (completed=true).
+                check_results(outcome.results, self.limits)
+            except Exception as exc:
+                failure = failure_for(exc)
+                self._count_failure(failure)
+                _log_failure(failure, call, len(request.statements))
+                await context.abort_with_status(status_for(failure))
+                raise AssertionError("unreachable") from exc  # abort_with_status raises
+        self._count_done(outcome, call, len(request.statements))
+        return pb.ExecuteResponse(
+            results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
+        )
+
+    def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """The call's monotonic deadline. A caller without one is still bounded (issue 6):
+        otherwise SET LOCAL statement_timeout = 0 could hold a pooled connection forever."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self.pool.queue_timeout + self.statement_timeout
+        return time.monotonic() + remaining
+
+    async def _batch(self, request: pb.ExecuteRequest, call: _Caller, small: bool) -> Batch:
+        """*request* checked, planned and bound (off the loop unless *small*), as the `Batch`
+        the flow runs; raise the `BrokerFailure` that refuses it."""
+        plan, bound = await analyse(request, self.limits, self.role_map is not None, small)
+        plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
+        role = self.role_map.role_for(call.identity) if self.role_map is not None else None
+        return Batch(
+            statements=request.statements,
+            plan=plan,
+            isolation=request.options.isolation,
+            read_only=request.options.read_only,
+            deferrable=request.options.deferrable,
+            application_name=application_name(call.function, call.request_id),
+            role=role,
+            audit_session=self.audit_needed(plan),
+            bound=bound,
+            claim=await self._claim(request, plan, call.caller),
+            reset_session=self.session_audit != "off",
+            queue_key=call.key,
+            result_check=self._check_before_commit,
+        )
+
+    def _count_done(self, outcome: ExecuteOutcome, call: _Caller, statements: int) -> None:
         stats = self._stats
         stats["transactions_num"] += 1
         stats["transactions_ms"] += outcome.run_us // 1000
@@ -295,17 +290,14 @@ class BrokerService(pb_grpc.BrokerServicer):
             log.debug(
                 "request done",
                 extra={
-                    "request_id": request_id,
-                    "function": function,
+                    "request_id": call.request_id,
+                    "function": call.function,
                     "backend_pid": outcome.backend_pid,
                     "wait_us": outcome.wait_us,
                     "run_us": outcome.run_us,
-                    "statements": len(request.statements),
+                    "statements": statements,
                 },
             )
-        return pb.ExecuteResponse(
-            results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
-        )
 
     def Stream(self, request: Any, context: Any) -> Any:
         """Served by `broker.front.stream.StreamService`, which the server registers in this
@@ -389,6 +381,41 @@ class BrokerService(pb_grpc.BrokerServicer):
         for source in self.stats_sources:
             stats.update(source())
         return stats
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Who sent a call: the Lambda request id and function (call metadata), the authenticated
+    identity, and the key it queues and is counted as (identity and function)."""
+
+    request_id: str | None
+    function: str | None
+    identity: Identity | None
+    caller: str | None
+    key: str | None
+
+    @classmethod
+    def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> _Caller:
+        request_id, function = lambda_metadata(context.invocation_metadata())
+        identity = current_identity.get()
+        caller = str(identity) if identity is not None and identity.kind != "none" else None
+        return cls(request_id, function, identity, caller, caller_key(caller, function))
+
+
+def _log_failure(failure: BrokerFailure, call: _Caller, statements: int) -> None:
+    fields = failure_fields(failure)
+    log.info(
+        "request failed: %s",
+        fields["kind"],
+        extra={
+            **fields,
+            "request_id": call.request_id,
+            "function": call.function,
+            "caller": call.caller,
+            "error": str(failure),
+            "statements": statements,
+        },
+    )
 
 
 _COUNTERS = (

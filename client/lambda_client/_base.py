@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -102,20 +102,7 @@ class ClientBase:
             SAFETY_ATTEMPTS if max_attempts is None else max_attempts,
         )
         config = ClientConfig.from_env() if config is None else config
-        # Why calls cannot be made (set when the target was left to a default that cannot
-        # work): raised by the first call, not here, so a module-level client never breaks
-        # the Lambda's init phase.
-        self._unusable: str | None = None
-        self.target_is_default = False
-        if target is not None:
-            self.target = check_target(target)
-        elif config.target:  # an empty PGBROKER_URL counts as unset (from_env makes it None)
-            self.target = check_target(config.target, "PGBROKER_URL")
-        else:
-            self.target = DEFAULT_TARGET
-            self.target_is_default = True
-            if config.lambda_function:
-                self._unusable = no_target_in_lambda(config.lambda_function)
+        self._choose_target(target, config)
         self.config = config.replace(
             tls=config.tls if tls is None else tls,
             tls_server_name=tls_server_name or config.tls_server_name,
@@ -141,6 +128,22 @@ class ClientBase:
         # Exactly-once: a key generated for every call that may write (docs/client.md);
         # turned off for good when the broker says it has no key store.
         self.idempotency = idempotency
+
+    def _choose_target(self, target: str | None, config: ClientConfig) -> None:
+        """``target``, else ``PGBROKER_URL``, else the loopback default. Inside a Lambda the
+        default cannot work: the first call says so (`_unusable`), not the constructor, so a
+        module-level client never breaks the Lambda's init phase."""
+        self._unusable: str | None = None
+        self.target_is_default = False
+        if target is not None:
+            self.target = check_target(target)
+        elif config.target:  # an empty PGBROKER_URL counts as unset (from_env makes it None)
+            self.target = check_target(config.target, "PGBROKER_URL")
+        else:
+            self.target = DEFAULT_TARGET
+            self.target_is_default = True
+            if config.lambda_function:
+                self._unusable = no_target_in_lambda(config.lambda_function)
 
     # -- what the public methods ask for ---------------------------------------------------
 
@@ -197,7 +200,9 @@ class ClientBase:
         else:
             generated = self.idempotency and not request.options.read_only
             if generated:
-                request.idempotency_key = f"pgbroker-{uuid.uuid4()}"
+                # 128 random bits, as uuid4 has, without importing uuid (and platform) on a
+                # cold start.
+                request.idempotency_key = f"pgbroker-{os.urandom(16).hex()}"
         return ExecuteCall(
             _execute(request), finish, retry_aborted, request=request, generated_key=generated
         )
