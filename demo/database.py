@@ -121,5 +121,10 @@ class DemoDatabase:
         try:
             conn.run(f"CREATE ROLE {APP_ROLE} LOGIN")
             conn.run(f"GRANT ALL ON SCHEMA public TO {APP_ROLE}")
+            # The broker creates its idempotency-key store (schema pgbroker) on its first
+            # connection, as the role it logs in as (docs/deploy.md): without this the demo's
+            # broker would start by warning that exactly-once is off.
+            database = urlsplit(self.admin_dsn).path.lstrip("/") or "postgres"
+            conn.run(f'GRANT CREATE ON DATABASE "{database}" TO {APP_ROLE}')
         finally:
             conn.close()
