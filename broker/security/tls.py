@@ -11,10 +11,11 @@ URL).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grpc
+
+from lambda_client._config import ConfigError, Pem
 
 __all__ = ["TlsConfigError", "read_pem", "server_credentials"]
 
@@ -24,17 +25,12 @@ class TlsConfigError(ValueError):
 
 
 def read_pem(variable: str, value: str) -> bytes:
-    """The PEM that *variable* holds: its value when that is PEM text, else the file it names."""
-    if value.lstrip().startswith("-----BEGIN "):
-        return value.encode()
-    path = value
+    """The PEM that *variable* holds: its value when that is PEM text, else the file it names.
+    Read as the client reads its own (`lambda_client._config.Pem`); raise `TlsConfigError`."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise TlsConfigError(f"{variable}={path!r}: cannot read ({exc.strerror})") from None
-    if b"-----BEGIN " not in data:
-        raise TlsConfigError(f"{variable}={path!r}: not a PEM file")
-    return data
+        return Pem(variable, value).read()
+    except ConfigError as exc:
+        raise TlsConfigError(str(exc)) from None
 
 
 def server_credentials(settings: Any) -> grpc.ServerCredentials | None:
