@@ -666,7 +666,6 @@ class Pool:
         stats.update(self._stats)
         return stats
 
-
     def waiting_by_caller(self) -> dict[str | None, int]:
         """Queued requests per caller key (`broker.security.limits.caller_key`)."""
         return self._waiters.waiting_by_key()

@@ -80,8 +80,7 @@ class AdminAuth:
                 return await self.iam.authenticate(metadata, source)
             except PermissionDenied as exc:
                 raise PermissionDenied(
-                    f"{exc.caller_arn or 'the caller'} is not an admin role"
-                    " (PGBROKER_ADMIN_ROLES)",
+                    f"{exc.caller_arn or 'the caller'} is not an admin role (PGBROKER_ADMIN_ROLES)",
                     caller_arn=exc.caller_arn,
                 ) from None
         await self._refuse_known_caller(metadata, source)
