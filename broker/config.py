@@ -614,7 +614,7 @@ class _Resolver:
         for variable in spec.env:
             text = self.file.get(variable)
             if text:
-                return text, f"{variable} in {self.file_path}"
+                return text, f"{variable} (in {self.file_path})"
         return None, spec.variable
 
     def origin(self, spec: Setting) -> str:
@@ -642,7 +642,10 @@ class _Resolver:
         except ValueError as exc:
             problem = str(exc)
         if problem:
-            self.problems.append(f"{source}={spec.shown(text)}: {problem}")
+            # PGBROKER_POOL_SIZE='0' (in /etc/pgbroker.env): must be at least 1
+            name, _, where = source.partition(" (")
+            where = f" ({where}" if where else ""
+            self.problems.append(f"{name}={spec.shown(text)}{where}: {problem}")
             return None if spec.default is DERIVED else spec.default
         return value
 
