@@ -10,7 +10,6 @@ import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -137,7 +136,7 @@ def test_reload_changes_the_pool_size_live_and_refuses_a_bad_value(
     reply = control.Reload(
         pb.ReloadRequest(overrides={"pool_size": "1"}), timeout=5, metadata=ADMIN_MD
     )
-    assert list(reply.changed)[0] == "pool_size: 4 -> 1"
+    assert reply.changed[0] == "pool_size: 4 -> 1"
     wait_until(lambda: broker.stats()["pool_size"] == 1, what="1 connection")
     # A bad value refuses the whole reload: nothing changes, each problem is named.
     config.write_text("PGBROKER_POOL_SIZE=0\nPGBROKER_QUEUE_TIMEOUT=3\n")
@@ -280,6 +279,24 @@ def test_cli_pause_resume_reload_and_top(config_broker: tuple[BrokerProcess, Pat
         assert text in done.stdout
     assert _cli(process, "resume").returncode == 0
     assert _stats(process)["pool_paused"] == 0 and _stats(process)["pool_max"] == 3
+    # The live view redraws until Ctrl-C, then exits 0.
+    env = {**os.environ, "PGBROKER_ADMIN_TOKEN": ADMIN.split(":")[1]}
+    live = subprocess.Popen(
+        [sys.executable, "-m", "broker", "top", "--target", process.target, "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=10)
+    finally:
+        if live.poll() is None:
+            live.kill()
+    assert live.returncode == 0 and "pools" in out and "Traceback" not in err
     done = _cli(process, "pause", admin=False)  # no admin token: one line saying what to set
     assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
     assert "PGBROKER_ADMIN_TOKEN" in done.stderr
