@@ -156,6 +156,26 @@ def test_reload_changes_the_pool_size_live_and_refuses_a_bad_value(
     assert broker.stats()["pool_max"] == 1
 
 
+def test_a_smaller_pool_closes_busy_connections_as_they_come_back(
+    start_inproc_broker: Any,
+) -> None:
+    broker = start_inproc_broker(pool_size=2, admin_tokens=ADMIN)
+    stub, control = broker.stub(), _admin(broker)
+    leases = [_Transaction(stub), _Transaction(stub)]
+    for lease in leases:
+        assert lease.step(pb.TransactRequest(begin=pb.TransactionOptions())).HasField("begun")
+    control.Reload(pb.ReloadRequest(overrides={"pool_size": "1"}), timeout=5, metadata=ADMIN_MD)
+    assert broker.stats()["pool_size"] == 2 and broker.stats()["pool_max"] == 1  # both busy
+    for lease, left in zip(leases, (1, 1), strict=True):
+        assert lease.step(pb.TransactRequest(rollback=pb.TransactRequest.Rollback())).HasField(
+            "ended"
+        )
+        wait_until(lambda n=left: broker.stats()["pool_size"] == n, what=f"{left} connection")
+    # The one left serves: no replacement was opened for the one closed.
+    assert broker.execute(pb.ExecuteRequest(statements=[pb.Statement(sql="SELECT 1")]))
+    assert broker.stats()["pool_size"] == 1 and broker.stats()["pool_connecting"] == 0
+
+
 def test_config_file_names_a_bad_line_and_loses_to_the_environment(tmp_path: Path) -> None:
     config = tmp_path / "pgbroker.env"
     url = "postgresql://u@127.0.0.1/db?sslmode=disable"
