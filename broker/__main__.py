@@ -1,4 +1,4 @@
-"""python -m broker [run|serve|stats|health|settings]
+"""python -m broker [run|serve|stats|health|settings|pause|resume|reload|top]
 
 commands:
   run, serve  start a broker (the default). Every setting is a flag (--pool-size) or a
@@ -7,8 +7,16 @@ commands:
   stats       print the broker's GetStats figures (--json: one JSON object).
   health      exit 0 if the broker reports SERVING, 1 otherwise (container health checks).
   settings    print the settings table (Markdown, as in README.md).
+  pause       PgBouncer's PAUSE: new work queues, running work finishes (--wait: until none
+              runs). Needs an admin identity (PGBROKER_ADMIN_TOKEN, docs/security.md).
+  resume      PgBouncer's RESUME.
+  reload      PgBouncer's RELOAD: re-read PGBROKER_CONFIG_FILE and secrets, plus key=value
+              overrides; a bad value is refused (exit 1) and every setting kept.
+  top         a live view of the pools, waiting callers, leases and busiest callers (--once:
+              one frame); Ctrl-C ends it.
 
-For stats and health, a target that is not host:port is one line on stderr, exit 2.
+For the commands that ask a broker, a target that is not host:port is one line on stderr,
+exit 2; a refused or failed call is one line on stderr, exit 1.
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ from broker.config import (
 )
 
 _RUN_COMMANDS = ("run", "serve")
+_ASKING_COMMANDS = {
+    "stats": "print the broker's GetStats figures",
+    "health": "exit 0 if the broker reports SERVING, 1 otherwise",
+    "pause": "PAUSE: new work queues, running work finishes (admin identity)",
+    "resume": "RESUME: queued work starts (admin identity)",
+    "reload": "RELOAD: re-read the live settings, with KEY=VALUE overrides (admin identity)",
+    "top": "a live view of pools, waiting callers, leases and the busiest callers",
+}
 
 
 def version() -> str:
@@ -93,15 +109,31 @@ def _parser() -> argparse.ArgumentParser:
                 run.add_argument(
                     spec.option, dest=spec.name, metavar=spec.metavar, help=_flag_help(spec)
                 )
-    for name, text in (
-        ("stats", "print the broker's GetStats figures"),
-        ("health", "exit 0 if the broker reports SERVING, 1 otherwise"),
-    ):
+    for name, text in _ASKING_COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=text, **_plain_output())
         sub.add_argument("--target", help="host:port of the broker (default PGBROKER_LISTEN)")
-        sub.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+        timeout = 30.0 if name == "pause" else 3.0
+        sub.add_argument(
+            "--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})"
+        )
         if name == "stats":
             sub.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "pause":
+            sub.add_argument(
+                "--wait", action="store_true", help="return once nothing runs (within --timeout)"
+            )
+        if name == "reload":
+            sub.add_argument(
+                "overrides",
+                nargs="*",
+                metavar="KEY=VALUE",
+                help="live settings to set until the next reload (pool_size=30)",
+            )
+        if name == "top":
+            sub.add_argument("--once", action="store_true", help="print one frame and exit")
+            sub.add_argument(
+                "--interval", type=float, default=1.0, help="seconds between frames (default 1)"
+            )
     text = "print the settings table (Markdown, as in README.md)"
     commands.add_parser("settings", help=text, description=text, **_plain_output())
     return parser
@@ -131,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "stats":
             return _stats(target, args.timeout, args.json)
-        return _health(target, args.timeout)
+        if command == "health":
+            return _health(target, args.timeout)
+        return _operate(command, target, args)
     except TlsConfigError as exc:  # a PGBROKER_TLS_* variable names no usable PEM
         print(f"pgbroker: {exc}", file=sys.stderr)
         return 1
@@ -157,6 +191,10 @@ def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _stop_at_start)
+    # PgBouncer's control signals (reload, pause, resume) would kill a broker that has not
+    # installed its handlers yet (their default action); ignored until `serve` handles them.
+    for control in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(control, signal.SIG_IGN)
     phase = "reading the configuration"
     try:
         settings = load_settings(flags)
@@ -171,7 +209,7 @@ def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
         phase = "starting"
         if settings.workers > 1 and role is None:
             return supervise(settings, argv)
-        return asyncio.run(serve(settings, role))
+        return asyncio.run(serve(settings, role, flags))
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -234,6 +272,37 @@ def _stats(target: str, timeout: float, as_json: bool) -> int:
     return 0
 
 
+def _operate(command: str, target: str, args: argparse.Namespace) -> int:
+    """pause, resume, reload or top (broker/opsctl.py); a refused or failed call is one line
+    on stderr with what to do, exit 1."""
+    import grpc
+
+    from broker import opsctl  # grpc and rich only for these commands
+
+    with _channel(target) as channel:
+        ask = opsctl.Ask(channel, _admin_metadata(target), _auth_metadata(target), args.timeout)
+        try:
+            if command == "top":
+                return opsctl.top(ask, target, once=args.once, interval=args.interval)
+            if command == "reload":
+                return opsctl.reload(ask, args.overrides)
+            if command == "pause":
+                return opsctl.pause(ask, wait=args.wait)
+            return opsctl.resume(ask)
+        except ValueError as exc:  # a bad KEY=VALUE
+            print(f"pgbroker: {command}: {exc}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as exc:
+            hint = _failure_hint(exc, admin=command != "top")
+            details = exc.details() or ""
+            print(
+                f"pgbroker: {command} on {target}: {exc.code().name}: {details}"
+                + (f" ({hint})" if hint and hint not in details else ""),
+                file=sys.stderr,
+            )
+            return 1
+
+
 def _health(target: str, timeout: float) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -284,7 +353,7 @@ def _cli_config() -> Any:
     return ClientConfig.from_env()
 
 
-def _failure_hint(exc: Any) -> str:
+def _failure_hint(exc: Any, *, admin: bool = False) -> str:
     """What to do about a failed admin call: the variable to set for UNAUTHENTICATED, the
     likely cause of a connection that never became ready (TLS mismatch, an untrusted
     certificate, nothing listening: `lambda_client._diagnose.explain`)."""
@@ -293,6 +362,10 @@ def _failure_hint(exc: Any) -> str:
     from lambda_client._diagnose import explain
 
     code = exc.code()
+    if admin and code is grpc.StatusCode.UNAUTHENTICATED:
+        return "set PGBROKER_ADMIN_TOKEN to one of the broker's PGBROKER_ADMIN_TOKENS"
+    if admin and code is grpc.StatusCode.PERMISSION_DENIED:
+        return ""  # the broker's message says which admin identity it wants
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return (
             "the broker requires credentials: set PGBROKER_AUTH=token with PGBROKER_TOKEN "
@@ -323,6 +396,25 @@ def _auth_metadata(target: str) -> Sequence[tuple[str, str]]:
     except ValueError:
         return ()
     return tuple(hook()) if hook is not None else ()
+
+
+def _admin_metadata(target: str) -> Sequence[tuple[str, str]]:
+    """Credentials for the Admin RPCs: ``PGBROKER_ADMIN_TOKEN`` (the operator's token), else
+    the first of the broker's own ``PGBROKER_ADMIN_TOKENS`` (environment or
+    ``PGBROKER_CONFIG_FILE``: the command runs beside the broker), else the client's
+    credentials (`_auth_metadata`: an IAM role of ``PGBROKER_ADMIN_ROLES``)."""
+    import os
+
+    token = os.environ.get("PGBROKER_ADMIN_TOKEN", "").strip()
+    if not token:
+        try:
+            first = (lookup("admin_tokens") or "").split(",")[0]
+        except ConfigError:
+            first = ""
+        token = first.rpartition(":")[2].strip()
+    if token:
+        return (("authorization", f"Bearer {token}"),)
+    return _auth_metadata(target)
 
 
 if __name__ == "__main__":

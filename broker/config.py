@@ -58,8 +58,10 @@ __all__ = [
     "markdown_table",
     "meaning",
     "named",
+    "origins",
     "parse_database_url",
     "parse_listen",
+    "read_config_file",
     "shown_default",
 ]
 
@@ -149,7 +151,9 @@ class Setting:
     """One row of the settings table: what `setting` declared, plus its names.
 
     *name* gives the flag (``--pool-size``, unless *flag* is false) and the variable
-    (``PGBROKER_POOL_SIZE``, or the first of *env*); *attribute* is the `Settings` field.
+    (``PGBROKER_POOL_SIZE``, or the first of *env*); *attribute* is the `Settings` field. A
+    *live* one changes on reload (SIGHUP, ``python -m broker reload``); any other needs a
+    restart (broker/front/reload.py).
     *default* is `DERIVED` when *derive* computes it from the other settings' values (or
     refuses with a ValueError saying why it is required). *help* is Markdown (plain text in
     ``--help``). A *secret* is never shown in a message or repr; an *internal* one is plumbing
@@ -170,6 +174,7 @@ class Setting:
     secret: bool = False
     internal: bool = False
     choices: tuple[str, ...] = ()
+    live: bool = False
 
     @property
     def variable(self) -> str:
@@ -207,6 +212,7 @@ def setting(
     secret: bool = False,
     internal: bool = False,
     choices: tuple[str, ...] = (),
+    live: bool = False,
 ) -> Any:
     """Declare a `Settings` field as a setting (see `Setting` for the arguments); *name*
     defaults to the field's name. With *choices*, the value must be one of them."""
@@ -225,6 +231,7 @@ def setting(
         secret=secret,
         internal=internal,
         choices=choices,
+        live=live,
     )
     metadata = {"setting": spec}
     # A parsed database target hides its password itself; a token list cannot.
@@ -268,8 +275,19 @@ class Settings:
         name="listen",
         shown_default="`127.0.0.1:50051`",
     )
+    config_file: str = setting(
+        stripped,
+        "",
+        "a file of `PGBROKER_*=value` lines, read at start and re-read by `reload` (SIGHUP);"
+        " a flag or a variable in the environment wins over it",
+    )
     pool_size: int = setting(
-        integer, 20, "server connections", check=at_least(1), pgbouncer="default_pool_size"
+        integer,
+        20,
+        "server connections",
+        check=at_least(1),
+        pgbouncer="default_pool_size",
+        live=True,
     )
     max_waiting: int = setting(
         integer,
@@ -277,6 +295,7 @@ class Settings:
         "queued requests before `RESOURCE_EXHAUSTED`",
         check=at_least(0),
         pgbouncer="max_client_conn",
+        live=True,
     )
     queue_timeout: float = setting(
         duration,
@@ -284,9 +303,14 @@ class Settings:
         "seconds a request may wait for a connection",
         check=positive,
         pgbouncer="query_wait_timeout",
+        live=True,
     )
     statement_timeout: float = setting(
-        duration, 30.0, "upper bound per statement/transaction, seconds", check=positive
+        duration,
+        30.0,
+        "upper bound per statement/transaction, seconds",
+        check=positive,
+        live=True,
     )
     # Bounds of a Transact lease (broker/flow/lease.py), so one stuck or frozen Lambda cannot
     # hold a pooled connection; 0 turns one off.
@@ -297,6 +321,7 @@ class Settings:
         " statement before it is rolled back (0: off)",
         check=at_least(0),
         pgbouncer="idle_transaction_timeout",
+        live=True,
     )
     transaction_timeout: float = setting(
         duration,
@@ -306,6 +331,7 @@ class Settings:
         derive=_statement_timeout,
         shown_default="`PGBROKER_STATEMENT_TIMEOUT`",
         pgbouncer="transaction_timeout",
+        live=True,
     )
     max_lifetime: float = setting(
         duration,
@@ -313,6 +339,7 @@ class Settings:
         "seconds before a server connection is recycled",
         check=positive,
         pgbouncer="server_lifetime",
+        live=True,
     )
     connect_timeout: float = setting(
         duration,
@@ -356,7 +383,11 @@ class Settings:
         check=at_least(0),
     )
     log_level: str = setting(
-        uppercase, "INFO", f"the lowest level logged: {_listed(LOG_LEVELS)}", choices=LOG_LEVELS
+        uppercase,
+        "INFO",
+        f"the lowest level logged: {_listed(LOG_LEVELS)}",
+        choices=LOG_LEVELS,
+        live=True,
     )
     auth: str = setting(
         lowercase,
@@ -371,7 +402,10 @@ class Settings:
         stripped, "", "iam: the audience clients sign, e.g. the broker's URL (required)"
     )
     iam_allowed_roles: str = setting(
-        stripped, "", "iam: roles admitted, names or ARNs, comma separated, `*` patterns (required)"
+        stripped,
+        "",
+        "iam: roles admitted, names or ARNs, comma separated, `*` patterns (required)",
+        live=True,
     )
     sts_endpoint: str = setting(
         stripped,
@@ -386,11 +420,38 @@ class Settings:
         "token: bearer tokens, `label:token` comma separated, at least 16 characters each",
         flag=False,
         secret=True,
+        live=True,
     )
     tokens_secret_id: str = setting(
         stripped,
         "",
-        "token: Secrets Manager secret holding the tokens, re-read when an unknown one arrives",
+        "token: Secrets Manager secret holding the tokens, re-read when an unknown one arrives"
+        " and on reload",
+        live=True,
+    )
+    # The operator's identity for the Admin RPCs (pause, resume, reload: broker/front/admin.py),
+    # never the same as a caller's.
+    admin_tokens: str = setting(
+        stripped,
+        "",
+        "bearer tokens of operators for `pause`, `resume`, `reload` and `top` (`label:token`"
+        " comma separated, at least 16 characters each; none of `PGBROKER_TOKENS`)",
+        flag=False,
+        secret=True,
+        live=True,
+    )
+    admin_tokens_secret_id: str = setting(
+        stripped,
+        "",
+        "Secrets Manager secret holding the operators' tokens (as `PGBROKER_TOKENS_SECRET_ID`)",
+        live=True,
+    )
+    admin_roles: str = setting(
+        stripped,
+        "",
+        "iam: roles admitted to `pause`, `resume`, `reload` and `top`, names or ARNs, comma"
+        " separated, `*` patterns",
+        live=True,
     )
     tls_cert: str = setting(
         stripped, "", "PEM certificate chain (a path or the PEM text) to serve TLS to clients"
@@ -404,9 +465,13 @@ class Settings:
         "",
         "caller role → Postgres role, set with `SET LOCAL ROLE` per transaction: JSON or"
         " `caller=role,…` (`*` patterns)",
+        live=True,
     )
     default_role: str = setting(
-        stripped, "", "Postgres role of callers the role map does not name (else they are refused)"
+        stripped,
+        "",
+        "Postgres role of callers the role map does not name (else they are refused)",
+        live=True,
     )
     session_audit: str = setting(
         lowercase,
@@ -416,6 +481,7 @@ class Settings:
         " function or unparsed SQL), `always` (the full audit after every request too) or"
         " `off` (neither)",
         choices=SESSION_AUDIT_MODES,
+        live=True,
     )
     idempotency_ttl: float = setting(
         duration,
@@ -425,7 +491,7 @@ class Settings:
         check=positive,
     )
     max_statements: int = setting(
-        integer, 1000, "statements per request (0: no limit)", check=at_least(0)
+        integer, 1000, "statements per request (0: no limit)", check=at_least(0), live=True
     )
     max_request_bytes: int = setting(
         size, 8 * MIB, "encoded size of a request (0: no limit)", check=at_least(0)
@@ -435,6 +501,7 @@ class Settings:
         1_000_000,
         "rows of all buffered results of one request (streamed rows: no limit; 0: no limit)",
         check=at_least(0),
+        live=True,
     )
     max_result_bytes: int = setting(
         size,
@@ -442,6 +509,7 @@ class Settings:
         "encoded size of all buffered results of one request (streamed rows: no limit; 0: no"
         " limit)",
         check=at_least(0),
+        live=True,
     )
     max_inflight_per_caller: int = setting(
         integer,
@@ -450,12 +518,14 @@ class Settings:
         check=at_least(0),
         derive=_half_of_admitted,
         shown_default="half of `pool_size + max_waiting` ({})",
+        live=True,
     )
     queue_weights: str = setting(
         stripped,
         "",
         "share of queued turns per caller when several wait: JSON or `pattern=weight,…` over"
         " function names or identities (`*` patterns; others weigh 1)",
+        live=True,
     )
     aws_region: str = setting(
         stripped,
@@ -506,15 +576,34 @@ def named(name: str) -> Setting:
 
 
 class _Resolver:
-    """Looks each setting up (flag, then environment, then default) and collects problems."""
+    """Looks each setting up (a reload's override, flag, environment, ``PGBROKER_CONFIG_FILE``,
+    then default) and collects problems."""
 
-    def __init__(self, flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        flags: Mapping[str, Any],
+        environ: Mapping[str, str],
+        overrides: Mapping[str, str] | None = None,
+    ) -> None:
         self.flags = flags
         self.environ = environ
+        self.overrides = overrides or {}
         self.problems: list[str] = []
+        self.file_path = ""
+        self.file: dict[str, str] = {}
+        path = self.raw(_BY_NAME["config_file"])[0]
+        if path:
+            self.file_path = path.strip()
+            try:
+                self.file = read_config_file(self.file_path)
+            except (OSError, ValueError) as exc:
+                self.problems.append(f"PGBROKER_CONFIG_FILE={self.file_path!r}: {exc}")
 
     def raw(self, spec: Setting) -> tuple[str | None, str]:
         """The text of *spec* and where it came from (for messages)."""
+        override = self.overrides.get(spec.name)
+        if override is not None:
+            return override, f"{spec.name} (reload override)"
         flag = self.flags.get(spec.name)
         if flag is not None:
             return str(flag), "--" + spec.name.replace("_", "-")
@@ -522,7 +611,24 @@ class _Resolver:
             text = self.environ.get(variable)
             if text:
                 return text, variable
+        for variable in spec.env:
+            text = self.file.get(variable)
+            if text:
+                return text, f"{variable} (in {self.file_path})"
         return None, spec.variable
+
+    def origin(self, spec: Setting) -> str:
+        """Where *spec*'s value comes from: ``override``, ``flag``, ``environment``,
+        ``file`` or ``default``."""
+        if spec.name in self.overrides:
+            return "override"
+        if self.flags.get(spec.name) is not None:
+            return "flag"
+        if any(self.environ.get(variable) for variable in spec.env):
+            return "environment"
+        if any(self.file.get(variable) for variable in spec.env):
+            return "file"
+        return "default"
 
     def value(self, spec: Setting) -> Any:
         """The parsed and checked value; on a problem, the default (None for a derived one).
@@ -536,7 +642,10 @@ class _Resolver:
         except ValueError as exc:
             problem = str(exc)
         if problem:
-            self.problems.append(f"{source}={spec.shown(text)}: {problem}")
+            # PGBROKER_POOL_SIZE='0' (in /etc/pgbroker.env): must be at least 1
+            name, _, where = source.partition(" (")
+            where = f" ({where}" if where else ""
+            self.problems.append(f"{name}={spec.shown(text)}{where}: {problem}")
             return None if spec.default is DERIVED else spec.default
         return value
 
@@ -550,19 +659,24 @@ class _Resolver:
 
 
 def load_settings(
-    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Resolve every setting (explicit flag > ``PGBROKER_*`` env > default) and validate it.
+    """Resolve every setting (explicit flag > ``PGBROKER_*`` env > ``PGBROKER_CONFIG_FILE`` >
+    default) and validate it.
 
     *flags* maps setting names (``pool_size``) to values; ``None`` means "not given". *environ*
-    defaults to the process environment. Raise `ConfigError` with one message per bad or
-    missing value, and TypeError for a name in *flags* that is no setting (a caller's bug).
+    defaults to the process environment. *overrides* (a reload's ``key=value``, by setting
+    name) win over everything. Raise `ConfigError` with one message per bad or missing value,
+    and TypeError for a name in *flags* that is no setting (a caller's bug).
     """
     flags = flags or {}
     unknown = sorted(set(flags) - set(_BY_NAME))
     if unknown:
         raise TypeError(f"unknown settings {unknown}")
-    r = _Resolver(flags, os.environ if environ is None else environ)
+    r = _Resolver(flags, os.environ if environ is None else environ, overrides)
     settings = Settings(**_values(r))  # a refused value is its default (or None) until the end
     for check in _CROSS_CHECKS:
         check(settings, r)
@@ -578,12 +692,50 @@ def lookup(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """
     spec = _BY_NAME[name]
     r = _Resolver({}, os.environ if environ is None else environ)
+    r.problems.clear()  # a bad file line about another setting is not this one's problem
     value = r.value(spec)
     if value is DERIVED:
         r.problems.append(f"{spec.variable} is not set")
     if r.problems:
         raise ConfigError(r.problems)
     return value
+
+
+def origins(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Where each setting's value comes from (`_Resolver.origin`), by setting name."""
+    r = _Resolver(flags or {}, os.environ if environ is None else environ, overrides)
+    return {spec.name: r.origin(spec) for spec in SETTINGS}
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """The ``PGBROKER_*=value`` lines of *path* (``PGBROKER_CONFIG_FILE``), by variable.
+
+    The format of a Docker or ECS environment file: one ``NAME=value`` per line, blank lines
+    and ``#`` comments ignored, an optional ``export`` and a value in matching single or
+    double quotes taken as it is. Raise OSError if the file cannot be read, ValueError naming
+    the line for a malformed line or a name that is no setting (a typo must not pass as a
+    default)."""
+    known = {variable: spec for spec in SETTINGS if not spec.internal for variable in spec.env}
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            name, sep, value = text.removeprefix("export ").partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name:
+                raise ValueError(f"line {number}: not NAME=value")
+            if name not in known or name == "PGBROKER_CONFIG_FILE":
+                raise ValueError(f"line {number}: {name} is not a setting")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[name] = value
+    return values
 
 
 def default_values() -> dict[str, Any]:
@@ -664,6 +816,17 @@ def _check_database_credentials(settings: Settings, r: _Resolver) -> None:
         )
 
 
+def _check_admin(settings: Settings, r: _Resolver) -> None:
+    if settings.admin_roles and settings.auth != "iam":
+        r.problems.append("PGBROKER_ADMIN_ROLES (IAM roles) needs PGBROKER_AUTH=iam")
+    from broker.security.admin import admin_authenticator_for_settings
+
+    try:
+        admin_authenticator_for_settings(settings)
+    except ValueError as exc:
+        r.problems.append(str(exc))
+
+
 _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_workers,
     _check_auth_listen,
@@ -672,6 +835,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_queue_weights,
     _check_authenticator,
     _check_database_credentials,
+    _check_admin,
 )
 
 
@@ -703,12 +867,19 @@ def meaning(spec: Setting) -> str:
 
 
 def markdown_table() -> str:
-    """The README's settings table (section "The broker"), one row per public setting."""
-    lines = ["| variable | flag | meaning | default |", "| --- | --- | --- | --- |"]
+    """The README's settings table (section "The broker"), one row per public setting; its
+    last column says whether ``reload`` changes the setting live or it needs a restart."""
+    lines = [
+        "| variable | flag | meaning | default | on reload |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for spec in SETTINGS:
         if spec.internal:
             continue
         variable = " or ".join(f"`{name}`" for name in spec.env)
         option = f"`{spec.option}`" if spec.option else "—"
-        lines.append(f"| {variable} | {option} | {meaning(spec)} | {shown_default(spec)} |")
+        reload = "live" if spec.live else "restart"
+        lines.append(
+            f"| {variable} | {option} | {meaning(spec)} | {shown_default(spec)} | {reload} |"
+        )
     return "\n".join(lines) + "\n"

@@ -49,6 +49,8 @@ class KeySweeper:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if self.pool.paused:  # PAUSE: nothing reaches Postgres until RESUME
+                continue
             try:
                 await self.sweep_once()
             except asyncio.CancelledError:

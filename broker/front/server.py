@@ -4,6 +4,11 @@ Start: bind the port, open the pool (exit if no database connection within
 ``connect_timeout``), log ``listening on HOST:PORT`` (a JSON line with ``port``), report
 SERVING once every pooled connection is open.
 
+Operator controls (broker/front/admin.py): SIGHUP reloads the live settings
+(broker/front/reload.py), SIGUSR1 pauses and SIGUSR2 resumes, as in PgBouncer; the same
+controls are the ``pgbroker.v1.Admin`` RPCs, behind the admin identity
+(broker/security/admin.py).
+
 Shutdown (SIGTERM/SIGINT, what ECS sends): health NOT_SERVING → stop accepting new RPCs →
 in-flight requests finish within ``shutdown_grace`` seconds (then they are cancelled and their
 backend queries with them) → close the pool → exit 0.
@@ -17,7 +22,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
 import grpc
 from aws_lambda_powertools import Logger
@@ -26,20 +33,23 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
 from broker.flow.keysweep import KeySweeper, sweep_interval
+from broker.front.admin import SIGNALS, AdminService, Controls
 from broker.front.fdlimit import DescriptorWatch, raise_nofile
 from broker.front.memory import MemoryTrimmer, tune_malloc
 from broker.front.metrics import MetricsPublisher
+from broker.front.reload import Reloader
 from broker.front.service import BrokerService
 from broker.front.stream import StreamService, stream_handler
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
 from broker.pooling.pool import Pool
 from broker.postgres.audit import read_builtin_functions
-from broker.postgres.budget import BudgetProbe
+from broker.postgres.budget import BudgetExceeded, BudgetProbe
 from broker.postgres.credentials import connect_with_credentials, credentials_for
 from broker.postgres.keys import store_status
 from broker.postgres.probe import FirstConnectionProbe
 from broker.security import tls
+from broker.security.admin import admin_authenticator_for_settings
 from broker.security.auth import authenticator_for_settings
 from broker.security.gate import AuthGate
 from broker.security.identity import AuthStats
@@ -53,6 +63,9 @@ __all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
 log = logging.getLogger("pgbroker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Broker"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+# Settings a reload hands to the callers' authenticator (rebuilt when one changes).
+_AUTH_SETTINGS = ("tokens", "tokens_secret_id", "iam_allowed_roles")
 # Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
 SHUTDOWN_DRAIN = 0.5
 
@@ -126,10 +139,14 @@ class _HandlerRecorder:
         self.handlers.update(handlers)
 
 
-def broker_method_handlers(servicer: pb_grpc.BrokerServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated method handlers of *servicer*, by method name (``Execute``, …)."""
+def broker_method_handlers(
+    servicer: Any,
+    add: Callable[[Any, Any], None] = pb_grpc.add_BrokerServicer_to_server,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated method handlers of *servicer*, by method name (``Execute``, …); *add* is
+    the generated ``add_…Servicer_to_server`` of its service."""
     recorder = _HandlerRecorder()
-    pb_grpc.add_BrokerServicer_to_server(servicer, recorder)
+    add(servicer, recorder)
     if not recorder.handlers:
         raise RuntimeError("generated code did not register method handlers")
     return recorder.handlers
@@ -138,7 +155,16 @@ def broker_method_handlers(servicer: pb_grpc.BrokerServicer) -> dict[str, grpc.R
 class BrokerServer:
     """One broker process: the pool, the gRPC server and their lifecycle."""
 
-    def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker: WorkerRole | None = None,
+        *,
+        flags: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """*flags* and *environ* are what *settings* were resolved from (the command line's
+        flags; the process environment when None): a reload resolves them again."""
         if worker is not None:
             settings = worker.apply(settings)
         self.settings = settings
@@ -182,6 +208,65 @@ class BrokerServer:
         # Gives freed result memory back to the kernel (broker/front/memory.py).
         self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
+        self._controls(flags, environ)
+
+    def _controls(self, flags: Mapping[str, Any] | None, environ: Mapping[str, str] | None) -> None:
+        """PAUSE/RESUME/RELOAD (broker/front/admin.py) and the operators' authenticator."""
+        settings, worker = self.settings, self.worker
+        self.admin_auth = admin_authenticator_for_settings(
+            settings, self.authenticator, self.auth_stats
+        )
+        self.gate: AuthGate | None = None
+        self.admin_gate: AuthGate | None = None
+        self.reloader = Reloader(
+            settings, flags, environ=environ, adjust=worker.apply if worker is not None else None
+        )
+        self.reloader.add_applier(self._apply_settings, check=self._check_budget)
+        supervisor = os.getppid() if worker is not None else None
+        self.controls = Controls(self.pool, self.reloader, supervisor)
+        self.admin = AdminService(
+            self.controls, self.service.get_stats, self.service.inflight, self.transact.holds
+        )
+
+    def _check_budget(self, old: Settings, new: Settings) -> None:
+        """A larger pool must fit the connection budget read at start (as start() checks)."""
+        if new.pool_size <= old.pool_size or self.budget_probe.budget is None:
+            return
+        try:
+            self.budget_probe.check(new.pool_size, new.max_replicas)
+        except BudgetExceeded as exc:
+            raise ValueError(f"PGBROKER_POOL_SIZE={new.pool_size}: {exc}") from None
+
+    def _apply_settings(self, old: Settings, new: Settings) -> None:
+        """A reload's live settings, into the pool, the services and the authenticators."""
+        self.settings = new
+        self.pool.reconfigure(
+            size=worker_pool_size(new),
+            max_waiting=new.max_waiting,
+            queue_timeout=new.queue_timeout,
+            max_lifetime=new.max_lifetime,
+            weights=QueueWeights.parse(new.queue_weights),
+        )
+        service = self.service
+        service.statement_timeout = new.statement_timeout
+        service.limits = limits_for(new)
+        service.inflight.limit = new.max_inflight_per_caller
+        service.role_map = RoleMap.parse(new.role_map, new.default_role)
+        service.session_audit = new.session_audit
+        self.transact.idle_transaction_timeout = new.idle_transaction_timeout
+        self.transact.transaction_timeout = new.transaction_timeout
+        self.stream.idle_timeout = new.idle_transaction_timeout
+        logging.getLogger("pgbroker").setLevel(new.log_level)
+        # A token secret is re-read by the new authenticator on its first call.
+        if new.tokens_secret_id or any(
+            getattr(old, name) != getattr(new, name) for name in _AUTH_SETTINGS
+        ):
+            self.authenticator = authenticator_for_settings(new, self.auth_stats)
+            if self.gate is not None:
+                self.gate.authenticator = self.authenticator
+        self.admin_auth = admin_authenticator_for_settings(new, self.authenticator, self.auth_stats)
+        if self.admin_gate is not None:
+            self.admin_gate.authenticator = self.admin_auth
 
     def _pool(self, settings: Settings) -> Pool:
         """The pool, connecting with *settings*' credentials through the first-connection
@@ -217,14 +302,19 @@ class BrokerServer:
         self.server = grpc.aio.server(options=grpc_options(self.settings))
         # The Broker's handlers authenticate each call themselves (wrapped once here), so no
         # interceptor runs per call; health and reflection stay open.
-        gate = AuthGate(self.authenticator, self.auth_stats)
+        self.gate = gate = AuthGate(self.authenticator, self.auth_stats)
         methods = broker_method_handlers(self.service)
         methods["Transact"] = transact_handler(self.transact)  # broker/front/transact.py
         methods["Stream"] = stream_handler(self.stream)  # broker/front/stream.py
         gate.add_service(self.server, SERVICE_NAME, methods)
+        # The operators' service, behind the admin identity only (broker/security/admin.py).
+        self.admin_gate = AuthGate(self.admin_auth, self.auth_stats)
+        admin = broker_method_handlers(self.admin, pb_grpc.add_AdminServicer_to_server)
+        self.admin_gate.add_service(self.server, ADMIN_SERVICE_NAME, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
 
     async def start(self) -> int:
@@ -353,18 +443,23 @@ class BrokerServer:
         return {k: stats[k] for k in ("pool_active", "requests_waiting")}
 
 
-async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
+async def serve(
+    settings: Settings, worker: WorkerRole | None = None, flags: Mapping[str, Any] | None = None
+) -> int:
     """Run a broker (or one *worker* of a ``--workers N`` broker) until SIGTERM/SIGINT;
-    return the process exit code."""
+    return the process exit code. SIGHUP reloads, SIGUSR1 pauses, SIGUSR2 resumes
+    (broker/front/admin.py); *flags* are the command line's, for reloads."""
     # Python's GIL switch interval stays at its 5 ms default; it is 1 ms only while a heavy
     # request is analysed on a parser thread (broker/sql/stack.py: 1 ms all the time cost a
     # third of W2's throughput, docs/performance.md).
     tune_malloc()  # before the pool's threads allocate (broker/front/memory.py)
-    server = BrokerServer(settings, worker)
+    server = BrokerServer(settings, worker, flags=flags)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, server.controls.on_signal, sig)
     # A signal during start-up (waiting for the database may take connect_timeout) stops
     # the start at once rather than after it.
     starting = asyncio.create_task(server.start())

@@ -54,6 +54,11 @@ Stream: no chunk taken within the  ReaderStalled         DEADLINE_EXCEEDED    ID
 idle timeout                                                                  TIMEOUT
 shutting down                      PoolClosed            UNAVAILABLE          SHUTTING_DOWN,
                                                                               RetryInfo
+Admin: a reload with a bad value   ReloadRefused         INVALID_ARGUMENT     BAD_REQUEST
+(front/reload.py; nothing changed)
+Admin: overrides, --workers N      NotForwardable        FAILED_PRECONDITION  BAD_REQUEST
+Admin: the supervisor did not      FanoutTimeout         UNAVAILABLE          none
+forward a control in time
 anything else (a bug)              (any exception)       INTERNAL             none; the message
                                                                               names the class only
 =================================  ====================  ===================  =====================

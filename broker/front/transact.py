@@ -72,11 +72,21 @@ class TransactService:
         self.idle_transaction_timeout = idle_transaction_timeout
         self.transaction_timeout = transaction_timeout
         self.stats = LeaseStats()
+        # The streams holding a lease now, for ShowCallers (broker/front/admin.py).
+        self.open: set[_Call] = set()
 
     def get_stats(self) -> dict[str, int]:
         """``leases_active``, ``leases_num``, ``leases_ms``, ``leases_max_ms``,
         ``leases_p50_ms`` and ``leases_ended_<how>`` for each `End`."""
         return self.stats.as_dict()
+
+    def holds(self) -> list[tuple[str, float, float]]:
+        """(caller key, monotonic BEGIN time, monotonic last step) of each open lease."""
+        return [
+            (call.key or "anonymous", call.lease.began_at, call.lease.last_active)
+            for call in self.open
+            if call.lease is not None
+        ]
 
     async def Transact(
         self,
@@ -125,6 +135,7 @@ class _Call:
                 self.service.pool, self._options(first.begin), self._bounds()
             )
             self.owner.stats.opened()
+            self.owner.open.add(self)
             end, error = End.CLIENT_GONE, None  # type: tuple[End, BaseException | None]
             try:
                 yield pb.TransactResponse(begun=pb.TransactBegun(wait_us=self.lease.wait_us))
@@ -141,6 +152,7 @@ class _Call:
                 end, error = End.ERROR, exc
                 raise
             finally:
+                self.owner.open.discard(self)
                 await self._release(end, error)
 
     async def _steps(self) -> AsyncIterator[pb.TransactResponse]:

@@ -15,6 +15,10 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
 * once every worker has started it logs ``listening on HOST:PORT`` once, with the real port;
 * it forwards SIGTERM/SIGINT to the workers, waits for them to drain and exits 0 when all of
   them exited 0;
+* it forwards SIGHUP (reload), SIGUSR1 (pause) and SIGUSR2 (resume) to every worker, logging
+  each; a worker that gets an Admin RPC sends the signal to the supervisor, so a control
+  reaches all of them (broker/front/admin.py). A worker restarted later starts unpaused with
+  the settings of that moment;
 * a worker that exits unexpectedly once serving (a crash, the OOM killer) is logged (``worker
   N was killed by SIGKILL; restarting it``, level ERROR) and started again on the same port;
   the other workers keep serving meanwhile, and only calls in flight on the dead worker fail.
@@ -68,6 +72,8 @@ _POLL = 0.2
 # every request, a broken database) then stops the broker, so the orchestrator sees it.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+# PgBouncer's control signals, forwarded to every worker: reload, pause, resume.
+_CONTROLS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,8 @@ class _Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        for sig in _CONTROLS:
+            signal.signal(sig, self._on_control)
         started = False
         try:
             started = self._start_all()
@@ -194,6 +202,17 @@ class _Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
         self._forward(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    def _on_control(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        log.info(
+            "%s: forwarding it to %d workers",
+            signal.Signals(signum).name,
+            len(self.children),
+            extra={"signal": signal.Signals(signum).name},
+        )
+        self._forward(signum)
 
     def _forward(self, sig: int) -> None:
         for child in self.children:

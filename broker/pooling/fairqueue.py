@@ -129,6 +129,11 @@ class FairQueue(Generic[_T]):
                     break
         return oldest
 
+    def waiting_by_key(self) -> dict[str | None, int]:
+        """How many live waiters each caller key has (keys without one left out)."""
+        counts = {key: sum(e.live for e in flow.entries) for key, flow in self._flows.items()}
+        return {key: n for key, n in counts.items() if n}
+
     def flows_waiting(self) -> int:
         """How many caller keys have a live waiter."""
         return sum(any(e.live for e in flow.entries) for flow in self._flows.values())

@@ -27,6 +27,14 @@ Behaviour, in PgBouncer's terms:
   out (`PgConnection.drop_statements`: DEALLOCATE ALL rides on the request's first round
   trip), so no request meets a plan whose table changed (0A000).
 
+Operator controls (broker/front/admin.py): `pause` makes every new request queue, even when a
+connection is idle, while running work (and open leases) finishes and returns its connection
+to the idle list (PgBouncer's PAUSE, except that the server connections stay open, so `resume`
+is instant); queued requests keep their ``queue_timeout`` and deadline. `resume` hands the
+idle connections to the waiters in fair order. `reconfigure` changes the size and the queue's
+bounds live: a larger pool opens the new connections in the background, a smaller one closes
+idle connections at once and busy ones as they come back.
+
 A server connection is in one `ServerState` (PgBouncer's names): ``SV_IDLE`` in the pool,
 ``SV_ACTIVE`` handed to a request, ``SV_JUSTFREE`` closed. Returning a connection that is not
 active (twice, or one never handed out) fails loudly rather than pooling it twice.
@@ -176,7 +184,8 @@ class Pool:
         self._idle: deque[ServerConnection] = deque()
         self._active: set[ServerConnection] = set()
         self.weights = weights or QueueWeights()
-        self._waiters: FairQueue[_Waiter] = FairQueue(self.weights.weight_for)
+        # Read through self.weights, so a reload's new weights apply to flows starting after it.
+        self._waiters: FairQueue[_Waiter] = FairQueue(lambda key: self.weights.weight_for(key))
         self._connecting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = count(1)
@@ -196,6 +205,10 @@ class Pool:
         self._stats: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         # Bumped when DDL commits through the broker (`statements_changed`).
         self.statement_generation = 0
+        # PAUSE: new requests queue even when a connection is idle (`pause`, `resume`).
+        self.paused = False
+        # Futures of `wait_drained` callers, resolved when no connection is active.
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -261,6 +274,100 @@ class Pool:
         self._maintenance.shutdown(wait=False)
         self._workers.shutdown(wait=False)
 
+    # -- operator controls -------------------------------------------------------------------
+
+    def pause(self) -> bool:
+        """PgBouncer's PAUSE: from now on every request queues; running work finishes. Return
+        False if the pool was paused already."""
+        if self.paused:
+            return False
+        self.paused = True
+        return True
+
+    def resume(self) -> bool:
+        """PgBouncer's RESUME: hand the idle connections to the queued requests in fair order.
+        Return False if the pool was not paused."""
+        if not self.paused:
+            return False
+        self.paused = False
+        self._serve_waiters()
+        return True
+
+    async def wait_drained(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is active (handed to a request or a lease); return False
+        if that took longer than *timeout* seconds."""
+        if not self._active:
+            return True
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if future in self._drain_waiters:
+                self._drain_waiters.remove(future)
+        return True
+
+    def reconfigure(
+        self,
+        *,
+        size: int,
+        max_waiting: int,
+        queue_timeout: float,
+        max_lifetime: float,
+        weights: QueueWeights,
+    ) -> None:
+        """Apply a reload's values. A larger *size* opens the new connections in the
+        background; a smaller one closes idle connections beyond it now and busy ones as they
+        are returned. *max_lifetime* applies to connections opened from now on."""
+        self.max_waiting = max_waiting
+        self.queue_timeout = queue_timeout
+        self.max_lifetime = max_lifetime
+        self.weights = weights
+        if size == self.size:
+            return
+        self.size = size
+        if not self._opened or self._closed:
+            return
+        if self._pooled() < size:
+            self._grow_threads(size)
+            for _ in range(size - self._pooled()):
+                self._spawn_connector("pool_size raised")
+            return
+        while self._idle and self._pooled() > size:
+            self._retire(self._idle.popleft(), "pool_size lowered")  # least recently used
+
+    def _grow_threads(self, size: int) -> None:
+        """Room for *size* transactions and connects at once: new executors; the old ones
+        finish what they run (shutdown without waiting)."""
+        old_workers, old_maintenance = self._workers, self._maintenance
+        self._workers = ThreadPoolExecutor(size, thread_name_prefix="pgbroker-worker")
+        self._maintenance = ThreadPoolExecutor(size + 2, thread_name_prefix="pgbroker-maint")
+        self._connect_slots = asyncio.Semaphore(min(size, MAX_PARALLEL_CONNECTS))
+        old_workers.shutdown(wait=False)
+        old_maintenance.shutdown(wait=False)
+
+    def _pooled(self) -> int:
+        """Server connections open or being opened."""
+        return len(self._idle) + len(self._active) + self._connecting
+
+    def _serve_waiters(self) -> None:
+        while self._waiters:
+            conn = self._take_idle()
+            if conn is None:
+                return
+            self._active.discard(conn)  # _hand_over activates it again for its waiter
+            self._hand_over(conn)
+
+    def _note_drained(self) -> None:
+        if self._active or not self._drain_waiters:
+            return
+        for future in self._drain_waiters:
+            if not future.done():
+                future.set_result(None)
+        self._drain_waiters.clear()
+
     # -- requests ----------------------------------------------------------------------------
 
     async def getconn(
@@ -281,7 +388,7 @@ class Pool:
             self._count_error("requests_expired")
             raise DeadlineExpired("the caller's deadline passed before the request was queued")
         self._stats["requests_num"] += 1
-        if not self._waiters:
+        if not self._waiters and not self.paused:
             conn = self._take_idle()
             if conn is not None:
                 return conn
@@ -329,7 +436,10 @@ class Pool:
             )
         else:
             self._count_error("requests_timeouts")
-            error = QueueTimeout(f"waited {self.queue_timeout:g}s (queue_timeout) for a connection")
+            paused = " while the broker was paused" if self.paused else ""
+            error = QueueTimeout(
+                f"waited {self.queue_timeout:g}s (queue_timeout) for a connection{paused}"
+            )
         waiter.future.set_exception(error)
 
     def _discard_waiter(self, waiter: _Waiter) -> None:
@@ -357,10 +467,13 @@ class Pool:
             close_reason = "pool closed"
         elif close_reason is None and time.monotonic() >= conn.expire_at:
             close_reason = "max_lifetime reached"
+        elif close_reason is None and self._pooled() >= self.size:
+            close_reason = "pool_size lowered"  # itself not counted: one too many
         if close_reason is not None:
             self._retire(conn, close_reason)
-            return
-        self._hand_over(conn)
+        else:
+            self._hand_over(conn)
+        self._note_drained()
 
     def _take_idle(self) -> ServerConnection | None:
         """Pop the most recently used idle connection (PgBouncer's LIFO), skipping dead ones."""
@@ -395,8 +508,9 @@ class Pool:
         self._active.add(conn)
 
     def _hand_over(self, conn: ServerConnection) -> None:
-        """Give *conn* to the next waiter in fair order still waiting, else make it idle."""
-        while (waiter := self._waiters.pop()) is not None:
+        """Give *conn* to the next waiter in fair order still waiting, else make it idle (also
+        while paused)."""
+        while not self.paused and (waiter := self._waiters.pop()) is not None:
             if waiter.future.done():
                 continue  # gave up already: skip, never hand a connection to nobody
             if waiter.deadline is not None and waiter.deadline - time.monotonic() < MIN_RUN_TIME:
@@ -424,7 +538,8 @@ class Pool:
     # -- maintenance -------------------------------------------------------------------------
 
     def _retire(self, conn: ServerConnection, reason: str) -> None:
-        """Close *conn* (reason logged) and, unless closing, start a replacement."""
+        """Close *conn* (reason logged) and, unless closing or the pool has ``size``
+        connections without it (lowered by a reload), start a replacement."""
         conn.state = ServerState.SV_JUSTFREE
         log.info(
             "closing server connection",
@@ -434,7 +549,7 @@ class Pool:
             self._loop.run_in_executor(self._maintenance, conn.pg.close_quietly)
         except RuntimeError:
             conn.pg.close_quietly()
-        if not self._closed:
+        if not self._closed and self._pooled() < self.size:
             self._spawn_connector(reason)
 
     def _spawn(self, coro: Any) -> None:
@@ -507,6 +622,9 @@ class Pool:
         if self._closed:
             self._retire(conn, "pool closed")
             return
+        if self._pooled() > self.size:  # the size was lowered while it connected
+            self._retire(conn, "pool_size lowered")
+            return
         log.debug(
             "server connection open", extra={"server_id": conn.id, "backend_pid": pg.backend_pid}
         )
@@ -542,9 +660,21 @@ class Pool:
             "requests_waiting_callers": self._waiters.flows_waiting(),
             "maxwait": int(now - oldest),
             "maxwait_us": int((now - oldest) * 1_000_000),
+            "pool_paused": int(self.paused),
+            "pool_active_max_ms": self._longest_checkout_ms(now),
         }
         stats.update(self._stats)
         return stats
+
+    def waiting_by_caller(self) -> dict[str | None, int]:
+        """Queued requests per caller key (`broker.security.limits.caller_key`)."""
+        return self._waiters.waiting_by_key()
+
+    def _longest_checkout_ms(self, now: float) -> int:
+        """How long the longest-held active connection has been out (a batch or a lease)."""
+        if not self._active:
+            return 0
+        return int((now - min(conn.checked_out_at for conn in self._active)) * 1000)
 
 
 _COUNTERS = (

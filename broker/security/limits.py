@@ -188,7 +188,8 @@ class InflightLimiter:
     """Counts running + queued requests per caller identity; event-loop confined.
 
     `hold(key)` raises `LimitExceeded` (with ``retry_after``) when *key* already has
-    *limit* requests in flight; ``key=None`` or ``limit=0`` is never limited.
+    *limit* requests in flight; ``key=None`` or ``limit=0`` is never limited (but counted,
+    for `busiest`).
     """
 
     def __init__(self, limit: int) -> None:
@@ -197,11 +198,9 @@ class InflightLimiter:
 
     @contextmanager
     def hold(self, key: str | None) -> Iterator[None]:
-        if key is None or self.limit <= 0:
-            yield
-            return
+        key = "" if key is None else key
         current = self._counts.get(key, 0)
-        if current >= self.limit:
+        if key and self.limit > 0 and current >= self.limit:
             raise LimitExceeded(
                 "PGBROKER_MAX_INFLIGHT_PER_CALLER",
                 self.limit,
@@ -223,6 +222,11 @@ class InflightLimiter:
 
     def in_flight(self, key: str) -> int:
         return self._counts.get(key, 0)
+
+    def busiest(self, limit: int) -> list[tuple[str, int]]:
+        """The *limit* caller keys with the most requests in flight (``""``: unknown callers),
+        most first."""
+        return sorted(self._counts.items(), key=lambda item: -item[1])[:limit]
 
 
 # -- fair queuing: who a request is queued as, and with what weight ------------------------------

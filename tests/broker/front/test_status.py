@@ -12,6 +12,8 @@ import broker.front.service  # noqa: F401 (imports every module that defines a f
 from broker.errors import BrokerFailure
 from broker.flow.batch import DeadlineBeforeStart, StatementFailed, TransactionLost
 from broker.flow.lease import End, LeaseTimeout, TransactionAborted
+from broker.front.admin import FanoutTimeout, NotForwardable
+from broker.front.reload import ReloadRefused
 from broker.front.service import BadRequest
 from broker.front.status import failure_for, status_for
 from broker.front.stream import ReaderStalled
@@ -173,6 +175,9 @@ CASES: list[tuple[BaseException, Expected]] = [
         AuthUnavailable("STS unreachable", retry_after=1.0),
         Expected(_S.UNAVAILABLE, Reason.AUTH_UNAVAILABLE, 1.0),
     ),
+    (ReloadRefused("pool_size: bad"), Expected(_S.INVALID_ARGUMENT, Reason.BAD_REQUEST)),
+    (NotForwardable("overrides"), Expected(_S.FAILED_PRECONDITION, Reason.BAD_REQUEST)),
+    (FanoutTimeout("no forward"), Expected(_S.UNAVAILABLE, None)),
 ]
 
 

@@ -249,3 +249,223 @@ class Broker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Pause = channel.unary_unary(
+                '/pgbroker.v1.Admin/Pause',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.PauseRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/pgbroker.v1.Admin/Resume',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/pgbroker.v1.Admin/Reload',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.ShowCallers = channel.unary_unary(
+                '/pgbroker.v1.Admin/ShowCallers',
+                request_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersRequest.SerializeToString,
+                response_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    def Pause(self, request, context):
+        """New work (Execute, Stream, Transact begin) queues; running work and open Transact leases
+        finish. With `wait`, the reply comes once nothing runs (bounded by the call's deadline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Queued work starts again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-read the settings that can change live (PGBROKER_CONFIG_FILE, secrets), with
+        `overrides` (setting name or variable -> value) on top until the next reload. A bad value
+        refuses the whole reload (INVALID_ARGUMENT, each problem named); nothing changes then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowCallers(self, request, context):
+        """The busiest callers now, and the open Transact leases (PgBouncer's SHOW CLIENTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.PauseRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ResumeRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ReloadRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.SerializeToString,
+            ),
+            'ShowCallers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowCallers,
+                    request_deserializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersRequest.FromString,
+                    response_serializer=lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pgbroker.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pgbroker.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgbroker.v1.Admin/Pause',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.PauseRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgbroker.v1.Admin/Resume',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ResumeRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgbroker.v1.Admin/Reload',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ReloadRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowCallers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgbroker.v1.Admin/ShowCallers',
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersRequest.SerializeToString,
+            lambda__client_dot___proto_dot_pgbroker_dot_v1_dot_broker__pb2.ShowCallersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -154,3 +154,97 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminStub:
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    Pause: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PauseRequest, _broker_pb2.AdminReply]
+    """New work (Execute, Stream, Transact begin) queues; running work and open Transact leases
+    finish. With `wait`, the reply comes once nothing runs (bounded by the call's deadline).
+    """
+    Resume: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ResumeRequest, _broker_pb2.AdminReply]
+    """Queued work starts again."""
+    Reload: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReloadRequest, _broker_pb2.AdminReply]
+    """Re-read the settings that can change live (PGBROKER_CONFIG_FILE, secrets), with
+    `overrides` (setting name or variable -> value) on top until the next reload. A bad value
+    refuses the whole reload (INVALID_ARGUMENT, each problem named); nothing changes then.
+    """
+    ShowCallers: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ShowCallersRequest, _broker_pb2.ShowCallersResponse]
+    """The busiest callers now, and the open Transact leases (PgBouncer's SHOW CLIENTS)."""
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Pause: _aio.UnaryUnaryMultiCallable[_broker_pb2.PauseRequest, _broker_pb2.AdminReply]  # type: ignore[assignment]
+    """New work (Execute, Stream, Transact begin) queues; running work and open Transact leases
+    finish. With `wait`, the reply comes once nothing runs (bounded by the call's deadline).
+    """
+    Resume: _aio.UnaryUnaryMultiCallable[_broker_pb2.ResumeRequest, _broker_pb2.AdminReply]  # type: ignore[assignment]
+    """Queued work starts again."""
+    Reload: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReloadRequest, _broker_pb2.AdminReply]  # type: ignore[assignment]
+    """Re-read the settings that can change live (PGBROKER_CONFIG_FILE, secrets), with
+    `overrides` (setting name or variable -> value) on top until the next reload. A bad value
+    refuses the whole reload (INVALID_ARGUMENT, each problem named); nothing changes then.
+    """
+    ShowCallers: _aio.UnaryUnaryMultiCallable[_broker_pb2.ShowCallersRequest, _broker_pb2.ShowCallersResponse]  # type: ignore[assignment]
+    """The busiest callers now, and the open Transact leases (PgBouncer's SHOW CLIENTS)."""
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """The operator's controls (PgBouncer's admin console: PAUSE, RESUME, RELOAD, SHOW). Every
+    call needs an admin identity: a token of PGBROKER_ADMIN_TOKENS (or its secret) or an IAM
+    role of PGBROKER_ADMIN_ROLES; a caller admitted to Broker only is PERMISSION_DENIED.
+    With --workers N, Pause, Resume and Reload reach every worker (through the supervisor).
+    """
+
+    @_abc_1.abstractmethod
+    def Pause(
+        self,
+        request: _broker_pb2.PauseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AdminReply, _abc.Awaitable[_broker_pb2.AdminReply]]:
+        """New work (Execute, Stream, Transact begin) queues; running work and open Transact leases
+        finish. With `wait`, the reply comes once nothing runs (bounded by the call's deadline).
+        """
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _broker_pb2.ResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AdminReply, _abc.Awaitable[_broker_pb2.AdminReply]]:
+        """Queued work starts again."""
+
+    @_abc_1.abstractmethod
+    def Reload(
+        self,
+        request: _broker_pb2.ReloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AdminReply, _abc.Awaitable[_broker_pb2.AdminReply]]:
+        """Re-read the settings that can change live (PGBROKER_CONFIG_FILE, secrets), with
+        `overrides` (setting name or variable -> value) on top until the next reload. A bad value
+        refuses the whole reload (INVALID_ARGUMENT, each problem named); nothing changes then.
+        """
+
+    @_abc_1.abstractmethod
+    def ShowCallers(
+        self,
+        request: _broker_pb2.ShowCallersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ShowCallersResponse, _abc.Awaitable[_broker_pb2.ShowCallersResponse]]:
+        """The busiest callers now, and the open Transact leases (PgBouncer's SHOW CLIENTS)."""
+
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,240 @@
+"""The operator's controls: PgBouncer's PAUSE, RESUME, RELOAD and SHOW, as the
+``pgbroker.v1.Admin`` service and as signals.
+
+=================  ======================  =========================  ==========================
+control            Admin RPC               signal (PgBouncer's too)   CLI
+=================  ======================  =========================  ==========================
+PAUSE              ``Pause``               SIGUSR1                    ``python -m broker pause``
+RESUME             ``Resume``              SIGUSR2                    ``… resume``
+RELOAD             ``Reload``              SIGHUP                     ``… reload [key=value]``
+SHOW CLIENTS       ``ShowCallers``         —                          ``… top``
+=================  ======================  =========================  ==========================
+
+`Controls` does each one in this process and logs it (PgBouncer logs every PAUSE, RESUME and
+RELOAD); `AdminService` serves the RPCs behind the admin gate (broker/security/admin.py).
+
+With ``--workers N`` a call reaches one worker, so a worker does not act on its own: it sends
+the signal to its supervisor, which forwards it to every worker (broker/front/workers.py), and
+the RPC answers once this worker has acted (its reload's outcome, or its refusal). A reload's
+``key=value`` overrides cannot travel in a signal: with workers they are refused (put the
+value in ``PGBROKER_CONFIG_FILE`` instead). ``Pause(wait=true)`` waits for the worker that
+answered; the others drain at the same time but are not waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from broker.errors import BrokerFailure, Code, Reason
+from broker.front.reload import Reloader, ReloadOutcome, ReloadRefused
+from broker.front.status import failure_for, status_for
+from broker.pooling.pool import Pool
+from broker.security.identity import current_identity
+from broker.security.limits import InflightLimiter
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+__all__ = ["SIGNALS", "AdminService", "Controls"]
+
+log = logging.getLogger("pgbroker.admin")
+
+# PgBouncer's signals: SIGHUP reloads, SIGUSR1 pauses, SIGUSR2 resumes.
+SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# How long a worker waits for the supervisor's forwarded signal to reach it.
+FANOUT_TIMEOUT = 5.0
+DEFAULT_SHOWN = 20
+
+
+class NotForwardable(BrokerFailure):
+    """A reload override sent to one worker of several: FAILED_PRECONDITION, nothing
+    changed."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.BAD_REQUEST
+
+
+class FanoutTimeout(BrokerFailure):
+    """The supervisor did not forward the signal back in time: UNAVAILABLE."""
+
+    code = Code.UNAVAILABLE
+
+
+class Controls:
+    """Pause, resume and reload this process (*pool*, *reloader*), logged; *supervisor*: the
+    pid of the ``--workers`` supervisor that fans a control out to every worker (None for a
+    single process)."""
+
+    def __init__(self, pool: Pool, reloader: Reloader, supervisor: int | None = None) -> None:
+        self.pool = pool
+        self.reloader = reloader
+        self.supervisor = supervisor
+        self.reload_attempts = 0
+        self.last_reload: ReloadOutcome | ReloadRefused = ReloadOutcome()
+
+    def pause(self, why: str) -> None:
+        if self.pool.pause():
+            stats = self.pool.get_stats()
+            log.info(
+                "PAUSE (%s): new work queues, running work finishes",
+                why,
+                extra={k: stats[k] for k in ("pool_active", "requests_waiting")},
+            )
+
+    def resume(self, why: str) -> None:
+        waiting = self.pool.get_stats()["requests_waiting"]
+        if self.pool.resume():
+            log.info("RESUME (%s): queued work starts", why, extra={"requests_waiting": waiting})
+
+    def reload(self, overrides: Mapping[str, str] | None = None, why: str = "") -> ReloadOutcome:
+        """`Reloader.reload`; the outcome (or refusal) is kept for a worker's RPC."""
+        self.reload_attempts += 1
+        try:
+            outcome = self.reloader.reload(overrides, why=why)
+        except ReloadRefused as exc:
+            self.last_reload = exc
+            raise
+        self.last_reload = outcome
+        return outcome
+
+    def on_signal(self, signum: int) -> None:
+        """The handler of `SIGNALS` on the event loop."""
+        why = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            # A refusal is logged by the reloader; the broker keeps serving.
+            with contextlib.suppress(ReloadRefused):
+                self.reload(why=why)
+        elif signum == signal.SIGUSR1:
+            self.pause(why)
+        elif signum == signal.SIGUSR2:
+            self.resume(why)
+
+    async def fan_out(self, signum: int, done: Callable[[], bool]) -> None:
+        """As a worker: ask the supervisor to send *signum* to every worker, and wait until
+        *done* says it reached this one."""
+        assert self.supervisor is not None
+        os.kill(self.supervisor, signum)
+        deadline = time.monotonic() + FANOUT_TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                raise FanoutTimeout(
+                    f"the supervisor did not forward {signal.Signals(signum).name} within"
+                    f" {FANOUT_TIMEOUT:g}s"
+                )
+            await asyncio.sleep(0.02)
+
+
+class AdminService(pb_grpc.AdminServicer):
+    """``pgbroker.v1.Admin``: *controls* act, *stats* is GetStats' figures, *inflight* and
+    *holds* (caller key, BEGIN, last step of each open lease) feed ShowCallers."""
+
+    def __init__(
+        self,
+        controls: Controls,
+        stats: Callable[[], dict[str, int]],
+        inflight: InflightLimiter,
+        holds: Callable[[], list[tuple[str, float, float]]],
+    ) -> None:
+        self.controls = controls
+        self.stats = stats
+        self.inflight = inflight
+        self.holds = holds
+
+    async def Pause(self, request: pb.PauseRequest, context: Any) -> pb.AdminReply:
+        async def act() -> str:
+            pool = self.controls.pool
+            if self.controls.supervisor is not None:
+                await self.controls.fan_out(signal.SIGUSR1, lambda: pool.paused)
+            else:
+                self.controls.pause(_who())
+            if not request.wait:
+                return "paused: new work queues; running work finishes"
+            remaining = context.time_remaining()
+            drained = await pool.wait_drained(None if remaining is None else remaining - 0.1)
+            if not drained:
+                return "paused, but work still runs (the call's deadline came first)"
+            return "paused: nothing runs"
+
+        return await self._reply(act, context)
+
+    async def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.AdminReply:
+        async def act() -> str:
+            pool = self.controls.pool
+            if self.controls.supervisor is not None:
+                await self.controls.fan_out(signal.SIGUSR2, lambda: not pool.paused)
+            else:
+                self.controls.resume(_who())
+            return "resumed"
+
+        return await self._reply(act, context)
+
+    async def Reload(self, request: pb.ReloadRequest, context: Any) -> pb.AdminReply:
+        changed: list[str] = []
+        restart: list[str] = []
+
+        async def act() -> str:
+            outcome = await self._reload(dict(request.overrides))
+            changed.extend(outcome.changed)
+            restart.extend(outcome.restart_needed)
+            return outcome.message
+
+        reply = await self._reply(act, context)
+        reply.changed.extend(changed)
+        reply.restart_needed.extend(restart)
+        return reply
+
+    async def _reload(self, overrides: dict[str, str]) -> ReloadOutcome:
+        controls = self.controls
+        if controls.supervisor is None:
+            return controls.reload(overrides, why=_who())
+        if overrides:
+            raise NotForwardable(
+                "with --workers N, a reload cannot carry key=value overrides (a signal reaches"
+                " every worker, the overrides would not): put them in PGBROKER_CONFIG_FILE"
+                " and reload; nothing changed"
+            )
+        attempts = controls.reload_attempts
+        await controls.fan_out(signal.SIGHUP, lambda: controls.reload_attempts > attempts)
+        if isinstance(controls.last_reload, ReloadRefused):
+            raise controls.last_reload
+        return controls.last_reload
+
+    async def ShowCallers(
+        self, request: pb.ShowCallersRequest, context: Any
+    ) -> pb.ShowCallersResponse:
+        limit = request.limit if request.limit > 0 else DEFAULT_SHOWN
+        waiting = self.controls.pool.waiting_by_caller()
+        reply = pb.ShowCallersResponse()
+        for key, in_flight in self.inflight.busiest(limit):
+            queued = waiting.get(key or None, 0)
+            reply.callers.add(caller=key or "anonymous", in_flight=in_flight, waiting=queued)
+        now = time.monotonic()
+        holds = sorted(self.holds(), key=lambda hold: hold[1])[:limit]
+        for caller, began_at, last_active in holds:
+            reply.leases.add(
+                caller=caller,
+                held_ms=int((now - began_at) * 1000),
+                idle_ms=int((now - last_active) * 1000),
+            )
+        return reply
+
+    async def _reply(self, act: Callable[[], Awaitable[str]], context: Any) -> pb.AdminReply:
+        try:
+            message = await act()
+        except Exception as exc:
+            failure = failure_for(exc)
+            await context.abort_with_status(status_for(failure))
+            raise AssertionError("unreachable") from exc  # abort_with_status raises
+        return pb.AdminReply(message=message, paused=self.controls.pool.paused, stats=self.stats())
+
+
+def _who() -> str:
+    """Who asked, for the log: the admin identity of the call."""
+    identity = current_identity.get()
+    return f"admin RPC by {identity}" if identity is not None else "admin RPC"
