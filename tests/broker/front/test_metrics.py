@@ -375,21 +375,25 @@ def test_running_broker_writes_emf_lines_and_a_last_one_on_sigterm(postgres: Any
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    emf: list[str] = []
+    emf: list[dict[str, Any]] = []
+    periods = 0  # service-only lines, one per period (per-target lines come after each)
     try:
         deadline = time.monotonic() + 30
         while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
             if '"_aws"' in line:
-                emf.append(line)
-                if len(emf) == 2:
-                    process.send_signal(signal.SIGTERM)
+                emf.append(assert_valid_emf(line))
+                if dimensions(emf[-1]) == [["service"]]:
+                    periods += 1
+                    if periods == 2:
+                        process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-    assert len(emf) >= 3  # two periodic lines, then the last one written while draining
-    for line in emf:
-        doc = assert_valid_emf(line)
+    service_only = [doc for doc in emf if dimensions(doc) == [["service"]]]
+    assert len(service_only) >= 3  # two periods, then the last one written while draining
+    for doc in emf:
         assert doc["service"] == "emf-test"
+    for doc in service_only:
         assert value(doc, "MaxDatabaseConnectionsAllowed") == 2
