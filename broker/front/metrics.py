@@ -99,6 +99,7 @@ __all__ = [
     "emf_record",
     "emf_records",
     "emit",
+    "targets",
 ]
 
 log = logging.getLogger("pgbroker.metrics")
@@ -165,9 +166,11 @@ def _delta(stats: Mapping[str, int], previous: Mapping[str, int] | None, key: st
     return now - before if now >= before else now
 
 
-def _line(namespace: str | None, service: str | None) -> EphemeralMetrics:
+def _line(
+    namespace: str | None, service: str | None, timestamp_ms: int | None = None
+) -> EphemeralMetrics:
     """An empty EMF document: namespace and ``service`` from the arguments or Powertools'
-    environment variables, else pgbroker's defaults."""
+    environment variables, else pgbroker's defaults; timestamped now unless given one."""
     service = service or os.environ.get("POWERTOOLS_SERVICE_NAME") or DEFAULT_SERVICE
     emf = EphemeralMetrics(
         namespace=namespace or os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or DEFAULT_NAMESPACE,
@@ -175,6 +178,8 @@ def _line(namespace: str | None, service: str | None) -> EphemeralMetrics:
     )
     # Now rather than at serialization, so ``service`` leads every dimension set.
     emf.add_dimension(name="service", value=service)
+    if timestamp_ms is not None:
+        emf.set_timestamp(timestamp_ms)
     return emf
 
 
@@ -219,10 +224,8 @@ def emf_record(
 
     Raise `aws_lambda_powertools.metrics.SchemaValidationError` if *stats* yields no metric.
     """
-    emf = _line(namespace, service)
+    emf = _line(namespace, service, timestamp_ms)
     _fill_service(emf, stats, previous)
-    if timestamp_ms is not None:
-        emf.set_timestamp(timestamp_ms)
     return dict(emf.serialize_metric_set())
 
 
@@ -273,15 +276,12 @@ def emf_records(
         emf_record(stats, previous, namespace=namespace, service=service, timestamp_ms=stamp)
     ]
     for name, figures in targets(stats).items():
-        emf = _line(namespace, service)
-        emf.set_timestamp(stamp)
-        if (record := _target_record(name, figures, emf)) is not None:
+        if (record := _target_record(name, figures, _line(namespace, service, stamp))) is not None:
             records.append(record)
     for key in stats:
         if key.startswith(FAILED_PREFIX) and len(key) > len(FAILED_PREFIX):
-            emf = _line(namespace, service)
-            emf.set_timestamp(stamp)
             failed = _delta(stats, previous, key)
+            emf = _line(namespace, service, stamp)
             records.append(_reason_record(key[len(FAILED_PREFIX) :], failed, emf))
     return records
 
