@@ -2,9 +2,11 @@
 
 Every ``interval`` seconds `MetricsPublisher` reads the broker's figures (the dict `GetStats`
 returns: psycopg_pool's names plus the broker's counters), turns them into CloudWatch metrics
-and writes one EMF JSON line to stdout. On ECS the awslogs driver ships the line and CloudWatch
+and writes EMF JSON lines to stdout: one with the broker's metrics, plus one per pool target and
+one per failure reason (below). On ECS the awslogs driver ships the lines and CloudWatch
 extracts the metrics: no agent, no ``PutMetricData`` permission, no network call from the broker.
-The autoscaling policy in ``template.yaml`` tracks ``ClientConnectionsWaiting``.
+The autoscaling policy in ``template.yaml`` tracks ``ClientConnectionsWaiting`` (``service``
+dimension only).
 
 Names follow RDS Proxy's metrics where one means the same thing, so an operator who watched a
 proxy reads these without a legend:
@@ -40,12 +42,40 @@ StreamedRows                         Count        streams_rows, this period
 StreamedBytes                        Bytes        streams_bytes (encoded rows), this period
 ==================================== ============ =========================================
 
+With per-target stats (``target.<name>.<key>``: ``primary``, ``replica1``, ...), each target
+also gets its own line, the same namespace and ``service`` plus the dimension ``Target``:
+
+==================================== ============ =========================================
+metric (dimensions service, Target)  unit         from GetStats, target.<name>.…
+==================================== ============ =========================================
+ClientConnectionsWaiting             Count        requests_waiting (gauge)
+DatabaseConnections                  Count        pool_size (gauge)
+DatabaseConnectionsCurrentlyBorrowed Count        pool_active (gauge)
+PoolUtilization                      Percent      pool_active / pool_max (gauge)
+ReplicaLag                           Milliseconds replica_lag_ms (gauge; replicas only)
+ReplicaInRotation                    Count        in_rotation (gauge, 0 or 1; replicas only)
+==================================== ============ =========================================
+
+Failed ``Execute`` calls are also counted by reason (``rpcs_failed.<REASON>``: the ErrorInfo
+reason the caller got, ``DATABASE_ERROR`` for an error Postgres raised, else the gRPC code);
+each reason seen since start gets a line with ``QueryRequestsFailed`` (Count, this period) and
+the dimension ``Reason``, so the reasons add up to the ``service``-only ``QueryRequestsFailed``.
+
 Counters in `GetStats` run since start; a metric reports the change since the previous line (a
 counter that went down was reset, and counts from zero). A latency with no request in the period
 is left out rather than reported as 0, so it does not drag an average down. A figure missing
 from the stats is left out. Namespace and the ``service`` dimension come from
 ``POWERTOOLS_METRICS_NAMESPACE`` (default ``pgbroker``) and ``POWERTOOLS_SERVICE_NAME``
-(default ``pgbroker``; the template sets the stack name).
+(default ``pgbroker``; the template sets the stack name). The autoscaling policy and the
+dashboard in ``template.yaml`` read these names (tests/deploy/ checks both against this module).
+
+Each line is built by Powertools' `EphemeralMetrics` (the EMF schema, units, dimensions and its
+limits). Not its `Metrics`: that class keeps its metrics in class attributes, shared by every
+instance in the process, so two publishers (two brokers in one test process) would mix their
+figures. Nor its ``flush_metrics``: it ``print``s to ``sys.stdout`` (the line and its newline
+in two writes, which a log line from another thread can split), and writes nothing at all when
+``POWERTOOLS_DEV`` is set, which a developer sets for readable logs. So `emit` writes a
+period's lines itself, in one write to a stream it is given.
 """
 
 from __future__ import annotations
@@ -56,15 +86,21 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
-    AmazonCloudWatchEMFProvider,
-)
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
-__all__ = ["DEFAULT_NAMESPACE", "METRIC_NAMES", "MetricsPublisher", "emf_record", "emit"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "METRIC_NAMES",
+    "MetricsPublisher",
+    "emf_record",
+    "emf_records",
+    "emit",
+    "targets",
+]
 
 log = logging.getLogger("pgbroker.metrics")
 
@@ -106,7 +142,22 @@ LATENCIES: dict[str, tuple[str, str]] = {
     "DatabaseConnectionsBorrowLatency": ("requests_wait_ms", "requests_num"),
     "QueryDatabaseResponseLatency": ("transactions_ms", "transactions_num"),
 }
+# The metrics with only the ``service`` dimension (fewer than EMF's 100 per line).
 METRIC_NAMES = frozenset([*GAUGES, *COUNTERS, *BYTE_COUNTERS, *LATENCIES, "PoolUtilization"])
+
+# Per-target stats: ``target.<name>.<key>``; metric name -> (unit, key), dimension Target.
+TARGET_PREFIX = "target."
+TARGET_GAUGES: dict[str, tuple[MetricUnit, str]] = {
+    "ClientConnectionsWaiting": (MetricUnit.Count, "requests_waiting"),
+    "DatabaseConnections": (MetricUnit.Count, "pool_size"),
+    "DatabaseConnectionsCurrentlyBorrowed": (MetricUnit.Count, "pool_active"),
+    "ReplicaLag": (MetricUnit.Milliseconds, "replica_lag_ms"),
+    "ReplicaInRotation": (MetricUnit.Count, "in_rotation"),
+}
+TARGET_METRIC_NAMES = frozenset([*TARGET_GAUGES, "PoolUtilization"])
+# Failed calls by reason: ``rpcs_failed.<REASON>`` counters, metric below, dimension Reason.
+FAILED_PREFIX = "rpcs_failed."
+FAILED_BY_REASON = "QueryRequestsFailed"
 
 
 def _delta(stats: Mapping[str, int], previous: Mapping[str, int] | None, key: str) -> int:
@@ -115,28 +166,37 @@ def _delta(stats: Mapping[str, int], previous: Mapping[str, int] | None, key: st
     return now - before if now >= before else now
 
 
-def emf_record(
-    stats: Mapping[str, int],
-    previous: Mapping[str, int] | None = None,
-    *,
-    namespace: str | None = None,
-    service: str | None = None,
-    timestamp_ms: int | None = None,
-) -> dict[str, Any]:
-    """The EMF document for *stats* (a `GetStats` dict), counters taken since *previous*.
-
-    Raise `aws_lambda_powertools.metrics.SchemaValidationError` if *stats* yields no metric.
-    """
-    emf = AmazonCloudWatchEMFProvider(
+def _line(
+    namespace: str | None, service: str | None, timestamp_ms: int | None = None
+) -> EphemeralMetrics:
+    """An empty EMF document: namespace and ``service`` from the arguments or Powertools'
+    environment variables, else pgbroker's defaults; timestamped now unless given one."""
+    service = service or os.environ.get("POWERTOOLS_SERVICE_NAME") or DEFAULT_SERVICE
+    emf = EphemeralMetrics(
         namespace=namespace or os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or DEFAULT_NAMESPACE,
-        service=service or os.environ.get("POWERTOOLS_SERVICE_NAME") or DEFAULT_SERVICE,
+        service=service,
     )
+    # Now rather than at serialization, so ``service`` leads every dimension set.
+    emf.add_dimension(name="service", value=service)
+    if timestamp_ms is not None:
+        emf.set_timestamp(timestamp_ms)
+    return emf
+
+
+def _add_utilization(emf: EphemeralMetrics, stats: Mapping[str, int]) -> None:
+    if int(stats.get("pool_max", 0)) > 0 and "pool_active" in stats:
+        utilization = 100.0 * int(stats["pool_active"]) / int(stats["pool_max"])
+        emf.add_metric(name="PoolUtilization", unit=MetricUnit.Percent, value=utilization)
+
+
+def _fill_service(
+    emf: EphemeralMetrics, stats: Mapping[str, int], previous: Mapping[str, int] | None
+) -> None:
+    """The ``service``-only metrics (the first table of the module docstring)."""
     for name, (unit, key) in GAUGES.items():
         if key in stats:
             emf.add_metric(name=name, unit=unit, value=int(stats[key]))
-    if stats.get("pool_max", 0) > 0 and "pool_active" in stats:
-        utilization = 100.0 * int(stats["pool_active"]) / int(stats["pool_max"])
-        emf.add_metric(name="PoolUtilization", unit=MetricUnit.Percent, value=utilization)
+    _add_utilization(emf, stats)
     for name, key in COUNTERS.items():
         if key in stats:
             emf.add_metric(name=name, unit=MetricUnit.Count, value=_delta(stats, previous, key))
@@ -149,9 +209,81 @@ def emf_record(
             if count > 0:
                 mean_us = 1000.0 * _delta(stats, previous, total_key) / count
                 emf.add_metric(name=name, unit=MetricUnit.Microseconds, value=mean_us)
-    if timestamp_ms is not None:
-        emf.set_timestamp(timestamp_ms)
+
+
+def emf_record(
+    stats: Mapping[str, int],
+    previous: Mapping[str, int] | None = None,
+    *,
+    namespace: str | None = None,
+    service: str | None = None,
+    timestamp_ms: int | None = None,
+) -> dict[str, Any]:
+    """The ``service``-only EMF document for *stats* (a `GetStats` dict), counters taken since
+    *previous*.
+
+    Raise `aws_lambda_powertools.metrics.SchemaValidationError` if *stats* yields no metric.
+    """
+    emf = _line(namespace, service, timestamp_ms)
+    _fill_service(emf, stats, previous)
     return dict(emf.serialize_metric_set())
+
+
+def targets(stats: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """The per-target figures in *stats*: ``{"replica1": {"pool_size": 4, ...}, ...}`` from
+    its ``target.<name>.<key>`` entries, targets in the order they first appear."""
+    found: dict[str, dict[str, int]] = {}
+    for full_key, figure in stats.items():
+        if full_key.startswith(TARGET_PREFIX):
+            name, _, key = full_key[len(TARGET_PREFIX) :].partition(".")
+            if name and key:
+                found.setdefault(name, {})[key] = int(figure)
+    return found
+
+
+def _target_record(
+    name: str, figures: Mapping[str, int], emf: EphemeralMetrics
+) -> dict[str, Any] | None:
+    """The document of one target (dimension Target), or None if it has no figure we know."""
+    emf.add_dimension(name="Target", value=name)
+    for metric, (unit, key) in TARGET_GAUGES.items():
+        if key in figures:
+            emf.add_metric(name=metric, unit=unit, value=figures[key])
+    _add_utilization(emf, figures)
+    return dict(emf.serialize_metric_set()) if emf.metric_set else None
+
+
+def _reason_record(reason: str, failed: int, emf: EphemeralMetrics) -> dict[str, Any]:
+    emf.add_dimension(name="Reason", value=reason)
+    emf.add_metric(name=FAILED_BY_REASON, unit=MetricUnit.Count, value=failed)
+    return dict(emf.serialize_metric_set())
+
+
+def emf_records(
+    stats: Mapping[str, int],
+    previous: Mapping[str, int] | None = None,
+    *,
+    namespace: str | None = None,
+    service: str | None = None,
+    timestamp_ms: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every EMF document for one period: the ``service``-only one (`emf_record`), then one
+    per target (dimension Target), then one per failure reason seen (dimension Reason), all
+    with one timestamp. A Target or Reason is a dimension value, a member of the document's
+    root, so each value needs its own document."""
+    stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+    records = [
+        emf_record(stats, previous, namespace=namespace, service=service, timestamp_ms=stamp)
+    ]
+    for name, figures in targets(stats).items():
+        if (record := _target_record(name, figures, _line(namespace, service, stamp))) is not None:
+            records.append(record)
+    for key in stats:
+        if key.startswith(FAILED_PREFIX) and len(key) > len(FAILED_PREFIX):
+            failed = _delta(stats, previous, key)
+            emf = _line(namespace, service, stamp)
+            records.append(_reason_record(key[len(FAILED_PREFIX) :], failed, emf))
+    return records
 
 
 def emit(
@@ -161,20 +293,22 @@ def emit(
     stream: TextIO | None = None,
     namespace: str | None = None,
     service: str | None = None,
-) -> dict[str, Any]:
-    """Write the EMF line for *stats* to *stream* (default stdout) and return its document."""
-    record = emf_record(stats, previous, namespace=namespace, service=service)
+) -> list[dict[str, Any]]:
+    """Write the EMF lines for *stats* to *stream* (default stdout), in one write, and return
+    their documents (the ``service``-only one first)."""
+    records = emf_records(stats, previous, namespace=namespace, service=service)
     out = stream or sys.stdout
-    out.write(json.dumps(record, separators=(",", ":")) + "\n")
+    out.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     out.flush()
-    return record
+    return records
 
 
 class MetricsPublisher:
-    """Emit one EMF line every *interval* seconds from *get_stats* while running.
+    """Emit one period's EMF lines every *interval* seconds from *get_stats* while running
+    (`lines` counts the lines written).
 
-    `start` begins the loop on the running event loop; `stop` ends it and writes a last line, so
-    a draining replica reports what it did since the previous one. A failure to read or write
+    `start` begins the loop on the running event loop; `stop` ends it and writes a last period,
+    so a draining replica reports what it did since the previous one. A failure to read or write
     is logged and the loop goes on: metrics never stop the broker.
     """
 
@@ -198,11 +332,12 @@ class MetricsPublisher:
         self._previous: dict[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def publish(self) -> dict[str, Any] | None:
-        """Emit one line now; return its document, or None if it failed (and was logged)."""
+    def publish(self) -> list[dict[str, Any]] | None:
+        """Emit one period's lines now; return their documents (the ``service``-only one
+        first), or None if it failed (and was logged)."""
         try:
             stats = dict(self.get_stats())
-            record = emit(
+            records = emit(
                 stats,
                 self._previous,
                 stream=self.stream,
@@ -213,8 +348,8 @@ class MetricsPublisher:
             log.exception("cannot publish metrics")
             return None
         self._previous = stats
-        self.lines += 1
-        return record
+        self.lines += len(records)
+        return records
 
     def start(self) -> MetricsPublisher:
         """Start publishing on the running event loop; return self."""
@@ -228,7 +363,7 @@ class MetricsPublisher:
             self.publish()
 
     async def stop(self) -> None:
-        """Stop the loop and emit a last line with the figures since the previous one."""
+        """Stop the loop and emit a last period with the figures since the previous one."""
         if self._task is None:
             return
         self._task.cancel()

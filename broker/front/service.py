@@ -82,7 +82,7 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, ExecuteOutcome, application_name, execute
 from broker.flow.stream import StreamStats
-from broker.front.status import failure_fields, failure_for, status_for
+from broker.front.status import failure_fields, failure_for, failure_reason, status_for
 from broker.pooling.pool import Pool
 from broker.postgres import keys
 from broker.postgres.params import BadParameter, Bound, bind_params
@@ -365,6 +365,10 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1
+        # By reason too, created at its first failure (the EMF metric QueryRequestsFailed by
+        # Reason, broker/front/metrics.py); the reasons add up to rpcs_failed.
+        key = f"rpcs_failed.{failure_reason(failure)}"
+        self._stats[key] = self._stats.get(key, 0) + 1
         if failure.code is Code.RESOURCE_EXHAUSTED:
             self._stats["rpcs_rejected"] += 1
         if failure.database_error is not None:

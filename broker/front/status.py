@@ -19,7 +19,7 @@ from lambda_client._status import pack
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["failure_fields", "failure_for", "status_for"]
+__all__ = ["failure_fields", "failure_for", "failure_reason", "status_for"]
 
 
 def failure_for(exc: BaseException) -> BrokerFailure:
@@ -57,3 +57,14 @@ def failure_fields(failure: BrokerFailure) -> dict[str, object]:
         "statement_index": db.statement_index if db is not None else None,
     }
     return fields
+
+
+def failure_reason(failure: BrokerFailure) -> str:
+    """What *failure* is counted as: its ErrorInfo reason (``QUEUE_FULL``, ...), else
+    ``DATABASE_ERROR`` when Postgres raised it, else its gRPC code's name (``INTERNAL``). A
+    closed set of names, so it can be a metric dimension."""
+    if failure.reason is not None:
+        return str(failure.reason.value)
+    if failure.database_error is not None:
+        return "DATABASE_ERROR"
+    return failure.code.name

@@ -16,13 +16,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from broker.config import Settings
-from broker.front.metrics import METRIC_NAMES, MetricsPublisher, emf_record, emit
+from broker.front.metrics import (
+    METRIC_NAMES,
+    TARGET_METRIC_NAMES,
+    MetricsPublisher,
+    emf_record,
+    emf_records,
+    emit,
+)
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from tests.fixtures.brokers import InProcessBroker
-from tests.support import request
+from tests.support import request, status_of
 
 # CloudWatch's units (the EMF specification's "Unit" values).
 UNITS = {
@@ -79,6 +87,24 @@ def assert_valid_emf(line: str) -> dict[str, Any]:
             assert 0 < len(values) <= 100
             assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     return doc
+
+
+def assert_valid_emf_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of *text* checked with `assert_valid_emf`; their documents, in order."""
+    assert text.endswith("\n")
+    return [assert_valid_emf(line) for line in text.splitlines(keepends=True)]
+
+
+def dimensions(doc: dict[str, Any]) -> list[list[str]]:
+    (directive,) = doc["_aws"]["CloudWatchMetrics"]
+    return list(directive["Dimensions"])
+
+
+def by_dimension(docs: list[dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    """The documents carrying dimension *name*, by its value; each value at most once."""
+    found = {doc[name]: doc for doc in docs if [["service", name]] == dimensions(doc)}
+    assert len(found) == sum(1 for doc in docs if name in doc)
+    return found
 
 
 def value(doc: dict[str, Any], name: str) -> float:
@@ -158,6 +184,87 @@ def test_namespace_and_service_come_from_powertools_environment(
     assert doc["service"] == "billing"
 
 
+TARGETS = {
+    "target.primary.pool_size": 4, "target.primary.pool_active": 3,
+    "target.primary.pool_max": 4, "target.primary.requests_waiting": 7,
+    "target.replica1.pool_size": 2, "target.replica1.pool_active": 1,
+    "target.replica1.pool_max": 4, "target.replica1.requests_waiting": 0,
+    "target.replica1.replica_lag_ms": 250, "target.replica1.in_rotation": 1,
+    "target.replica2.pool_size": 0, "target.replica2.pool_active": 0,
+    "target.replica2.pool_max": 4, "target.replica2.requests_waiting": 0,
+    "target.replica2.replica_lag_ms": 90_000, "target.replica2.in_rotation": 0,
+}  # fmt: skip
+
+
+def test_each_target_gets_a_line_with_the_target_dimension() -> None:
+    out = io.StringIO()
+    emit({**STATS, **TARGETS}, stream=out, service="orders-stack")
+    docs = assert_valid_emf_lines(out.getvalue())
+    # The service-only line comes first and is the same as without targets: the autoscaling
+    # policy and the existing graphs keep reading it.
+    assert dimensions(docs[0]) == [["service"]]
+    assert metric_names(docs[0]) == METRIC_NAMES
+    assert value(docs[0], "ClientConnectionsWaiting") == 7
+    per_target = by_dimension(docs, "Target")
+    assert list(per_target) == ["primary", "replica1", "replica2"]
+    assert len(docs) == 4
+    for doc in per_target.values():
+        assert doc["service"] == "orders-stack"
+        assert doc["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "pgbroker"
+        assert doc["_aws"]["Timestamp"] == docs[0]["_aws"]["Timestamp"]
+    primary, replica1, replica2 = per_target.values()
+    # The primary has no lag and no rotation: those metrics are left out, not sent as 0.
+    assert metric_names(primary) == TARGET_METRIC_NAMES - {"ReplicaLag", "ReplicaInRotation"}
+    assert metric_names(replica1) == metric_names(replica2) == TARGET_METRIC_NAMES
+    assert value(primary, "DatabaseConnections") == 4
+    assert value(primary, "DatabaseConnectionsCurrentlyBorrowed") == 3
+    assert value(primary, "ClientConnectionsWaiting") == 7
+    assert value(primary, "PoolUtilization") == 75.0
+    assert value(replica1, "PoolUtilization") == 25.0
+    assert value(replica1, "ReplicaLag") == 250
+    assert value(replica1, "ReplicaInRotation") == 1
+    assert value(replica2, "ReplicaLag") == 90_000
+    assert value(replica2, "ReplicaInRotation") == 0
+    assert value(replica2, "PoolUtilization") == 0.0
+    units = {m["Name"]: m["Unit"] for m in replica1["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    assert units == {
+        "DatabaseConnections": "Count",
+        "DatabaseConnectionsCurrentlyBorrowed": "Count",
+        "ClientConnectionsWaiting": "Count",
+        "PoolUtilization": "Percent",
+        "ReplicaLag": "Milliseconds",
+        "ReplicaInRotation": "Count",
+    }
+
+
+def test_target_keys_without_a_known_figure_make_no_line() -> None:
+    stats = {**STATS, "target.replica3.some_future_key": 1, "target.": 2, "target.x": 3}
+    (doc,) = emf_records(stats)
+    assert dimensions(doc) == [["service"]]
+    # A target without pool_max (or with 0) has no utilization, its other figures still go.
+    docs = emf_records({**STATS, "target.replica1.pool_active": 2, "target.replica1.pool_max": 0})
+    assert [d.get("Target") for d in docs] == [None, "replica1"]
+    assert metric_names(docs[1]) == {"DatabaseConnectionsCurrentlyBorrowed"}
+
+
+def test_failures_by_reason_are_counted_since_the_previous_line() -> None:
+    before = {**STATS, "rpcs_failed.QUEUE_FULL": 1}
+    now = {**STATS, "rpcs_failed.QUEUE_FULL": 4, "rpcs_failed.DATABASE_ERROR": 2}
+    stamp = int(time.time() * 1000) - 1000
+    docs = emf_records(now, before, timestamp_ms=stamp)
+    for doc in docs:
+        assert_valid_emf(json.dumps(doc) + "\n")
+        assert doc["_aws"]["Timestamp"] == stamp
+    reasons = by_dimension(docs, "Reason")
+    assert set(reasons) == {"QUEUE_FULL", "DATABASE_ERROR"}
+    assert value(reasons["QUEUE_FULL"], "QueryRequestsFailed") == 3
+    # A reason first seen in this period counts from zero.
+    assert value(reasons["DATABASE_ERROR"], "QueryRequestsFailed") == 2
+    # A reason with no new failure still reports 0, so its graph shows a quiet period.
+    (quiet,) = by_dimension(emf_records(now, now), "Reason")["QUEUE_FULL"]["QueryRequestsFailed"]
+    assert quiet == 0
+
+
 def test_publisher_emits_periodically_and_a_last_line_on_stop() -> None:
     out = io.StringIO()
     stats = dict(STATS)
@@ -197,19 +304,44 @@ def test_emf_carries_the_figures_a_real_broker_reports_in_getstats(
     broker = start_inproc_broker(pool_size=2)
     for _ in range(3):
         broker.execute(request("SELECT 1"))
+    # Two failures of different kinds: one Postgres raises, one the broker refuses.
+    with pytest.raises(grpc.RpcError) as raised:
+        broker.execute(request("SELECT 1/0"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as raised:
+        broker.execute(pb.ExecuteRequest())  # no statement
+    assert status_of(raised.value).reason == "BAD_REQUEST"
     reply = broker.stub().GetStats(pb.GetStatsRequest(), timeout=10)
     stats = dict(reply.stats)
     out = io.StringIO()
-    emit(stats, stream=out, service="replica-test")
-    line = out.getvalue()
-    doc = assert_valid_emf(line)
-    assert stats["rpcs_num"] >= 3 and stats["transactions_num"] >= 3
+    records = emit(stats, stream=out, service="replica-test")
+    docs = assert_valid_emf_lines(out.getvalue())
+    assert [d["_aws"]["Timestamp"] for d in docs] == [r["_aws"]["Timestamp"] for r in records]
+    doc = docs[0]
+    assert dimensions(doc) == [["service"]]
+    assert stats["rpcs_num"] >= 5 and stats["transactions_num"] >= 3
     assert value(doc, "QueryRequests") == stats["rpcs_num"]
     assert value(doc, "Transactions") == stats["transactions_num"]
+    assert value(doc, "QueryRequestsFailed") == stats["rpcs_failed"] == 2
     assert value(doc, "ClientConnectionsWaiting") == stats["requests_waiting"] == 0
     assert value(doc, "MaxDatabaseConnectionsAllowed") == stats["pool_max"] == 2
     assert value(doc, "DatabaseConnections") == stats["pool_size"]
     assert value(doc, "DatabaseConnectionsCurrentlyBorrowed") == stats["pool_active"] == 0
+    # Failures by reason: the broker counted each, and each is a line with dimension Reason.
+    assert stats["rpcs_failed.DATABASE_ERROR"] == stats["rpcs_failed.BAD_REQUEST"] == 1
+    reasons = by_dimension(docs, "Reason")
+    assert set(reasons) == {"DATABASE_ERROR", "BAD_REQUEST"}
+    for doc in reasons.values():
+        assert metric_names(doc) == {"QueryRequestsFailed"}
+        assert value(doc, "QueryRequestsFailed") == 1
+    # Per-target lines follow the target.<name>.* keys the broker reports (the primary's, and
+    # each replica's, when the broker has them).
+    per_target = by_dimension(docs, "Target")
+    assert set(per_target) == {k.split(".")[1] for k in stats if k.startswith("target.")}
+    for name, doc in per_target.items():
+        assert value(doc, "DatabaseConnections") == stats[f"target.{name}.pool_size"]
+        assert value(doc, "ClientConnectionsWaiting") == stats[f"target.{name}.requests_waiting"]
+    assert len(docs) == 1 + len(reasons) + len(per_target)
 
 
 @pytest.mark.skipif(
@@ -243,21 +375,25 @@ def test_running_broker_writes_emf_lines_and_a_last_one_on_sigterm(postgres: Any
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    emf: list[str] = []
+    emf: list[dict[str, Any]] = []
+    periods = 0  # service-only lines, one per period (per-target lines come after each)
     try:
         deadline = time.monotonic() + 30
         while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
             if '"_aws"' in line:
-                emf.append(line)
-                if len(emf) == 2:
-                    process.send_signal(signal.SIGTERM)
+                emf.append(assert_valid_emf(line))
+                if dimensions(emf[-1]) == [["service"]]:
+                    periods += 1
+                    if periods == 2:
+                        process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-    assert len(emf) >= 3  # two periodic lines, then the last one written while draining
-    for line in emf:
-        doc = assert_valid_emf(line)
+    service_only = [doc for doc in emf if dimensions(doc) == [["service"]]]
+    assert len(service_only) >= 3  # two periods, then the last one written while draining
+    for doc in emf:
         assert doc["service"] == "emf-test"
+    for doc in service_only:
         assert value(doc, "MaxDatabaseConnectionsAllowed") == 2
