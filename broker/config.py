@@ -276,8 +276,8 @@ class Settings:
         (),
         "read replicas, comma-separated URLs as `PGBROKER_DATABASE_URL` (an Aurora reader"
         " endpoint is one URL); a URL without a password uses the primary's credentials."
-        " Targets are named `replica1`, `replica2`, … in this order (docs/broker.md, \"Replicas"
-        " and routing\")",
+        ' Targets are named `replica1`, `replica2`, … in this order (docs/broker.md, "Replicas'
+        ' and routing")',
         shown_default="none",
         secret=True,
     )
@@ -292,8 +292,7 @@ class Settings:
     max_replica_lag: float = setting(
         duration,
         5.0,
-        "seconds a replica may lag behind the primary before it leaves the rotation (0: no"
-        " limit)",
+        "seconds a replica may lag behind the primary before it leaves the rotation (0: no limit)",
         check=at_least(0),
     )
     replica_fallback: str = setting(
