@@ -40,6 +40,7 @@ from broker.pooling.targets import ReplicaMonitor, Target, TargetSet
 from broker.postgres.audit import read_builtin_functions
 from broker.postgres.budget import BudgetProbe
 from broker.postgres.credentials import (
+    RenamedCredentials,
     connect_with_credentials,
     credentials_for,
     replica_credentials_for,
@@ -65,6 +66,8 @@ SHUTDOWN_DRAIN = 0.5
 # Seconds start-up waits for a read replica's first connection: a replica that is down must
 # not hold the broker's start (it joins the rotation once it answers).
 REPLICA_START_WAIT = 3.0
+# The application_name of the replica monitor's connections (one per server and worker).
+MONITOR_NAME = "pgbroker-monitor"
 
 
 def setup_logging(level: str = "INFO") -> Logger:
@@ -264,10 +267,13 @@ class BrokerServer:
     def _monitor(self, settings: Settings) -> ReplicaMonitor:
         """The replica checks, on one connection of their own per server (not pooled)."""
         timeout = max(2.0, 2 * settings.replica_check_interval)
-        connects = {"primary": self._connect(self.credentials, settings, timeout)}
+        sources = {"primary": self.credentials}
         for index, url in enumerate(settings.replica_urls, 1):
-            source = replica_credentials_for(settings, self.credentials, url)
-            connects[f"replica{index}"] = self._connect(source, settings, timeout)
+            sources[f"replica{index}"] = replica_credentials_for(settings, self.credentials, url)
+        connects = {
+            name: self._connect(RenamedCredentials(source, MONITOR_NAME), settings, timeout)
+            for name, source in sources.items()
+        }
         return ReplicaMonitor(
             self.targets,
             connects,

@@ -29,6 +29,7 @@ from broker.postgres import pg
 
 __all__ = [
     "IamTokenCredentials",
+    "RenamedCredentials",
     "ReplicaCredentials",
     "SecretCredentials",
     "StaticCredentials",
@@ -205,6 +206,22 @@ class ReplicaCredentials:
             return self._replica
         primary = self._primary.target(refresh)
         return replace(self._replica, user=primary.user, password=primary.password)
+
+
+class RenamedCredentials:
+    """*source*'s target under another ``application_name`` (the replica monitor's own
+    connections show as ``pgbroker-monitor`` in pg_stat_activity)."""
+
+    def __init__(self, source: CredentialSource, application_name: str) -> None:
+        self._source = source
+        self._name = application_name
+
+    @property
+    def refreshable(self) -> bool:
+        return self._source.refreshable
+
+    def target(self, refresh: bool = False) -> DatabaseTarget:
+        return replace(self._source.target(refresh), application_name=self._name)
 
 
 def replica_credentials_for(
