@@ -209,6 +209,29 @@ def test_a_client_reads_its_own_write_while_the_replica_lags(
     assert fresh.query(count, read_only=True).rows[0] == (3, True)
 
 
+def test_with_fallback_wait_a_read_waits_for_the_replica_then_takes_the_primary(
+    broker_with_replica: Callable[..., InProcessBroker],
+    client: Callable[..., BrokerClient],
+    admin: pg8000.native.Connection,
+    replica_admin: pg8000.native.Connection,
+    table: str,
+) -> None:
+    admin.run(f"CREATE TABLE {table} (id int)")
+    wait_replayed(admin, replica_admin)
+    broker = broker_with_replica(replica_fallback="wait", replica_wait=3)
+    db = client(broker)
+    count = f"SELECT count(*), pg_is_in_recovery() FROM {table}"
+    replica_admin.run("SELECT pg_wal_replay_pause()")
+    db.query(f"INSERT INTO {table} VALUES (1)")
+    assert db.query(count, read_only=True).rows[0] == (1, False)  # waited, then the primary
+    assert broker.stats()["replica_fallbacks"] == 1
+    # Resumed during the wait: the read runs on the replica once it has replayed the write.
+    db.query(f"INSERT INTO {table} VALUES (2)")
+    threading.Timer(0.05, replica_admin.run, ["SELECT pg_wal_replay_resume()"]).start()
+    assert db.query(count, read_only=True).rows[0] == (2, True)
+    assert broker.stats()["replica_fallbacks"] == 1
+
+
 def test_a_replica_stopped_under_load_fails_no_read_and_is_used_again(
     broker_with_replica: Callable[..., InProcessBroker],
     client: Callable[..., BrokerClient],
