@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from devtools.runas import as_user
 
@@ -173,7 +174,7 @@ class LocalPostgres:
             raise RuntimeError("LocalPostgres is not started")
         return self._workdir / "data"
 
-    def start(self) -> LocalPostgres:
+    def start(self) -> Self:
         """initdb (first time only) and start the server; raise RuntimeError with its log if
         it is not accepting connections within *start_timeout* seconds."""
         if self._workdir is None:
@@ -219,7 +220,7 @@ class LocalPostgres:
         path = self._workdir / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def __enter__(self) -> LocalPostgres:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
