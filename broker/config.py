@@ -37,6 +37,7 @@ from broker.configvalues import (
     one_of,
     parse_database_url,
     parse_listen,
+    parse_replica_urls,
     positive,
     size,
     stripped,
@@ -70,6 +71,11 @@ ENV_PREFIX = "PGBROKER_"
 # Authentication modes (`broker/security/auth.py`); `none` only on a loopback listener.
 AUTH_MODES: tuple[str, ...] = ("iam", "token", "none")
 
+# Read routing (broker/flow/routing.py): `explicit` sends only work the caller marked read_only
+# to a replica; `auto` also work the SQL plan proves read-only.
+ROUTING_MODES = ("explicit", "auto")
+# Where a read goes when no replica may take it (down, lagging, behind the caller's position).
+REPLICA_FALLBACKS = ("primary", "wait")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
 
@@ -122,6 +128,10 @@ def _auth_default(values: Mapping[str, Any]) -> str:
 def _statement_timeout(values: Mapping[str, Any]) -> float:
     # A lease may last as long as a batch may run, so neither style holds a connection longer.
     return float(values["statement_timeout"])
+
+
+def _pool_size(values: Mapping[str, Any]) -> int:
+    return int(values["pool_size"])
 
 
 def _half_of_admitted(values: Mapping[str, Any]) -> int:
@@ -235,7 +245,7 @@ def setting(
     )
     metadata = {"setting": spec}
     # A parsed database target hides its password itself; a token list cannot.
-    shown = not secret or parse is parse_database_url
+    shown = not secret or parse in (parse_database_url, parse_replica_urls)
     if default is DERIVED:
         return field(repr=shown, metadata=metadata)
     return field(default=default, repr=shown, metadata=metadata)
@@ -267,6 +277,65 @@ class Settings:
         False,
         "the password is an RDS IAM auth token made with the task role (not with"
         " `PGBROKER_DATABASE_SECRET_ID`)",
+    )
+    replica_urls: tuple[DatabaseTarget, ...] = setting(
+        parse_replica_urls,
+        (),
+        "read replicas, comma-separated URLs as `PGBROKER_DATABASE_URL` (an Aurora reader"
+        " endpoint is one URL); a URL without a password uses the primary's credentials."
+        ' Targets are named `replica1`, `replica2`, … in this order (docs/broker.md, "Replicas'
+        ' and routing")',
+        shown_default="none",
+        secret=True,
+    )
+    replica_pool_size: int = setting(
+        integer,
+        DERIVED,
+        "server connections per replica",
+        check=at_least(1),
+        derive=_pool_size,
+        shown_default="`PGBROKER_POOL_SIZE`",
+    )
+    max_replica_lag: float = setting(
+        duration,
+        5.0,
+        "seconds a replica may lag behind the primary before it leaves the rotation (0: no limit)",
+        check=at_least(0),
+    )
+    replica_fallback: str = setting(
+        lowercase,
+        "primary",
+        "where a read goes when no replica may take it (down, lagging, or behind the caller's"
+        " read-your-writes position): `primary` at once, or `wait` up to"
+        " `PGBROKER_REPLICA_WAIT` for one, then the primary",
+        choices=REPLICA_FALLBACKS,
+    )
+    replica_wait: float = setting(
+        duration,
+        1.0,
+        "with `PGBROKER_REPLICA_FALLBACK=wait`: seconds a read waits for a replica",
+        check=at_least(0),
+    )
+    replica_check_interval: float = setting(
+        duration,
+        1.0,
+        "seconds between replica health and replay-position checks",
+        check=positive,
+    )
+    routing: str = setting(
+        lowercase,
+        "explicit",
+        "which work goes to a replica: `explicit` (what the caller marks `read_only`) or"
+        " `auto` (also SELECTs the SQL plan proves read-only: no locking clause, no"
+        " data-modifying CTE, only functions `pg_proc` marks stable or immutable)",
+        choices=ROUTING_MODES,
+    )
+    routing_hook: str = setting(
+        stripped,
+        "",
+        "`module:function` called with the caller and the statements of each batch or"
+        " stream; it returns a target name (`primary`, `replica1`, …) or None for the"
+        " built-in routing (pgbouncer-rr's `routing_rules`)",
     )
     listen_address: tuple[str, int] = setting(
         parse_listen,
@@ -827,6 +896,17 @@ def _check_admin(settings: Settings, r: _Resolver) -> None:
         r.problems.append(str(exc))
 
 
+def _check_routing_hook(settings: Settings, r: _Resolver) -> None:
+    if not settings.routing_hook:
+        return
+    module, colon, function = settings.routing_hook.partition(":")
+    if not (module.strip() and colon and function.strip()):
+        r.problems.append(
+            f"PGBROKER_ROUTING_HOOK={settings.routing_hook!r}: must be module:function,"
+            " e.g. myapp.routing:route"
+        )
+
+
 _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_workers,
     _check_auth_listen,
@@ -836,6 +916,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings, _Resolver], None], ...] = (
     _check_authenticator,
     _check_database_credentials,
     _check_admin,
+    _check_routing_hook,
 )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "one_of",
     "parse_database_url",
     "parse_listen",
+    "parse_replica_urls",
     "positive",
     "size",
     "stripped",
@@ -183,6 +184,19 @@ def parse_database_url(url: str) -> DatabaseTarget:
         sslrootcert=query.get("sslrootcert"),
         application_name=query.get("application_name", "pgbroker"),
     )
+
+
+def parse_replica_urls(text: str) -> tuple[DatabaseTarget, ...]:
+    """Comma-separated database URLs (``PGBROKER_REPLICA_URLS``), each parsed as
+    `parse_database_url` does; blanks between commas are ignored. Messages name the URL by its
+    position, never by its text (it may hold a password)."""
+    targets = []
+    for index, url in enumerate(part for part in text.split(",") if part.strip()):
+        try:
+            targets.append(parse_database_url(url))
+        except ValueError as exc:
+            raise ValueError(f"replica URL {index + 1} {exc}") from None
+    return tuple(targets)
 
 
 def worker_marker(text: str) -> tuple[int, int, int]:

@@ -23,11 +23,13 @@ from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from devtools.runas import as_user
 
 __all__ = [
     "LocalPostgres",
+    "LocalReplica",
     "PostgresNotFound",
     "embedded_bindir",
     "find_bindir",
@@ -172,7 +174,7 @@ class LocalPostgres:
             raise RuntimeError("LocalPostgres is not started")
         return self._workdir / "data"
 
-    def start(self) -> LocalPostgres:
+    def start(self) -> Self:
         """initdb (first time only) and start the server; raise RuntimeError with its log if
         it is not accepting connections within *start_timeout* seconds."""
         if self._workdir is None:
@@ -218,7 +220,7 @@ class LocalPostgres:
         path = self._workdir / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def __enter__(self) -> LocalPostgres:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -331,3 +333,53 @@ class LocalPostgres:
                 return int(pidfile.read_text().splitlines()[0])
             time.sleep(0.05)
         raise RuntimeError(f"postgres started but wrote no pid file\n{self.log()[-2000:]}")
+
+
+class LocalReplica(LocalPostgres):
+    """A streaming read replica of the running *primary* (a `LocalPostgres`): ``pg_basebackup
+    -R`` as the server account into a fresh directory, then a hot standby on its own loopback
+    port. `start`, `shutdown`, `stop` and `restart` work as for the primary."""
+
+    def __init__(self, primary: LocalPostgres, *, start_timeout: float = 60.0) -> None:
+        super().__init__(
+            max_connections=primary.max_connections,
+            host=primary.host,
+            bindir=primary.bindir,
+            start_timeout=start_timeout,
+        )
+        self.primary = primary
+
+    def _initdb(self) -> None:
+        """The base backup instead of initdb, then this server's own port and socket."""
+        self._workdir = Path(tempfile.mkdtemp(prefix="pgbroker-replica-"))
+        if self._os_user is not None:
+            entry = pwd.getpwnam(self._os_user)
+            os.chown(self._workdir, entry.pw_uid, entry.pw_gid)
+        os.chmod(self._workdir, 0o700)
+        self._make_bindir_reachable()
+        primary = self.primary
+        self._run(
+            str(self.bindir / "pg_basebackup"),
+            "-D",
+            str(self.datadir),
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.user,
+            "-R",  # standby.signal and primary_conninfo: a streaming replica
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        )
+        conf = {
+            "port": self.port,
+            "listen_addresses": f"'{self.host}'",
+            "unix_socket_directories": f"'{self._workdir}'",
+            "hot_standby": "on",
+        }
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.writelines(f"{key} = {value}\n" for key, value in conf.items())

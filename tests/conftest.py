@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.brokers",
     "tests.fixtures.aws",
+    "tests.fixtures.replicas",
 ]

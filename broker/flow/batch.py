@@ -61,6 +61,7 @@ from broker.postgres.pg import (
     Phase,
     TransactionStatus,
 )
+from broker.postgres.replication import POSITION_SQL, wal_position
 from broker.security.roles import quote_role
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -69,12 +70,14 @@ __all__ = [
     "Batch",
     "DeadlineBeforeStart",
     "ExecuteOutcome",
+    "Ran",
     "StatementFailed",
     "TransactionLost",
     "application_name",
     "begin_sql",
     "execute",
     "rollback",
+    "run_batch",
     "run_transaction",
     "statement_timeout_ms",
 ]
@@ -125,6 +128,9 @@ class Batch:
     # Called with the results before COMMIT when a statement returns rows (the result limits,
     # broker/security/limits.py); what it raises rolls the batch back and reaches the caller.
     result_check: Callable[[list[pb.StatementResult]], None] | None = None
+    # Read-your-writes (broker/flow/routing.py): read the commit's WAL position behind COMMIT
+    # (or behind a single statement), in the same flush. Set only when replicas exist.
+    report_position: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -256,6 +262,17 @@ class ExecuteOutcome:
     wait_us: int
     run_us: int
     backend_pid: int
+    # The commit's WAL position (`Batch.report_position`), else 0.
+    commit_lsn: int = 0
+
+
+@dataclass
+class Ran:
+    """What `run_batch` returns: the results and, with `Batch.report_position`, the commit's
+    WAL position (0 otherwise)."""
+
+    results: list[pb.StatementResult]
+    commit_lsn: int = 0
 
 
 def application_name(function: str | None, request_id: str | None) -> str:
@@ -315,6 +332,13 @@ def run_transaction(
     Raise `StatementFailed` (rolled back), `TransactionLost` (link broke) or
     `DeadlineBeforeStart` (nothing sent).
     """
+    return run_batch(conn, batch, deadline, statement_timeout).results
+
+
+def run_batch(
+    conn: PgConnection, batch: Batch, deadline: float | None, statement_timeout: float
+) -> Ran:
+    """`run_transaction`, with the commit's WAL position when the batch asks for it."""
     try:
         try:
             try:
@@ -343,11 +367,18 @@ def _check_session(conn: PgConnection, batch: Batch) -> None:
 
 def _run_once(
     conn: PgConnection, batch: Batch, deadline: float | None, statement_timeout: float
-) -> list[pb.StatementResult]:
+) -> Ran:
     timeout_ms = statement_timeout_ms(deadline, statement_timeout)
     if batch.explicit:
-        return _run_explicit(conn, batch, timeout_ms)
-    return [_run_single(conn, batch, timeout_ms)]
+        results = _run_explicit(conn, batch, timeout_ms)
+    else:
+        results = [_run_single(conn, batch, timeout_ms)]
+    if not batch.report_position:
+        return Ran(results)
+    # Read behind COMMIT in the same flush; a keyed batch answered from the store (an earlier
+    # attempt committed) had no COMMIT to read it behind: one more round trip then.
+    position = wal_position(conn.after_rows) or wal_position(conn.execute_simple(POSITION_SQL))
+    return Ran(results, position)
 
 
 def _plan_changed(conn: PgConnection, batch: Batch, exc: StatementFailed) -> bool:
@@ -386,6 +417,8 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
         after += "; RESET application_name"
     if batch.reset_session:
         after = RESET_SQL  # resets both, and whatever else the statement set
+    if batch.report_position:
+        after = f"{POSITION_SQL}; {after}"  # its row first: the probe's stays last
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
@@ -433,8 +466,10 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
 
 
 def _commit_sql(batch: Batch) -> str:
-    """COMMIT, and the session reset and probe behind it (broker/postgres/audit.py)."""
-    return "COMMIT; " + RESET_SQL if batch.reset_session else "COMMIT"
+    """COMMIT, the commit's WAL position when asked for, and the session reset and probe
+    behind it (broker/postgres/audit.py; its row stays the last)."""
+    sql = f"COMMIT; {POSITION_SQL}" if batch.report_position else "COMMIT"
+    return f"{sql}; {RESET_SQL}" if batch.reset_session else sql
 
 
 def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
@@ -479,7 +514,7 @@ async def execute(
         conn = await pool.getconn(deadline, key=batch.queue_key)
         checked_out = time.monotonic()
         try:
-            results = await _run_on(pool, conn, batch, deadline, statement_timeout)
+            ran = await _run_on(pool, conn, batch, deadline, statement_timeout)
         except TransactionLost as exc:
             if exc.nothing_committed and attempt_no < MAX_ATTEMPTS and not _expired(deadline):
                 log.info(
@@ -497,7 +532,8 @@ async def execute(
             pool.statements_changed()  # committed: other connections' plans may not fit
         done = time.monotonic()
         return ExecuteOutcome(
-            results=results,
+            results=ran.results,
+            commit_lsn=ran.commit_lsn,
             wait_us=int((checked_out - arrived) * 1_000_000),
             run_us=int((done - checked_out) * 1_000_000),
             backend_pid=conn.pg.backend_pid,
@@ -514,11 +550,11 @@ async def _run_on(
     batch: Batch,
     deadline: float | None,
     statement_timeout: float,
-) -> list[pb.StatementResult]:
+) -> Ran:
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
     attempt = Attempt(conn)
     loop = asyncio.get_running_loop()
-    work = pool.run_in_worker(run_transaction, conn.pg, batch, deadline, statement_timeout)
+    work = pool.run_in_worker(run_batch, conn.pg, batch, deadline, statement_timeout)
     attempt.work = work
     watchdog = None
     if deadline is not None:

@@ -56,6 +56,7 @@ from broker.postgres import keys
 from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
+from broker.postgres.replication import POSITION_SQL, wal_position
 from broker.sql.plan import RequestPlan, StatementPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -185,6 +186,9 @@ class Lease:
         self._attempt = Attempt(conn)
         # A step was DDL: its COMMIT drops the pool's prepared statements (broker/pooling).
         self.ran_ddl = False
+        # Read-your-writes (broker/flow/routing.py): read the WAL position behind COMMIT.
+        self.report_position = False
+        self.commit_lsn = 0
 
     # -- opening -------------------------------------------------------------------------
 
@@ -329,14 +333,20 @@ class Lease:
         if claim is not None:
             sql = keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
             sql = "SET LOCAL ROLE NONE; " + sql + "; COMMIT"
+        if self.report_position:
+            sql += "; " + POSITION_SQL
         try:
-            await self._on_worker(_end, sql, self.reset_session)
+            rows = await self._on_worker(_end, sql, self.reset_session)
         except StatementFailed as exc:
             if claim is None or not keys.is_claimed(exc.error):
                 raise
             await self._on_worker(_replayed, claim)
+            if self.report_position:  # the earlier attempt's commit is behind this position
+                self.commit_lsn = wal_position(await self._on_worker(_read_position))
             return True
         self.committed = True
+        if self.report_position:
+            self.commit_lsn = wal_position(rows)
         if self.ran_ddl:
             self.pool.statements_changed()  # other connections' plans may no longer fit
         return False
@@ -475,10 +485,10 @@ def _run_statements(
         raise TransactionLost(exc, nothing_committed=True) from exc
 
 
-def _end(conn: PgConnection, sql: str, reset: bool = False) -> None:
+def _end(conn: PgConnection, sql: str, reset: bool = False) -> list[list[Any]]:
     """COMMIT or ROLLBACK (with *reset*, the session reset and probe behind it in the same
-    round trip); a broken link during COMMIT leaves the outcome unknown unless the server
-    said it was ending the session (as for a batch)."""
+    round trip); return the rows *sql* produced. A broken link during COMMIT leaves the
+    outcome unknown unless the server said it was ending the session (as for a batch)."""
     try:
         rows = conn.execute_simple(sql + "; " + RESET_SQL if reset else sql)
     except PgError as exc:
@@ -491,6 +501,16 @@ def _end(conn: PgConnection, sql: str, reset: bool = False) -> None:
         raise TransactionLost(exc, nothing_committed=certain) from exc
     if reset and (leaked := probe_leaks(rows)):
         conn.session_dirty = ", ".join(leaked)
+    return rows
+
+
+def _read_position(conn: PgConnection) -> list[list[Any]]:
+    try:
+        return conn.execute_simple(POSITION_SQL)
+    except PgError as exc:
+        raise StatementFailed(exc, -1) from exc
+    except ConnectionLost as exc:
+        raise TransactionLost(exc, nothing_committed=False) from exc
 
 
 def _audit_or_none(conn: PgConnection) -> str | None:

@@ -74,16 +74,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, ExecuteOutcome, application_name, execute
+from broker.flow.routing import Router, run_on_replica_or_primary
 from broker.flow.stream import StreamStats
 from broker.front.status import failure_fields, failure_for, failure_reason, status_for
 from broker.pooling.pool import Pool
+from broker.pooling.targets import Target, TargetSet
 from broker.postgres import keys
 from broker.postgres.params import BadParameter, Bound, bind_params
 from broker.security.identity import AuthStats, Identity, current_identity
@@ -206,8 +208,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         role_map: RoleMap | None = None,
         session_audit: str = "opaque",
         idempotency_ttl: float = 86400.0,
+        router: Router | None = None,
     ) -> None:
         self.pool = pool
+        # Primary and read replicas (broker/flow/routing.py); without replicas, the pool alone.
+        self.router = router or Router(TargetSet(Target("primary", pool)))
         self.statement_timeout = statement_timeout
         # Constant figures added to GetStats (a worker's index and pid with --workers N > 1).
         self.extra_stats: dict[str, int] = {}
@@ -243,7 +248,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             try:
                 batch = await self._batch(request, call, small)
                 with self.inflight.hold(call.key):
-                    outcome = await execute(self.pool, batch, deadline, self.statement_timeout)
+                    outcome = await self._execute(request, batch, call, deadline)
                 # A single statement committed as it completed: checked now (completed=true).
                 check_results(outcome.results, self.limits)
             except Exception as exc:
@@ -254,8 +259,39 @@ class BrokerService(pb_grpc.BrokerServicer):
                 raise AssertionError("unreachable") from exc  # abort_with_status raises
         self._count_done(outcome, call, len(request.statements))
         return pb.ExecuteResponse(
-            results=outcome.results, wait_us=outcome.wait_us, run_us=outcome.run_us
+            results=outcome.results,
+            wait_us=outcome.wait_us,
+            run_us=outcome.run_us,
+            commit_lsn=outcome.commit_lsn,
         )
+
+    async def _execute(
+        self, request: pb.ExecuteRequest, batch: Batch, call: _Caller, deadline: float
+    ) -> ExecuteOutcome:
+        """Run *batch* on the primary, or where the routing sends it when replicas exist
+        (broker/flow/routing.py: the commit's position is read behind a write's COMMIT)."""
+        router = self.router
+        if not router.replicas:  # W1's path: no routing, no position
+            return await execute(self.pool, batch, deadline, self.statement_timeout)
+        options = request.options
+        routing = await router.choose(
+            read_only=options.read_only,
+            plan=batch.plan,
+            sqls=[statement.sql for statement in request.statements],
+            caller=call.caller,
+            after_lsn=options.after_lsn,
+            isolation=options.isolation,
+        )
+        on_primary = replace(batch, report_position=routing.report_position)
+        # A read claims no idempotency key: the store is on the primary (and reads need none).
+        on_replica = replace(batch, claim=None)
+
+        def run(target: Target) -> Any:
+            chosen = on_replica if target.replica else on_primary
+            return execute(target.pool, chosen, deadline, self.statement_timeout)
+
+        outcome, _ = await run_on_replica_or_primary(router, routing, run)
+        return outcome  # type: ignore[no-any-return]
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         """The call's monotonic deadline. A caller without one is still bounded (issue 6):
@@ -387,6 +423,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         stats.update(self._stats)
         stats.update(self.auth_stats.as_dict())
         stats.update(self.extra_stats)
+        stats.update(self.router.get_stats())
         for source in self.stats_sources:
             stats.update(source())
         return stats

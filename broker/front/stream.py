@@ -19,15 +19,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, application_name
+from broker.flow.routing import stream_on_replica_or_primary
 from broker.flow.stream import StreamStats, stream_rows
 from broker.front.service import BrokerService, analyse, lambda_metadata
 from broker.front.status import failure_for, status_for
+from broker.pooling.targets import Target
 from broker.security.identity import current_identity
 from broker.security.limits import caller_key
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -82,16 +85,27 @@ class StreamService:
                     queue_key=key,
                 )
                 self.stats.counters["streams_num"] += 1
-                chunks = stream_rows(
-                    service.pool,
-                    options,
-                    request.statement,
-                    plan.statements[0],
-                    bound[0],
-                    deadline,
-                    service.statement_timeout,
-                    request.chunk_rows,
+                routing = await service.router.choose(
+                    read_only=request.read_only,
+                    plan=plan,
+                    sqls=[request.statement.sql],
+                    caller=caller,
+                    after_lsn=request.after_lsn,
                 )
+
+                def open_stream(target: Target) -> AsyncIterator[pb.RowChunk]:
+                    return stream_rows(
+                        target.pool,
+                        options,
+                        request.statement,
+                        plan.statements[0],
+                        bound[0],
+                        deadline,
+                        service.statement_timeout,
+                        request.chunk_rows,
+                    )
+
+                chunks = stream_on_replica_or_primary(service.router, routing, open_stream)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         await self._write(context, chunk)

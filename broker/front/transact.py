@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -34,8 +34,10 @@ import grpc
 from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
+from broker.flow.routing import run_on_replica_or_primary
 from broker.front.service import BrokerService, analyse, lambda_metadata
 from broker.front.status import failure_fields, failure_for, status_for
+from broker.pooling.targets import Target
 from broker.security.identity import current_identity
 from broker.security.limits import caller_key, check_results
 from broker.sql.plan import RequestPlan
@@ -131,9 +133,7 @@ class _Call:
             first = await self._next(None)
             if first.WhichOneof("step") != "begin":
                 raise StepRefused("the first request of a Transact stream must be begin")
-            self.lease = await Lease.begin(
-                self.service.pool, self._options(first.begin), self._bounds()
-            )
+            self.lease = await self._begin(first.begin)
             self.owner.stats.opened()
             self.owner.open.add(self)
             end, error = End.CLIENT_GONE, None  # type: tuple[End, BaseException | None]
@@ -174,7 +174,10 @@ class _Call:
                     await lease.rollback()
                 run_us = int((time.monotonic() - lease.began_at) * 1_000_000)
                 ended = pb.TransactEnded(
-                    committed=lease.committed or replayed, run_us=run_us, replayed=replayed
+                    committed=lease.committed or replayed,
+                    run_us=run_us,
+                    replayed=replayed,
+                    commit_lsn=lease.commit_lsn,
                 )
                 yield pb.TransactResponse(ended=ended)
                 return
@@ -265,6 +268,30 @@ class _Call:
             await asyncio.wait_for(write, max(0.0, bound[0] - time.monotonic()))
         except TimeoutError:
             raise lease.timeout(bound[1]) from None
+
+    async def _begin(self, begin: pb.TransactionOptions) -> Lease:
+        """Lease a connection where the routing says (broker/flow/routing.py: a transaction
+        begun read_only may run on a replica; any other on the primary, which then reads the
+        commit's position behind COMMIT) and BEGIN."""
+        options, bounds = self._options(begin), self._bounds()
+        router = self.service.router
+        if not router.replicas:
+            return await Lease.begin(self.service.pool, options, bounds)
+        routing = await router.choose(
+            read_only=begin.read_only,
+            plan=None,
+            sqls=(),
+            caller=self.caller,
+            after_lsn=begin.after_lsn,
+            isolation=begin.isolation,
+        )
+
+        def begin_on(target: Target) -> Awaitable[Lease]:
+            return Lease.begin(target.pool, options, bounds)
+
+        lease, target = await run_on_replica_or_primary(router, routing, begin_on)
+        lease.report_position = routing.report_position and not target.replica
+        return lease
 
     def _options(self, options: pb.TransactionOptions) -> Batch:
         if options.isolation not in pb.IsolationLevel.values():

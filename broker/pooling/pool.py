@@ -442,6 +442,18 @@ class Pool:
             )
         waiter.future.set_exception(error)
 
+    def fail_waiters(self, why: str) -> int:
+        """Fail every waiting request at once with `PoolUnavailable` (*why*), e.g. when its
+        read replica left the rotation and the request should go elsewhere now rather than
+        after ``queue_timeout``; return how many there were. Nothing they asked for ran."""
+        failed = 0
+        while (waiter := self._waiters.pop()) is not None:
+            if not waiter.future.done():
+                self._count_error("requests_timeouts")
+                waiter.future.set_exception(PoolUnavailable(why))
+                failed += 1
+        return failed
+
     def _discard_waiter(self, waiter: _Waiter) -> None:
         self._waiters.remove(waiter)
 

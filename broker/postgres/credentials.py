@@ -29,10 +29,13 @@ from broker.postgres import pg
 
 __all__ = [
     "IamTokenCredentials",
+    "RenamedCredentials",
+    "ReplicaCredentials",
     "SecretCredentials",
     "StaticCredentials",
     "connect_with_credentials",
     "credentials_for",
+    "replica_credentials_for",
 ]
 
 log = logging.getLogger("pgbroker.credentials")
@@ -184,6 +187,52 @@ def credentials_for(settings: Any) -> CredentialSource:
     if settings.database_iam_auth:
         return IamTokenCredentials(base, settings.aws_region or None)
     return StaticCredentials(base)
+
+
+class ReplicaCredentials:
+    """A read replica's URL (``PGBROKER_REPLICA_URLS``) as it is when it has a password,
+    else with the primary's user and password (from its URL or secret, re-read with it)."""
+
+    def __init__(self, primary: CredentialSource, replica: DatabaseTarget) -> None:
+        self._primary = primary
+        self._replica = replica
+
+    @property
+    def refreshable(self) -> bool:
+        return self._replica.password is None and self._primary.refreshable
+
+    def target(self, refresh: bool = False) -> DatabaseTarget:
+        if self._replica.password is not None:
+            return self._replica
+        primary = self._primary.target(refresh)
+        return replace(self._replica, user=primary.user, password=primary.password)
+
+
+class RenamedCredentials:
+    """*source*'s target under another ``application_name`` (the replica monitor's own
+    connections show as ``pgbroker-monitor`` in pg_stat_activity)."""
+
+    def __init__(self, source: CredentialSource, application_name: str) -> None:
+        self._source = source
+        self._name = application_name
+
+    @property
+    def refreshable(self) -> bool:
+        return self._source.refreshable
+
+    def target(self, refresh: bool = False) -> DatabaseTarget:
+        return replace(self._source.target(refresh), application_name=self._name)
+
+
+def replica_credentials_for(
+    settings: Any, primary: CredentialSource, replica: DatabaseTarget
+) -> CredentialSource:
+    """The credential source of one read replica: an RDS IAM token signed for the replica's
+    own host with ``PGBROKER_DATABASE_IAM_AUTH``, else `ReplicaCredentials`."""
+    if settings.database_iam_auth and replica.password is None:
+        user = replica.user if replica.user != "postgres" else settings.database.user
+        return IamTokenCredentials(replace(replica, user=user), settings.aws_region or None)
+    return ReplicaCredentials(primary, replica)
 
 
 def connect_with_credentials(

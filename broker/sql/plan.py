@@ -13,7 +13,9 @@ one tree travel with the batch, so nothing downstream parses again:
 * how many values it takes (its highest ``$n``), so a wrong count is refused before anything
   is sent (broker/postgres/pg.py);
 * whether it is DDL (`StatementPlan.ddl`), so the pool's prepared statements are dropped once
-  it commits (broker/pooling/pool.py, "statement cache" in docs/broker.md).
+  it commits (broker/pooling/pool.py, "statement cache" in docs/broker.md);
+* whether a read replica may run it (`StatementPlan.replica_safe`) and the functions it calls
+  by name (`StatementPlan.functions`), for ``PGBROKER_ROUTING=auto`` (broker/flow/routing.py).
 
 Plans are cached by SQL text (and the broker-wide ``role_locked``) in one LRU of
 ``CACHE_ENTRIES`` plans, for texts up to ``CACHE_MAX_SQL_CHARS`` characters: an application's
@@ -98,6 +100,11 @@ class StatementPlan:
     read_only: bool = False
     autocommit_only: bool = False
     ddl: bool = False
+    # Read routing: ``read_only`` without a locking clause (FOR UPDATE/SHARE, anywhere) and not
+    # opaque; ``functions`` are the called names as written (``f`` or ``schema.f``), whose
+    # pg_proc.provolatile the routing still checks.
+    replica_safe: bool = False
+    functions: frozenset[str] = frozenset()
 
     def calls_unknown_function(self, known: frozenset[str] | None) -> bool:
         """True if this calls a function not among *known* (pg_catalog's names; None when
@@ -117,6 +124,17 @@ class RequestPlan:
     def ddl(self) -> bool:
         """True if a statement is DDL (`StatementPlan.ddl`)."""
         return any(plan.ddl for plan in self.statements)
+
+    @property
+    def replica_safe(self) -> bool:
+        """True if every statement may run on a read replica, functions aside
+        (`StatementPlan.replica_safe`)."""
+        return bool(self.statements) and all(plan.replica_safe for plan in self.statements)
+
+    @property
+    def functions(self) -> frozenset[str]:
+        """The functions the statements call, by name as written."""
+        return frozenset().union(*(plan.functions for plan in self.statements))
 
     @property
     def needs_audit(self) -> bool:
@@ -194,17 +212,31 @@ def _plan(sql: str, role_locked: bool) -> StatementPlan:
         return _unparsed(sql, TOO_DEEP)
     nodes = [node for raw in raw_statements for node in walk(raw.stmt)]
     calls = [function_name(node) for node in nodes if isinstance(node, ast.FuncCall)]
+    read_only = _read_only(raw_statements, nodes, calls)
+    opaque = any(isinstance(node, ast.DoStmt | ast.CallStmt) for node in nodes)
+    locking = any(isinstance(node, ast.SelectStmt) and node.lockingClause for node in nodes)
     return StatementPlan(
         refusal=classify(raw_statements, role_locked),
-        opaque=any(isinstance(node, ast.DoStmt | ast.CallStmt) for node in nodes),
+        opaque=opaque,
         placeholders=_highest_placeholder(raw_statements, nodes),
         catalog_calls=frozenset(name for name in calls if name),
         foreign_call="" in calls,
         transaction_scoped=transaction_scoped(raw_statements),
-        read_only=_read_only(raw_statements, nodes, calls),
+        read_only=read_only,
         autocommit_only=any(_autocommit_only(raw.stmt) for raw in raw_statements),
         ddl=any(_is_ddl(raw.stmt) for raw in raw_statements),
+        replica_safe=read_only and not opaque and not locking,
+        functions=frozenset(
+            _written_name(node) for node in nodes if isinstance(node, ast.FuncCall)
+        ),
     )
+
+
+def _written_name(call: ast.FuncCall) -> str:
+    """A call's function name as written: ``f``, or ``schema.f`` (a database qualifier is
+    left out)."""
+    parts = [str(getattr(p, "sval", "")) for p in (call.funcname or ())]
+    return ".".join(parts[-2:])
 
 
 # Built-ins with effects a second run would repeat (or that write outside the tables).

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lambda_client import errors
+from lambda_client import _position, errors
 from lambda_client._config import ClientConfig, open_channel
 from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
 from lambda_client._policy import (
@@ -148,10 +148,16 @@ class ClientBase:
     # -- what the public methods ask for ---------------------------------------------------
 
     def _query(
-        self, sql: str, params: Sequence[Any] | None, idempotency_key: str | None = None
+        self,
+        sql: str,
+        params: Sequence[Any] | None,
+        idempotency_key: str | None = None,
+        read_only: bool = False,
     ) -> Call[Result]:
-        """`query`: one statement, autocommit; `TypeError` for an unmappable parameter."""
-        request = query_request(sql, params)
+        """`query`: one statement, autocommit (with *read_only*, in a READ ONLY
+        transaction, which a broker with read replicas may run on one); `TypeError` for an
+        unmappable parameter."""
+        request = query_request(sql, params, read_only)
         return self._keyed(request, lambda r: results_of(r)[0], False, idempotency_key)
 
     def _transaction(
@@ -191,7 +197,9 @@ class ClientBase:
         idempotency_key: str | None,
     ) -> ExecuteCall[T]:
         """An ``Execute`` call with its idempotency key: *idempotency_key*, else one generated
-        for this call (kept across its retries) unless keys are off or it is read-only."""
+        for this call (kept across its retries) unless keys are off or it is read-only; and
+        this process's read-your-writes position (`lambda_client._position`)."""
+        request.options.after_lsn = _position.latest(self.target)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError("idempotency_key must be a non-empty string")
@@ -254,6 +262,8 @@ class ClientBase:
                 yield _bind(self._sleep, delay)
             else:
                 link.reached = True
+                if isinstance(call, ExecuteCall):
+                    _position.seen(self.target, response.commit_lsn)
                 return call.finish(response)
             finally:
                 self._mark_used()

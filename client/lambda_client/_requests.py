@@ -43,9 +43,14 @@ _GRPC_SCHEMES = frozenset(
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def query_request(sql: str, params: Sequence[Any] | None) -> pb.ExecuteRequest:
+def query_request(
+    sql: str, params: Sequence[Any] | None, read_only: bool = False
+) -> pb.ExecuteRequest:
     """The request for one statement; raise `TypeError` for an unmappable parameter."""
-    return pb.ExecuteRequest(statements=[_statement(sql, params)])
+    request = pb.ExecuteRequest(statements=[_statement(sql, params)])
+    if read_only is not False:
+        request.options.CopyFrom(_options(None, read_only, False))
+    return request
 
 
 def transaction_request(

@@ -37,10 +37,22 @@ __all__ = ["AsyncRowStream", "RowStream", "open_async_stream", "open_stream", "s
 
 
 def stream_request(
-    sql: str, params: Sequence[Any] | None, chunk_rows: int | None
+    sql: str,
+    params: Sequence[Any] | None,
+    chunk_rows: int | None,
+    read_only: bool = False,
+    after_lsn: int = 0,
 ) -> pb.StreamRequest:
-    """The ``Stream`` request; `TypeError`/`ValueError` for a bad argument (nothing sent)."""
-    return pb.StreamRequest(statement=_statement(sql, params), chunk_rows=_chunk_rows(chunk_rows))
+    """The ``Stream`` request (*read_only*: it may run on a read replica; *after_lsn*: the
+    read-your-writes position); `TypeError`/`ValueError` for a bad argument (nothing sent)."""
+    if not isinstance(read_only, bool):
+        raise TypeError(f"read_only must be True or False, not {read_only!r}")
+    return pb.StreamRequest(
+        statement=_statement(sql, params),
+        chunk_rows=_chunk_rows(chunk_rows),
+        read_only=read_only,
+        after_lsn=after_lsn,
+    )
 
 
 def _chunk_rows(chunk_rows: int | None) -> int:

@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from lambda_client import _position
 from lambda_client._base import ClientBase
 from lambda_client._policy import Call, Link, Outcome, resume
 from lambda_client._requests import LambdaContext, Statement
@@ -58,9 +59,12 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        read_only: bool = False,
     ) -> Result:
         """As `BrokerClient.query`."""
-        return await self._run(self._query(sql, params, idempotency_key), context, timeout)
+        return await self._run(
+            self._query(sql, params, idempotency_key, read_only), context, timeout
+        )
 
     async def transaction(
         self,
@@ -105,7 +109,9 @@ class AsyncBrokerClient(ClientBase):
         idempotency_key: str | None = None,
     ) -> AsyncTransaction:
         """As `BrokerClient.begin`: ``async with await db.begin(...) as tx:``."""
-        invoke = open_async_transaction(isolation, read_only, deferrable, Result.from_proto)
+        invoke = open_async_transaction(
+            isolation, read_only, deferrable, Result.from_proto, self.target
+        )
         transaction: AsyncTransaction = await self._run(Call(invoke, lambda t: t), context, timeout)
         transaction.idempotency_key = idempotency_key
         return transaction
@@ -144,10 +150,13 @@ class AsyncBrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         chunk_rows: int | None = None,
+        read_only: bool = False,
     ) -> AsyncRowStream:
         """As `BrokerClient.stream`: ``async with await db.stream(...) as rows:`` then
         ``async for row in rows``."""
-        invoke = open_async_stream(stream_request(sql, params, chunk_rows))
+        invoke = open_async_stream(
+            stream_request(sql, params, chunk_rows, read_only, _position.latest(self.target))
+        )
         rows: AsyncRowStream = await self._run(Call(invoke, lambda r: r), context, timeout)
         return rows
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from lambda_client import _position
 from lambda_client._base import DEFAULT_TARGET, AuthHook, ClientBase, channel_options
 from lambda_client._policy import BROKER_UNREACHABLE, Call, Link, broker_unreachable, run_plan
 from lambda_client._requests import LambdaContext, Statement, check_target
@@ -100,13 +101,16 @@ class BrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        read_only: bool = False,
     ) -> Result:
         """Run one statement on its own (autocommit) and return its `Result`.
 
+        With *read_only*, it runs in a READ ONLY transaction, which a broker with read
+        replicas may send to one (docs/client.md, "Replicas and read-your-writes").
         Raise `TypeError` naming the parameter if a value has no Postgres mapping (before
         anything is sent), or an `errors.Error` subclass if the call fails.
         """
-        return self._run(self._query(sql, params, idempotency_key), context, timeout)
+        return self._run(self._query(sql, params, idempotency_key, read_only), context, timeout)
 
     def transaction(
         self,
@@ -165,7 +169,7 @@ class BrokerClient(ClientBase):
         *timeout* and *context* bound the whole transaction. Raise as `query` when no
         connection could be leased (retried like a call while nothing ran). With
         *idempotency_key*, COMMIT records it (`Transaction.commit`)."""
-        invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto)
+        invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto, self.target)
         transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
         transaction.idempotency_key = idempotency_key
         return transaction
@@ -206,6 +210,7 @@ class BrokerClient(ClientBase):
         context: LambdaContext | None = None,
         timeout: float | None = None,
         chunk_rows: int | None = None,
+        read_only: bool = False,
     ) -> RowStream:
         """Run one query (SELECT, VALUES, TABLE, WITH … SELECT) and return its rows lazily, in
         chunks of about 1 MiB (or *chunk_rows* rows), with no result limit
@@ -213,8 +218,11 @@ class BrokerClient(ClientBase):
 
         Raise as `query` if the stream could not open (retried like a call while nothing
         ran); iterating raises if it fails midway. Use ``with db.stream(...) as rows:`` so an
-        early exit frees the broker's connection at once."""
-        invoke = open_stream(stream_request(sql, params, chunk_rows))
+        early exit frees the broker's connection at once. With *read_only*, a broker with read
+        replicas may run it on one."""
+        invoke = open_stream(
+            stream_request(sql, params, chunk_rows, read_only, _position.latest(self.target))
+        )
         rows: RowStream = self._run(Call(invoke, _opened), context, timeout)
         return rows
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from lambda_client import errors
+from lambda_client import _position, errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import Statement, _options, _split, _statement
 from lambda_client._stream import AsyncRowStream, RowStream, _chunk_rows
@@ -143,10 +143,11 @@ class _AsyncStream:
 
 
 def open_async_transaction(
-    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode
+    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode, target: str = ""
 ) -> Any:
     """`open_transaction` for a ``grpc.aio`` stub: the attempt is a coroutine."""
     options = _options(isolation, read_only, deferrable)
+    options.after_lsn = _position.latest(target)
 
     async def invoke(
         stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]
@@ -157,18 +158,20 @@ def open_async_transaction(
         except BaseException:
             stream.cancel()
             raise
-        return AsyncTransaction(stream, decode)
+        return AsyncTransaction(stream, decode, target)
 
     return invoke
 
 
 def open_transaction(
-    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode
+    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode, target: str = ""
 ) -> Any:
     """One attempt at opening a transaction, for the client's retry loop: send ``begin`` and
     wait for the connection; `grpc.RpcError` when it was refused (nothing ran). Raise
-    `TypeError`/`ValueError` for bad options (nothing sent)."""
+    `TypeError`/`ValueError` for bad options (nothing sent). *target* names the broker whose
+    read-your-writes position (`lambda_client._position`) it sends and keeps."""
     options = _options(isolation, read_only, deferrable)
+    options.after_lsn = _position.latest(target)
 
     def invoke(stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]) -> Transaction:
         stream = _Stream(stub, timeout, metadata)
@@ -177,7 +180,7 @@ def open_transaction(
         except BaseException:
             stream.cancel()
             raise
-        return Transaction(stream, decode)
+        return Transaction(stream, decode, target)
 
     return invoke
 
@@ -189,8 +192,9 @@ class _TransactionBase:
 
     _stream: _Stream | _AsyncStream
 
-    def __init__(self, decode: Decode) -> None:
+    def __init__(self, decode: Decode, target: str = "") -> None:
         self._decode = decode
+        self._target = target  # whose read-your-writes position a COMMIT updates
         self._savepoints = 0
         self._streaming: Any = None  # the stream whose rows are still arriving
         self.closed = False
@@ -278,8 +282,8 @@ class Transaction(_TransactionBase):
 
     _stream: _Stream
 
-    def __init__(self, stream: _Stream, decode: Decode) -> None:
-        super().__init__(decode)
+    def __init__(self, stream: _Stream, decode: Decode, target: str = "") -> None:
+        super().__init__(decode, target)
         self._stream = stream
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> Result:
@@ -341,7 +345,9 @@ class Transaction(_TransactionBase):
         transaction: re-running the whole transaction after `OutcomeUnknown` with the same key
         commits at most once (`replayed` is then True: the earlier attempt stands)."""
         key = idempotency_key or self.idempotency_key
-        self.replayed = self._end(_commit_request(key)).ended.replayed
+        ended = self._end(_commit_request(key)).ended
+        _position.seen(self._target, ended.commit_lsn)
+        self.replayed = ended.replayed
         self.committed = True
 
     def rollback(self) -> None:
@@ -402,8 +408,8 @@ class AsyncTransaction(_TransactionBase):
 
     _stream: _AsyncStream
 
-    def __init__(self, stream: _AsyncStream, decode: Decode) -> None:
-        super().__init__(decode)
+    def __init__(self, stream: _AsyncStream, decode: Decode, target: str = "") -> None:
+        super().__init__(decode, target)
         self._stream = stream
 
     async def query(self, sql: str, params: Sequence[Any] | None = None) -> Result:
@@ -447,7 +453,9 @@ class AsyncTransaction(_TransactionBase):
     async def commit(self, idempotency_key: str | None = None) -> None:
         """As `Transaction.commit`."""
         key = idempotency_key or self.idempotency_key
-        self.replayed = (await self._end(_commit_request(key))).ended.replayed
+        ended = (await self._end(_commit_request(key))).ended
+        _position.seen(self._target, ended.commit_lsn)
+        self.replayed = ended.replayed
         self.committed = True
 
     async def rollback(self) -> None:

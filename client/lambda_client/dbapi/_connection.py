@@ -307,7 +307,13 @@ class Connection:
         """Run one statement: in autocommit on its own, else in the transaction."""
         self._check_open()
         if self._tx is None and self._autocommit:
-            return self.client.query(sql, params, context=self.context, timeout=self.timeout)
+            return self.client.query(
+                sql,
+                params,
+                context=self.context,
+                timeout=self.timeout,
+                read_only=bool(self._read_only),
+            )
         return self._transaction().query(sql, params)
 
     def _execute_many(self, sql: str, param_sets: Sequence[Sequence[Any]]) -> list[Result]:

@@ -265,7 +265,11 @@ class ServerCursor(Cursor):
         connection = self.connection
         with _parameter_errors():
             stream = connection.client.stream(
-                sql, values, context=connection.context, timeout=connection.timeout
+                sql,
+                values,
+                context=connection.context,
+                timeout=connection.timeout,
+                read_only=bool(connection.read_only),
             )
         self._stream, self._done = stream, False
         connection._streaming(self)

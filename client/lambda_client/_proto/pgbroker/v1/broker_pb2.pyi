@@ -253,19 +253,28 @@ class TransactionOptions(_message.Message):
     ISOLATION_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
     DEFERRABLE_FIELD_NUMBER: _builtins.int
+    AFTER_LSN_FIELD_NUMBER: _builtins.int
     isolation: Global___IsolationLevel.ValueType
     read_only: _builtins.bool
+    """With read replicas (PGBROKER_REPLICA_URLS): work marked read_only may run on a replica."""
     deferrable: _builtins.bool
+    after_lsn: _builtins.int
+    """Read-your-writes: the newest commit position (a WAL LSN as a 64-bit number, from
+    ExecuteResponse.commit_lsn or TransactEnded.commit_lsn) this caller has seen. Work sent to
+    a replica runs only on one that has replayed at least this far (else on the primary, or
+    after a bounded wait: PGBROKER_REPLICA_FALLBACK). 0: no position, any healthy replica.
+    """
     def __init__(
         self,
         *,
         isolation: Global___IsolationLevel.ValueType = ...,
         read_only: _builtins.bool = ...,
         deferrable: _builtins.bool = ...,
+        after_lsn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferrable", b"deferrable", "isolation", b"isolation", "read_only", b"read_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_lsn", b"after_lsn", "deferrable", b"deferrable", "isolation", b"isolation", "read_only", b"read_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -387,10 +396,16 @@ class ExecuteResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     WAIT_US_FIELD_NUMBER: _builtins.int
     RUN_US_FIELD_NUMBER: _builtins.int
+    COMMIT_LSN_FIELD_NUMBER: _builtins.int
     wait_us: _builtins.int
     """time spent queued for a pooled connection"""
     run_us: _builtins.int
     """time the pooled connection was held"""
+    commit_lsn: _builtins.int
+    """With read replicas: the primary's WAL position after this request committed (send it
+    back as TransactionOptions.after_lsn to read your own writes); 0 when the broker has no
+    replicas, or the request ran on a replica or wrote nothing.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementResult]:
         """one per statement, in order"""
@@ -401,10 +416,11 @@ class ExecuteResponse(_message.Message):
         results: _abc.Iterable[Global___StatementResult] | None = ...,
         wait_us: _builtins.int = ...,
         run_us: _builtins.int = ...,
+        commit_lsn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "run_us", b"run_us", "wait_us", b"wait_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_lsn", b"commit_lsn", "results", b"results", "run_us", b"run_us", "wait_us", b"wait_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,6 +700,7 @@ class TransactEnded(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     RUN_US_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    COMMIT_LSN_FIELD_NUMBER: _builtins.int
     committed: _builtins.bool
     """true after a COMMIT that succeeded, false after a rollback"""
     run_us: _builtins.int
@@ -692,16 +709,19 @@ class TransactEnded(_message.Message):
     """With `committed`: the commit's idempotency key had committed already (an earlier
     attempt); this stream's statements were rolled back and the earlier attempt stands.
     """
+    commit_lsn: _builtins.int
+    """As ExecuteResponse.commit_lsn, after a COMMIT on the primary (0 without replicas)."""
     def __init__(
         self,
         *,
         committed: _builtins.bool = ...,
         run_us: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        commit_lsn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "replayed", b"replayed", "run_us", b"run_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_lsn", b"commit_lsn", "committed", b"committed", "replayed", b"replayed", "run_us", b"run_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,8 +735,15 @@ class StreamRequest(_message.Message):
 
     STATEMENT_FIELD_NUMBER: _builtins.int
     CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    AFTER_LSN_FIELD_NUMBER: _builtins.int
     chunk_rows: _builtins.int
     """rows per chunk; 0: sized in bytes (about 1 MiB)"""
+    read_only: _builtins.bool
+    """As TransactionOptions: read_only lets the stream run on a read replica (it runs READ
+    ONLY in any case), after_lsn is the caller's read-your-writes position.
+    """
+    after_lsn: _builtins.int
     @_builtins.property
     def statement(self) -> Global___Statement: ...
     def __init__(
@@ -724,10 +751,12 @@ class StreamRequest(_message.Message):
         *,
         statement: Global___Statement | None = ...,
         chunk_rows: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
+        after_lsn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_rows", b"chunk_rows", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_lsn", b"after_lsn", "chunk_rows", b"chunk_rows", "read_only", b"read_only", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
