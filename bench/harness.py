@@ -375,9 +375,11 @@ class Bench:
         plan = self.plan
         spec = ViewSpec(
             competitor="pgbroker" if case.competitor == PGBROKER else "psycopg",
-            host=host, port=port, duration=plan.duration, warmup=plan.warmup, scale=plan.scale,
+            # A request takes milliseconds, not microseconds: at least 3 s for a steady p50.
+            host=host, port=port, duration=max(plan.duration, 3.0),
+            warmup=max(plan.warmup, 1.0), scale=plan.scale,
         )  # fmt: skip
-        limit = plan.warmup + plan.duration + 120
+        limit = spec.warmup + spec.duration + 120
         return _run_load_process(
             self.procs, spec, on_start, on_end, limit, module="bench.django_view"
         )

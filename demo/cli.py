@@ -299,8 +299,8 @@ def _django_phases(
         options = {"target": broker.target, "tls": False, "timeout": django_app.LAMBDA_TIMEOUT}
         django_app.use_database({**broker_database(), "OPTIONS": options})
         console.print(
-            f"broker pid {broker.pid} on {broker.target}; the same {args.invocations} requests "
-            "(the threads share this process' one gRPC channel)"
+            f"broker pid {broker.pid} on {broker.target}; the same {args.invocations} requests, "
+            "each container with its own gRPC channel"
         )
         burst = _run_burst(
             console,

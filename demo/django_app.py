@@ -4,8 +4,8 @@
 Lambda container, each calling ``zappa.handler.lambda_handler(event, context)`` with an API
 Gateway event, Zappa's Django WSGI app and the project's own settings, views and models.
 Django keeps one connection per thread, so each simulated container has its own: a psycopg
-connection with the stock backend, a `lambda_client.django` connection (over the process's
-one gRPC channel) through pgbroker.
+connection with the stock backend, a `lambda_client.django` connection with a gRPC channel of
+its own through pgbroker (`DjangoInvocation.setup`).
 
 `LocalTaskInvoke` stands in for Lambda's Invoke API under Zappa's async tasks: a ``@task``
 call becomes Zappa's own task message, handed to the handler in a new thread, as Lambda would
@@ -42,7 +42,7 @@ __all__ = [
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "django_lambda"
 LAMBDA_TIMEOUT = 30.0  # seconds, the function's configured timeout
-TALLIES = 10  # the burst's clicks go to this many names: row locks contend, as in a real app
+TALLIES = 100  # the burst's clicks go to this many names (row locks contend, as in a real app)
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 _failures = threading.local()  # the exception Django turned into this thread's last 500
@@ -60,18 +60,23 @@ def load_handler(database_url: str | None = None) -> Handler:
     if str(EXAMPLE) not in sys.path:
         sys.path.insert(0, str(EXAMPLE))
     from django.core.signals import got_request_exception
-    from zappa.handler import lambda_handler
+    from zappa.handler import LambdaHandler, lambda_handler
 
     with contextlib.redirect_stdout(sys.stderr):  # Zappa prints "Instancing.." on stdout
-        lambda_handler({"manage": "check"}, FakeLambdaContext())  # loads settings and Django
-    # Zappa logs each request at INFO, and Django each 500 with its traceback: a thousand of
-    # them would bury the demo's table, which counts the failures by their message.
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("zappa").setLevel(logging.WARNING)
-    logging.getLogger("django.request").setLevel(logging.CRITICAL)
+        LambdaHandler()  # the handler's singleton, as a cold start makes it: settings, Django
+    _quiet_logs()
     got_request_exception.connect(_keep_failure, dispatch_uid="pgbroker-demo")
     handler: Handler = lambda_handler
     return handler
+
+
+def _quiet_logs() -> None:
+    """Zappa logs each request at INFO, and Django each 500 with its traceback: a thousand of
+    them would bury the demo's table, which counts the failures by their message. (Each
+    Django set-up, as Zappa's ``manage`` event does again, resets django.request's level.)"""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("zappa").setLevel(logging.WARNING)
+    logging.getLogger("django.request").setLevel(logging.CRITICAL)
 
 
 def _keep_failure(sender: Any, request: Any = None, **kwargs: Any) -> None:
@@ -142,6 +147,7 @@ def migrate(handler: Handler) -> None:
 
     handler({"manage": "migrate clicks --noinput --verbosity 0"}, FakeLambdaContext())
     connections.close_all()
+    _quiet_logs()
 
 
 def describe(exc: BaseException) -> str:
@@ -177,6 +183,22 @@ class DjangoInvocation(Invocation):
         self.index = index
         self.handler = handler
         self.first_answer: float | None = None
+
+    def setup(self) -> None:
+        """Through pgbroker, give this container's connection a gRPC channel (and TCP
+        connection) of its own, as each Lambda container has: lambda_client.django shares one
+        client per process and options, so a thread-distinct channel option keys its own.
+        (1000 threads multiplexed on one channel would be one overloaded client, not 1000.)"""
+        from django.db import connection
+
+        if connection.vendor != "postgresql" or "lambda_client" not in type(connection).__module__:
+            return
+        params = connection.get_connection_params
+        channel = [
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.primary_user_agent", f"pgbroker-demo-container-{self.index}"),
+        ]
+        connection.get_connection_params = lambda: {**params(), "options": channel}  # type: ignore[method-assign]
 
     def _first_query(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         result = execute(sql, params, many, context)
