@@ -12,5 +12,6 @@ workloads for every competitor, reported as ratios:
 Workloads: W1 point select, W2 TPC-B-like transfer (think time 1 ms and 0), W3 burst of
 fresh invocations, W4 a Django view of 10 ORM queries (lambda_client.django through pgbroker
 against the stock backend through PgBouncer; `bench.django_view`), W1/W2 with 0.5 ms one-way
-delay on the client <-> pooler hop, and cold start. See ``docs/performance.md`` for the latest figures.
+delay on the client <-> pooler hop, and cold start. See ``docs/performance.md`` for the latest
+figures.
 """
