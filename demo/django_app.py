@@ -189,9 +189,10 @@ class DjangoInvocation(Invocation):
         connection) of its own, as each Lambda container has: lambda_client.django shares one
         client per process and options, so a thread-distinct channel option keys its own.
         (1000 threads multiplexed on one channel would be one overloaded client, not 1000.)"""
-        from django.db import connection
+        from django.db import connections
 
-        if connection.vendor != "postgresql" or "lambda_client" not in type(connection).__module__:
+        connection = connections["default"]  # this thread's wrapper (not the proxy)
+        if not type(connection).__module__.startswith("lambda_client."):
             return
         params = connection.get_connection_params
         channel = [
