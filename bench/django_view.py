@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import sys
 import time
 from collections import Counter
@@ -126,6 +127,8 @@ def run(spec: ViewSpec) -> dict[str, Any]:
     from django.test import Client
 
     client = Client()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = cpu.ru_utime + cpu.ru_stime
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     start = time.monotonic() + spec.warmup
@@ -135,6 +138,8 @@ def run(spec: ViewSpec) -> dict[str, Any]:
         if not measuring and now >= start:
             _emit("measure_start")
             measuring = True
+            cpu = resource.getrusage(resource.RUSAGE_SELF)
+            cpu0 = cpu.ru_utime + cpu.ru_stime
         began = time.perf_counter()
         try:
             response = client.get("/w4")
@@ -146,6 +151,8 @@ def run(spec: ViewSpec) -> dict[str, Any]:
             errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
         if measuring and ok:
             latencies.append(time.perf_counter() - began)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    used = cpu.ru_utime + cpu.ru_stime - cpu0
     _emit("measure_end")
     ordered = sorted(latencies)
 
@@ -169,6 +176,8 @@ def run(spec: ViewSpec) -> dict[str, Any]:
         "errors": sum(errors.values()),
         "error_messages": dict(errors.most_common(10)),
         "elapsed_s": spec.duration,
+        "loadgen_cpu_s": round(used, 3),
+        "loadgen_cpu_util": round(used / spec.duration, 3),
         "queries_per_request": QUERIES,
     }
 

@@ -84,6 +84,8 @@ class Plan:
     rounds: int = 1  # steady cases run this many times, interleaved; the best round is kept
     light_clients: int = 1  # W1 "light": one client, so latency is the path, not a queue
     django_view: bool = True  # W4: a Django view of 10 ORM queries, one client
+    # W4's measured seconds at least (a request takes milliseconds: few samples otherwise).
+    view_duration: float = 3.0
 
 
 PLANS = {
@@ -98,7 +100,7 @@ PLANS = {
     # A 1 s window: a 0.3 s one saw no W2 transaction complete on a machine running 7x slow.
     "tiny": Plan("tiny", scale=1, duration=1.0, warmup=0.2, w1_clients=4, w2_clients=4,
                  w3_invocations=40, cold_samples=1, variants=False, max_connections=120,
-                 burst_timeout=20, rounds=2),
+                 burst_timeout=20, rounds=2, view_duration=1.0),
 }  # fmt: skip
 
 
@@ -375,9 +377,8 @@ class Bench:
         plan = self.plan
         spec = ViewSpec(
             competitor="pgbroker" if case.competitor == PGBROKER else "psycopg",
-            # A request takes milliseconds, not microseconds: at least 3 s for a steady p50.
-            host=host, port=port, duration=max(plan.duration, 3.0),
-            warmup=max(plan.warmup, 1.0), scale=plan.scale,
+            host=host, port=port, duration=max(plan.duration, plan.view_duration),
+            warmup=max(plan.warmup, plan.view_duration / 3), scale=plan.scale,
         )  # fmt: skip
         limit = spec.warmup + spec.duration + 120
         return _run_load_process(
