@@ -46,10 +46,12 @@ test-dbapi20: $(STAMP)
 	-PGBROKER_DBAPI20_COMPARE=1 $(PY) -m pytest -q -p no:cacheprovider -k Pg8000 \
 	  tests/lambda_client/test_dbapi20.py
 
-# Streamed reads of 5 million rows and 200 MB of bytea with both sides' memory sampled
-# (minutes on a shared machine; skipped by `make test`).
+# Streamed reads of 5 million rows and 200 MB of bytea with both sides' memory sampled, and
+# Django's iterator() over a million rows (minutes on a shared machine; skipped by `make test`).
 test-large: $(STAMP)
-	PGBROKER_LARGE_TESTS=1 $(PY) -m pytest -p no:cacheprovider tests/lambda_client/test_stream_large.py -s $(PYTEST_ARGS)
+	PGBROKER_LARGE_TESTS=1 $(PY) -m pytest -p no:cacheprovider tests/lambda_client/test_stream_large.py \
+	  tests/lambda_client/test_django_backend.py::test_iterator_over_a_million_rows_keeps_memory_bounded \
+	  -s $(PYTEST_ARGS)
 
 # The client distribution alone (pip install ./client pytest, one .venv-client-<version> each)
 # on the oldest and newest Python it supports, from pyenv, against a broker run from .venv.
@@ -84,7 +86,7 @@ run: $(STAMP)
 	$(PY) -m demo.run $(ARGS)
 
 demo: $(STAMP)
-	$(PY) -m demo $(ARGS)
+	$(PY) -m demo $(if $(DJANGO),--django) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick) $(ARGS)

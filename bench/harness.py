@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import coldstart, pgbench_runner
+from bench.django_view import ViewSpec
 from bench.load import Spec
 from bench.monitor import Monitor
 from bench.procs import ROOT, PgBouncer, Processes, cpu_seconds
@@ -43,6 +44,9 @@ BOUNCER_ASYNCPG = "pgbouncer+asyncpg"
 BOUNCER_PGBENCH = "pgbouncer+pgbench"
 PGBROKER = "pgbroker"
 COMPETITORS = (DIRECT, BOUNCER_ASYNCPG, BOUNCER_PGBENCH, PGBROKER)
+# W4 only (bench/django_view.py): a Django view on the stock postgresql backend (psycopg)
+# through PgBouncer, against the same view on lambda_client.django through pgbroker.
+BOUNCER_PSYCOPG = "pgbouncer+psycopg"
 # The broker's gRPC stack with a canned Execute and no Postgres (bench/floor.py): W1 only, and
 # reported apart from `COMPETITORS` ("floor" in the JSON) as the broker's CPU-per-request floor.
 FLOOR = "floor"
@@ -52,6 +56,7 @@ ROLES = {
     DIRECT: "bench_direct",
     BOUNCER_ASYNCPG: "bench_pgbouncer",
     BOUNCER_PGBENCH: "bench_pgbouncer",
+    BOUNCER_PSYCOPG: "bench_pgbouncer",
     PGBROKER: "bench_pgbroker",
     FLOOR: "bench_floor",  # no such role: the floor opens no backend
 }
@@ -78,6 +83,9 @@ class Plan:
     pgbroker_asyncio: bool = True  # drive pgbroker with lambda_client.aio (else threads)
     rounds: int = 1  # steady cases run this many times, interleaved; the best round is kept
     light_clients: int = 1  # W1 "light": one client, so latency is the path, not a queue
+    django_view: bool = True  # W4: a Django view of 10 ORM queries, one client
+    # W4's measured seconds at least (a request takes milliseconds: few samples otherwise).
+    view_duration: float = 3.0
 
 
 PLANS = {
@@ -92,7 +100,7 @@ PLANS = {
     # A 1 s window: a 0.3 s one saw no W2 transaction complete on a machine running 7x slow.
     "tiny": Plan("tiny", scale=1, duration=1.0, warmup=0.2, w1_clients=4, w2_clients=4,
                  w3_invocations=40, cold_samples=1, variants=False, max_connections=120,
-                 burst_timeout=20, rounds=2),
+                 burst_timeout=20, rounds=2, view_duration=1.0),
 }  # fmt: skip
 
 
@@ -104,8 +112,8 @@ TRANSACT = "transact"
 class Case:
     """One row of results: a workload variant against one competitor."""
 
-    workload: str  # W1 | W2 | W3
-    variant: str  # base | light | think0 | +latency | transact
+    workload: str  # W1 | W2 | W3 | W4
+    variant: str  # base | light | think0 | +latency | transact | view
     competitor: str
     clients: int
     think_ms: float
@@ -258,6 +266,10 @@ class Bench:
             if plan.variants:
                 for competitor in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, PGBROKER):
                     yield Case(workload, "+latency", competitor, clients, think, plan.latency_ms)
+        if plan.django_view:
+            # One client: the latency of the view is the path (10 round trips), not a queue.
+            for competitor in (PGBROKER, BOUNCER_PSYCOPG):
+                yield Case("W4", "view", competitor, 1, 0.0, 0.0)
         for competitor in (DIRECT, BOUNCER_ASYNCPG, PGBROKER):
             yield Case("W3", "burst", competitor, plan.w3_invocations, plan.think_ms, 0.0)
 
@@ -285,6 +297,8 @@ class Bench:
         try:
             if case.competitor == BOUNCER_PGBENCH:
                 result = self._run_pgbench(case, host, port, mark("start"), mark("end"))
+            elif case.workload == "W4":
+                result = self._run_django_view(case, host, port, mark("start"), mark("end"))
             else:
                 result = self._run_load(case, host, port, mark("start"), mark("end"))
         except Exception as exc:
@@ -356,6 +370,21 @@ class Bench:
             return _run_burst_processes(self.procs, spec, on_start, on_end, limit)
         return _run_load_process(self.procs, spec, on_start, on_end, limit)
 
+    def _run_django_view(
+        self, case: Case, host: str, port: int, on_start: Callable[[], None],
+        on_end: Callable[[], None],
+    ) -> dict[str, Any]:  # fmt: skip
+        plan = self.plan
+        spec = ViewSpec(
+            competitor="pgbroker" if case.competitor == PGBROKER else "psycopg",
+            host=host, port=port, duration=max(plan.duration, plan.view_duration),
+            warmup=max(plan.warmup, plan.view_duration / 3), scale=plan.scale,
+        )  # fmt: skip
+        limit = spec.warmup + spec.duration + 120
+        return _run_load_process(
+            self.procs, spec, on_start, on_end, limit, module="bench.django_view"
+        )
+
     def _run_pgbench(
         self, case: Case, host: str, port: int, on_start: Callable[[], None],
         on_end: Callable[[], None],
@@ -381,13 +410,15 @@ class Bench:
 
 def _run_load_process(
     procs: Processes,
-    spec: Spec,
+    spec: Spec | ViewSpec,
     on_start: Callable[[], None],
     on_end: Callable[[], None],
     limit: float,
+    module: str = "bench.load",
 ) -> dict[str, Any]:
-    """Run `bench.load` in a fresh process, calling the hooks on its window markers."""
-    argv = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
+    """Run *module* (`bench.load`, or `bench.django_view` for W4) in a fresh process, calling
+    the hooks on its window markers."""
+    argv = [sys.executable, "-m", module, json.dumps(asdict(spec))]
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     watchdog = threading.Timer(limit, lambda: procs.stop(proc, timeout=2))
     watchdog.start()
@@ -571,11 +602,11 @@ def _run_rounds(bench: Bench, cases: list[Case]) -> list[dict[str, Any]]:
 
 
 def _selected(case: Case, only: set[str]) -> bool:
-    """*only* names workloads (W1, W2, W3) and/or competitors; empty means everything."""
+    """*only* names workloads (W1, W2, W3, W4) and/or competitors; empty means everything."""
     if not only:
         return True
-    workloads = {o.upper() for o in only if o.upper() in ("W1", "W2", "W3")}
-    competitors = {o for o in only if o in (*COMPETITORS, FLOOR)}
+    workloads = {o.upper() for o in only if o.upper() in ("W1", "W2", "W3", "W4")}
+    competitors = {o for o in only if o in (*COMPETITORS, BOUNCER_PSYCOPG, FLOOR)}
     if PGBROKER in competitors:
         competitors.add(FLOOR)  # pgbroker's CPU is read against its floor
     return (not workloads or case.workload in workloads) and (

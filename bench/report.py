@@ -9,7 +9,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.harness import BOUNCER_ASYNCPG, BOUNCER_PGBENCH, COMPETITORS, DIRECT, PGBROKER
+from bench.harness import (
+    BOUNCER_ASYNCPG,
+    BOUNCER_PGBENCH,
+    BOUNCER_PSYCOPG,
+    COMPETITORS,
+    DIRECT,
+    PGBROKER,
+)
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -37,7 +44,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         # The Transact variant has only pgbroker's row: compared with the base run's others.
         others = by_case.get((workload, "base"), {}) if variant == "transact" else rows
-        for other_name in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, DIRECT):
+        for other_name in (BOUNCER_ASYNCPG, BOUNCER_PGBENCH, BOUNCER_PSYCOPG, DIRECT):
             other = others.get(other_name)
             if other is None or other.get("skipped"):
                 continue
@@ -93,6 +100,16 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "target": "W1 light (no queueing): pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
             "value": f"{_fmt(value, 2)}x",
             "met": bool(value is not None and value <= 1.5),
+        })  # fmt: skip
+    broker, bouncer = get("W4", "view", PGBROKER), get("W4", "view", BOUNCER_PSYCOPG)
+    if broker and bouncer:
+        value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+        out.append({
+            "target": "W4 (reported): Django view of 10 ORM queries, pgbroker p50 vs "
+            "PgBouncer + psycopg",
+            "value": f"{_fmt(_p(broker, 'p50'), 2)} vs {_fmt(_p(bouncer, 'p50'), 2)} ms "
+            f"({_fmt(value, 2)}x)",
+            "met": None,
         })  # fmt: skip
     burst = get("W3", "burst", PGBROKER)
     out.append({
@@ -161,7 +178,13 @@ def print_report(data: dict[str, Any], console: Console | None = None) -> None:
         )  # fmt: skip
     console.print(floor)
     for entry in data.get("targets", []):
-        mark = "[green]met[/]" if entry["met"] else "[red]not met[/]"
+        mark = (
+            "reported"
+            if entry["met"] is None
+            else "[green]met[/]"
+            if entry["met"]
+            else "[red]not met[/]"
+        )
         console.print(f"target: {entry['target']}: {entry['value']} — {mark}")
     cold = Table(title="cold start (median of fresh processes, ms)")
     for header in ("client", "samples", "import", "import + first query", "process wall"):
@@ -205,11 +228,12 @@ def write_chart(data: dict[str, Any], path: Path) -> None:
             cases.append(_key(row))
     values = {(_key(r), r["competitor"]): r for r in steady if not r.get("skipped")}
     fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
-    width = 0.8 / len(COMPETITORS)
+    shown = (*COMPETITORS, BOUNCER_PSYCOPG)  # W4's PgBouncer client is psycopg (Django)
+    width = 0.8 / len(shown)
     colors = {DIRECT: "#999999", BOUNCER_ASYNCPG: "#4c72b0", BOUNCER_PGBENCH: "#8fb0dd",
-              PGBROKER: "#dd8452"}  # fmt: skip
-    for i, competitor in enumerate(COMPETITORS):
-        xs = [j + (i - (len(COMPETITORS) - 1) / 2) * width for j in range(len(cases))]
+              PGBROKER: "#dd8452", BOUNCER_PSYCOPG: "#55a868"}  # fmt: skip
+    for i, competitor in enumerate(shown):
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cases))]
         tps = [values.get((c, competitor), {}).get("tps") or 0 for c in cases]
         p50 = [_p(values.get((c, competitor), {}), "p50") or 0 for c in cases]
         axes[0].bar(xs, tps, width, label=competitor, color=colors[competitor])

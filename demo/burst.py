@@ -179,6 +179,8 @@ class Burst:
 
 def _describe(exc: BaseException) -> str:
     """The error as a person would report it: Postgres' own message when there is one."""
+    if isinstance(report := getattr(exc, "report", None), str):  # already worded
+        return report
     args = exc.args[0] if exc.args else None
     if isinstance(args, dict) and "M" in args:  # pg8000's error fields
         severity = args.get("S", "ERROR")

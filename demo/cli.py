@@ -4,6 +4,11 @@ Phase 1 runs N concurrent invocations of the example handler, each container wit
 Postgres connection kept open like a warm Lambda's: past ``max_connections`` they fail with
 Postgres' own errors. Phase 2 runs the same N through a broker with a pool of 20: every one
 succeeds and Postgres never sees more than the pool. Exit status 0 iff phase 2 had no failure.
+
+With ``--django`` (``make demo DJANGO=1``) the two phases run the Django example instead
+(``examples/django_lambda``, served by Zappa's handler from API Gateway events): first with
+Django's stock postgresql backend (psycopg) straight to Postgres, then with
+``ENGINE: lambda_client.django`` through the broker.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("PGBROKER_DATABASE_URL"),
         help="run against this Postgres instead of an embedded one (default "
         "PGBROKER_DATABASE_URL); it gets the example's tables",
+    )
+    parser.add_argument(
+        "--django",
+        action="store_true",
+        help="run the Django example (Zappa's handler, stock backend, then lambda_client.django)",
     )
     parser.add_argument(
         "--json",
@@ -152,8 +162,11 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         limits = {"max_connections": database.max_connections, "pool_size": args.pool_size}
         local = stack.enter_context(bind_handler())
 
-        direct = _direct_phase(args, console, database, monitor, local)
-        brokered = _broker_phase(args, console, database, monitor, local)
+        if args.django:
+            direct, brokered = _django_phases(args, console, database, monitor)
+        else:
+            direct = _direct_phase(args, console, database, monitor, local)
+            brokered = _broker_phase(args, console, database, monitor, local)
         phases = [direct, brokered]
 
         console.rule("[bold]result")
@@ -172,6 +185,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "database": "embedded" if database.embedded else "url",
             "data_dir": database.data_dir,
             "invocations": args.invocations,
+            "app": "django" if args.django else "handler",
             "pool_size": args.pool_size,
             "max_connections": database.max_connections,
             "monitor_errors": monitor.errors,
@@ -219,19 +233,7 @@ def _broker_phase(
     title = "via pgbroker"
     console.rule(f"[bold]phase 2: through pgbroker, pool {args.pool_size}")
     began = time.monotonic()
-    broker_url = database.app_dsn
-    if database.embedded:
-        broker_url += "?sslmode=disable"
-    # INFO, the broker's default: DEBUG would log every one of the burst's requests.
-    broker = BrokerProcess(
-        broker_url, pool_size=args.pool_size, log_level="INFO", env={"PGBROKER_AUTH": "none"}
-    )
-    try:
-        with console.status("starting the broker and filling its pool ..."):
-            broker.start()
-            broker.wait_serving()
-            # Let the monitor see the filled pool before 1000 threads starve it of the GIL.
-            monitor.wait_for(lambda s: s.role_backends >= args.pool_size, timeout=5)
+    with _started_broker(args, console, database, monitor) as broker:
         console.print(
             f"broker pid {broker.pid} on {broker.target}; {args.invocations} "
             "invocations at once, each container with its own BrokerClient channel"
@@ -245,8 +247,6 @@ def _broker_phase(
         )
         stats = _broker_stats(broker.target)
         ended = time.monotonic()
-    finally:
-        broker.close()
     return _phase_result(
         "broker",
         title,
@@ -256,6 +256,95 @@ def _broker_phase(
         "release → broker began the transaction",
         {"broker_stats": stats},
     )
+
+
+def _django_phases(
+    args: argparse.Namespace,
+    console: Console,
+    database: DemoDatabase,
+    monitor: BackendMonitor,
+) -> tuple[PhaseResult, PhaseResult]:
+    """The Django example: its migrations (Zappa's ``manage`` event), the burst with the stock
+    backend, then with lambda_client.django through a broker with the pool."""
+    from demo import django_app
+
+    wait_label = "release → first query answered"
+    handler = django_app.load_handler(database.app_dsn)
+    django_app.migrate(handler)
+    console.rule("[bold]phase 1: Django, stock postgresql backend (psycopg), direct")
+    console.print(
+        f"{args.invocations} API Gateway requests at once to Zappa's handler, each container "
+        "with its own Django connection (CONN_MAX_AGE=None, as a warm Lambda keeps it)"
+    )
+    began = time.monotonic()
+    burst = _run_burst(
+        console,
+        "phase 1",
+        monitor,
+        args.invocations,
+        lambda i: django_app.DjangoInvocation(i, handler),
+    )
+    monitor.wait_for(lambda s: s.role_backends == 0, timeout=15)
+    direct = _phase_result(
+        "direct", "Django direct", burst, monitor, (began, time.monotonic()), wait_label
+    )
+
+    console.rule(
+        f"[bold]phase 2: Django, lambda_client.django through pgbroker, pool {args.pool_size}"
+    )
+    began = time.monotonic()
+    with _started_broker(args, console, database, monitor) as broker:
+        from clicks.settings import broker_database  # the example's own switch
+
+        options = {"target": broker.target, "tls": False, "timeout": django_app.LAMBDA_TIMEOUT}
+        django_app.use_database({**broker_database(), "OPTIONS": options})
+        console.print(
+            f"broker pid {broker.pid} on {broker.target}; the same {args.invocations} requests, "
+            "each container with its own gRPC channel"
+        )
+        burst = _run_burst(
+            console,
+            "phase 2",
+            monitor,
+            args.invocations,
+            lambda i: django_app.DjangoInvocation(i, handler),
+        )
+        stats = _broker_stats(broker.target)
+        recorded = django_app.clicks_recorded()
+        ended = time.monotonic()
+    brokered = _phase_result(
+        "broker",
+        "Django via pgbroker",
+        burst,
+        monitor,
+        (began, ended),
+        wait_label,
+        {"broker_stats": stats, "clicks_recorded": recorded},
+    )
+    return direct, brokered
+
+
+@contextlib.contextmanager
+def _started_broker(
+    args: argparse.Namespace, console: Console, database: DemoDatabase, monitor: BackendMonitor
+) -> Iterator[BrokerProcess]:
+    """A broker with the pool on the demo's database, its pool filled, stopped on exit."""
+    broker_url = database.app_dsn
+    if database.embedded:
+        broker_url += "?sslmode=disable"
+    # INFO, the broker's default: DEBUG would log every one of the burst's requests.
+    broker = BrokerProcess(
+        broker_url, pool_size=args.pool_size, log_level="INFO", env={"PGBROKER_AUTH": "none"}
+    )
+    try:
+        with console.status("starting the broker and filling its pool ..."):
+            broker.start()
+            broker.wait_serving()
+            # Let the monitor see the filled pool before 1000 threads starve it of the GIL.
+            monitor.wait_for(lambda s: s.role_backends >= args.pool_size, timeout=5)
+        yield broker
+    finally:
+        broker.close()
 
 
 def _run_burst(

@@ -48,6 +48,8 @@ def test_every_competitor_completes_transactions_in_every_workload(
             assert (workload, competitor) in seen
     for competitor in ("direct", "pgbouncer+asyncpg", "pgbroker"):
         assert ("W3", competitor) in seen
+    for competitor in ("pgbroker", "pgbouncer+psycopg"):  # the Django view
+        assert ("W4", competitor) in seen
     for row in rows:
         assert not row.get("skipped"), row
         assert row["tx"] > 0, row
@@ -89,7 +91,9 @@ def test_cold_start_ratios_and_targets_are_reported(tiny_run: dict[str, Any]) ->
         assert entry["first_query_ms"]["median"] >= entry["import_ms"]["median"]
     versus = {(r["workload"], r["versus"]) for r in tiny_run["ratios"]}
     assert ("W2", "pgbouncer+asyncpg") in versus and ("W1", "direct") in versus
-    assert len(tiny_run["targets"]) == 3
+    assert len(tiny_run["targets"]) == 4
+    assert any(t["target"].startswith("W4") and t["met"] is None for t in tiny_run["targets"])
+    assert ("W4", "pgbouncer+psycopg") in versus
     assert "pgbroker ÷ competitor" in tiny_run["_stdout"]
 
 

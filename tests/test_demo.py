@@ -119,3 +119,37 @@ def test_make_run_serves_the_example_handler_and_stops_everything_on_sigterm() -
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     assert not Path(data_dir).exists()
+
+
+@pytest.mark.slow
+def test_django_burst_fails_direct_and_succeeds_through_broker_within_pool(
+    tmp_path: Path,
+) -> None:
+    """`make demo DJANGO=1` small: the example Django app under Zappa's handler, stock
+    backend first (Postgres refuses connections), then lambda_client.django via the broker."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo", "--django", "--invocations", str(INVOCATIONS),
+         "--max-connections", "50", "--pool-size", str(POOL_SIZE),
+         "--json", "--chart", str(tmp_path / "chart.png")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    direct, broker = summary["phases"]["direct"], summary["phases"]["broker"]
+
+    assert summary["ok"] is True and summary["app"] == "django"
+    assert direct["failed"] > 0
+    assert direct["succeeded"] + direct["failed"] == INVOCATIONS
+    messages = [e["message"] for e in direct["errors"]]
+    # Postgres' own refusals, reported from Django's OperationalError.
+    assert all(m.startswith("FATAL: ") for m in messages), messages
+    assert any("too many clients" in m or "connection slots are reserved" in m for m in messages), (
+        messages
+    )
+
+    assert broker["failed"] == 0
+    assert broker["succeeded"] == INVOCATIONS
+    assert 0 < broker["peak_backends"] <= POOL_SIZE
+    # Every request that succeeded, in either phase, counted exactly one click.
+    assert broker["clicks_recorded"] == direct["succeeded"] + INVOCATIONS
+    assert (tmp_path / "chart.png").stat().st_size > 0

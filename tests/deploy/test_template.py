@@ -182,6 +182,10 @@ class Stack:
     def props(self, name: str) -> dict[str, Any]:
         return dict(self.resources[name].get("Properties", {}))
 
+    def functions(self) -> dict[str, dict[str, Any]]:
+        """Every Lambda function's properties: ExampleFunction and DjangoExampleFunction."""
+        return {n: self.props(n) for n in self.of_type("AWS::Serverless::Function")}
+
     def one(self, resource_type: str) -> tuple[str, dict[str, Any]]:
         found = self.of_type(resource_type)
         assert len(found) == 1, f"expected one {resource_type}, found {sorted(found)}"
@@ -291,7 +295,6 @@ def test_broker_service_registers_in_cloud_map_under_the_name_callers_dial(stack
     ns_name, ns = stack.one("AWS::ServiceDiscovery::PrivateDnsNamespace")
     sd_name, sd = stack.one("AWS::ServiceDiscovery::Service")
     _, service = stack.one("AWS::ECS::Service")
-    _, function = stack.one("AWS::Serverless::Function")
 
     assert sd["NamespaceId"] == Token(ns_name)
     assert ns["Vpc"] == stack.params["VpcId"]
@@ -305,7 +308,8 @@ def test_broker_service_registers_in_cloud_map_under_the_name_callers_dial(stack
 
     port = stack.params["BrokerPort"]
     url = f"dns:///{sd['Name']}.{ns['Name']}:{port}"
-    assert function["Environment"]["Variables"]["PGBROKER_URL"] == url
+    for function in stack.functions().values():
+        assert function["Environment"]["Variables"]["PGBROKER_URL"] == url
     assert stack.template["Outputs"]["BrokerUrl"]["Value"] == {
         "Fn::Sub": "dns:///broker.${NamespaceName}:${BrokerPort}"
     }
@@ -322,16 +326,15 @@ def test_broker_listens_on_the_port_callers_dial(stack: Stack) -> None:
 def test_function_security_group_can_reach_broker_port(stack: Stack) -> None:
     port = int(stack.params["BrokerPort"])
     _, service = stack.one("AWS::ECS::Service")
-    _, function = stack.one("AWS::Serverless::Function")
     (broker_sg,) = service["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
-    (caller_sg,) = function["VpcConfig"]["SecurityGroupIds"]
-
-    assert any(
-        rule.get("SourceSecurityGroupId") == caller_sg and _covers(rule, port)
-        for rule in stack.ingress_rules(broker_sg)
-    )
-    assert stack.egress_allows(caller_sg, broker_sg, port)
-    assert function["VpcConfig"]["SubnetIds"] == stack.params["PrivateSubnetIds"]
+    for function in stack.functions().values():
+        (caller_sg,) = function["VpcConfig"]["SecurityGroupIds"]
+        assert any(
+            rule.get("SourceSecurityGroupId") == caller_sg and _covers(rule, port)
+            for rule in stack.ingress_rules(broker_sg)
+        )
+        assert stack.egress_allows(caller_sg, broker_sg, port)
+        assert function["VpcConfig"]["SubnetIds"] == stack.params["PrivateSubnetIds"]
     assert stack.template["Outputs"]["CallerSecurityGroupId"]["Value"] == {
         "Ref": caller_sg.resource
     }
@@ -372,13 +375,13 @@ def test_a_layer_per_lambda_architecture_built_for_its_cpu(stack: Stack) -> None
 
 
 def test_example_function_uses_the_layer_of_its_runtime_and_architecture(stack: Stack) -> None:
-    _, function = stack.one("AWS::Serverless::Function")
     globals_ = stack.template.get("Globals", {}).get("Function", {})
-    runtime = function.get("Runtime", globals_.get("Runtime"))
-    (arch,) = function.get("Architectures", globals_.get("Architectures"))
-    (layer,) = function["Layers"]
-    assert stack.props(layer.resource)["CompatibleRuntimes"] == [runtime]
-    assert stack.props(layer.resource)["CompatibleArchitectures"] == [arch]
+    for function in stack.functions().values():
+        runtime = function.get("Runtime", globals_.get("Runtime"))
+        (arch,) = function.get("Architectures", globals_.get("Architectures"))
+        (layer,) = function["Layers"]
+        assert stack.props(layer.resource)["CompatibleRuntimes"] == [runtime]
+        assert stack.props(layer.resource)["CompatibleArchitectures"] == [arch]
 
 
 def test_layer_requirements_are_the_client_distributions_dependencies() -> None:
@@ -390,7 +393,7 @@ def test_layer_requirements_are_the_client_distributions_dependencies() -> None:
 
 
 def test_example_function_uses_the_client_with_iam_auth(stack: Stack) -> None:
-    _, function = stack.one("AWS::Serverless::Function")
+    function = stack.props("ExampleFunction")
     assert function["CodeUri"].rstrip("/") == "examples"
     assert function["Handler"] == "handler.handler"
     assert function["Environment"]["Variables"]["PGBROKER_AUTH"] == "iam"
@@ -408,6 +411,22 @@ def test_example_function_uses_the_client_with_iam_auth(stack: Stack) -> None:
     assert isinstance(role, Token) and role.attribute == "Arn"
     allowed = stack.broker_env()["PGBROKER_IAM_ALLOWED_ROLES"].split(",")
     assert str(role) in allowed
+
+
+def test_django_example_function_serves_the_project_with_zappa_and_may_invoke_itself(
+    stack: Stack,
+) -> None:
+    function = stack.props("DjangoExampleFunction")
+    assert function["CodeUri"].rstrip("/") == "examples/django_lambda"
+    assert function["Handler"] == "zappa.handler.lambda_handler"
+    assert (ROOT / "examples" / "django_lambda" / "zappa_settings.py").is_file()
+    assert function["Environment"]["Variables"]["PGBROKER_AUTH"] == "iam"
+    # The example's role, which the broker admits, and Zappa's async tasks invoke the function.
+    assert function["Role"] == stack.props("ExampleFunction")["Role"]
+    (statement,) = stack.props("DjangoExampleInvokeSelf")["PolicyDocument"]["Statement"]
+    assert statement["Action"] == "lambda:InvokeFunction"
+    assert statement["Resource"] == Token("DjangoExampleFunction", "Arn")
+    assert stack.props("DjangoExampleInvokeSelf")["Roles"] == [Token(function["Role"].resource)]
 
 
 def test_extra_caller_roles_are_admitted_beside_the_example_role(template: dict) -> None:
@@ -528,8 +547,9 @@ TLS_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:pgbroker-tls-AbC
 
 
 def test_caller_tls_is_off_unless_a_certificate_secret_is_given(stack: Stack) -> None:
-    _, function = stack.one("AWS::Serverless::Function")
-    assert not any(n.startswith("PGBROKER_TLS") for n in function["Environment"]["Variables"])
+    for function in stack.functions().values():
+        variables = function["Environment"]["Variables"]
+        assert not any(n.startswith("PGBROKER_TLS") for n in variables)
     assert not any(n.startswith("PGBROKER_TLS") for n in stack.broker_env())
     assert "Secrets" not in stack.broker_container()
     execution = stack.broker_container_role("ExecutionRoleArn")
@@ -555,12 +575,12 @@ def test_caller_tls_serves_the_secret_and_the_function_verifies_it(template: dic
     }
     assert granted == {("secretsmanager:GetSecretValue", TLS_ARN)}
     # The health check dials 127.0.0.1 but checks the name callers dial.
-    _, function = stack.one("AWS::Serverless::Function")
-    variables = function["Environment"]["Variables"]
-    host = variables["PGBROKER_URL"].removeprefix("dns:///").rsplit(":", 1)[0]
-    assert stack.broker_env()["PGBROKER_TLS_SERVER_NAME"] == host
-    assert variables["PGBROKER_TLS"] == "true"
-    assert variables["PGBROKER_TLS_CA_FILE"] == "/var/task/broker-ca.pem"
+    for function in stack.functions().values():
+        variables = function["Environment"]["Variables"]
+        host = variables["PGBROKER_URL"].removeprefix("dns:///").rsplit(":", 1)[0]
+        assert stack.broker_env()["PGBROKER_TLS_SERVER_NAME"] == host
+        assert variables["PGBROKER_TLS"] == "true"
+        assert variables["PGBROKER_TLS_CA_FILE"] == "/var/task/broker-ca.pem"
 
 
 def test_task_environment_names_are_settings_the_broker_knows(stack: Stack) -> None:
@@ -575,8 +595,12 @@ def test_task_environment_names_are_settings_the_broker_knows(stack: Stack) -> N
 
 
 def test_function_environment_names_are_settings_the_client_knows(stack: Stack) -> None:
-    _, function = stack.one("AWS::Serverless::Function")
-    names = {n for n in function["Environment"]["Variables"] if n.startswith("PGBROKER_")}
+    names = {
+        n
+        for function in stack.functions().values()
+        for n in function["Environment"]["Variables"]
+        if n.startswith("PGBROKER_")
+    }
     known = _names_in_package("lambda_client", anchor="client.py")
     if known is None:
         pytest.skip("lambda_client/client.py is not written yet")
