@@ -51,7 +51,7 @@ from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
+from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     After,
@@ -117,7 +117,7 @@ class Batch:
     # The request's idempotency key, claimed inside the transaction (broker/postgres/keys.py);
     # forces BEGIN … COMMIT. None: no key, or the request is exempt (it writes nothing).
     claim: keys.KeyClaim | None = None
-    # Reset the session behind COMMIT and probe what cannot be reset (audit.RESET_SQL), in
+    # Reset the session behind COMMIT and probe what cannot be reset (audit.CLEANUP), in
     # the same flush; False with PGBROKER_SESSION_AUDIT=off.
     reset_session: bool = True
     # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
@@ -286,9 +286,10 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
     return max(1, int(budget * 1000))
 
 
-def begin_sql(batch: Batch, timeout_ms: int) -> str:
+def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = None) -> str:
     """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
-    is written as the login role, which owns it."""
+    is written as the login role, which owns it. No SET LOCAL statement_timeout when
+    *timeout_ms* is *session_timeout_ms*, the value the session already has."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -296,7 +297,9 @@ def begin_sql(batch: Batch, timeout_ms: int) -> str:
         begin += " READ ONLY"
     if batch.deferrable:
         begin += " DEFERRABLE"
-    sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
+    sql = begin
+    if timeout_ms != session_timeout_ms:
+        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
     if batch.claim is not None:
@@ -377,15 +380,29 @@ def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
     return exc.phase is not Phase.STATEMENT or not batch.plan.statements[0].opaque
 
 
+def _session_timeout_ms(conn: PgConnection, batch: Batch) -> int | None:
+    """The statement_timeout *conn*'s session certainly has now, or None when unsure.
+
+    With the session reset behind every transaction (`Batch.reset_session`, in every flow:
+    batch, lease, stream), it is the value set at connect: RESET ALL puts it back, and a
+    reset that did not run leaves the probe unread, so the session is audited and, with a
+    session-level setting found, replaced. Without the reset a request may have changed it.
+    """
+    return conn.default_statement_timeout_ms if batch.reset_session else None
+
+
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
     statement = batch.statements[0]
-    before = f"SET statement_timeout = {timeout_ms}"
-    after = "RESET statement_timeout"
+    sets, resets = [], []
+    if timeout_ms != _session_timeout_ms(conn, batch):
+        sets.append(f"SET statement_timeout = {timeout_ms}")
+        resets.append("RESET statement_timeout")
     if batch.application_name:
-        before += f"; SET application_name = '{batch.application_name}'"
-        after += "; RESET application_name"
-    if batch.reset_session:
-        after = RESET_SQL  # resets both, and whatever else the statement set
+        sets.append(f"SET application_name = '{batch.application_name}'")
+        resets.append("RESET application_name")
+    before = "; ".join(sets) or None
+    # RESET ALL (CLEANUP) resets both, and whatever else the statement set.
+    after = None if batch.reset_session else "; ".join(resets) or None
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
@@ -395,6 +412,7 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
             after=after,
             bound=bound,
             plan=batch.plan.statements[0],
+            cleanup=_cleanup(batch),
         )
     except PgError as exc:
         if exc.phase is Phase.AFTER and conn.transaction_status is TransactionStatus.IDLE:
@@ -411,11 +429,12 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     try:
         return conn.run_many(
             statements,
-            before=begin_sql(batch, timeout_ms),
-            after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
+            before=begin_sql(batch, timeout_ms, _session_timeout_ms(conn, batch)),
+            after="COMMIT" if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
             check=batch.result_check,
+            cleanup=_cleanup(batch),
         )
     except PgError as exc:
         rollback(conn)
@@ -432,9 +451,10 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
         raise
 
 
-def _commit_sql(batch: Batch) -> str:
-    """COMMIT, and the session reset and probe behind it (broker/postgres/audit.py)."""
-    return "COMMIT; " + RESET_SQL if batch.reset_session else "COMMIT"
+def _cleanup(batch: Batch) -> tuple[str, ...]:
+    """The session reset and probe behind the transaction, in the same flush
+    (broker/postgres/audit.py), unless PGBROKER_SESSION_AUDIT=off."""
+    return CLEANUP if batch.reset_session else ()
 
 
 def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
@@ -444,7 +464,7 @@ def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
 
     def after(results: list[pb.StatementResult]) -> str:
         response = pb.ExecuteResponse(results=results).SerializeToString()
-        sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+        sql = keys.finish_sql(claim.caller, claim.key, response) + "; COMMIT"
         if batch.role is not None:  # back to the login role, which owns the store
             sql = "SET LOCAL ROLE NONE; " + sql
         return sql
