@@ -9,9 +9,14 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
+* the statement_timeout is not set (neither ``SET`` nor ``SET LOCAL``) when it is the value the
+  session has had since connect (the usual case: a caller with more time left than
+  ``PGBROKER_STATEMENT_TIMEOUT``) and the session is reset behind every transaction, which
+  puts it back (`_session_timeout_ms`).
 * behind COMMIT (or the single statement), in the same flush: the session reset and probe
   (``RESET ALL``, advisory unlock, one row naming what cannot be reset: broker/postgres/audit.py),
-  unless ``PGBROKER_SESSION_AUDIT=off``.
+  as statements the connection prepared once (``cleanup`` of `PgConnection.run_many`), unless
+  ``PGBROKER_SESSION_AUDIT=off``.
 * a batch whose statements return rows, or that carries an idempotency key (the claim goes
   with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
   ``result_check`` (the result limits) sees results with rows, and the store of a keyed
