@@ -60,8 +60,9 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
 
 
 # Run behind every transaction's COMMIT (or a single statement), in the same flush, so it
-# costs no round trip (`CLEANUP`; the lease and the stream send `RESET_SQL` as simple SQL): RESET ALL puts every setting back to its connect-time value, custom
-# ones (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
+# costs no round trip (`CLEANUP`; the lease and the stream send `RESET_SQL` as simple SQL):
+# RESET ALL puts every setting back to its connect-time value, custom ones
+# (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
 # and search_path included: pg_settings does not list custom settings, so no check can see
 # them, and resetting is as cheap as looking. pg_advisory_unlock_all() drops session advisory
 # locks the same way. The one row then names what cannot be reset in place: a role, LISTEN,
