@@ -9,9 +9,14 @@
 * a single statement runs without BEGIN/COMMIT (so VACUUM, CREATE INDEX CONCURRENTLY work):
   ``SET statement_timeout …; SET application_name …`` before it and ``RESET`` of both after it,
   all in the same flush — one round trip, still bounded by the statement timeout.
+* the statement_timeout is not set (neither ``SET`` nor ``SET LOCAL``) when it is the value the
+  session has had since connect (the usual case: a caller with more time left than
+  ``PGBROKER_STATEMENT_TIMEOUT``) and the session is reset behind every transaction, which
+  puts it back (`_session_timeout_ms`).
 * behind COMMIT (or the single statement), in the same flush: the session reset and probe
   (``RESET ALL``, advisory unlock, one row naming what cannot be reset: broker/postgres/audit.py),
-  unless ``PGBROKER_SESSION_AUDIT=off``.
+  as statements the connection prepared once (``cleanup`` of `PgConnection.run_many`), unless
+  ``PGBROKER_SESSION_AUDIT=off``.
 * a batch whose statements return rows, or that carries an idempotency key (the claim goes
   with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
   ``result_check`` (the result limits) sees results with rows, and the store of a keyed
@@ -51,7 +56,7 @@ from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
+from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     After,
@@ -120,7 +125,7 @@ class Batch:
     # The request's idempotency key, claimed inside the transaction (broker/postgres/keys.py);
     # forces BEGIN … COMMIT. None: no key, or the request is exempt (it writes nothing).
     claim: keys.KeyClaim | None = None
-    # Reset the session behind COMMIT and probe what cannot be reset (audit.RESET_SQL), in
+    # Reset the session behind COMMIT and probe what cannot be reset (audit.CLEANUP), in
     # the same flush; False with PGBROKER_SESSION_AUDIT=off.
     reset_session: bool = True
     # Who the request queues as (`broker.security.limits.caller_key`): identity and function.
@@ -303,9 +308,10 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
     return max(1, int(budget * 1000))
 
 
-def begin_sql(batch: Batch, timeout_ms: int) -> str:
+def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = None) -> str:
     """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
-    is written as the login role, which owns it."""
+    is written as the login role, which owns it. No SET LOCAL statement_timeout when
+    *timeout_ms* is *session_timeout_ms*, the value the session already has."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -313,7 +319,9 @@ def begin_sql(batch: Batch, timeout_ms: int) -> str:
         begin += " READ ONLY"
     if batch.deferrable:
         begin += " DEFERRABLE"
-    sql = f"{begin}; SET LOCAL statement_timeout = {timeout_ms}"
+    sql = begin
+    if timeout_ms != session_timeout_ms:
+        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
     if batch.claim is not None:
@@ -357,7 +365,7 @@ def run_batch(
 def _check_session(conn: PgConnection, batch: Batch) -> None:
     """Mark *conn* dirty (replaced, never handed on) if the transaction left session state
     behind: read the probe behind COMMIT, else (it did not run) audit with one more query."""
-    leaked = probe_leaks(conn.after_rows) if batch.reset_session else None
+    leaked = probe_leaks(conn.cleanup_rows) if batch.reset_session else None
     if leaked is None and (batch.audit_session or batch.reset_session):
         # Also after a failure: session advisory locks survive a rollback.
         leaked = audit_session(conn)
@@ -408,17 +416,31 @@ def _nothing_committed(exc: ConnectionLost, batch: Batch) -> bool:
     return exc.phase is not Phase.STATEMENT or not batch.plan.statements[0].opaque
 
 
+def _session_timeout_ms(conn: PgConnection, batch: Batch) -> int | None:
+    """The statement_timeout *conn*'s session certainly has now, or None when unsure.
+
+    With the session reset behind every transaction (`Batch.reset_session`, in every flow:
+    batch, lease, stream), it is the value set at connect: RESET ALL puts it back, and a
+    reset that did not run leaves the probe unread, so the session is audited and, with a
+    session-level setting found, replaced. Without the reset a request may have changed it.
+    """
+    return conn.default_statement_timeout_ms if batch.reset_session else None
+
+
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
     statement = batch.statements[0]
-    before = f"SET statement_timeout = {timeout_ms}"
-    after = "RESET statement_timeout"
+    sets, resets = [], []
+    if timeout_ms != _session_timeout_ms(conn, batch):
+        sets.append(f"SET statement_timeout = {timeout_ms}")
+        resets.append("RESET statement_timeout")
     if batch.application_name:
-        before += f"; SET application_name = '{batch.application_name}'"
-        after += "; RESET application_name"
-    if batch.reset_session:
-        after = RESET_SQL  # resets both, and whatever else the statement set
-    if batch.report_position:
-        after = f"{POSITION_SQL}; {after}"  # its row first: the probe's stays last
+        sets.append(f"SET application_name = '{batch.application_name}'")
+        resets.append("RESET application_name")
+    before = "; ".join(sets) or None
+    # RESET ALL (CLEANUP) resets both, and whatever else the statement set.
+    after = None if batch.reset_session else "; ".join(resets) or None
+    if batch.report_position:  # its row is the first of `after_rows`
+        after = f"{POSITION_SQL}; {after}" if after else POSITION_SQL
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
@@ -428,6 +450,7 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
             after=after,
             bound=bound,
             plan=batch.plan.statements[0],
+            cleanup=_cleanup(batch),
         )
     except PgError as exc:
         if exc.phase is Phase.AFTER and conn.transaction_status is TransactionStatus.IDLE:
@@ -444,11 +467,12 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     try:
         return conn.run_many(
             statements,
-            before=begin_sql(batch, timeout_ms),
+            before=begin_sql(batch, timeout_ms, _session_timeout_ms(conn, batch)),
             after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
             check=batch.result_check,
+            cleanup=_cleanup(batch),
         )
     except PgError as exc:
         rollback(conn)
@@ -466,10 +490,15 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
 
 
 def _commit_sql(batch: Batch) -> str:
-    """COMMIT, the commit's WAL position when asked for, and the session reset and probe
-    behind it (broker/postgres/audit.py; its row stays the last)."""
-    sql = f"COMMIT; {POSITION_SQL}" if batch.report_position else "COMMIT"
-    return f"{sql}; {RESET_SQL}" if batch.reset_session else sql
+    """COMMIT, and the commit's WAL position behind it when asked for (its row is the first
+    of `after_rows`)."""
+    return f"COMMIT; {POSITION_SQL}" if batch.report_position else "COMMIT"
+
+
+def _cleanup(batch: Batch) -> tuple[str, ...]:
+    """The session reset and probe behind the transaction, in the same flush
+    (broker/postgres/audit.py), unless PGBROKER_SESSION_AUDIT=off."""
+    return CLEANUP if batch.reset_session else ()
 
 
 def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:

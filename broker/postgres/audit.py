@@ -27,6 +27,8 @@ from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Transactio
 __all__ = [
     "AUDIT_MODES",
     "AUDIT_SQL",
+    "CLEANUP",
+    "PROBE_SQL",
     "RESET_SQL",
     "audit_session",
     "probe_leaks",
@@ -57,15 +59,16 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
 ], NULL)::text[]"""
 
 
-# Sent behind every transaction's COMMIT (or a single statement), in the same flush, so it
-# costs no round trip: RESET ALL puts every setting back to its connect-time value, custom
-# ones (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
+# Run behind every transaction's COMMIT (or a single statement), in the same flush, so it
+# costs no round trip (`CLEANUP`; the lease and the stream send `RESET_SQL` as simple SQL):
+# RESET ALL puts every setting back to its connect-time value, custom ones
+# (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
 # and search_path included: pg_settings does not list custom settings, so no check can see
 # them, and resetting is as cheap as looking. pg_advisory_unlock_all() drops session advisory
 # locks the same way. The one row then names what cannot be reset in place: a role, LISTEN,
 # SQL prepared statements, WITH HOLD cursors, temporary relations; the connection is then
 # replaced. (The broker's own statements are protocol-level, not from SQL: they stay.)
-RESET_SQL = """RESET ALL; SELECT concat_ws(',',
+PROBE_SQL = """SELECT concat_ws(',',
   CASE WHEN current_user <> session_user THEN 'role' END,
   CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) THEN 'listen' END,
   CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)
@@ -75,6 +78,11 @@ RESET_SQL = """RESET ALL; SELECT concat_ws(',',
          SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())
        THEN 'temporary relations' END,
   CASE WHEN pg_catalog.pg_advisory_unlock_all() IS NULL THEN NULL END)"""
+RESET_SQL = "RESET ALL; " + PROBE_SQL
+# The same as statements the connection prepares once (`PgConnection.run_many`'s *cleanup*):
+# Postgres then plans the probe once per connection instead of on every transaction (the
+# plan took more than half of the probe's ~185 µs of backend CPU).
+CLEANUP = ("RESET ALL", PROBE_SQL)
 
 
 def probe_leaks(rows: list[list[object]]) -> list[str] | None:

@@ -27,7 +27,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pg8000.converters as pgc
-from pg8000.core import NULL_BYTE, QUERY, SYNC_MSG, Context, CoreConnection, _flush, _write
+from pg8000.core import (
+    EXECUTE_MSG,
+    NULL_BYTE,
+    QUERY,
+    SYNC_MSG,
+    Context,
+    CoreConnection,
+    _flush,
+    _write,
+)
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.configvalues import DatabaseTarget
@@ -363,7 +372,11 @@ class _Core(CoreConnection):  # type: ignore[misc]
 
     def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
         self.send_BIND(name, params)
-        self.send_EXECUTE()
+        # Execute without pg8000's Flush behind it: Sync follows at once, and Postgres sends
+        # its output at ReadyForQuery anyway. A Flush made it send every statement's reply in
+        # two pieces, and each piece can cost the reading worker a blocking recv() and a wait
+        # for the GIL.
+        _write(self._sock, EXECUTE_MSG)
         _write(self._sock, SYNC_MSG)
 
     def flush(self) -> None:
@@ -384,11 +397,18 @@ class PgConnection:
     and `PgError` when Postgres reports an error (the connection is then still in sync).
     """
 
-    def __init__(self, core: _Core, target: DatabaseTarget, cache_size: int) -> None:
+    def __init__(
+        self, core: _Core, target: DatabaseTarget, cache_size: int, statement_timeout_ms: int = 0
+    ) -> None:
         self._core = core
+        # The session's own statement_timeout (set at connect), in ms: what RESET puts back.
+        # A request whose timeout is this one sends no SET for it (broker/flow/batch.py).
+        self.default_statement_timeout_ms = statement_timeout_ms
         self._target = target
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
         self._cache_size = cache_size
+        # The broker's own statements (`run_many`'s *cleanup*), prepared once, never evicted.
+        self._own: dict[str, _Prepared] = {}
         key = core._backend_key_data or b"\0" * 8
         self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
         self.closed = False
@@ -399,9 +419,11 @@ class PgConnection:
         # and what an audit found left behind (the connection is then replaced).
         self._reported_at_connect = dict(core.parameter_statuses)
         self.session_dirty: str | None = None
-        # The rows of the last `run_many` call's *after* SQL (the session probe behind COMMIT:
-        # broker/postgres/audit.py), [] when it had none or it was not sent.
+        # The rows of the last `run_many` call's *after* SQL (the commit's WAL position:
+        # broker/postgres/replication.py) and of its last *cleanup* statement (the session
+        # probe: broker/postgres/audit.py); [] when it had none or it was not sent.
         self.after_rows: list[list[Any]] = []
+        self.cleanup_rows: list[list[Any]] = []
         # How far the running `run_many` call got, for the `ConnectionLost` a break raises.
         self._progress = _Progress()
         # Set by `drop_statements`: DEALLOCATE ALL goes out ahead of the next request.
@@ -443,6 +465,7 @@ class PgConnection:
         after: str | None = None,
         bound: Bound | None = None,
         plan: StatementPlan | None = None,
+        cleanup: Sequence[str] = (),
     ) -> pb.StatementResult:
         """Run one statement, prepared and cached by (SQL, parameter OIDs).
 
@@ -457,6 +480,7 @@ class PgConnection:
             after=after,
             bound=None if bound is None else [bound],
             plans=None if plan is None else [plan],
+            cleanup=cleanup,
         )[0]
 
     def run_many(
@@ -467,6 +491,7 @@ class PgConnection:
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
         check: Callable[[list[pb.StatementResult]], None] | None = None,
+        cleanup: Sequence[str] = (),
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -489,15 +514,21 @@ class PgConnection:
         statement returns rows, ``check(results)`` runs: what it (or ``after``) raises
         propagates and *after* is never sent (the caller rolls back). Otherwise *after* stays
         in the statements' flush (one round trip). The rows *after* returned are kept in
-        `after_rows` (the session probe behind COMMIT).
+        `after_rows`.
+        *cleanup* are statements without parameters (the session reset and probe,
+        broker/postgres/audit.py) run behind *after*, in the same flush, as statements
+        prepared once per connection (Postgres plans them once, not on every call) in one
+        more Sync group: they run even when *after* failed, and an error in one skips the
+        rest; the last one's rows are kept in `cleanup_rows`.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
-        self.after_rows = []
+        self.after_rows, self.cleanup_rows = [], []
         self._progress = progress = _Progress()
         with _Guard(self, progress):
-            return self._run_groups(statements, bound, before, after, check)
+            tail = self._own_statements(cleanup)
+            return self._run_groups(statements, bound, before, after, check, tail)
 
     def fetch(
         self, cursor: str, count: int, chunk_bytes: int
@@ -560,7 +591,8 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | After | None,
-        check: Callable[[list[pb.StatementResult]], None] | None = None,
+        check: Callable[[list[pb.StatementResult]], None] | None,
+        cleanup: Sequence[_Prepared],
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
@@ -569,34 +601,72 @@ class PgConnection:
             prepared = self._cached(sql, oids)
             if prepared is None:
                 if group:
-                    results += self._send_group(group, statements, bound, before, None)
+                    results += self._send_group(group, statements, bound, before, None, ())
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
             returns_rows = returns_rows or bool(prepared.columns)
             group.append((index, prepared, texts))
         if callable(after) or (check is not None and after is not None and returns_rows):
             # One round trip more, whatever holds *after* back (results to check, to store).
-            results += self._send_group(group, statements, bound, before, None)
+            results += self._send_group(group, statements, bound, before, None, ())
             if check is not None and returns_rows:
                 check(results)
-            self._send_after(after(results) if callable(after) else after)
+            self._send_after(after(results) if callable(after) else after, cleanup)
             return results
-        self._progress.after_sent = after is not None
-        results += self._send_group(group, statements, bound, before, after)
+        self._progress.after_sent = after is not None or bool(cleanup)
+        results += self._send_group(group, statements, bound, before, after, cleanup)
         return results
 
-    def _send_after(self, after: str) -> None:
-        """*after* alone (a held-back COMMIT); keep its rows in `after_rows`; raise its error
-        as `PgError` (phase AFTER)."""
+    def _send_after(self, after: str, cleanup: Sequence[_Prepared]) -> None:
+        """*after* alone (a held-back COMMIT) and *cleanup*; raise the first error as
+        `PgError` (phase AFTER)."""
         self._progress.after_sent = True
         self._core.send_query_nowait(after)
+        self._send_cleanup(cleanup)
         self._core.flush()
         errors: list[PgError] = []
-        context = Context(after)
-        self._read_reply(context, errors, Phase.AFTER)
-        self.after_rows = list(context.rows or ())
+        self._read_after(after, cleanup, errors)
         if errors:
             raise errors[0]
+
+    def _send_cleanup(self, cleanup: Sequence[_Prepared]) -> None:
+        """Queue *cleanup*'s statements as one Sync group (no flush)."""
+        if not cleanup:
+            return
+        core = self._core
+        for prepared in cleanup:
+            core.send_BIND(prepared.name, ())
+            _write(core._sock, EXECUTE_MSG)
+        _write(core._sock, SYNC_MSG)
+
+    def _read_after(
+        self, after: str | None, cleanup: Sequence[_Prepared], errors: list[PgError]
+    ) -> None:
+        """Read the replies of *after* and *cleanup*; keep *after*'s rows in `after_rows`
+        and the last cleanup statement's in `cleanup_rows`."""
+        if after:
+            context = Context(after)
+            self._read_reply(context, errors, Phase.AFTER)
+            self.after_rows = list(context.rows or ())
+        if cleanup:
+            last = cleanup[-1]
+            context = Context("cleanup", columns=last.columns, input_funcs=list(last.input_funcs))
+            self._read_reply(context, errors, Phase.AFTER)
+            self.cleanup_rows = list(context.rows or ())
+
+    def _own_statements(self, sqls: Sequence[str]) -> list[_Prepared]:
+        """The broker's own statements *sqls*, prepared once per connection (apart from the
+        callers' LRU, so they are never evicted)."""
+        own = []
+        for sql in sqls:
+            prepared = self._own.get(sql)
+            if prepared is None:
+                self._progress.phase = Phase.PREPARE
+                name, columns, _ = self._core.prepare_statement(sql, [])
+                funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in columns or ()]
+                prepared = self._own[sql] = _Prepared(name, columns, funcs)
+            own.append(prepared)
+        return own
 
     def _send_group(
         self,
@@ -605,8 +675,10 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | None,
+        cleanup: Sequence[_Prepared],
     ) -> list[pb.StatementResult]:
-        """Send *before*, the group's statements and *after* in one flush; read every reply."""
+        """Send *before*, the group's statements, *after* and *cleanup* in one flush; read
+        every reply."""
         core = self._core
         if before:
             core.send_query_nowait(before)
@@ -614,6 +686,7 @@ class PgConnection:
             core.send_execute_nowait(prepared.name, texts)
         if after:
             core.send_query_nowait(after)
+        self._send_cleanup(cleanup)
         core.flush()
         errors: list[PgError] = []
         if before:
@@ -625,12 +698,12 @@ class PgConnection:
             context.command_tag = ""
             self._read_reply(context, errors, Phase.STATEMENT, index)
             results.append(_result(prepared, context))
-            if any(e.sqlstate == "0A000" and e.index == index for e in errors):
-                self._forget(sql, bound[index][1])  # cached plan must not change result type
-        if after:
-            context = Context(after)
-            self._read_reply(context, errors, Phase.AFTER)
-            self.after_rows = list(context.rows or ())
+        self._read_after(after, cleanup, errors)
+        # Only once every reply is read: closing a statement is a message exchange of its own.
+        for error in errors:
+            if error.sqlstate == "0A000" and error.phase is Phase.STATEMENT:
+                sql, _ = statements[error.index]  # cached plan must not change result type
+                self._forget(sql, bound[error.index][1])
         if errors:
             raise errors[0]
         return results
@@ -687,9 +760,10 @@ class PgConnection:
         plans may no longer fit). Local only, so the event loop may call it on an idle
         connection; ``DEALLOCATE ALL`` is queued ahead of the next request's first round trip
         (`_Guard`), before any statement can be prepared again under a freed name."""
-        if not self._cache and not self._core._statement_nums:
+        if not self._cache and not self._own and not self._core._statement_nums:
             return
         self._cache.clear()
+        self._own.clear()
         self._core._statement_nums.clear()
         self._deallocate = True
 
@@ -852,6 +926,7 @@ def connect(
     unreachable or refuses (`fatal` set when it said why, e.g. too many clients).
     """
     context = ssl_context_for(target)
+    statement_timeout_ms = max(1, round(statement_timeout * 1000))
     try:
         core = _open(target, timeout, statement_timeout, context)
     except InterfaceError as exc:
@@ -859,7 +934,7 @@ def connect(
             core = _open(target, timeout, statement_timeout, False)
         else:
             raise ConnectionLost(f"cannot connect to {_where(target)}: {exc}") from exc
-    return PgConnection(core, target, cache_size)
+    return PgConnection(core, target, cache_size, statement_timeout_ms)
 
 
 def _where(target: DatabaseTarget) -> str:

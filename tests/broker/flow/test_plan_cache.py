@@ -17,6 +17,7 @@ import grpc
 import pg8000.native
 import pytest
 
+from broker.postgres.audit import CLEANUP
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import request, rows, status_of
@@ -108,10 +109,12 @@ def test_ddl_through_execute_drops_every_connections_statements(
         results = select_many(broker, select)
     assert results == [[("a",), ("b",)]] * (20 + POOL)
     assert RERUN not in caplog.text  # no statement met a stale plan: none needed a re-run
-    # DEALLOCATE ALL went to the server: only what ran since is prepared on the connection.
+    # DEALLOCATE ALL went to the server: only what ran since is prepared on the connection
+    # (and the broker's own session reset and probe, prepared again).
     prepared = "SELECT statement FROM pg_prepared_statements ORDER BY 1"
     left = rows(broker.execute(request(prepared)).results[0])
-    assert left == sorted([(prepared,), ("SELECT pg_sleep(0.3)",), (select,)])
+    expected = [(prepared,), ("SELECT pg_sleep(0.3)",), (select,), *((sql,) for sql in CLEANUP)]
+    assert left == sorted(expected)
 
 
 def test_ddl_committed_in_a_lease_drops_every_connections_statements(

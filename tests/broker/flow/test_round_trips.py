@@ -99,7 +99,7 @@ def test_round_trips_per_batch_kind(
     assert counted.flushes == expected
     # Committed, the session probed behind COMMIT (no audit query after it), nothing left open.
     assert conn.transaction_status is TransactionStatus.IDLE
-    assert conn.after_rows and conn.session_dirty is None
+    assert conn.cleanup_rows and conn.session_dirty is None
     assert checked == ([2] if returns_rows else [])  # the limits see results with rows only
     if returns_rows:
         assert rows(results[1]) == [(2,)]

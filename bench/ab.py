@@ -1,0 +1,150 @@
+"""``python -m bench.ab --base DIR``: an A/B of two broker source trees on one machine.
+
+The machine this runs on is shared, so whole-bench ratios move by ±20–40 % between identical
+runs; this compares two versions of the broker side by side instead. One private Postgres
+(pgbench schema), two broker processes — A from the source tree *DIR* (e.g. ``git archive
+<commit> | tar -x -C DIR``), B from this tree — with the bench's settings (pool 20,
+``PGBROKER_AUTH=none``), and the same `bench.load` generator (this tree's client) against each
+in turn, alternating which goes first every round. Per run it records the broker process'
+CPU per request (user + system, all threads: less sensitive to other work on the machine than
+latency), Postgres' CPU per request (postmaster and backends), tx/s, p50 and the load average.
+Prints one JSON document: every run, and per workload the medians of A and B and B ÷ A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench.load import Spec
+from bench.pgbench_runner import initialise, pgbench_binary
+from bench.procs import Processes, cpu_seconds
+from devtools import brokerproc
+from devtools.localpg import LocalPostgres
+
+SCALE = 1
+WORKLOADS = {
+    # name: (workload, clients, think ms)
+    "w1": ("w1", 200, 0.0),
+    "w1light": ("w1", 1, 0.0),
+    "w2": ("w2", 500, 1.0),
+}
+
+
+def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.BrokerProcess:
+    """A broker from the source tree *tree* (the child runs with its cwd there, so ``python -m
+    broker`` imports that tree's broker, and that tree's client via PYTHONPATH)."""
+    broker = brokerproc.BrokerProcess(
+        url, log_level="INFO", start_timeout=60, pool_size=20, auth="none", env=env
+    )
+    saved_root, saved_env = brokerproc.ROOT, os.environ.get("PYTHONPATH")
+    brokerproc.ROOT = tree
+    os.environ["PYTHONPATH"] = str(tree / "client")
+    try:
+        broker.start()
+    finally:
+        brokerproc.ROOT = saved_root
+        if saved_env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_env
+    if not broker.wait_serving(60):
+        broker.stop()
+        raise RuntimeError(f"broker from {tree} not serving\n{broker.log()[-2000:]}")
+    return broker
+
+
+def _one(procs: Processes, spec: Spec, broker_pid: int, pg_pid: int) -> dict[str, Any]:
+    marks: dict[str, tuple[float | None, float | None, float]] = {}
+
+    def mark(name: str) -> Any:
+        def hook() -> None:
+            marks[name] = (cpu_seconds(broker_pid), cpu_seconds(pg_pid), os.getloadavg()[0])
+
+        return hook
+
+    limit = spec.warmup + spec.duration + spec.timeout + 60
+    result = harness._run_load_process(procs, spec, mark("start"), mark("end"), limit)
+    (b0, p0, load0), (b1, p1, load1) = marks["start"], marks["end"]
+    tx = result["tx"] or 1
+
+    def per_tx(start: float | None, end: float | None) -> float | None:
+        return round((end - start) / tx * 1e6, 1) if start is not None and end is not None else None
+
+    return {
+        "tps": result["tps"],
+        "p50_ms": round((result["latency_ms"] or {}).get("p50") or 0, 3),
+        "errors": result["errors"],
+        "broker_cpu_us_per_tx": per_tx(b0, b1),
+        "pg_cpu_us_per_tx": per_tx(p0, p1),
+        "load": [round(load0, 2), round(load1, 2)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, type=Path, help="source tree of version A")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--workloads", default="w1,w1light,w2")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both brokers")
+    args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
+    names = args.workloads.split(",")
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {"A": [], "B": []} for n in names}
+    procs = Processes()
+    with LocalPostgres(max_connections=200) as pg:
+        initialise(pgbench_binary(pg.bindir), pg.host, pg.port, pg.user, SCALE)
+        url = pg.dsn + "?sslmode=disable"
+        assert pg.pid is not None
+        brokers = {
+            "A": _start_broker(args.base.resolve(), url, env),
+            "B": _start_broker(brokerproc.ROOT, url, env),
+        }
+        try:
+            for round_no in range(args.rounds):
+                order = ("A", "B") if round_no % 2 == 0 else ("B", "A")
+                for name in names:
+                    workload, clients, think = WORKLOADS[name]
+                    for side in order:
+                        broker = brokers[side]
+                        assert broker.pid is not None
+                        spec = Spec(
+                            competitor="pgbroker", workload=workload, host=broker.host,
+                            port=broker.port, clients=clients, duration=args.duration,
+                            warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
+                        )  # fmt: skip
+                        row = _one(procs, replace(spec), broker.pid, pg.pid)
+                        runs[name][side].append(row)
+                        print(f"[ab] {name} {side}: {row}", file=sys.stderr, flush=True)
+        finally:
+            procs.stop_all()
+            for broker in brokers.values():
+                broker.stop()
+                broker.close()
+    print(json.dumps({"runs": runs, "summary": _summary(runs)}, indent=1))
+    return 0
+
+
+def _summary(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, sides in runs.items():
+        figures: dict[str, Any] = {}
+        for key in ("broker_cpu_us_per_tx", "pg_cpu_us_per_tx", "tps", "p50_ms"):
+            a = statistics.median(r[key] for r in sides["A"] if r[key] is not None)
+            b = statistics.median(r[key] for r in sides["B"] if r[key] is not None)
+            figures[key] = {"A": a, "B": b, "B/A": round(b / a, 3) if a else None}
+        out[name] = figures
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
