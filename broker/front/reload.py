@@ -7,9 +7,11 @@ puts the reload's *overrides* (``python -m broker reload pool_size=30``, live se
 on top; an override lasts until the next reload. Secrets are re-read too: a token secret
 (``PGBROKER_TOKENS_SECRET_ID``, ``PGBROKER_ADMIN_TOKENS_SECRET_ID``) on the next call.
 
-A reload is all or nothing: any bad value (or a larger pool that does not fit the connection
-budget) refuses it, logged at ERROR and told to the caller (`ReloadRefused`, naming each
-problem), and every setting keeps its value. Otherwise each live setting that changed is
+A reload is all or nothing: any bad value (or a larger pool, or a new read replica, that does
+not fit the connection budget) refuses it, logged at ERROR and told to the caller
+(`ReloadRefused`, naming each problem), and every setting keeps its value. The checks may wait
+(a new replica's first connection, broker/front/replicas.py), so `Reloader.reload` is a
+coroutine, and reloads run one at a time. Otherwise each live setting that changed is
 applied by the appliers registered on the `Reloader` (the server registers the pool's, the
 service's, the authenticators'; another part of the broker adds its own with `add_applier`)
 and logged; a setting that needs a restart and differs is logged as such and keeps its value.

@@ -3,7 +3,8 @@ keeps every replica's health and replay position (no gRPC).
 
 Targets are named ``primary`` and ``replica1``, ``replica2``, … in the order of
 ``PGBROKER_REPLICA_URLS``. Each has its own `Pool` (its own size, queue and statistics, under
-``target.<name>.*`` in ``GetStats``).
+``target.<name>.*`` in ``GetStats``). A reload replaces the replicas (`TargetSet.set_replicas`,
+`ReplicaMonitor.add` and ``remove``: broker/front/replicas.py); names keep following the order.
 
 `ReplicaMonitor` checks every ``PGBROKER_REPLICA_CHECK_INTERVAL`` seconds (a background task,
 one connection of its own per server, outside the pools), so a request never waits for a
