@@ -287,6 +287,7 @@ class Settings:
         ' and routing")',
         shown_default="none",
         secret=True,
+        live=True,
     )
     replica_pool_size: int = setting(
         integer,
@@ -295,12 +296,14 @@ class Settings:
         check=at_least(1),
         derive=_pool_size,
         shown_default="`PGBROKER_POOL_SIZE`",
+        live=True,
     )
     max_replica_lag: float = setting(
         duration,
         5.0,
         "seconds a replica may lag behind the primary before it leaves the rotation (0: no limit)",
         check=at_least(0),
+        live=True,
     )
     replica_fallback: str = setting(
         lowercase,
@@ -309,18 +312,21 @@ class Settings:
         " read-your-writes position): `primary` at once, or `wait` up to"
         " `PGBROKER_REPLICA_WAIT` for one, then the primary",
         choices=REPLICA_FALLBACKS,
+        live=True,
     )
     replica_wait: float = setting(
         duration,
         1.0,
         "with `PGBROKER_REPLICA_FALLBACK=wait`: seconds a read waits for a replica",
         check=at_least(0),
+        live=True,
     )
     replica_check_interval: float = setting(
         duration,
         1.0,
         "seconds between replica health and replay-position checks",
         check=positive,
+        live=True,
     )
     routing: str = setting(
         lowercase,
@@ -329,6 +335,7 @@ class Settings:
         " `auto` (also SELECTs the SQL plan proves read-only: no locking clause, no"
         " data-modifying CTE, only functions `pg_proc` marks stable or immutable)",
         choices=ROUTING_MODES,
+        live=True,
     )
     routing_hook: str = setting(
         stripped,
@@ -336,6 +343,7 @@ class Settings:
         "`module:function` called with the caller and the statements of each batch or"
         " stream; it returns a target name (`primary`, `replica1`, …) or None for the"
         " built-in routing (pgbouncer-rr's `routing_rules`)",
+        live=True,
     )
     listen_address: tuple[str, int] = setting(
         parse_listen,

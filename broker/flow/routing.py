@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from broker.flow.batch import StatementFailed, TransactionLost
-from broker.pooling.pool import PoolUnavailable, QueueFull
+from broker.pooling.pool import PoolClosed, PoolUnavailable, QueueFull
 from broker.pooling.targets import ReplicaMonitor, Target, TargetSet
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -112,11 +112,18 @@ class Router:
     ) -> None:
         self.targets = targets
         self.monitor = monitor
-        self.auto = mode == "auto"
-        self.hook = hook
-        self.wait = wait if fallback == "wait" else 0.0
+        self.hook: RoutingHook | None = None
         self._hook_mistakes: set[str] = set()
         self.stats = dict.fromkeys(("replica_fallbacks", "replica_retries", "hook_errors"), 0)
+        self.configure(mode=mode, hook=hook, fallback=fallback, wait=wait)
+
+    def configure(self, *, mode: str, hook: RoutingHook | None, fallback: str, wait: float) -> None:
+        """Set the routing rules (at start, and by a reload for the requests after it)."""
+        self.auto = mode == "auto"
+        if hook is not self.hook:
+            self._hook_mistakes.clear()  # a new hook's mistakes are logged again
+        self.hook = hook
+        self.wait = wait if fallback == "wait" else 0.0
 
     @property
     def replicas(self) -> bool:
@@ -245,9 +252,9 @@ class Router:
 
 def retry_on_primary(exc: BaseException) -> bool:
     """Whether a read that failed this way on a replica runs again on the primary: nothing
-    was answered (the replica's queue, connection or server failed, or a recovery conflict
-    cancelled it)."""
-    if isinstance(exc, TransactionLost | PoolUnavailable | QueueFull):
+    was answered (the replica's queue, connection or server failed, a reload removed it and
+    closed its pool, or a recovery conflict cancelled it)."""
+    if isinstance(exc, TransactionLost | PoolUnavailable | QueueFull | PoolClosed):
         return True
     if isinstance(exc, StatementFailed):
         sqlstate = exc.error.sqlstate

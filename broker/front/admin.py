@@ -77,6 +77,7 @@ class Controls:
         self.supervisor = supervisor
         self.reload_attempts = 0
         self.last_reload: ReloadOutcome | ReloadRefused = ReloadOutcome()
+        self._reloading: set[asyncio.Task[None]] = set()
 
     def pause(self, why: str) -> None:
         if self.pool.pause():
@@ -92,24 +93,34 @@ class Controls:
         if self.pool.resume():
             log.info("RESUME (%s): queued work starts", why, extra={"requests_waiting": waiting})
 
-    def reload(self, overrides: Mapping[str, str] | None = None, why: str = "") -> ReloadOutcome:
-        """`Reloader.reload`; the outcome (or refusal) is kept for a worker's RPC."""
-        self.reload_attempts += 1
+    async def reload(
+        self, overrides: Mapping[str, str] | None = None, why: str = ""
+    ) -> ReloadOutcome:
+        """`Reloader.reload`; the outcome (or refusal) is kept for a worker's RPC, and
+        ``reload_attempts`` counts the reloads done (refused ones too)."""
         try:
-            outcome = self.reloader.reload(overrides, why=why)
+            outcome = await self.reloader.reload(overrides, why=why)
         except ReloadRefused as exc:
             self.last_reload = exc
             raise
+        finally:
+            self.reload_attempts += 1
         self.last_reload = outcome
         return outcome
+
+    async def _reload_on_signal(self, why: str) -> None:
+        # A refusal is logged by the reloader; the broker keeps serving.
+        with contextlib.suppress(ReloadRefused):
+            await self.reload(why=why)
 
     def on_signal(self, signum: int) -> None:
         """The handler of `SIGNALS` on the event loop."""
         why = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            # A refusal is logged by the reloader; the broker keeps serving.
-            with contextlib.suppress(ReloadRefused):
-                self.reload(why=why)
+            # A reload may connect to a new read replica: it runs as a task of its own.
+            task = asyncio.get_running_loop().create_task(self._reload_on_signal(why))
+            self._reloading.add(task)
+            task.add_done_callback(self._reloading.discard)
         elif signum == signal.SIGUSR1:
             self.pause(why)
         elif signum == signal.SIGUSR2:
@@ -192,7 +203,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def _reload(self, overrides: dict[str, str]) -> ReloadOutcome:
         controls = self.controls
         if controls.supervisor is None:
-            return controls.reload(overrides, why=_who())
+            return await controls.reload(overrides, why=_who())
         if overrides:
             raise NotForwardable(
                 "with --workers N, a reload cannot carry key=value overrides (a signal reaches"

@@ -7,9 +7,11 @@ puts the reload's *overrides* (``python -m broker reload pool_size=30``, live se
 on top; an override lasts until the next reload. Secrets are re-read too: a token secret
 (``PGBROKER_TOKENS_SECRET_ID``, ``PGBROKER_ADMIN_TOKENS_SECRET_ID``) on the next call.
 
-A reload is all or nothing: any bad value (or a larger pool that does not fit the connection
-budget) refuses it, logged at ERROR and told to the caller (`ReloadRefused`, naming each
-problem), and every setting keeps its value. Otherwise each live setting that changed is
+A reload is all or nothing: any bad value (or a larger pool, or a new read replica, that does
+not fit the connection budget) refuses it, logged at ERROR and told to the caller
+(`ReloadRefused`, naming each problem), and every setting keeps its value. The checks may wait
+(a new replica's first connection, broker/front/replicas.py), so `Reloader.reload` is a
+coroutine, and reloads run one at a time. Otherwise each live setting that changed is
 applied by the appliers registered on the `Reloader` (the server registers the pool's, the
 service's, the authenticators'; another part of the broker adds its own with `add_applier`)
 and logged; a setting that needs a restart and differs is logged as such and keeps its value.
@@ -17,22 +19,26 @@ and logged; a setting that needs a restart and differs is logged as such and kee
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker.config import SETTINGS, ConfigError, Setting, Settings, load_settings, named
 from broker.errors import BrokerFailure, Code, Reason
 
-__all__ = ["Applier", "ReloadOutcome", "ReloadRefused", "Reloader", "live_settings"]
+__all__ = ["Applier", "Check", "ReloadOutcome", "ReloadRefused", "Reloader", "live_settings"]
 
 log = logging.getLogger("pgbroker.reload")
 
 # Applies a reload: (old settings, new settings). It may raise ValueError to refuse the reload
 # before anything changed only in its `check` half (see `Reloader.add_applier`).
 Applier = Callable[[Settings, Settings], None]
+# A check, which may be a coroutine (it may connect somewhere, e.g. to a new read replica).
+Check = Callable[[Settings, Settings], Awaitable[None] | None]
 
 
 class ReloadRefused(BrokerFailure):
@@ -85,30 +91,60 @@ class Reloader:
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
         self.environ = environ
         self.adjust = adjust or (lambda s: s)
-        self._checks: list[Applier] = []
+        self._checks: list[tuple[Check, Applier | None]] = []
         self._appliers: list[Applier] = []
+        self._one_at_a_time = asyncio.Lock()
         self.reloads = 0
 
-    def add_applier(self, apply: Applier, check: Applier | None = None) -> None:
+    def add_applier(
+        self, apply: Applier, check: Check | None = None, undo: Applier | None = None
+    ) -> None:
         """Call *apply* (old, new) on every reload that is not refused; *check* (old, new),
-        called before anything changes, refuses the reload by raising ValueError."""
+        called before anything changes (awaited if it is a coroutine), refuses the reload by
+        raising ValueError. When a later check refuses a reload that this *check* passed,
+        *undo* (old, new) releases what the check prepared (connections it opened)."""
         self._appliers.append(apply)
         if check is not None:
-            self._checks.append(check)
+            self._checks.append((check, undo))
 
-    def reload(self, overrides: Mapping[str, str] | None = None, *, why: str = "") -> ReloadOutcome:
+    async def reload(
+        self, overrides: Mapping[str, str] | None = None, *, why: str = ""
+    ) -> ReloadOutcome:
         """Re-read the settings (see the module docstring) and apply the live ones that
-        changed; raise `ReloadRefused` naming every problem, with nothing changed."""
-        log.info("reloading the configuration%s", f" ({why})" if why else "")
-        try:
-            new = self._resolve(overrides or {})
+        changed; raise `ReloadRefused` naming every problem, with nothing changed. Reloads
+        run one at a time; the appliers run together, with no request in between."""
+        async with self._one_at_a_time:
+            log.info("reloading the configuration%s", f" ({why})" if why else "")
             old = self.settings
-            for check in self._checks:
-                check(old, new)
-        except (ConfigError, ValueError) as exc:
-            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-            log.error("reload refused; every setting keeps its value", extra={"problems": problems})
-            raise ReloadRefused("reload refused, nothing changed: " + "; ".join(problems)) from None
+            try:
+                new = self._resolve(overrides or {})
+                await self._check(old, new)
+            except (ConfigError, ValueError) as exc:
+                problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+                log.error(
+                    "reload refused; every setting keeps its value", extra={"problems": problems}
+                )
+                raise ReloadRefused(
+                    "reload refused, nothing changed: " + "; ".join(problems)
+                ) from None
+            return self._apply(old, new)
+
+    async def _check(self, old: Settings, new: Settings) -> None:
+        """Every check; when one refuses (or fails), undo the ones that passed."""
+        passed: list[Applier] = []
+        try:
+            for check, undo in self._checks:
+                result = check(old, new)
+                if inspect.isawaitable(result):
+                    await result
+                if undo is not None:
+                    passed.append(undo)
+        except BaseException:
+            for undo in reversed(passed):
+                undo(old, new)
+            raise
+
+    def _apply(self, old: Settings, new: Settings) -> ReloadOutcome:
         outcome = _compare(old, new)
         live = {spec.attribute: getattr(new, spec.attribute) for spec in live_settings()}
         applied = replace(old, **live)

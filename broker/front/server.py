@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 import grpc
@@ -33,26 +32,22 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.config import Settings
 from broker.flow.keysweep import KeySweeper, sweep_interval
-from broker.flow.routing import Router, load_hook
+from broker.flow.routing import load_hook
 from broker.front.admin import SIGNALS, AdminService, Controls
 from broker.front.fdlimit import DescriptorWatch, raise_nofile
 from broker.front.memory import MemoryTrimmer, tune_malloc
 from broker.front.metrics import MetricsPublisher
 from broker.front.reload import Reloader
+from broker.front.replicas import Replicas, connect_for, monitor_connections
 from broker.front.service import BrokerService
 from broker.front.stream import StreamService, stream_handler
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
-from broker.pooling.pool import Pool, PoolUnavailable
-from broker.pooling.targets import ReplicaMonitor, Target, TargetSet
+from broker.pooling.pool import Pool
+from broker.pooling.targets import Target, TargetSet
 from broker.postgres.audit import read_builtin_functions
 from broker.postgres.budget import BudgetExceeded, BudgetProbe
-from broker.postgres.credentials import (
-    RenamedCredentials,
-    connect_with_credentials,
-    credentials_for,
-    replica_credentials_for,
-)
+from broker.postgres.credentials import credentials_for
 from broker.postgres.keys import store_status
 from broker.postgres.probe import FirstConnectionProbe
 from broker.security import tls
@@ -75,11 +70,6 @@ ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 _AUTH_SETTINGS = ("tokens", "tokens_secret_id", "iam_allowed_roles")
 # Seconds between reporting NOT_SERVING and refusing calls, when clients watch health.
 SHUTDOWN_DRAIN = 0.5
-# Seconds start-up waits for a read replica's first connection: a replica that is down must
-# not hold the broker's start (it joins the rotation once it answers).
-REPLICA_START_WAIT = 3.0
-# The application_name of the replica monitor's connections (one per server and worker).
-MONITOR_NAME = "pgbroker-monitor"
 
 
 def setup_logging(level: str = "INFO") -> Logger:
@@ -184,16 +174,10 @@ class BrokerServer:
         self.port = 0
         self.phase = "created"  # what start() is doing, for a SIGTERM during it
         self.pool = self._pool(settings)
-        self.replica_budgets: dict[str, BudgetProbe] = {}
-        self.targets = TargetSet(Target("primary", self.pool), self._replicas(settings))
-        self.monitor = self._monitor(settings) if self.targets.replicas else None
-        self.router = Router(
-            self.targets,
-            self.monitor,
-            mode=settings.routing,
-            fallback=settings.replica_fallback,
-            wait=settings.replica_wait,
-        )
+        self.targets = TargetSet(Target("primary", self.pool))
+        # The read replicas, their monitor and the routing (broker/front/replicas.py).
+        self.replicas = Replicas(settings, self.credentials, self.budget_probe, self.targets)
+        self.router = self.replicas.router
         self.metrics: MetricsPublisher | None = None
         # Caller authentication (broker/security/): Broker methods only; health stays open.
         self.auth_stats = AuthStats()
@@ -245,6 +229,8 @@ class BrokerServer:
             settings, flags, environ=environ, adjust=worker.apply if worker is not None else None
         )
         self.reloader.add_applier(self._apply_settings, check=self._check_budget)
+        replicas = self.replicas
+        self.reloader.add_applier(replicas.apply, check=replicas.check, undo=replicas.undo)
         supervisor = os.getppid() if worker is not None else None
         self.controls = Controls(self.pool, self.reloader, supervisor)
         self.admin = AdminService(
@@ -252,11 +238,12 @@ class BrokerServer:
         )
 
     def _check_budget(self, old: Settings, new: Settings) -> None:
-        """A larger pool must fit the connection budget read at start (as start() checks)."""
+        """A larger pool must fit the connection budget read at start (as start() checks;
+        the replica monitor's connection there is checked with the replicas')."""
         if new.pool_size <= old.pool_size or self.budget_probe.budget is None:
             return
         try:
-            self.budget_probe.check(new.pool_size, new.max_replicas)
+            self.budget_probe.check(new.pool_size + monitor_connections(new), new.max_replicas)
         except BudgetExceeded as exc:
             raise ValueError(f"PGBROKER_POOL_SIZE={new.pool_size}: {exc}") from None
 
@@ -297,13 +284,7 @@ class BrokerServer:
         # Credentials from the URL, a Secrets Manager secret or RDS IAM
         # (broker/postgres/credentials.py).
         self.credentials = credentials_for(settings)
-        connect = partial(
-            connect_with_credentials,
-            self.credentials,
-            settings.connect_timeout,
-            settings.statement_timeout,
-            settings.statement_cache_size,
-        )
+        connect = connect_for(self.credentials, settings)
         # Read on the first connection: max_connections (start() checks the budget with it)
         # and pg_catalog's function names (calls of other functions get the session audited).
         # And the idempotency-key store (created if missing: broker/postgres/keys.py).
@@ -318,88 +299,6 @@ class BrokerServer:
             max_lifetime=settings.max_lifetime,
             weights=QueueWeights.parse(settings.queue_weights),
         )
-
-    def _connect(self, source: Any, settings: Settings, timeout: float | None = None) -> Any:
-        return partial(
-            connect_with_credentials,
-            source,
-            settings.connect_timeout if timeout is None else timeout,
-            settings.statement_timeout if timeout is None else timeout,
-            settings.statement_cache_size,
-        )
-
-    def _replicas(self, settings: Settings) -> list[Target]:
-        """One target per read replica (``PGBROKER_REPLICA_URLS``), each with its own pool
-        (a worker's share of ``PGBROKER_REPLICA_POOL_SIZE``) whose first connection reads
-        that server's connection budget."""
-        targets = []
-        for index, url in enumerate(settings.replica_urls, 1):
-            name = f"replica{index}"
-            source = replica_credentials_for(settings, self.credentials, url)
-            probe = self.replica_budgets[name] = BudgetProbe(self._connect(source, settings))
-            pool = Pool(
-                probe,
-                size=max(1, settings.replica_pool_size // settings.workers),
-                max_waiting=settings.max_waiting,
-                queue_timeout=settings.queue_timeout,
-                max_lifetime=settings.max_lifetime,
-                weights=QueueWeights.parse(settings.queue_weights),
-            )
-            targets.append(Target(name, pool, replica=True))
-        return targets
-
-    def _monitor(self, settings: Settings) -> ReplicaMonitor:
-        """The replica checks, on one connection of their own per server (not pooled)."""
-        timeout = max(2.0, 2 * settings.replica_check_interval)
-        sources = {"primary": self.credentials}
-        for index, url in enumerate(settings.replica_urls, 1):
-            sources[f"replica{index}"] = replica_credentials_for(settings, self.credentials, url)
-        connects = {
-            name: self._connect(RenamedCredentials(source, MONITOR_NAME), settings, timeout)
-            for name, source in sources.items()
-        }
-        return ReplicaMonitor(
-            self.targets,
-            connects,
-            interval=settings.replica_check_interval,
-            max_lag=settings.max_replica_lag,
-            timeout=timeout,
-        )
-
-    def _monitor_connections(self) -> int:
-        """Connections the replica monitor holds on each server, over all workers."""
-        return self.settings.workers if self.monitor is not None else 0
-
-    async def _open_replicas(self) -> None:
-        """Open every replica's pool; check its connection budget on its first connection
-        (raise `BudgetExceeded` when it does not fit). A replica unreachable now is logged and
-        joins the rotation once it answers."""
-        settings = self.settings
-        wait = min(settings.connect_timeout, REPLICA_START_WAIT)
-        opened = await asyncio.gather(
-            *(t.pool.open(wait="first", timeout=wait, fill=False) for t in self.targets.replicas),
-            return_exceptions=True,
-        )
-        for target, result in zip(self.targets.replicas, opened, strict=True):
-            if isinstance(result, PoolUnavailable):
-                log.warning(
-                    "read replica unreachable at start; it joins the rotation once it answers",
-                    extra={"target": target.name, "error": str(result)},
-                )
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                size = settings.replica_pool_size + self._monitor_connections()
-                self.replica_budgets[target.name].check(size, settings.max_replicas)
-            target.pool.fill()
-        if self.monitor is not None:
-            await self.monitor.start()
-
-    async def _close_replicas(self) -> None:
-        if self.monitor is not None:
-            await self.monitor.stop()
-        for target in self.targets.replicas:
-            await target.pool.close()
 
     def _build(self) -> None:
         # grpc.aio objects bind to the running event loop: build them inside it.
@@ -450,7 +349,7 @@ class BrokerServer:
         await self.pool.open(wait="first", timeout=settings.connect_timeout, fill=False)
         # The total over all workers (pool_size), not this worker's share.
         self.budget_probe.check(
-            settings.pool_size + self._monitor_connections(), settings.max_replicas
+            settings.pool_size + monitor_connections(settings), settings.max_replicas
         )
         self.router.hook = load_hook(settings.routing_hook)
         self._learn_builtin_functions()
@@ -458,7 +357,7 @@ class BrokerServer:
         self.pool.fill()
         if self.targets.replicas:
             self.phase = "connecting to the read replicas"
-            await self._open_replicas()
+            await self.replicas.open()
         self.phase = "starting the gRPC server"
         await self.server.start()
         if descriptors is not None:
@@ -540,7 +439,7 @@ class BrokerServer:
         if self._descriptor_watch is not None:
             await self._descriptor_watch.stop()
         await self.trimmer.stop()
-        await self._close_replicas()
+        await self.replicas.close()
         await self.pool.close()
         self._stopped.set()
         log.info("stopped")
@@ -606,7 +505,7 @@ async def serve(
 async def _abandon_start(server: BrokerServer) -> None:
     """Close what a start that did not finish opened."""
     with contextlib.suppress(Exception):
-        await server._close_replicas()
+        await server.replicas.close()
     with contextlib.suppress(Exception):
         await server.pool.close()
     with contextlib.suppress(Exception):

@@ -3,7 +3,8 @@ keeps every replica's health and replay position (no gRPC).
 
 Targets are named ``primary`` and ``replica1``, ``replica2``, … in the order of
 ``PGBROKER_REPLICA_URLS``. Each has its own `Pool` (its own size, queue and statistics, under
-``target.<name>.*`` in ``GetStats``).
+``target.<name>.*`` in ``GetStats``). A reload replaces the replicas (`TargetSet.set_replicas`,
+`ReplicaMonitor.add` and ``remove``: broker/front/replicas.py); names keep following the order.
 
 `ReplicaMonitor` checks every ``PGBROKER_REPLICA_CHECK_INTERVAL`` seconds (a background task,
 one connection of its own per server, outside the pools), so a request never waits for a
@@ -102,9 +103,13 @@ class TargetSet:
 
     def __init__(self, primary: Target, replicas: Sequence[Target] = ()) -> None:
         self.primary = primary
-        self.replicas = tuple(replicas)
-        self._by_name = {t.name: t for t in (primary, *self.replicas)}
         self._turn = count()
+        self.set_replicas(replicas)
+
+    def set_replicas(self, replicas: Sequence[Target]) -> None:
+        """Replace the replicas (a reload): a replica left out is no longer picked, from now."""
+        self.replicas = tuple(replicas)
+        self._by_name = {t.name: t for t in (self.primary, *self.replicas)}
 
     @property
     def all(self) -> tuple[Target, ...]:
@@ -223,7 +228,7 @@ class ReplicaMonitor:
         self.max_lag = max_lag
         self.timeout = timeout
         self._links = {name: _Link(name, fn) for name, fn in connect.items()}
-        self._history = _History(deque(maxlen=max(60, int(4 * max(max_lag, 10) / interval))))
+        self._history = _History(deque(maxlen=_history_length(interval, max_lag)))
         self._checked = asyncio.Event()
         self._wake = asyncio.Event()
         self._waiting = 0
@@ -247,6 +252,44 @@ class ReplicaMonitor:
                 await self._task
         for link in self._links.values():
             link.close()
+
+    # -- a reload's changes (broker/front/replicas.py) ----------------------------------------
+
+    def add(self, name: str, connect: Callable[[], PgConnection]) -> None:
+        """Check the replica *name* from the next round on (its target starts out of the
+        rotation, "not checked yet"); the next round starts now."""
+        self.remove(name)
+        self._links[name] = _Link(name, connect)
+        self._wake.set()
+
+    def remove(self, name: str) -> None:
+        """Stop checking the replica *name*: close its connection, forget its volatility."""
+        link = self._links.pop(name, None)
+        if link is not None:
+            link.close()
+        for key in [key for key in self._volatility if key[0] == name]:
+            del self._volatility[key]
+
+    def configure(
+        self,
+        *,
+        interval: float,
+        max_lag: float,
+        timeout: float,
+        connect: dict[str, Callable[[], PgConnection]] | None = None,
+    ) -> None:
+        """A reload's check interval, lag limit and check timeout, from the next round on;
+        *connect* replaces the connections of those servers (opened again with the new
+        timeout). The primary's position history is kept."""
+        self.interval, self.max_lag, self.timeout = interval, max_lag, timeout
+        samples = self._history.samples
+        self._history = _History(deque(samples, maxlen=_history_length(interval, max_lag)))
+        for name, fn in (connect or {}).items():
+            old = self._links.get(name)
+            self._links[name] = _Link(name, fn)
+            if old is not None:
+                old.close()
+        self._wake.set()
 
     async def _loop(self) -> None:
         while True:
@@ -278,14 +321,16 @@ class ReplicaMonitor:
     async def check(self) -> None:
         """One round: the primary's position, then every replica's, judged together."""
         await self._sample_primary()
-        replicas = self.targets.replicas
+        replicas = [t for t in self.targets.replicas if t.name in self._links]
         answers = await asyncio.gather(
             *(self._links[t.name].run(ReplicaStatus.read, self.timeout) for t in replicas),
             return_exceptions=True,
         )
         now = time.monotonic()
+        current = self.targets.replicas
         for target, answer in zip(replicas, answers, strict=True):
-            self._judge(target, answer, now)
+            if target in current:  # a reload may have removed it meanwhile
+                self._judge(target, answer, now)
         self.checks += 1
         self._checked.set()
 
@@ -352,7 +397,9 @@ class ReplicaMonitor:
         wanted = set(names)
         missing = [n for n in wanted if cache.get((target.name, n), (False, 0.0))[1] <= now]
         if missing:
-            link = self._links[target.name]
+            link = self._links.get(target.name)
+            if link is None:  # a reload removed the replica meanwhile
+                return True
             try:
                 verdicts = await link.run(partial(read_volatility, names=missing), self.timeout)
             except Exception as exc:
@@ -366,6 +413,11 @@ class ReplicaMonitor:
             for name, verdict in verdicts.items():
                 cache[(target.name, name)] = (verdict, now + VOLATILITY_TTL)
         return any(cache[(target.name, n)][0] for n in wanted)
+
+
+def _history_length(interval: float, max_lag: float) -> int:
+    """Primary samples to keep: four times the lag that matters (at least 10 s) of them."""
+    return max(60, int(4 * max(max_lag, 10) / interval))
 
 
 def _why(exc: BaseException) -> str:
