@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,7 @@ def _start_spy(procs: Processes, pid: int, out: Path) -> subprocess.Popen[bytes]
     spy = str(Path(sys.executable).parent / "py-spy")
     argv = [spy, "record", "-p", str(pid), "-r", "200", "--format", "raw", "-o", str(out)]
     argv += ["--threads", "--gil"]
-    proc = procs.start(argv, stderr=tempfile.TemporaryFile().fileno())
+    proc = procs.start(argv, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
     return proc
 
