@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         pgbench_runner.initialise(binary, pg.host, pg.port, "postgres", args.scale)
         _create_roles(pg)
         _create_store_role(pg)
-        brokers: dict[str, BrokerProcess] = {}
+        brokers: dict[str, Any] = {}  # BrokerProcess, or _Floor
         for name, env in variants:
             role = env.pop("BENCH_ROLE", ROLES["pgbroker"])
             url = f"postgresql://{role}@{pg.host}:{pg.port}/{pg.database}?sslmode=disable"
+            if env.get("BENCH_SERVER") == "floor":
+                brokers[name] = _Floor(procs, env)
+                continue
             extra = ("--workers", args.workers) if args.workers else ()
             broker = BrokerProcess(
                 url, log_level="INFO", pool_size=20, auth="none", env=env, extra_args=extra
@@ -168,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rounds": rows, "summary": summary}, indent=1))
     return 0
+
+
+class _Floor:
+    """`bench.floor` (canned Execute) standing in for a broker: host, port, pid."""
+
+    def __init__(self, procs: Processes, env: dict[str, str]) -> None:
+        from bench.harness import _read_until
+        from bench.procs import ROOT
+
+        argv = [sys.executable, "-m", "bench.floor"]
+        proc = procs.start(argv, stdout=subprocess.PIPE, cwd=ROOT, env={**os.environ, **env})
+        self.host, self.port = "127.0.0.1", int(_read_until(proc.stdout, "listening")["port"])
+        self.pid = proc.pid
+
+    def log(self) -> str:
+        return ""
 
 
 def _create_store_role(pg: LocalPostgres) -> None:
