@@ -555,6 +555,10 @@ def _create_roles(pg: LocalPostgres) -> None:
         for role in sorted(set(ROLES.values())):
             conn.run(f"CREATE ROLE {role} LOGIN")
             conn.run(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        # The broker creates its idempotency-key store (schema pgbroker) on its first
+        # connection, as in a deployment whose role may; without CREATE it would run with
+        # keys off and refuse each new client's first keyed call (IDEMPOTENCY_UNAVAILABLE).
+        conn.run(f"GRANT CREATE ON DATABASE {pg.database} TO {ROLES[PGBROKER]}")
     finally:
         conn.close()
 

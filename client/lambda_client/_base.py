@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from lambda_client._policy import (
     Link,
     Metadata,
     Plan,
+    _uniform,
     logger,
     time_left,
 )
@@ -335,7 +335,7 @@ class ClientBase:
         """Replace the channel with a new one; return the old one (None at first), for the
         driver to close."""
         old, self._channel = self._channel, self._new_channel()
-        self._link = Link(self._channel)
+        self._link = Link(self._channel, aio=self._aio)
         self._mark_used()
         self.channels_created += 1
         return old
@@ -427,7 +427,7 @@ def execute_backoff_or_raise(
     if not unknown and not (call.idempotent and error.reason == _IN_PROGRESS):
         return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted, started)
     backoff = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
-    delay = (error.retry_after or 0.0) + random.uniform(backoff / 2, backoff)
+    delay = (error.retry_after or 0.0) + _uniform(backoff / 2, backoff)
     # Safe to resend like work that did not run: until the deadline (or nothing_ran_attempts).
     safe = call.idempotent and attempt < policy.nothing_ran_attempts
     if safe and time.monotonic() + delay < deadline:

@@ -2,8 +2,8 @@
 are resent and after how long, what a failed call raises. No I/O happens here.
 
 A call is planned as a generator (`lambda_client._base.ClientBase._plan`) that yields steps:
-zero-argument callables that do one piece of I/O (a health check, an attempt, a pause) and
-receives each step's outcome back: its value via ``send``, or its `grpc.RpcError` via
+zero-argument callables that do one piece of I/O (a wait for the channel, an attempt, a
+pause) and receives each step's outcome back: its value via ``send``, or its `grpc.RpcError` via
 ``throw``. `run_plan` drives a plan with blocking calls; `lambda_client.aio` awaits each
 step instead. The policy:
 
@@ -19,14 +19,14 @@ step instead. The policy:
   structured fields (``extra=``) that Powertools' ``Logger`` and CloudWatch Logs Insights can
   filter: each retry at INFO (``reason``, ``attempt``, ``delay_s``), a call whose outcome is
   unknown at WARNING. No handler is configured here: the application's logging decides.
-* a channel that has not reached the broker is health-checked first (`Link`), so a deadline
-  that passes while connecting is `errors.Unavailable` with "nothing was sent".
+* a call on a channel that has not reached the broker first waits for the channel to be
+  ready (`Link`, no RPC), so a deadline that passes while connecting is `errors.Unavailable`
+  with "nothing was sent".
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -146,8 +146,8 @@ class CallPolicy:
             return None  # a rolled-back transaction is resent only if asked, max_attempts times
         backoff = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
         if error.retry_after is not None:
-            return error.retry_after + random.uniform(0, backoff)
-        return random.uniform(backoff / 2, backoff)
+            return error.retry_after + _uniform(0, backoff)
+        return _uniform(backoff / 2, backoff)
 
     def backoff_or_raise(
         self,
@@ -182,6 +182,14 @@ class CallPolicy:
                 extra=_fields(error, attempt, outcome="unknown"),
             )
         raise error from exc
+
+
+def _uniform(low: float, high: float) -> float:
+    """`random.uniform`, with `random` (and the hashing it loads) imported on the first retry
+    rather than on a cold start."""
+    import random
+
+    return random.uniform(low, high)
 
 
 def gave_up(error: errors.Error, attempts: int, elapsed: float, capped: bool) -> None:
@@ -225,16 +233,19 @@ class Link:
     reached the broker since the channel opened or last failed in a way that may mean a lost
     connection.
 
-    Until then, each attempt first makes a health check that waits for the channel
-    (``wait_for_ready``): if the deadline passes during it, the request itself was never sent,
-    which a call that waited inside gRPC could not tell (`broker_unreachable`). A channel
-    that has reached the broker skips the check, so a warm call is still one round trip.
+    Until then, each attempt first waits for the channel to be READY (connected and, with
+    health checking, reported SERVING), with no RPC: if the deadline passes during that wait,
+    the request itself was never sent, which a call that waited inside gRPC could not tell
+    (`broker_unreachable`). A channel that has reached the broker skips the wait, so a warm
+    call is still one round trip, and a new channel's first call is one too.
     """
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, aio: bool = False) -> None:
         self.stub = pb_grpc.BrokerStub(channel)
-        # Raw bytes both ways: an empty HealthCheckRequest asks about the server as a whole,
-        # and any answer (even UNIMPLEMENTED) proves a connection.
+        self.channel = channel
+        self.aio = aio
+        # Only to ask why a channel is not ready (`_last_error`): raw bytes both ways, an
+        # empty HealthCheckRequest asks about the server as a whole.
         self.health_check = channel.unary_unary(HEALTH_CHECK_METHOD)
         self.reached = False
 
@@ -245,8 +256,8 @@ class Link:
         started: float,
         explain: Callable[[str, float], str] | None = None,
     ) -> Plan[None]:
-        """Check the channel (one step); raise `broker_unreachable` if the deadline passes
-        first. Any other failure is left to the call itself (which waits for the channel).
+        """Wait for the channel to be ready (one step); raise `broker_unreachable` if the
+        deadline passes first.
 
         With *explain* (gRPC's last connection error and the seconds it may spend probing ->
         cause and fix), the end of *timeout* is kept back to ask the channel why it is not
@@ -254,17 +265,16 @@ class Link:
         rather than only the deadline; the call still ends within *timeout*."""
         ends = time.monotonic() + timeout
         reserve = min(_DIAGNOSIS_SECONDS, timeout / 10) if explain is not None else 0.0
-        try:
-            yield lambda: self.health_check(b"", timeout=timeout - reserve, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-                why = ""
-                if explain is not None:
-                    last_error = yield from self._last_error(reserve / 2)
-                    why = explain(last_error, ends - time.monotonic())
-                raise broker_unreachable(target, time.monotonic() - started, why) from exc
-        else:
+        wait = _ready_aio if self.aio else _ready_blocking
+        ready = yield lambda: wait(self.channel, timeout - reserve)
+        if ready:
             self.reached = True
+            return
+        why = ""
+        if explain is not None:
+            last_error = yield from self._last_error(reserve / 2)
+            why = explain(last_error, ends - time.monotonic())
+        raise broker_unreachable(target, time.monotonic() - started, why)
 
     def _last_error(self, timeout: float) -> Plan[str]:
         """The channel's last connection error: a check that does not wait for the channel
@@ -273,12 +283,33 @@ class Link:
             yield lambda: self.health_check(b"", timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as exc:
             return str(exc.details() or "")
-        self.reached = True
         return ""
 
     def call_failed(self, exc: grpc.RpcError) -> None:
         if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
             self.reached = False
+
+
+def _ready_blocking(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether *channel* became READY within *timeout* seconds (it is asked to connect)."""
+    future = grpc.channel_ready_future(channel)
+    try:
+        future.result(timeout=max(timeout, 0.0))
+    except grpc.FutureTimeoutError:
+        future.cancel()  # stops watching the channel's state
+        return False
+    return True
+
+
+async def _ready_aio(channel: Any, timeout: float) -> bool:
+    """`_ready_blocking` for a ``grpc.aio`` channel."""
+    import asyncio  # loaded with grpc.aio already; the blocking client never needs it here
+
+    try:
+        await asyncio.wait_for(channel.channel_ready(), max(timeout, 0.0))
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 def time_left(deadline: float, attempt: int) -> float:

@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_client import _position
 from lambda_client._base import DEFAULT_TARGET, AuthHook, ClientBase, channel_options
 from lambda_client._policy import BROKER_UNREACHABLE, Call, Link, broker_unreachable, run_plan
 from lambda_client._requests import LambdaContext, Statement, check_target
 from lambda_client._result import Result
-from lambda_client._stream import RowStream, open_stream, stream_request
-from lambda_client.transaction import Transaction, open_transaction, run_transaction
+
+if TYPE_CHECKING:
+    # Loaded on first use (`begin`, `run_transaction`, `stream`): not on a cold start's path.
+    from lambda_client._stream import RowStream
+    from lambda_client.transaction import Transaction
 
 __all__ = [
     "BROKER_UNREACHABLE",
@@ -53,7 +56,6 @@ __all__ = [
     "BrokerClient",
     "LambdaContext",
     "Result",
-    "RowStream",
     "Statement",
     "broker_unreachable",
     "channel_options",
@@ -169,6 +171,8 @@ class BrokerClient(ClientBase):
         *timeout* and *context* bound the whole transaction. Raise as `query` when no
         connection could be leased (retried like a call while nothing ran). With
         *idempotency_key*, COMMIT records it (`Transaction.commit`)."""
+        from lambda_client.transaction import open_transaction
+
         invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto, self.target)
         transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
         transaction.idempotency_key = idempotency_key
@@ -187,6 +191,8 @@ class BrokerClient(ClientBase):
         """Return ``fn(tx)`` run in a transaction (`begin`) and committed; re-run in a new
         transaction on a serialization failure or deadlock (40001, 40P01), up to
         *max_attempts* times within one deadline (*timeout*, *context*)."""
+        from lambda_client.transaction import run_transaction
+
         return run_transaction(
             lambda left: self.begin(
                 isolation=isolation,
@@ -220,6 +226,8 @@ class BrokerClient(ClientBase):
         ran); iterating raises if it fails midway. Use ``with db.stream(...) as rows:`` so an
         early exit frees the broker's connection at once. With *read_only*, a broker with read
         replicas may run it on one."""
+        from lambda_client._stream import open_stream, stream_request
+
         invoke = open_stream(
             stream_request(sql, params, chunk_rows, read_only, _position.latest(self.target))
         )

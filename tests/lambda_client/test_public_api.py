@@ -180,6 +180,18 @@ def test_client_import_leaves_uuid_and_hashing_to_first_use() -> None:
     assert _fresh(code).strip() == "[]"
 
 
+def test_client_import_leaves_transactions_streams_and_random_to_first_use() -> None:
+    # Only begin()/stream() and a retry's jitter need them: not a cold start's first query.
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        "db = BrokerClient('127.0.0.1:1')\n"
+        "names = ('lambda_client.transaction', 'lambda_client._stream', 'random', 'queue')\n"
+        "print(sorted(m for m in names if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
 def test_client_never_imports_broker_pg8000_or_devtools() -> None:
     code = (
         "import sys\n"

@@ -222,3 +222,25 @@ def test_a_broker_that_stays_not_serving_gets_nothing_and_raises_unavailable() -
     assert script.requests == []
     assert info.value.reason == "BROKER_UNREACHABLE"
     assert "nothing was sent" in str(info.value)
+
+
+def test_a_new_channels_first_call_waits_for_the_channel_without_a_health_check_rpc() -> None:
+    from grpc_health.v1 import health, health_pb2
+
+    class CountingHealth(health.HealthServicer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.checks = 0
+
+        def Check(self, request: Any, context: Any) -> Any:
+            self.checks += 1
+            return super().Check(request, context)
+
+    watched = CountingHealth()
+    watched.set("pgbroker.v1.Broker", health_pb2.HealthCheckResponse.SERVING)
+    with standin(health=watched) as (target, script):
+        db = fast_client(target)
+        db.query("SELECT 1")
+        db.query("SELECT 1")
+    # One request per call, and the reachability wait made no RPC of its own.
+    assert (len(script.requests), watched.checks) == (2, 0)
