@@ -41,6 +41,7 @@ import contextlib
 import queue
 import random
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
@@ -57,8 +58,10 @@ if TYPE_CHECKING:
     from lambda_client.client import Result
 
 __all__ = [
+    "DEFAULT_MAX_OPEN_TRANSACTIONS",
     "AsyncTransaction",
     "Transaction",
+    "TransactionSlots",
     "open_async_transaction",
     "open_transaction",
     "run_async_transaction",
@@ -69,20 +72,84 @@ T = TypeVar("T")
 # One Transact attempt: (stub, seconds left, metadata) -> Transaction (`open_transaction`).
 Decode = Callable[[pb.StatementResult], "Result"]
 _SAVEPOINT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# `BrokerClient`'s default bound on its open ``Transact`` streams (`TransactionSlots`).
+DEFAULT_MAX_OPEN_TRANSACTIONS = 200
+
+
+class TransactionSlots:
+    """At most *limit* ``Transact`` streams open at once on one blocking client's channel;
+    a `begin` past it waits here, within its deadline, for one to end.
+
+    Why: gRPC's blocking API spends two threads on each open stream (the caller reading,
+    gRPC's request sender), and each wakes every 0.1 s while it waits (``grpc._common.wait``),
+    while one thread per channel delivers every stream's events under one channel-wide lock.
+    With about a thousand streams open on one channel (a threaded server's transactions,
+    most of them queued at the broker for a pooled connection), those wake-ups outrun the
+    GIL and the delivery thread starves: the steps of leased transactions stop reaching the
+    broker, which rolls them back at ``PGBROKER_IDLE_TRANSACTION_TIMEOUT`` (docs/client.md,
+    "Threads"). A thread waiting here sleeps until a slot frees, without polling."""
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_open_transactions must be an integer ≥ 1, not {limit!r}")
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def take(self, timeout: float) -> Callable[[], None]:
+        """Wait up to *timeout* seconds for a slot and return the callable that gives it back
+        (once, however often it is called); `errors.Overloaded` (``QUEUE_TIMEOUT``, nothing
+        was sent) when none freed in time."""
+        if not self._free.acquire(timeout=max(0.0, timeout)):
+            raise errors.Overloaded(
+                f"no interactive transaction could start within the deadline: "
+                f"{self.limit} are open on this client's channel (max_open_transactions) and "
+                "none ended; nothing was sent. Keep transactions short, or give groups of "
+                "threads a client each",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                reason="QUEUE_TIMEOUT",
+            )
+        given_back = threading.Lock()
+
+        def release() -> None:
+            if given_back.acquire(blocking=False):
+                self._free.release()
+
+        return release
 
 
 class _Stream:
     """One ``Transact`` call: requests go through a queue gRPC's sender thread drains; each
-    `send` waits for its answer. Raises the call's `grpc.RpcError` when it ended."""
+    `send` waits for its answer. Raises the call's `grpc.RpcError` when it ended. With
+    *slots*, the call holds one of them (waited for within *timeout*) until it ends."""
 
-    def __init__(self, stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        stub: Any,
+        timeout: float,
+        metadata: Sequence[tuple[str, str]],
+        slots: TransactionSlots | None = None,
+    ) -> None:
         self._requests: queue.SimpleQueue[pb.TransactRequest | None] = queue.SimpleQueue()
-        self._call = stub.Transact(
-            iter(self._requests.get, None),
-            timeout=timeout,
-            metadata=metadata,
-            wait_for_ready=True,
-        )
+        release = None
+        if slots is not None:
+            started = time.monotonic()
+            release = slots.take(timeout)
+            timeout -= time.monotonic() - started
+        try:
+            self._call = stub.Transact(
+                iter(self._requests.get, None),
+                timeout=timeout,
+                metadata=metadata,
+                wait_for_ready=True,
+            )
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        # However the call ends (commit, error, cancel, deadline, an abandoned transaction
+        # collected), gRPC runs its callbacks then; an ended call runs none.
+        if release is not None and not self._call.add_callback(release):
+            release()
 
     def send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._requests.put(request)
@@ -164,17 +231,23 @@ def open_async_transaction(
 
 
 def open_transaction(
-    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode, target: str = ""
+    isolation: str | None,
+    read_only: bool,
+    deferrable: bool,
+    decode: Decode,
+    target: str = "",
+    slots: TransactionSlots | None = None,
 ) -> Any:
     """One attempt at opening a transaction, for the client's retry loop: send ``begin`` and
     wait for the connection; `grpc.RpcError` when it was refused (nothing ran). Raise
     `TypeError`/`ValueError` for bad options (nothing sent). *target* names the broker whose
-    read-your-writes position (`lambda_client._position`) it sends and keeps."""
+    read-your-writes position (`lambda_client._position`) it sends and keeps; each attempt's
+    stream holds one of *slots* (`TransactionSlots`) while it is open."""
     options = _options(isolation, read_only, deferrable)
     options.after_lsn = _position.latest(target)
 
     def invoke(stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]) -> Transaction:
-        stream = _Stream(stub, timeout, metadata)
+        stream = _Stream(stub, timeout, metadata, slots)
         try:
             stream.send(pb.TransactRequest(begin=options))
         except BaseException:
