@@ -200,6 +200,7 @@ def test_a_begin_past_max_open_transactions_waits_for_a_slot_then_fails_clearly(
     begin past it sends nothing, waits within its deadline, and gets the slot of any
     transaction that ends, however it ends."""
     with BrokerClient(broker.target, max_open_transactions=2) as db:
+        wait_until(lambda: db.stats()["leases_active"] == 0, what="earlier tests' leases to end")
         first, second = db.begin(), db.begin()
         second_began = started = time.monotonic()
         with pytest.raises(Overloaded) as refused:
