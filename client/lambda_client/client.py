@@ -43,6 +43,7 @@ from lambda_client._base import DEFAULT_TARGET, AuthHook, ClientBase, channel_op
 from lambda_client._policy import BROKER_UNREACHABLE, Call, Link, broker_unreachable, run_plan
 from lambda_client._requests import LambdaContext, Statement, check_target
 from lambda_client._result import Result
+from lambda_client._slots import DEFAULT_MAX_OPEN_TRANSACTIONS, TransactionSlots
 
 if TYPE_CHECKING:
     # Loaded on first use (`begin`, `run_transaction`, `stream`): not on a cold start's path.
@@ -85,7 +86,11 @@ class BrokerClient(ClientBase):
     replaced before the next call rather than trusted. With *health_check* (default) calls
     go only to replicas whose ``grpc.health.v1`` status is SERVING, so a replica that is
     shutting down gets no new calls (one more round trip when a connection opens).
-    *options* are extra gRPC channel arguments; they override the defaults. Settings not
+    *options* are extra gRPC channel arguments; they override the defaults.
+    *max_open_transactions* bounds the interactive transactions (`begin`) open at once on the
+    client's channel; a `begin` past it waits, within its deadline, for one to end
+    (`lambda_client._slots.TransactionSlots`: past about a thousand, gRPC's blocking
+    API stalls them all). Settings not
     passed come from *config*, by default the environment read once, here
     (`lambda_client._config.ClientConfig.from_env`). Raise `TypeError`/`ValueError` naming a
     bad argument or variable.
@@ -94,6 +99,16 @@ class BrokerClient(ClientBase):
     """
 
     _sleep = staticmethod(time.sleep)
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        max_open_transactions: int = DEFAULT_MAX_OPEN_TRANSACTIONS,
+        **kwargs: Any,
+    ) -> None:
+        self._slots = TransactionSlots(max_open_transactions)
+        super().__init__(target, **kwargs)
 
     def query(
         self,
@@ -173,7 +188,9 @@ class BrokerClient(ClientBase):
         *idempotency_key*, COMMIT records it (`Transaction.commit`)."""
         from lambda_client.transaction import open_transaction
 
-        invoke = open_transaction(isolation, read_only, deferrable, Result.from_proto, self.target)
+        invoke = open_transaction(
+            isolation, read_only, deferrable, Result.from_proto, self.target, self._slots
+        )
         transaction: Transaction = self._run(Call(invoke, _opened), context, timeout)
         transaction.idempotency_key = idempotency_key
         return transaction

@@ -51,14 +51,17 @@ import grpc
 from lambda_client import _position, errors
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import Statement, _options, _split, _statement
+from lambda_client._slots import DEFAULT_MAX_OPEN_TRANSACTIONS, TransactionSlots
 from lambda_client._stream import AsyncRowStream, RowStream, _chunk_rows
 
 if TYPE_CHECKING:
     from lambda_client.client import Result
 
 __all__ = [
+    "DEFAULT_MAX_OPEN_TRANSACTIONS",
     "AsyncTransaction",
     "Transaction",
+    "TransactionSlots",
     "open_async_transaction",
     "open_transaction",
     "run_async_transaction",
@@ -73,16 +76,37 @@ _SAVEPOINT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 class _Stream:
     """One ``Transact`` call: requests go through a queue gRPC's sender thread drains; each
-    `send` waits for its answer. Raises the call's `grpc.RpcError` when it ended."""
+    `send` waits for its answer. Raises the call's `grpc.RpcError` when it ended. With
+    *slots*, the call holds one of them (waited for within *timeout*) until it ends."""
 
-    def __init__(self, stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        stub: Any,
+        timeout: float,
+        metadata: Sequence[tuple[str, str]],
+        slots: TransactionSlots | None = None,
+    ) -> None:
         self._requests: queue.SimpleQueue[pb.TransactRequest | None] = queue.SimpleQueue()
-        self._call = stub.Transact(
-            iter(self._requests.get, None),
-            timeout=timeout,
-            metadata=metadata,
-            wait_for_ready=True,
-        )
+        release = None
+        if slots is not None:
+            started = time.monotonic()
+            release = slots.take(timeout)
+            timeout -= time.monotonic() - started
+        try:
+            self._call = stub.Transact(
+                iter(self._requests.get, None),
+                timeout=timeout,
+                metadata=metadata,
+                wait_for_ready=True,
+            )
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        # However the call ends (commit, error, cancel, deadline, an abandoned transaction
+        # collected), gRPC runs its callbacks then; an ended call runs none.
+        if release is not None and not self._call.add_callback(release):
+            release()
 
     def send(self, request: pb.TransactRequest) -> pb.TransactResponse:
         self._requests.put(request)
@@ -164,17 +188,23 @@ def open_async_transaction(
 
 
 def open_transaction(
-    isolation: str | None, read_only: bool, deferrable: bool, decode: Decode, target: str = ""
+    isolation: str | None,
+    read_only: bool,
+    deferrable: bool,
+    decode: Decode,
+    target: str = "",
+    slots: TransactionSlots | None = None,
 ) -> Any:
     """One attempt at opening a transaction, for the client's retry loop: send ``begin`` and
     wait for the connection; `grpc.RpcError` when it was refused (nothing ran). Raise
     `TypeError`/`ValueError` for bad options (nothing sent). *target* names the broker whose
-    read-your-writes position (`lambda_client._position`) it sends and keeps."""
+    read-your-writes position (`lambda_client._position`) it sends and keeps; each attempt's
+    stream holds one of *slots* (`TransactionSlots`) while it is open."""
     options = _options(isolation, read_only, deferrable)
     options.after_lsn = _position.latest(target)
 
     def invoke(stub: Any, timeout: float, metadata: Sequence[tuple[str, str]]) -> Transaction:
-        stream = _Stream(stub, timeout, metadata)
+        stream = _Stream(stub, timeout, metadata, slots)
         try:
             stream.send(pb.TransactRequest(begin=options))
         except BaseException:

@@ -344,3 +344,45 @@ def test_management_commands_through_the_broker(app: Any, monkeypatch: Any) -> N
     assert admin.is_superuser and admin.check_password("s3cret-pass-42")
     with pytest.raises(CommandError, match=r"not supported through pgbroker.*direct URL"):
         call_command("dbshell")
+
+
+def test_max_open_transactions_option_bounds_the_process_client(
+    app: Any, broker: BrokerProcess
+) -> None:
+    """OPTIONS["max_open_transactions"] reaches the process's client: past it, an atomic()
+    block's first query waits for a lease to end (docs/client.md, "Threads")."""
+    from django.db import connections
+    from django.db.utils import OperationalError
+
+    from devtools.lambda_context import FakeLambdaContext
+    from lambda_client.django.base import DatabaseWrapper
+    from lambda_client.django.deadline import lambda_deadline
+
+    settings_dict = {
+        **connections["default"].settings_dict,
+        "OPTIONS": {"target": broker.target, "timeout": 30, "max_open_transactions": 1},
+    }
+    holder, waiter = (
+        DatabaseWrapper(settings_dict, "bounded1"),
+        DatabaseWrapper(settings_dict, "bounded2"),
+    )
+    try:
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT 1")  # holds the one lease
+        waiter.set_autocommit(False)
+        started = time.monotonic()
+        with (
+            lambda_deadline(FakeLambdaContext(remaining=1.5)),  # 1 s after the margin
+            pytest.raises(OperationalError, match="max_open_transactions"),
+            waiter.cursor() as cursor,
+        ):
+            cursor.execute("SELECT 1")
+        assert 0.9 <= time.monotonic() - started < 5
+        holder.rollback()
+        with waiter.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        waiter.rollback()
+    finally:
+        holder.close()
+        waiter.close()

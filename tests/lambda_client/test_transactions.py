@@ -5,6 +5,7 @@ client killed mid-transaction, and serialization retries."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from lambda_client import (
     DeadlineExceeded,
     DeadlockDetected,
     InvalidRequest,
+    Overloaded,
 )
 from lambda_client.aio import AsyncBrokerClient
 from lambda_client.errors import InFailedSqlTransaction
@@ -188,6 +190,89 @@ def test_an_abandoned_transaction_is_rolled_back_at_once(
     locked = f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE SKIP LOCKED"
     wait_until(lambda: admin.run(locked), timeout=IDLE_TIMEOUT + 5, what="the lock to go")
     assert time.monotonic() - started < IDLE_TIMEOUT / 2
+
+
+def test_a_begin_past_max_open_transactions_waits_for_a_slot_then_fails_clearly(
+    broker: BrokerProcess,
+) -> None:
+    """A blocking client keeps at most max_open_transactions Transact streams open (gRPC's
+    blocking API stalls them all past about a thousand on one channel: TransactionSlots); a
+    begin past it sends nothing, waits within its deadline, and gets the slot of any
+    transaction that ends, however it ends."""
+    with BrokerClient(broker.target, max_open_transactions=2) as db:
+        wait_until(lambda: db.stats()["leases_active"] == 0, what="earlier tests' leases to end")
+        first, second = db.begin(), db.begin()
+        second_began = started = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            db.begin(timeout=0.5)
+        assert 0.4 < time.monotonic() - started < 3
+        assert refused.value.reason == "QUEUE_TIMEOUT"
+        assert "max_open_transactions" in str(refused.value)
+        assert "nothing was sent" in str(refused.value)
+        assert db.stats()["leases_active"] == 2  # the third never reached the broker
+
+        first.commit()
+        third = db.begin(timeout=2)
+        third.rollback()
+        fourth = db.begin(timeout=2)
+        del fourth  # abandoned: its stream is cancelled, its slot freed
+        gc.collect()
+        fifth = db.begin(timeout=2)
+        # Left idle: the broker ends the second, and its slot frees with no call on it.
+        sixth = db.begin(timeout=IDLE_TIMEOUT + 5)
+        assert time.monotonic() - second_began >= IDLE_TIMEOUT - 0.2
+        with pytest.raises(DeadlineExceeded):
+            second.query("SELECT 1")
+        fifth.rollback()
+        sixth.commit()
+
+
+def test_threads_past_max_open_transactions_queue_in_the_client_and_all_commit(
+    broker: BrokerProcess, counter: str, admin: pg8000.native.Connection
+) -> None:
+    callers, limit = 40, 3
+    failures: list[BaseException] = []
+    peak = 0
+    done = threading.Event()
+
+    def watch(stats: BrokerClient) -> None:
+        nonlocal peak
+        while not done.is_set():
+            figures = stats.stats()
+            peak = max(peak, figures["leases_active"] + figures["requests_waiting"])
+            time.sleep(0.005)
+
+    def caller(db: BrokerClient) -> None:
+        try:
+            with db.begin(timeout=30) as tx:
+                (n,) = tx.query(f"SELECT n FROM {counter} WHERE id = 1 FOR UPDATE").one()
+                time.sleep(0.01)
+                tx.execute(f"UPDATE {counter} SET n = $1 WHERE id = 1", [n + 1])
+        except BaseException as exc:
+            failures.append(exc)
+
+    with (
+        BrokerClient(broker.target, max_open_transactions=limit) as db,
+        BrokerClient(broker.target) as stats,
+    ):
+        watcher = threading.Thread(target=watch, args=(stats,))
+        watcher.start()
+        threads = [threading.Thread(target=caller, args=(db,)) for _ in range(callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        done.set()
+        watcher.join(10)
+    assert not failures
+    assert value(admin, counter) == callers
+    assert 1 <= peak <= limit
+
+
+def test_max_open_transactions_must_be_a_positive_integer() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_open_transactions"):
+            BrokerClient("127.0.0.1:1", max_open_transactions=bad)
 
 
 def test_the_lambda_deadline_bounds_the_whole_transaction(db: BrokerClient) -> None:

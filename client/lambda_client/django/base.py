@@ -33,6 +33,7 @@ CLIENT_OPTIONS = (
     "deadline_margin",
     "max_attempts",
     "health_check",
+    "max_open_transactions",
 )
 OWN_OPTIONS = ("timeout", "token", "tls_ca_file", "isolation_level")
 
