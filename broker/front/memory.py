@@ -34,9 +34,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 from collections.abc import Callable
 
-__all__ = ["MemoryTrimmer", "malloc_trim", "rss_bytes", "tune_malloc"]
+__all__ = ["MemoryTrimmer", "exec_with_malloc", "malloc_trim", "rss_bytes", "tune_malloc"]
 
 log = logging.getLogger("pgbroker.memory")
 
@@ -59,6 +60,22 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+def exec_with_malloc(allocator: str) -> None:
+    """With *allocator* ``malloc`` (`Settings.object_allocator`), restart this process in place
+    (`os.execve`: same pid, argv and environment) with ``PYTHONMALLOC=malloc``, which only
+    takes effect at interpreter start; return when there is nothing to do (``pymalloc``,
+    ``PYTHONMALLOC`` already set, no glibc) or the exec fails. Call before any thread starts."""
+    if allocator != "malloc" or "PYTHONMALLOC" in os.environ or _malloc_trim is None:
+        return
+    argv = getattr(sys, "orig_argv", None) or []
+    if not argv or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # then serve with pymalloc rather than not at all
+        os.execve(sys.executable, argv, {**os.environ, "PYTHONMALLOC": "malloc"})
 
 
 def tune_malloc() -> bool:
