@@ -449,7 +449,7 @@ class Settings:
         "malloc",
         "allocator of Python objects: `malloc` (the broker restarts itself at start with"
         " `PYTHONMALLOC=malloc`, so memory goes back after big results) or `pymalloc`"
-        " (Python's own: ~5–10 % less CPU per request, memory kept after big results;"
+        " (Python's own: less CPU per request, but ~30 MB stays after big results;"
         " docs/performance.md); an explicit `PYTHONMALLOC` wins",
         choices=OBJECT_ALLOCATORS,
     )
