@@ -145,11 +145,13 @@ def _plain_output() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    entry = argv is None  # this process is `python -m broker`, not a caller of main()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if command in _RUN_COMMANDS:
-        return _run({spec.name: getattr(args, spec.name, None) for spec in SETTINGS}, argv)
+        flags = {spec.name: getattr(args, spec.name, None) for spec in SETTINGS}
+        return _run(flags, argv, entry=entry)
     if command == "settings":
         sys.stdout.write(markdown_table())
         return 0
@@ -181,13 +183,16 @@ def _stop_at_start(signum: int, frame: object) -> None:
     raise _StoppedAtStart
 
 
-def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
+def _run(flags: dict[str, str | None], argv: Sequence[str], *, entry: bool = False) -> int:
     """Serve; with ``--workers N`` > 1 start N worker processes instead (broker/front/workers.py),
     unless this process is one of them.
 
     SIGTERM at any point of start-up exits 0 with a line saying what it stopped: until
     `broker.front.server.serve` or the supervisor handles signals itself (a container stopped
-    while the broker loads its modules must not exit 143 with an empty log)."""
+    while the broker loads its modules must not exit 143 with an empty log).
+
+    As the process's entry point (*entry*), it first restarts itself with the configured
+    object allocator (`broker.front.memory.exec_with_malloc`), before any thread starts."""
     import signal
 
     signal.signal(signal.SIGTERM, _stop_at_start)
@@ -198,6 +203,10 @@ def _run(flags: dict[str, str | None], argv: Sequence[str]) -> int:
     phase = "reading the configuration"
     try:
         settings = load_settings(flags)
+        if entry:
+            from broker.front.memory import exec_with_malloc
+
+            exec_with_malloc(settings.object_allocator)
         phase = "loading modules"
         from broker.front.server import serve, setup_logging  # grpc import only when serving
         from broker.front.workers import supervise, worker_role

@@ -78,6 +78,7 @@ ROUTING_MODES = ("explicit", "auto")
 REPLICA_FALLBACKS = ("primary", "wait")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
+OBJECT_ALLOCATORS = ("malloc", "pymalloc")
 
 
 class ConfigError(ValueError):
@@ -587,6 +588,15 @@ class Settings:
         " limit)",
         check=at_least(0),
         live=True,
+    )
+    object_allocator: str = setting(
+        lowercase,
+        "malloc",
+        "allocator of Python objects: `malloc` (the broker restarts itself at start with"
+        " `PYTHONMALLOC=malloc`, so memory goes back after big results) or `pymalloc`"
+        " (Python's own: less CPU per request, but ~30 MB stays after big results;"
+        " docs/performance.md); an explicit `PYTHONMALLOC` wins",
+        choices=OBJECT_ALLOCATORS,
     )
     max_inflight_per_caller: int = setting(
         integer,

@@ -18,6 +18,15 @@ at start (``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_`` in the environment o
 
 With both, the same load left RSS at 84 MB instead of 187 MB (malloc_trim alone: 187 MB).
 
+What stayed (+44–57 % over the pre-load RSS) was Python's own small-object allocator
+(pymalloc): it returns a 1 MiB arena to the system only once every 16 KiB pool in it is
+free, and after the load ~32 arenas held 2,029 empty pools (33 MB resident) pinned by the
+few objects allocated during the load that live on (``sys._debugmallocstats``: 17.2 MB in
+blocks before and after, 18 → 50 arenas). `exec_with_malloc` makes glibc malloc the object
+allocator (``PYTHONMALLOC=malloc``, read only at interpreter start, hence the re-exec), so
+freed objects are heap chunks that ``malloc_trim`` returns page by page: RSS then comes back
+to +0–2 %. It costs CPU: pymalloc is faster for small objects (docs/performance.md).
+
 `MemoryTrimmer` reads the process's RSS every ``interval`` seconds (``/proc/self/statm``: a
 few µs) and, while it is ``growth`` bytes or more above the lowest RSS seen (the idle level),
 calls ``malloc_trim(0)`` on a thread (ctypes releases the GIL; it takes a few ms per 100 MB
@@ -34,9 +43,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 from collections.abc import Callable
 
-__all__ = ["MemoryTrimmer", "malloc_trim", "rss_bytes", "tune_malloc"]
+__all__ = ["MemoryTrimmer", "exec_with_malloc", "malloc_trim", "rss_bytes", "tune_malloc"]
 
 log = logging.getLogger("pgbroker.memory")
 
@@ -59,6 +69,22 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+def exec_with_malloc(allocator: str) -> None:
+    """With *allocator* ``malloc`` (`Settings.object_allocator`), restart this process in place
+    (`os.execve`: same pid, argv and environment) with ``PYTHONMALLOC=malloc``, which only
+    takes effect at interpreter start; return when there is nothing to do (``pymalloc``,
+    ``PYTHONMALLOC`` already set, no glibc) or the exec fails. Call before any thread starts."""
+    if allocator != "malloc" or "PYTHONMALLOC" in os.environ or _malloc_trim is None:
+        return
+    argv = getattr(sys, "orig_argv", None) or []
+    if not argv or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # then serve with pymalloc rather than not at all
+        os.execve(sys.executable, argv, {**os.environ, "PYTHONMALLOC": "malloc"})
 
 
 def tune_malloc() -> bool:
