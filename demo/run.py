@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -25,9 +26,10 @@ from examples import handler as example
 __all__ = ["instructions", "main"]
 
 
-def instructions(target: str, database: DemoDatabase) -> str:
+def instructions(target: str, database: DemoDatabase, admin_token: str | None = None) -> str:
     """How to call the broker at *target*: one query by hand (``python -m lambda_client``),
-    client library, example handler, then grpcurl (often not installed)."""
+    client library, example handler, then grpcurl (often not installed); with *admin_token*
+    (this run's operator token), the operator's commands too."""
     q = "'"
     execute = json.dumps(
         {
@@ -62,7 +64,15 @@ From grpcurl, if installed (server reflection is on):
   grpcurl -plaintext {target} grpc.health.v1.Health/Check
 
 Pool figures: .venv/bin/python -m broker stats --target {target}
-Press Ctrl-C to stop the broker and Postgres.
+{_operator(target, admin_token)}Press Ctrl-C to stop the broker and Postgres.
+"""
+
+
+def _operator(target: str, admin_token: str | None) -> str:
+    if admin_token is None:
+        return ""
+    return f"""Operator controls (pause, resume, reload; top with callers), with this run's token:
+  PGBROKER_ADMIN_TOKEN={admin_token} .venv/bin/python -m broker top --target {target}
 """
 
 
@@ -81,10 +91,13 @@ def _listen(args: list[str]) -> tuple[str, list[str]]:
     return listen, rest
 
 
-def _broker_env() -> dict[str, str]:
+def _broker_env(admin_token: str | None) -> dict[str, str]:
     """``PGBROKER_*`` settings from our environment for the broker (the user configures it
-    this way too); auth ``none`` unless they say otherwise (it listens on loopback)."""
+    this way too); auth ``none`` unless they say otherwise (it listens on loopback), and an
+    operator token made for this run so `pause`, `resume`, `reload` and `top` work at once."""
     env = {k: v for k, v in os.environ.items() if k.startswith("PGBROKER_")}
+    if admin_token is not None:
+        env["PGBROKER_ADMIN_TOKENS"] = f"operator:{admin_token}"
     return {"PGBROKER_AUTH": "none", **env}
 
 
@@ -93,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("run", "serve"):
         args = args[1:]
     listen, rest = _listen(args)
+    # An operator token for this run only, unless the user configures their own.
+    admin_token = None
+    if not any(k.startswith("PGBROKER_ADMIN_TOKENS") for k in os.environ):
+        admin_token = secrets.token_urlsafe(24)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             url,
             listen=listen,
             log_level="INFO",
-            env=_broker_env(),
+            env=_broker_env(admin_token),
             extra_args=rest,
             echo=sys.stderr,
         )
@@ -125,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         stack.callback(broker.close)
-        print(instructions(broker.target, database), flush=True)
+        print(instructions(broker.target, database, admin_token), flush=True)
         while not stop.wait(0.5):
             if broker.proc is None or broker.proc.poll() is not None:
                 print("the broker exited", file=sys.stderr)
