@@ -46,9 +46,7 @@ def on_every_connection(broker: InProcessBroker, sql: str) -> list[BaseException
     return _on_every_connection_once(broker, sql)
 
 
-def _on_every_connection_once(
-    broker: InProcessBroker, sql: str
-) -> list[BaseException | list[Any]]:
+def _on_every_connection_once(broker: InProcessBroker, sql: str) -> list[BaseException | list[Any]]:
     out: list[BaseException | list[Any]] = []
 
     def one() -> None:
