@@ -63,6 +63,8 @@ class ServerInfo:
     """What Django reads from ``connection.info``: the server version and the defaults the
     broker's pooled connections have (read once per process, they do not change)."""
 
+    encoding = "utf-8"  # psycopg's name for the client encoding, which the broker fixes
+
     def __init__(self, server_version: int, parameters: dict[str, str]) -> None:
         self.server_version = server_version
         self._parameters = parameters
