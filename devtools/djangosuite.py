@@ -145,6 +145,7 @@ class Outcome:
     seconds: float = 0.0
     status: int = 0
     log: Path = field(default_factory=Path)
+    cache: str = ""  # the broker's statement and plan cache figures (`cache_figures`)
 
     @classmethod
     def parse(cls, text: str, seconds: float, status: int, log: Path) -> Outcome:
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 brokers.append(broker.start())
                 broker.wait_serving()
                 targets[alias] = (db, broker.target)
-            results["lambda_client.django"] = run_suite(
+            results["lambda_client.django"] = outcome = run_suite(
                 "broker",
                 broker_databases(targets),
                 apps,
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 python,
                 tests,
             )
+            outcome.cache = cache_figures(brokers[0].target)
     finally:
         for broker in brokers:
             broker.stop()
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for name, outcome in results.items():
         print(f"{name}: log {outcome.log}")
+        if outcome.cache:
+            print(f"{name}: {outcome.cache}")
     if len(results) == 2:
         stock, ours = results.values()
         new = sorted(failed_tests(ours.log) - failed_tests(stock.log))
@@ -330,6 +334,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"NEW in lambda_client.django: {test}")
         return int(bool(new) or ours.status == -1)
     return int(any(o.failures or o.errors for o in results.values()))
+
+
+def cache_figures(target: str) -> str:
+    """The default database's broker's statement cache and plan cache figures (GetStats):
+    how much of Django's SQL, literals written in, repeats."""
+    import grpc
+
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+    from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target.removeprefix("dns:///")) as channel:
+        stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
+    runs = {k: stats[f"statements_{k}"] for k in ("reused", "unnamed", "prepared")}
+    hits, misses = stats["plan_cache_hits"], stats["plan_cache_misses"]
+    total = sum(runs.values()) or 1
+    return (
+        f"statements run {total}: {runs['reused']} prepared already "
+        f"({100 * runs['reused'] / total:.0f}%), {runs['unnamed']} first runs unnamed, "
+        f"{runs['prepared']} prepared; plan cache {hits} hits, {misses} misses "
+        f"({100 * hits / ((hits + misses) or 1):.0f}% hits)"
+    )
 
 
 def failed_tests(log: Path) -> set[str]:
