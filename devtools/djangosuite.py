@@ -346,6 +346,8 @@ def cache_figures(target: str) -> str:
 
     with grpc.insecure_channel(target.removeprefix("dns:///")) as channel:
         stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
+    if "statements_reused" not in stats:
+        return ""  # a broker from before these figures
     runs = {k: stats[f"statements_{k}"] for k in ("reused", "unnamed", "prepared")}
     hits, misses = stats["plan_cache_hits"], stats["plan_cache_misses"]
     total = sum(runs.values()) or 1
