@@ -83,13 +83,12 @@ CI_APPS = [
     "delete",
 ]
 
+# The sdist's own settings (its tests/test_sqlite.py: SECRET_KEY, the password hasher, USE_TZ,
+# and on 5.2 DEFAULT_AUTO_FIELD = AutoField, which 6.x drops for its BigAutoField default),
+# with the databases replaced.
 SETTINGS = """\
-import os
+from test_sqlite import *  # noqa: F403
 DATABASES = {databases!r}
-SECRET_KEY = "django_tests_secret_key"
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
-USE_TZ = False
 """
 
 
