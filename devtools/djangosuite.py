@@ -14,10 +14,14 @@ A temporary Postgres is started (or ``PGBROKER_TEST_DSN`` used), then:
 
 * **stock**: ``runtests.py`` with ``ENGINE django.db.backends.postgresql`` on psycopg, straight
   to Postgres; Django creates and drops its test databases itself.
-* **broker**: two brokers (auth none, loopback), one per test database (``default`` and
-  ``other``, created here beforehand); ``runtests.py --keepdb`` with ``ENGINE
-  lambda_client.django`` and ``TEST: {"NAME": ...}`` naming the broker's database (a broker
-  serves one database, so the backend never creates or drops one; see docs/django.md).
+* **broker**: two brokers (auth none, loopback, no lease bounds: a TestCase class is one
+  ``atomic()`` for minutes), one per test database (``default`` and ``other``, created here
+  beforehand); ``runtests.py --keepdb`` with ``ENGINE lambda_client.django`` and ``TEST:
+  {"NAME": ...}`` naming the broker's database (a broker serves one database, so the backend
+  never creates or drops one; see docs/django.md). The default broker's statement and parse
+  cache figures are printed after the run.
+
+Settings are the sdist's own ``tests/test_sqlite.py`` with the databases replaced.
 
 Both runs use ``--parallel=1`` (cloned test databases need CREATE DATABASE, and the machine is
 shared). The table gives tests run, failures, errors, skips and seconds for each, read from
