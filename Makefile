@@ -78,8 +78,10 @@ lint: $(STAMP)
 # Django's own test suite (the 5.2 sdist, cached in .cache/) on the stock postgresql backend and
 # on lambda_client.django through brokers, in one run, counts side by side; fails on a test that
 # fails only through the broker. CI=1: the fixed quick subset; ARGS: app labels, --only, --extra.
+# DJANGO=6.1: that series' suite, in a virtualenv of its own on pyenv's SUITE_PYTHON (3.12).
 django-suite: $(STAMP)
-	$(PY) -m devtools.djangosuite $(if $(CI),--ci) $(ARGS)
+	$(PY) -m devtools.djangosuite $(if $(CI),--ci) $(if $(DJANGO),--django $(DJANGO)) \
+	  $(if $(SUITE_PYTHON),--suite-python $(SUITE_PYTHON)) $(ARGS)
 
 # With PGBROKER_DATABASE_URL unset, demo.run starts an embedded Postgres beside the broker.
 run: $(STAMP)

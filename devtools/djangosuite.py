@@ -1,18 +1,27 @@
 """Django's own test suite against the stock postgresql backend and against
 ``lambda_client.django`` through a real broker, in one run, side by side (``make django-suite``).
 
-    python -m devtools.djangosuite [--only stock|broker] [--timeout S] [APP ...]
+    python -m devtools.djangosuite [--ci] [--only stock|broker] [--timeout S]
+        [--django 6.1 [--suite-python 3.12]] [APP ...]
 
 The Django 5.2 sdist (it carries ``tests/runtests.py`` and the test apps; the wheel does not)
 is downloaded once with ``pip download`` into ``.cache/`` (ignored by git) and unpacked there.
+``--django 6.1`` runs that series' suite instead (its newest release on the index), in a
+virtualenv of its own made once in ``.cache/`` from pyenv's Python ``--suite-python`` (3.12:
+Django 6 needs it) with that Django, psycopg and the client's dependencies; the backend is the
+same source tree for every series.
 A temporary Postgres is started (or ``PGBROKER_TEST_DSN`` used), then:
 
 * **stock**: ``runtests.py`` with ``ENGINE django.db.backends.postgresql`` on psycopg, straight
   to Postgres; Django creates and drops its test databases itself.
-* **broker**: two brokers (auth none, loopback), one per test database (``default`` and
-  ``other``, created here beforehand); ``runtests.py --keepdb`` with ``ENGINE
-  lambda_client.django`` and ``TEST: {"NAME": ...}`` naming the broker's database (a broker
-  serves one database, so the backend never creates or drops one; see docs/django.md).
+* **broker**: two brokers (auth none, loopback, no lease bounds: a TestCase class is one
+  ``atomic()`` for minutes), one per test database (``default`` and ``other``, created here
+  beforehand); ``runtests.py --keepdb`` with ``ENGINE lambda_client.django`` and ``TEST:
+  {"NAME": ...}`` naming the broker's database (a broker serves one database, so the backend
+  never creates or drops one; see docs/django.md). The default broker's statement and parse
+  cache figures are printed after the run.
+
+Settings are the sdist's own ``tests/test_sqlite.py`` with the databases replaced.
 
 Both runs use ``--parallel=1`` (cloned test databases need CREATE DATABASE, and the machine is
 shared). The table gives tests run, failures, errors, skips and seconds for each, read from
@@ -36,8 +45,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
-DJANGO_SPEC = "django>=5.2,<5.3"
-PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+# The Django series the main .venv has (pyproject's dev extras); --django picks another.
+DJANGO_SERIES = "5.2"
+# Another series' suite runs on this Python by default (Django 6 needs 3.12 or newer).
+SUITE_PYTHON = "3.12"
 
 # The app list of issue 13.
 APPS = [
@@ -76,29 +87,53 @@ CI_APPS = [
     "delete",
 ]
 
+# The sdist's own settings (its tests/test_sqlite.py: SECRET_KEY, the password hasher, USE_TZ,
+# and on 5.2 DEFAULT_AUTO_FIELD = AutoField, which 6.x drops for its BigAutoField default),
+# with the databases replaced.
 SETTINGS = """\
-import os
+from test_sqlite import *  # noqa: F403
 DATABASES = {databases!r}
-SECRET_KEY = "django_tests_secret_key"
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
-USE_TZ = False
 """
 
 
-def django_tests_dir() -> Path:
-    """The unpacked sdist's ``tests`` directory, downloading and unpacking it on first use."""
-    for tests in sorted(CACHE.glob("django-5.2.*/tests/runtests.py"), reverse=True):
-        return tests.parent
+def django_tests_dir(series: str = DJANGO_SERIES, python: str = sys.executable) -> Path:
+    """The unpacked sdist's ``tests`` directory of Django *series* (its newest release on the
+    index), downloading and unpacking it with *python*'s pip on first use."""
+    found = sorted(CACHE.glob(f"django-{series}.*/tests/runtests.py"), key=_release)
+    if found:
+        return found[-1].parent
     CACHE.mkdir(exist_ok=True)
-    subprocess.run(
-        [*PIP_DOWNLOAD, DJANGO_SPEC, "-d", str(CACHE)],
-        check=True,
-    )
-    sdist = max(CACHE.glob("django-5.2.*.tar.gz"))
+    pip = [python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+    subprocess.run([*pip, f"django=={series}.*", "-d", str(CACHE)], check=True)
+    sdist = max(CACHE.glob(f"django-{series}.*.tar.gz"), key=_release)
     with tarfile.open(sdist) as tar:
         tar.extractall(CACHE, filter="data")
-    return django_tests_dir()
+    return django_tests_dir(series, python)
+
+
+def _release(path: Path) -> list[int]:
+    """5.2.20 of .cache/django-5.2.20[.tar.gz][/tests/runtests.py], as numbers."""
+    name = next(p for p in (path, *path.parents) if p.name.startswith("django-")).name
+    version = name.removeprefix("django-").removesuffix(".tar.gz")
+    return [int(n) if n.isdigit() else 0 for n in version.split(".")]
+
+
+def suite_venv(series: str, python_version: str) -> str:
+    """A virtualenv (``.cache/venv-django-<series>-py<python>``, made once) with pyenv's
+    Python *python_version*, Django *series*, psycopg and the client's dependencies: what
+    another series' runtests.py needs. The backend itself comes from the source tree
+    (PYTHONPATH), as in the main run. Its python."""
+    from devtools.clientpythons import find_python
+
+    venv = CACHE / f"venv-django-{series}-py{python_version}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        CACHE.mkdir(exist_ok=True)
+        subprocess.run([str(find_python(python_version)), "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        packages = [f"django=={series}.*", "psycopg[binary,pool]>=3.1.8", str(ROOT / "client")]
+        subprocess.run([*pip, *packages], check=True)
+    return str(python)
 
 
 @dataclass
@@ -113,6 +148,7 @@ class Outcome:
     seconds: float = 0.0
     status: int = 0
     log: Path = field(default_factory=Path)
+    cache: str = ""  # the broker's statement and plan cache figures (`cache_figures`)
 
     @classmethod
     def parse(cls, text: str, seconds: float, status: int, log: Path) -> Outcome:
@@ -135,19 +171,15 @@ def run_suite(
     apps: list[str],
     extra: list[str],
     timeout: float,
-    python: str = sys.executable,
-    tests: Path | None = None,
+    python: str,
+    tests: Path,
 ) -> Outcome:
-    """``runtests.py`` (of *tests*, default the 5.2 sdist's) run by *python* with a settings
-    module holding *databases*; output to a log file in .cache/."""
-    tests = tests or django_tests_dir()
+    """``runtests.py`` of *tests* (an sdist's tests/) run by *python* with a settings module
+    holding *databases*; output to a log file in .cache/ named after the run and release."""
     workdir = Path(tempfile.mkdtemp(prefix=f"djangosuite-{name}-"))
     module = f"pgbroker_settings_{name}"
     (workdir / f"{module}.py").write_text(SETTINGS.format(databases=databases))
-    log = (
-        CACHE
-        / f"django-suite-{name}{'' if tests == django_tests_dir() else '-' + tests.parent.name}.log"
-    )
+    log = CACHE / f"django-suite-{name}-{tests.parent.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT / "client")])}
     argv = [python, "-X", "faulthandler", "runtests.py", f"--settings={module}"]
     argv += ["--parallel=1", "--noinput", *extra, *apps]
@@ -190,7 +222,7 @@ def broker_databases(targets: dict[str, tuple[str, str]]) -> dict[str, Any]:
             "ENGINE": "lambda_client.django",
             "NAME": db,
             "TEST": {"NAME": db},
-            "OPTIONS": {"target": target, "timeout": 60},
+            "OPTIONS": {"target": target, "timeout": 3600},  # a TestCase class: one atomic()
         }
         for alias, (db, target) in targets.items()
     }
@@ -229,18 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--extra", default="", help="more runtests.py arguments")
     parser.add_argument(
-        "--python",
-        default=sys.executable,
-        help="the Python that runs runtests.py, with Django and psycopg installed "
-        "(e.g. a 3.12 virtualenv with Django 6)",
+        "--django",
+        default=DJANGO_SERIES,
+        metavar="SERIES",
+        help=f"the Django series whose suite runs, e.g. 6.1 (default {DJANGO_SERIES}, the main "
+        "venv's; another runs in a virtualenv of its own, see --suite-python)",
     )
     parser.add_argument(
-        "--tests", type=Path, help="a Django sdist's tests/ directory (default: 5.2's, cached)"
+        "--suite-python",
+        default=SUITE_PYTHON,
+        metavar="X.Y",
+        help=f"pyenv's Python for another series' virtualenv (default {SUITE_PYTHON})",
     )
     args = parser.parse_args(argv)
     apps = args.apps or (CI_APPS if args.ci else APPS)
     extra = args.extra.split()
-    django_tests_dir()
+    python = sys.executable
+    if args.django != DJANGO_SERIES:
+        python = suite_venv(args.django, args.suite_python)
+    tests = django_tests_dir(args.django, python)
 
     from devtools.brokerproc import BrokerProcess
     from devtools.localpg import LocalPostgres
@@ -253,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.only in (None, "stock"):
             results["stock postgresql"] = run_suite(
-                "stock", stock_databases(pg), apps, extra, args.timeout, args.python, args.tests
+                "stock", stock_databases(pg), apps, extra, args.timeout, python, tests
             )
         if args.only in (None, "broker"):
             targets = {}
@@ -266,35 +305,67 @@ def main(argv: list[str] | None = None) -> int:
                     log_level="INFO",
                     pool_size=4,
                     auth="none",
+                    # A TestCase class runs all its tests in one atomic(): one lease for
+                    # minutes, idle while a test does no SQL; the broker's bounds (30 s, 10 s
+                    # idle) are for Lambdas, not for this.
+                    transaction_timeout=0,
+                    idle_transaction_timeout=0,
+                    statement_timeout=600,
                 )
                 brokers.append(broker.start())
                 broker.wait_serving()
                 targets[alias] = (db, broker.target)
-            results["lambda_client.django"] = run_suite(
+            results["lambda_client.django"] = outcome = run_suite(
                 "broker",
                 broker_databases(targets),
                 apps,
                 ["--keepdb", *extra],
                 args.timeout,
-                args.python,
-                args.tests,
+                python,
+                tests,
             )
+            outcome.cache = cache_figures(brokers[0].target)
     finally:
         for broker in brokers:
             broker.stop()
         if not dsn:
             pg.stop()
-    print(f"Django suite, apps: {' '.join(apps)}")
+    print(f"Django {tests.parent.name.removeprefix('django-')} suite, apps: {' '.join(apps)}")
     print(table(results))
     for name, outcome in results.items():
         print(f"{name}: log {outcome.log}")
+        if outcome.cache:
+            print(f"{name}: {outcome.cache}")
     if len(results) == 2:
         stock, ours = results.values()
         new = sorted(failed_tests(ours.log) - failed_tests(stock.log))
         for test in new:
             print(f"NEW in lambda_client.django: {test}")
-        return int(bool(new) or ours.status == -1)
+        return int(bool(new) or ours.status < 0 or ours.run == 0)  # a timeout or signal
     return int(any(o.failures or o.errors for o in results.values()))
+
+
+def cache_figures(target: str) -> str:
+    """The default database's broker's statement cache and plan cache figures (GetStats):
+    how much of Django's SQL, literals written in, repeats."""
+    import grpc
+
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+    from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target.removeprefix("dns:///")) as channel:
+        stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
+    if "statements_reused" not in stats:
+        return ""  # a broker from before these figures
+    runs = {k: stats[f"statements_{k}"] for k in ("reused", "unnamed", "prepared")}
+    hits, misses = stats["plan_cache_hits"], stats["plan_cache_misses"]
+    total = sum(runs.values()) or 1
+    return (
+        f"statements run {total}: {runs['reused']} prepared already "
+        f"({100 * runs['reused'] / total:.0f}%), {runs['unnamed']} first runs unnamed, "
+        f"{runs['prepared']} prepared; plan cache {hits} hits, {misses} misses "
+        f"({100 * hits / ((hits + misses) or 1):.0f}% hits)"
+    )
 
 
 def failed_tests(log: Path) -> set[str]:

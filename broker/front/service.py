@@ -98,6 +98,7 @@ from broker.security.limits import (
 )
 from broker.security.roles import RoleMap
 from broker.sql.plan import DIRECT_PARSE_CHARS, RequestPlan, plan_request
+from broker.sql.plan import cache_info as plan_cache_info
 from broker.sql.stack import parser_threads, short_switch_interval
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -421,6 +422,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         """Pool figures (psycopg_pool names, PgBouncer's maxwait) plus broker counters."""
         stats = self.pool.get_stats()
         stats.update(self._stats)
+        plans = plan_cache_info()
+        stats["plan_cache_hits"], stats["plan_cache_misses"] = plans.hits, plans.misses
         stats.update(self.auth_stats.as_dict())
         stats.update(self.extra_stats)
         stats.update(self.router.get_stats())

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.pooling.fairqueue import FairQueue
-from broker.postgres.pg import ConnectionLost, PgConnection
+from broker.postgres.pg import STATEMENT_COUNTERS, ConnectionLost, PgConnection
 from broker.security.limits import QueueWeights
 
 __all__ = [
@@ -470,6 +470,8 @@ class Pool:
             raise RuntimeError(f"server connection {conn.id} returned while {conn.state.name}")
         self._active.discard(conn)
         self._stats["usage_ms"] += int((time.monotonic() - conn.checked_out_at) * 1000)
+        for key, value in conn.pg.take_counts().items():  # no worker runs on it now
+            self._stats[key] += value
         if close_reason is not None or conn.pg.closed:
             self._stats["returns_bad"] += 1
         if conn.pg.closed:
@@ -690,6 +692,7 @@ class Pool:
 
 
 _COUNTERS = (
+    *STATEMENT_COUNTERS,
     "requests_num",
     "requests_queued",
     "requests_wait_ms",

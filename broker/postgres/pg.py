@@ -6,7 +6,10 @@ event loop may call it (through an executor) while a worker is blocked in a quer
 
 Why a subclass of `pg8000.core.CoreConnection` and not `pg8000.native.Connection`:
 * statements are prepared once per connection and reused by (SQL text, parameter OIDs) — one
-  round trip per execution instead of two for pg8000's unnamed statements;
+  round trip per execution instead of two for pg8000's unnamed statements; a text's first run
+  on a connection goes as the unnamed statement in the same flush as its neighbours (one round
+  trip, nothing cached), so SQL with literals written in (Django's) neither costs a prepare
+  round trip nor evicts the statements that repeat;
 * the command tag ("INSERT 0 1") is kept, which pg8000 drops;
 * session SQL (BEGIN, SET LOCAL …, COMMIT) is pipelined with a statement in one flush;
 * a result cell whose text pg8000 cannot parse comes back as text instead of raising in the
@@ -28,9 +31,14 @@ from typing import Any
 
 import pg8000.converters as pgc
 from pg8000.core import (
+    CLOSE,
+    DESCRIBE,
     EXECUTE_MSG,
     NULL_BYTE,
+    PARSE,
+    PORTAL,
     QUERY,
+    STATEMENT,
     SYNC_MSG,
     Context,
     CoreConnection,
@@ -56,6 +64,9 @@ __all__ = [
 ]
 
 _CANCEL_REQUEST_CODE = 80877102
+# `PgConnection.take_counts`: executions of a statement prepared on the connection already,
+# of a text's first run (the unnamed statement), and prepares (a text's second run).
+STATEMENT_COUNTERS = ("statements_reused", "statements_unnamed", "statements_prepared")
 _PLAN_CHANGED = "cached plan must not change result type"
 
 # What `PgConnection.run_many` sends behind the statements when it is built from their
@@ -379,6 +390,28 @@ class _Core(CoreConnection):  # type: ignore[misc]
         _write(self._sock, EXECUTE_MSG)
         _write(self._sock, SYNC_MSG)
 
+    def send_unnamed_nowait(
+        self, sql: str, oids: Sequence[int], params: Sequence[str | None]
+    ) -> None:
+        """Parse *sql* as the unnamed statement, bind, describe and execute it, no flush: one
+        round trip with its neighbours; its RowDescription comes before its rows (read with
+        ``broker_types``)."""
+        body = bytearray(NULL_BYTE + sql.encode(self._client_encoding) + NULL_BYTE)
+        body += struct.pack(f"!H{len(oids)}i", len(oids), *oids)
+        self._send_message(PARSE, body)
+        self.send_BIND(NULL_BYTE, params)
+        self._send_message(DESCRIBE, PORTAL + NULL_BYTE)
+        _write(self._sock, EXECUTE_MSG)  # no Flush: as `send_execute_nowait`
+        _write(self._sock, SYNC_MSG)
+
+    def queue_close_ahead(self, name: bytes) -> None:
+        """Close the prepared statement *name* in the next flush; its reply is read ahead of the
+        next request's (`handle_messages`): no round trip of its own."""
+        self._send_message(CLOSE, STATEMENT + name)
+        _write(self._sock, SYNC_MSG)
+        self._ahead.append(Context(None))
+        self._statement_nums.discard(name)
+
     def flush(self) -> None:
         _flush(self._sock)
 
@@ -388,6 +421,11 @@ class _Prepared:
     name: bytes
     columns: list[dict[str, Any]] | None
     input_funcs: list[Callable[[str], Any]]
+
+
+# A text run for the first time on a connection: the unnamed statement (`_run_groups`); its
+# columns are read from the reply. Empty name: pg8000's prepared names are never empty.
+_UNNAMED = _Prepared(b"", None, [])
 
 
 class PgConnection:
@@ -428,6 +466,12 @@ class PgConnection:
         self._progress = _Progress()
         # Set by `drop_statements`: DEALLOCATE ALL goes out ahead of the next request.
         self._deallocate = False
+        # Hashes of (SQL, OIDs) run once as the unnamed statement: seen again, they are
+        # prepared (a collision only prepares a text sooner). Bounded, oldest forgotten first.
+        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._seen_size = max(4 * cache_size, 256)
+        # Statement cache counters (`take_counts`), read by the pool between requests.
+        self._counts = dict.fromkeys(STATEMENT_COUNTERS, 0)
 
     # state ---------------------------------------------------------------------------------
 
@@ -448,6 +492,12 @@ class PgConnection:
     def socket(self) -> socket.socket | None:
         """The underlying socket (for readiness checks), None once closed."""
         return None if self.closed else self._core._usock
+
+    def take_counts(self) -> dict[str, int]:
+        """The statement counters since the last call (`STATEMENT_COUNTERS`), reset; called by
+        the pool while no worker runs on this connection."""
+        counts, self._counts = self._counts, dict.fromkeys(STATEMENT_COUNTERS, 0)
+        return counts
 
     # running SQL ---------------------------------------------------------------------------
 
@@ -599,12 +649,19 @@ class PgConnection:
         returns_rows = False
         for index, ((sql, _), (texts, oids)) in enumerate(zip(statements, bound, strict=True)):
             prepared = self._cached(sql, oids)
-            if prepared is None:
+            if prepared is not None:
+                self._counts["statements_reused"] += 1
+            elif self._first_sighting(sql, oids):
+                prepared = _UNNAMED
+                self._counts["statements_unnamed"] += 1
+            else:
                 if group:
                     results += self._send_group(group, statements, bound, before, None, ())
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
-            returns_rows = returns_rows or bool(prepared.columns)
+                self._counts["statements_prepared"] += 1
+            # An unnamed statement's columns are not known before its reply: it may return rows.
+            returns_rows = returns_rows or prepared is _UNNAMED or bool(prepared.columns)
             group.append((index, prepared, texts))
         if callable(after) or (check is not None and after is not None and returns_rows):
             # One round trip more, whatever holds *after* back (results to check, to store).
@@ -682,8 +739,11 @@ class PgConnection:
         core = self._core
         if before:
             core.send_query_nowait(before)
-        for _, prepared, texts in group:
-            core.send_execute_nowait(prepared.name, texts)
+        for index, prepared, texts in group:
+            if prepared is _UNNAMED:
+                core.send_unnamed_nowait(statements[index][0], bound[index][1], texts)
+            else:
+                core.send_execute_nowait(prepared.name, texts)
         if after:
             core.send_query_nowait(after)
         self._send_cleanup(cleanup)
@@ -696,7 +756,10 @@ class PgConnection:
             sql = statements[index][0]
             context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
             context.command_tag = ""
+            context.broker_types = prepared is _UNNAMED  # cells parsed as a prepared one's
             self._read_reply(context, errors, Phase.STATEMENT, index)
+            if prepared is _UNNAMED:
+                prepared = _Prepared(b"", context.columns, context.input_funcs)
             results.append(_result(prepared, context))
         self._read_after(after, cleanup, errors)
         # Only once every reply is read: closing a statement is a message exchange of its own.
@@ -707,6 +770,17 @@ class PgConnection:
         if errors:
             raise errors[0]
         return results
+
+    def _first_sighting(self, sql: str, oids: tuple[int, ...]) -> bool:
+        """True the first time (SQL, OIDs) runs here (it is remembered); False after."""
+        key = hash((sql, oids))
+        if key in self._seen:
+            del self._seen[key]
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self._seen_size:
+            self._seen.popitem(last=False)
+        return True
 
     def _cached(self, sql: str, oids: tuple[int, ...]) -> _Prepared | None:
         prepared = self._cache.get((sql, oids))
@@ -752,7 +826,7 @@ class PgConnection:
             self._cache[key] = prepared
             while len(self._cache) > self._cache_size:
                 _, evicted = self._cache.popitem(last=False)
-                self._core.close_prepared_statement(evicted.name)
+                self._core.queue_close_ahead(evicted.name)
         return prepared
 
     def drop_statements(self) -> None:

@@ -28,7 +28,8 @@ that cannot travel (text with a lone surrogate) `ValueError`, before anything is
 
 Results decode the other way: a numeric that is an integer beyond int64 comes back as `int`
 (that is how such an int was sent), other numerics as `Decimal`; intervals without months come
-back as `timedelta`, timestamptz as an aware `datetime` in UTC, json/jsonb parsed. Decoding
+back as `timedelta`, timestamptz as an aware `datetime` in UTC, json/jsonb parsed (a JSON array
+inside a json/jsonb array as `JsonArray`, a list, so it differs from a dimension). Decoding
 never raises on a value Postgres can return, since a failure after COMMIT would hide a
 committed transaction: what Python's types cannot hold comes back as Postgres' text instead (an
 interval beyond `timedelta`'s ±999999999 days; dates and timestamps that are infinite, BC or
@@ -54,6 +55,7 @@ __all__ = [
     "TYPE_OF_KIND",
     "Interval",
     "Json",
+    "JsonArray",
     "Jsonb",
     "decode",
     "decode_row",
@@ -416,12 +418,24 @@ def _decode_numeric(text: str) -> Decimal | int:
     return Decimal(text)
 
 
+class JsonArray(list):  # type: ignore[type-arg]
+    """A JSON array that is an element of a json[]/jsonb[] array: a list, which a caller can
+    tell from the array's own dimensions (plain lists): ``'{"[1, 2]"}'::jsonb[]`` is
+    ``[JsonArray([1, 2])]``, ``'{{1, 2}}'::jsonb[]`` is ``[[1, 2]]``."""
+
+
 def _decode_array(array: pb.Array) -> list[Any]:
     """An array's elements; a numeric array holding an integer beyond int64 comes back with
-    all its integral elements as `int`, as `encode` widened a list of ints to numeric."""
+    all its integral elements as `int`, as `encode` widened a list of ints to numeric; a JSON
+    array element of a json/jsonb array as `JsonArray`."""
     items = [decode(v) for v in array.values]
     if array.element_type == pb.TYPE_NUMERIC and _holds_big_int(items):
         return _integral_as_int(items)
+    if array.element_type in (pb.TYPE_JSON, pb.TYPE_JSONB):
+        return [
+            JsonArray(item) if isinstance(item, list) and v.WhichOneof("kind") != "array" else item
+            for item, v in zip(items, array.values, strict=True)
+        ]
     return items
 
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-from lambda_client.codec import Interval, Json, Jsonb, decode, encode, encode_params
+from lambda_client.codec import Interval, Json, JsonArray, Jsonb, decode, encode, encode_params
 
 ROUND_TRIP = [
     None,
@@ -185,3 +185,32 @@ def test_json_python_cannot_parse_decodes_without_raising() -> None:
 
 def test_time_2400_decodes_to_the_last_microsecond_of_the_day() -> None:
     assert decode(pb.Value(time=86_400_000_000)) == time.max
+
+
+def test_a_json_array_element_of_a_jsonb_array_is_told_from_a_dimension() -> None:
+    """'{"[null, 1]"}'::jsonb[] holds one JSON array; '{{1, 2}}'::jsonb[] is two-dimensional.
+    Both decode to nested lists; only the first's inner list is a `JsonArray` (Django's
+    ArrayField(JSONField()) reads its elements as JSON text by that)."""
+    jsonb = pb.TYPE_JSONB
+    one_d = pb.Value(
+        array=pb.Array(
+            element_type=jsonb, values=[pb.Value(jsonb="[null, 1]"), pb.Value(jsonb="2")]
+        )
+    )
+    two_d = pb.Value(
+        array=pb.Array(
+            element_type=jsonb,
+            values=[
+                pb.Value(
+                    array=pb.Array(
+                        element_type=jsonb, values=[pb.Value(jsonb="1"), pb.Value(jsonb="[2]")]
+                    )
+                )
+            ],
+        )
+    )
+    assert decode(one_d) == [[None, 1], 2]
+    assert isinstance(decode(one_d)[0], JsonArray)
+    inner = decode(two_d)[0]
+    assert inner == [1, [2]] and not isinstance(inner, JsonArray)
+    assert isinstance(inner[1], JsonArray)

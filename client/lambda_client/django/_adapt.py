@@ -28,7 +28,7 @@ from psycopg.pq import Format
 from psycopg.types.datetime import TimestamptzLoader
 from psycopg.types.string import BytesDumper
 
-from lambda_client import errors
+from lambda_client import codec, errors
 
 # %s, %(name)s and %% as psycopg's ClientCursor reads them; any other %x is an error there too.
 _PLACEHOLDER = re.compile(rb"%(?:\((?P<name>[^)]*)\))?(?P<kind>.)", re.S)
@@ -185,8 +185,9 @@ def zone_tz_loader(zone: tzinfo, aware: bool) -> type[TimestamptzLoader]:
 
 
 def _jsonb_array_text(value: Any) -> Any:
-    """jsonb[] elements as text, as Django's jsonb loader gives them (arrays nest)."""
-    if isinstance(value, list):
+    """jsonb[] elements as text, as Django's jsonb loader gives them (arrays nest; an element
+    that is a JSON array is a `codec.JsonArray`)."""
+    if isinstance(value, list) and not isinstance(value, codec.JsonArray):
         return [None if v is None else _jsonb_array_text(v) for v in value]
     return _jsonb_text(value)
 

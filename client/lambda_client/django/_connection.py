@@ -38,9 +38,7 @@ ISOLATION_NAMES = {
 }  # psycopg.IsolationLevel values
 
 
-class Column(NamedTuple):
-    """One entry of `Cursor.description` (PEP 249's seven items)."""
-
+class _ColumnItems(NamedTuple):
     name: str
     type_code: int
     display_size: int | None = None
@@ -49,19 +47,30 @@ class Column(NamedTuple):
     scale: int | None = None
     null_ok: bool | None = None
 
+
+class Column(_ColumnItems):
+    """One entry of `Cursor.description` (PEP 249's seven items), with psycopg's
+    ``type_display``."""
+
+    types: Any = None  # the connection's type registry (extension types: hstore, citext)
+
     @property
     def type_display(self) -> str | None:
-        """The type's name, as psycopg's Column gives it (Django 6's introspection reads it);
-        without modifiers, which the broker does not send."""
+        """The type's name, as psycopg's Column gives it (Django 6's introspection reads it,
+        e.g. for hstore, whose OID differs per database); without modifiers, which the
+        broker does not send. Looked up in the connection's registry, where
+        django.contrib.postgres registers hstore, then psycopg's built-in types."""
         from psycopg.postgres import types
 
-        info = types.get(self.type_code)
+        info = (self.types or types).get(self.type_code) or types.get(self.type_code)
         return info.regtype if info is not None else None
 
 
 class ServerInfo:
     """What Django reads from ``connection.info``: the server version and the defaults the
     broker's pooled connections have (read once per process, they do not change)."""
+
+    encoding = "utf-8"  # psycopg's name for the client encoding, which the broker fixes
 
     def __init__(self, server_version: int, parameters: dict[str, str]) -> None:
         self.server_version = server_version
@@ -259,6 +268,12 @@ def split_statements(sql: str) -> list[str]:
     return [s.rstrip(";") for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
 
 
+def make_column(name: str, type_code: int, types: Any) -> Column:
+    column = Column(name, type_code)
+    column.types = types
+    return column
+
+
 class Cursor:
     """A PEP 249 cursor: ``%s``/``%(name)s`` placeholders bound on the client as psycopg's
     ClientCursor does; the whole result is fetched with the statement."""
@@ -333,8 +348,10 @@ class Cursor:
         self.statusmessage = result.command_tag
         self.rowcount = result.rows_affected
         if result.columns:
+            types = self.connection.adapters.types
             self.description = [
-                Column(n, t) for n, t in zip(result.columns, result.type_oids, strict=False)
+                make_column(n, t, types)
+                for n, t in zip(result.columns, result.type_oids, strict=False)
             ]
             load = self.connection.row_loader(result.type_oids, self.zone)
             self._rows = iter(result.rows) if load.identity else map(load, result.rows)

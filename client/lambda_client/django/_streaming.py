@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lambda_client import errors
 from lambda_client.django import _adapt, deadline
-from lambda_client.django._connection import Column, Cursor
+from lambda_client.django._connection import Cursor, make_column
 
 if TYPE_CHECKING:
     from lambda_client.client import Result
@@ -95,8 +95,10 @@ class StreamingCursor(Cursor):
         assert self._lease is not None
         result: Result = self._lease.query(f"FETCH FORWARD {max(count, 1)} FROM {self._name}")
         if self.description is None or self._load is None:
+            types = self.connection.adapters.types
             self.description = [
-                Column(n, t) for n, t in zip(result.columns, result.type_oids, strict=False)
+                make_column(n, t, types)
+                for n, t in zip(result.columns, result.type_oids, strict=False)
             ]
             self._load = self.connection.row_loader(result.type_oids, self.zone)
         rows = result.rows if self._load.identity else [self._load(r) for r in result.rows]

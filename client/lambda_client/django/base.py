@@ -36,6 +36,10 @@ CLIENT_OPTIONS = (
     "max_open_transactions",
 )
 OWN_OPTIONS = ("timeout", "token", "tls_ca_file", "isolation_level")
+# The stock backend's keys accepted as it treats them: "pool" only when false (the broker
+# pools), "client_encoding" ignored (the stock backend forces UTF8; the broker speaks UTF-8),
+# "assume_role" refused at connect (`_configure_role`).
+STOCK_OPTIONS = ("pool", "client_encoding", "assume_role")
 
 _infos: dict[int, ServerInfo] = {}
 _lock = threading.Lock()
@@ -61,7 +65,7 @@ class DatabaseWrapper(stock.DatabaseWrapper):
         unset ones come from the PGBROKER_* environment. Raise ImproperlyConfigured for an
         unknown option."""
         options = dict(self.settings_dict["OPTIONS"])
-        unknown = set(options) - set(CLIENT_OPTIONS) - set(OWN_OPTIONS)
+        unknown = set(options) - set(CLIENT_OPTIONS) - set(OWN_OPTIONS) - set(STOCK_OPTIONS)
         if unknown:
             raise ImproperlyConfigured(
                 f"unknown OPTIONS for lambda_client.django: {', '.join(sorted(unknown))} "

@@ -314,12 +314,43 @@ def test_repeated_batch_is_pipelined_and_a_failure_names_the_first_bad_statement
 
 def test_prepared_statements_are_kept_per_connection_in_an_lru(start_inproc_broker: Any) -> None:
     broker = start_inproc_broker(pool_size=1, statement_cache_size=3)
+    broker.execute(request("SELECT 'warm'"))  # the broker's own first-request queries
+    before = broker.stats()
     for i in range(6):
-        broker.execute(request(f"SELECT {i}"))
+        for _ in range(2):  # a text's first run is unnamed; its second is prepared
+            assert rows(broker.execute(request(f"SELECT {i}")).results[0]) == [(i,)]
     reply = broker.execute(request("SELECT count(*) FROM pg_prepared_statements"))
     # Evicted statements were closed on the server: only the cache's three remain, besides
     # the broker's own session reset and probe (prepared once, outside the cache).
     assert rows(reply.results[0]) == [(3 + len(CLEANUP),)]
+    counts = _statement_counts(before, broker.stats())
+    assert (counts["statements_unnamed"], counts["statements_prepared"]) == (7, 6)
+
+
+def test_a_text_run_once_is_not_prepared(start_inproc_broker: Any) -> None:
+    """SQL with literals written in (Django's) runs as the unnamed statement: one round trip,
+    and the statements that repeat stay cached."""
+    broker = start_inproc_broker(pool_size=1, statement_cache_size=2)
+    broker.execute(request("SELECT 'warm'"))
+    before = broker.stats()
+    query = request(("SELECT $1::int + 1", [1]))
+    for _ in range(3):
+        assert rows(broker.execute(query).results[0]) == [(2,)]
+    for i in range(20):
+        assert rows(broker.execute(request(f"SELECT {i}, 'x{i}'")).results[0]) == [(i, f"x{i}")]
+    assert rows(broker.execute(query).results[0]) == [(2,)]
+    counts = _statement_counts(before, broker.stats())
+    assert counts["statements_prepared"] == 1  # the repeated query, once; the 20 never
+    assert counts["statements_reused"] == 2
+    assert counts["statements_unnamed"] == 21
+    reply = broker.execute(request("SELECT statement FROM pg_prepared_statements"))
+    left = sorted(rows(reply.results[0]))  # besides the broker's own reset and probe
+    assert left == sorted([("SELECT $1::int + 1",), *((sql,) for sql in CLEANUP)])
+
+
+def _statement_counts(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    keys = ("statements_reused", "statements_unnamed", "statements_prepared")
+    return {key: after[key] - before[key] for key in keys}
 
 
 def test_a_call_that_committed_before_its_session_ended_is_not_retried(

@@ -91,8 +91,11 @@ def test_round_trips_per_batch_kind(
 ) -> None:
     conn.execute_simple(f"CREATE TABLE {table} (note text, n int)")
     checked: list[int] = []
-    # The first run prepares the statements (a round trip each); the second finds them cached.
-    run_transaction(conn, _batch(table, returns_rows=returns_rows, key=key, checked=[]), None, 30)
+    # The first run sends the statements unnamed, the second prepares them (a round trip
+    # each); the third finds them cached.
+    for _ in range(2):
+        batch = _batch(table, returns_rows=returns_rows, key=key, checked=[])
+        run_transaction(conn, batch, None, 30)
     counted.flushes = 0
     batch = _batch(table, returns_rows=returns_rows, key=key, checked=checked)
     results = run_transaction(conn, batch, None, 30)
@@ -102,13 +105,38 @@ def test_round_trips_per_batch_kind(
     assert conn.cleanup_rows and conn.session_dirty is None
     assert checked == ([2] if returns_rows else [])  # the limits see results with rows only
     if returns_rows:
-        assert rows(results[1]) == [(2,)]
+        assert rows(results[1]) == [(3,)]  # the third INSERT
     if key:
         assert batch.claim is not None
         stored = conn.execute_simple(
             f"SELECT response IS NOT NULL FROM {keys.TABLE} WHERE key = '{batch.claim.key}'"
         )
         assert stored == [[True]]
+
+
+@pytest.mark.parametrize("returns_rows", [False, True], ids=["write", "with-rows"])
+def test_a_batch_run_once_takes_no_prepare_round_trips(
+    table: str, conn: PgConnection, counted: _CountingSocket, returns_rows: bool
+) -> None:
+    """SQL with literals written in is new text each time: its statements go unnamed in one
+    flush; as their columns are not known before the reply, COMMIT is held back for the
+    result check (2 round trips, where preparing each would take 2 more)."""
+    conn.execute_simple(f"CREATE TABLE {table} (note text, n int)")
+    # The broker's own session reset and probe are prepared once per connection: do that
+    # first, with other SQL texts (another table), so only the batch's round trips count.
+    conn.execute_simple(f"CREATE TABLE {table}_warm (note text, n int)")
+    warm = _batch(f"{table}_warm", returns_rows=False, key=False, checked=[])
+    run_transaction(conn, warm, None, 30)
+    counted.flushes = 0
+    checked: list[int] = []
+    results = run_transaction(
+        conn, _batch(table, returns_rows=returns_rows, key=False, checked=checked), None, 30
+    )
+    assert counted.flushes == 2
+    assert conn.transaction_status is TransactionStatus.IDLE
+    assert checked == [2]
+    assert rows(results[1]) == ([(1,)] if returns_rows else [])
+    assert results[0].command_tag == "INSERT 0 1"
 
 
 def test_a_refused_result_leaves_the_key_unclaimed(table: str, conn: PgConnection) -> None:

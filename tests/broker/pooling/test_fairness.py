@@ -221,6 +221,8 @@ def test_broker_serves_another_function_within_one_turn_of_a_200_flood(
     # Every request waits on the test's advisory lock, then takes a number: the order in
     # which the pool handed out connections.
     sql = f"SELECT pg_advisory_xact_lock_shared({LOCK_KEY}), nextval('{sequence}')"
+    _prepare_on_both_connections(broker, admin, sql)
+    admin.run(f"ALTER SEQUENCE {sequence} RESTART")
     admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
     try:
         flood = [_send(broker, sql, "fn-a") for _ in range(200)]
@@ -239,6 +241,21 @@ def test_broker_serves_another_function_within_one_turn_of_a_200_flood(
     # FIFO within A: nextval order follows arrival except for the two running at a time,
     # checked at pool level above; here A's 200 all ran.
     assert turns_a[-1] == 201
+
+
+def _prepare_on_both_connections(broker: Any, admin: pg8000.native.Connection, sql: str) -> None:
+    """Run *sql* twice on each of the two connections, so it is prepared on both (a text's
+    first run on a connection is unnamed, its second prepares it): a prepare round trip in
+    the middle of the flood would let the other connection run ahead and blur the turns."""
+    for _ in range(2):
+        admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
+        try:
+            held = [_send(broker, sql, "warm") for _ in range(2)]
+            wait_until(lambda: broker.stats()["pool_active"] == 2, what="both connections busy")
+        finally:
+            admin.run("SELECT pg_advisory_unlock_all()")
+        for future in held:
+            future.result()
 
 
 def test_inflight_cap_counts_per_function(
