@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import weakref
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
