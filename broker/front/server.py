@@ -35,7 +35,7 @@ from broker.flow.keysweep import KeySweeper, sweep_interval
 from broker.flow.routing import load_hook
 from broker.front.admin import SIGNALS, AdminService, Controls
 from broker.front.fdlimit import DescriptorWatch, raise_nofile
-from broker.front.memory import MemoryTrimmer, tune_malloc
+from broker.front.memory import MemoryTrimmer, tune_gc, tune_malloc
 from broker.front.metrics import MetricsPublisher
 from broker.front.reload import Reloader
 from broker.front.replicas import Replicas, connect_for, monitor_connections
@@ -497,6 +497,7 @@ async def serve(
         await _abandon_start(server)
         print(f"pgbroker: cannot start: {exc}", file=sys.stderr)
         return 1
+    tune_gc()  # serving: what start-up allocated stays (broker/front/memory.py)
     await stop.wait()
     await server.stop()
     return 0

@@ -116,6 +116,9 @@ class BadRequest(BrokerFailure):
     reason = Reason.BAD_REQUEST
 
 
+_ISOLATION_LEVELS = frozenset(pb.IsolationLevel.values())
+
+
 def validate(
     request: pb.ExecuteRequest, limits: Limits, role_locked: bool = False
 ) -> tuple[RequestPlan, list[Bound]]:
@@ -130,10 +133,11 @@ def validate(
     if not request.statements:
         raise BadRequest("no statements")
     check_request(request, limits)
-    if request.options.isolation not in pb.IsolationLevel.values():
+    if request.options.isolation not in _ISOLATION_LEVELS:
         raise BadRequest(f"unknown isolation level {request.options.isolation}")
     for index, statement in enumerate(request.statements):
-        if not statement.sql.strip():
+        sql = statement.sql
+        if not sql or sql.isspace():  # what strip() removes, without copying the SQL
             raise BadRequest(f"statement {index}: empty SQL")
     plan = plan_request([s.sql for s in request.statements], role_locked=role_locked)
     bound: list[Bound] = []
@@ -159,12 +163,17 @@ def _small(request: pb.ExecuteRequest) -> bool:
     statements = request.statements
     if len(statements) > ON_LOOP_STATEMENTS:
         return False
-    if sum(len(statement.sql) for statement in statements) > ON_LOOP_SQL_CHARS:
-        return False
-    values = [value for statement in statements for value in statement.params]
-    return len(values) <= ON_LOOP_VALUES and not any(
-        value.WhichOneof("kind") == "array" for value in values
-    )
+    chars = values = 0
+    for statement in statements:
+        chars += len(statement.sql)
+        params = statement.params
+        values += len(params)
+        if chars > ON_LOOP_SQL_CHARS or values > ON_LOOP_VALUES:
+            return False
+        for value in params:
+            if value.WhichOneof("kind") == "array":
+                return False
+    return True
 
 
 async def analyse(

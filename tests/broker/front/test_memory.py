@@ -4,15 +4,24 @@ has grown (broker/front/memory.py). Figures: bench/bigresults.py, docs/performan
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 
-from broker.front.memory import MemoryTrimmer, malloc_trim, rss_bytes, tune_malloc
+from broker.front.memory import (
+    GC_THRESHOLD0,
+    MemoryTrimmer,
+    malloc_trim,
+    rss_bytes,
+    tune_gc,
+    tune_malloc,
+)
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.support import request, wait_until
 
@@ -26,6 +35,32 @@ def _rss_mb(pid: int) -> float:
 def test_glibc_calls_are_found() -> None:
     assert tune_malloc() and malloc_trim()
     assert (rss_bytes() or 0) > 0
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def test_tune_gc_freezes_what_is_alive_and_still_collects_new_cycles() -> None:
+    saved = gc.get_threshold()
+    try:
+        alive_before = _Node()
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == max(GC_THRESHOLD0, saved[0])
+        # What was alive is out of the collector's sight; what is new is not.
+        assert not any(obj is alive_before for obj in gc.get_objects())
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
+        gone = weakref.ref(a)
+        del a, b
+        assert gone() is not None
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
 
 
 def test_the_trimmer_trims_once_rss_has_grown() -> None:
