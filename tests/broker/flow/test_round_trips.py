@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from broker.config import parse_database_url
 from broker.errors import BrokerFailure, Code
 from broker.flow.batch import Batch, run_transaction
 from broker.postgres import keys
-from broker.postgres.pg import PgConnection, TransactionStatus, connect
+from broker.postgres.pg import PgConnection, TransactionStatus
 from broker.sql.plan import plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from tests.support import rows
@@ -42,13 +40,8 @@ class _CountingSocket:
 
 
 @pytest.fixture
-def conn(postgres: Any) -> Iterator[PgConnection]:
-    pg = connect(
-        parse_database_url(postgres.dsn + "?sslmode=disable"), timeout=5, statement_timeout=30
-    )
-    assert keys.ensure_store(pg) is None
-    yield pg
-    pg.close_quietly()
+def conn(keyed_pg: PgConnection) -> PgConnection:
+    return keyed_pg  # tests/fixtures/postgres.py
 
 
 @pytest.fixture

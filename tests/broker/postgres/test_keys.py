@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 
-from broker.config import parse_database_url
 from broker.postgres import keys
-from broker.postgres.pg import PgConnection, connect
+from broker.postgres.pg import PgConnection
 
 CALLER = "arn:aws:iam::1:role/it's \\ odd é"
 
 
 @pytest.fixture
-def conn(postgres: Any) -> Iterator[PgConnection]:
-    pg = connect(
-        parse_database_url(postgres.dsn + "?sslmode=disable"), timeout=5, statement_timeout=30
-    )
-    assert keys.ensure_store(pg) is None
-    yield pg
-    pg.close_quietly()
+def conn(keyed_pg: PgConnection) -> PgConnection:
+    return keyed_pg  # tests/fixtures/postgres.py
 
 
 def _plan(conn: PgConnection, sql: str) -> str:
