@@ -215,13 +215,18 @@ def test_reload_changes_the_routing_and_the_replica_pool_live(
         routing_hook="tests.fixtures.replicas:route_by_comment",
     )
     assert "routing: 'explicit' -> 'auto'" in reply.changed
+    # The read above ran on the primary and calls a function, so the client holds its WAL
+    # position (read-your-writes): the replica takes its reads once the monitor has seen it
+    # replay that far. Two checks after the reload, it has.
+    monitor = broker.server.replicas.monitor
+    assert monitor is not None and monitor.interval == 0.5
+    checks = monitor.checks
+    wait_until(lambda: monitor.checks >= checks + 2, 5, what="the monitor to check again")
     assert db.query(plain).rows[0][0]  # auto: the plan proves it read-only
     assert db.query(f"/* primary */ {plain}").rows[0][0] is False  # the new hook
     wait_until(lambda: broker.stats()["target.replica1.pool_size"] == 3, 10)
     pool = broker.server.targets.get("replica1").pool  # type: ignore[union-attr]
     assert pool.queue_timeout == 7
-    monitor = broker.server.replicas.monitor
-    assert monitor is not None and monitor.interval == 0.5
     checks = monitor.checks
     wait_until(lambda: monitor.checks >= checks + 2, 5, what="the monitor to check again")
     assert broker.stats()["target.replica1.in_rotation"] == 1
