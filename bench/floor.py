@@ -1,9 +1,10 @@
 """The floor competitor: the broker's own gRPC stack with nothing behind it.
 
 ``python -m bench.floor`` serves the Broker service on ``127.0.0.1:0`` exactly as
-`broker.front.server.BrokerServer` builds it — ``grpc.aio``, the same channel options
-(`broker.front.server.grpc_options` of the default settings), the Broker's handlers wrapped
-once by `broker.security.gate.AuthGate` (``PGBROKER_AUTH=none``, as the bench runs the broker),
+`broker.front.server.BrokerServer` builds it — ``grpc.aio`` on the same event loop (the
+``event_loop`` setting), the same channel options (`broker.front.server.grpc_options` of the
+default settings), the Broker's handlers wrapped once by `broker.security.gate.AuthGate`
+(``PGBROKER_AUTH=none``, as the bench runs the broker),
 ``grpc.health.v1`` and Python's default GIL switch interval — but its ``Execute`` returns a canned
 one-row reply without touching Postgres. The broker's CPU per request divided by this
 server's, under the same load (`bench.harness`), is how far the broker is from what its own
@@ -23,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from broker.config import load_settings
-from broker.front.server import SERVICE_NAME, broker_method_handlers, grpc_options
+from broker.front.server import SERVICE_NAME, broker_method_handlers, grpc_options, run
 from broker.security.gate import AuthGate
 from broker.security.identity import NoAuth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -60,8 +61,11 @@ class FloorService(pb_grpc.BrokerServicer):
         raise NotImplementedError("the floor serves Execute only")
 
 
+SETTINGS = load_settings({"database_url": "postgresql://floor@127.0.0.1/floor"}, {})
+
+
 async def serve() -> None:
-    settings = load_settings({"database_url": "postgresql://floor@127.0.0.1/floor"}, {})
+    settings = SETTINGS
     server = grpc.aio.server(options=grpc_options(settings))
     AuthGate(NoAuth()).add_service(server, SERVICE_NAME, broker_method_handlers(FloorService()))
     checks = health.aio.HealthServicer()
@@ -80,4 +84,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    run(SETTINGS, serve())

@@ -22,7 +22,6 @@ exit 2; a refused or failed call is one line on stderr, exit 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -208,7 +207,7 @@ def _run(flags: dict[str, str | None], argv: Sequence[str], *, entry: bool = Fal
 
             exec_with_malloc(settings.object_allocator)
         phase = "loading modules"
-        from broker.front.server import serve, setup_logging  # grpc import only when serving
+        from broker.front.server import run, serve, setup_logging  # grpc only when serving
         from broker.front.workers import supervise, worker_role
 
         logger = setup_logging(settings.log_level)
@@ -218,7 +217,7 @@ def _run(flags: dict[str, str | None], argv: Sequence[str], *, entry: bool = Fal
         phase = "starting"
         if settings.workers > 1 and role is None:
             return supervise(settings, argv)
-        return asyncio.run(serve(settings, role, flags))
+        return run(settings, serve(settings, role, flags))
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)
         return 2

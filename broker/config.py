@@ -79,6 +79,7 @@ REPLICA_FALLBACKS = ("primary", "wait")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
 OBJECT_ALLOCATORS = ("malloc", "pymalloc")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 class ConfigError(ValueError):
@@ -597,6 +598,13 @@ class Settings:
         " (Python's own: less CPU per request, but ~30 MB stays after big results;"
         " docs/performance.md); an explicit `PYTHONMALLOC` wins",
         choices=OBJECT_ALLOCATORS,
+    )
+    event_loop: str = setting(
+        lowercase,
+        "uvloop",
+        "the asyncio event loop that runs gRPC and the pool: `uvloop` (libuv, less CPU per"
+        " call: docs/performance.md) or `asyncio` (the standard library's)",
+        choices=EVENT_LOOPS,
     )
     max_inflight_per_caller: int = setting(
         integer,

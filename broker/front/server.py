@@ -22,8 +22,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from aws_lambda_powertools import Logger
@@ -61,6 +61,8 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 __all__ = ["BrokerServer", "pending_calls_limit", "serve", "setup_logging"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("pgbroker.server")
 
@@ -511,3 +513,20 @@ async def _abandon_start(server: BrokerServer) -> None:
         await server.pool.close()
     with contextlib.suppress(Exception):
         await server.server.stop(0)
+
+
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind ``settings.event_loop`` names. uvloop (libuv, written in
+    Cython) runs grpc.aio's per-call callbacks and the pool's hand-offs with less CPU than the
+    standard library's selector loop (docs/performance.md, "A/B: uvloop")."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(settings: Settings, main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)`` on the event loop ``settings.event_loop`` names."""
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(settings)) as runner:
+        return runner.run(main)
