@@ -40,6 +40,8 @@ WORKLOADS = {
     "w2": ("w2", 500, 1.0),
     # W4: the Django view of 10 ORM queries (bench/django_view.py), one client; per view.
     "w4": ("w4", 1, 0.0),
+    # W1 light with Django's SQL: the value as a literal, a new text per value (W1_LITERAL_SQL).
+    "w1literal": ("w1", 1, 0.0),
 }
 
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                             competitor="pgbroker", workload=workload, host=broker.host,
                             port=broker.port, clients=clients, duration=args.duration,
                             warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
+                            literal=name == "w1literal",
                         )  # fmt: skip
                         if workload == "w4":
                             spec = ViewSpec(
