@@ -214,7 +214,9 @@ def _classify_top_level(stmt: Node, role_locked: bool) -> Refusal | None:
                 "DISCARD would drop the broker's own prepared statements; there is nothing to"
                 " discard, because every request starts on a clean session",
             )
-        case "CopyStmt" if fields.get("filename") is None:
+        # libpg_query's JSON leaves out an empty file name: `COPY t FROM ''` (a server file
+        # named '', which cannot be opened) is refused as COPY FROM STDIN as well.
+        case "CopyStmt" if not fields.get("filename"):
             verb = "COPY FROM STDIN" if fields.get("is_from") else "COPY TO STDOUT"
             return Refusal(
                 verb,

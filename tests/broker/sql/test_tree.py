@@ -60,7 +60,22 @@ def assert_same_plan(sql: str) -> None:
                 plan_module._plan(sql, role_locked)
             return
         new = plan_module._plan(sql, role_locked)
+        if _empty_copy_file_name(sql):
+            # The one known difference: libpg_query's JSON leaves out an empty string field, so
+            # `COPY t FROM ''` reads as `COPY t FROM STDIN` and is refused (stricter, never
+            # looser: a server file named '' cannot be opened anyway).
+            assert old.refusal is None and new.refusal is not None
+            assert new.refusal.command in ("COPY FROM STDIN", "COPY TO STDOUT")
+            old = dataclasses.replace(old, refusal=new.refusal)
         assert _fields(new) == _fields(old), (sql, role_locked)
+
+
+def _empty_copy_file_name(sql: str) -> bool:
+    try:
+        statements = pglast.parse_sql(sql)
+    except ParseError:
+        return False
+    return len(statements) == 1 and getattr(statements[0].stmt, "filename", None) == ""
 
 
 def _old_kinds(sql: str) -> Counter[str]:
@@ -115,6 +130,28 @@ def test_deep_json_is_decoded_as_json_loads_decodes_it() -> None:
             assert tree._loads_deep(text) == json.loads(text)
     odd = '{"a":[1,-2,3.5e2,true,false,null,"q\\"\\\\x\\u00e9\\n",{}],"b":{"c":[]}}'
     assert tree._loads_deep(odd) == json.loads(odd)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "",
+        ";",
+        " ; ; ",
+        "SELECT 1; SELECT 2",
+        "SELECT 'a\x01\x1f\x7f\u2028\"\\'",
+        'SELECT "a\x02b"',
+        "SELECT E'\\xff'",  # bytes that are not UTF-8: Postgres' lexer refuses them
+        "SELECT set_config('a', E'\\377', false)",
+        "SELECT U&'\\D800'",
+        "SELECT '\ud7ff\U0010ffff', $1, $99",
+        "SELECT set_config('\u0430', 'x', 'TRUE ')",
+        "COPY t FROM ''",
+        "SELECT 99999999999999999999, -0.0e-0, 1e400",
+    ],
+)
+def test_both_planners_agree_on_odd_text(sql: str) -> None:
+    assert_same_plan(sql)
 
 
 def test_sql_deeper_than_json_loads_goes_is_planned_alike() -> None:
