@@ -9,6 +9,8 @@ in turn, alternating which goes first every round. Per run it records the broker
 CPU per request (user + system, all threads: less sensitive to other work on the machine than
 latency), Postgres' CPU per request (postmaster and backends), tx/s, p50 and the load average.
 Prints one JSON document: every run, and per workload the medians of A and B and B ÷ A.
+``w4`` runs W4's Django view (bench/django_view.py, this tree's client) instead of
+`bench.load`: its figures are per view (10 queries).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness
+from bench.django_view import ViewSpec
 from bench.load import Spec
 from bench.pgbench_runner import initialise, pgbench_binary
 from bench.procs import Processes, cpu_seconds
@@ -35,6 +38,10 @@ WORKLOADS = {
     "w1": ("w1", 200, 0.0),
     "w1light": ("w1", 1, 0.0),
     "w2": ("w2", 500, 1.0),
+    # W4: the Django view of 10 ORM queries (bench/django_view.py), one client; per view.
+    "w4": ("w4", 1, 0.0),
+    # W1 light with Django's SQL: the value as a literal, a new text per value (W1_LITERAL_SQL).
+    "w1literal": ("w1", 1, 0.0),
 }
 
 
@@ -61,7 +68,7 @@ def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.Broke
     return broker
 
 
-def _one(procs: Processes, spec: Spec, broker_pid: int, pg_pid: int) -> dict[str, Any]:
+def _one(procs: Processes, spec: Spec | ViewSpec, broker_pid: int, pg_pid: int) -> dict[str, Any]:
     marks: dict[str, tuple[float | None, float | None, float]] = {}
 
     def mark(name: str) -> Any:
@@ -70,8 +77,11 @@ def _one(procs: Processes, spec: Spec, broker_pid: int, pg_pid: int) -> dict[str
 
         return hook
 
-    limit = spec.warmup + spec.duration + spec.timeout + 60
-    result = harness._run_load_process(procs, spec, mark("start"), mark("end"), limit)
+    limit = spec.warmup + spec.duration + 120
+    module = "bench.django_view" if isinstance(spec, ViewSpec) else "bench.load"
+    result = harness._run_load_process(
+        procs, spec, mark("start"), mark("end"), limit, module=module
+    )
     (b0, p0, load0), (b1, p1, load1) = marks["start"], marks["end"]
     tx = result["tx"] or 1
 
@@ -117,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                     for side in order:
                         broker = brokers[side]
                         assert broker.pid is not None
-                        spec = Spec(
+                        spec: Spec | ViewSpec = Spec(
                             competitor="pgbroker", workload=workload, host=broker.host,
                             port=broker.port, clients=clients, duration=args.duration,
                             warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
+                            literal=name == "w1literal",
                         )  # fmt: skip
+                        if workload == "w4":
+                            spec = ViewSpec(
+                                competitor="pgbroker", host=broker.host, port=broker.port,
+                                duration=args.duration, warmup=args.warmup, scale=SCALE,
+                            )  # fmt: skip
                         row = _one(procs, replace(spec), broker.pid, pg.pid)
                         runs[name][side].append(row)
                         print(f"[ab] {name} {side}: {row}", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.workloads import W1_SQL, W2_THINKS, Transfer, random_aid
+from bench.workloads import W1_LITERAL_SQL, W1_SQL, W2_THINKS, Transfer, random_aid
 from devtools.runas import raise_fd_limit
 
 COMPETITORS = ("direct", "asyncpg", "pgbroker")
@@ -63,6 +63,8 @@ class Spec:
     # pgbroker W2 through Transact (db.begin()): statement by statement with the think time
     # between them, as PgBouncer's clients run it, instead of one batch after the think time.
     transact: bool = False
+    # pgbroker W1 with the value as a literal in the SQL, as Django sends it (W1_LITERAL_SQL).
+    literal: bool = False
 
 
 @dataclass
@@ -225,7 +227,11 @@ class BrokerLoadClient:
             self.client.query("SELECT 1", timeout=self.spec.timeout)
 
     def w1(self, rng: random.Random) -> None:
-        self.client.query(W1_SQL, [random_aid(rng, self.spec.scale)], timeout=self.spec.timeout)
+        aid = random_aid(rng, self.spec.scale)
+        if self.spec.literal:
+            self.client.query(W1_LITERAL_SQL.format(aid=aid), timeout=self.spec.timeout)
+        else:
+            self.client.query(W1_SQL, [aid], timeout=self.spec.timeout)
 
     def w2(self, rng: random.Random) -> None:
         t = Transfer.random(rng, self.spec.scale)
@@ -316,9 +322,11 @@ class AsyncBrokerLoadClient:
             await self.client.query("SELECT 1", timeout=self.spec.timeout)
 
     async def w1(self, rng: random.Random) -> None:
-        await self.client.query(
-            W1_SQL, [random_aid(rng, self.spec.scale)], timeout=self.spec.timeout
-        )
+        aid = random_aid(rng, self.spec.scale)
+        if self.spec.literal:
+            await self.client.query(W1_LITERAL_SQL.format(aid=aid), timeout=self.spec.timeout)
+        else:
+            await self.client.query(W1_SQL, [aid], timeout=self.spec.timeout)
 
     async def w2(self, rng: random.Random) -> None:
         t = Transfer.random(rng, self.spec.scale)

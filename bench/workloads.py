@@ -14,6 +14,12 @@ import random
 from dataclasses import dataclass
 
 W1_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+# W1 as Django's ORM sends it (W4's query, bench/django_view.py): the value merged into the SQL
+# as a literal, so every new value is a new SQL text for the broker (bench.ab's ``w1literal``).
+W1_LITERAL_SQL = (
+    'SELECT "pgbench_accounts"."abalance" AS "abalance" FROM "pgbench_accounts"'
+    ' WHERE "pgbench_accounts"."aid" = {aid} LIMIT 21'
+)
 
 W2_SQL = (
     "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",

@@ -1,7 +1,8 @@
 """One plan per request: every fact the broker needs about a request's SQL, from one parse.
 
-A request's SQL is parsed by ``pglast`` once per distinct text, and the facts read from that
-one tree travel with the batch, so nothing downstream parses again:
+A request's SQL is parsed by libpg_query (through ``pglast``'s JSON output, read as dicts:
+broker/sql/tree.py) once per distinct text, and the facts read from that one tree travel with
+the batch, so nothing downstream parses again:
 
 * the session-state verdict (`broker.sql.sessionstate`): refused, with the message and
   reason, or allowed;
@@ -28,11 +29,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pglast import ast, parse_sql
-from pglast.parser import ParseError, parse_sql_json, scan
+from pglast.parser import ParseError, scan
 
 from broker.sql.sessionstate import (
     TOO_DEEP,
@@ -42,9 +43,8 @@ from broker.sql.sessionstate import (
     function_name,
     lone_in_autocommit,
     transaction_scoped,
-    walk,
 )
-from broker.sql.stack import run_on_parser_thread
+from broker.sql.tree import Node, node_of, parse, sval, walk
 
 __all__ = [
     "CACHE_ENTRIES",
@@ -59,8 +59,8 @@ __all__ = [
 
 CACHE_ENTRIES = 2048
 CACHE_MAX_SQL_CHARS = 4096
-# SQL up to this long nests at most this deep (every level takes a token): under 1 MB of C
-# stack in pglast, so any thread may parse it. Longer SQL: see `_parse` and broker/sql/stack.py.
+# SQL up to this long is planned where it is asked (on the event loop: broker/front/service.py);
+# longer SQL, whose parse takes milliseconds per 100 KB, on a parser thread (broker/sql/stack.py).
 DIRECT_PARSE_CHARS = 2048
 # libpg_query's message when its own stack check refuses (Postgres' SQLSTATE 54001).
 _STACK_DEPTH_EXCEEDED = "stack depth limit exceeded"
@@ -203,39 +203,38 @@ def placeholder_count(sql: str) -> int | None:
 
 def _plan(sql: str, role_locked: bool) -> StatementPlan:
     try:
-        raw_statements = _parse(sql)
+        statements = _parse(sql)
     except _TooDeep:
         return _unparsed(sql, TOO_DEEP)
     except ParseError:
         return _unparsed(sql, None)
-    except RecursionError:
+    except RecursionError:  # not expected (nothing recurses per level): refused, not guessed
         return _unparsed(sql, TOO_DEEP)
-    nodes = [node for raw in raw_statements for node in walk(raw.stmt)]
-    calls = [function_name(node) for node in nodes if isinstance(node, ast.FuncCall)]
-    read_only = _read_only(raw_statements, nodes, calls)
-    opaque = any(isinstance(node, ast.DoStmt | ast.CallStmt) for node in nodes)
-    locking = any(isinstance(node, ast.SelectStmt) and node.lockingClause for node in nodes)
+    nodes = [node for stmt in statements for node in walk(stmt)]
+    calls = [fields for kind, fields in nodes if kind == "FuncCall"]
+    names = [function_name(call) for call in calls]
+    read_only = _read_only(statements, nodes, names)
+    opaque = any(kind in ("DoStmt", "CallStmt") for kind, _ in nodes)
+    locking = any(kind == "SelectStmt" and fields.get("lockingClause") for kind, fields in nodes)
     return StatementPlan(
-        refusal=classify(raw_statements, role_locked),
+        refusal=classify(statements, role_locked, nodes if len(statements) == 1 else None),
         opaque=opaque,
-        placeholders=_highest_placeholder(raw_statements, nodes),
-        catalog_calls=frozenset(name for name in calls if name),
-        foreign_call="" in calls,
-        transaction_scoped=transaction_scoped(raw_statements),
+        placeholders=_highest_placeholder(statements, nodes),
+        catalog_calls=frozenset(name for name in names if name),
+        foreign_call="" in names,
+        transaction_scoped=transaction_scoped(statements),
         read_only=read_only,
-        autocommit_only=any(_autocommit_only(raw.stmt) for raw in raw_statements),
-        ddl=any(_is_ddl(raw.stmt) for raw in raw_statements),
+        autocommit_only=any(_autocommit_only(stmt) for stmt in statements),
+        ddl=any(_is_ddl(stmt) for stmt in statements),
         replica_safe=read_only and not opaque and not locking,
-        functions=frozenset(
-            _written_name(node) for node in nodes if isinstance(node, ast.FuncCall)
-        ),
+        functions=frozenset(_written_name(call) for call in calls),
     )
 
 
-def _written_name(call: ast.FuncCall) -> str:
+def _written_name(call: dict[str, Any]) -> str:
     """A call's function name as written: ``f``, or ``schema.f`` (a database qualifier is
     left out)."""
-    parts = [str(getattr(p, "sval", "")) for p in (call.funcname or ())]
+    parts = [sval(p) for p in call.get("funcname", ())]
     return ".".join(parts[-2:])
 
 
@@ -265,127 +264,143 @@ _EFFECTFUL_PREFIXES = (
 )
 
 
-def _read_only(
-    raw_statements: Sequence[ast.RawStmt], nodes: Sequence[ast.Node], calls: Sequence[str]
-) -> bool:
+def _read_only(statements: Sequence[Node], nodes: Sequence[Node], calls: Sequence[str]) -> bool:
     """A SELECT (or VALUES, SHOW, EXPLAIN without ANALYZE) that writes nothing it can see."""
-    for raw in raw_statements:
-        stmt = raw.stmt
-        if isinstance(stmt, ast.ExplainStmt):
-            if any(getattr(o, "defname", "") == "analyze" for o in stmt.options or ()):
+    for stmt in statements:
+        kind, fields = stmt
+        if kind == "ExplainStmt":
+            if any(_defname(o) == "analyze" for o in fields.get("options", ())):
                 return False
         elif not _plain_query(stmt):
             return False
-    writes = ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt
-    if any(isinstance(node, writes) for node in nodes):
+    if any(kind in _WRITES for kind, _ in nodes):
         return False
     return not any(name.startswith(_EFFECTFUL_PREFIXES) for name in calls if name)
 
 
+_WRITES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _TRANSACTION_CONTROL = re.compile(r"\b(commit|rollback)\b", re.IGNORECASE)
 
 
-def _plain_query(stmt: ast.Node | None) -> bool:
+def _defname(option: Any) -> str:
+    """The name of a ``DefElem`` option (``""`` for anything else)."""
+    node = node_of(option)
+    return str(node[1].get("defname", "")) if node is not None and node[0] == "DefElem" else ""
+
+
+def _plain_query(stmt: Node) -> bool:
     """SELECT, VALUES or SHOW; not SELECT … INTO, which creates a table."""
-    if isinstance(stmt, ast.VariableShowStmt):
+    kind, fields = stmt
+    if kind == "VariableShowStmt":
         return True
-    return isinstance(stmt, ast.SelectStmt) and stmt.intoClause is None
+    return kind == "SelectStmt" and fields.get("intoClause") is None
 
 
-def _autocommit_only(stmt: ast.Node | None) -> bool:
+def _autocommit_only(stmt: Node) -> bool:
     """Whether Postgres refuses *stmt* inside a transaction block (25001), or it may run
     transaction control itself (a procedure's COMMIT fails inside BEGIN: 2D000)."""
-    if isinstance(stmt, ast.VacuumStmt):
-        return bool(stmt.is_vacuumcmd)  # ANALYZE alone runs in a transaction
-    if isinstance(stmt, ast.IndexStmt | ast.ReindexStmt):
-        return bool(getattr(stmt, "concurrent", False)) or any(
-            getattr(o, "defname", "") == "concurrently" for o in getattr(stmt, "params", ()) or ()
+    kind, fields = stmt
+    if kind == "VacuumStmt":
+        return bool(fields.get("is_vacuumcmd"))  # ANALYZE alone runs in a transaction
+    if kind in ("IndexStmt", "ReindexStmt"):
+        return bool(fields.get("concurrent")) or any(
+            _defname(o) == "concurrently" for o in fields.get("params", ())
         )
-    if isinstance(stmt, ast.DropStmt):
-        return bool(stmt.concurrent)
-    if isinstance(stmt, ast.DoStmt):  # a DO block may COMMIT (2D000 inside BEGIN)
-        body = " ".join(str(getattr(o.arg, "sval", "")) for o in stmt.args or ())
+    if kind == "DropStmt":
+        return bool(fields.get("concurrent"))
+    if kind == "DoStmt":  # a DO block may COMMIT (2D000 inside BEGIN)
+        body = " ".join(_option_text(o) for o in fields.get("args", ()))
         return _TRANSACTION_CONTROL.search(body) is not None
-    return isinstance(
-        stmt,
-        ast.CreatedbStmt
-        | ast.DropdbStmt
-        | ast.CreateTableSpaceStmt
-        | ast.DropTableSpaceStmt
-        | ast.AlterSystemStmt
-        | ast.CreateSubscriptionStmt
-        | ast.DropSubscriptionStmt
-        | ast.CallStmt,
-    )
+    return kind in _AUTOCOMMIT_ONLY
+
+
+def _option_text(option: Any) -> str:
+    """A ``DefElem`` option's ``String`` argument (a DO block's body or language)."""
+    node = node_of(option)
+    return sval(node[1].get("arg")) if node is not None and node[0] == "DefElem" else ""
+
+
+_AUTOCOMMIT_ONLY = frozenset(
+    {
+        "CreatedbStmt",
+        "DropdbStmt",
+        "CreateTableSpaceStmt",
+        "DropTableSpaceStmt",
+        "AlterSystemStmt",
+        "CreateSubscriptionStmt",
+        "DropSubscriptionStmt",
+        "CallStmt",
+    }
+)
 
 
 # Utility statements that leave the catalog alone (or only touch rows, sessions, cursors):
 # every other utility statement counts as DDL. Counting too much costs a re-prepare on each
 # pooled connection; counting too little, an error (0A000) once per connection.
-_NOT_DDL: tuple[type[ast.Node], ...] = (
-    ast.SelectStmt,
-    ast.InsertStmt,
-    ast.UpdateStmt,
-    ast.DeleteStmt,
-    ast.MergeStmt,
-    ast.TransactionStmt,
-    ast.VariableSetStmt,
-    ast.VariableShowStmt,
-    ast.ConstraintsSetStmt,
-    ast.DiscardStmt,
-    ast.ExplainStmt,
-    ast.CopyStmt,
-    ast.PrepareStmt,
-    ast.ExecuteStmt,
-    ast.DeallocateStmt,
-    ast.DeclareCursorStmt,
-    ast.FetchStmt,
-    ast.ClosePortalStmt,
-    ast.LockStmt,
-    ast.NotifyStmt,
-    ast.ListenStmt,
-    ast.UnlistenStmt,
-    ast.VacuumStmt,
-    ast.ClusterStmt,
-    ast.ReindexStmt,
-    ast.RefreshMatViewStmt,
-    ast.TruncateStmt,
-    ast.CheckPointStmt,
-    ast.LoadStmt,
-    ast.DoStmt,  # opaque: counting every DO/CALL would defeat the cache for procedure users
-    ast.CallStmt,
+_NOT_DDL = frozenset(
+    {
+        "SelectStmt",
+        "InsertStmt",
+        "UpdateStmt",
+        "DeleteStmt",
+        "MergeStmt",
+        "TransactionStmt",
+        "VariableSetStmt",
+        "VariableShowStmt",
+        "ConstraintsSetStmt",
+        "DiscardStmt",
+        "ExplainStmt",
+        "CopyStmt",
+        "PrepareStmt",
+        "ExecuteStmt",
+        "DeallocateStmt",
+        "DeclareCursorStmt",
+        "FetchStmt",
+        "ClosePortalStmt",
+        "LockStmt",
+        "NotifyStmt",
+        "ListenStmt",
+        "UnlistenStmt",
+        "VacuumStmt",
+        "ClusterStmt",
+        "ReindexStmt",
+        "RefreshMatViewStmt",
+        "TruncateStmt",
+        "CheckPointStmt",
+        "LoadStmt",
+        "DoStmt",  # opaque: counting every DO/CALL would defeat the cache for procedure users
+        "CallStmt",
+    }
 )
 
 
-def _is_ddl(stmt: ast.Node | None) -> bool:
+def _is_ddl(stmt: Node) -> bool:
     """Whether *stmt* (a top-level statement) may change the catalog; see `_NOT_DDL`."""
-    if isinstance(stmt, ast.SelectStmt):
-        return stmt.intoClause is not None  # SELECT … INTO creates a table
-    return stmt is not None and not isinstance(stmt, _NOT_DDL)
+    kind, fields = stmt
+    if kind == "SelectStmt":
+        return fields.get("intoClause") is not None  # SELECT … INTO creates a table
+    return kind not in _NOT_DDL
 
 
 class _TooDeep(Exception):
     """SQL nested deeper than libpg_query's stack check allows (Postgres: 54001)."""
 
 
-def _parse(sql: str) -> tuple[ast.RawStmt, ...]:
-    """``pglast.parse_sql`` of *sql*, without ever overflowing the C stack (issue 15: a 50 KB
-    ``SELECT 1+1+…`` killed the process with SIGSEGV). Raise `_TooDeep` for SQL nested
-    beyond what libpg_query's own stack check allows, ParseError for SQL it cannot parse.
+def _parse(sql: str) -> list[Node]:
+    """The statements of *sql* (broker/sql/tree.py); raise `_TooDeep` for SQL nested beyond
+    what libpg_query's own stack check allows (issue 15: Postgres refuses it with 54001 too),
+    ParseError for SQL it cannot parse.
 
-    Short SQL is parsed here. Longer SQL is first put through libpg_query's JSON output, which
-    checks its stack depth as Postgres does (about 60 ms per MB), then parsed on a thread
-    whose stack holds any depth that check lets through (broker/sql/stack.py has the
-    figures)."""
-    if len(sql) <= DIRECT_PARSE_CHARS:
-        return tuple(parse_sql(sql))
+    libpg_query checks its stack depth as Postgres does while it writes the tree, and the tree
+    is read without recursion, so SQL of any length may be planned on any thread (pglast's
+    Python AST, read before, recursed in C without a check: a 50 KB ``SELECT 1+1+…`` killed
+    the process with SIGSEGV)."""
     try:
-        parse_sql_json(sql)
+        return parse(sql)
     except ParseError as exc:
         if _STACK_DEPTH_EXCEEDED in str(exc):
             raise _TooDeep(str(exc)) from exc
         raise
-    return tuple(run_on_parser_thread(parse_sql, sql))
 
 
 _cached_plan = functools.lru_cache(maxsize=CACHE_ENTRIES)(_plan)
@@ -413,9 +428,7 @@ def _scans_placeholders(sql: str) -> bool:
         return True
 
 
-def _highest_placeholder(
-    raw_statements: Sequence[ast.RawStmt], nodes: Iterable[ast.Node]
-) -> int | None:
+def _highest_placeholder(statements: Sequence[Node], nodes: Sequence[Node]) -> int | None:
     """The highest ``$n`` of the parsed SQL, or None when a ``$n`` may need no value: the
     arguments of a function with a SQL-standard body (``CREATE FUNCTION f(int) … RETURN
     $1 + 1``), or ``EXPLAIN (GENERIC_PLAN)`` from Postgres 16. Postgres then counts them.
@@ -423,13 +436,14 @@ def _highest_placeholder(
     Needed because the statement is prepared with one type per value given: Postgres then
     counts the values, not the placeholders, and ignores values beyond them.
     """
-    numbers = [node.number or 0 for node in nodes if isinstance(node, ast.ParamRef)]
-    if numbers and any(_placeholders_may_not_be_values(raw.stmt) for raw in raw_statements):
+    numbers = [fields.get("number", 0) for kind, fields in nodes if kind == "ParamRef"]
+    if numbers and any(_placeholders_may_not_be_values(stmt) for stmt in statements):
         return None
     return max(numbers, default=0)
 
 
-def _placeholders_may_not_be_values(stmt: ast.Node | None) -> bool:
-    return isinstance(stmt, ast.ExplainStmt) or (
-        isinstance(stmt, ast.CreateFunctionStmt) and stmt.sql_body is not None
+def _placeholders_may_not_be_values(stmt: Node) -> bool:
+    kind, fields = stmt
+    return kind == "ExplainStmt" or (
+        kind == "CreateFunctionStmt" and fields.get("sql_body") is not None
     )

@@ -10,8 +10,9 @@ refuses the statement instead, naming it and the transaction-scoped alternative.
 
 Classification uses Postgres' own grammar through ``pglast`` (never regular expressions), so
 words inside string literals, dollar quotes, comments and quoted identifiers are not
-mistaken for commands. This module judges a parsed statement; `broker.sql.plan` parses each
-SQL text once and caches the verdict with the other facts a request needs.
+mistaken for commands. This module judges a parsed statement (libpg_query's parse tree as
+dicts: broker/sql/tree.py); `broker.sql.plan` parses each SQL text once and caches the verdict
+with the other facts a request needs.
 
 Decisions worth knowing:
 
@@ -34,13 +35,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from pglast import ast
-from pglast.enums import OnCommitAction, TransactionStmtKind, VariableSetKind
+from typing import Any
 
 from broker.errors import BrokerFailure, Code, Reason
+from broker.sql.tree import Node, constant_value, fields_of, node_of, sval, walk
 
 __all__ = [
     "REASON_BAD_REQUEST",
@@ -75,11 +75,11 @@ _TRUE_WORDS = frozenset({"t", "true", "on", "y", "yes", "1"})
 
 # The broker runs BEGIN/COMMIT itself; savepoints and two-phase COMMIT/ROLLBACK PREPARED are fine.
 _REFUSED_TRANSACTION_KINDS = {
-    TransactionStmtKind.TRANS_STMT_BEGIN: "BEGIN",
-    TransactionStmtKind.TRANS_STMT_START: "START TRANSACTION",
-    TransactionStmtKind.TRANS_STMT_COMMIT: "COMMIT",
-    TransactionStmtKind.TRANS_STMT_ROLLBACK: "ROLLBACK",
-    TransactionStmtKind.TRANS_STMT_PREPARE: "PREPARE TRANSACTION",
+    "TRANS_STMT_BEGIN": "BEGIN",
+    "TRANS_STMT_START": "START TRANSACTION",
+    "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION",
 }
 
 
@@ -114,21 +114,26 @@ class SessionStateError(BrokerFailure):
         self.statement_index = statement_index
 
 
-def classify(raw_statements: Sequence[ast.RawStmt], role_locked: bool = False) -> Refusal | None:
-    """Return why the SQL that parsed into *raw_statements* is refused, or ``None`` when it is
+def classify(
+    statements: Sequence[Node], role_locked: bool = False, nodes: Sequence[Node] | None = None
+) -> Refusal | None:
+    """Return why the SQL that parsed into *statements* is refused, or ``None`` when it is
     safe on a pooled connection. Never raises.
 
     *role_locked* is true when the broker sets each caller's role itself; then role changes
     of any kind are refused as well. A text of several statements (or none) is refused with
     ``BAD_REQUEST``. SQL that does not parse is not judged here: Postgres' grammar is the
     server's, so the server rejects it too, with SQLSTATE and position.
+
+    *nodes* are ``walk(statements[0])`` when the caller has them (`broker.sql.plan` does),
+    so the tree is not walked twice.
     """
-    if len(raw_statements) != 1:
-        return _not_one_statement(len(raw_statements))
-    return _classify_node(raw_statements[0].stmt, role_locked)
+    if len(statements) != 1:
+        return _not_one_statement(len(statements))
+    return _classify_node(statements[0], role_locked, nodes)
 
 
-# SQL nested deeper than Python's recursion limit lets pglast build: refused, not guessed at.
+# SQL nested deeper than libpg_query's stack check allows: refused, not guessed at.
 TOO_DEEP = Refusal(
     "too deeply nested",
     "the statement nests too deeply for the broker to check (Postgres refuses such SQL as"
@@ -148,64 +153,71 @@ def _not_one_statement(count: int) -> Refusal:
     )
 
 
-def _classify_node(stmt: ast.Node | None, role_locked: bool) -> Refusal | None:
-    if isinstance(stmt, ast.ExplainStmt):
-        return _classify_node(stmt.query, role_locked)
+def _classify_node(
+    stmt: Node, role_locked: bool, nodes: Sequence[Node] | None = None
+) -> Refusal | None:
+    kind, fields = stmt
+    if kind == "ExplainStmt":  # judged as the statement it explains (ANALYZE runs it)
+        query = node_of(fields.get("query"))
+        return None if query is None else _classify_node(query, role_locked)
     top = _classify_top_level(stmt, role_locked)
     if top is not None:
         return top
-    for node in walk(stmt):
+    for node in walk(stmt) if nodes is None else nodes:
         found = _classify_nested(node, role_locked)
         if found is not None:
             return found
     return None
 
 
-def _classify_top_level(stmt: ast.Node | None, role_locked: bool) -> Refusal | None:
+def _classify_top_level(stmt: Node, role_locked: bool) -> Refusal | None:
     """Statements that only make sense as a whole command (``SET`` inside ``ALTER ROLE …
     SET`` or ``CREATE FUNCTION … SET`` is persistent configuration, not session state)."""
-    match stmt:
-        case ast.VariableSetStmt():
-            return _classify_set(stmt, role_locked)
-        case ast.TransactionStmt() if stmt.kind in _REFUSED_TRANSACTION_KINDS:
-            return _transaction_control(stmt)
-        case ast.ListenStmt() | ast.UnlistenStmt():
-            verb = "LISTEN" if isinstance(stmt, ast.ListenStmt) else "UNLISTEN"
+    kind, fields = stmt
+    match kind:
+        case "VariableSetStmt":
+            return _classify_set(fields, role_locked)
+        case "TransactionStmt" if fields.get("kind") in _REFUSED_TRANSACTION_KINDS:
+            return _transaction_control(fields)
+        case "ListenStmt" | "UnlistenStmt":
+            verb = "LISTEN" if kind == "ListenStmt" else "UNLISTEN"
             return Refusal(
                 verb,
                 f"{verb} registers the pooled connection, not the caller, and notifications"
                 " would reach whichever caller holds it next; listen on a dedicated"
                 " connection, or poll a table (NOTIFY and pg_notify() are allowed)",
             )
-        case ast.PrepareStmt() | ast.DeallocateStmt():
-            verb = "PREPARE" if isinstance(stmt, ast.PrepareStmt) else "DEALLOCATE"
+        case "PrepareStmt" | "DeallocateStmt":
+            verb = "PREPARE" if kind == "PrepareStmt" else "DEALLOCATE"
             return Refusal(
                 verb,
                 f"{verb} manages session-level prepared statements; send the SQL with $1..$n"
                 " parameters instead (the broker prepares and caches statements per"
                 " connection itself)",
             )
-        case ast.DeclareCursorStmt() if (stmt.options or 0) & _CURSOR_OPT_HOLD:
+        case "DeclareCursorStmt" if fields.get("options", 0) & _CURSOR_OPT_HOLD:
             return Refusal(
                 "DECLARE ... WITH HOLD",
                 "DECLARE ... WITH HOLD creates a cursor that outlives the transaction on a"
                 " pooled connection; declare it WITHOUT HOLD and FETCH within the same"
                 " request, or page with WHERE key > $1 ORDER BY key LIMIT n",
             )
-        case ast.LoadStmt():
+        case "LoadStmt":
             return Refusal(
                 "LOAD",
                 "LOAD loads a library into the pooled connection for the rest of its life;"
                 " configure shared_preload_libraries / session_preload_libraries instead",
             )
-        case ast.DiscardStmt():
+        case "DiscardStmt":
             return Refusal(
                 "DISCARD",
                 "DISCARD would drop the broker's own prepared statements; there is nothing to"
                 " discard, because every request starts on a clean session",
             )
-        case ast.CopyStmt() if stmt.filename is None:
-            verb = "COPY FROM STDIN" if stmt.is_from else "COPY TO STDOUT"
+        # libpg_query's JSON leaves out an empty file name: `COPY t FROM ''` (a server file
+        # named '', which cannot be opened) is refused as COPY FROM STDIN as well.
+        case "CopyStmt" if not fields.get("filename"):
+            verb = "COPY FROM STDIN" if fields.get("is_from") else "COPY TO STDOUT"
             return Refusal(
                 verb,
                 f"{verb} streams data over the database connection, which the broker does not"
@@ -213,7 +225,7 @@ def _classify_top_level(stmt: ast.Node | None, role_locked: bool) -> Refusal | N
                 " read them with SELECT",
                 REASON_BAD_REQUEST,
             )
-        case ast.DoStmt() if role_locked:
+        case "DoStmt" if role_locked:
             return Refusal(
                 "DO",
                 "DO blocks are refused while the broker sets each caller's role"
@@ -223,8 +235,8 @@ def _classify_top_level(stmt: ast.Node | None, role_locked: bool) -> Refusal | N
     return _classify_temporary(stmt)
 
 
-def _transaction_control(stmt: ast.TransactionStmt) -> Refusal:
-    verb = _REFUSED_TRANSACTION_KINDS[stmt.kind]  # type: ignore[index]
+def _transaction_control(stmt: dict[str, Any]) -> Refusal:
+    verb = _REFUSED_TRANSACTION_KINDS[stmt["kind"]]
     return Refusal(
         verb,
         f"{verb} is transaction control, which the broker does itself: the statements of one"
@@ -233,20 +245,20 @@ def _transaction_control(stmt: ast.TransactionStmt) -> Refusal:
     )
 
 
-def transaction_scoped(raw_statements: Sequence[ast.RawStmt]) -> str | None:
-    """The command (``SET LOCAL name``, ``SET TRANSACTION``) when *raw_statements* is one
+def transaction_scoped(statements: Sequence[Node]) -> str | None:
+    """The command (``SET LOCAL name``, ``SET TRANSACTION``) when *statements* is one
     statement whose only effect lasts until the end of its transaction, else None. Sent as a
     request of its own it runs in autocommit, so it would end before anything it was meant
     for ran (`lone_in_autocommit`)."""
-    if len(raw_statements) != 1:
+    if len(statements) != 1:
         return None
-    stmt = raw_statements[0].stmt
-    if not isinstance(stmt, ast.VariableSetStmt):
+    kind, stmt = statements[0]
+    if kind != "VariableSetStmt":
         return None
-    name = stmt.name or ""
-    if stmt.kind == VariableSetKind.VAR_SET_MULTI:
+    name = stmt.get("name", "")
+    if stmt.get("kind") == "VAR_SET_MULTI":
         return "SET TRANSACTION" if name.startswith("TRANSACTION") else None
-    return f"SET LOCAL {name}" if stmt.is_local else None
+    return f"SET LOCAL {name}" if stmt.get("is_local") else None
 
 
 def lone_in_autocommit(command: str) -> SessionStateError:
@@ -262,12 +274,13 @@ def lone_in_autocommit(command: str) -> SessionStateError:
     )
 
 
-def _classify_set(stmt: ast.VariableSetStmt, role_locked: bool) -> Refusal | None:
-    name = stmt.name or ""
-    kind = stmt.kind
-    if name in _ROLE_SETTINGS and (role_locked or not stmt.is_local or name != "role"):
-        return _role_change(name, role_locked, reset=kind == VariableSetKind.VAR_RESET)
-    if kind == VariableSetKind.VAR_SET_MULTI:  # SET TRANSACTION … / SET SESSION CHARACTERISTICS …
+def _classify_set(stmt: dict[str, Any], role_locked: bool) -> Refusal | None:
+    name = stmt.get("name", "")
+    kind = stmt.get("kind")
+    is_local = bool(stmt.get("is_local"))
+    if name in _ROLE_SETTINGS and (role_locked or not is_local or name != "role"):
+        return _role_change(name, role_locked, reset=kind == "VAR_RESET")
+    if kind == "VAR_SET_MULTI":  # SET TRANSACTION … / SET SESSION CHARACTERISTICS …
         if name.startswith("TRANSACTION"):
             return None  # applies to the current transaction only
         return Refusal(
@@ -276,10 +289,10 @@ def _classify_set(stmt: ast.VariableSetStmt, role_locked: bool) -> Refusal | Non
             " connection; set isolation, read_only and deferrable in the request's options"
             " (or SET TRANSACTION … as the first statement)",
         )
-    if stmt.is_local:
+    if is_local:
         return None
-    if kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_RESET_ALL):
-        target = "ALL" if kind == VariableSetKind.VAR_RESET_ALL else name
+    if kind in ("VAR_RESET", "VAR_RESET_ALL"):
+        target = "ALL" if kind == "VAR_RESET_ALL" else name
         return Refusal(
             f"RESET {target}",
             f"RESET {target} changes the session of the pooled connection; every request"
@@ -316,30 +329,33 @@ def _role_change(name: str, role_locked: bool, *, reset: bool = False) -> Refusa
     )
 
 
-def _classify_temporary(stmt: ast.Node | None) -> Refusal | None:
+def _classify_temporary(stmt: Node) -> Refusal | None:
     """Temporary objects that survive COMMIT (only ``ON COMMIT DROP`` tables do not)."""
-    match stmt:
-        case ast.CreateStmt():
-            if _is_temp_rangevar(stmt.relation) and not _on_commit_drop(stmt.oncommit):
+    kind, fields = stmt
+    match kind:
+        case "CreateStmt":
+            if _is_temp_rangevar(fields.get("relation")) and not _on_commit_drop(
+                fields.get("oncommit")
+            ):
                 return _temp_table_refusal("CREATE TEMP TABLE")
             return None
-        case ast.CreateTableAsStmt() if stmt.into is not None:
-            if _is_temp_rangevar(stmt.into.rel) and not _on_commit_drop(stmt.into.onCommit):
+        case "CreateTableAsStmt" if (into := fields.get("into")) is not None:
+            if _is_temp_rangevar(into.get("rel")) and not _on_commit_drop(into.get("onCommit")):
                 return _temp_table_refusal("CREATE TEMP TABLE ... AS")
             return None
-        case ast.ViewStmt() if _is_temp_rangevar(stmt.view):
+        case "ViewStmt" if _is_temp_rangevar(fields.get("view")):
             return _temp_object_refusal("CREATE TEMP VIEW", "use a WITH query (CTE) instead")
-        case ast.CreateSeqStmt() if _is_temp_rangevar(stmt.sequence):
+        case "CreateSeqStmt" if _is_temp_rangevar(fields.get("sequence")):
             return _temp_object_refusal(
                 "CREATE TEMP SEQUENCE", "use generate_series() or row_number() instead"
             )
-        case ast.CompositeTypeStmt() if _is_temp_rangevar(stmt.typevar):
+        case "CompositeTypeStmt" if _is_temp_rangevar(fields.get("typevar")):
             return _temp_object_refusal("CREATE TYPE pg_temp...", "create it in a real schema")
     for field in ("funcname", "defnames", "domainname", "typeName"):
-        names = getattr(stmt, field, None)
-        if type(stmt).__name__.startswith(("Create", "Define")) and _is_temp_name(names):
+        names = fields.get(field)
+        if kind.startswith(("Create", "Define")) and _is_temp_name(names):
             return _temp_object_refusal(
-                f"{_command_name(stmt)} pg_temp...",
+                f"{_command_name(kind)} pg_temp...",
                 "objects in pg_temp live as long as the pooled connection; create it in a"
                 " real schema",
             )
@@ -362,14 +378,17 @@ def _temp_object_refusal(verb: str, alternative: str) -> Refusal:
     )
 
 
-def _classify_nested(node: ast.Node, role_locked: bool) -> Refusal | None:
+def _classify_nested(node: Node, role_locked: bool) -> Refusal | None:
     """Checks that apply anywhere in a statement: function calls, SELECT INTO, EXECUTE."""
-    match node:
-        case ast.FuncCall():
-            return _classify_call(node, role_locked)
-        case ast.IntoClause() if _is_temp_rangevar(node.rel) and not _on_commit_drop(node.onCommit):
+    kind, fields = node
+    match kind:
+        case "FuncCall":
+            return _classify_call(fields, role_locked)
+        case "IntoClause" if _is_temp_rangevar(fields.get("rel")) and not _on_commit_drop(
+            fields.get("onCommit")
+        ):
             return _temp_table_refusal("SELECT ... INTO TEMP")
-        case ast.ExecuteStmt():
+        case "ExecuteStmt":
             return Refusal(
                 "EXECUTE",
                 "EXECUTE runs a session-level prepared statement, which does not exist for"
@@ -378,7 +397,7 @@ def _classify_nested(node: ast.Node, role_locked: bool) -> Refusal | None:
     return None
 
 
-def _classify_call(call: ast.FuncCall, role_locked: bool) -> Refusal | None:
+def _classify_call(call: dict[str, Any], role_locked: bool) -> Refusal | None:
     name = function_name(call)
     if name in _SESSION_ADVISORY_LOCKS:
         xact = name.replace("advisory_lock", "advisory_xact_lock")
@@ -398,8 +417,8 @@ def _classify_call(call: ast.FuncCall, role_locked: bool) -> Refusal | None:
     return None
 
 
-def _classify_set_config(call: ast.FuncCall, role_locked: bool) -> Refusal | None:
-    setting, is_local = _set_config_args(call.args or ())
+def _classify_set_config(call: dict[str, Any], role_locked: bool) -> Refusal | None:
+    setting, is_local = _set_config_args(call.get("args", ()))
     setting_name = _constant_text(setting)
     if setting_name is not None and setting_name.strip().lower() == "session_authorization":
         return _role_change("session_authorization", role_locked)
@@ -419,58 +438,68 @@ def _classify_set_config(call: ast.FuncCall, role_locked: bool) -> Refusal | Non
     )
 
 
-def _set_config_args(args: Sequence[ast.Node]) -> tuple[ast.Node | None, ast.Node | None]:
-    positional = [a for a in args if not isinstance(a, ast.NamedArgExpr)]
-    named = {a.name: a.arg for a in args if isinstance(a, ast.NamedArgExpr)}
+def _set_config_args(args: Sequence[Any]) -> tuple[Any, Any]:
+    """set_config's setting_name and is_local arguments (wrapped nodes), positional or named."""
+    positional = [a for a in args if fields_of(a, "NamedArgExpr") is None]
+    named = {
+        f.get("name"): f.get("arg") for a in args if (f := fields_of(a, "NamedArgExpr")) is not None
+    }
     setting = positional[0] if positional else named.get("setting_name")
     is_local = positional[2] if len(positional) > 2 else named.get("is_local")
     return setting, is_local
 
 
-def _is_true_constant(node: ast.Node | None) -> bool:
-    if isinstance(node, ast.TypeCast):
-        type_name = node.typeName
-        type_names = [getattr(n, "sval", "") for n in (type_name.names or ())] if type_name else []
+def _is_true_constant(node: Any) -> bool:
+    if (cast := fields_of(node, "TypeCast")) is not None:
+        type_name = cast.get("typeName")
+        type_names = [sval(n) for n in type_name.get("names", ())] if type_name else []
         if type_names[-1:] not in (["bool"], ["boolean"]):
             return False
-        node = node.arg
-    if not isinstance(node, ast.A_Const) or node.isnull:
+        node = cast.get("arg")
+    const = fields_of(node, "A_Const")
+    value = None if const is None else constant_value(const)
+    if value is None:
         return False
-    value = node.val
-    if isinstance(value, ast.Boolean):
-        return bool(value.boolval)
-    if isinstance(value, ast.String):
-        return (value.sval or "").strip().lower() in _TRUE_WORDS
+    kind, raw = value
+    if kind == "Boolean":
+        return bool(raw)
+    if kind == "String":
+        return str(raw).strip().lower() in _TRUE_WORDS
     return False
 
 
-def _constant_text(node: ast.Node | None) -> str | None:
-    if isinstance(node, ast.TypeCast):
-        node = node.arg
-    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
-        return str(node.val.sval)
+def _constant_text(node: Any) -> str | None:
+    if (cast := fields_of(node, "TypeCast")) is not None:
+        node = cast.get("arg")
+    const = fields_of(node, "A_Const")
+    value = None if const is None else constant_value(const)
+    if value is not None and value[0] == "String":
+        return str(value[1])
     return None
 
 
-def function_name(call: ast.FuncCall) -> str:
-    """The name *call* reaches in ``pg_catalog`` if it is a built-in (unqualified or
-    ``pg_catalog.``-qualified), or ``""`` when it is qualified with another schema."""
-    parts = [getattr(p, "sval", "") for p in (call.funcname or ())]
+def function_name(call: dict[str, Any]) -> str:
+    """The name a ``FuncCall`` (its fields) reaches in ``pg_catalog`` if it is a built-in
+    (unqualified or ``pg_catalog.``-qualified), or ``""`` when it is qualified with another
+    schema."""
+    parts = [sval(p) for p in call.get("funcname", ())]
     if len(parts) >= 2 and parts[-2] != "pg_catalog":
         return ""  # a user function of the same name in another schema
     return parts[-1] if parts else ""
 
 
-def _is_temp_rangevar(rangevar: ast.RangeVar | None) -> bool:
+def _is_temp_rangevar(rangevar: dict[str, Any] | None) -> bool:
+    """Whether a ``RangeVar`` (its fields, written inline) names a temporary relation."""
     if rangevar is None:
         return False
-    return rangevar.relpersistence == "t" or _is_temp_schema(rangevar.schemaname)
+    return rangevar.get("relpersistence") == "t" or _is_temp_schema(rangevar.get("schemaname"))
 
 
 def _is_temp_name(names: object) -> bool:
-    if not isinstance(names, tuple) or len(names) < 2:
+    if not isinstance(names, list) or len(names) < 2:
         return False
-    return _is_temp_schema(getattr(names[0], "sval", None))
+    first = fields_of(names[0], "String")
+    return first is not None and _is_temp_schema(first.get("sval", ""))
 
 
 def _is_temp_schema(schema: str | None) -> bool:
@@ -478,20 +507,8 @@ def _is_temp_schema(schema: str | None) -> bool:
 
 
 def _on_commit_drop(action: object) -> bool:
-    return action == OnCommitAction.ONCOMMIT_DROP
+    return action == "ONCOMMIT_DROP"
 
 
-def _command_name(stmt: ast.Node | None) -> str:
-    return "CREATE " + type(stmt).__name__.removeprefix("Create").removesuffix("Stmt").upper()
-
-
-def walk(root: object) -> Iterator[ast.Node]:
-    """Every node below *root*, including *root* itself (iterative: SQL nests deeply)."""
-    pending = [root]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, ast.Node):
-            yield node
-            pending.extend(getattr(node, field) for field in node)
-        elif isinstance(node, tuple):
-            pending.extend(node)
+def _command_name(kind: str) -> str:
+    return "CREATE " + kind.removeprefix("Create").removesuffix("Stmt").upper()

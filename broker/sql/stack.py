@@ -1,5 +1,12 @@
 """Threads with a stack deep enough for pglast: where long SQL is parsed (issue 15).
 
+Since the plan reads libpg_query's JSON tree (broker/sql/tree.py) instead of pglast's Python
+AST, nothing in the broker calls ``pglast.parse_sql`` any more, and the hazard below is gone
+from the planner: the JSON is written by libpg_query under its own stack check and read
+without recursion. The threads still take a big request's analysis off the event loop (last
+paragraph); the history is kept because the same rule holds for any code that would walk a
+parse tree recursively.
+
 ``pglast.parse_sql`` turns libpg_query's parse tree into Python objects with C recursion, one
 C frame chain per tree level, and never checks the stack. Postgres' grammar nests *left
 recursive* chains (``1+1+…``, ``'a'||'b'||…``, ``x::int::int…``, ``x IS NULL IS NULL…``)

@@ -1,5 +1,6 @@
 """SQL nested deeper than pglast can walk on a thread's stack (issue 15): refused as too deep,
-or parsed on a parser thread, never a crash of the process."""
+or planned (the plan reads libpg_query's JSON tree without recursion: broker/sql/tree.py;
+a big request's analysis runs on a parser thread), never a crash of the process."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_sql_too_deep_for_libpg_query_is_refused_as_too_deep() -> None:
     assert "nests too deeply" in str(refused.value) and "54001" in str(refused.value)
 
 
-def test_deep_sql_that_libpg_query_accepts_is_parsed_on_a_parser_thread() -> None:
+def test_deep_sql_that_libpg_query_accepts_is_planned_on_any_thread() -> None:
     plan = plan_statement(DEEP_CASTS)
     assert plan.refusal is None and not plan.opaque and plan.placeholders == 0
 

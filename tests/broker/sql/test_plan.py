@@ -26,15 +26,15 @@ KNOWN = frozenset({"lower", "now", "count", "set_config", "pg_advisory_lock"})
 
 @pytest.fixture
 def parses(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The SQL texts pglast parses while the test runs, in order."""
+    """The SQL texts libpg_query parses while the test runs, in order."""
     seen: list[str] = []
-    real: Callable[..., Any] = plan_module.parse_sql
+    real: Callable[..., Any] = plan_module.parse
 
     def counted(sql: str) -> Any:
         seen.append(sql)
         return real(sql)
 
-    monkeypatch.setattr(plan_module, "parse_sql", counted)
+    monkeypatch.setattr(plan_module, "parse", counted)
     yield seen
 
 
