@@ -133,12 +133,14 @@ class Authenticator(Protocol):
 @dataclass
 class AuthStats:
     """Counters for GetStats: ``auth_failures``, ``auth_sts_calls``, ``auth_cache_hits``,
-    ``auth_throttled`` (proofs refused without an STS call: broker/security/stsgate.py)."""
+    ``auth_throttled`` (proofs refused without an STS call: broker/security/stsgate.py),
+    ``auth_held`` (of them, held before their refusal: a source over its STS refusal budget)."""
 
     auth_failures: int = 0
     auth_sts_calls: int = 0
     auth_cache_hits: int = 0
     auth_throttled: int = 0
+    auth_held: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -146,6 +148,7 @@ class AuthStats:
             "auth_sts_calls": self.auth_sts_calls,
             "auth_cache_hits": self.auth_cache_hits,
             "auth_throttled": self.auth_throttled,
+            "auth_held": self.auth_held,
         }
 
 
