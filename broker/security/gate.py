@@ -123,10 +123,10 @@ class AuthGate:
     async def _hold(self, source: str, refusal: AuthError) -> None:
         """Count *refusal* against *source* and hold it if *source* is over its budget.
 
-        UNAVAILABLE is not counted (STS or a secret out of reach refuses every caller
-        alike), but it is held from a source already over its budget: the STS bounds'
-        refusals of a forged-proof flood are UNAVAILABLE."""
-        counted = refusal.code != Code.UNAVAILABLE
+        An UNAVAILABLE refusal is not counted (STS or a secret out of reach refuses every
+        caller alike) unless the address's own STS refusals caused it (`SourceThrottled`),
+        but any is held from an address already over its budget."""
+        counted = refusal.counts_against_source
         if await self.tarpit.hold_refusal(source, count=counted):
             self.stats.auth_held += 1
 

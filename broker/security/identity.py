@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "NoAuth",
     "PermissionDenied",
+    "SourceThrottled",
     "current_identity",
     "split_scheme",
 ]
@@ -94,10 +95,15 @@ class AuthError(BrokerFailure):
         AuthError          UNAUTHENTICATED / UNAUTHENTICATED
         ├── PermissionDenied  PERMISSION_DENIED / PERMISSION_DENIED
         └── AuthUnavailable   UNAVAILABLE / AUTH_UNAVAILABLE (retry_after set)
+            └── SourceThrottled  the same; the address is over its STS refusal budget
+
+    ``counts_against_source``: whether the refusal counts towards its address's budget of
+    refusals (`broker.security.tarpit.Tarpit`).
     """
 
     code = Code.UNAUTHENTICATED
     reason = Reason.UNAUTHENTICATED
+    counts_against_source = True
 
     def __init__(
         self, message: str, *, caller_arn: str | None = None, retry_after: float | None = None
@@ -119,6 +125,15 @@ class AuthUnavailable(AuthError):
 
     code = Code.UNAVAILABLE
     reason = Reason.AUTH_UNAVAILABLE
+    # Not the caller's doing: STS or a secret out of reach refuses every caller alike.
+    counts_against_source = False
+
+
+class SourceThrottled(AuthUnavailable):
+    """Refused without an STS call: the caller's address had too many proofs refused by STS
+    (`broker.security.stsgate.VerifyGate`). Retryable, but counted against the address."""
+
+    counts_against_source = True
 
 
 class Authenticator(Protocol):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from broker.security.identity import AuthUnavailable
+from broker.security.identity import AuthUnavailable, SourceThrottled
 
 __all__ = ["VerifyGate", "peer_host"]
 
@@ -119,7 +119,7 @@ class VerifyGate:
             and self._clock() - window.started < self.window
         ):
             self.throttled += 1
-            raise AuthUnavailable(
+            raise SourceThrottled(
                 f"too many proofs from this address failed verification ({window.refusals}"
                 f" in {self.window:g} s); new callers from it are refused for now",
                 retry_after=max(1.0, round(window.started + self.window - self._clock(), 1)),

@@ -9,12 +9,15 @@ broker can refuse it: thousands of calls a second, which took the loop from real
 docs/security.md).
 
 So a *source* (the caller's address without its port, `broker.security.stsgate.peer_host`)
-whose calls were refused ``budget`` times within ``window`` seconds — UNAUTHENTICATED or
-PERMISSION_DENIED, never UNAVAILABLE, which a broker without STS gives every caller — has its
-refusals *held* ``hold`` seconds before they are answered, for ``window`` seconds after its
-latest refusal past the budget. The answer is the same refusal, only later. A held call costs
-a sleeping task, and a closed loop slows to about its concurrency / ``hold`` calls a second.
-Its accepted calls (a cached identity, a valid token) are never held.
+whose calls were refused ``budget`` times within ``window`` seconds has its refusals *held*
+``hold`` seconds before they are answered, for ``window`` seconds after its latest refusal
+past the budget. Counted are the refusals that are the caller's doing
+(``AuthError.counts_against_source``): UNAUTHENTICATED, PERMISSION_DENIED, and the STS
+bounds' refusal of an address over its STS refusal budget — not UNAVAILABLE for STS out of
+reach, which every caller gets alike. The answer is the same refusal, only later. A held call
+costs a sleeping task, and a closed loop slows to about its concurrency / ``hold`` calls a
+second. Accepted calls (a cached identity, a valid token) are never held, whatever their
+address.
 
 At most ``per_source`` calls of one source and ``total`` broker-wide are held at once; past
 them a refusal is answered at once, as without a hold, so memory stays bounded. A flood that

@@ -334,6 +334,28 @@ def test_a_source_over_its_budget_is_held_then_refused_retryably_until_its_windo
     assert tarpit.held == 1
 
 
+def test_refusals_by_the_sts_bounds_count_towards_the_budget(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    gate = VerifyGate(refusals=2)
+    tarpit = Tarpit(budget=4, hold=1.0)
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with (
+            serve(auth, tarpit) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+        ):
+            stub = pb_grpc.BrokerStub(ch)
+            return [await call(stub, forged(moto_aws)) for _ in range(5)]
+
+    codes = asyncio.run(scenario())
+    # Two refused by STS, then two by the STS bounds (counted too: the budget of 4 is spent),
+    # and the fifth is held.
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.UNAVAILABLE] * 3
+    assert len(post.keys) == 2 and gate.throttled == 3
+    assert tarpit.held == 1
+
+
 def test_held_calls_are_capped_per_source_and_broker_wide(moto_aws: MotoAws) -> None:
     post = CountingPost()
     # A long hold: the held calls are still held when the test looks, then cancelled.
