@@ -10,7 +10,7 @@ once, *concurrency* at a time. A valid caller makes first calls (each a new proo
 is cached) unloaded, then under the flood, through a TCP proxy whose upstream side is bound to
 127.0.0.2 (another source address), and once from 127.0.0.1 (the flood's own address).
 Prints medians (and when each loaded call started), the broker's ``auth_sts_calls``,
-``auth_throttled`` and ``auth_held``, and the proofs sent.
+``auth_throttled`` and ``auth_held``, the proofs sent and the broker's RSS.
 """
 
 from __future__ import annotations
@@ -173,6 +173,16 @@ def stats(target: str) -> dict[str, int]:
 STATS_PROOF: tuple[tuple[str, str], ...] = ()
 
 
+def rss_mib(pid: int | None) -> str:
+    """The resident memory of process *pid*, MiB ("?" when unknown: not Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "?"
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")), "")
+    return f"{int(kib) / 1024:.0f}" if kib else "?"
+
+
 def main() -> None:
     global STATS_PROOF
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -209,6 +219,7 @@ def main() -> None:
                 for _ in range(args.samples)
             ]
             before = stats(broker.target)
+            rss_before = rss_mib(broker.pid)
             spawn = multiprocessing.get_context("spawn")
             sent, began = spawn.Value("l", 0), spawn.Value("d", 0.0)
             child = spawn.Process(
@@ -223,6 +234,7 @@ def main() -> None:
                 loaded.append(first_call(proxy.address, proof(url, creds, next(ages))))
                 time.sleep(0.2)
             same_source = first_call(broker.target, proof(url, creds, next(ages)))
+            rss_loaded = rss_mib(broker.pid)
             child.join()
             after = stats(broker.target)
         median = lambda xs: statistics.median(t for t, _ in xs) * 1000  # noqa: E731
@@ -238,6 +250,7 @@ def main() -> None:
             f" throttled: {after.get('auth_throttled', 'n/a')};"
             f" held: {after.get('auth_held', 'n/a')}"
         )
+        print(f"broker RSS: {rss_before} MiB before the flood, {rss_loaded} MiB during it")
     finally:
         broker.close()
         pg.stop()

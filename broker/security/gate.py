@@ -100,7 +100,6 @@ class AuthGate:
             return await self.authenticator.authenticate(metadata, source)
         except AuthError as exc:
             self.stats.auth_failures += 1
-            await self._hold(source, exc)
             if self._log_budget.take():
                 log.warning(
                     "auth refused %s: %s (caller %s, function %s)",
@@ -117,16 +116,20 @@ class AuthGate:
                 metadata=exc.metadata,
                 retry_after=exc.retry_after,
             )
-            await context.abort_with_status(status)
-            raise  # abort_with_status raises; this keeps type checkers content
+            counted = exc.counts_against_source
+        # Held outside the except block, so that the refusal's traceback (and the frames and
+        # token it references) is freed first: a held call keeps only its status.
+        await self._hold(source, counted)
+        await context.abort_with_status(status)
+        raise AssertionError("abort_with_status raises")  # keeps type checkers content
 
-    async def _hold(self, source: str, refusal: AuthError) -> None:
-        """Count *refusal* against *source* and hold it if *source* is over its budget.
+    async def _hold(self, source: str, counted: bool) -> None:
+        """Count a refusal against *source* if *counted*, and hold it if *source* is over its
+        budget (`Tarpit`).
 
         An UNAVAILABLE refusal is not counted (STS or a secret out of reach refuses every
-        caller alike) unless the address's own STS refusals caused it (`SourceThrottled`),
-        but any is held from an address already over its budget."""
-        counted = refusal.counts_against_source
+        caller alike) unless the address's own STS refusals caused it (`SourceThrottled`):
+        ``AuthError.counts_against_source``. Any is held from an address over its budget."""
         if await self.tarpit.hold_refusal(source, count=counted):
             self.stats.auth_held += 1
 

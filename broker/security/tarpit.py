@@ -38,11 +38,12 @@ __all__ = ["Tarpit"]
 HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD)
 BUDGET = 32  # refusals of one source within WINDOW before its refusals are held
 WINDOW = 10.0  # seconds
-# Calls held at once. Per source, above a closed-loop flood's usual concurrency (150 in
+# Calls held at once. Per source, well above a closed-loop flood's usual concurrency (150 in
 # devtools/stsflood.py), so that no part of it spins on instant refusals; broker-wide, a
-# bound on what held calls take (a gRPC call and a task each).
+# bound on what held calls take: ~40 KB each measured (a gRPC call, its metadata, a task),
+# so ~160 MB at most.
 PER_SOURCE = 1024
-TOTAL = 8192
+TOTAL = 4096
 MAX_SOURCES = 10_000  # sources remembered (least recently refused dropped first)
 
 
