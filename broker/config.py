@@ -477,6 +477,15 @@ class Settings:
         derive=_auth_default,
         shown_default="`none` on loopback, else required",
     )
+    # A tarpit (broker/security/tarpit.py): a client that sends its next call as soon as the
+    # last is refused slows to its held calls' pace instead of taking the event loop.
+    auth_refusal_hold: float = setting(
+        duration,
+        1.0,
+        "seconds a refused call is held before its answer when its address had 32 or more"
+        " calls refused in 10 s (0: answer at once; docs/security.md)",
+        check=at_least(0),
+    )
     auth_audience: str = setting(
         stripped, "", "iam: the audience clients sign, e.g. the broker's URL (required)"
     )

@@ -9,7 +9,8 @@ A flood process sends well-formed proofs signed with made-up secrets from 127.0.
 once, *concurrency* at a time. A valid caller makes first calls (each a new proof, so nothing
 is cached) unloaded, then under the flood, through a TCP proxy whose upstream side is bound to
 127.0.0.2 (another source address), and once from 127.0.0.1 (the flood's own address).
-Prints medians, the broker's ``auth_sts_calls`` and ``auth_throttled``, and the proofs sent.
+Prints medians (and when each loaded call started), the broker's ``auth_sts_calls``,
+``auth_throttled`` and ``auth_held``, the proofs sent and the broker's RSS.
 """
 
 from __future__ import annotations
@@ -132,13 +133,15 @@ def first_call(target: str, metadata: tuple[tuple[str, str], ...]) -> tuple[floa
         return time.perf_counter() - started, code
 
 
-def flood(target: str, url: str, seconds: float, concurrency: int, sent: Any) -> None:
-    """A child process: forged proofs, *concurrency* at a time, for *seconds*."""
+def flood(target: str, url: str, seconds: float, concurrency: int, sent: Any, began: Any) -> None:
+    """A child process: forged proofs, *concurrency* at a time, for *seconds* (*began*: when
+    it started sending, ``time.monotonic``, the same clock in every process)."""
     from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
     from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
     async def run() -> None:
-        end = time.monotonic() + seconds
+        began.value = time.monotonic()
+        end = began.value + seconds
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.BrokerStub(channel)
 
@@ -168,6 +171,16 @@ def stats(target: str) -> dict[str, int]:
 
 
 STATS_PROOF: tuple[tuple[str, str], ...] = ()
+
+
+def rss_mib(pid: int | None) -> str:
+    """The resident memory of process *pid*, MiB ("?" when unknown: not Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "?"
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")), "")
+    return f"{int(kib) / 1024:.0f}" if kib else "?"
 
 
 def main() -> None:
@@ -206,30 +219,38 @@ def main() -> None:
                 for _ in range(args.samples)
             ]
             before = stats(broker.target)
-            sent = multiprocessing.get_context("spawn").Value("l", 0)
-            child = multiprocessing.get_context("spawn").Process(
-                target=flood, args=(broker.target, url, args.seconds, args.concurrency, sent)
+            rss_before = rss_mib(broker.pid)
+            spawn = multiprocessing.get_context("spawn")
+            sent, began = spawn.Value("l", 0), spawn.Value("d", 0.0)
+            child = spawn.Process(
+                target=flood,
+                args=(broker.target, url, args.seconds, args.concurrency, sent, began),
             )
             child.start()
             time.sleep(min(2.0, args.seconds / 4))
-            loaded = []
+            loaded, offsets = [], []
             for _ in range(args.samples):
+                offsets.append(round(time.monotonic() - began.value, 2) if began.value else None)
                 loaded.append(first_call(proxy.address, proof(url, creds, next(ages))))
                 time.sleep(0.2)
             same_source = first_call(broker.target, proof(url, creds, next(ages)))
+            rss_loaded = rss_mib(broker.pid)
             child.join()
             after = stats(broker.target)
         median = lambda xs: statistics.median(t for t, _ in xs) * 1000  # noqa: E731
         print(f"broker python: {args.python}")
         print(f"unloaded first call (127.0.0.2): median {median(unloaded):.0f} ms {unloaded}")
         print(f"under flood      (127.0.0.2): median {median(loaded):.0f} ms {loaded}")
+        print(f"  started at (s after the flood began): {offsets}")
         print(f"ratio: {median(loaded) / median(unloaded):.2f}x")
         print(f"from the flood's own address (127.0.0.1): {same_source}")
         sts = after.get("auth_sts_calls", 0) - before.get("auth_sts_calls", 0)
         print(
             f"forged proofs sent: {sent.value}; STS calls during the flood: {sts};"
-            f" throttled: {after.get('auth_throttled', 'n/a')}"
+            f" throttled: {after.get('auth_throttled', 'n/a')};"
+            f" held: {after.get('auth_held', 'n/a')}"
         )
+        print(f"broker RSS: {rss_before} MiB before the flood, {rss_loaded} MiB during it")
     finally:
         broker.close()
         pg.stop()

@@ -57,6 +57,7 @@ from broker.security.gate import AuthGate
 from broker.security.identity import AuthStats
 from broker.security.limits import Limits, QueueWeights
 from broker.security.roles import RoleMap
+from broker.security.tarpit import Tarpit
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -308,13 +309,15 @@ class BrokerServer:
         self.server = grpc.aio.server(options=grpc_options(self.settings))
         # The Broker's handlers authenticate each call themselves (wrapped once here), so no
         # interceptor runs per call; health and reflection stay open.
-        self.gate = gate = AuthGate(self.authenticator, self.auth_stats)
+        # One tarpit for both services: an address's refusals count together.
+        tarpit = Tarpit(hold=self.settings.auth_refusal_hold)
+        self.gate = gate = AuthGate(self.authenticator, self.auth_stats, tarpit=tarpit)
         methods = broker_method_handlers(self.service)
         methods["Transact"] = transact_handler(self.transact)  # broker/front/transact.py
         methods["Stream"] = stream_handler(self.stream)  # broker/front/stream.py
         gate.add_service(self.server, SERVICE_NAME, methods)
         # The operators' service, behind the admin identity only (broker/security/admin.py).
-        self.admin_gate = AuthGate(self.admin_auth, self.auth_stats)
+        self.admin_gate = AuthGate(self.admin_auth, self.auth_stats, tarpit=tarpit)
         admin = broker_method_handlers(self.admin, pb_grpc.add_AdminServicer_to_server)
         self.admin_gate.add_service(self.server, ADMIN_SERVICE_NAME, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -40,6 +40,8 @@ no, bad or expired credentials     AuthError             UNAUTHENTICATED      UN
 caller not allowed (IAM roles)     PermissionDenied      PERMISSION_DENIED    PERMISSION_DENIED
 identity not verifiable now (STS)  AuthUnavailable       UNAVAILABLE          AUTH_UNAVAILABLE,
                                                                               RetryInfo
+address over its STS refusal       SourceThrottled       UNAVAILABLE          AUTH_UNAVAILABLE,
+budget (security/stsgate.py)                                                  RetryInfo
 caller maps to no role             RoleRefused           PERMISSION_DENIED    PERMISSION_DENIED
                                                                               (cause=role_map)
 a limit crossed                    LimitExceeded         RESOURCE_EXHAUSTED   LIMIT_EXCEEDED

@@ -9,7 +9,9 @@ with `current_identity` set to the caller (for the role map and per-caller limit
 A refused call ends with the `AuthError`'s status (UNAUTHENTICATED, PERMISSION_DENIED or
 UNAVAILABLE), a ``google.rpc.ErrorInfo`` with the same reason and, for UNAVAILABLE, a
 ``RetryInfo``; it adds one to ``auth_failures`` in the stats and logs a line with the reason
-and the caller ARN when known, never the token (at most `LogBudget` lines per window).
+and the caller ARN when known, never the token (at most `LogBudget` lines per window). The
+refusal is answered after a hold when its source keeps being refused (`Tarpit`; counted in
+``auth_held``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from broker.security.identity import (
     current_identity,
 )
 from broker.security.stsgate import peer_host
+from broker.security.tarpit import Tarpit
 from lambda_client._status import FUNCTION_NAME_KEY, Code, Reason, pack
 
 __all__ = ["AuthGate", "LogBudget"]
@@ -40,7 +43,8 @@ log = logging.getLogger("pgbroker.auth")
 
 class AuthGate:
     """Authenticates the calls of the services it guards with *authenticator*, counting
-    refusals in *stats* (the authenticator's own stats when it has them)."""
+    refusals in *stats* (the authenticator's own stats when it has them) and holding those of
+    sources that keep being refused (*tarpit*)."""
 
     def __init__(
         self,
@@ -48,10 +52,12 @@ class AuthGate:
         stats: AuthStats | None = None,
         *,
         log_budget: LogBudget | None = None,
+        tarpit: Tarpit | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.stats = stats or getattr(authenticator, "stats", None) or AuthStats()
         self._log_budget = log_budget or LogBudget()
+        self.tarpit = tarpit or Tarpit()
         # PGBROKER_AUTH=none admits everyone as the same identity: no metadata to read.
         self._anonymous: Identity | None = (
             NoAuth.anonymous if isinstance(authenticator, NoAuth) else None
@@ -89,8 +95,8 @@ class AuthGate:
     async def _admit(
         self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext
     ) -> Identity:
+        source = peer_host(context.peer())
         try:
-            source = peer_host(context.peer())
             return await self.authenticator.authenticate(metadata, source)
         except AuthError as exc:
             self.stats.auth_failures += 1
@@ -110,8 +116,22 @@ class AuthGate:
                 metadata=exc.metadata,
                 retry_after=exc.retry_after,
             )
-            await context.abort_with_status(status)
-            raise  # abort_with_status raises; this keeps type checkers content
+            counted = exc.counts_against_source
+        # Held outside the except block, so that the refusal's traceback (and the frames and
+        # token it references) is freed first: a held call keeps only its status.
+        await self._hold(source, counted)
+        await context.abort_with_status(status)
+        raise AssertionError("abort_with_status raises")  # keeps type checkers content
+
+    async def _hold(self, source: str, counted: bool) -> None:
+        """Count a refusal against *source* if *counted*, and hold it if *source* is over its
+        budget (`Tarpit`).
+
+        An UNAVAILABLE refusal is not counted (STS or a secret out of reach refuses every
+        caller alike) unless the address's own STS refusals caused it (`SourceThrottled`):
+        ``AuthError.counts_against_source``. Any is held from an address over its budget."""
+        if await self.tarpit.hold_refusal(source, count=counted):
+            self.stats.auth_held += 1
 
 
 def _metadata_dict(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:

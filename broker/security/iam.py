@@ -24,7 +24,8 @@ parts (JSON spacing, extra headers) costs no second call.
 
 STS calls are bounded per source address (`broker.security.stsgate.VerifyGate`): at most 32 at
 once broker-wide, given round-robin across sources; at most 64 pending per source, and a
-source with 32 refused proofs in 10 s is refused without STS calls for the rest of the window.
+source with 32 refused proofs in 10 s is refused without STS calls for the rest of the window
+(`SourceThrottled`; the gate then holds such refusals a while: `broker.security.tarpit`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "NoAuth",
     "PermissionDenied",
+    "SourceThrottled",
     "current_identity",
     "split_scheme",
 ]
@@ -94,10 +95,15 @@ class AuthError(BrokerFailure):
         AuthError          UNAUTHENTICATED / UNAUTHENTICATED
         ├── PermissionDenied  PERMISSION_DENIED / PERMISSION_DENIED
         └── AuthUnavailable   UNAVAILABLE / AUTH_UNAVAILABLE (retry_after set)
+            └── SourceThrottled  the same; the address is over its STS refusal budget
+
+    ``counts_against_source``: whether the refusal counts towards its address's budget of
+    refusals (`broker.security.tarpit.Tarpit`).
     """
 
     code = Code.UNAUTHENTICATED
     reason = Reason.UNAUTHENTICATED
+    counts_against_source = True
 
     def __init__(
         self, message: str, *, caller_arn: str | None = None, retry_after: float | None = None
@@ -119,6 +125,15 @@ class AuthUnavailable(AuthError):
 
     code = Code.UNAVAILABLE
     reason = Reason.AUTH_UNAVAILABLE
+    # Not the caller's doing: STS or a secret out of reach refuses every caller alike.
+    counts_against_source = False
+
+
+class SourceThrottled(AuthUnavailable):
+    """Refused without an STS call: the caller's address had too many proofs refused by STS
+    (`broker.security.stsgate.VerifyGate`). Retryable, but counted against the address."""
+
+    counts_against_source = True
 
 
 class Authenticator(Protocol):
@@ -133,12 +148,14 @@ class Authenticator(Protocol):
 @dataclass
 class AuthStats:
     """Counters for GetStats: ``auth_failures``, ``auth_sts_calls``, ``auth_cache_hits``,
-    ``auth_throttled`` (proofs refused without an STS call: broker/security/stsgate.py)."""
+    ``auth_throttled`` (proofs refused without an STS call: broker/security/stsgate.py),
+    ``auth_held`` (of them, held before their refusal: a source over its STS refusal budget)."""
 
     auth_failures: int = 0
     auth_sts_calls: int = 0
     auth_cache_hits: int = 0
     auth_throttled: int = 0
+    auth_held: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -146,6 +163,7 @@ class AuthStats:
             "auth_sts_calls": self.auth_sts_calls,
             "auth_cache_hits": self.auth_cache_hits,
             "auth_throttled": self.auth_throttled,
+            "auth_held": self.auth_held,
         }
 
 

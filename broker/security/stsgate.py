@@ -16,9 +16,11 @@ when no address is known):
   at once for the rest of that window (its already-verified callers are cached and unaffected;
   a new caller sharing its address — behind the same NAT — gets the retryable refusal).
 
-So one source costs at most ``refusals + per_source`` STS calls per window, whatever it sends;
-`broker.security.iam.IamAuth` also caches refusals by the exact signed request, so a replayed
-forged proof costs nothing. Event-loop confined, no locks.
+These refusals are retryable and cost no STS call; the gate in front of the services may hold
+them before they are answered (`broker.security.tarpit.Tarpit`), so that a flood waiting for
+its answers slows down. So one source costs at most ``refusals + per_source`` STS calls per
+window, whatever it sends; `broker.security.iam.IamAuth` also caches refusals by the exact
+signed request, so a replayed forged proof costs nothing. Event-loop confined, no locks.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from broker.security.identity import AuthUnavailable
+from broker.security.identity import AuthUnavailable, SourceThrottled
 
 __all__ = ["VerifyGate", "peer_host"]
 
@@ -119,7 +121,7 @@ class VerifyGate:
             and self._clock() - window.started < self.window
         ):
             self.throttled += 1
-            raise AuthUnavailable(
+            raise SourceThrottled(
                 f"too many proofs from this address failed verification ({window.refusals}"
                 f" in {self.window:g} s); new callers from it are refused for now",
                 retry_after=max(1.0, round(window.started + self.window - self._clock(), 1)),

@@ -28,7 +28,13 @@ from broker.pooling.pool import (
 from broker.postgres.keys import KeyInProgress, KeyReused, StoreUnavailable
 from broker.postgres.params import BadParameter
 from broker.postgres.pg import ConnectionLost, PgError, Phase
-from broker.security.identity import AuthError, AuthUnavailable, Identity, PermissionDenied
+from broker.security.identity import (
+    AuthError,
+    AuthUnavailable,
+    Identity,
+    PermissionDenied,
+    SourceThrottled,
+)
 from broker.security.limits import LimitExceeded
 from broker.security.roles import RoleRefused
 from broker.sql.sessionstate import SessionStateError
@@ -174,6 +180,10 @@ CASES: list[tuple[BaseException, Expected]] = [
     (
         AuthUnavailable("STS unreachable", retry_after=1.0),
         Expected(_S.UNAVAILABLE, Reason.AUTH_UNAVAILABLE, 1.0),
+    ),
+    (
+        SourceThrottled("too many proofs failed", retry_after=4.0),
+        Expected(_S.UNAVAILABLE, Reason.AUTH_UNAVAILABLE, 4.0),
     ),
     (ReloadRefused("pool_size: bad"), Expected(_S.INVALID_ARGUMENT, Reason.BAD_REQUEST)),
     (NotForwardable("overrides"), Expected(_S.FAILED_PRECONDITION, Reason.BAD_REQUEST)),

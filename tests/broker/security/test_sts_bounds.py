@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import json
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from broker.security.gate import AuthGate, LogBudget
 from broker.security.iam import IamAuth, http_post
 from broker.security.identity import AuthStats, current_identity
 from broker.security.stsgate import VerifyGate, peer_host
+from broker.security.tarpit import Tarpit
 from devtools.tcpproxy import TcpProxy
 from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -46,8 +48,8 @@ class IdentityEcho(pb_grpc.BrokerServicer):
 
 
 @asynccontextmanager
-async def serve(authenticator: Any) -> AsyncIterator[int]:
-    gate = AuthGate(authenticator, log_budget=LogBudget(per_window=5, window=3600))
+async def serve(authenticator: Any, tarpit: Tarpit | None = None) -> AsyncIterator[int]:
+    gate = AuthGate(authenticator, log_budget=LogBudget(per_window=5, window=3600), tarpit=tarpit)
     server = grpc.aio.server()
     gate.add_service(server, SERVICE_NAME, broker_method_handlers(IdentityEcho()))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -229,7 +231,8 @@ def test_valid_first_call_is_not_queued_behind_a_forged_flood(
 
     async def scenario() -> tuple[float, float]:
         auth = iam_auth(moto_aws, post, gate)
-        async with serve(auth) as port:
+        # No tarpit either: it would slow the flood down (the tests below).
+        async with serve(auth, Tarpit(hold=0)) as port:
             with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
                 unloaded = min([await first_call(proxy.address, p) for p in valid_proofs[:2]])
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -261,6 +264,207 @@ def test_valid_first_call_is_not_queued_behind_a_forged_flood(
         f" throttled {gate.throttled} (flood, server and moto share this process; for times"
         " with each in its own process run devtools/stsflood.py)"
     )
+
+
+class FakeClock:
+    """A monotonic clock the test moves on (windows end without waiting for them)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+FLOOD_SOURCE = "ipv4:127.0.0.1"
+
+
+async def error_of(stub: Any, metadata: Sequence[tuple[str, str]]) -> grpc.aio.AioRpcError:
+    try:
+        await stub.Execute(pb.ExecuteRequest(), metadata=tuple(metadata), timeout=60)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the call was admitted")
+
+
+async def until(condition: Any, what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_source_over_its_budget_is_held_then_refused_retryably_until_its_window_ends(
+    moto_aws: MotoAws, valid_proofs: list[list[tuple[str, str]]]
+) -> None:
+    post = CountingPost()
+    clock = FakeClock()
+    gate = VerifyGate(refusals=2, clock=clock)
+    tarpit = Tarpit(budget=2, hold=1.0, clock=clock)
+    valid_key = moto_aws.role_credentials["app-role"].access_key
+
+    async def scenario() -> tuple[list[grpc.StatusCode], Any, list[grpc.StatusCode], int]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with (
+            serve(auth, tarpit) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+        ):
+            stub = pb_grpc.BrokerStub(ch)
+            first = [await call(stub, forged(moto_aws)) for _ in range(2)]
+            assert tarpit.held == 0  # the budget's own refusals are answered at once
+            held = await error_of(stub, forged(moto_aws))
+            calls_while_held = len(post.keys)
+            clock.now += 2 * tarpit.window + 1  # the source's windows end
+            after = [
+                await call(stub, valid_proofs[0]),
+                await call(stub, forged(moto_aws)),
+            ]
+            return first, held, after, calls_while_held
+
+    first, held, after, calls_while_held = asyncio.run(scenario())
+    assert first == [grpc.StatusCode.UNAUTHENTICATED] * 2
+    assert held.code() is grpc.StatusCode.UNAVAILABLE
+    details = status_of(held)
+    assert details.reason == "AUTH_UNAVAILABLE"
+    assert details.retry_after is not None and details.retry_after >= 1
+    assert calls_while_held == 2  # the held proof cost no STS call
+    # After the windows: verified by STS again (the valid one admitted), and not held.
+    assert after == [grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED]
+    assert post.keys[2] == valid_key and len(post.keys) == 4
+    assert tarpit.held == 1
+
+
+def test_refusals_by_the_sts_bounds_count_towards_the_budget(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    gate = VerifyGate(refusals=2)
+    tarpit = Tarpit(budget=4, hold=1.0)
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = iam_auth(moto_aws, post, gate)
+        async with (
+            serve(auth, tarpit) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+        ):
+            stub = pb_grpc.BrokerStub(ch)
+            return [await call(stub, forged(moto_aws)) for _ in range(5)]
+
+    codes = asyncio.run(scenario())
+    # Two refused by STS, then two by the STS bounds (counted too: the budget of 4 is spent),
+    # and the fifth is held.
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.UNAVAILABLE] * 3
+    assert len(post.keys) == 2 and gate.throttled == 3
+    assert tarpit.held == 1
+
+
+def test_held_calls_are_capped_per_source_and_broker_wide(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    # A long hold: the held calls are still held when the test looks, then cancelled.
+    tarpit = Tarpit(budget=1, hold=60.0, per_source=2, total=3)
+    valid_source = peer_host(f"ipv4:{VALID_SOURCE}:1")
+
+    async def scenario() -> tuple[list[grpc.StatusCode], dict[str, int]]:
+        auth = iam_auth(moto_aws, post, VerifyGate())
+        async with serve(auth, tarpit) as port:
+            with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
+                async with (
+                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as direct,
+                    grpc.aio.insecure_channel(proxy.address) as proxied,
+                ):
+                    a, b = pb_grpc.BrokerStub(direct), pb_grpc.BrokerStub(proxied)
+                    # One refusal each: both sources are over their budget of 1.
+                    assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+                    assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+                    tasks = [asyncio.create_task(call(a, forged(moto_aws))) for _ in range(3)]
+                    await until(lambda: tarpit.holding() == 2, "two held calls of A")
+                    tasks += [asyncio.create_task(call(b, forged(moto_aws))) for _ in range(2)]
+                    await until(
+                        lambda: sum(t.done() for t in tasks) == 2 and tarpit.holding() == 3,
+                        "three held calls, two answered at once",
+                    )
+                    holding = {
+                        FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
+                        valid_source: tarpit.holding(valid_source),
+                    }
+                    answered = [t.result() for t in tasks if t.done()]
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    # A held call whose caller gave up no longer counts against the caps.
+                    await until(lambda: tarpit.holding() == 0, "cancelled calls released")
+        return answered, holding
+
+    answered, holding = asyncio.run(scenario())
+    # Per source: A's third call is answered at once; broker-wide: so is B's second.
+    assert holding == {FLOOD_SOURCE: 2, valid_source: 1}
+    assert answered == [grpc.StatusCode.UNAUTHENTICATED] * 2
+    assert tarpit.held == 3
+
+
+def test_accepted_calls_are_never_held(
+    moto_aws: MotoAws, valid_proofs: list[list[tuple[str, str]]]
+) -> None:
+    post = CountingPost()
+    tarpit = Tarpit(budget=2, hold=60.0)
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = iam_auth(moto_aws, post, VerifyGate())
+        async with serve(auth, tarpit) as port:
+            with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
+                async with (
+                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as direct,
+                    grpc.aio.insecure_channel(proxy.address) as proxied,
+                ):
+                    flood = pb_grpc.BrokerStub(direct)
+                    for _ in range(2):
+                        await call(flood, forged(moto_aws))
+                    held = asyncio.create_task(call(flood, forged(moto_aws)))
+                    await until(lambda: tarpit.holding() == 1, "a held forged call")
+                    codes = [
+                        # another source, its first call: verified, not held
+                        await call(pb_grpc.BrokerStub(proxied), valid_proofs[0]),
+                        # the held source's own valid proof: verified, not held either
+                        await call(flood, valid_proofs[1]),
+                    ]
+                    assert tarpit.holding() == 1 and not held.done()
+                    held.cancel()
+                    await asyncio.gather(held, return_exceptions=True)
+        return codes
+
+    assert asyncio.run(scenario()) == [grpc.StatusCode.OK, grpc.StatusCode.OK]
+    assert tarpit.held == 1
+
+
+def test_sts_out_of_reach_does_not_put_callers_over_their_budget(moto_aws: MotoAws) -> None:
+    """UNAVAILABLE is every caller's answer while STS is out of reach: not held."""
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    tarpit = Tarpit(budget=2, hold=60.0)
+    credentials = moto_aws.role_credentials["app-role"]
+
+    def signed(age: int) -> list[tuple[str, str]]:
+        at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age)
+        return list(
+            client_auth.IamAuth(
+                AUDIENCE,
+                sts_endpoint=closed,
+                region=REGION,
+                credentials=credentials,
+                utcnow=lambda: at,
+            )()
+        )
+
+    async def scenario() -> list[grpc.StatusCode]:
+        auth = IamAuth(sts_endpoint=closed, audience=AUDIENCE, allowed_roles=["app-role"])
+        async with (
+            serve(auth, tarpit) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+        ):
+            stub = pb_grpc.BrokerStub(ch)
+            return [await call(stub, signed(age)) for age in range(1, 7)]
+
+    assert asyncio.run(scenario()) == [grpc.StatusCode.UNAVAILABLE] * 6
+    assert tarpit.held == 0 and not tarpit.over_budget(FLOOD_SOURCE)
 
 
 @pytest.mark.parametrize(
