@@ -78,6 +78,7 @@ ROUTING_MODES = ("explicit", "auto")
 REPLICA_FALLBACKS = ("primary", "wait")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
+PG_IO_MODES = ("threads", "loop")
 OBJECT_ALLOCATORS = ("malloc", "pymalloc")
 
 
@@ -439,6 +440,14 @@ class Settings:
     )
     statement_cache_size: int = setting(
         integer, 100, "prepared statements kept per connection", check=at_least(1)
+    )
+    pg_io: str = setting(
+        lowercase,
+        "threads",
+        "where a request's Postgres I/O runs: `threads` (a pool worker thread per running"
+        " request) or `loop` (small `Execute` requests in a greenlet on the event loop, with"
+        " the socket non-blocking; large ones, `Transact` and `Stream` still on worker threads)",
+        choices=PG_IO_MODES,
     )
     workers: int = setting(
         integer,

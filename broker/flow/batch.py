@@ -136,6 +136,9 @@ class Batch:
     # Read-your-writes (broker/flow/routing.py): read the commit's WAL position behind COMMIT
     # (or behind a single statement), in the same flush. Set only when replicas exist.
     report_position: bool = False
+    # Cheap to send and short to run (`broker.front.service._small`): with PGBROKER_PG_IO=loop
+    # it runs in a greenlet on the event loop (`Pool.run_io`), else on a worker thread.
+    small: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -583,7 +586,7 @@ async def _run_on(
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
     attempt = Attempt(conn)
     loop = asyncio.get_running_loop()
-    work = pool.run_in_worker(run_batch, conn.pg, batch, deadline, statement_timeout)
+    work = pool.run_io(batch.small, run_batch, conn.pg, batch, deadline, statement_timeout)
     attempt.work = work
     watchdog = None
     if deadline is not None:

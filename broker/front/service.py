@@ -331,6 +331,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             reset_session=self.session_audit != "off",
             queue_key=call.key,
             result_check=self._check_before_commit,
+            small=small,
         )
 
     def _count_done(self, outcome: ExecuteOutcome, call: _Caller, statements: int) -> None:
