@@ -35,7 +35,10 @@ WORKLOADS = {
     "w1": ("w1", 200, 0.0),
     "w1light": ("w1", 1, 0.0),
     "w2": ("w2", 500, 1.0),
+    # W2 through Transact (db.begin()), as `make bench`'s "transact" variant.
+    "w2transact": ("w2", 500, 1.0),
 }
+TRANSACT = {"w2transact"}
 
 
 def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.BrokerProcess:
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                             competitor="pgbroker", workload=workload, host=broker.host,
                             port=broker.port, clients=clients, duration=args.duration,
                             warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
+                            transact=name in TRANSACT,
                         )  # fmt: skip
                         row = _one(procs, replace(spec), broker.pid, pg.pid)
                         runs[name][side].append(row)

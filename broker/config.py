@@ -443,10 +443,10 @@ class Settings:
     )
     pg_io: str = setting(
         lowercase,
-        "threads",
-        "where a request's Postgres I/O runs: `threads` (a pool worker thread per running"
-        " request) or `loop` (small `Execute` requests in a greenlet on the event loop, with"
-        " the socket non-blocking; large ones, `Transact` and `Stream` still on worker threads)",
+        "loop",
+        "where Postgres I/O runs: `loop` (a small request, or `Transact` step, in a greenlet on"
+        " the event loop over a non-blocking socket; large ones and `Stream` fetches on worker"
+        " threads) or `threads` (every request on a worker thread)",
         choices=PG_IO_MODES,
     )
     workers: int = setting(

@@ -136,8 +136,8 @@ class Batch:
     # Read-your-writes (broker/flow/routing.py): read the commit's WAL position behind COMMIT
     # (or behind a single statement), in the same flush. Set only when replicas exist.
     report_position: bool = False
-    # Cheap to send and short to run (`broker.front.service._small`): with PGBROKER_PG_IO=loop
-    # it runs in a greenlet on the event loop (`Pool.run_io`), else on a worker thread.
+    # Cheap to send (`broker.front.service.small_request`): with PGBROKER_PG_IO=loop it runs
+    # in a greenlet on the event loop (`Pool.run_io`), else on a worker thread.
     small: bool = False
 
     @property

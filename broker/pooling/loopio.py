@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, TypeVar
 
 from greenlet import getcurrent
@@ -48,6 +49,7 @@ class _Drive:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.glet = IoGreenlet(fn, getcurrent())
+        self.glet.resumed_at = perf_counter()
         self.fd = -1
         self.events = TURN
         self.timer: asyncio.TimerHandle | None = None

@@ -12,9 +12,12 @@ non-blocking, and a read or write that would block asks to wait:
 * on any other thread (a heavy request on a pool worker, a connect, a close) it polls the
   descriptor itself: blocking, as a plain socket would.
 
-Neither blocks the loop on the network. CPU is bounded too: after every `SLICE` bytes received
-without a wait, and every so many result cells (`cooperate`), the greenlet gives the loop a
-turn (`TURN`), so a large result is parsed in slices while other callers are served.
+Neither blocks the loop on the network. CPU is bounded too: once the greenlet has run
+`SLICE_SECONDS` since the loop last had a turn, the next read of the buffer (every
+`BUFFER_SIZE` bytes) or `cooperate` call (every few result rows) gives the loop a turn
+(`TURN`), so a large result is parsed in slices while other callers are served. Slices are
+measured in time, not bytes: a request on the loop takes a dozen loop turns, each of which may
+wait for one slice of a large result, so the slice bounds other callers' latency.
 
 TLS: a non-blocking ``SSLSocket`` raises ``SSLWantReadError`` / ``SSLWantWriteError`` (a
 renegotiation may need the other direction); bytes it has already decrypted are returned by
@@ -32,24 +35,35 @@ import io
 import select
 import socket
 import ssl
+from time import perf_counter
 from typing import Any, NamedTuple
 
 from greenlet import getcurrent, greenlet
 
-__all__ = ["READ", "SLICE", "TURN", "WRITE", "IoGreenlet", "LoopSocketIO", "Wait", "cooperate"]
+__all__ = [
+    "READ",
+    "SLICE_SECONDS",
+    "TURN",
+    "WRITE",
+    "IoGreenlet",
+    "LoopSocketIO",
+    "Wait",
+    "cooperate",
+]
 
-# Bytes received without a wait after which the greenlet gives the event loop a turn: about
-# 0.1-0.5 ms of pg8000 parsing, so the loop's other callers wait at most that long.
-SLICE = 64 * 1024
+# Seconds a greenlet runs before it gives the event loop a turn (at its next buffer read or
+# `cooperate` call). A small request needs 10-20 loop turns, so each waits this long at most
+# behind a large result being parsed.
+SLICE_SECONDS = 0.001
 
 # What a `Wait` waits for.
 TURN = 0  # nothing: one turn of the event loop (call_soon)
 READ = 1
 WRITE = 2
 
-# pg8000's own buffered file uses the io default (8 KiB); a larger buffer means fewer recv
-# calls for a large result and the same one call for a small one.
-BUFFER_SIZE = 64 * 1024
+# As pg8000's own buffered file (the io default): parsing one buffer's worth of rows takes
+# about a slice, so the time check at each read bounds the slice.
+BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
 
 
 class Wait(NamedTuple):
@@ -64,17 +78,28 @@ class Wait(NamedTuple):
 class IoGreenlet(greenlet):  # type: ignore[misc]
     """A greenlet whose socket waits go to its parent (the event loop's driver)."""
 
+    # When it last came back from the loop (`time.perf_counter`): its slice started then.
+    resumed_at = 0.0
+
+    def wait(self, wait: Wait) -> None:
+        """Switch to the loop until *wait* is over; raise what the driver throws in."""
+        self.parent.switch(wait)
+        self.resumed_at = perf_counter()
+
 
 def in_io_greenlet() -> bool:
     return type(getcurrent()) is IoGreenlet
 
 
+_TURN = Wait(-1, TURN, None)
+
+
 def cooperate() -> None:
-    """Give the event loop a turn if running in an `IoGreenlet` (between slices of CPU work
-    such as encoding a large result); elsewhere do nothing."""
+    """Give the event loop a turn if running in an `IoGreenlet` whose slice is used up (call
+    it between pieces of CPU work such as encoding a large result); elsewhere do nothing."""
     current = getcurrent()
-    if type(current) is IoGreenlet:
-        current.parent.switch(Wait(-1, TURN, None))
+    if type(current) is IoGreenlet and perf_counter() - current.resumed_at >= SLICE_SECONDS:
+        current.wait(_TURN)
 
 
 class LoopSocketIO(io.RawIOBase):
@@ -85,7 +110,6 @@ class LoopSocketIO(io.RawIOBase):
         self._sock = sock
         self._fd = sock.fileno()
         self._timeout = timeout
-        self._received = 0  # bytes received since the loop last had a turn
         sock.settimeout(0.0)
 
     def readable(self) -> bool:
@@ -108,10 +132,7 @@ class LoopSocketIO(io.RawIOBase):
             except ssl.SSLWantWriteError:
                 self._wait(WRITE)
                 continue
-            self._received += received
-            if self._received >= SLICE:
-                self._received = 0
-                cooperate()
+            cooperate()  # pg8000 parsed the last buffer since the previous read
             return received
 
     def write(self, data: Any) -> int:
@@ -129,12 +150,11 @@ class LoopSocketIO(io.RawIOBase):
         super().close()
 
     def _wait(self, events: int) -> None:
-        self._received = 0
         current = getcurrent()
         if type(current) is IoGreenlet:
             # Returns when the driver saw the descriptor ready; raises what it throws in
             # (TimeoutError when the timeout passed).
-            current.parent.switch(Wait(self._fd, events, self._timeout))
+            current.wait(Wait(self._fd, events, self._timeout))
             return
         poller = select.poll()
         poller.register(self._fd, select.POLLIN if events == READ else select.POLLOUT)

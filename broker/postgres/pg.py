@@ -953,8 +953,9 @@ def _count_mismatch(expected: int, given: int) -> str:
     return f"the statement has {takes} but {values} given"
 
 
-# Result rows encoded between two turns of the event loop (`_result` on a loop greenlet).
-COOPERATE_ROWS = 512
+# Result rows encoded between two checks whether the loop is due a turn (`_result` on a loop
+# greenlet: `greenio.cooperate`).
+COOPERATE_ROWS = 64
 
 
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:

@@ -15,7 +15,7 @@ import pytest
 from broker.config import parse_database_url
 from broker.pooling.loopio import run_on_loop
 from broker.postgres import greenio
-from broker.postgres.pg import ConnectionLost, PgConnection, TransactionStatus
+from broker.postgres.pg import COOPERATE_ROWS, ConnectionLost, PgConnection, TransactionStatus
 from broker.postgres.pg import connect as connect_pg
 from devtools.localpg import LocalPostgres
 from devtools.tcpproxy import TcpProxy
@@ -108,15 +108,24 @@ def test_prepared_statements_and_errors_keep_the_connection_in_sync(pg: PgConnec
     assert _on_loop(work)[0] == [1, 2, 3, 7]
 
 
-def test_a_large_result_is_read_in_slices_between_turns_of_the_loop(pg: PgConnection) -> None:
-    sql = "SELECT repeat('x', 1000) FROM generate_series(1, 4000)"  # about 4 MB
-    (rows, _, _), turns = _on_loop(_where_it_ran, pg, sql)
-    assert len(rows) == 4000
-    # At least one turn per SLICE received (every wait is a turn too).
-    assert turns >= 4_000_000 // greenio.SLICE - 1
+@pytest.fixture
+def every_read_yields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices of no time: each buffer read and `cooperate` call gives the loop a turn, so
+    the count of turns tells whether the slicing happens (what a slice lasts is the bench's)."""
+    monkeypatch.setattr(greenio, "SLICE_SECONDS", 0.0)
 
 
-def test_buffered_input_still_gives_the_loop_a_turn_every_slice() -> None:
+def test_a_large_result_is_read_and_encoded_in_slices(
+    pg: PgConnection, every_read_yields: None
+) -> None:
+    sql = "SELECT repeat('x', 1000) FROM generate_series(1, 2000)"  # about 2 MB
+    result, turns = _on_loop(pg.run, sql)
+    assert len(result.rows) == 2000
+    # A turn per buffer read and per COOPERATE_ROWS rows encoded (every wait is one too).
+    assert turns >= 2_000_000 // greenio.BUFFER_SIZE + 2000 // COOPERATE_ROWS - 2
+
+
+def test_buffered_input_still_gives_the_loop_a_turn_every_slice(every_read_yields: None) -> None:
     """Data already in the socket never makes the read wait: only the slicing lets the loop
     in."""
     reader, writer = socket.socketpair()
@@ -125,16 +134,20 @@ def test_buffered_input_still_gives_the_loop_a_turn_every_slice() -> None:
         sent = 0
         chunk = b"y" * 4096
         try:
-            while sent < 3 * greenio.SLICE:
+            while sent < 16 * greenio.BUFFER_SIZE:
                 sent += writer.send(chunk)
         except BlockingIOError:
             pass
-        if sent < 2 * greenio.SLICE:
+        if sent < 4 * greenio.BUFFER_SIZE:
             pytest.skip(f"the socket pair buffers only {sent} bytes")
         file = greenio.install(reader, None)
-        (data, turns) = _on_loop(file.read, sent)
-        assert len(data) == sent
-        assert turns >= sent // greenio.SLICE - 1
+
+        def read_all() -> int:
+            return sum(len(file.read(100)) for _ in range(sent // 100))
+
+        got, turns = _on_loop(read_all)
+        assert got == sent // 100 * 100
+        assert turns >= sent // greenio.BUFFER_SIZE - 1
 
 
 def test_a_silent_peer_times_out_like_a_blocking_socket() -> None:
@@ -209,7 +222,9 @@ def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPost
         yield server
 
 
-def test_tls_reads_across_many_records_and_slices(tls_postgres: LocalPostgres) -> None:
+def test_tls_reads_across_many_records_and_slices(
+    tls_postgres: LocalPostgres, every_read_yields: None
+) -> None:
     pg = _connect(
         f"postgresql://{tls_postgres.user}@127.0.0.1:{tls_postgres.port}/"
         f"{tls_postgres.database}?sslmode=require"
@@ -219,7 +234,7 @@ def test_tls_reads_across_many_records_and_slices(tls_postgres: LocalPostgres) -
         sql = "SELECT repeat('z', 1000) FROM generate_series(1, 3000)"
         (rows, _, in_greenlet), turns = _on_loop(_where_it_ran, pg, sql)
         assert len(rows) == 3000 and in_greenlet
-        assert turns >= 3_000_000 // greenio.SLICE - 1
+        assert turns >= 3_000_000 // greenio.BUFFER_SIZE - 1
         (rows, _, _), turns = _on_loop(_where_it_ran, pg, "SELECT pg_sleep(0.2), 1")
         assert rows == [["", 1]] and turns > 50
         assert pg.execute_simple("SELECT 2") == [[2]]  # and on a thread
