@@ -1,6 +1,8 @@
 """One transaction on one pooled connection, and the request flow around it (no gRPC here).
 
-`run_transaction` runs on a worker thread (pg8000 blocks):
+`run_transaction` runs where ``PGBROKER_PG_IO`` says (`Pool.run_io`): a small request in a
+greenlet on the event loop (``loop``, the default: broker/pooling/loopio.py), a large one, or
+every one with ``threads``, on a worker thread (pg8000 blocks):
 
 * several statements, or any transaction option: ``BEGIN [ISOLATION LEVEL …] [READ ONLY]
   [DEFERRABLE]; SET LOCAL statement_timeout …; SET LOCAL application_name …``, the statements
