@@ -240,3 +240,25 @@ def test_tls_reads_across_many_records_and_slices(
         assert pg.execute_simple("SELECT 2") == [[2]]  # and on a thread
     finally:
         pg.close_quietly()
+
+
+def _worker_threads(broker: Any) -> int:
+    """Threads the broker's pool has started for requests (the executor starts them on
+    demand)."""
+    return len(broker.server.pool._workers._threads)
+
+
+@pytest.mark.parametrize(("pg_io", "workers_used"), [("loop", 0), ("threads", 1)])
+def test_pg_io_chooses_where_small_requests_run(
+    start_inproc_broker: Any, pg_io: str, workers_used: int
+) -> None:
+    """A small request starts no worker thread with loop (the default); with threads it runs
+    on one. A heavy one (an array value) runs on a worker thread either way."""
+    from tests.support import request, rows
+
+    broker = start_inproc_broker(pg_io=pg_io)
+    assert rows(broker.execute(request(("SELECT $1::int", [5]))).results[0]) == [(5,)]
+    assert _worker_threads(broker) == workers_used
+    heavy = request(("SELECT cardinality($1::int[])", [list(range(1000))]))
+    assert rows(broker.execute(heavy).results[0]) == [(1000,)]
+    assert _worker_threads(broker) >= 1
