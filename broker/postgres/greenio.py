@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 from greenlet import getcurrent, greenlet
 
 __all__ = [
+    "BUFFER_SIZE",
     "READ",
     "SLICE_SECONDS",
     "TURN",
@@ -49,6 +50,8 @@ __all__ = [
     "LoopSocketIO",
     "Wait",
     "cooperate",
+    "in_io_greenlet",
+    "install",
 ]
 
 # Seconds a greenlet runs before it gives the event loop a turn (at its next buffer read or
@@ -88,6 +91,7 @@ class IoGreenlet(greenlet):  # type: ignore[misc]
 
 
 def in_io_greenlet() -> bool:
+    """True when running in an `IoGreenlet` (on the event loop), False on any thread."""
     return type(getcurrent()) is IoGreenlet
 
 
