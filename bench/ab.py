@@ -42,7 +42,10 @@ WORKLOADS = {
     "w4": ("w4", 1, 0.0),
     # W1 light with Django's SQL: the value as a literal, a new text per value (W1_LITERAL_SQL).
     "w1literal": ("w1", 1, 0.0),
+    # W2 through Transact (db.begin()), as `make bench`'s "transact" variant.
+    "w2transact": ("w2", 500, 1.0),
 }
+TRANSACT = {"w2transact"}
 
 
 def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.BrokerProcess:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                             port=broker.port, clients=clients, duration=args.duration,
                             warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
                             literal=name == "w1literal",
+                            transact=name in TRANSACT,
                         )  # fmt: skip
                         if workload == "w4":
                             spec = ViewSpec(

@@ -1,6 +1,7 @@
 """Big results and heavy requests against a real broker process (issue 15, items 3 and 5).
 
     python -m bench.bigresults [--skip-memory] [--skip-stall] [--allocator pymalloc]
+        [--pg-io loop|threads] [--only NAME-PART]
 
 Memory: the broker's RSS before, at peak and 10 s after a load of big results ends (a 3M-row
 result refused by the row limit, then ten concurrent 300k-row results), from
@@ -9,8 +10,9 @@ measures the broker with Python's own object allocator (PGBROKER_OBJECT_ALLOCATO
 
 Stall: the latency of ``SELECT 1`` callers (one every 10 ms, four threads) while heavy
 requests run: 65,535 parameters, a 1M-element array, 30,000 ``VALUES`` parameters, a
-20,000-term expression. Reports p50/p99/max of the ``SELECT 1`` calls alone and under load.
-The goal: under 100 ms p99 added.
+20,000-term expression, and a small request with a 300,000-row result (``--pg-io loop``: read
+on the event loop). Reports p50/p99/max of the ``SELECT 1`` calls alone and under load. The
+goal: under 100 ms p99 added.
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ HEAVY = {
         list(range(30000)),
     ),
     "20,000-term expression": lambda: req("SELECT " + "+".join(["1"] * 20_000)),
+    # A small request with a big reply (about 9 MB): with PGBROKER_PG_IO=loop it runs on the
+    # event loop itself, in slices (broker/postgres/greenio.py).
+    "a 300,000-row result": lambda: req(
+        "SELECT g, repeat('x', 20) FROM generate_series(1, 300000) g"
+    ),
 }
 
 
@@ -155,7 +162,13 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-stall", action="store_true")
     parser.add_argument("--allocator", choices=("malloc", "pymalloc"), default="malloc")
+    parser.add_argument("--pg-io", choices=("threads", "loop"), default=None)
+    parser.add_argument("--only", help="run only the heavy requests whose name contains this")
     options = parser.parse_args()
+    if options.only:
+        for name in [n for n in HEAVY if options.only not in n]:
+            del HEAVY[name]
+    extra = {} if options.pg_io is None else {"pg_io": options.pg_io}
     with LocalPostgres() as postgres:
         broker = BrokerProcess(
             postgres.dsn + "?sslmode=disable",
@@ -166,6 +179,7 @@ def main() -> None:
             max_inflight_per_caller=0,
             max_request_bytes="64MiB",
             object_allocator=options.allocator,
+            **extra,
         ).start()
         try:
             with grpc.insecure_channel(

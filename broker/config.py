@@ -78,6 +78,7 @@ ROUTING_MODES = ("explicit", "auto")
 REPLICA_FALLBACKS = ("primary", "wait")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SESSION_AUDIT_MODES = ("opaque", "always", "off")
+PG_IO_MODES = ("threads", "loop")
 OBJECT_ALLOCATORS = ("malloc", "pymalloc")
 EVENT_LOOPS = ("uvloop", "asyncio")
 
@@ -440,6 +441,14 @@ class Settings:
     )
     statement_cache_size: int = setting(
         integer, 100, "prepared statements kept per connection", check=at_least(1)
+    )
+    pg_io: str = setting(
+        lowercase,
+        "loop",
+        "where Postgres I/O runs: `loop` (a small request, or `Transact` step, in a greenlet on"
+        " the event loop over a non-blocking socket; large ones and `Stream` fetches on worker"
+        " threads) or `threads` (every request on a worker thread)",
+        choices=PG_IO_MODES,
     )
     workers: int = setting(
         integer,

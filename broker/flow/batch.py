@@ -1,6 +1,8 @@
 """One transaction on one pooled connection, and the request flow around it (no gRPC here).
 
-`run_transaction` runs on a worker thread (pg8000 blocks):
+`run_transaction` runs where ``PGBROKER_PG_IO`` says (`Pool.run_io`): a small request in a
+greenlet on the event loop (``loop``, the default: broker/pooling/loopio.py), a large one, or
+every one with ``threads``, on a worker thread (pg8000 blocks):
 
 * several statements, or any transaction option: ``BEGIN [ISOLATION LEVEL …] [READ ONLY]
   [DEFERRABLE]; SET LOCAL statement_timeout …; SET LOCAL application_name …``, the statements
@@ -136,6 +138,9 @@ class Batch:
     # Read-your-writes (broker/flow/routing.py): read the commit's WAL position behind COMMIT
     # (or behind a single statement), in the same flush. Set only when replicas exist.
     report_position: bool = False
+    # Cheap to send (`broker.front.service.small_request`): with PGBROKER_PG_IO=loop it runs
+    # in a greenlet on the event loop (`Pool.run_io`), else on a worker thread.
+    small: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -583,7 +588,7 @@ async def _run_on(
     """Run on *conn* in a worker, cancel the backend query at the deadline, release *conn*."""
     attempt = Attempt(conn)
     loop = asyncio.get_running_loop()
-    work = pool.run_in_worker(run_batch, conn.pg, batch, deadline, statement_timeout)
+    work = pool.run_io(batch.small, run_batch, conn.pg, batch, deadline, statement_timeout)
     attempt.work = work
     watchdog = None
     if deadline is not None:

@@ -1,11 +1,11 @@
 """Cancel requests and the verdict on a connection after work ran on it (no gRPC).
 
 Shared by the batch flow (`broker.flow.batch`) and leases (`broker.flow.lease`): an `Attempt`
-records the work a worker thread runs on a pooled connection and the cancel requests sent to
-its backend; `send_cancel` sends one (once per attempt, delivery retried while the work
-runs); `settle` waits for the work even when the waiting task is cancelled; `close_reason`
-says why the connection must not go back to the pool (None when it is idle and clean, and no
-cancel request can still hit the next caller's query).
+records the work a worker thread (or a greenlet on the loop: `Pool.run_io`) runs on a pooled
+connection and the cancel requests sent to its backend; `send_cancel` sends one (once per
+attempt, delivery retried while the work runs); `settle` waits for the work even when the
+waiting task is cancelled; `close_reason` says why the connection must not go back to the pool
+(None when it is idle and clean, and no cancel request can still hit the next caller's query).
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ class Lease:
             error: BaseException | None = None
             try:
                 timeout_ms = statement_timeout_ms(bounds.deadline, bounds.statement_timeout)
-                await lease._on_worker(_begin, begin_sql(options, timeout_ms))
+                await lease._on_worker(_begin, begin_sql(options, timeout_ms), small=True)
                 return lease
             except TransactionLost as exc:
                 error = exc
@@ -232,8 +232,10 @@ class Lease:
         plan: RequestPlan,
         bound: Sequence[Bound],
         audit: bool,
+        small: bool = False,
     ) -> list[pb.StatementResult]:
-        """Run *statements* (parameters already *bound*) in the open transaction.
+        """Run *statements* (parameters already *bound*) in the open transaction; *small*
+        as `Batch.small` (with PGBROKER_PG_IO=loop, on the event loop).
 
         Raise `StatementFailed` for a Postgres error (the transaction is then aborted, the
         lease still usable), `LeaseTimeout` when a bound passed before or during the run,
@@ -241,7 +243,9 @@ class Lease:
         """
         timeout_ms, cut = self._step_start(audit)
         try:
-            results = await self._on_worker(_run_statements, statements, plan, bound, timeout_ms)
+            results = await self._on_worker(
+                _run_statements, statements, plan, bound, timeout_ms, small=small
+            )
             if plan.ddl:
                 self.ran_ddl = True  # see commit
                 # This transaction sees the changed tables already: prepare afresh in it.
@@ -273,7 +277,7 @@ class Lease:
             before = f"SET LOCAL statement_timeout = {timeout_ms}"
         try:
             if self.cursor_open:
-                await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+                await self._on_worker(close_cursor, f"CLOSE {CURSOR}", small=True)
                 self.cursor_open = False
             await self._on_worker(declare, statement, plan, bound, before)
             self.cursor_open = True
@@ -282,7 +286,7 @@ class Lease:
                 async for chunk in chunks:
                     yield chunk
                     self.last_active = time.monotonic()
-            await self._on_worker(close_cursor, f"CLOSE {CURSOR}")
+            await self._on_worker(close_cursor, f"CLOSE {CURSOR}", small=True)
             self.cursor_open = False
         except StatementFailed as exc:
             self.cursor_open = False  # the transaction is aborted: the cursor is unusable
@@ -336,13 +340,13 @@ class Lease:
         if self.report_position:
             sql += "; " + POSITION_SQL
         try:
-            rows = await self._on_worker(_end, sql, self.reset_session)
+            rows = await self._on_worker(_end, sql, self.reset_session, small=True)
         except StatementFailed as exc:
             if claim is None or not keys.is_claimed(exc.error):
                 raise
-            await self._on_worker(_replayed, claim)
+            await self._on_worker(_replayed, claim, small=True)
             if self.report_position:  # the earlier attempt's commit is behind this position
-                self.commit_lsn = wal_position(await self._on_worker(_read_position))
+                self.commit_lsn = wal_position(await self._on_worker(_read_position, small=True))
             return True
         self.committed = True
         if self.report_position:
@@ -353,7 +357,7 @@ class Lease:
 
     async def rollback(self) -> None:
         """ROLLBACK; raise `TransactionLost` if the connection broke (nothing committed)."""
-        await self._on_worker(_end, "ROLLBACK", self.reset_session)
+        await self._on_worker(_end, "ROLLBACK", self.reset_session, small=True)
 
     # -- bounds --------------------------------------------------------------------------
 
@@ -400,10 +404,11 @@ class Lease:
 
     # -- running on the connection ---------------------------------------------------------
 
-    async def _on_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run *fn(conn, *args)* on a worker; send a cancel request when a bound passes or
-        the caller goes away (then wait for the worker, so the connection's state is known)."""
-        work = self.pool.run_in_worker(fn, self.conn.pg, *args)
+    async def _on_worker(self, fn: Callable[..., _T], *args: Any, small: bool = False) -> _T:
+        """Run *fn(conn, *args)* on a worker (with *small* and PGBROKER_PG_IO=loop, on the
+        event loop: `Pool.run_io`); send a cancel request when a bound passes or the caller
+        goes away (then wait for the work, so the connection's state is known)."""
+        work = self.pool.run_io(small, fn, self.conn.pg, *args)
         self._attempt.work = work  # type: ignore[assignment]
         watchdog = None
         upcoming = self.next_bound(idle=False)
@@ -445,7 +450,7 @@ class Lease:
             if not pg.closed and (
                 pg.transaction_status is not TransactionStatus.IDLE or self.audit
             ):
-                await self.pool.run_in_worker(_tidy, pg, self.audit)
+                await self.pool.run_io(True, _tidy, pg, self.audit)
         except Exception as exc:  # a worker pool shut down under us: do not hand it on
             reason = f"release failed ({type(exc).__name__})"
         self.pool.putconn(self.conn, reason or close_reason(self.conn, attempt, error))

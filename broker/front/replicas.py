@@ -165,6 +165,7 @@ class Replicas:
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
             weights=QueueWeights.parse(settings.queue_weights),
+            pg_io=settings.pg_io,
         )
         # Out of the rotation until the monitor's first check of it.
         return Target(name, pool, replica=True, in_rotation=False, out_reason="not checked yet")

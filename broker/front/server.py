@@ -301,6 +301,7 @@ class BrokerServer:
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
             weights=QueueWeights.parse(settings.queue_weights),
+            pg_io=settings.pg_io,
         )
 
     def _build(self) -> None:

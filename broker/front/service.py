@@ -106,7 +106,14 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import FUNCTION_NAME_KEY, REQUEST_ID_KEY
 
-__all__ = ["BadRequest", "BrokerService", "analyse", "lambda_metadata", "validate"]
+__all__ = [
+    "BadRequest",
+    "BrokerService",
+    "analyse",
+    "lambda_metadata",
+    "small_request",
+    "validate",
+]
 
 log = logging.getLogger("pgbroker.service")
 
@@ -160,7 +167,7 @@ ON_LOOP_STATEMENTS = 16
 ON_LOOP_VALUES = 256
 
 
-def _small(request: pb.ExecuteRequest) -> bool:
+def small_request(request: pb.ExecuteRequest) -> bool:
     """Whether *request* is cheap to validate: few statements, short SQL, few scalar values."""
     statements = request.statements
     if len(statements) > ON_LOOP_STATEMENTS:
@@ -185,11 +192,11 @@ async def analyse(
     small: bool | None = None,
 ) -> tuple[RequestPlan, list[Bound]]:
     """`validate`, run on a parser thread (broker/sql/stack.py) unless the request is small
-    (`_small`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
+    (`small_request`), so that binding 65,535 parameters or planning 1 MB of SQL (seconds of CPU)
     does not stall every other caller on the event loop (issue 15); raises what `validate`
-    raises. *small*: `_small` (request) when the caller has it already."""
+    raises. *small*: `small_request` (request) when the caller has it already."""
     if small is None:
-        small = _small(request)
+        small = small_request(request)
     if small:
         return validate(request, limits, role_locked)
     loop = asyncio.get_running_loop()
@@ -255,7 +262,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         deadline = self._deadline(context)
         # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
         # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
-        small = _small(request)
+        small = small_request(request)
         with contextlib.nullcontext() if small else short_switch_interval():
             try:
                 batch = await self._batch(request, call, small)
@@ -333,6 +340,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             reset_session=self.session_audit != "off",
             queue_key=call.key,
             result_check=self._check_before_commit,
+            small=small,
         )
 
     def _count_done(self, outcome: ExecuteOutcome, call: _Caller, statements: int) -> None:
@@ -377,7 +385,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"idempotency keys are not available on this broker ({self.key_store_error});"
                 " nothing ran: send the request without idempotency_key"
             )
-        if _small(request):
+        if small_request(request):
             digest = keys.request_hash(request)
         else:
             loop = asyncio.get_running_loop()

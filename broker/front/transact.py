@@ -35,7 +35,7 @@ from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, StatementFailed, application_name
 from broker.flow.lease import End, Lease, LeaseBounds, LeaseStats, LeaseTimeout
 from broker.flow.routing import run_on_replica_or_primary
-from broker.front.service import BrokerService, analyse, lambda_metadata
+from broker.front.service import BrokerService, analyse, lambda_metadata, small_request
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.targets import Target
 from broker.security.identity import current_identity
@@ -211,10 +211,12 @@ class _Call:
     async def _execute(self, lease: Lease, step: pb.TransactRequest.Execute) -> pb.TransactResponse:
         """Check and run one ``execute``: a Postgres error is answered in-stream."""
         request = pb.ExecuteRequest(statements=step.statements)
-        plan, bound = await analyse(request, self.service.limits, self.service.role_map is not None)
+        small = small_request(request)
+        role_locked = self.service.role_map is not None
+        plan, bound = await analyse(request, self.service.limits, role_locked, small)
         try:
             results = await lease.execute(
-                step.statements, plan, bound, self.service.audit_needed(plan)
+                step.statements, plan, bound, self.service.audit_needed(plan), small
             )
         except StatementFailed as exc:
             return pb.TransactResponse(executed=_executed_error(exc))

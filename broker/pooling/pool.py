@@ -2,7 +2,8 @@
 
 The pool knows nothing of gRPC. Its bookkeeping runs on the asyncio event loop (one thread,
 no locks); pg8000 is blocking, so connects run on a maintenance thread pool and transactions
-on a worker thread pool sized to the pool (`run_in_worker`).
+on a worker thread pool sized to the pool (`run_in_worker`), or, with ``PGBROKER_PG_IO=loop``,
+small ones in a greenlet on the loop itself (`run_io`, broker/pooling/loopio.py).
 
 Behaviour, in PgBouncer's terms:
 
@@ -60,6 +61,7 @@ from typing import Any, TypeVar
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.pooling.fairqueue import FairQueue
+from broker.pooling.loopio import run_on_loop
 from broker.postgres.pg import STATEMENT_COUNTERS, ConnectionLost, PgConnection
 from broker.security.limits import QueueWeights
 
@@ -173,8 +175,11 @@ class Pool:
         reconnect_initial: float = 0.05,
         reconnect_max: float = 2.0,
         weights: QueueWeights | None = None,
+        pg_io: str = "threads",
     ) -> None:
         self.size = size
+        # PGBROKER_PG_IO: "loop" runs small requests in a greenlet on the loop (`run_io`).
+        self.pg_io = pg_io
         self.max_waiting = max_waiting
         self.queue_timeout = queue_timeout
         self.max_lifetime = max_lifetime
@@ -542,6 +547,15 @@ class Pool:
         """Run blocking *fn* on a worker thread (one per pooled connection)."""
         return self._loop.run_in_executor(self._workers, fn, *args)
 
+    def run_io(self, small: bool, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run blocking *fn* (pg8000 work on a connection) where ``PGBROKER_PG_IO`` says: with
+        ``loop`` and a *small* request, in a greenlet on the event loop (`run_on_loop`, no
+        thread hand-off); otherwise on a worker thread. Either way the future's work runs to
+        its end even if the awaiting task is cancelled."""
+        if small and self.pg_io == "loop":
+            return run_on_loop(self._loop, fn, *args)
+        return self._loop.run_in_executor(self._workers, fn, *args)
+
     async def cancel_backend(self, conn: ServerConnection) -> bool:
         """Send a cancel request for *conn*'s running query (never queues behind workers)."""
         try:
@@ -633,6 +647,8 @@ class Pool:
             next(self._ids), pg, expire_at=now + self.max_lifetime * random.uniform(0.95, 1.0)
         )
         conn.statement_generation = self.statement_generation  # nothing prepared yet
+        if self.pg_io == "loop":
+            pg.use_loop_io()  # not handed out yet: nothing runs on it
         if self._closed:
             self._retire(conn, "pool closed")
             return

@@ -48,6 +48,8 @@ from pg8000.core import (
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from broker.configvalues import DatabaseTarget
+from broker.postgres import greenio
+from broker.postgres.greenio import cooperate
 from broker.postgres.params import Bound, bind_params
 from broker.sql.plan import StatementPlan, placeholder_count
 from lambda_client import codec
@@ -472,6 +474,8 @@ class PgConnection:
         self._seen_size = max(4 * cache_size, 256)
         # Statement cache counters (`take_counts`), read by the pool between requests.
         self._counts = dict.fromkeys(STATEMENT_COUNTERS, 0)
+        # Set by `use_loop_io`: the socket is non-blocking under pg8000.
+        self.loop_io = False
 
     # state ---------------------------------------------------------------------------------
 
@@ -494,6 +498,17 @@ class PgConnection:
     def socket(self) -> socket.socket | None:
         """The underlying socket (for readiness checks), None once closed."""
         return None if self.closed else self._core._usock
+
+    def use_loop_io(self) -> None:
+        """Let this connection run in a greenlet on the event loop (`broker.postgres.greenio`;
+        on threads it still blocks as before). Call while nothing runs on it."""
+        core = self._core
+        if self.closed or self.loop_io:
+            return
+        self.loop_io = True
+        old = core._sock
+        core._sock = greenio.install(core._usock, core._usock.gettimeout())
+        old.close()  # the makefile's reference on the socket; nothing is buffered after idle
 
     def take_counts(self) -> dict[str, int]:
         """The statement counters since the last call (`STATEMENT_COUNTERS`), reset; called by
@@ -938,6 +953,11 @@ def _count_mismatch(expected: int, given: int) -> str:
     return f"the statement has {takes} but {values} given"
 
 
+# Result rows encoded between two checks whether the loop is due a turn (`_result` on a loop
+# greenlet: `greenio.cooperate`).
+COOPERATE_ROWS = 64
+
+
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:
     columns = prepared.columns or []
     result = pb.StatementResult(
@@ -947,10 +967,12 @@ def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:
     oids = [c["type_oid"] for c in columns]
     for column in columns:
         result.columns.add(name=column["name"], type_oid=column["type_oid"])
-    for row in context.rows or ():
+    for index, row in enumerate(context.rows or (), start=1):
         result.rows.add().values.extend(
             _encode_cell(value, oid) for value, oid in zip(row, oids, strict=True)
         )
+        if not index % COOPERATE_ROWS:
+            cooperate()  # on the event loop (PGBROKER_PG_IO=loop): let other callers in
     return result
 
 
