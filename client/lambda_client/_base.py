@@ -17,11 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import grpc
-
 from lambda_client import _position, errors
 from lambda_client._config import ClientConfig, open_channel
-from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
+from lambda_client._grpc import grpc
 from lambda_client._policy import (
     SAFETY_ATTEMPTS,
     Call,
@@ -282,7 +280,10 @@ class ClientBase:
 
     def _explain(self, last_error: str, probe_seconds: float) -> str:
         """Why the broker was not reached (`lambda_client._diagnose.explain`, probing for
-        at most *probe_seconds*), and that the default target was used when it was."""
+        at most *probe_seconds*), and that the default target was used when it was.
+        Imported here: the probe needs ssl and socket, which a call that connects never does."""
+        from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
+
         why = explain(last_error, tls=self.tls, probe_timeout=probe_seconds)
         if self.target_is_default:
             why = f"{why}; {DEFAULT_TARGET_NOTE}" if why else DEFAULT_TARGET_NOTE

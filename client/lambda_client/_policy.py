@@ -32,9 +32,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import grpc
-
 from lambda_client import errors
+from lambda_client._grpc import grpc
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._requests import remaining_seconds, seconds, target_ports
 from lambda_client._status import NOTHING_RAN, Reason

@@ -46,9 +46,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
-
 from lambda_client import _position, errors
+from lambda_client._grpc import grpc
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import Statement, _options, _split, _statement
 from lambda_client._slots import DEFAULT_MAX_OPEN_TRANSACTIONS, TransactionSlots
