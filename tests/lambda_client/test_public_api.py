@@ -9,6 +9,7 @@ from datetime import date
 import pytest
 
 import lambda_client
+from devtools.brokerproc import BrokerProcess
 from lambda_client import Result, errors
 
 PUBLIC_NAMES = {
@@ -155,6 +156,19 @@ def test_a_status_maps_to_one_class(code: str, sqlstate: str | None, expected: s
     assert errors.error_class(code, sqlstate) is getattr(errors, expected)
 
 
+# Modules a blocking client's first answer must not load (each is imported where it is needed).
+_FIRST_ANSWER_NEEDS_NOT = (
+    "asyncio",
+    "grpc.aio",
+    "ssl",
+    "grpc_status",
+    "google.rpc",
+    "lambda_client._diagnose",
+    "lambda_client.transaction",
+    "lambda_client._stream",
+)
+
+
 def _fresh(code: str) -> str:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -190,6 +204,60 @@ def test_client_import_leaves_transactions_streams_and_random_to_first_use() -> 
         "print(sorted(m for m in names if m in sys.modules))\n"
     )
     assert _fresh(code).strip() == "[]"
+
+
+def test_first_query_leaves_asyncio_ssl_and_error_decoding_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # asyncio (with ssl, subprocess, socket) is about half of what `import grpc` costs on a
+    # cold start, and a blocking client never runs an event loop (lambda_client._grpc); the
+    # rest decode errors or explain an unreachable broker (docs/performance.md, "Cold start").
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        f"print(sorted(m for m in {_FIRST_ANSWER_NEEDS_NOT!r} if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
+def test_dbapi_first_query_leaves_transactions_and_asyncio_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # What Django and SQLAlchemy (AUTOCOMMIT) do first: connect, then one autocommit statement.
+    names = (*_FIRST_ANSWER_NEEDS_NOT, "secrets", "random")
+    code = (
+        "import sys\n"
+        "from lambda_client import dbapi\n"
+        f"cur = dbapi.connect({broker.target!r}, autocommit=True).cursor()\n"
+        "cur.execute('SELECT 1')\n"
+        "assert cur.fetchone() == (1,)\n"
+        f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
+def test_asyncio_after_the_blocking_client_gets_the_real_grpc_aio(
+    broker: BrokerProcess,
+) -> None:
+    # grpc was imported without asyncio (lambda_client._grpc): importing asyncio and using
+    # grpc.aio afterwards must still work, with grpc's own references rebound to the real
+    # modules.
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "import asyncio\n"
+        "import grpc\n"
+        "from lambda_client.aio import AsyncBrokerClient\n"
+        "async def main():\n"
+        f"    db = AsyncBrokerClient({broker.target!r})\n"
+        "    return (await db.query('SELECT 2')).scalar()\n"
+        "print(asyncio.run(main()))\n"
+        "print(grpc.aio is sys.modules['grpc.aio'], grpc.aio.AioRpcError.__name__)\n"
+        "print(grpc._cython.cygrpc.__dict__['asyncio'] is asyncio)\n"
+    )
+    assert _fresh(code).split("\n")[:3] == ["2", "True AioRpcError", "True"]
 
 
 def test_client_never_imports_broker_pg8000_or_devtools() -> None:
