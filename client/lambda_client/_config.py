@@ -31,7 +31,6 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = ["ClientConfig", "ConfigError", "Pem", "open_channel", "tls_credentials"]
@@ -63,7 +62,8 @@ class Pem:
         if self.inline:
             return self.value.encode()
         try:
-            data = Path(self.value).read_bytes()
+            with open(self.value, "rb") as file:  # not pathlib: a cold start need not load it
+                data = file.read()
         except OSError as exc:
             raise ConfigError(
                 f"{self.variable}={self.value!r}: cannot read ({exc.strerror})"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
 
@@ -219,6 +221,32 @@ def test_first_query_leaves_asyncio_ssl_and_error_decoding_to_first_use(
         f"print(sorted(m for m in {_FIRST_ANSWER_NEEDS_NOT!r} if m in sys.modules))\n"
     )
     assert _fresh(code).strip() == "[]"
+
+
+def test_first_query_in_a_plain_layer_leaves_pathlib_and_urllib_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # As in a Lambda layer: no site hooks (this venv's editable install loads pathlib and
+    # urllib.parse at startup), only the client's directory and the installed packages on
+    # the path. pathlib reads a PEM file, urllib.parse (with ipaddress) signs IAM proofs.
+    path = [str(Path(lambda_client.__file__).parent.parent), *sys.path[1:]]
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "names = ('pathlib', 'urllib.parse', 'ipaddress', 'asyncio', 'ssl')\n"
+        "print(sorted(m for m in names if m in sys.modules and m not in before))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
+    ).stdout
+    assert out.strip() == "[]"
 
 
 def test_dbapi_first_query_leaves_transactions_and_asyncio_to_first_use(
