@@ -1,21 +1,23 @@
 """``grpc``, imported without the asyncio that the blocking client never uses.
 
 Importing grpcio imports asyncio twice over: its Cython core (``grpc._cython.cygrpc``) runs
-``import asyncio`` when it loads, and ``grpc/__init__.py`` ends with ``from grpc import aio``,
-whose classes touch asyncio as they are defined. asyncio brings ssl (OpenSSL), subprocess,
-socket and concurrent.futures with it: on a cold start that is about half of what
-``import grpc`` costs (docs/performance.md, "Cold start"), for a Lambda handler whose client
-never runs an event loop.
+``import asyncio`` (and ``import socket``, for its asyncio I/O manager) when it loads, and
+``grpc/__init__.py`` ends with ``from grpc import aio``, whose classes touch asyncio as they
+are defined. asyncio brings ssl (OpenSSL), subprocess, socket and concurrent.futures with it:
+on a cold start that is about half of what ``import grpc`` costs (docs/performance.md, "Cold
+start"), for a Lambda handler whose client never runs an event loop; gRPC's C core opens its
+own sockets.
 
 So when this process has not imported asyncio yet, grpc is imported with a stand-in
-(`_Deferred`) registered as ``asyncio`` and as ``grpc.aio``. Nothing in grpc touches
-either while it imports; the stand-ins are taken out of ``sys.modules`` as soon as it
-has, so any later ``import asyncio`` or ``import grpc.aio`` loads the real module. Only
-the names that grpc bound during its import (``cygrpc.asyncio``, ``grpc.aio``) still hold
-a stand-in: the first attribute asked of one imports the real module and rebinds those
-names to it, so grpc's asyncio parts (and `lambda_client.aio`) work exactly as before,
-with the import paid only by code that uses them. A process that already has asyncio (an
-asyncio application, Django) gets the plain ``import grpc``.
+(`_Deferred`) registered as ``asyncio``, ``grpc.aio`` and ``socket`` (each one not loaded
+yet). Nothing in grpc touches them while it imports; the stand-ins are taken out of
+``sys.modules`` as soon as it has, so any later ``import asyncio`` (``grpc.aio``,
+``socket``) loads the real module. Only the names that grpc bound during its import
+(``cygrpc.asyncio``, ``cygrpc.socket``, ``grpc.aio``) still hold a stand-in: the first
+attribute asked of one imports the real module and rebinds those names to it, so grpc's
+asyncio parts (and `lambda_client.aio`) work exactly as before, with the import paid only by
+code that uses them. A process that already has asyncio (an asyncio application, Django)
+gets the plain ``import grpc``.
 
 Every client module gets grpc from here (``from lambda_client._grpc import grpc``) so that
 the first import of grpc in the process is this one.
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["grpc"]
 
 # What grpc imports that only its asyncio API needs; a stand-in for each while grpc imports.
-_DEFERRED = ("asyncio", "grpc.aio")
+_DEFERRED = ("asyncio", "grpc.aio", "socket")
 
 
 class _Deferred(types.ModuleType):
@@ -67,7 +69,8 @@ def _import_grpc() -> types.ModuleType:
     if "grpc" in sys.modules or "asyncio" in sys.modules:
         return importlib.import_module("grpc")
     before = set(sys.modules)
-    stand_ins = [_Deferred(name) for name in _DEFERRED]
+    # Never one for a module already loaded: a second copy of it would be imported later.
+    stand_ins = [_Deferred(name) for name in _DEFERRED if name not in sys.modules]
     for stand_in in stand_ins:
         sys.modules[stand_in.__name__] = stand_in
     try:

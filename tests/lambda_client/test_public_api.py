@@ -162,6 +162,7 @@ def test_a_status_maps_to_one_class(code: str, sqlstate: str | None, expected: s
 _FIRST_ANSWER_NEEDS_NOT = (
     "asyncio",
     "grpc.aio",
+    "socket",
     "ssl",
     "grpc_status",
     "google.rpc",
@@ -263,6 +264,20 @@ def test_dbapi_first_query_leaves_transactions_and_asyncio_to_first_use(
         f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
     )
     assert _fresh(code).strip() == "[]"
+
+
+def test_modules_loaded_before_the_client_are_never_replaced(broker: BrokerProcess) -> None:
+    # A handler that imported socket (boto3, requests) before the client: grpc must see that
+    # module, and no second copy may appear (a socket from one would not be an instance of
+    # the other's class).
+    code = (
+        "import socket, sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "import grpc\n"
+        "print(sys.modules['socket'] is socket, grpc._cython.cygrpc.__dict__['socket'] is socket)\n"
+    )
+    assert _fresh(code).split() == ["True", "True"]
 
 
 def test_asyncio_after_the_blocking_client_gets_the_real_grpc_aio(
