@@ -169,6 +169,9 @@ _FIRST_ANSWER_NEEDS_NOT = (
     "lambda_client._diagnose",
     "lambda_client.transaction",
     "lambda_client._stream",
+    # protobuf's pure-Python message classes, which the upb backend never uses (_proto).
+    "google.protobuf.internal.python_message",
+    "google.protobuf.text_format",
 )
 
 
