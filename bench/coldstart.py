@@ -19,6 +19,8 @@ plaintext and one with TLS, then measures, each as the median of *samples* fresh
   BrokerClient`` (what a handler does: gRPC and protobuf load);
 * that import + ``BrokerClient(target).query("SELECT 1")`` on a new channel, plaintext and
   with TLS to the broker (the same self-signed certificate, verified);
+* the same through the PEP 249 module, as Django and SQLAlchemy use it: ``from lambda_client
+  import dbapi``, ``dbapi.connect(target, autocommit=True)`` and a first ``cursor.execute``;
 * ``import pg8000.native`` + a TLS connection that verifies the certificate + ``SELECT 1``;
 
 and the installed size of the client layer (``pip install --target`` of
@@ -81,6 +83,31 @@ print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1
                   "warm_query_ms": (t3 - t2) * 1000}))
 """
 
+# argv: target [root certificate file: TLS, verified]. What Django and SQLAlchemy do first:
+# PEP 249 connect (autocommit, the Lambda default in docs/dbapi.md) and one cursor.execute.
+_DBAPI_FIRST_QUERY = """
+import json, sys, time
+t0 = time.perf_counter()
+from lambda_client import dbapi
+t1 = time.perf_counter()
+if len(sys.argv) > 2:
+    with open(sys.argv[2], "rb") as f:
+        roots = f.read()
+    conn = dbapi.connect(sys.argv[1], autocommit=True, tls=True, root_certificates=roots)
+else:
+    conn = dbapi.connect(sys.argv[1], autocommit=True)
+cur = conn.cursor()
+cur.execute("SELECT 1")
+assert cur.fetchone() == (1,)
+t2 = time.perf_counter()
+cur.execute("SELECT 1")
+assert cur.fetchone() == (1,)
+t3 = time.perf_counter()
+print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1000,
+                  "connect_query_ms": (t2 - t1) * 1000,
+                  "warm_query_ms": (t3 - t2) * 1000}))
+"""
+
 # argv: host port [CA file: verify chain and host (IP SAN); else TLS without verification]
 _PG8000_FIRST_QUERY = """
 import json, sys, time
@@ -105,7 +132,11 @@ print(json.dumps({"import_ms": (t1 - t0) * 1000, "first_query_ms": (t2 - t0) * 1
                   "warm_query_ms": (t3 - t2) * 1000}))
 """
 
-_FIRST_QUERY = {"pgbroker": _CLIENT_FIRST_QUERY, "direct": _PG8000_FIRST_QUERY}
+_FIRST_QUERY = {
+    "pgbroker": _CLIENT_FIRST_QUERY,
+    "pgbroker_dbapi": _DBAPI_FIRST_QUERY,
+    "direct": _PG8000_FIRST_QUERY,
+}
 
 
 def _fresh(script: str, *args: str) -> dict[str, float]:
@@ -141,10 +172,11 @@ def compile_client() -> None:
 
 
 def measure(competitor: str, args: list[str], samples: int) -> dict[str, Any]:
-    """Median (and min/max) over *samples* fresh processes of *competitor*'s (``pgbroker`` or
-    ``direct``) first-query script with *args*; errors are counted, not raised."""
+    """Median (and min/max) over *samples* fresh processes of *competitor*'s (``pgbroker``,
+    ``pgbroker_dbapi`` or ``direct``) first-query script with *args*; errors are counted, not
+    raised."""
     script = _FIRST_QUERY[competitor]
-    if competitor == "pgbroker":
+    if competitor.startswith("pgbroker"):
         compile_client()
     runs: list[dict[str, float]] = []
     errors: dict[str, int] = {}
@@ -230,6 +262,8 @@ def compare(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
             "import_broker_client": (_CLIENT_IMPORT,),
             "lambda_client": (_CLIENT_FIRST_QUERY, plain.target),
             "lambda_client_tls": (_CLIENT_FIRST_QUERY, tls.target, cert),
+            "dbapi": (_DBAPI_FIRST_QUERY, plain.target),
+            "dbapi_tls": (_DBAPI_FIRST_QUERY, tls.target, cert),
             "pg8000_tls": (_PG8000_FIRST_QUERY, pg.host, str(pg.port), cert),
         }
         for _ in range(samples):
@@ -247,21 +281,32 @@ def compare(samples: int = 10, sizes: bool = True) -> dict[str, Any]:
 
 def render(figures: dict[str, Any]) -> str:
     """A Markdown table of *figures*."""
-    columns = [figures["lambda_client"], figures["lambda_client_tls"], figures["pg8000_tls"]]
+    names = ["lambda_client", "lambda_client_tls", "dbapi", "dbapi_tls", "pg8000_tls"]
+    columns = [figures[name] for name in names if name in figures]
     mib = 1024 * 1024
 
     def row(label: str, key: str) -> str:
         return f"| {label} | " + " | ".join(f"{c[key]} ms" for c in columns) + " |"
 
+    pg8000_ms = figures["pg8000_tls"]["first_query_ms"]
     lines = [
         f"Median of {figures['samples']} fresh processes, Python {figures['python']}, loopback.",
         "",
-        "| measure | lambda_client, plaintext | lambda_client, TLS | pg8000, TLS (verified) |",
-        "| --- | --- | --- | --- |",
+        "| measure | lambda_client, plaintext | lambda_client, TLS | lambda_client.dbapi, "
+        "plaintext | lambda_client.dbapi, TLS | pg8000, TLS (verified) |",
+        "| --- | --- | --- | --- | --- | --- |",
         row("import", "import_ms"),
         row("connect + first query", "connect_query_ms"),
         row("import + connect + first query", "first_query_ms"),
         row("next (warm) query", "warm_query_ms"),
+        "",
+        "Import + connect + first query as a multiple of pg8000's (issue 14: ≤ 0.6×): "
+        + "; ".join(
+            f"{name} {figures[name]['first_query_ms'] / pg8000_ms:.2f}×"
+            for name in names[:-1]
+            if name in figures
+        )
+        + ".",
         "",
         f"`import lambda_client` alone: {figures['import_lambda_client_ms']} ms; "
         f"`from lambda_client import BrokerClient`: {figures['import_broker_client_ms']} ms.",

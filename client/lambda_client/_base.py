@@ -14,18 +14,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
-
-import grpc
 
 from lambda_client import _position, errors
 from lambda_client._config import ClientConfig, open_channel
-from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
+from lambda_client._grpc import grpc
 from lambda_client._policy import (
     SAFETY_ATTEMPTS,
     Call,
     CallPolicy,
+    Invoke,
     Link,
     Metadata,
     Plan,
@@ -278,11 +276,16 @@ class ClientBase:
         request = pb.ExecuteRequest()
         request.CopyFrom(call.request)
         request.idempotency_key = ""
-        return replace(call, invoke=_execute(request), request=request, generated_key=False)
+        return ExecuteCall(
+            _execute(request), call.finish, call.retry_aborted, request=request, generated_key=False
+        )
 
     def _explain(self, last_error: str, probe_seconds: float) -> str:
         """Why the broker was not reached (`lambda_client._diagnose.explain`, probing for
-        at most *probe_seconds*), and that the default target was used when it was."""
+        at most *probe_seconds*), and that the default target was used when it was.
+        Imported here: the probe needs ssl and socket, which a call that connects never does."""
+        from lambda_client._diagnose import DEFAULT_TARGET_NOTE, explain
+
         why = explain(last_error, tls=self.tls, probe_timeout=probe_seconds)
         if self.target_is_default:
             why = f"{why}; {DEFAULT_TARGET_NOTE}" if why else DEFAULT_TARGET_NOTE
@@ -396,13 +399,24 @@ _NO_STORE = Reason.IDEMPOTENCY_UNAVAILABLE.value
 _IN_PROGRESS = Reason.IDEMPOTENCY_KEY_IN_PROGRESS.value
 
 
-@dataclass(frozen=True)
 class ExecuteCall(Call[T]):
     """An ``Execute`` call: its *request* (with the idempotency key, if any) and whether the
     client generated that key."""
 
-    request: pb.ExecuteRequest = field(default_factory=pb.ExecuteRequest)
-    generated_key: bool = False
+    __slots__ = ("generated_key", "request")
+
+    def __init__(
+        self,
+        invoke: Invoke,
+        finish: Callable[[Any], T],
+        retry_aborted: bool,
+        *,
+        request: pb.ExecuteRequest,
+        generated_key: bool,
+    ) -> None:
+        super().__init__(invoke, finish, retry_aborted)
+        self.request = request
+        self.generated_key = generated_key
 
     @property
     def idempotent(self) -> bool:

@@ -31,7 +31,6 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = ["ClientConfig", "ConfigError", "Pem", "open_channel", "tls_credentials"]
@@ -63,7 +62,8 @@ class Pem:
         if self.inline:
             return self.value.encode()
         try:
-            data = Path(self.value).read_bytes()
+            with open(self.value, "rb") as file:  # not pathlib: a cold start need not load it
+                data = file.read()
         except OSError as exc:
             raise ConfigError(
                 f"{self.variable}={self.value!r}: cannot read ({exc.strerror})"
@@ -135,7 +135,7 @@ def tls_credentials(config: ClientConfig, root_certificates: bytes | None = None
     """``grpc.ChannelCredentials`` for *config*: trust *root_certificates* (else the CA of
     ``tls_ca``, else the system roots), and present the client certificate when both halves
     are set. Raise `ConfigError` for an unusable PEM."""
-    import grpc
+    from lambda_client._grpc import grpc
 
     roots = root_certificates
     if roots is None and config.tls_ca is not None:
@@ -159,7 +159,7 @@ def open_channel(
     """A channel to *target* (``grpc.aio`` with *aio*) with *options*: plaintext, or TLS as
     *config* says, checking ``tls_server_name`` unless *options* already name a server. Raise
     `ConfigError` for an unusable PEM."""
-    import grpc
+    from lambda_client._grpc import grpc
 
     module: Any = grpc.aio if aio else grpc
     options = list(options)

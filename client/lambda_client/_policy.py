@@ -32,9 +32,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import grpc
-
 from lambda_client import errors
+from lambda_client._grpc import grpc
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._requests import remaining_seconds, seconds, target_ports
 from lambda_client._status import NOTHING_RAN, Reason
@@ -78,14 +77,22 @@ Step = Callable[[], Any]
 Plan = Generator[Step, Any, T]
 
 
-@dataclass(frozen=True)
 class Call(Generic[T]):
     """What a public method asks for: *invoke* (None: nothing to send) and *finish*, which
-    turns the response (None when nothing was sent) into the method's result."""
+    turns the response (None when nothing was sent) into the method's result.
 
-    invoke: Invoke | None
-    finish: Callable[[Any], T]
-    retry_aborted: bool = False
+    A plain class, not a dataclass, as `Outcome` and `lambda_client._base.ExecuteCall`: each
+    ``@dataclass`` costs about 1 ms of a cold start to define (docs/performance.md), and a
+    call only reads these attributes."""
+
+    __slots__ = ("finish", "invoke", "retry_aborted")
+
+    def __init__(
+        self, invoke: Invoke | None, finish: Callable[[Any], T], retry_aborted: bool = False
+    ) -> None:
+        self.invoke = invoke
+        self.finish = finish
+        self.retry_aborted = retry_aborted
 
 
 @dataclass(frozen=True)
@@ -338,12 +345,14 @@ def broker_unreachable(target: str, waited: float, why: str = "") -> errors.Unav
     )
 
 
-@dataclass(frozen=True)
 class Outcome:
     """How a step ended: its *value*, or the *error* the call failed with."""
 
-    value: Any = None
-    error: grpc.RpcError | None = None
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: grpc.RpcError | None = None) -> None:
+        self.value = value
+        self.error = error
 
     @classmethod
     def of(cls, step: Step) -> Outcome:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import grpc
-
 from lambda_client import errors
+from lambda_client._grpc import grpc
 
 __all__ = ["DEFAULT_MAX_OPEN_TRANSACTIONS", "TransactionSlots"]
 

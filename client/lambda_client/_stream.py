@@ -26,9 +26,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-import grpc
-
 from lambda_client import errors
+from lambda_client._grpc import grpc
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import _statement
 from lambda_client.codec import decode_row

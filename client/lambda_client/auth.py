@@ -20,7 +20,6 @@ regional STS of ``AWS_REGION``)); `auth_from_env` reads that configuration first
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import threading
@@ -29,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 from lambda_client._config import ClientConfig
 
@@ -122,6 +120,8 @@ class IamAuth:
 
     def sign(self) -> str:
         """A fresh proof: base64 JSON ``{"headers": {...}, "body": "..."}``."""
+        import base64  # here and below, not at the top: only IAM auth needs them
+
         keys = self._keys()
         headers = {
             "Content-Type": _CONTENT_TYPE,
@@ -163,6 +163,8 @@ class IamAuth:
 
 def canonical_host(url: str) -> str:
     """The Host header SigV4 signs for *url*: lower-case, default port dropped."""
+    from urllib.parse import urlsplit  # with ipaddress: 2 ms of a cold start without IAM
+
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if ":" in host:
@@ -178,6 +180,7 @@ def sigv4_authorization(
     signing every header in *headers* (names compared in lower case)."""
     import hashlib  # here, not at the top: only IAM auth pays for OpenSSL's libcrypto
     import hmac
+    from urllib.parse import quote, urlsplit
 
     amz_date = next(v for k, v in headers.items() if k.lower() == "x-amz-date")
     canonical = {k.lower(): " ".join(v.strip().split()) for k, v in headers.items()}

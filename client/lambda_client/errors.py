@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from lambda_client._status import unpack
 
 if TYPE_CHECKING:
-    import grpc
+    from lambda_client._grpc import grpc
 
 # PEP 249 and broker-level classes; the SQLSTATE classes are added below, as defined.
 __all__ = [

@@ -36,19 +36,17 @@ held across the handler's think time, so keep transactions short; a batch
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import queue
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
-
 from lambda_client import _position, errors
+from lambda_client._grpc import grpc
+from lambda_client._policy import _uniform
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import Statement, _options, _split, _statement
 from lambda_client._slots import DEFAULT_MAX_OPEN_TRANSACTIONS, TransactionSlots
@@ -142,6 +140,8 @@ class _AsyncStream:
         self._call = stub.Transact(timeout=timeout, metadata=metadata, wait_for_ready=True)
 
     async def send(self, request: pb.TransactRequest) -> pb.TransactResponse:
+        import asyncio  # loaded already by the asyncio client; the blocking one never needs it
+
         with contextlib.suppress(asyncio.InvalidStateError):
             # Raised when the broker has ended the call; reading raises its status.
             await self._call.write(request)
@@ -667,6 +667,8 @@ async def run_async_transaction(
     max_backoff: float,
 ) -> T:
     """`run_transaction` for asyncio: awaits ``fn(tx)`` and the backoff."""
+    import asyncio  # loaded already by the asyncio client; the blocking one never needs it
+
     for attempt in range(1, max_attempts + 1):
         try:
             async with await begin(deadline - time.monotonic()) as tx:
@@ -685,7 +687,7 @@ def _retry_delay(
     """Seconds to wait before re-running a rolled-back transaction, None to give up: jittered
     exponential backoff, never past *deadline*."""
     backoff = min(max_backoff, initial_backoff * 2 ** (attempt - 1))
-    delay = random.uniform(backoff / 2, backoff)
+    delay = _uniform(backoff / 2, backoff)
     if attempt == max_attempts or time.monotonic() + delay >= deadline:
         return None
     return delay

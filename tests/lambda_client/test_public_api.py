@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
 
 import lambda_client
+from devtools.brokerproc import BrokerProcess
 from lambda_client import Result, errors
 
 PUBLIC_NAMES = {
@@ -155,6 +158,23 @@ def test_a_status_maps_to_one_class(code: str, sqlstate: str | None, expected: s
     assert errors.error_class(code, sqlstate) is getattr(errors, expected)
 
 
+# Modules a blocking client's first answer must not load (each is imported where it is needed).
+_FIRST_ANSWER_NEEDS_NOT = (
+    "asyncio",
+    "grpc.aio",
+    "socket",
+    "ssl",
+    "grpc_status",
+    "google.rpc",
+    "lambda_client._diagnose",
+    "lambda_client.transaction",
+    "lambda_client._stream",
+    # protobuf's pure-Python message classes, which the upb backend never uses (_proto).
+    "google.protobuf.internal.python_message",
+    "google.protobuf.text_format",
+)
+
+
 def _fresh(code: str) -> str:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -190,6 +210,100 @@ def test_client_import_leaves_transactions_streams_and_random_to_first_use() -> 
         "print(sorted(m for m in names if m in sys.modules))\n"
     )
     assert _fresh(code).strip() == "[]"
+
+
+def test_first_query_leaves_asyncio_ssl_and_error_decoding_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # asyncio (with ssl, subprocess, socket) is about half of what `import grpc` costs on a
+    # cold start, and a blocking client never runs an event loop (lambda_client._grpc); the
+    # rest decode errors or explain an unreachable broker (docs/performance.md, "Cold start").
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        f"print(sorted(m for m in {_FIRST_ANSWER_NEEDS_NOT!r} if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
+def test_first_query_in_a_plain_layer_leaves_pathlib_and_urllib_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # As in a Lambda layer: no site hooks (this venv's editable install loads pathlib and
+    # urllib.parse at startup), only the client's directory and the installed packages on
+    # the path. pathlib reads a PEM file, urllib.parse (with ipaddress) signs IAM proofs.
+    path = [str(Path(lambda_client.__file__).parent.parent), *sys.path[1:]]
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "names = ('pathlib', 'urllib.parse', 'ipaddress', 'asyncio', 'ssl')\n"
+        "print(sorted(m for m in names if m in sys.modules and m not in before))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_dbapi_first_query_leaves_transactions_and_asyncio_to_first_use(
+    broker: BrokerProcess,
+) -> None:
+    # What Django and SQLAlchemy (AUTOCOMMIT) do first: connect, then one autocommit statement.
+    names = (*_FIRST_ANSWER_NEEDS_NOT, "secrets", "random")
+    code = (
+        "import sys\n"
+        "from lambda_client import dbapi\n"
+        f"cur = dbapi.connect({broker.target!r}, autocommit=True).cursor()\n"
+        "cur.execute('SELECT 1')\n"
+        "assert cur.fetchone() == (1,)\n"
+        f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
+    )
+    assert _fresh(code).strip() == "[]"
+
+
+def test_modules_loaded_before_the_client_are_never_replaced(broker: BrokerProcess) -> None:
+    # A handler that imported socket (boto3, requests) before the client: grpc must see that
+    # module, and no second copy may appear (a socket from one would not be an instance of
+    # the other's class).
+    code = (
+        "import socket, sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "import grpc\n"
+        "print(sys.modules['socket'] is socket, grpc._cython.cygrpc.__dict__['socket'] is socket)\n"
+    )
+    assert _fresh(code).split() == ["True", "True"]
+
+
+def test_asyncio_after_the_blocking_client_gets_the_real_grpc_aio(
+    broker: BrokerProcess,
+) -> None:
+    # grpc was imported without asyncio (lambda_client._grpc): importing asyncio and using
+    # grpc.aio afterwards must still work, with grpc's own references rebound to the real
+    # modules.
+    code = (
+        "import sys\n"
+        "from lambda_client import BrokerClient\n"
+        f"assert BrokerClient({broker.target!r}).query('SELECT 1').scalar() == 1\n"
+        "import asyncio\n"
+        "import grpc\n"
+        "from lambda_client.aio import AsyncBrokerClient\n"
+        "async def main():\n"
+        f"    db = AsyncBrokerClient({broker.target!r})\n"
+        "    return (await db.query('SELECT 2')).scalar()\n"
+        "print(asyncio.run(main()))\n"
+        "print(grpc.aio is sys.modules['grpc.aio'], grpc.aio.AioRpcError.__name__)\n"
+        "print(grpc._cython.cygrpc.__dict__['asyncio'] is asyncio)\n"
+    )
+    assert _fresh(code).split("\n")[:3] == ["2", "True AioRpcError", "True"]
 
 
 def test_client_never_imports_broker_pg8000_or_devtools() -> None:

@@ -24,14 +24,18 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lambda_client import errors
 from lambda_client._requests import LambdaContext
 from lambda_client._result import Result
 from lambda_client.client import BrokerClient
 from lambda_client.dbapi._cursor import Cursor, ServerCursor
-from lambda_client.transaction import Transaction
+
+if TYPE_CHECKING:
+    # Loaded by the first transaction (`BrokerClient.begin`): an autocommit connection, the
+    # Lambda default, never needs it.
+    from lambda_client.transaction import Transaction
 
 __all__ = [
     "MAX_REQUEST_BYTES",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -278,6 +277,8 @@ class ServerCursor(Cursor):
 
     def _declare(self, sql: str, values: list[Any], tx: Transaction, close_first: bool) -> None:
         statements: list[Any] = [f"CLOSE {self._quoted}"] if close_first else []
+        import secrets  # with hashlib, hmac and random: only a server-side cursor needs it
+
         self._tag = f"{secrets.token_hex(6)}"
         statements += [
             (f"DECLARE {self._quoted} NO SCROLL CURSOR WITHOUT HOLD FOR {sql}", values),
