@@ -60,6 +60,8 @@ log = logging.getLogger("pgbroker.memory")
 
 INTERVAL = 2.0
 GROWTH = 32 * 1024 * 1024
+# RSS that moved less than this between two checks has held still: the load is over.
+STEADY = 1024 * 1024
 ARENA_MAX = 2
 MMAP_THRESHOLD = 128 * 1024
 # mallopt parameters (glibc malloc.h).
@@ -161,6 +163,8 @@ class MemoryTrimmer:
         self.trims = 0
         self._task: asyncio.Task[None] | None = None
         self._floor = rss_bytes() or 0
+        self._last = self._floor  # RSS at the previous check
+        self._trimmed_steady = False  # trimmed at the level RSS has held since
 
     def start(self) -> None:
         if self._task is None and _malloc_trim is not None and rss_bytes() is not None:
@@ -179,9 +183,25 @@ class MemoryTrimmer:
             await asyncio.sleep(self.interval)
             rss = rss_bytes() or 0
             self._floor = min(self._floor, rss)
-            if rss - self._floor >= self.growth:
+            steady = abs(rss - self._last) < STEADY
+            if not steady:
+                self._trimmed_steady = False
+            if self._should_trim(rss, steady):
                 await loop.run_in_executor(None, malloc_trim)
                 self.trims += 1
                 after = rss_bytes() or 0
                 self._floor = min(self._floor, after)
+                self._trimmed_steady = steady
                 log.debug("malloc_trim", extra={"rss_before": rss, "rss_after": after})
+                rss = after
+            self._last = rss
+
+    def _should_trim(self, rss: int, steady: bool) -> bool:
+        """Trim while RSS is *growth* above the idle level; and once more when it has held
+        still (the load is over) a quarter of that above it: a trim during the load finds
+        much of the memory still in use, and what is freed after it would otherwise stay
+        (with Postgres I/O on the event loop, results are built in the main arena)."""
+        above = rss - self._floor
+        if above >= self.growth:
+            return True
+        return steady and not self._trimmed_steady and above >= self.growth // 4

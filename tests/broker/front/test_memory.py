@@ -79,6 +79,26 @@ def test_the_trimmer_trims_once_rss_has_grown() -> None:
     assert asyncio.run(run()) >= 1
 
 
+def test_the_trimmer_trims_once_more_when_rss_holds_still_below_its_growth() -> None:
+    """What is freed after a trim during the load (RSS then below *growth* over the idle
+    level) is given back once RSS has held still: one more trim, not one per check."""
+
+    async def run() -> int:
+        trimmer = MemoryTrimmer(interval=0.05, growth=64 << 20)
+        trimmer.start()
+        try:
+            held = [bytearray(64 << 10) for _ in range(400)]  # 25 MB: a quarter of 64 MB +
+            await asyncio.sleep(0.3)
+            del held
+            await asyncio.sleep(0.5)
+        finally:
+            await trimmer.stop()
+        return trimmer.trims
+
+    trims = asyncio.run(run())
+    assert 1 <= trims <= 3  # the held level, the level after the free: not every check (16)
+
+
 def test_a_broker_gives_back_the_memory_of_big_results(start_broker_process: Any) -> None:
     broker = start_broker_process(max_inflight_per_caller=0, pool_size=4)
     pid = broker.pid
