@@ -18,6 +18,7 @@ The parsers of values (durations, byte sizes, host:port, the database URL) are i
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
@@ -53,6 +54,8 @@ __all__ = [
     "DatabaseTarget",
     "Setting",
     "Settings",
+    "cgroup_cpu_quota",
+    "cpu_max_quota",
     "default_values",
     "load_settings",
     "lookup",
@@ -64,6 +67,7 @@ __all__ = [
     "parse_listen",
     "read_config_file",
     "shown_default",
+    "task_cpus",
 ]
 
 ENV_PREFIX = "PGBROKER_"
@@ -138,6 +142,74 @@ def _pool_size(values: Mapping[str, Any]) -> int:
 def _half_of_admitted(values: Mapping[str, Any]) -> int:
     # Half of what the broker admits, so one caller cannot fill the queue.
     return (values["pool_size"] + values["max_waiting"]) // 2
+
+
+# cgroup v2: the CPU quota of the process's cgroup and of each one above it. A Fargate task's
+# vCPUs and Docker's ``--cpus`` become this quota; the CPUs the process sees stay the host's.
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def cpu_max_quota(text: str) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` line (``"200000 100000"``: quota and period in
+    microseconds), or None for no quota (``"max 100000"``) or text that is no such line."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _own_cgroup(proc_cgroup: str) -> str:
+    """The process's cgroup v2 path (``0::/ecs/task/container``), "/" when unknown."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("0::"):
+                    return line[3:].strip() or "/"
+    except OSError:
+        pass
+    return "/"
+
+
+def cgroup_cpu_quota(root: str, proc_cgroup: str) -> tuple[float, str] | None:
+    """The smallest ``cpu.max`` quota from the process's cgroup (named in *proc_cgroup*) up to
+    the hierarchy's *root*, in CPUs, and the file it came from; None when no level has a quota
+    (or no cgroup v2 is mounted)."""
+    path = _own_cgroup(proc_cgroup).strip("/")
+    found: tuple[float, str] | None = None
+    while True:
+        file = os.path.join(root, path, "cpu.max") if path else os.path.join(root, "cpu.max")
+        try:
+            with open(file, encoding="utf-8") as handle:
+                quota = cpu_max_quota(handle.read())
+        except OSError:
+            quota = None
+        if quota is not None and (found is None or quota < found[0]):
+            found = (quota, file)
+        if not path:
+            return found
+        path = os.path.dirname(path)
+
+
+def task_cpus() -> tuple[int, str]:
+    """CPUs this process may use, at least 1, and why: the cgroup CPU quota rounded up (a
+    Fargate task's vCPUs), but no more than the CPUs of its affinity mask."""
+    affinity = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(CGROUP_ROOT, PROC_CGROUP)
+    if quota is not None and math.ceil(quota[0]) < affinity:
+        cpus = max(1, math.ceil(quota[0]))
+        return cpus, f"cgroup CPU quota {quota[0]:g} CPUs ({quota[1]}), rounded up"
+    return max(1, affinity), f"{affinity} CPUs in the process's affinity mask"
+
+
+def _workers_default(values: Mapping[str, Any]) -> int:
+    # One process per CPU the task may use (one event loop keeps about one core busy), but
+    # never more than pool_size: each worker holds at least one connection.
+    return max(1, min(int(values["pool_size"] or 1), task_cpus()[0]))
 
 
 # -------------------------------------------------------------------------------- the table
@@ -442,10 +514,14 @@ class Settings:
     )
     workers: int = setting(
         integer,
-        1,
+        DERIVED,
         "server processes sharing the listen port (`SO_REUSEPORT`), each holding"
-        " `pool_size // workers` connections; stats and health are per process",
+        " `pool_size // workers` connections; `GetStats` answers with the sum over all of"
+        " them, health is per process",
         check=at_least(1),
+        derive=_workers_default,
+        shown_default="the CPUs the task may use (cgroup `cpu.max` quota rounded up, else the"
+        " affinity mask), at most `pool_size`",
     )
     max_replicas: int = setting(
         integer,
@@ -621,7 +697,7 @@ class Settings:
         flag=False,
         env=("AWS_REGION", "AWS_DEFAULT_REGION"),
     )
-    worker: tuple[int, int, int] | None = setting(
+    worker: tuple[int, int, int, str] | None = setting(
         worker_marker,
         None,
         "set by the supervisor in each worker's environment (broker/front/workers.py)",

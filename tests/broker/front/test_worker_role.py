@@ -49,7 +49,15 @@ def test_the_marker_gives_index_port_and_readiness_pipe() -> None:
     assert role == WorkerRole(index=2, port=50051, ready_fd=9)
 
 
-@pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", " "])
+def test_the_marker_gives_the_directory_of_the_figure_sockets() -> None:
+    # A directory name may hold a comma: it is everything after the third one.
+    role = worker_role(settings({WORKER_ENV: "1,50051,9,/tmp/pgbroker-workers-a,b"}))
+    assert role == WorkerRole(
+        index=1, port=50051, ready_fd=9, sibling_dir="/tmp/pgbroker-workers-a,b"
+    )
+
+
+@pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", "1,2,x,/tmp/d", " "])
 def test_a_malformed_marker_is_an_error_not_a_silent_single_process(marker: str) -> None:
     with pytest.raises(ConfigError, match=WORKER_ENV):
         worker_role(settings({WORKER_ENV: marker}))
