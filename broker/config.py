@@ -55,6 +55,7 @@ __all__ = [
     "Setting",
     "Settings",
     "cgroup_cpu_quota",
+    "cgroup_v1_cpu_quota",
     "cpu_max_quota",
     "default_values",
     "load_settings",
@@ -195,11 +196,31 @@ def cgroup_cpu_quota(root: str, proc_cgroup: str) -> tuple[float, str] | None:
         path = os.path.dirname(path)
 
 
+def cgroup_v1_cpu_quota(root: str) -> tuple[float, str] | None:
+    """cgroup v1's CPU quota (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of the ``cpu``
+    controller mounted under *root*, as a container sees its own), in CPUs, and the file;
+    None when it is -1 (no quota) or not there."""
+    for controller in ("cpu", "cpu,cpuacct"):
+        quota_file = os.path.join(root, controller, "cpu.cfs_quota_us")
+        try:
+            with (
+                open(quota_file, encoding="utf-8") as quota,
+                open(
+                    os.path.join(root, controller, "cpu.cfs_period_us"), encoding="utf-8"
+                ) as period,
+            ):
+                cpus = cpu_max_quota(f"{quota.read().strip()} {period.read().strip()}")
+        except OSError:
+            continue
+        return (cpus, quota_file) if cpus is not None else None
+    return None
+
+
 def task_cpus() -> tuple[int, str]:
     """CPUs this process may use, at least 1, and why: the cgroup CPU quota rounded up (a
     Fargate task's vCPUs), but no more than the CPUs of its affinity mask."""
     affinity = len(os.sched_getaffinity(0))
-    quota = cgroup_cpu_quota(CGROUP_ROOT, PROC_CGROUP)
+    quota = cgroup_cpu_quota(CGROUP_ROOT, PROC_CGROUP) or cgroup_v1_cpu_quota(CGROUP_ROOT)
     if quota is not None and math.ceil(quota[0]) < affinity:
         cpus = max(1, math.ceil(quota[0]))
         return cpus, f"cgroup CPU quota {quota[0]:g} CPUs ({quota[1]}), rounded up"
@@ -520,8 +541,8 @@ class Settings:
         " them, health is per process",
         check=at_least(1),
         derive=_workers_default,
-        shown_default="the CPUs the task may use (cgroup `cpu.max` quota rounded up, else the"
-        " affinity mask), at most `pool_size`",
+        shown_default="the CPUs the task may use (its cgroup CPU quota rounded up: a Fargate"
+        " task's vCPUs; else the affinity mask), at most `pool_size`",
     )
     max_replicas: int = setting(
         integer,

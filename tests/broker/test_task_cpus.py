@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 import broker.config as config
-from broker.config import ConfigError, cgroup_cpu_quota, cpu_max_quota, load_settings, task_cpus
+from broker.config import (
+    ConfigError,
+    cgroup_cpu_quota,
+    cgroup_v1_cpu_quota,
+    cpu_max_quota,
+    load_settings,
+    task_cpus,
+)
 
 URL = "postgresql://u@localhost/db"
 AFFINITY = len(os.sched_getaffinity(0))
@@ -59,6 +66,22 @@ def test_no_quota_anywhere_or_no_cgroup_v2_is_none(tmp_path: Path) -> None:
     root, proc = _cgroup(tmp_path, {"/": "max 100000"})
     assert cgroup_cpu_quota(root, proc) is None
     assert cgroup_cpu_quota(str(tmp_path / "missing"), str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    ("controller", "quota", "cpus"),
+    [("cpu", "200000", 2.0), ("cpu,cpuacct", "150000", 1.5), ("cpu", "-1", None)],
+)
+def test_cgroup_v1_gives_its_cfs_quota(
+    tmp_path: Path, controller: str, quota: str, cpus: float | None
+) -> None:
+    directory = tmp_path / controller
+    directory.mkdir()
+    (directory / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (directory / "cpu.cfs_period_us").write_text("100000\n")
+    found = cgroup_v1_cpu_quota(str(tmp_path))
+    assert (found[0] if found else None) == cpus
+    assert cgroup_v1_cpu_quota(str(tmp_path / "missing")) is None
 
 
 @pytest.fixture
