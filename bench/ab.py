@@ -9,6 +9,9 @@ in turn, alternating which goes first every round. Per run it records the broker
 CPU per request (user + system, all threads: less sensitive to other work on the machine than
 latency), Postgres' CPU per request (postmaster and backends), tx/s, p50 and the load average.
 Prints one JSON document: every run, and per workload the medians of A and B and B ÷ A.
+
+Each broker runs with its own tree's default worker count (``--workers``: one per CPU since
+issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both.
 """
 
 from __future__ import annotations

@@ -260,10 +260,10 @@ class BrokerServer:
         """A larger pool must fit the connection budget read at start (as start() checks;
         the replica monitor's connection there is checked with the replicas'), and a smaller
         one must leave each running worker a connection."""
-        if worker_pool_size(new) < 1:
+        if new.pool_size < old.workers:  # the running workers stay: old.workers
             raise ValueError(
                 f"PGBROKER_POOL_SIZE={new.pool_size}: fewer connections than the"
-                f" {new.workers} workers running (each needs one); restart to change the"
+                f" {old.workers} workers running (each needs one); restart to change the"
                 " number of workers"
             )
         if new.pool_size <= old.pool_size or self.budget_probe.budget is None:

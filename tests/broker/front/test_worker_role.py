@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import ConfigError, load_settings
+from broker.config import ConfigError, load_settings, task_cpus
+from broker.front.reload import ReloadRefused
 from broker.front.workers import WORKER_ENV, WorkerRole, _reserve, worker_pool_size, worker_role
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import request, rows
@@ -134,3 +135,20 @@ def test_a_worker_serves_on_the_reserved_port_with_its_share_and_reports_ready(
             assert (stats["worker"], stats["workers"], stats["worker_pid"]) == (1, 2, os.getpid())
     finally:
         os.close(read_end)
+
+
+def test_a_reload_below_one_connection_per_running_worker_is_refused(
+    postgres: Any, reservation: socket.socket
+) -> None:
+    if task_cpus()[0] < 2:
+        pytest.skip("the default worker count is 1 here")
+    role = WorkerRole(index=0, port=reservation.getsockname()[1], ready_fd=-1)
+    # workers=None: the default (one per CPU, at most pool_size), which a reload of a smaller
+    # pool_size would lower, while the running workers stay.
+    with InProcessBroker(postgres.dsn, pool_size=4, workers=None, worker=role) as broker:
+        assert broker.settings.workers == 2
+        with pytest.raises(ReloadRefused, match="fewer connections than the 2 workers"):
+            broker.call(broker.server.controls.reload({"pool_size": "1"}))
+        assert broker.server.pool.size == 2  # 4 // 2, kept
+        broker.call(broker.server.controls.reload({"pool_size": "2"}))
+        assert broker.server.pool.size == 1
