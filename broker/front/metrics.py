@@ -107,6 +107,8 @@ __all__ = [
 log = logging.getLogger("pgbroker.metrics")
 
 DEFAULT_NAMESPACE = "pgbroker"
+# Seconds worker 0's publisher waits for every worker to answer before its first period.
+WORKERS_START_WAIT = 60.0
 DEFAULT_SERVICE = "pgbroker"
 
 # metric name -> (unit, stats key): reported as they are now.
@@ -314,7 +316,9 @@ class MetricsPublisher:
     ``worker_pid``): a restarted worker counts from zero, and a worker that missed a period
     reports its change since the last period it answered, so neither shows up as a spike or a
     gap. The figures at `start` are the baseline, so a restarted worker 0 does not report the
-    others' counts since their start again.
+    others' counts since their start again; the first period waits (up to
+    `WORKERS_START_WAIT` seconds) until all *workers* answer, so it does not report a task
+    that is still starting as a smaller one.
 
     `start` begins the loop on the running event loop; `stop` ends it and writes a last period,
     so a draining replica reports what it did since the previous one. A failure to read or write
@@ -330,11 +334,13 @@ class MetricsPublisher:
         namespace: str | None = None,
         service: str | None = None,
         collect: Callable[[], Awaitable[list[dict[str, int]]]] | None = None,
+        workers: int = 1,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be greater than 0")
         self.get_stats = get_stats
         self.collect = collect
+        self.workers = workers
         self.interval = interval
         self.stream = stream
         self.namespace = namespace
@@ -387,6 +393,20 @@ class MetricsPublisher:
         before = [self._previous.get(_worker_pid(part), {}) for part in now]
         return combine(before) if len(before) > 1 else before[0]
 
+    async def _baseline_at_start(
+        self, collect: Callable[[], Awaitable[list[dict[str, int]]]]
+    ) -> None:
+        deadline = time.monotonic() + WORKERS_START_WAIT
+        while True:
+            with contextlib.suppress(Exception):
+                parts = await collect()
+                self._previous = _by_worker(parts)
+                if len(parts) >= self.workers:
+                    return
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
+
     async def _collect_and_publish(self) -> None:
         parts = None
         if self.collect is not None:
@@ -405,8 +425,7 @@ class MetricsPublisher:
 
     async def _run(self) -> None:
         if self.collect is not None:
-            with contextlib.suppress(Exception):
-                self._previous = _by_worker(await self.collect())
+            await self._baseline_at_start(self.collect)
         while True:
             await asyncio.sleep(self.interval)
             await self._collect_and_publish()

@@ -397,7 +397,10 @@ class BrokerServer:
         if settings.metrics_interval > 0 and (self.worker is None or self.worker.index == 0):
             collect = self.siblings.parts if self.siblings is not None else None
             self.metrics = MetricsPublisher(
-                self.service.get_stats, settings.metrics_interval, collect=collect
+                self.service.get_stats,
+                settings.metrics_interval,
+                collect=collect,
+                workers=settings.workers if collect is not None else 1,
             )
             self.metrics.start()
         self._serving_task = asyncio.create_task(self._serve_when_filled())
@@ -469,6 +472,8 @@ class BrokerServer:
         if self.metrics is not None:
             await self.metrics.stop()
         if self.siblings is not None:
+            if self.metrics is None and self.settings.metrics_interval > 0:
+                await self.siblings.linger(0)  # worker 0 publishes this worker's figures too
             await self.siblings.stop()
         await self.key_sweeper.stop()
         if self._descriptor_watch is not None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ log = logging.getLogger("pgbroker.workers")
 # Seconds a worker waits for a sibling's figures (they come from memory: a healthy sibling
 # answers in about a millisecond, even when busy it answers within its event loop's turn).
 ASK_TIMEOUT = 1.0
+# Seconds a stopping worker keeps serving its figures for worker 0's last metrics period.
+LINGER = 3 * ASK_TIMEOUT
 _SERVICE = "pgbroker.internal.Worker"
 _STATS = f"/{_SERVICE}/GetStats"
 _CALLERS = f"/{_SERVICE}/ShowCallers"
@@ -178,12 +181,24 @@ class Siblings:
         )
 
     async def stop(self) -> None:
+        """Stop serving this worker's figures; its socket is removed (`linger` waits for
+        that)."""
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path(self.directory, self.index))
+
+    async def linger(self, index: int, timeout: float = LINGER) -> None:
+        """While stopping: wait (at most *timeout* seconds) until worker *index* has stopped
+        serving its figures, so its last look at this worker's still finds them (worker 0
+        writes the last EMF period of every worker while they all drain)."""
+        deadline = time.monotonic() + timeout
+        while os.path.exists(socket_path(self.directory, index)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _channel(self, index: int) -> grpc.aio.Channel:
         channel = self._channels.get(index)

@@ -137,6 +137,8 @@ def test_any_worker_answers_with_every_workers_figures(sibling_dir: str) -> None
             assert [(c.caller, c.in_flight) for c in callers.callers] == [("fn", 3)]
             # A worker that does not answer (restarting) is left out, and the figures say so.
             await workers[1].stop()
+            assert not os.path.exists(socket_path(sibling_dir, 1))
+            await workers[0].linger(1)  # returns at once: worker 1 serves no more
             stats = await workers[0].get_stats()
             assert stats["workers_answered"] == 1 and stats["rpcs_num"] == 7
         finally:
