@@ -536,9 +536,9 @@ class Settings:
     workers: int = setting(
         integer,
         DERIVED,
-        "server processes sharing the listen port (`SO_REUSEPORT`), each holding"
-        " `pool_size // workers` connections; `GetStats` answers with the sum over all of"
-        " them, health is per process",
+        "server processes sharing the listen port (`SO_REUSEPORT`), sharing `pool_size`"
+        " connections (each at least one); `GetStats` answers with the sum over all of them,"
+        " health is per process",
         check=at_least(1),
         derive=_workers_default,
         shown_default="the CPUs the task may use (its cgroup CPU quota rounded up: a Fargate"
@@ -944,7 +944,7 @@ def _check_workers(settings: Settings, r: _Resolver) -> None:
         source = r.raw(_BY_NAME["workers"])[1]
         r.problems.append(
             f"{source}={settings.workers}: more workers than pool_size {settings.pool_size} "
-            "(each worker holds pool_size // workers connections, at least 1); "
+            "(each worker holds at least one of the pool_size connections); "
             "raise PGBROKER_POOL_SIZE or lower PGBROKER_WORKERS"
         )
 

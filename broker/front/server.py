@@ -172,6 +172,7 @@ class BrokerServer:
             settings = worker.apply(settings)
         self.settings = settings
         self.worker = worker
+        self.worker_index = worker.index if worker is not None else 0
         self.flags, self.environ = flags, environ
         self.port = 0
         self.phase = "created"  # what start() is doing, for a SIGTERM during it
@@ -277,7 +278,7 @@ class BrokerServer:
         """A reload's live settings, into the pool, the services and the authenticators."""
         self.settings = new
         self.pool.reconfigure(
-            size=worker_pool_size(new),
+            size=worker_pool_size(new, self.worker_index),
             max_waiting=new.max_waiting,
             queue_timeout=new.queue_timeout,
             max_lifetime=new.max_lifetime,
@@ -319,7 +320,7 @@ class BrokerServer:
         self.budget_probe = BudgetProbe(self.functions_probe)
         return Pool(
             self.budget_probe,
-            size=worker_pool_size(settings),
+            size=worker_pool_size(settings, self.worker_index),
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
@@ -357,7 +358,9 @@ class BrokerServer:
         self.phase = "building the server"
         # Before any socket opens: the soft open-file limit up to the hard one, and a warning
         # with the arithmetic if it cannot hold the callers (broker/front/fdlimit.py).
-        descriptors = raise_nofile(settings.max_waiting, worker_pool_size(settings))
+        descriptors = raise_nofile(
+            settings.max_waiting, worker_pool_size(settings, self.worker_index)
+        )
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.phase = f"binding {settings.listen}"
@@ -441,7 +444,10 @@ class BrokerServer:
             self.settings.workers,
             self.settings.listen_host,
             self.port,
-            extra={"worker": self.worker.index, "pool_size": worker_pool_size(self.settings)},
+            extra={
+                "worker": self.worker.index,
+                "pool_size": worker_pool_size(self.settings, self.worker_index),
+            },
         )
 
     async def _serve_when_filled(self) -> None:

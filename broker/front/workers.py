@@ -11,7 +11,8 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
 * it starts N children with its own command line and environment plus the ``_PGBROKER_WORKER``
   marker (index, concrete port, a pipe to report readiness), so they serve instead of forking.
   Each child binds the address with ``grpc.so_reuseport=1`` and holds ``pool_size // N``
-  server connections; the kernel spreads new client connections over them;
+  server connections (the first ``pool_size % N`` one more); the kernel spreads new client
+  connections over them;
 * once every worker has started it logs ``listening on HOST:PORT`` once, with the real port;
 * it forwards SIGTERM/SIGINT to the workers, waits for them to drain and exits 0 when all of
   them exited 0;
@@ -116,9 +117,12 @@ def worker_role(settings: Settings) -> WorkerRole | None:
     return WorkerRole(index, port, ready_fd, sibling_dir)
 
 
-def worker_pool_size(settings: Settings) -> int:
-    """Server connections one worker holds: ``pool_size // workers`` (config ensures >= 1)."""
-    return settings.pool_size // settings.workers
+def worker_pool_size(settings: Settings, index: int = 0) -> int:
+    """Server connections worker *index* holds: ``pool_size // workers``, plus one for the
+    first ``pool_size % workers`` workers, so that together they hold ``pool_size`` (config
+    ensures each holds at least one)."""
+    share, left = divmod(settings.pool_size, settings.workers)
+    return share + (1 if index < left else 0)
 
 
 def supervise(

@@ -26,12 +26,21 @@ def settings(environ: dict[str, str] | None = None, **flags: Any) -> Any:
 
 @pytest.mark.parametrize(
     ("pool_size", "workers", "each"),
-    [(20, 1, 20), (20, 2, 10), (20, 3, 6), (7, 2, 3), (4, 4, 1), (5, 4, 1), (100, 8, 12)],
+    [
+        (20, 1, [20]),
+        (20, 2, [10, 10]),
+        (20, 3, [7, 7, 6]),
+        (7, 2, [4, 3]),
+        (3, 2, [2, 1]),
+        (4, 4, [1, 1, 1, 1]),
+        (5, 4, [2, 1, 1, 1]),
+        (100, 8, [13, 13, 13, 13, 12, 12, 12, 12]),
+    ],
 )
-def test_each_worker_holds_pool_size_floor_divided_by_workers(
-    pool_size: int, workers: int, each: int
-) -> None:
-    assert worker_pool_size(settings(pool_size=pool_size, workers=workers)) == each
+def test_the_workers_share_pool_size_exactly(pool_size: int, workers: int, each: list[int]) -> None:
+    configured = settings(pool_size=pool_size, workers=workers)
+    assert [worker_pool_size(configured, index) for index in range(workers)] == each
+    assert sum(each) == pool_size
 
 
 def test_more_workers_than_connections_is_refused_by_the_settings() -> None:
@@ -131,7 +140,7 @@ def test_a_worker_serves_on_the_reserved_port_with_its_share_and_reports_ready(
             reply = broker.stub().Execute(request("SELECT 41 + 1"), timeout=10)
             assert rows(reply.results[0]) == [(42,)]
             stats = broker.stats()
-            assert stats["pool_size"] == 2  # 5 // 2
+            assert stats["pool_size"] == 2  # worker 1 of 2: 5 // 2 (worker 0 holds the third)
             assert (stats["worker"], stats["workers"], stats["worker_pid"]) == (1, 2, os.getpid())
     finally:
         os.close(read_end)
