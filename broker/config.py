@@ -940,6 +940,8 @@ def _values(r: _Resolver) -> dict[str, Any]:
 
 
 def _check_workers(settings: Settings, r: _Resolver) -> None:
+    if settings.workers is None or settings.pool_size is None:  # refused already
+        return
     if settings.workers > settings.pool_size:
         source = r.raw(_BY_NAME["workers"])[1]
         r.problems.append(

@@ -270,13 +270,21 @@ class _Supervisor:
         return child
 
     def _start_all(self) -> bool:
-        """Start every worker and wait until each reports ready; False if one failed first
-        (the others are then being stopped) or a signal came."""
-        for index in range(self.settings.workers):
+        """Start worker 0 and wait until it reports ready, then the others, and wait until
+        each reports ready; False if one failed first (the others are then being stopped) or
+        a signal came.
+
+        Worker 0 first: what fails for one fails for all (an unreachable database, a pool over
+        the connection budget), and then one worker says so, once, having opened one
+        connection; and the first connection's one-time work (the key store) is done by one."""
+        return self._start(range(1)) and self._start(range(1, self.settings.workers))
+
+    def _start(self, indexes: range) -> bool:
+        for index in indexes:
             if self.stopping:  # a signal came while starting: start no more
                 break
             self.children.append(self._spawn(index))
-        pending = set(range(len(self.children)))
+        pending = set(indexes)
         while pending and not self.stopping:
             for index, ready in self._readiness(_POLL):
                 pending.discard(index)
