@@ -11,6 +11,9 @@ latency), Postgres' CPU per request (postmaster and backends), tx/s, p50 and the
 Prints one JSON document: every run, and per workload the medians of A and B and B ÷ A.
 ``w4`` runs W4's Django view (bench/django_view.py, this tree's client) instead of
 `bench.load`: its figures are per view (10 queries).
+
+Each broker runs with its own tree's default worker count (``--workers``: one per CPU since
+issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from bench.procs import rss_bytes
 from devtools.brokerproc import BrokerProcess
 from devtools.localpg import LocalPostgres
 from lambda_client import codec
@@ -34,11 +35,11 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """The broker's RSS: *pid* and its worker processes (``--workers``, one per CPU)."""
+    rss = rss_bytes(pid)
+    if rss is None:
+        raise RuntimeError("no VmRSS")
+    return rss / 2**20
 
 
 def req(sql: str, params: list[Any] | None = None) -> pb.ExecuteRequest:

@@ -185,7 +185,8 @@ class Bench:
         _log("starting the broker")
         pg = self.pg
         url = f"postgresql://{ROLES[PGBROKER]}@{pg.host}:{pg.port}/{pg.database}?sslmode=disable"
-        # BENCH_BROKER_WORKERS=N runs the broker with --workers N (docs/broker.md).
+        # The broker's default worker count (one per CPU the machine gives it), which is what
+        # the targets are about; BENCH_BROKER_WORKERS=N runs it with --workers N.
         workers = os.environ.get("BENCH_BROKER_WORKERS", "")
         broker = BrokerProcess(
             url,

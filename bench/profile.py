@@ -36,7 +36,10 @@ class _Recorder:
         # --gil: only the thread holding the GIL is sampled, so the samples show where the
         # broker's Python CPU goes (idle workers blocked in C do not count).
         # --nonblocking: the broker is not paused per sample, so its throughput holds up.
+        # --subprocesses: with the default --workers (one per CPU) the pid is the supervisor
+        # and the work is in its worker processes.
         argv = [_py_spy(), "record", "-p", str(self.pid), "-r", "200", "--threads", "--gil"]
+        argv += ["--subprocesses"]
         argv += ["--nonblocking", "-d", str(max(1, round(self.seconds))), "-f", "raw"]
         argv += ["-o", str(self.out.with_suffix(".txt"))]
         self.procs.append(self.bench.procs.start(argv))

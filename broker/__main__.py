@@ -216,7 +216,7 @@ def _run(flags: dict[str, str | None], argv: Sequence[str], *, entry: bool = Fal
             logger.append_keys(worker=role.index)  # on every line, modules' loggers included
         phase = "starting"
         if settings.workers > 1 and role is None:
-            return supervise(settings, argv)
+            return supervise(settings, argv, flags)
         return run(settings, serve(settings, role, flags))
     except ConfigError as exc:
         print(f"pgbroker: bad configuration: {exc}", file=sys.stderr)

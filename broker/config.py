@@ -18,6 +18,7 @@ The parsers of values (durations, byte sizes, host:port, the database URL) are i
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
@@ -53,6 +54,9 @@ __all__ = [
     "DatabaseTarget",
     "Setting",
     "Settings",
+    "cgroup_cpu_quota",
+    "cgroup_v1_cpu_quota",
+    "cpu_max_quota",
     "default_values",
     "load_settings",
     "lookup",
@@ -64,6 +68,7 @@ __all__ = [
     "parse_listen",
     "read_config_file",
     "shown_default",
+    "task_cpus",
 ]
 
 ENV_PREFIX = "PGBROKER_"
@@ -140,6 +145,94 @@ def _pool_size(values: Mapping[str, Any]) -> int:
 def _half_of_admitted(values: Mapping[str, Any]) -> int:
     # Half of what the broker admits, so one caller cannot fill the queue.
     return (values["pool_size"] + values["max_waiting"]) // 2
+
+
+# cgroup v2: the CPU quota of the process's cgroup and of each one above it. A Fargate task's
+# vCPUs and Docker's ``--cpus`` become this quota; the CPUs the process sees stay the host's.
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def cpu_max_quota(text: str) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` line (``"200000 100000"``: quota and period in
+    microseconds), or None for no quota (``"max 100000"``) or text that is no such line."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _own_cgroup(proc_cgroup: str) -> str:
+    """The process's cgroup v2 path (``0::/ecs/task/container``), "/" when unknown."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("0::"):
+                    return line[3:].strip() or "/"
+    except OSError:
+        pass
+    return "/"
+
+
+def cgroup_cpu_quota(root: str, proc_cgroup: str) -> tuple[float, str] | None:
+    """The smallest ``cpu.max`` quota from the process's cgroup (named in *proc_cgroup*) up to
+    the hierarchy's *root*, in CPUs, and the file it came from; None when no level has a quota
+    (or no cgroup v2 is mounted)."""
+    path = _own_cgroup(proc_cgroup).strip("/")
+    found: tuple[float, str] | None = None
+    while True:
+        file = os.path.join(root, path, "cpu.max") if path else os.path.join(root, "cpu.max")
+        try:
+            with open(file, encoding="utf-8") as handle:
+                quota = cpu_max_quota(handle.read())
+        except OSError:
+            quota = None
+        if quota is not None and (found is None or quota < found[0]):
+            found = (quota, file)
+        if not path:
+            return found
+        path = os.path.dirname(path)
+
+
+def cgroup_v1_cpu_quota(root: str) -> tuple[float, str] | None:
+    """cgroup v1's CPU quota (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of the ``cpu``
+    controller mounted under *root*, as a container sees its own), in CPUs, and the file;
+    None when it is -1 (no quota) or not there."""
+    for controller in ("cpu", "cpu,cpuacct"):
+        quota_file = os.path.join(root, controller, "cpu.cfs_quota_us")
+        try:
+            with (
+                open(quota_file, encoding="utf-8") as quota,
+                open(
+                    os.path.join(root, controller, "cpu.cfs_period_us"), encoding="utf-8"
+                ) as period,
+            ):
+                cpus = cpu_max_quota(f"{quota.read().strip()} {period.read().strip()}")
+        except OSError:
+            continue
+        return (cpus, quota_file) if cpus is not None else None
+    return None
+
+
+def task_cpus() -> tuple[int, str]:
+    """CPUs this process may use, at least 1, and why: the cgroup CPU quota rounded up (a
+    Fargate task's vCPUs), but no more than the CPUs of its affinity mask."""
+    affinity = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(CGROUP_ROOT, PROC_CGROUP) or cgroup_v1_cpu_quota(CGROUP_ROOT)
+    if quota is not None and math.ceil(quota[0]) < affinity:
+        cpus = max(1, math.ceil(quota[0]))
+        return cpus, f"cgroup CPU quota {quota[0]:g} CPUs ({quota[1]}), rounded up"
+    return max(1, affinity), f"{affinity} CPUs in the process's affinity mask"
+
+
+def _workers_default(values: Mapping[str, Any]) -> int:
+    # One process per CPU the task may use (one event loop keeps about one core busy), but
+    # never more than pool_size: each worker holds at least one connection.
+    return max(1, min(int(values["pool_size"] or 1), task_cpus()[0]))
 
 
 # -------------------------------------------------------------------------------- the table
@@ -452,10 +545,14 @@ class Settings:
     )
     workers: int = setting(
         integer,
-        1,
-        "server processes sharing the listen port (`SO_REUSEPORT`), each holding"
-        " `pool_size // workers` connections; stats and health are per process",
+        DERIVED,
+        "server processes sharing the listen port (`SO_REUSEPORT`), sharing `pool_size`"
+        " connections (each at least one); `GetStats` answers with the sum over all of them,"
+        " health is per process",
         check=at_least(1),
+        derive=_workers_default,
+        shown_default="the CPUs the task may use (its cgroup CPU quota rounded up: a Fargate"
+        " task's vCPUs; else the affinity mask), at most `pool_size`",
     )
     max_replicas: int = setting(
         integer,
@@ -647,7 +744,7 @@ class Settings:
         flag=False,
         env=("AWS_REGION", "AWS_DEFAULT_REGION"),
     )
-    worker: tuple[int, int, int] | None = setting(
+    worker: tuple[int, int, int, str] | None = setting(
         worker_marker,
         None,
         "set by the supervisor in each worker's environment (broker/front/workers.py)",
@@ -869,11 +966,13 @@ def _values(r: _Resolver) -> dict[str, Any]:
 
 
 def _check_workers(settings: Settings, r: _Resolver) -> None:
+    if settings.workers is None or settings.pool_size is None:  # refused already
+        return
     if settings.workers > settings.pool_size:
         source = r.raw(_BY_NAME["workers"])[1]
         r.problems.append(
             f"{source}={settings.workers}: more workers than pool_size {settings.pool_size} "
-            "(each worker holds pool_size // workers connections, at least 1); "
+            "(each worker holds at least one of the pool_size connections); "
             "raise PGBROKER_POOL_SIZE or lower PGBROKER_WORKERS"
         )
 

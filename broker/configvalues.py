@@ -199,13 +199,20 @@ def parse_replica_urls(text: str) -> tuple[DatabaseTarget, ...]:
     return tuple(targets)
 
 
-def worker_marker(text: str) -> tuple[int, int, int]:
-    """``index,port,ready_fd``, written by the supervisor (broker/front/workers.py)."""
+def worker_marker(text: str) -> tuple[int, int, int, str]:
+    """``index,port,ready_fd[,dir]``, written by the supervisor (broker/front/workers.py);
+    *dir* is where the workers serve their figures to each other ("" when not given)."""
+    head = text.split(",", 3)
     try:
-        index, port, ready_fd = (int(part) for part in text.split(","))
+        index, port, ready_fd = (int(part) for part in head[:3])
     except ValueError:
-        raise ValueError("must be index,port,ready_fd (set by the supervisor only)") from None
-    return index, port, ready_fd
+        raise ValueError("must be index,port,ready_fd,dir (set by the supervisor only)") from None
+    directory = head[3] if len(head) > 3 else ""
+    if len(head) > 3 and not directory.startswith("/"):
+        raise ValueError(
+            "must be index,port,ready_fd,dir with an absolute dir (set by the supervisor only)"
+        )
+    return index, port, ready_fd, directory
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -135,7 +135,7 @@ def frame(
         ("pgbroker top ", "bold"),
         f"{target}  {time.strftime('%H:%M:%S')}  ",
         (state, "bold red" if state == "PAUSED" else "green"),
-        f"  workers: {stats.get('workers', 1)}" + (" (one shown)" if "worker" in stats else ""),
+        f"  workers: {stats.get('workers', 1)}" + _workers_shown(stats),
     )
     pools = Table(title="pools", title_justify="left", expand=False)
     pools.add_column("target")
@@ -172,6 +172,16 @@ def frame(
 
 def _cell(figures: Mapping[str, int], key: str) -> str:
     return str(figures[key]) if key in figures else "—"
+
+
+def _workers_shown(stats: Mapping[str, int]) -> str:
+    """What part of the workers the figures cover: all (the broker's sum), or fewer when a
+    worker did not answer (restarting), or one (a broker that does not combine them)."""
+    workers = stats.get("workers", 1)
+    answered = stats.get("workers_answered", workers)
+    if "worker" in stats:
+        return " (one shown)"
+    return "" if answered >= workers else f" ({answered} answered)"
 
 
 def _callers_tables(callers: pb.ShowCallersResponse | str) -> list[Any]:

@@ -18,7 +18,8 @@ the signal to its supervisor, which forwards it to every worker (broker/front/wo
 the RPC answers once this worker has acted (its reload's outcome, or its refusal). A reload's
 ``key=value`` overrides cannot travel in a signal: with workers they are refused (put the
 value in ``PGBROKER_CONFIG_FILE`` instead). ``Pause(wait=true)`` waits for the worker that
-answered; the others drain at the same time but are not waited for.
+answered; the others drain at the same time but are not waited for, and the reply's figures are
+that worker's. ``ShowCallers`` answers for every worker (broker/front/siblings.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 from broker.errors import BrokerFailure, Code, Reason
 from broker.front.reload import Reloader, ReloadOutcome, ReloadRefused
+from broker.front.siblings import Siblings
 from broker.front.status import failure_for, status_for
 from broker.pooling.pool import Pool
 from broker.security.identity import current_identity
@@ -156,6 +158,8 @@ class AdminService(pb_grpc.AdminServicer):
         self.stats = stats
         self.inflight = inflight
         self.holds = holds
+        # With --workers N (broker/front/siblings.py): ShowCallers answers for all workers.
+        self.siblings: Siblings | None = None
 
     async def Pause(self, request: pb.PauseRequest, context: Any) -> pb.AdminReply:
         async def act() -> str:
@@ -219,7 +223,13 @@ class AdminService(pb_grpc.AdminServicer):
     async def ShowCallers(
         self, request: pb.ShowCallersRequest, context: Any
     ) -> pb.ShowCallersResponse:
-        limit = request.limit if request.limit > 0 else DEFAULT_SHOWN
+        if self.siblings is not None:  # --workers N: every worker's callers and leases
+            return await self.siblings.show_callers(request, _limit(request))
+        return await self.own_callers(request)
+
+    async def own_callers(self, request: pb.ShowCallersRequest) -> pb.ShowCallersResponse:
+        """This process's busiest callers and longest leases."""
+        limit = _limit(request)
         waiting = self.controls.pool.waiting_by_caller()
         reply = pb.ShowCallersResponse()
         for key, in_flight in self.inflight.busiest(limit):
@@ -243,6 +253,10 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort_with_status(status_for(failure))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
         return pb.AdminReply(message=message, paused=self.controls.pool.paused, stats=self.stats())
+
+
+def _limit(request: pb.ShowCallersRequest) -> int:
+    return request.limit if request.limit > 0 else DEFAULT_SHOWN
 
 
 def _who() -> str:

@@ -87,10 +87,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+
+from broker.front.siblings import combine
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -105,6 +107,8 @@ __all__ = [
 log = logging.getLogger("pgbroker.metrics")
 
 DEFAULT_NAMESPACE = "pgbroker"
+# Seconds worker 0's publisher waits for every worker to answer before its first period.
+WORKERS_START_WAIT = 60.0
 DEFAULT_SERVICE = "pgbroker"
 
 # metric name -> (unit, stats key): reported as they are now.
@@ -307,6 +311,15 @@ class MetricsPublisher:
     """Emit one period's EMF lines every *interval* seconds from *get_stats* while running
     (`lines` counts the lines written).
 
+    With ``--workers N``, *collect* gives each worker's figures (broker/front/siblings.py) and
+    one publisher reports their sum. A counter's change is then taken worker by worker (by
+    ``worker_pid``): a restarted worker counts from zero, and a worker that missed a period
+    reports its change since the last period it answered, so neither shows up as a spike or a
+    gap. The figures at `start` are the baseline, so a restarted worker 0 does not report the
+    others' counts since their start again; the first period waits (up to
+    `WORKERS_START_WAIT` seconds) until all *workers* answer, so it does not report a task
+    that is still starting as a smaller one.
+
     `start` begins the loop on the running event loop; `stop` ends it and writes a last period,
     so a draining replica reports what it did since the previous one. A failure to read or write
     is logged and the loop goes on: metrics never stop the broker.
@@ -320,26 +333,35 @@ class MetricsPublisher:
         stream: TextIO | None = None,
         namespace: str | None = None,
         service: str | None = None,
+        collect: Callable[[], Awaitable[list[dict[str, int]]]] | None = None,
+        workers: int = 1,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be greater than 0")
         self.get_stats = get_stats
+        self.collect = collect
+        self.workers = workers
         self.interval = interval
         self.stream = stream
         self.namespace = namespace
         self.service = service
         self.lines = 0
-        self._previous: dict[str, int] | None = None
+        # Each worker's figures at the previous period, by worker_pid (0: a single process).
+        self._previous: dict[int, dict[str, int]] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def publish(self) -> list[dict[str, Any]] | None:
-        """Emit one period's lines now; return their documents (the ``service``-only one
-        first), or None if it failed (and was logged)."""
+    def publish(
+        self, parts: Sequence[Mapping[str, int]] | None = None
+    ) -> list[dict[str, Any]] | None:
+        """Emit one period's lines now, from each worker's figures (*parts*; default: this
+        process's); return their documents (the ``service``-only one first), or None if it
+        failed (and was logged)."""
         try:
-            stats = dict(self.get_stats())
+            now = [dict(part) for part in parts] if parts else [dict(self.get_stats())]
+            stats = combine(now) if len(now) > 1 else now[0]
             records = emit(
                 stats,
-                self._previous,
+                self._baseline(now),
                 stream=self.stream,
                 namespace=self.namespace,
                 service=self.service,
@@ -347,9 +369,53 @@ class MetricsPublisher:
         except Exception:
             log.exception("cannot publish metrics")
             return None
-        self._previous = stats
+        self._remember(now)
         self.lines += len(records)
         return records
+
+    def _remember(self, now: list[dict[str, int]]) -> None:
+        """Keep *now* as the previous period's figures; a worker that did not answer keeps
+        its older ones, until another process answers as that worker (it was restarted)."""
+        previous = self._previous or {}
+        replaced = {part.get("worker") for part in now}
+        kept = {
+            pid: part
+            for pid, part in previous.items()
+            if "worker" in part and part["worker"] not in replaced
+        }
+        self._previous = {**kept, **_by_worker(now)}
+
+    def _baseline(self, now: list[dict[str, int]]) -> dict[str, int] | None:
+        """What the counters of *now*'s workers were at the previous period (a worker not
+        seen then: zero)."""
+        if self._previous is None:
+            return None
+        before = [self._previous.get(_worker_pid(part), {}) for part in now]
+        return combine(before) if len(before) > 1 else before[0]
+
+    async def _baseline_at_start(
+        self, collect: Callable[[], Awaitable[list[dict[str, int]]]]
+    ) -> None:
+        deadline = time.monotonic() + WORKERS_START_WAIT
+        while True:
+            with contextlib.suppress(Exception):
+                parts = await collect()
+                self._previous = _by_worker(parts)
+                if len(parts) >= self.workers:
+                    return
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
+
+    async def _collect_and_publish(self) -> None:
+        parts = None
+        if self.collect is not None:
+            try:
+                parts = await self.collect()
+            except Exception:
+                log.exception("cannot collect the workers' figures")
+                return
+        self.publish(parts)
 
     def start(self) -> MetricsPublisher:
         """Start publishing on the running event loop; return self."""
@@ -358,9 +424,11 @@ class MetricsPublisher:
         return self
 
     async def _run(self) -> None:
+        if self.collect is not None:
+            await self._baseline_at_start(self.collect)
         while True:
             await asyncio.sleep(self.interval)
-            self.publish()
+            await self._collect_and_publish()
 
     async def stop(self) -> None:
         """Stop the loop and emit a last period with the figures since the previous one."""
@@ -370,4 +438,12 @@ class MetricsPublisher:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        self.publish()
+        await self._collect_and_publish()
+
+
+def _worker_pid(stats: Mapping[str, int]) -> int:
+    return int(stats.get("worker_pid", 0))
+
+
+def _by_worker(parts: Sequence[Mapping[str, int]]) -> dict[int, dict[str, int]]:
+    return {_worker_pid(part): dict(part) for part in parts}

@@ -40,6 +40,7 @@ from broker.front.metrics import MetricsPublisher
 from broker.front.reload import Reloader
 from broker.front.replicas import Replicas, connect_for, monitor_connections
 from broker.front.service import BrokerService
+from broker.front.siblings import Siblings
 from broker.front.stream import StreamService, stream_handler
 from broker.front.transact import TransactService, transact_handler
 from broker.front.workers import WorkerRole, log_listening, worker_pool_size
@@ -174,6 +175,8 @@ class BrokerServer:
             settings = worker.apply(settings)
         self.settings = settings
         self.worker = worker
+        self.worker_index = worker.index if worker is not None else 0
+        self.flags, self.environ = flags, environ
         self.port = 0
         self.phase = "created"  # what start() is doing, for a SIGTERM during it
         self.pool = self._pool(settings)
@@ -219,6 +222,7 @@ class BrokerServer:
         self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
         self._controls(flags, environ)
+        self.siblings = self._siblings()
 
     def _controls(self, flags: Mapping[str, Any] | None, environ: Mapping[str, str] | None) -> None:
         """PAUSE/RESUME/RELOAD (broker/front/admin.py) and the operators' authenticator."""
@@ -240,9 +244,32 @@ class BrokerServer:
             self.controls, self.service.get_stats, self.service.inflight, self.transact.holds
         )
 
+    def _siblings(self) -> Siblings | None:
+        """With --workers N: GetStats and ShowCallers answer for every worker
+        (broker/front/siblings.py)."""
+        worker = self.worker
+        if worker is None or not worker.sibling_dir or self.settings.workers < 2:
+            return None
+        siblings = Siblings(
+            worker.sibling_dir,
+            worker.index,
+            self.settings.workers,
+            self.service.get_stats,
+            self.admin.own_callers,
+        )
+        self.service.siblings = self.admin.siblings = siblings
+        return siblings
+
     def _check_budget(self, old: Settings, new: Settings) -> None:
         """A larger pool must fit the connection budget read at start (as start() checks;
-        the replica monitor's connection there is checked with the replicas')."""
+        the replica monitor's connection there is checked with the replicas'), and a smaller
+        one must leave each running worker a connection."""
+        if new.pool_size < old.workers:  # the running workers stay: old.workers
+            raise ValueError(
+                f"PGBROKER_POOL_SIZE={new.pool_size}: fewer connections than the"
+                f" {old.workers} workers running (each needs one); restart to change the"
+                " number of workers"
+            )
         if new.pool_size <= old.pool_size or self.budget_probe.budget is None:
             return
         try:
@@ -254,7 +281,7 @@ class BrokerServer:
         """A reload's live settings, into the pool, the services and the authenticators."""
         self.settings = new
         self.pool.reconfigure(
-            size=worker_pool_size(new),
+            size=worker_pool_size(new, self.worker_index),
             max_waiting=new.max_waiting,
             queue_timeout=new.queue_timeout,
             max_lifetime=new.max_lifetime,
@@ -296,7 +323,7 @@ class BrokerServer:
         self.budget_probe = BudgetProbe(self.functions_probe)
         return Pool(
             self.budget_probe,
-            size=worker_pool_size(settings),
+            size=worker_pool_size(settings, self.worker_index),
             max_waiting=settings.max_waiting,
             queue_timeout=settings.queue_timeout,
             max_lifetime=settings.max_lifetime,
@@ -337,7 +364,9 @@ class BrokerServer:
         self.phase = "building the server"
         # Before any socket opens: the soft open-file limit up to the hard one, and a warning
         # with the arithmetic if it cannot hold the callers (broker/front/fdlimit.py).
-        descriptors = raise_nofile(settings.max_waiting, worker_pool_size(settings))
+        descriptors = raise_nofile(
+            settings.max_waiting, worker_pool_size(settings, self.worker_index)
+        )
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.phase = f"binding {settings.listen}"
@@ -370,15 +399,25 @@ class BrokerServer:
             self._descriptor_watch = DescriptorWatch(descriptors.soft)
             self._descriptor_watch.start()
         self.trimmer.start()
-        if settings.metrics_interval > 0:
-            self.metrics = MetricsPublisher(self.service.get_stats, settings.metrics_interval)
+        if self.siblings is not None:
+            await self.siblings.start()
+        # With --workers N, worker 0 publishes the figures of all of them (the dashboard and
+        # the autoscaling read one broker task as one publisher).
+        if settings.metrics_interval > 0 and (self.worker is None or self.worker.index == 0):
+            collect = self.siblings.parts if self.siblings is not None else None
+            self.metrics = MetricsPublisher(
+                self.service.get_stats,
+                settings.metrics_interval,
+                collect=collect,
+                workers=settings.workers if collect is not None else 1,
+            )
             self.metrics.start()
         self._serving_task = asyncio.create_task(self._serve_when_filled())
         if self.worker is not None:
             self._log_worker_started()
             self.worker.report_ready()  # the supervisor logs "listening on" for all workers
             return self.port
-        log_listening(settings, self.port)
+        log_listening(settings, self.port, self.flags, self.environ)
         return self.port
 
     def _learn_builtin_functions(self) -> None:
@@ -411,7 +450,10 @@ class BrokerServer:
             self.settings.workers,
             self.settings.listen_host,
             self.port,
-            extra={"worker": self.worker.index, "pool_size": worker_pool_size(self.settings)},
+            extra={
+                "worker": self.worker.index,
+                "pool_size": worker_pool_size(self.settings, self.worker_index),
+            },
         )
 
     async def _serve_when_filled(self) -> None:
@@ -441,6 +483,10 @@ class BrokerServer:
         await self.server.stop(grace)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.siblings is not None:
+            if self.metrics is None and self.settings.metrics_interval > 0:
+                await self.siblings.linger(0)  # worker 0 publishes this worker's figures too
+            await self.siblings.stop()
         await self.key_sweeper.stop()
         if self._descriptor_watch is not None:
             await self._descriptor_watch.stop()
@@ -517,6 +563,9 @@ async def _abandon_start(server: BrokerServer) -> None:
         await server.pool.close()
     with contextlib.suppress(Exception):
         await server.server.stop(0)
+    if server.siblings is not None:
+        with contextlib.suppress(Exception):
+            await server.siblings.stop()
 
 
 def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:

@@ -85,6 +85,7 @@ from broker.errors import BrokerFailure, Code, Reason
 from broker.flow.batch import Batch, ExecuteOutcome, application_name, execute
 from broker.flow.routing import Router, run_on_replica_or_primary
 from broker.flow.stream import StreamStats
+from broker.front.siblings import Siblings
 from broker.front.status import failure_fields, failure_for, failure_reason, status_for
 from broker.pooling.pool import Pool
 from broker.pooling.targets import Target, TargetSet
@@ -235,6 +236,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.statement_timeout = statement_timeout
         # Constant figures added to GetStats (a worker's index and pid with --workers N > 1).
         self.extra_stats: dict[str, int] = {}
+        # With --workers N: GetStats combines every worker's figures (broker/front/siblings.py).
+        self.siblings: Siblings | None = None
         # Live figures added to GetStats (Transact's leases: broker/front/transact.py).
         self.stats_sources: list[Callable[[], dict[str, int]]] = []
         self.limits = limits
@@ -435,6 +438,8 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatsResponse:
+        if self.siblings is not None:  # --workers N: the sum over every worker
+            return pb.GetStatsResponse(stats=await self.siblings.get_stats())
         return pb.GetStatsResponse(stats=self.get_stats())
 
     def get_stats(self) -> dict[str, int]:

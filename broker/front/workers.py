@@ -11,7 +11,8 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
 * it starts N children with its own command line and environment plus the ``_PGBROKER_WORKER``
   marker (index, concrete port, a pipe to report readiness), so they serve instead of forking.
   Each child binds the address with ``grpc.so_reuseport=1`` and holds ``pool_size // N``
-  server connections; the kernel spreads new client connections over them;
+  server connections (the first ``pool_size % N`` one more); the kernel spreads new client
+  connections over them;
 * once every worker has started it logs ``listening on HOST:PORT`` once, with the real port;
 * it forwards SIGTERM/SIGINT to the workers, waits for them to drain and exits 0 when all of
   them exited 0;
@@ -26,8 +27,15 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
   worker that fails its first start, makes it stop the others and exit 1 (the orchestrator
   then replaces the task).
 
-Figures (``GetStats``, ``python -m broker stats``, EMF metrics) and health are per worker: a
-call reaches whichever worker the kernel chose for its connection.
+The default is one worker per CPU the task may use (`broker.config.task_cpus`: the cgroup
+CPU quota rounded up, which is what a Fargate task's vCPUs become, else the affinity mask), at
+most ``pool_size``; the ``listening on`` line says how many and why.
+
+Figures are the broker's, not one worker's: each worker serves its own on a unix socket in a
+directory the supervisor creates (mode 0700) and removes, and the worker that gets
+``GetStats`` or ``ShowCallers`` adds its siblings' figures to its own
+(broker/front/siblings.py); worker 0 alone publishes the EMF metrics, of all workers. Health
+is per worker: a call reaches whichever worker the kernel chose for its connection.
 """
 
 from __future__ import annotations
@@ -42,12 +50,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import FrameType
+from typing import Any
 
-from broker.config import Settings, named
+from broker.config import Settings, named, origins, task_cpus
 
 __all__ = [
     "RESTART_LIMIT",
@@ -83,6 +93,9 @@ class WorkerRole:
     index: int
     port: int
     ready_fd: int
+    # The supervisor's private directory (mode 0700) of the workers' figure sockets
+    # (broker/front/siblings.py); "" when none was given.
+    sibling_dir: str = ""
 
     def apply(self, settings: Settings) -> Settings:
         """*settings* with the port the supervisor reserved (the configured one may be 0)."""
@@ -100,26 +113,33 @@ def worker_role(settings: Settings) -> WorkerRole | None:
     """The role of this process if a supervisor started it (`Settings.worker`), else None."""
     if settings.worker is None:
         return None
-    index, port, ready_fd = settings.worker
-    return WorkerRole(index, port, ready_fd)
+    index, port, ready_fd, sibling_dir = settings.worker
+    return WorkerRole(index, port, ready_fd, sibling_dir)
 
 
-def worker_pool_size(settings: Settings) -> int:
-    """Server connections one worker holds: ``pool_size // workers`` (config ensures >= 1)."""
-    return settings.pool_size // settings.workers
+def worker_pool_size(settings: Settings, index: int = 0) -> int:
+    """Server connections worker *index* holds: ``pool_size // workers``, plus one for the
+    first ``pool_size % workers`` workers, so that together they hold ``pool_size`` (config
+    ensures each holds at least one)."""
+    share, left = divmod(settings.pool_size, settings.workers)
+    return share + (1 if index < left else 0)
 
 
-def supervise(settings: Settings, argv: Sequence[str]) -> int:
+def supervise(
+    settings: Settings, argv: Sequence[str], flags: Mapping[str, Any] | None = None
+) -> int:
     """Run ``settings.workers`` child brokers (``python -m broker`` *argv*) until they exit;
-    return the exit code (0 when every worker exited 0 after SIGTERM/SIGINT, else 1)."""
+    return the exit code (0 when every worker exited 0 after SIGTERM/SIGINT, else 1). *flags*
+    are the command line's (the log says whether ``--workers`` was one)."""
     try:
         reservation = _reserve(settings.listen_host, settings.listen_port)
     except OSError as exc:
         print(f"pgbroker: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
         return 1
-    with reservation:
+    with reservation, tempfile.TemporaryDirectory(prefix="pgbroker-workers-") as sibling_dir:
+        # mkdtemp makes it 0700: only this user's processes reach the workers' figure sockets.
         port = int(reservation.getsockname()[1])
-        return _Supervisor(settings, argv, port).run()
+        return _Supervisor(settings, argv, port, sibling_dir, flags).run()
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -155,10 +175,19 @@ def _bind(host: str, port: int, *, reuse_addr: bool) -> socket.socket:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, argv: Sequence[str], port: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        argv: Sequence[str],
+        port: int,
+        sibling_dir: str,
+        flags: Mapping[str, Any] | None,
+    ) -> None:
         self.settings = settings
         self.argv = list(argv)
         self.port = port
+        self.sibling_dir = sibling_dir
+        self.flags = flags
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
         self.failed = False
@@ -224,7 +253,7 @@ class _Supervisor:
         """Start worker *index* (a first start or a restart); its readiness pipe is watched by
         ``self.selector``."""
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd}"}
+        env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd},{self.sibling_dir}"}
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "broker", *self.argv],
@@ -241,13 +270,21 @@ class _Supervisor:
         return child
 
     def _start_all(self) -> bool:
-        """Start every worker and wait until each reports ready; False if one failed first
-        (the others are then being stopped) or a signal came."""
-        for index in range(self.settings.workers):
+        """Start worker 0 and wait until it reports ready, then the others, and wait until
+        each reports ready; False if one failed first (the others are then being stopped) or
+        a signal came.
+
+        Worker 0 first: what fails for one fails for all (an unreachable database, a pool over
+        the connection budget), and then one worker says so, once, having opened one
+        connection; and the first connection's one-time work (the key store) is done by one."""
+        return self._start(range(1)) and self._start(range(1, self.settings.workers))
+
+    def _start(self, indexes: range) -> bool:
+        for index in indexes:
             if self.stopping:  # a signal came while starting: start no more
                 break
             self.children.append(self._spawn(index))
-        pending = set(range(len(self.children)))
+        pending = set(indexes)
         while pending and not self.stopping:
             for index, ready in self._readiness(_POLL):
                 pending.discard(index)
@@ -275,7 +312,7 @@ class _Supervisor:
         log_listening(
             self.settings,
             self.port,
-            workers=self.settings.workers,
+            flags=self.flags,
             worker_pids=[child.pid for child in self.children],
         )
 
@@ -363,17 +400,45 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def log_listening(settings: Settings, port: int, **extra: object) -> None:
-    """The one ``listening on HOST:PORT`` line of a broker (single process or supervisor).
+def workers_why(
+    settings: Settings,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """Why the broker runs ``settings.workers`` processes: the CPUs it found (the default), or
+    where the setting came from."""
+    origin = origins(flags, environ).get("workers", "default")
+    if origin != "default":
+        return f"PGBROKER_WORKERS / --workers ({origin})"
+    cpus, why = task_cpus()
+    if settings.workers < cpus:
+        return f"{why}, at most pool_size {settings.pool_size}"
+    return why
+
+
+def log_listening(
+    settings: Settings,
+    port: int,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **extra: object,
+) -> None:
+    """The one ``listening on HOST:PORT`` line of a broker (single process or supervisor),
+    with how many worker processes serve and why (*flags* and *environ*: what the settings
+    were read from).
 
     Always written, whatever the log level: tools read the bound port from its JSON ``port``.
     """
     log.log(
         max(logging.INFO, log.getEffectiveLevel()),
-        "listening on %s:%d",
+        "listening on %s:%d with %d worker process%s (%s)",
         settings.listen_host,
         port,
+        settings.workers,
+        "" if settings.workers == 1 else "es",
+        workers_why(settings, flags, environ),
         extra={
+            "workers": settings.workers,
             "host": settings.listen_host,
             "port": port,
             "database": settings.database.redacted,

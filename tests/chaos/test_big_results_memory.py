@@ -44,6 +44,7 @@ def _call(stub: Any, sql: str) -> str:
 def test_rss_returns_within_20_percent_after_big_results(start_broker_process: Any) -> None:
     broker = start_broker_process(
         pool_size=4,
+        workers=1,  # one process: the RSS read is the serving process's, not a supervisor's
         max_inflight_per_caller=0,
         queue_timeout=180,
         statement_timeout=170,  # a shared CI machine may be slow; the point is memory

@@ -147,7 +147,9 @@ def _report(mode: str, figures: dict[str, int], kills: int, outcomes: dict[str, 
 def test_with_keys_no_transfer_is_lost_duplicated_or_unknown(
     start_broker_process: Any, admin: Any, ledger: str
 ) -> None:
-    broker = start_broker_process(pool_size=4)
+    # One process: SIGKILL must hit the process serving the calls (a supervisor's workers
+    # would get SIGTERM and drain, which is no crash).
+    broker = start_broker_process(pool_size=4, workers=1)
     run = _run(broker, ledger, keys=True)
     figures = _audit(admin, ledger, run["outcomes"])
     _report("keys", figures, run["kills"], run["outcomes"])
@@ -160,7 +162,7 @@ def test_with_keys_no_transfer_is_lost_duplicated_or_unknown(
 def test_without_keys_in_flight_transfers_are_outcome_unknown_never_unavailable(
     start_broker_process: Any, admin: Any, ledger: str
 ) -> None:
-    broker = start_broker_process(pool_size=4)
+    broker = start_broker_process(pool_size=4, workers=1)  # one process, as above
     run = _run(broker, ledger, keys=False)
     figures = _audit(admin, ledger, run["outcomes"])
     _report("no-keys", figures, run["kills"], run["outcomes"])

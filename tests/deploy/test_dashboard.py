@@ -12,6 +12,7 @@ per-reason ones included. The autoscaling policy's metric gets the same check.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from typing import Any
@@ -232,3 +233,30 @@ def test_a_metric_the_broker_does_not_emit_is_caught() -> None:
     assert calls.key == ("QueryRequests", frozenset({"service"}))
     assert failed.key == ("QueryRequestsFailed", frozenset({"service"}))
     assert dict(failed.dimensions) == {"service": "s"}
+
+
+def _metrics_of(docs: list[dict[str, Any]]) -> set[tuple[str, str, frozenset[str]]]:
+    return {
+        (directive["Namespace"], metric["Name"], frozenset(dimension_set))
+        for doc in docs
+        for directive in doc["_aws"]["CloudWatchMetrics"]
+        for dimension_set in directive["Dimensions"]
+        for metric in directive["Metrics"]
+    }
+
+
+def test_a_task_with_two_workers_publishes_what_one_process_does_for_the_whole_task() -> None:
+    """With PGBROKER_WORKERS=2, worker 0 publishes once per period for both workers: the same
+    metrics and dimensions as a single process (so every check above holds), with the task's
+    sums, so the dashboard's and the autoscaling's "per broker task" stays per task."""
+    parts = [
+        {**full_stats(), "worker": index, "worker_pid": 100 + index, "workers": 2}
+        for index in (0, 1)
+    ]
+    publisher = metrics.MetricsPublisher(dict, 60, stream=io.StringIO(), namespace="ns")
+    docs = publisher.publish(parts)
+    assert docs is not None
+    assert _metrics_of(docs) == _metrics_of(metrics.emf_records(full_stats(), namespace="ns"))
+    service_line = docs[0]
+    assert service_line["ClientConnectionsWaiting"] == [2 * full_stats()["requests_waiting"]]
+    assert service_line["QueryRequests"] == [2 * full_stats()["rpcs_num"]]

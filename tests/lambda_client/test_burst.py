@@ -138,7 +138,8 @@ def many_descriptors() -> Iterator[None]:
 def test_burst_of_calls_on_new_channels_is_never_cancelled(
     start_broker_process: Callable[..., BrokerProcess], many_descriptors: None
 ) -> None:
-    broker = start_broker_process(pool_size=2)
+    # One process: SIGSTOP must stop the process serving the calls (not a supervisor).
+    broker = start_broker_process(pool_size=2, workers=1)
     assert broker.proc is not None
     pid = broker.proc.pid
     failures = asyncio.run(

@@ -45,6 +45,9 @@ def broker(postgres: Any) -> Iterator[BrokerProcess]:
         postgres.dsn + "?sslmode=disable",
         log_level="INFO",
         pool_size=POOL,
+        # One process: _pooled_timezones holds POOL leases at once over one channel, which
+        # reaches one worker; with workers that worker holds only its share of the pool.
+        workers=1,
         auth="none",
         # iterator() in autocommit holds a lease while it is read: a million rows outlast
         # the default 30 s on a loaded machine.

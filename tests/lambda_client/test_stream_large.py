@@ -37,7 +37,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def broker(postgres: Any) -> Iterator[BrokerProcess]:
-    with BrokerProcess(postgres.dsn + "?sslmode=disable", pool_size=2, auth="none") as process:
+    # One process: the broker RSS measured is the serving process's (not a supervisor's).
+    dsn = postgres.dsn + "?sslmode=disable"
+    with BrokerProcess(dsn, pool_size=2, auth="none", workers=1) as process:
         yield process
 
 

@@ -35,8 +35,11 @@ class Broker:
 
     def __init__(self, dsn: str, soft: int, hard: int, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGBROKER_")}
+        # One process: these tests read the limits of the process they started and the one
+        # warning it logs (with workers, each worker checks its own limit and logs its own).
+        argv = ["run", "--listen", "127.0.0.1:0", "--workers", "1", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run", "--listen", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "broker", *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -100,7 +100,8 @@ def test_the_trimmer_trims_once_more_when_rss_holds_still_below_its_growth() -> 
 
 
 def test_a_broker_gives_back_the_memory_of_big_results(start_broker_process: Any) -> None:
-    broker = start_broker_process(max_inflight_per_caller=0, pool_size=4)
+    # One process: the RSS read is the serving process's (a supervisor serves nothing).
+    broker = start_broker_process(max_inflight_per_caller=0, pool_size=4, workers=1)
     pid = broker.pid
     options = [("grpc.max_receive_message_length", 256 << 20)]
     with grpc.insecure_channel(broker.target, options=options) as channel:

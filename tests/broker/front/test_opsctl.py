@@ -237,12 +237,16 @@ def test_an_admin_token_that_is_also_a_callers_is_refused_at_start() -> None:
 
 @pytest.fixture
 def config_broker(postgres: Any, tmp_path: Path) -> Iterator[tuple[BrokerProcess, Path]]:
-    """A broker process whose pool size comes from its config file (2), with an admin token."""
+    """A broker process whose pool size comes from its config file (2), with an admin token.
+
+    One process (``--workers 1``): `reload key=value` overrides work on a single process only
+    (with workers they are refused, docs/broker.md); the workers' controls have their own test
+    (test_workers_all_reload_and_pause_through_the_supervisor)."""
     config = tmp_path / "pgbroker.env"
     config.write_text("PGBROKER_POOL_SIZE=2\n")
     env = {"PGBROKER_CONFIG_FILE": str(config), "PGBROKER_ADMIN_TOKENS": ADMIN}
     process = BrokerProcess(
-        postgres.dsn + "?sslmode=disable", env=env, auth="none", shutdown_grace=2
+        postgres.dsn + "?sslmode=disable", env=env, auth="none", shutdown_grace=2, workers=1
     )
     with process:  # started by the with
         assert process.wait_serving()

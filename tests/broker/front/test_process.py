@@ -113,7 +113,9 @@ def _refused(target: str) -> bool:
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
     broker_command: Any, admin: Any
 ) -> None:
-    process = broker_command("--pool-size", "2", "--shutdown-grace", "20")
+    # One process: the four calls share one channel, which reaches one worker; the two
+    # running and two queued below need the whole pool of 2 in that process.
+    process = broker_command("--pool-size", "2", "--shutdown-grace", "20", "--workers", "1")
     # Every request waits on an advisory lock the test holds, so two stay running and two
     # queued until the test releases it, after the broker has stopped accepting calls.
     admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)

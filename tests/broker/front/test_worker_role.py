@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import ConfigError, load_settings
+from broker.config import ConfigError, load_settings, task_cpus
+from broker.front.reload import ReloadRefused
 from broker.front.workers import WORKER_ENV, WorkerRole, _reserve, worker_pool_size, worker_role
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import request, rows
@@ -25,12 +26,21 @@ def settings(environ: dict[str, str] | None = None, **flags: Any) -> Any:
 
 @pytest.mark.parametrize(
     ("pool_size", "workers", "each"),
-    [(20, 1, 20), (20, 2, 10), (20, 3, 6), (7, 2, 3), (4, 4, 1), (5, 4, 1), (100, 8, 12)],
+    [
+        (20, 1, [20]),
+        (20, 2, [10, 10]),
+        (20, 3, [7, 7, 6]),
+        (7, 2, [4, 3]),
+        (3, 2, [2, 1]),
+        (4, 4, [1, 1, 1, 1]),
+        (5, 4, [2, 1, 1, 1]),
+        (100, 8, [13, 13, 13, 13, 12, 12, 12, 12]),
+    ],
 )
-def test_each_worker_holds_pool_size_floor_divided_by_workers(
-    pool_size: int, workers: int, each: int
-) -> None:
-    assert worker_pool_size(settings(pool_size=pool_size, workers=workers)) == each
+def test_the_workers_share_pool_size_exactly(pool_size: int, workers: int, each: list[int]) -> None:
+    configured = settings(pool_size=pool_size, workers=workers)
+    assert [worker_pool_size(configured, index) for index in range(workers)] == each
+    assert sum(each) == pool_size
 
 
 def test_more_workers_than_connections_is_refused_by_the_settings() -> None:
@@ -49,7 +59,15 @@ def test_the_marker_gives_index_port_and_readiness_pipe() -> None:
     assert role == WorkerRole(index=2, port=50051, ready_fd=9)
 
 
-@pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", " "])
+def test_the_marker_gives_the_directory_of_the_figure_sockets() -> None:
+    # A directory name may hold a comma: it is everything after the third one.
+    role = worker_role(settings({WORKER_ENV: "1,50051,9,/tmp/pgbroker-workers-a,b"}))
+    assert role == WorkerRole(
+        index=1, port=50051, ready_fd=9, sibling_dir="/tmp/pgbroker-workers-a,b"
+    )
+
+
+@pytest.mark.parametrize("marker", ["1,2", "a,b,c", "1,2,3,4", "1,2,x,/tmp/d", " "])
 def test_a_malformed_marker_is_an_error_not_a_silent_single_process(marker: str) -> None:
     with pytest.raises(ConfigError, match=WORKER_ENV):
         worker_role(settings({WORKER_ENV: marker}))
@@ -122,7 +140,24 @@ def test_a_worker_serves_on_the_reserved_port_with_its_share_and_reports_ready(
             reply = broker.stub().Execute(request("SELECT 41 + 1"), timeout=10)
             assert rows(reply.results[0]) == [(42,)]
             stats = broker.stats()
-            assert stats["pool_size"] == 2  # 5 // 2
+            assert stats["pool_size"] == 2  # worker 1 of 2: 5 // 2 (worker 0 holds the third)
             assert (stats["worker"], stats["workers"], stats["worker_pid"]) == (1, 2, os.getpid())
     finally:
         os.close(read_end)
+
+
+def test_a_reload_below_one_connection_per_running_worker_is_refused(
+    postgres: Any, reservation: socket.socket
+) -> None:
+    if task_cpus()[0] < 2:
+        pytest.skip("the default worker count is 1 here")
+    role = WorkerRole(index=0, port=reservation.getsockname()[1], ready_fd=-1)
+    # workers=None: the default (one per CPU, at most pool_size), which a reload of a smaller
+    # pool_size would lower, while the running workers stay.
+    with InProcessBroker(postgres.dsn, pool_size=4, workers=None, worker=role) as broker:
+        assert broker.settings.workers == 2
+        with pytest.raises(ReloadRefused, match="fewer connections than the 2 workers"):
+            broker.call(broker.server.controls.reload({"pool_size": "1"}))
+        assert broker.server.pool.size == 2  # 4 // 2, kept
+        broker.call(broker.server.controls.reload({"pool_size": "2"}))
+        assert broker.server.pool.size == 1

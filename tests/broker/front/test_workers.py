@@ -17,6 +17,7 @@ import grpc
 import pg8000.native
 import pytest
 
+from broker.config import task_cpus
 from broker.front.workers import RESTART_LIMIT
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -119,35 +120,33 @@ def test_two_workers_share_the_port_and_the_pool_and_stop_on_sigterm(
     worker_pids = set(record["worker_pids"])
     assert len(worker_pids) == 2 and process.proc.pid not in worker_pids
 
-    # Each channel is one connection, which the kernel gives to one worker: open channels
-    # until both workers have answered (1 in 2^40 to see only one by chance).
-    channels: dict[int, grpc.Channel] = {}
-    others: list[grpc.Channel] = []
+    # Each channel is one connection, which the kernel gives to one worker: 200 calls over 40
+    # channels reach both workers (1 in 2^39 to reach only one by chance).
+    channels = [
+        grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(40)
+    ]
     try:
-        for _ in range(40):
-            channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
-            assert stats["workers"] == 2 and stats["pool_size"] <= 2
-            if stats["worker_pid"] in channels:
-                others.append(channel)
-            else:
-                channels[int(stats["worker_pid"])] = channel
-            if len(channels) == 2:
-                break
-        assert set(channels) == worker_pids
-
-        stubs = [pb_grpc.BrokerStub(c) for c in [*channels.values(), *others]]
+        stubs = [pb_grpc.BrokerStub(channel) for channel in channels]
         futures = [
             stubs[i % len(stubs)].Execute.future(request(("SELECT $1::int", [i])), timeout=30)
             for i in range(200)
         ]
         assert sorted(rows(f.result().results[0])[0][0] for f in futures) == list(range(200))
         assert _backends(postgres, app) <= 4
-        for pid, channel in channels.items():
-            stats = pb_grpc.BrokerStub(channel).GetStats(pb.GetStatsRequest(), timeout=10).stats
-            assert stats["worker_pid"] == pid and stats["rpcs_num"] > 0
+        # Whichever worker answers GetStats, the figures are the broker's: counters added up
+        # exactly over the workers, with each worker's share in the breakdown.
+        for stub in stubs:
+            stats = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats
+            assert stats["workers"] == 2 and stats["workers_answered"] == 2
+            assert "worker_pid" not in stats
+            assert {stats["worker.0.worker_pid"], stats["worker.1.worker_pid"]} == worker_pids
+            assert stats["rpcs_num"] == 200 and stats["transactions_num"] == 200
+            assert stats["worker.0.rpcs_num"] > 0 and stats["worker.1.rpcs_num"] > 0
+            assert stats["worker.0.rpcs_num"] + stats["worker.1.rpcs_num"] == 200
+            assert stats["pool_max"] == 4 and stats["pool_active"] == 0
     finally:
-        for channel in [*channels.values(), *others]:
+        for channel in channels:
             channel.close()
 
     process.proc.send_signal(signal.SIGTERM)
@@ -251,3 +250,17 @@ def test_a_port_taken_by_another_broker_is_refused(supervisor: Any) -> None:
     assert second.proc.wait(30) == 1
     assert second.proc.stderr is not None
     assert f"cannot listen on 127.0.0.1:{port}" in second.proc.stderr.read()
+
+
+def test_by_default_one_worker_per_cpu_and_the_log_says_why(supervisor: Any) -> None:
+    cpus, why = task_cpus()
+    record = supervisor("--pool-size", "8").wait_listening()
+    assert record["workers"] == min(8, cpus)
+    assert f"with {min(8, cpus)} worker process" in record["message"] and why in record["message"]
+    assert len(record.get("worker_pids", [None])) == min(8, cpus)
+
+
+def test_an_explicit_worker_count_wins_and_the_log_says_so(supervisor: Any) -> None:
+    record = supervisor("--workers", "1", "--pool-size", "8").wait_listening()
+    assert record["workers"] == 1 and "worker_pids" not in record
+    assert "with 1 worker process (PGBROKER_WORKERS / --workers (flag))" in record["message"]
