@@ -48,6 +48,7 @@ from broker.configvalues import (
 
 __all__ = [
     "AUTH_MODES",
+    "MIN_POOL_PER_WORKER",
     "SETTINGS",
     "SSL_MODES",
     "ConfigError",
@@ -229,10 +230,17 @@ def task_cpus() -> tuple[int, str]:
     return max(1, affinity), f"{affinity} CPUs in the process's affinity mask"
 
 
+# Connections each worker holds at least when the worker count is the default. A client's
+# channel reaches one worker, so it waits for that worker's share of the pool even while
+# another worker's connections are idle: a small pool stays whole in one process.
+MIN_POOL_PER_WORKER = 4
+
+
 def _workers_default(values: Mapping[str, Any]) -> int:
     # One process per CPU the task may use (one event loop keeps about one core busy), but
-    # never more than pool_size: each worker holds at least one connection.
-    return max(1, min(int(values["pool_size"] or 1), task_cpus()[0]))
+    # each with at least MIN_POOL_PER_WORKER connections.
+    pool_size = int(values["pool_size"] or 1)
+    return max(1, min(pool_size // MIN_POOL_PER_WORKER, task_cpus()[0]))
 
 
 # -------------------------------------------------------------------------------- the table
@@ -552,7 +560,7 @@ class Settings:
         check=at_least(1),
         derive=_workers_default,
         shown_default="the CPUs the task may use (its cgroup CPU quota rounded up: a Fargate"
-        " task's vCPUs; else the affinity mask), at most `pool_size`",
+        " task's vCPUs; else the affinity mask), at most one per 4 connections of `pool_size`",
     )
     max_replicas: int = setting(
         integer,

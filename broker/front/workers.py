@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
-from broker.config import Settings, named, origins, task_cpus
+from broker.config import MIN_POOL_PER_WORKER, Settings, named, origins, task_cpus
 
 __all__ = [
     "RESTART_LIMIT",
@@ -412,7 +412,7 @@ def workers_why(
         return f"PGBROKER_WORKERS / --workers ({origin})"
     cpus, why = task_cpus()
     if settings.workers < cpus:
-        return f"{why}, at most pool_size {settings.pool_size}"
+        return f"{why}, at most one per {MIN_POOL_PER_WORKER} of pool_size {settings.pool_size}"
     return why
 
 

@@ -117,9 +117,13 @@ def test_a_quota_above_the_cpus_seen_is_capped_by_the_affinity_mask(cgroup: Any)
 
 
 @pytest.mark.skipif(AFFINITY < 2, reason="needs 2 CPUs in the affinity mask")
-def test_the_default_is_at_most_pool_size(cgroup: Any) -> None:
+def test_the_default_gives_each_worker_at_least_four_connections(cgroup: Any) -> None:
+    """A channel reaches one worker and waits for its share of the pool: a small pool stays
+    whole in one process."""
     cgroup("max 100000")
-    assert load_settings({"database_url": URL, "pool_size": 1}, environ={}).workers == 1
+    for pool_size, workers in ((1, 1), (3, 1), (7, 1), (8, 2), (20, 2)):
+        settings = load_settings({"database_url": URL, "pool_size": pool_size}, environ={})
+        assert settings.workers == workers, pool_size
 
 
 def test_an_explicit_worker_count_wins_over_the_cpus(cgroup: Any) -> None:
