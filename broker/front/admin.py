@@ -16,10 +16,12 @@ RELOAD); `AdminService` serves the RPCs behind the admin gate (broker/security/a
 With ``--workers N`` a call reaches one worker, so a worker does not act on its own: it sends
 the signal to its supervisor, which forwards it to every worker (broker/front/workers.py), and
 the RPC answers once this worker has acted (its reload's outcome, or its refusal). A reload's
-``key=value`` overrides cannot travel in a signal: with workers they are refused (put the
-value in ``PGBROKER_CONFIG_FILE`` instead). ``Pause(wait=true)`` waits for the worker that
-answered; the others drain at the same time but are not waited for, and the reply's figures are
-that worker's. ``ShowCallers`` answers for every worker (broker/front/siblings.py).
+``key=value`` overrides cannot travel in a signal: the worker asked reloads with them first (a
+refusal changes nothing anywhere), then asks each sibling to do the same over its private
+socket (broker/front/siblings.py); a sibling that did not is named in the failure.
+``Pause(wait=true)`` waits for the worker that answered; the others drain at the same time but
+are not waited for, and the reply's figures are that worker's. ``ShowCallers`` answers for
+every worker (broker/front/siblings.py).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ DEFAULT_SHOWN = 20
 
 
 class NotForwardable(BrokerFailure):
-    """A reload override sent to one worker of several: FAILED_PRECONDITION, nothing
-    changed."""
+    """A reload with overrides that did not reach every worker: FAILED_PRECONDITION, saying
+    which workers it changed."""
 
     code = Code.FAILED_PRECONDITION
     reason = Reason.BAD_REQUEST
@@ -209,16 +211,29 @@ class AdminService(pb_grpc.AdminServicer):
         if controls.supervisor is None:
             return await controls.reload(overrides, why=_who())
         if overrides:
-            raise NotForwardable(
-                "with --workers N, a reload cannot carry key=value overrides (a signal reaches"
-                " every worker, the overrides would not): put them in PGBROKER_CONFIG_FILE"
-                " and reload; nothing changed"
-            )
+            return await self._reload_workers(overrides)
         attempts = controls.reload_attempts
         await controls.fan_out(signal.SIGHUP, lambda: controls.reload_attempts > attempts)
         if isinstance(controls.last_reload, ReloadRefused):
             raise controls.last_reload
         return controls.last_reload
+
+    async def _reload_workers(self, overrides: dict[str, str]) -> ReloadOutcome:
+        """With --workers N, a reload with key=value overrides: a signal cannot carry them, so
+        this worker reloads first (a refusal changes nothing anywhere: every worker resolves
+        the same values) and then asks each sibling over its socket to do the same."""
+        if self.siblings is None:
+            raise NotForwardable(
+                "with --workers N, a reload cannot carry key=value overrides here: put them in"
+                " PGBROKER_CONFIG_FILE and reload; nothing changed"
+            )
+        outcome = await self.controls.reload(overrides, why=_who())
+        problems = await self.siblings.reload_others(overrides)
+        if problems:  # the operator must see it: the workers now differ
+            text = f"this worker {outcome.message}; NOT on " + "; ".join(problems)
+            log.error("reload with overrides not applied on every worker: %s", text)
+            raise NotForwardable(text)
+        return outcome
 
     async def ShowCallers(
         self, request: pb.ShowCallersRequest, context: Any

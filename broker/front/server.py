@@ -244,6 +244,11 @@ class BrokerServer:
             self.controls, self.service.get_stats, self.service.inflight, self.transact.holds
         )
 
+    async def _reload_from_sibling(self, overrides: dict[str, str]) -> str:
+        """A sibling's reload with key=value overrides reaching this worker (--workers N)."""
+        outcome = await self.controls.reload(overrides, why="forwarded by a sibling worker")
+        return outcome.message
+
     def _siblings(self) -> Siblings | None:
         """With --workers N: GetStats and ShowCallers answer for every worker
         (broker/front/siblings.py)."""
@@ -256,6 +261,7 @@ class BrokerServer:
             self.settings.workers,
             self.service.get_stats,
             self.admin.own_callers,
+            self._reload_from_sibling,
         )
         self.service.siblings = self.admin.siblings = siblings
         return siblings

@@ -39,11 +39,14 @@ log = logging.getLogger("pgbroker.workers")
 # Seconds a worker waits for a sibling's figures (they come from memory: a healthy sibling
 # answers in about a millisecond, even when busy it answers within its event loop's turn).
 ASK_TIMEOUT = 1.0
+# Seconds a sibling may take to reload (it may open or close connections).
+RELOAD_TIMEOUT = 30.0
 # Seconds a stopping worker keeps serving its figures for worker 0's last metrics period.
 LINGER = 3 * ASK_TIMEOUT
 _SERVICE = "pgbroker.internal.Worker"
 _STATS = f"/{_SERVICE}/GetStats"
 _CALLERS = f"/{_SERVICE}/ShowCallers"
+_RELOAD = f"/{_SERVICE}/Reload"
 
 # Figures that are the largest of the workers', not their sum: the oldest wait, the longest
 # checkout or lease, whether any pool is paused, and (an approximation) the slowest worker's
@@ -135,12 +138,16 @@ class Siblings:
         workers: int,
         stats: Callable[[], dict[str, int]],
         callers: Callable[[pb.ShowCallersRequest], Awaitable[pb.ShowCallersResponse]],
+        reload: Callable[[dict[str, str]], Awaitable[str]] | None = None,
     ) -> None:
         self.directory = directory
         self.index = index
         self.workers = workers
         self.stats = stats
         self.callers = callers
+        # A reload with key=value overrides, as this worker does it; its message, or it raises
+        # with the reason (the overrides cannot travel in the signal the supervisor forwards).
+        self.reload = reload
         self._server: grpc.aio.Server | None = None
         self._channels: dict[int, grpc.aio.Channel] = {}
 
@@ -164,6 +171,16 @@ class Siblings:
         async def callers(request: pb.ShowCallersRequest, context: Any) -> pb.ShowCallersResponse:
             return await self.callers(request)
 
+        async def reload(request: pb.ReloadRequest, context: Any) -> pb.AdminReply:
+            if self.reload is None:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no reload here")
+            assert self.reload is not None
+            try:
+                return pb.AdminReply(message=await self.reload(dict(request.overrides)))
+            except Exception as exc:  # its reason goes back to the worker that was asked
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                raise
+
         return grpc.method_handlers_generic_handler(
             _SERVICE,
             {
@@ -176,6 +193,11 @@ class Siblings:
                     callers,
                     request_deserializer=pb.ShowCallersRequest.FromString,
                     response_serializer=pb.ShowCallersResponse.SerializeToString,
+                ),
+                "Reload": grpc.unary_unary_rpc_method_handler(
+                    reload,
+                    request_deserializer=pb.ReloadRequest.FromString,
+                    response_serializer=pb.AdminReply.SerializeToString,
                 ),
             },
         )
@@ -243,3 +265,23 @@ class Siblings:
         own = await self.callers(request)
         replies = await self._gather(_CALLERS, request, pb.ShowCallersResponse)
         return merge_callers([own, *replies], limit)
+
+    async def reload_others(self, overrides: Mapping[str, str]) -> list[str]:
+        """Reload every other worker with *overrides*; what went wrong, one line per worker
+        that did not reload ([] when all did)."""
+        request = pb.ReloadRequest(overrides=dict(overrides))
+        others = [index for index in range(self.workers) if index != self.index]
+        outcomes = await asyncio.gather(*(self._reload_one(index, request) for index in others))
+        return [problem for problem in outcomes if problem]
+
+    async def _reload_one(self, index: int, request: pb.ReloadRequest) -> str:
+        call = self._channel(index).unary_unary(
+            _RELOAD,
+            request_serializer=pb.ReloadRequest.SerializeToString,
+            response_deserializer=pb.AdminReply.FromString,
+        )
+        try:
+            await call(request, timeout=RELOAD_TIMEOUT)
+        except grpc.RpcError as exc:
+            return f"worker {index}: {exc.details() or exc.code().name}"
+        return ""

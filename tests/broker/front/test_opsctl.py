@@ -342,7 +342,14 @@ def test_workers_all_reload_and_pause_through_the_supervisor(postgres: Any, tmp_
         done = _cli(process, "pause")
         assert done.returncode == 0, done.stderr
         wait_until(lambda: process.log().count("PAUSE (SIGUSR1)") == 2, what="2 paused workers")
+        # Overrides cannot travel in a signal: the worker asked reloads, then its sibling
+        # over the private socket; a bad value is refused by the first and changes nothing.
         done = _cli(process, "reload", "pool_size=6")
-        assert done.returncode == 1 and "cannot carry key=value overrides" in done.stderr
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: process.log().count("reload: pool_size: 4 -> 6") == 2, what="2 reloads")
+        assert _stats(process)["pool_size"] == 6
+        done = _cli(process, "reload", "pool_size=abc")
+        assert done.returncode == 1 and "pool_size" in done.stderr
+        assert process.log().count("reload: pool_size") == 4  # 2 -> 4 and 4 -> 6, twice each
         assert _cli(process, "resume").returncode == 0
         wait_until(lambda: process.log().count("RESUME (SIGUSR2)") == 2, what="2 resumed workers")
