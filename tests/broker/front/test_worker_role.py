@@ -152,12 +152,12 @@ def test_a_reload_below_one_connection_per_running_worker_is_refused(
     if task_cpus()[0] < 2:
         pytest.skip("the default worker count is 1 here")
     role = WorkerRole(index=0, port=reservation.getsockname()[1], ready_fd=-1)
-    # workers=None: the default (one per CPU, at most pool_size), which a reload of a smaller
-    # pool_size would lower, while the running workers stay.
-    with InProcessBroker(postgres.dsn, pool_size=4, workers=None, worker=role) as broker:
+    # workers=None: the default (one per CPU, at most one per 4 connections of pool_size),
+    # which a reload of a smaller pool_size would lower, while the running workers stay.
+    with InProcessBroker(postgres.dsn, pool_size=8, workers=None, worker=role) as broker:
         assert broker.settings.workers == 2
         with pytest.raises(ReloadRefused, match="fewer connections than the 2 workers"):
             broker.call(broker.server.controls.reload({"pool_size": "1"}))
-        assert broker.server.pool.size == 2  # 4 // 2, kept
+        assert broker.server.pool.size == 4  # 8 // 2, kept
         broker.call(broker.server.controls.reload({"pool_size": "2"}))
         assert broker.server.pool.size == 1

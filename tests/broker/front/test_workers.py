@@ -17,7 +17,7 @@ import grpc
 import pg8000.native
 import pytest
 
-from broker.config import task_cpus
+from broker.config import MIN_POOL_PER_WORKER, task_cpus
 from broker.front.workers import RESTART_LIMIT
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -254,10 +254,11 @@ def test_a_port_taken_by_another_broker_is_refused(supervisor: Any) -> None:
 
 def test_by_default_one_worker_per_cpu_and_the_log_says_why(supervisor: Any) -> None:
     cpus, why = task_cpus()
+    expected = min(8 // MIN_POOL_PER_WORKER, cpus)  # each worker holds at least 4 connections
     record = supervisor("--pool-size", "8").wait_listening()
-    assert record["workers"] == min(8, cpus)
-    assert f"with {min(8, cpus)} worker process" in record["message"] and why in record["message"]
-    assert len(record.get("worker_pids", [None])) == min(8, cpus)
+    assert record["workers"] == expected
+    assert f"with {expected} worker process" in record["message"] and why in record["message"]
+    assert len(record.get("worker_pids", [None])) == expected
 
 
 def test_an_explicit_worker_count_wins_and_the_log_says_so(supervisor: Any) -> None:
