@@ -256,3 +256,40 @@ def test_ddl_is_read_from_the_tree(sql: str) -> None:
 )
 def test_other_statements_are_not_ddl(sql: str) -> None:
     assert not plan_statement(sql).ddl
+
+
+def test_a_huge_text_is_planned_with_the_collector_paused_and_restored() -> None:
+    """The cyclic GC's pauses over a huge tree held the GIL for ~200 ms (other callers
+    waited): it is off while such a text is planned, and back as it was afterwards."""
+    import gc
+    import threading
+
+    from broker.sql import plan as planning
+
+    huge = "SELECT count(*) FROM (VALUES " + ",".join(f"(${i})" for i in range(1, 9001)) + ") v"
+    assert len(huge) > planning.HUGE_SQL_CHARS
+    seen: list[bool] = []
+    original = planning._plan
+
+    def spying(sql: str, role_locked: bool) -> Any:
+        seen.append(gc.isenabled())
+        return original(sql, role_locked)
+
+    planning._plan = spying  # type: ignore[assignment]
+    try:
+        assert gc.isenabled()
+        assert plan_statement(huge).placeholders == 9000
+        assert seen == [False] and gc.isenabled()
+        # Several parser threads at once: on again only when the last is done.
+        threads = [threading.Thread(target=plan_statement, args=(huge,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert seen[1:] == [False] * 3 and gc.isenabled()
+        gc.disable()  # off already: left off
+        plan_statement(huge)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        planning._plan = original  # type: ignore[assignment]
