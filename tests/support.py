@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._status import StatusDetails, unpack
 
 __all__ = [
+    "calling_in_a_loop",
     "connect",
     "port_free_on",
     "request",
@@ -106,3 +108,34 @@ def status_of(error: grpc.RpcError) -> StatusDetails:
     and metadata, RetryInfo's delay, the DatabaseError; read by the client's own reader
     (`lambda_client._status.unpack`), so the tests see exactly what callers see."""
     return unpack(error.trailing_metadata())  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def calling_in_a_loop(
+    call: Callable[[], Any], threads: int = 4
+) -> Iterator[tuple[dict[Any, int], list[BaseException]]]:
+    """*threads* threads calling *call* over and over while the block runs (a load to reload,
+    stop or fail something under); yields how many calls answered each value, and what the
+    failed ones raised. The threads are stopped and joined when the block ends."""
+    answers: dict[Any, int] = {}
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                answer = call()
+            except Exception as exc:
+                failures.append(exc)
+            else:
+                answers[answer] = answers.get(answer, 0) + 1
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield answers, failures
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(20)

@@ -63,39 +63,33 @@ def test_tune_gc_freezes_what_is_alive_and_still_collects_new_cycles() -> None:
         gc.set_threshold(*saved)
 
 
-def test_the_trimmer_trims_once_rss_has_grown() -> None:
+def _trims_around_a_load(growth: int, after: float) -> int:
+    """How many times a trimmer (checking every 50 ms) trims while 25 MB are held in
+    heap-sized pieces for 0.3 s, then for *after* seconds once they are freed."""
+
     async def run() -> int:
-        trimmer = MemoryTrimmer(interval=0.05, growth=8 << 20)
+        trimmer = MemoryTrimmer(interval=0.05, growth=growth)
         trimmer.start()
         try:
-            held = [bytearray(64 << 10) for _ in range(400)]  # 25 MB in heap-sized pieces
+            held = [bytearray(64 << 10) for _ in range(400)]
             await asyncio.sleep(0.3)
             del held
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(after)
         finally:
             await trimmer.stop()
         return trimmer.trims
 
-    assert asyncio.run(run()) >= 1
+    return asyncio.run(run())
+
+
+def test_the_trimmer_trims_once_rss_has_grown() -> None:
+    assert _trims_around_a_load(growth=8 << 20, after=0.3) >= 1
 
 
 def test_the_trimmer_trims_once_more_when_rss_holds_still_below_its_growth() -> None:
     """What is freed after a trim during the load (RSS then below *growth* over the idle
     level) is given back once RSS has held still: one more trim, not one per check."""
-
-    async def run() -> int:
-        trimmer = MemoryTrimmer(interval=0.05, growth=64 << 20)
-        trimmer.start()
-        try:
-            held = [bytearray(64 << 10) for _ in range(400)]  # 25 MB: a quarter of 64 MB +
-            await asyncio.sleep(0.3)
-            del held
-            await asyncio.sleep(0.5)
-        finally:
-            await trimmer.stop()
-        return trimmer.trims
-
-    trims = asyncio.run(run())
+    trims = _trims_around_a_load(growth=64 << 20, after=0.5)  # 25 MB: a quarter of 64 MB +
     assert 1 <= trims <= 3  # the held level, the level after the free: not every check (16)
 
 

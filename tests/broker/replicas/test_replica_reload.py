@@ -7,7 +7,6 @@ Where a read ran is read from the server itself (``pg_is_in_recovery()``); the r
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.fixtures.brokers import InProcessBroker
-from tests.support import wait_until
+from tests.support import calling_in_a_loop, wait_until
 
 ADMIN = "ops:admin-token-0123456789"
 ADMIN_MD = (("authorization", "Bearer admin-token-0123456789"),)
@@ -114,35 +113,19 @@ def test_reload_adds_a_replica_then_removes_it_under_load_without_a_failed_read(
     assert on_replica(db)
 
     # Removed while 4 readers keep reading: none fails, and reads go to the primary.
-    served = {True: 0, False: 0}
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        while not stop.is_set():
-            try:
-                served[on_replica(db)] += 1
-            except Exception as exc:
-                failures.append(exc)
-
-    readers = [threading.Thread(target=read) for _ in range(4)]
-    for reader in readers:
-        reader.start()
-    try:
-        wait_until(lambda: served[True] >= 50, 10, what="reads on the replica")
+    with calling_in_a_loop(lambda: on_replica(db)) as (served, failures):
+        wait_until(lambda: served.get(True, 0) >= 50, 10, what="reads on the replica")
         # A read-only transaction open on the replica finishes there after the removal.
         with db.begin(read_only=True) as tx:
             assert tx.query(ON_REPLICA).rows[0][0]
             reply = reload(broker, replica_urls="")
             assert list(reply.changed) == ["replica_urls: changed"]
-            on_primary = served[False]
-            wait_until(lambda: served[False] >= on_primary + 50, 10, what="reads on the primary")
+            on_primary = served.get(False, 0)
+            wait_until(
+                lambda: served.get(False, 0) >= on_primary + 50, 10, what="reads on the primary"
+            )
             assert tx.query(ON_REPLICA).rows[0][0]
             assert backends(replica_admin) >= 1  # the transaction's connection
-    finally:
-        stop.set()
-        for reader in readers:
-            reader.join(20)
     assert failures == []
     assert not on_replica(db) and replica_keys(broker) == set()
     # Its pool closed once the reads running on it finished; the monitor closed too.

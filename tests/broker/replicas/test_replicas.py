@@ -23,7 +23,7 @@ from lambda_client import BrokerClient
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.aio import AsyncBrokerClient
 from tests.fixtures.brokers import InProcessBroker
-from tests.support import wait_until
+from tests.support import calling_in_a_loop, wait_until
 
 ON_REPLICA = "SELECT pg_is_in_recovery()"
 # The same, calling no volatile function (pg_is_in_recovery() is one), for auto routing.
@@ -240,33 +240,16 @@ def test_a_replica_stopped_under_load_fails_no_read_and_is_used_again(
 ) -> None:
     broker = broker_with_replica(pool_size=3, replica_pool_size=3)
     db = client(broker)
-    served = {True: 0, False: 0}
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        while not stop.is_set():
-            try:
-                served[on_replica(db.query(ON_REPLICA, read_only=True))] += 1
-            except Exception as exc:
-                failures.append(exc)
-
-    readers = [threading.Thread(target=read) for _ in range(4)]
-    for reader in readers:
-        reader.start()
-    try:
-        wait_until(lambda: served[True] >= 50, 10, what="reads on the replica")
+    reads = calling_in_a_loop(lambda: on_replica(db.query(ON_REPLICA, read_only=True)))
+    with reads as (served, failures):
+        wait_until(lambda: served.get(True, 0) >= 50, 10, what="reads on the replica")
         replica.shutdown()  # fast: its backends are terminated mid-read
         wait_until(lambda: broker.stats()["target.replica1.in_rotation"] == 0, 10)
-        on_primary = served[False]
-        wait_until(lambda: served[False] >= on_primary + 50, 10, what="reads on the primary")
+        on_primary = served.get(False, 0)
+        wait_until(lambda: served.get(False, 0) >= on_primary + 50, 10, what="reads on the primary")
         replica.start()
         before = served[True]
         wait_until(lambda: served[True] >= before + 50, 20, what="the replica to serve again")
-    finally:
-        stop.set()
-        for reader in readers:
-            reader.join(20)
     assert failures == []
     assert broker.stats()["target.replica1.in_rotation"] == 1
 

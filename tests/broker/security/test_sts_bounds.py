@@ -60,6 +60,21 @@ async def serve(authenticator: Any, tarpit: Tarpit | None = None) -> AsyncIterat
         await server.stop(None)
 
 
+@asynccontextmanager
+async def two_sources(
+    authenticator: Any, tarpit: Tarpit
+) -> AsyncIterator[tuple[pb_grpc.BrokerStub, pb_grpc.BrokerStub]]:
+    """A served gate and two stubs on it: one from 127.0.0.1 (`FLOOD_SOURCE`), one through a
+    proxy whose upstream side is `VALID_SOURCE`, so the gate sees two addresses."""
+    async with serve(authenticator, tarpit) as port:
+        with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as direct,
+                grpc.aio.insecure_channel(proxy.address) as proxied,
+            ):
+                yield pb_grpc.BrokerStub(direct), pb_grpc.BrokerStub(proxied)
+
+
 def proof(moto_aws: MotoAws, credentials: Any, age: int = 0) -> list[tuple[str, str]]:
     """A signed GetCallerIdentity; *age* seconds in the past makes a token not yet cached."""
     signed_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age)
@@ -364,33 +379,27 @@ def test_held_calls_are_capped_per_source_and_broker_wide(moto_aws: MotoAws) -> 
 
     async def scenario() -> tuple[list[grpc.StatusCode], dict[str, int]]:
         auth = iam_auth(moto_aws, post, VerifyGate())
-        async with serve(auth, tarpit) as port:
-            with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
-                async with (
-                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as direct,
-                    grpc.aio.insecure_channel(proxy.address) as proxied,
-                ):
-                    a, b = pb_grpc.BrokerStub(direct), pb_grpc.BrokerStub(proxied)
-                    # One refusal each: both sources are over their budget of 1.
-                    assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
-                    assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
-                    tasks = [asyncio.create_task(call(a, forged(moto_aws))) for _ in range(3)]
-                    await until(lambda: tarpit.holding() == 2, "two held calls of A")
-                    tasks += [asyncio.create_task(call(b, forged(moto_aws))) for _ in range(2)]
-                    await until(
-                        lambda: sum(t.done() for t in tasks) == 2 and tarpit.holding() == 3,
-                        "three held calls, two answered at once",
-                    )
-                    holding = {
-                        FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
-                        valid_source: tarpit.holding(valid_source),
-                    }
-                    answered = [t.result() for t in tasks if t.done()]
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    # A held call whose caller gave up no longer counts against the caps.
-                    await until(lambda: tarpit.holding() == 0, "cancelled calls released")
+        async with two_sources(auth, tarpit) as (a, b):
+            # One refusal each: both sources are over their budget of 1.
+            assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+            assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+            tasks = [asyncio.create_task(call(a, forged(moto_aws))) for _ in range(3)]
+            await until(lambda: tarpit.holding() == 2, "two held calls of A")
+            tasks += [asyncio.create_task(call(b, forged(moto_aws))) for _ in range(2)]
+            await until(
+                lambda: sum(t.done() for t in tasks) == 2 and tarpit.holding() == 3,
+                "three held calls, two answered at once",
+            )
+            holding = {
+                FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
+                valid_source: tarpit.holding(valid_source),
+            }
+            answered = [t.result() for t in tasks if t.done()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # A held call whose caller gave up no longer counts against the caps.
+            await until(lambda: tarpit.holding() == 0, "cancelled calls released")
         return answered, holding
 
     answered, holding = asyncio.run(scenario())
@@ -408,26 +417,20 @@ def test_accepted_calls_are_never_held(
 
     async def scenario() -> list[grpc.StatusCode]:
         auth = iam_auth(moto_aws, post, VerifyGate())
-        async with serve(auth, tarpit) as port:
-            with TcpProxy(("127.0.0.1", port), source_host=VALID_SOURCE) as proxy:
-                async with (
-                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as direct,
-                    grpc.aio.insecure_channel(proxy.address) as proxied,
-                ):
-                    flood = pb_grpc.BrokerStub(direct)
-                    for _ in range(2):
-                        await call(flood, forged(moto_aws))
-                    held = asyncio.create_task(call(flood, forged(moto_aws)))
-                    await until(lambda: tarpit.holding() == 1, "a held forged call")
-                    codes = [
-                        # another source, its first call: verified, not held
-                        await call(pb_grpc.BrokerStub(proxied), valid_proofs[0]),
-                        # the held source's own valid proof: verified, not held either
-                        await call(flood, valid_proofs[1]),
-                    ]
-                    assert tarpit.holding() == 1 and not held.done()
-                    held.cancel()
-                    await asyncio.gather(held, return_exceptions=True)
+        async with two_sources(auth, tarpit) as (flood, other):
+            for _ in range(2):
+                await call(flood, forged(moto_aws))
+            held = asyncio.create_task(call(flood, forged(moto_aws)))
+            await until(lambda: tarpit.holding() == 1, "a held forged call")
+            codes = [
+                # another source, its first call: verified, not held
+                await call(other, valid_proofs[0]),
+                # the held source's own valid proof: verified, not held either
+                await call(flood, valid_proofs[1]),
+            ]
+            assert tarpit.holding() == 1 and not held.done()
+            held.cancel()
+            await asyncio.gather(held, return_exceptions=True)
         return codes
 
     assert asyncio.run(scenario()) == [grpc.StatusCode.OK, grpc.StatusCode.OK]
