@@ -490,3 +490,43 @@ def test_pause_wait_waits_for_a_lease_on_any_worker(postgres: Any, tmp_path: Pat
         assert lease.step(pb.TransactRequest(rollback=pb.TransactRequest.Rollback())).ended
         done = _cli(process, "pause", "--wait", "--timeout", "10")
         assert done.returncode == 0 and "paused: nothing runs" in done.stdout, done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _exec_done(pids: set[int]) -> bool:
+    """Whether a process of *pids* runs its own program and does not catch SIGUSR1 (yet): the
+    forked child caught it with the supervisor's handler until exec."""
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+        if not int(caught, 16) & (1 << (signal.SIGUSR1 - 1)):
+            return True
+    return False
+
+
+def test_a_control_during_a_restart_waits_until_the_worker_serves(
+    postgres: Any, tmp_path: Path
+) -> None:
+    with _workers_broker(postgres, tmp_path) as process:
+        assert process.wait_serving()
+        pids = _worker_pids(process)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: _exec_done(set(_children(process.pid or 0)) - set(pids)), what="exec")
+        # Worker 0 is starting: a SIGUSR1 now, before it handles the signal, would kill it.
+        os.kill(process.pid or 0, signal.SIGUSR1)
+        wait_until(lambda: "worker 0 restarted" in process.log(), timeout=30, what="restarted")
+        # Paused by the forwarded signal once it serves, or at its start (the marker).
+        started_paused = "PAUSE (worker 0 started while the broker is paused)"
+        wait_until(
+            lambda: (
+                process.log().count("PAUSE (SIGUSR1)") + process.log().count(started_paused) == 2
+            ),
+            what="both workers paused",
+        )
+        assert "killed by SIGUSR1" not in process.log()
+        assert _stats(process)["workers_answered"] == 2
+        assert process.proc is not None and process.proc.poll() is None
