@@ -239,9 +239,8 @@ def test_an_admin_token_that_is_also_a_callers_is_refused_at_start() -> None:
 def config_broker(postgres: Any, tmp_path: Path) -> Iterator[tuple[BrokerProcess, Path]]:
     """A broker process whose pool size comes from its config file (2), with an admin token.
 
-    One process (``--workers 1``): `reload key=value` overrides work on a single process only
-    (with workers they are refused, docs/broker.md); the workers' controls have their own test
-    (test_workers_all_reload_and_pause_through_the_supervisor)."""
+    One process (``--workers 1``); the workers' controls have their own tests
+    (test_workers_all_reload_and_pause_through_the_supervisor and those after it)."""
     config = tmp_path / "pgbroker.env"
     config.write_text("PGBROKER_POOL_SIZE=2\n")
     env = {"PGBROKER_CONFIG_FILE": str(config), "PGBROKER_ADMIN_TOKENS": ADMIN}
