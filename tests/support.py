@@ -1,6 +1,7 @@
 """Helpers shared by the test folders (import as ``tests.support``): polling, a direct Postgres
 connection, a throwaway table, a port free on several loopback addresses, ExecuteRequests built
-from SQL with their results decoded, and the rich status of a failed call.
+from SQL with their results decoded, the rich status of a failed call, and a Broker servicer
+base for tests that serve Execute only.
 
 Fixtures live in the `tests.fixtures` plugins; these are plain functions."""
 
@@ -11,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -20,9 +21,11 @@ import pytest
 
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from lambda_client._status import StatusDetails, unpack
 
 __all__ = [
+    "ExecuteOnly",
     "calling_in_a_loop",
     "connect",
     "port_free_on",
@@ -139,3 +142,33 @@ def calling_in_a_loop(
         stop.set()
         for worker in workers:
             worker.join(20)
+
+
+async def _unimplemented(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+
+class ExecuteOnly(pb_grpc.BrokerServicer):
+    """A ``pgbroker.v1.Broker`` servicer (for grpc.aio) whose subclass defines ``Execute``;
+    every other method answers UNIMPLEMENTED, as the generated base class's do at run time,
+    but declared, so that mypy sees a class it can instantiate."""
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatsResponse:
+        await _unimplemented(context)
+        raise AssertionError("unreachable")  # abort raises
+
+    async def Transact(
+        self,
+        request_iterator: AsyncIterator[pb.TransactRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.TransactResponse]:
+        await _unimplemented(context)
+        yield pb.TransactResponse()  # unreachable: a generator, as a streaming handler is
+
+    async def Stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.RowChunk]:
+        await _unimplemented(context)
+        yield pb.RowChunk()  # unreachable: a generator, as a streaming handler is

@@ -18,10 +18,12 @@ the signal to its supervisor, which forwards it to every worker (broker/front/wo
 the RPC answers once this worker has acted (its reload's outcome, or its refusal). A reload's
 ``key=value`` overrides cannot travel in a signal: the worker asked reloads with them first (a
 refusal changes nothing anywhere), then asks each sibling to do the same over its private
-socket (broker/front/siblings.py); a sibling that did not is named in the failure.
-``Pause(wait=true)`` waits for the worker that answered; the others drain at the same time but
-are not waited for, and the reply's figures are that worker's. ``ShowCallers`` answers for
-every worker (broker/front/siblings.py).
+socket (broker/front/siblings.py); a sibling that did not is named in the failure. Each
+worker that reloads records the overrides (none, after a plain reload) for a worker restarted
+later (broker/front/workers.py). ``Pause`` and ``Resume`` answer once every worker that gives
+its figures is paused (resumed), ``Pause(wait=true)`` once none of them has a connection
+active, and a reply's figures are the broker's, as GetStats' (a few sibling round trips of
+about a millisecond each, on a rare call). ``ShowCallers`` answers for every worker too.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ log = logging.getLogger("pgbroker.admin")
 SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # How long a worker waits for the supervisor's forwarded signal to reach it.
 FANOUT_TIMEOUT = 5.0
+# Seconds between two looks at the other workers' figures while waiting for their state.
+_WORKERS_POLL = 0.05
+# Seconds `pause --wait` keeps of its call's deadline to answer (with --workers N the reply
+# gathers every worker's figures).
+_REPLY_TIME = 0.25
 DEFAULT_SHOWN = 20
 
 
@@ -82,6 +89,9 @@ class Controls:
         self.reload_attempts = 0
         self.last_reload: ReloadOutcome | ReloadRefused = ReloadOutcome()
         self._reloading: set[asyncio.Task[None]] = set()
+        # With --workers N: told the overrides of each reload that succeeds, so that a worker
+        # started later starts with them (`WorkerRole.record_overrides`).
+        self.record: Callable[[Mapping[str, str]], None] | None = None
 
     def pause(self, why: str) -> None:
         if self.pool.pause():
@@ -110,6 +120,11 @@ class Controls:
         finally:
             self.reload_attempts += 1
         self.last_reload = outcome
+        if self.record is not None:
+            try:
+                self.record(overrides or {})
+            except OSError as exc:  # this reload stands; a worker started later lacks it
+                log.error("cannot record the reload's overrides for restarted workers: %s", exc)
         return outcome
 
     async def _reload_on_signal(self, why: str) -> None:
@@ -168,12 +183,16 @@ class AdminService(pb_grpc.AdminServicer):
             pool = self.controls.pool
             if self.controls.supervisor is not None:
                 await self.controls.fan_out(signal.SIGUSR1, lambda: pool.paused)
+                await self._until_workers(_paused, FANOUT_TIMEOUT)
             else:
                 self.controls.pause(_who())
             if not request.wait:
                 return "paused: new work queues; running work finishes"
             remaining = context.time_remaining()
-            drained = await pool.wait_drained(None if remaining is None else remaining - 0.1)
+            deadline = None if remaining is None else time.monotonic() + remaining - _REPLY_TIME
+            drained = await pool.wait_drained(_left(deadline)) and await self._until_workers(
+                _drained, _left(deadline)
+            )
             if not drained:
                 return "paused, but work still runs (the call's deadline came first)"
             return "paused: nothing runs"
@@ -185,11 +204,34 @@ class AdminService(pb_grpc.AdminServicer):
             pool = self.controls.pool
             if self.controls.supervisor is not None:
                 await self.controls.fan_out(signal.SIGUSR2, lambda: not pool.paused)
+                await self._until_workers(lambda part: not _paused(part), FANOUT_TIMEOUT)
             else:
                 self.controls.resume(_who())
             return "resumed"
 
         return await self._reply(act, context)
+
+    async def _until_workers(
+        self, done: Callable[[Mapping[str, int]], bool], timeout: float | None
+    ) -> bool:
+        """With --workers N: wait until *done* holds for the figures of every worker that
+        answers (each got the supervisor's signal at about the same time as this one); False
+        after *timeout* seconds (None: no limit). True at once for a single process."""
+        if self.siblings is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not all(done(part) for part in await self.siblings.parts()):
+            left = _left(deadline)
+            if left is not None and left < _WORKERS_POLL:  # no time for another look
+                return False
+            await asyncio.sleep(_WORKERS_POLL)
+        return True
+
+    async def _figures(self) -> dict[str, int]:
+        """The figures of a reply: the broker's (every worker's, as GetStats) with workers."""
+        if self.siblings is not None:
+            return await self.siblings.get_stats()
+        return self.stats()
 
     async def Reload(self, request: pb.ReloadRequest, context: Any) -> pb.AdminReply:
         changed: list[str] = []
@@ -267,7 +309,22 @@ class AdminService(pb_grpc.AdminServicer):
             failure = failure_for(exc)
             await context.abort_with_status(status_for(failure))
             raise AssertionError("unreachable") from exc  # abort_with_status raises
-        return pb.AdminReply(message=message, paused=self.controls.pool.paused, stats=self.stats())
+        stats = await self._figures()
+        # With --workers N: paused while any worker is (the figures' largest pool_paused).
+        paused = bool(stats.get("pool_paused", self.controls.pool.paused))
+        return pb.AdminReply(message=message, paused=paused, stats=stats)
+
+
+def _paused(part: Mapping[str, int]) -> bool:
+    return bool(part.get("pool_paused"))
+
+
+def _drained(part: Mapping[str, int]) -> bool:
+    return not part.get("pool_active")
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _limit(request: pb.ShowCallersRequest) -> int:

@@ -4,7 +4,8 @@ Where new values come from: a running process's environment cannot change, so a 
 resolves every setting again exactly as the start did (flags > environment >
 ``PGBROKER_CONFIG_FILE`` > default, `broker.config.load_settings`), re-reading the file, and
 puts the reload's *overrides* (``python -m broker reload pool_size=30``, live settings only)
-on top; an override lasts until the next reload. Secrets are re-read too: a token secret
+on top; an override lasts until the next reload that succeeds (a ``--workers N`` worker
+restarted meanwhile starts with it: `Reloader.restore`). Secrets are re-read too: a token secret
 (``PGBROKER_TOKENS_SECRET_ID``, ``PGBROKER_ADMIN_TOKENS_SECRET_ID``) on the next call.
 
 A reload is all or nothing: any bad value (or a larger pool, or a new read replica, that does
@@ -146,8 +147,7 @@ class Reloader:
 
     def _apply(self, old: Settings, new: Settings) -> ReloadOutcome:
         outcome = _compare(old, new)
-        live = {spec.attribute: getattr(new, spec.attribute) for spec in live_settings()}
-        applied = replace(old, **live)
+        applied = _with_live(old, new)
         for apply in self._appliers:
             apply(old, applied)
         self.settings = applied
@@ -159,6 +159,38 @@ class Reloader:
         log.info(outcome.message, extra={"reloads": self.reloads})
         return outcome
 
+    def restore(self, overrides: Mapping[str, str], *, why: str) -> Settings:
+        """At start, before anything uses the settings: put the *overrides* a reload made
+        in the running processes (a ``--workers N`` worker restarted after a crash) on top of
+        the settings, as that reload did: resolved the same way, all or nothing, the changes
+        logged (never a secret's value). Return the settings to start with; a refusal is
+        logged at ERROR and starts without any of them."""
+        if not overrides:
+            return self.settings
+        old = self.settings
+        names = ", ".join(sorted(_setting_name(key) for key in overrides))
+        try:
+            new = self._resolve(overrides)
+        except ConfigError as exc:
+            log.error(
+                "%s: the reload overrides in effect (%s) are refused here, so this process starts"
+                " without them and differs from the others until the next reload",
+                why,
+                names,
+                extra={"problems": exc.problems},
+            )
+            return old
+        outcome = _compare(old, new)
+        self.settings = _with_live(old, new)
+        log.info(
+            "%s: starting with the reload overrides in effect (%s): %s",
+            why,
+            names,
+            "; ".join(outcome.changed) or "nothing changed",
+            extra={"overrides": sorted(_setting_name(key) for key in overrides)},
+        )
+        return self.settings
+
     def _resolve(self, overrides: Mapping[str, str]) -> Settings:
         by_name = {_setting_name(key): str(value) for key, value in overrides.items()}
         problems = [_override_problem(name) for name in by_name]
@@ -166,6 +198,12 @@ class Reloader:
             raise ConfigError([p for p in problems if p])
         environ = os.environ if self.environ is None else self.environ
         return self.adjust(load_settings(self.flags, environ, overrides=by_name))
+
+
+def _with_live(old: Settings, new: Settings) -> Settings:
+    """*old* with the live settings of *new* (the others wait for a restart)."""
+    live = {spec.attribute: getattr(new, spec.attribute) for spec in live_settings()}
+    return replace(old, **live)
 
 
 def _setting_name(key: str) -> str:

@@ -173,6 +173,14 @@ class BrokerServer:
         flags; the process environment when None): a reload resolves them again."""
         if worker is not None:
             settings = worker.apply(settings)
+        # Built first: a restarted worker starts with the overrides of the last reload.
+        self.reloader = Reloader(
+            settings, flags, environ=environ, adjust=worker.apply if worker is not None else None
+        )
+        if worker is not None:
+            settings = self.reloader.restore(
+                worker.overrides_in_effect(), why=f"worker {worker.index}"
+            )
         self.settings = settings
         self.worker = worker
         self.worker_index = worker.index if worker is not None else 0
@@ -221,10 +229,10 @@ class BrokerServer:
         # Gives freed result memory back to the kernel (broker/front/memory.py).
         self.trimmer = MemoryTrimmer()
         self._stopped = asyncio.Event()
-        self._controls(flags, environ)
+        self._controls()
         self.siblings = self._siblings()
 
-    def _controls(self, flags: Mapping[str, Any] | None, environ: Mapping[str, str] | None) -> None:
+    def _controls(self) -> None:
         """PAUSE/RESUME/RELOAD (broker/front/admin.py) and the operators' authenticator."""
         settings, worker = self.settings, self.worker
         self.admin_auth = admin_authenticator_for_settings(
@@ -232,14 +240,16 @@ class BrokerServer:
         )
         self.gate: AuthGate | None = None
         self.admin_gate: AuthGate | None = None
-        self.reloader = Reloader(
-            settings, flags, environ=environ, adjust=worker.apply if worker is not None else None
-        )
         self.reloader.add_applier(self._apply_settings, check=self._check_budget)
         replicas = self.replicas
         self.reloader.add_applier(replicas.apply, check=replicas.check, undo=replicas.undo)
         supervisor = os.getppid() if worker is not None else None
         self.controls = Controls(self.pool, self.reloader, supervisor)
+        if worker is not None:
+            # The broker's state, for this worker (a restart) and for those that start later.
+            self.controls.record = worker.record_overrides
+            if worker.starts_paused():
+                self.controls.pause(f"worker {worker.index} started while the broker is paused")
         self.admin = AdminService(
             self.controls, self.service.get_stats, self.service.inflight, self.transact.holds
         )

@@ -18,8 +18,15 @@ One broker process runs all gRPC work on one event loop, about one core at ~1,00
   them exited 0;
 * it forwards SIGHUP (reload), SIGUSR1 (pause) and SIGUSR2 (resume) to every worker, logging
   each; a worker that gets an Admin RPC sends the signal to the supervisor, so a control
-  reaches all of them (broker/front/admin.py). A worker restarted later starts unpaused with
-  the settings of that moment;
+  reaches all of them (broker/front/admin.py);
+* a worker started later (a restart) starts in the broker's current state, so the workers
+  never differ silently: paused if the broker is paused (the supervisor keeps a ``paused``
+  marker in its directory while it is), and with the ``reload key=value`` overrides in effect
+  (each worker that reloads records its overrides there, `WorkerRole.record_overrides`; a
+  plain reload that succeeds clears them, as it does in the running workers; a worker applies
+  them at start as the reload did, all or nothing, logged: `Reloader.restore`). A control that
+  comes while a worker starts is sent to it once it reports ready (a signal before the worker
+  handles it would kill it);
 * a worker that exits unexpectedly once serving (a crash, the OOM killer) is logged (``worker
   N was killed by SIGKILL; restarting it``, level ERROR) and started again on the same port;
   the other workers keep serving meanwhile, and only calls in flight on the dead worker fail.
@@ -34,8 +41,10 @@ most ``pool_size``; the ``listening on`` line says how many and why.
 Figures are the broker's, not one worker's: each worker serves its own on a unix socket in a
 directory the supervisor creates (mode 0700) and removes, and the worker that gets
 ``GetStats`` or ``ShowCallers`` adds its siblings' figures to its own
-(broker/front/siblings.py); worker 0 alone publishes the EMF metrics, of all workers. Health
-is per worker: a call reaches whichever worker the kernel chose for its connection.
+(broker/front/siblings.py); worker 0 alone publishes the EMF metrics, of all workers. The
+figures of a Pause, Resume or Reload reply are the broker's too (broker/front/admin.py).
+Health stays per worker, on purpose: it says whether the worker at the other end of a
+connection serves, and a client's connection, so every call on it, stays on that one worker.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import selectors
@@ -101,12 +111,58 @@ class WorkerRole:
         """*settings* with the port the supervisor reserved (the configured one may be 0)."""
         return replace(settings, listen_address=(settings.listen_host, self.port))
 
+    def starts_paused(self) -> bool:
+        """Whether the broker is paused now (the supervisor's marker): a worker started while
+        it is starts paused."""
+        return bool(self.sibling_dir) and os.path.exists(_paused_marker(self.sibling_dir))
+
+    def overrides_in_effect(self) -> dict[str, str]:
+        """The ``reload key=value`` overrides the running workers accepted last ({} when the
+        last reload that succeeded had none); a worker starting later applies them."""
+        if not self.sibling_dir:
+            return {}
+        try:
+            with open(_overrides_file(self.sibling_dir), encoding="utf-8") as f:
+                recorded = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:  # written whole (rename): should not happen
+            log.error("cannot read the reload overrides in effect: %s", exc)
+            return {}
+        return {str(key): str(value) for key, value in dict(recorded).items()}
+
+    def record_overrides(self, overrides: Mapping[str, str]) -> None:
+        """After a reload this worker accepted: its *overrides* are the ones in effect (none:
+        a plain reload ends the earlier ones). Every worker that reloads writes the same, so
+        whole files (write, then rename) are enough; mode 0600, in the 0700 directory, since
+        an override may be a token."""
+        if not self.sibling_dir:
+            return
+        path = _overrides_file(self.sibling_dir)
+        if not overrides:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        partial = f"{path}.{os.getpid()}"
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as f:
+            json.dump(dict(overrides), f)
+        os.replace(partial, path)
+
     def report_ready(self) -> None:
         """Tell the supervisor this worker serves (it waits for every worker before it logs
         ``listening on``). A closed pipe without this byte means the worker failed to start."""
         with contextlib.suppress(OSError):
             os.write(self.ready_fd, b"1")
             os.close(self.ready_fd)
+
+
+def _paused_marker(directory: str) -> str:
+    return os.path.join(directory, "paused")
+
+
+def _overrides_file(directory: str) -> str:
+    return os.path.join(directory, "overrides.json")
 
 
 def worker_role(settings: Settings) -> WorkerRole | None:
@@ -195,6 +251,14 @@ class _Supervisor:
         self.selector = selectors.DefaultSelector()
         # When workers exited unexpectedly, within the last RESTART_WINDOW seconds.
         self.deaths: collections.deque[float] = collections.deque()
+        # The broker's state for a worker that starts later: paused (SIGUSR1 .. SIGUSR2).
+        self.paused = False
+        # Workers that reported ready: they handle the control signals. A starting one is
+        # sent what it missed once ready: SIGHUP, and the pause state if it may have read
+        # another one than the current.
+        self.ready: set[int] = set()
+        self.missed_reload: set[int] = set()
+        self.saw_paused: set[int] = set()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -235,13 +299,57 @@ class _Supervisor:
     def _on_control(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:
             return
+        if signum in (signal.SIGUSR1, signal.SIGUSR2):
+            self._set_paused(signum == signal.SIGUSR1)
+        starting = [i for i, child in enumerate(self.children) if i not in self.ready]
         log.info(
             "%s: forwarding it to %d workers",
             signal.Signals(signum).name,
-            len(self.children),
-            extra={"signal": signal.Signals(signum).name},
+            len(self.children) - len(starting),
+            extra={
+                "signal": signal.Signals(signum).name,
+                **({"workers_starting": starting} if starting else {}),
+            },
         )
-        self._forward(signum)
+        if signum == signal.SIGHUP:
+            self.missed_reload.update(starting)
+        for index in self.ready:
+            self._send(index, signum)
+
+    def _set_paused(self, paused: bool) -> None:
+        """Keep the broker's pause state, and its marker for the workers that start later
+        (`WorkerRole.starts_paused`)."""
+        self.paused = paused
+        marker = _paused_marker(self.sibling_dir)
+        try:
+            if paused:
+                self.saw_paused.update(set(range(len(self.children))) - self.ready)
+                with open(marker, "w"):
+                    pass
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(marker)
+        except OSError as exc:  # the running workers still get the signal
+            log.error("cannot mark the broker %s: %s", "paused" if paused else "resumed", exc)
+
+    def _send(self, index: int, sig: int) -> None:
+        child = self.children[index]
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(sig)
+
+    def _on_ready(self, index: int) -> None:
+        """Worker *index* handles the control signals now: send it those it missed while it
+        started (both pause signals are idempotent: a second PAUSE changes nothing)."""
+        self.ready.add(index)
+        if self.paused:
+            self._send(index, signal.SIGUSR1)
+        elif index in self.saw_paused:  # it may have read the marker before a RESUME
+            self._send(index, signal.SIGUSR2)
+        if index in self.missed_reload:
+            self._send(index, signal.SIGHUP)
+        self.saw_paused.discard(index)
+        self.missed_reload.discard(index)
 
     def _forward(self, sig: int) -> None:
         for child in self.children:
@@ -252,6 +360,11 @@ class _Supervisor:
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         """Start worker *index* (a first start or a restart); its readiness pipe is watched by
         ``self.selector``."""
+        self.ready.discard(index)
+        self.missed_reload.discard(index)
+        self.saw_paused.discard(index)
+        if self.paused:
+            self.saw_paused.add(index)
         read_fd, write_fd = os.pipe()
         env = {**os.environ, WORKER_ENV: f"{index},{self.port},{write_fd},{self.sibling_dir}"}
         try:
@@ -288,6 +401,8 @@ class _Supervisor:
         while pending and not self.stopping:
             for index, ready in self._readiness(_POLL):
                 pending.discard(index)
+                if ready:
+                    self._on_ready(index)
                 if not ready and self.stopping:  # it obeyed the forwarded signal
                     return False
                 if not ready:  # closed without reporting: the worker could not start
@@ -333,10 +448,15 @@ class _Supervisor:
                         child.kill()
             for index, ready in self._readiness(_POLL):
                 if ready:
+                    self._on_ready(index)
                     log.info(
                         "worker %d restarted",
                         index,
-                        extra={"worker": index, "pid": self.children[index].pid},
+                        extra={
+                            "worker": index,
+                            "pid": self.children[index].pid,
+                            "paused": self.paused,
+                        },
                     )
 
     def _check_children(self, *, restart: bool) -> bool:

@@ -239,9 +239,8 @@ def test_an_admin_token_that_is_also_a_callers_is_refused_at_start() -> None:
 def config_broker(postgres: Any, tmp_path: Path) -> Iterator[tuple[BrokerProcess, Path]]:
     """A broker process whose pool size comes from its config file (2), with an admin token.
 
-    One process (``--workers 1``): `reload key=value` overrides work on a single process only
-    (with workers they are refused, docs/broker.md); the workers' controls have their own test
-    (test_workers_all_reload_and_pause_through_the_supervisor)."""
+    One process (``--workers 1``); the workers' controls have their own tests
+    (test_workers_all_reload_and_pause_through_the_supervisor and those after it)."""
     config = tmp_path / "pgbroker.env"
     config.write_text("PGBROKER_POOL_SIZE=2\n")
     env = {"PGBROKER_CONFIG_FILE": str(config), "PGBROKER_ADMIN_TOKENS": ADMIN}
@@ -328,13 +327,20 @@ def test_cli_pause_resume_reload_and_top(config_broker: tuple[BrokerProcess, Pat
     assert "PAUSE (admin RPC by token:ops)" in process.log()
 
 
+def _workers_broker(postgres: Any, tmp_path: Path, config_lines: str = "") -> BrokerProcess:
+    """Two workers (not started), pool_size 2 from the config file ``tmp_path/pgbroker.env``
+    (and *config_lines*), with an admin token."""
+    config = tmp_path / "pgbroker.env"
+    config.write_text("PGBROKER_POOL_SIZE=2\n" + config_lines)
+    env = {"PGBROKER_CONFIG_FILE": str(config), "PGBROKER_ADMIN_TOKENS": ADMIN}
+    return BrokerProcess(
+        postgres.dsn + "?sslmode=disable", env=env, auth="none", shutdown_grace=2, workers=2
+    )
+
+
 def test_workers_all_reload_and_pause_through_the_supervisor(postgres: Any, tmp_path: Path) -> None:
     config = tmp_path / "pgbroker.env"
-    config.write_text("PGBROKER_POOL_SIZE=2\n")
-    env = {"PGBROKER_CONFIG_FILE": str(config), "PGBROKER_ADMIN_TOKENS": ADMIN}
-    with BrokerProcess(
-        postgres.dsn + "?sslmode=disable", env=env, auth="none", shutdown_grace=2, workers=2
-    ) as process:
+    with _workers_broker(postgres, tmp_path) as process:
         assert process.wait_serving()
         config.write_text("PGBROKER_POOL_SIZE=4\n")
         os.kill(process.pid or 0, signal.SIGHUP)
@@ -353,3 +359,173 @@ def test_workers_all_reload_and_pause_through_the_supervisor(postgres: Any, tmp_
         assert process.log().count("reload: pool_size") == 4  # 2 -> 4 and 4 -> 6, twice each
         assert _cli(process, "resume").returncode == 0
         wait_until(lambda: process.log().count("RESUME (SIGUSR2)") == 2, what="2 resumed workers")
+
+
+# -- a worker restarted after a crash starts in the broker's state ------------------------------
+
+
+def _worker_pids(process: BrokerProcess) -> list[int]:
+    """The worker pids of the supervisor's ``listening on`` line."""
+    for line in process.log().splitlines():
+        if "listening on" in line:
+            return [int(pid) for pid in json.loads(line)["worker_pids"]]
+    raise AssertionError("no listening on line")
+
+
+def _kill_and_wait_restart(process: BrokerProcess, index: int, pid: int) -> None:
+    """SIGKILL worker *index* (*pid*) and wait until the supervisor restarted it."""
+    restarts = process.log().count(f"worker {index} restarted")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: process.log().count(f"worker {index} restarted") > restarts,
+        timeout=30,
+        what=f"worker {index} restarted",
+    )
+
+
+def test_a_worker_restarted_while_paused_starts_paused_and_resumes_with_the_others(
+    postgres: Any, tmp_path: Path
+) -> None:
+    with (
+        _workers_broker(postgres, tmp_path) as process,
+        grpc.insecure_channel(process.target) as admin_channel,
+    ):
+        assert process.wait_serving()
+        admin = pb_grpc.AdminStub(admin_channel)
+        reply = admin.Pause(pb.PauseRequest(), metadata=ADMIN_MD, timeout=30)
+        # The reply answers for the broker: both workers paused, figures of both.
+        assert reply.paused and reply.stats["workers_answered"] == 2
+        assert reply.stats["pool_paused"] == 1
+        _kill_and_wait_restart(process, 0, _worker_pids(process)[0])
+        assert "PAUSE (worker 0 started while the broker is paused)" in process.log()
+        _queue_on_both_workers_until_resumed(process, admin)
+        # Restarted now, it starts unpaused: the resume removed the supervisor's marker.
+        _kill_and_wait_restart(process, 1, _stats(process)["worker.1.worker_pid"])
+        wait_until(lambda: _stats(process)["workers_answered"] == 2, what="both workers answer")
+        assert _stats(process)["pool_paused"] == 0
+        assert process.log().count("started while the broker is paused") == 1
+
+
+def _queue_on_both_workers_until_resumed(process: BrokerProcess, admin: Any) -> None:
+    """New work queues on both workers, a restarted one too (40 connections, each to the
+    worker the kernel picks: 1 in 2^39 to miss one), and nothing runs until Resume."""
+    channels = [
+        grpc.insecure_channel(process.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(40)
+    ]
+    try:
+        calls = [
+            pb_grpc.BrokerStub(channel).Execute.future(
+                pb.ExecuteRequest(statements=[pb.Statement(sql="SELECT 1")]),
+                timeout=60,
+                wait_for_ready=True,
+            )
+            for channel in channels
+        ]
+        wait_until(lambda: _stats(process)["requests_waiting"] == 40, timeout=30, what="queued")
+        stats = _stats(process)
+        assert stats["workers_answered"] == 2
+        assert stats["worker.0.requests_waiting"] > 0 and stats["worker.1.requests_waiting"] > 0
+        assert not [call for call in calls if call.done()]
+        reply = admin.Resume(pb.ResumeRequest(), metadata=ADMIN_MD, timeout=30)
+        assert not reply.paused and reply.stats["workers_answered"] == 2
+        assert all(call.result(timeout=30).results for call in calls)
+        assert _stats(process)["pool_paused"] == 0
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_a_restarted_worker_has_the_reload_overrides_until_a_plain_reload(
+    postgres: Any, tmp_path: Path
+) -> None:
+    with _workers_broker(postgres, tmp_path) as process:
+        assert process.wait_serving()
+        done = _cli(process, "reload", "pool_size=4")  # each worker 1 -> 2 connections
+        assert done.returncode == 0, done.stderr
+        assert _stats(process)["pool_max"] == 4
+        _kill_and_wait_restart(process, 1, _worker_pids(process)[1])
+        wait_until(lambda: _stats(process)["workers_answered"] == 2, what="both workers answer")
+        assert _stats(process)["pool_max"] == 4
+        # Logged as a reload logs it (derived settings such as replica_pool_size follow).
+        restored = [
+            json.loads(line)["message"]
+            for line in process.log().splitlines()
+            if "starting with the reload overrides in effect" in line
+        ]
+        assert len(restored) == 1 and " pool_size: 2 -> 4" in restored[0], restored
+        assert restored[0].startswith("worker 1: starting with the reload overrides in effect")
+        # A plain reload ends the overrides (docs/broker.md): in the running workers and for
+        # a worker restarted after it.
+        os.kill(process.pid or 0, signal.SIGHUP)
+        wait_until(lambda: process.log().count("reload: pool_size: 4 -> 2") == 2, what="reloads")
+        assert _stats(process)["pool_max"] == 2
+        _kill_and_wait_restart(process, 0, _stats(process)["worker.0.worker_pid"])
+        wait_until(lambda: _stats(process)["workers_answered"] == 2, what="both workers answer")
+        assert _stats(process)["pool_max"] == 2
+        assert process.log().count("starting with the reload overrides in effect") == 1
+
+
+def test_pause_wait_waits_for_a_lease_on_any_worker(postgres: Any, tmp_path: Path) -> None:
+    # The lease stays open through the calls below (10 s idle by default).
+    with (
+        _workers_broker(postgres, tmp_path, "PGBROKER_IDLE_TRANSACTION_TIMEOUT=60\n") as process,
+        grpc.insecure_channel(process.target) as lease_channel,
+    ):
+        assert process.wait_serving()
+        lease = _Transaction(pb_grpc.BrokerStub(lease_channel))
+        assert lease.step(pb.TransactRequest(begin=pb.TransactionOptions())).HasField("begun")
+        # The lease holds a connection on one worker; each Pause(wait) goes on a new connection
+        # to whichever worker the kernel picks (5 calls: 1 in 32 that all reach the lease's).
+        for _ in range(5):
+            with grpc.insecure_channel(
+                process.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                reply = pb_grpc.AdminStub(channel).Pause(
+                    pb.PauseRequest(wait=True), metadata=ADMIN_MD, timeout=2
+                )
+            assert reply.message.startswith("paused, but work still runs"), reply.message
+            assert reply.stats["pool_active"] == 1 and reply.stats["workers_answered"] == 2
+        assert lease.step(pb.TransactRequest(rollback=pb.TransactRequest.Rollback())).ended
+        done = _cli(process, "pause", "--wait", "--timeout", "10")
+        assert done.returncode == 0 and "paused: nothing runs" in done.stdout, done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _exec_done(pids: set[int]) -> bool:
+    """Whether a process of *pids* runs its own program and does not catch SIGUSR1 (yet): the
+    forked child caught it with the supervisor's handler until exec."""
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+        if not int(caught, 16) & (1 << (signal.SIGUSR1 - 1)):
+            return True
+    return False
+
+
+def test_a_control_during_a_restart_waits_until_the_worker_serves(
+    postgres: Any, tmp_path: Path
+) -> None:
+    with _workers_broker(postgres, tmp_path) as process:
+        assert process.wait_serving()
+        pids = _worker_pids(process)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: _exec_done(set(_children(process.pid or 0)) - set(pids)), what="exec")
+        # Worker 0 is starting: a SIGUSR1 now, before it handles the signal, would kill it.
+        os.kill(process.pid or 0, signal.SIGUSR1)
+        wait_until(lambda: "worker 0 restarted" in process.log(), timeout=30, what="restarted")
+        # Paused by the forwarded signal once it serves, or at its start (the marker).
+        started_paused = "PAUSE (worker 0 started while the broker is paused)"
+        wait_until(
+            lambda: (
+                process.log().count("PAUSE (SIGUSR1)") + process.log().count(started_paused) == 2
+            ),
+            what="both workers paused",
+        )
+        assert "killed by SIGUSR1" not in process.log()
+        assert _stats(process)["workers_answered"] == 2
+        assert process.proc is not None and process.proc.poll() is None

@@ -5,6 +5,7 @@ port reservation. The whole supervisor runs in test_workers.py."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError, load_settings, task_cpus
-from broker.front.reload import ReloadRefused
+from broker.front.reload import Reloader, ReloadRefused
 from broker.front.workers import WORKER_ENV, WorkerRole, _reserve, worker_pool_size, worker_role
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import request, rows
@@ -161,3 +162,49 @@ def test_a_reload_below_one_connection_per_running_worker_is_refused(
         assert broker.server.pool.size == 4  # 8 // 2, kept
         broker.call(broker.server.controls.reload({"pool_size": "2"}))
         assert broker.server.pool.size == 1
+
+
+def test_the_overrides_in_effect_are_recorded_whole_private_and_cleared(tmp_path: Any) -> None:
+    role = WorkerRole(0, 1, -1, str(tmp_path))
+    assert role.overrides_in_effect() == {} and not role.starts_paused()
+    role.record_overrides({"pool_size": "6", "PGBROKER_ADMIN_TOKENS": "ops:x" * 4})
+    assert WorkerRole(1, 1, -1, str(tmp_path)).overrides_in_effect() == {
+        "pool_size": "6",
+        "PGBROKER_ADMIN_TOKENS": "ops:x" * 4,
+    }
+    assert os.stat(tmp_path / "overrides.json").st_mode & 0o777 == 0o600  # may hold a token
+    assert os.listdir(tmp_path) == ["overrides.json"]  # no partial file left
+    role.record_overrides({})  # a plain reload ends them
+    assert role.overrides_in_effect() == {} and os.listdir(tmp_path) == []
+    (tmp_path / "paused").touch()  # the supervisor's marker
+    assert role.starts_paused()
+
+
+def test_a_restart_applies_the_overrides_all_or_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgbroker.reload")
+    environ = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
+    reloader = Reloader(settings(pool_size=4, workers=2), {"pool_size": 4}, environ=environ)
+    base = reloader.settings
+    restored = reloader.restore({"queue_timeout": "5", "max_waiting": "9"}, why="worker 1")
+    assert (restored.queue_timeout, restored.max_waiting) == (5, 9)
+    assert reloader.settings is restored
+    assert (
+        "worker 1: starting with the reload overrides in effect (max_waiting, queue_timeout)"
+        in caplog.text
+    )
+    assert "max_waiting: 2000 -> 9; queue_timeout: 30.0 -> 5.0" in caplog.text
+    # One bad override refuses them all: the worker starts with none of them.
+    reloader = Reloader(base, {"pool_size": 4}, environ=environ)
+    kept = reloader.restore({"queue_timeout": "5", "max_waiting": "-1"}, why="worker 1")
+    assert kept is base and reloader.settings is base
+    refused = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refused) == 1 and "starts without them" in refused[0].getMessage()
+
+
+def test_a_restart_logs_no_secret_of_the_overrides(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgbroker.reload")
+    environ = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
+    reloader = Reloader(settings(pool_size=4, workers=2), {"pool_size": 4}, environ=environ)
+    restored = reloader.restore({"admin_tokens": "ops:secret-token-0123456789"}, why="worker 1")
+    assert restored.admin_tokens == "ops:secret-token-0123456789"
+    assert "admin_tokens: changed" in caplog.text and "secret-token" not in caplog.text

@@ -32,14 +32,14 @@ from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.fixtures.aws import REGION, MotoAws
-from tests.support import status_of
+from tests.support import ExecuteOnly, status_of
 
 DATABASE_URL = {"PGBROKER_DATABASE_URL": "postgresql://app@db.internal/app"}
 
 AUDIENCE = "dns:///broker.pgbroker.local:50051"
 
 
-class IdentityEcho(pb_grpc.BrokerServicer):
+class IdentityEcho(ExecuteOnly):
     """Answers Execute with the caller identity the gate set."""
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:

@@ -34,13 +34,13 @@ from lambda_client import auth as client_auth
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.fixtures.aws import REGION, MotoAws
-from tests.support import status_of
+from tests.support import ExecuteOnly, status_of
 
 AUDIENCE = "dns:///broker.pgbroker.local:50051"
 VALID_SOURCE = "127.0.0.2"
 
 
-class IdentityEcho(pb_grpc.BrokerServicer):
+class IdentityEcho(ExecuteOnly):
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         return pb.ExecuteResponse(
             results=[pb.StatementResult(command_tag=str(current_identity.get()))]
