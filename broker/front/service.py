@@ -75,8 +75,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -118,6 +118,9 @@ __all__ = [
 
 log = logging.getLogger("pgbroker.service")
 
+# What a small request runs with instead of `short_switch_interval`: one, reused.
+_SAME_SWITCH_INTERVAL = contextlib.nullcontext()
+
 
 class BadRequest(BrokerFailure):
     """A request that cannot run as sent: INVALID_ARGUMENT, reason BAD_REQUEST; nothing ran."""
@@ -145,13 +148,15 @@ def validate(
     check_request(request, limits)
     if request.options.isolation not in _ISOLATION_LEVELS:
         raise BadRequest(f"unknown isolation level {request.options.isolation}")
-    for index, statement in enumerate(request.statements):
-        sql = statement.sql
+    statements = request.statements
+    # Read once: each read of a message's string field makes a new str.
+    sqls = [statement.sql for statement in statements]
+    for index, sql in enumerate(sqls):
         if not sql or sql.isspace():  # what strip() removes, without copying the SQL
             raise BadRequest(f"statement {index}: empty SQL")
-    plan = plan_request([s.sql for s in request.statements], role_locked=role_locked)
+    plan = plan_request(sqls, role_locked=role_locked)
     bound: list[Bound] = []
-    for index, statement in enumerate(request.statements):
+    for index, statement in enumerate(statements):
         try:
             bound.append(bind_params(statement.params))
         except BadParameter as exc:
@@ -266,11 +271,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         # A heavy request runs with the short GIL switch interval, so the loop keeps its turn
         # while pg8000 encodes 65,535 values on a worker (broker/sql/stack.py).
         small = small_request(request)
-        with contextlib.nullcontext() if small else short_switch_interval():
+        with _SAME_SWITCH_INTERVAL if small else short_switch_interval():
             try:
                 batch = await self._batch(request, call, small)
-                with self.inflight.hold(call.key):
+                inflight = self.inflight
+                held = inflight.enter(call.key)  # `InflightLimiter.hold` without a generator
+                try:
                     outcome = await self._execute(request, batch, call, deadline)
+                finally:
+                    inflight.leave(held)
                 # A single statement committed as it completed: checked now (completed=true).
                 check_results(outcome.results, self.limits)
             except Exception as exc:
@@ -287,14 +296,22 @@ class BrokerService(pb_grpc.BrokerServicer):
             commit_lsn=outcome.commit_lsn,
         )
 
-    async def _execute(
+    def _execute(
+        self, request: pb.ExecuteRequest, batch: Batch, call: _Caller, deadline: float
+    ) -> Awaitable[ExecuteOutcome]:
+        """Run *batch* on the primary, or where the routing sends it when replicas exist
+        (broker/flow/routing.py: the commit's position is read behind a write's COMMIT).
+        Not a coroutine itself: without replicas (W1's path: no routing, no position) the
+        flow's coroutine is awaited directly, one frame fewer to resume on every wake-up."""
+        if not self.router.replicas:
+            return execute(self.pool, batch, deadline, self.statement_timeout)
+        return self._routed(request, batch, call, deadline)
+
+    async def _routed(
         self, request: pb.ExecuteRequest, batch: Batch, call: _Caller, deadline: float
     ) -> ExecuteOutcome:
-        """Run *batch* on the primary, or where the routing sends it when replicas exist
-        (broker/flow/routing.py: the commit's position is read behind a write's COMMIT)."""
+        """`_execute` with read replicas."""
         router = self.router
-        if not router.replicas:  # W1's path: no routing, no position
-            return await execute(self.pool, batch, deadline, self.statement_timeout)
         options = request.options
         routing = await router.choose(
             read_only=options.read_only,
@@ -326,20 +343,26 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def _batch(self, request: pb.ExecuteRequest, call: _Caller, small: bool) -> Batch:
         """*request* checked, planned and bound (off the loop unless *small*), as the `Batch`
         the flow runs; raise the `BrokerFailure` that refuses it."""
-        plan, bound = await analyse(request, self.limits, self.role_map is not None, small)
+        role_map = self.role_map
+        if small:  # `analyse` without a coroutine
+            plan, bound = validate(request, self.limits, role_map is not None)
+        else:
+            plan, bound = await analyse(request, self.limits, role_map is not None, small)
         plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
-        role = self.role_map.role_for(call.identity) if self.role_map is not None else None
+        options = request.options
         return Batch(
             statements=request.statements,
             plan=plan,
-            isolation=request.options.isolation,
-            read_only=request.options.read_only,
-            deferrable=request.options.deferrable,
-            application_name=application_name(call.function, call.request_id),
-            role=role,
+            isolation=options.isolation,
+            read_only=options.read_only,
+            deferrable=options.deferrable,
+            application_name=call.application_name,
+            role=role_map.role_for(call.identity) if role_map is not None else None,
             audit_session=self.audit_needed(plan),
             bound=bound,
-            claim=await self._claim(request, plan, call.caller),
+            claim=await self._claim(request, plan, call.caller, small)
+            if request.idempotency_key
+            else None,
             reset_session=self.session_audit != "off",
             queue_key=call.key,
             result_check=self._check_before_commit,
@@ -374,12 +397,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         raise NotImplementedError
 
     async def _claim(
-        self, request: pb.ExecuteRequest, plan: RequestPlan, caller: str | None
+        self, request: pb.ExecuteRequest, plan: RequestPlan, caller: str | None, small: bool
     ) -> keys.KeyClaim | None:
         """The key to claim with this request, or None: no key, or it writes nothing (the
         read_only option, or the plan says so); raise `StoreUnavailable` without a store.
         The request's hash serializes it: a request that is not small is hashed on a parser
-        thread, as `analyse` validates it there (a large one would stall the event loop)."""
+        thread, as `analyse` validates it there (a large one would stall the event loop);
+        *small*: `small_request` (request)."""
         key = request.idempotency_key
         if not key or request.options.read_only or plan.exempt_from_key(self.known_functions):
             return None
@@ -388,7 +412,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"idempotency keys are not available on this broker ({self.key_store_error});"
                 " nothing ran: send the request without idempotency_key"
             )
-        if small_request(request):
+        if small:
             digest = keys.request_hash(request)
         else:
             loop = asyncio.get_running_loop()
@@ -416,11 +440,17 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def audit_needed(self, plan: RequestPlan) -> bool:
         """Whether to audit the session after this request (broker/postgres/audit.py)."""
-        if self.session_audit == "always":
+        mode = self.session_audit
+        if mode == "always":
             return True
-        if self.session_audit == "off":
+        if mode == "off":
             return False
-        return plan.needs_audit or plan.calls_unknown_function(self.known_functions)
+        # `RequestPlan.needs_audit or .calls_unknown_function`, in one pass and no generator.
+        known = self.known_functions
+        for statement in plan.statements:
+            if statement.opaque or statement.calls_unknown_function(known):
+                return True
+        return False
 
     def _count_failure(self, failure: BrokerFailure) -> None:
         self._stats["rpcs_failed"] += 1
@@ -456,23 +486,43 @@ class BrokerService(pb_grpc.BrokerServicer):
         return stats
 
 
-@dataclass(frozen=True)
 class _Caller:
     """Who sent a call: the Lambda request id and function (call metadata), the authenticated
-    identity, and the key it queues and is counted as (identity and function)."""
+    identity, the key it queues and is counted as (identity and function), and the
+    application_name its session gets. Read-only once made: one is shared by every call with
+    the same metadata and identity (`of`)."""
 
-    request_id: str | None
-    function: str | None
-    identity: Identity | None
-    caller: str | None
-    key: str | None
+    __slots__ = ("application_name", "caller", "function", "identity", "key", "request_id")
+
+    def __init__(
+        self, request_id: str | None, function: str | None, identity: Identity | None
+    ) -> None:
+        self.request_id = request_id
+        self.function = function
+        self.identity = identity
+        self.caller = str(identity) if identity is not None and identity.kind != "none" else None
+        self.key = caller_key(self.caller, function)
+        self.application_name = application_name(function, request_id)
 
     @classmethod
     def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> _Caller:
         request_id, function = lambda_metadata(context.invocation_metadata())
         identity = current_identity.get()
-        caller = str(identity) if identity is not None and identity.kind != "none" else None
-        return cls(request_id, function, identity, caller, caller_key(caller, function))
+        # Keyed by the identity's id, checked by `is` (a dataclass' hash is a Python call);
+        # a Lambda function's invocations send the same function name, its queries the same
+        # request id, and every caller has the same identity with PGBROKER_AUTH=none.
+        memo = (request_id, function, id(identity))
+        call = _CALLERS.get(memo)
+        if call is None or call.identity is not identity:
+            if len(_CALLERS) >= _CALLERS_KEPT:
+                _CALLERS.clear()  # request ids are new with every invocation: start over
+            call = _CALLERS[memo] = cls(request_id, function, identity)
+        return call
+
+
+# The callers `_Caller.of` made lately, by request id, function and identity.
+_CALLERS: dict[tuple[str | None, str | None, int], _Caller] = {}
+_CALLERS_KEPT = 4096
 
 
 def _log_failure(failure: BrokerFailure, call: _Caller, statements: int) -> None:

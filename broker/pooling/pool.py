@@ -151,7 +151,7 @@ class ServerConnection:
     statement_generation: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     future: asyncio.Future[ServerConnection]
     deadline: float | None

@@ -80,7 +80,8 @@ def bind_value(value: pb.Value, name: str) -> tuple[str | None, int]:
     if kind is None or kind == "null":
         return None, _OIDS.get(value.null, (0, 0))[0]
     if kind == "int64":
-        return str(value.int64), _int_oid(value.int64)
+        number = value.int64  # each read makes a new int
+        return str(number), _int_oid(number)
     if kind == "array":
         return _array_literal(value.array, name), _array_oid(value.array)
     return _scalar_text(value, kind, name), _OIDS[TYPE_OF_KIND[kind]][0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -84,9 +84,11 @@ class AuthGate:
         """*handler* (of *method*, ``/package.Service/Method``) authenticating each call
         first, from that call's metadata; a refused call is aborted with the `AuthError`'s
         status and never reaches *handler*."""
-        return _wrap_handler(handler, lambda context: self._admit_call(method, context))
+        return _wrap_handler(handler, self, method)
 
-    async def _admit_call(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+    async def admit_call(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+        """The caller of *context*'s call of *method*, authenticated from its metadata; a
+        refused call is aborted (`abort_with_status` raises)."""
         if self._anonymous is not None:
             return self._anonymous
         metadata = _metadata_dict(context.invocation_metadata())
@@ -169,11 +171,11 @@ class LogBudget:
         return suppressed
 
 
-Admit = Callable[[grpc.aio.ServicerContext], Awaitable[Identity]]
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
-    """The same handler, authenticating first and running with `current_identity` set.
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, gate: AuthGate, method: str
+) -> grpc.RpcMethodHandler:
+    """The same handler, authenticating first (`AuthGate.admit_call`) and running with
+    `current_identity` set.
 
     grpc.aio runs each RPC in its own task (its own context), so the identity set here is
     seen by that RPC's handler only and needs no reset. A unary request is decoded only after
@@ -185,14 +187,33 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
         "request_deserializer": h.request_deserializer,
         "response_serializer": h.response_serializer,
     }
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        current_identity.set(await gate.admit_call(method, context))
+
     if h.unary_unary is not None:
         inner_uu = h.unary_unary
         decode = h.request_deserializer
         kwargs["request_deserializer"] = None  # raw bytes; decoded below, after admission
+        # Known at wrap time: a coroutine function's result is awaited without asking what
+        # it is (`_maybe_await`), on every call.
+        is_coroutine = inspect.iscoroutinefunction(inner_uu)
 
         async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            current_identity.set(await admit(context))
-            request = await _decode(decode, raw, context)
+            # PGBROKER_AUTH=none: the same identity for every call, without a coroutine.
+            identity = gate._anonymous
+            if identity is None:
+                identity = await gate.admit_call(method, context)
+            current_identity.set(identity)
+            request = raw
+            if decode is not None and isinstance(raw, bytes):
+                try:
+                    request = decode(raw)
+                except Exception as exc:  # protobuf DecodeError (bad UTF-8, too deep, corrupt)
+                    await _refuse_undecodable(exc, context)
+                    raise
+            if is_coroutine:
+                return await inner_uu(request, context)
             return await _maybe_await(inner_uu(request, context))
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
@@ -200,7 +221,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
         inner_su = h.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            current_identity.set(await admit(context))
+            await admit(context)
             return await _maybe_await(inner_su(requests, context))
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
@@ -212,7 +233,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
     )
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        current_identity.set(await admit(context))
+        await admit(context)
         responses = inner(request, context)
         if hasattr(responses, "__aiter__"):
             async for response in responses:
@@ -226,18 +247,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMetho
     return factory(streaming, **kwargs)
 
 
-async def _decode(
-    decode: Callable[[bytes], Any] | None, raw: Any, context: grpc.aio.ServicerContext
-) -> Any:
-    if decode is None or not isinstance(raw, bytes):
-        return raw
-    try:
-        return decode(raw)
-    except Exception as exc:  # protobuf DecodeError (bad UTF-8, too deep, corrupt)
-        message = f"the request is not a valid message: {str(exc)[:200]}"
-        status = pack(Code.INVALID_ARGUMENT, message, reason=Reason.BAD_REQUEST)
-        await context.abort_with_status(status)
-        raise
+async def _refuse_undecodable(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    """Abort a call whose request is not a valid message: INVALID_ARGUMENT, BAD_REQUEST."""
+    message = f"the request is not a valid message: {str(exc)[:200]}"
+    status = pack(Code.INVALID_ARGUMENT, message, reason=Reason.BAD_REQUEST)
+    await context.abort_with_status(status)
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -155,33 +155,39 @@ def check_results(
     *completed* says whether the work already committed (a single statement, which runs
     without BEGIN … COMMIT: metadata ``completed=true``) or is checked before COMMIT (a batch
     or a Transact step: the message says it was rolled back)."""
-    if completed:
-        outcome, stop = "the transaction completed, but its results", ""
-    else:
-        outcome, stop = "the results", "; the transaction was rolled back, nothing committed"
-    advice = " or stream them (db.stream, tx.stream: no limit)"
-    rows = sum(len(result.rows) for result in results)
+    single = len(results) == 1  # the usual case: no generator
+    rows = len(results[0].rows) if single else sum(len(result.rows) for result in results)
     if limits.max_result_rows and rows > limits.max_result_rows:
+        outcome, advice = _refusal_words(completed)
         raise LimitExceeded(
             "PGBROKER_MAX_RESULT_ROWS",
             limits.max_result_rows,
             rows,
             f"{outcome} have {rows} rows; at most {limits.max_result_rows} are sent"
             " (PGBROKER_MAX_RESULT_ROWS): page with WHERE key > $1 ORDER BY key LIMIT n"
-            f"{advice}{stop}",
+            f"{advice}",
             completed=completed,
         )
-    size = sum(result.ByteSize() for result in results)
+    size = results[0].ByteSize() if single else sum(result.ByteSize() for result in results)
     if limits.max_result_bytes and size > limits.max_result_bytes:
+        outcome, advice = _refusal_words(completed)
         raise LimitExceeded(
             "PGBROKER_MAX_RESULT_BYTES",
             limits.max_result_bytes,
             size,
             f"{outcome} are {size} bytes; at most {limits.max_result_bytes} are sent"
             " (PGBROKER_MAX_RESULT_BYTES): select fewer columns, page with WHERE key > $1"
-            f" ORDER BY key LIMIT n{advice}{stop}",
+            f" ORDER BY key LIMIT n{advice}",
             completed=completed,
         )
+
+
+def _refusal_words(completed: bool) -> tuple[str, str]:
+    """What `check_results`' refusal says happened, and its advice (and what happened after)."""
+    advice = " or stream them (db.stream, tx.stream: no limit)"
+    if completed:
+        return "the transaction completed, but its results", advice
+    return "the results", f"{advice}; the transaction was rolled back, nothing committed"
 
 
 class InflightLimiter:
@@ -196,8 +202,9 @@ class InflightLimiter:
         self.limit = limit
         self._counts: dict[str, int] = {}
 
-    @contextmanager
-    def hold(self, key: str | None) -> Iterator[None]:
+    def enter(self, key: str | None) -> str:
+        """Count one more request of *key*, or raise `LimitExceeded` (nothing counted); return
+        what to give `leave` when it is done. `hold` as two calls, for the request path."""
         key = "" if key is None else key
         current = self._counts.get(key, 0)
         if key and self.limit > 0 and current >= self.limit:
@@ -211,14 +218,23 @@ class InflightLimiter:
                 retry_after=RETRY_SOON,
             )
         self._counts[key] = current + 1
+        return key
+
+    def leave(self, held: str) -> None:
+        """The request `enter` counted (*held*, what it returned) is done."""
+        remaining = self._counts[held] - 1
+        if remaining:
+            self._counts[held] = remaining
+        else:
+            del self._counts[held]
+
+    @contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        held = self.enter(key)
         try:
             yield
         finally:
-            remaining = self._counts[key] - 1
-            if remaining:
-                self._counts[key] = remaining
-            else:
-                del self._counts[key]
+            self.leave(held)
 
     def in_flight(self, key: str) -> int:
         return self._counts.get(key, 0)

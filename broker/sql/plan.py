@@ -184,6 +184,11 @@ def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPl
     *role_locked* is true when the broker sets each caller's role itself (PGBROKER_ROLE_MAP);
     then role changes of any kind are refused as well.
     """
+    if len(sqls) == 1:  # most requests: no texts to tell apart
+        only = plan_statement(sqls[0], role_locked=role_locked)
+        if only.refusal is not None:
+            raise SessionStateError(0, only.refusal.message, only.refusal.reason)
+        return RequestPlan((only,))
     planned: dict[str, StatementPlan] = {}
     for index, sql in enumerate(sqls):
         plan = planned.get(sql)
