@@ -94,11 +94,24 @@ def test_round_robin_spreads_calls_and_survives_a_stopped_replica(
     port = port_free_on(hosts)
     brokers = [start_broker_process(listen=f"{host}:{port}", pool_size=1) for host in hosts]
     db = BrokerClient("ipv4:" + ",".join(f"{host}:{port}" for host in hosts))
+
+    def served() -> list[int]:
+        return [BrokerClient(b.target).stats()["rpcs_num"] for b in brokers]
+
+    # Round robin spreads calls over the subchannels that are READY; on a loaded machine one
+    # may connect (and pass its health check) only after the first calls went elsewhere.
+    wait_until(
+        lambda: db.query("SELECT 1").scalar() == 1 and all(served()),
+        timeout=30,
+        what="every replica served a call",
+    )
+    before = served()
     for n in range(30):
         assert db.query("SELECT $1::int", [n]).scalar() == n
-    counts = [BrokerClient(b.target).stats()["rpcs_num"] for b in brokers]
-    assert all(count > 0 for count in counts), counts
-    assert sum(counts) == 30
+    counts = served()
+    spread = [after - earlier for after, earlier in zip(counts, before, strict=True)]
+    assert all(calls > 0 for calls in spread), spread
+    assert sum(spread) == 30
 
     # Keep calling while one replica shuts down: no call is lost.
     stop = threading.Event()
