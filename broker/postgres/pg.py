@@ -282,8 +282,14 @@ for _array_oid, (_elem_oid, _) in _ARRAY_OIDS.items():
     _IN_FUNCS[_array_oid] = pgc._array_in(_IN_FUNCS.get(_elem_oid, str))
 
 
+# Integer columns (int8, int2, int4, oid): their values always fit int64.
+_INTEGER_OIDS = frozenset((20, 21, 23, 26))
+
+
 def _encode_cell(value: Any, type_oid: int) -> pb.Value:
     """One result cell as a `Value`, typed by its column's OID."""
+    if type_oid in _INTEGER_OIDS and type(value) is int:  # the commonest cell: as codec.encode
+        return pb.Value(int64=value)
     if value is None:
         return pb.Value(null=pb.TYPE_UNSPECIFIED)
     if isinstance(value, _Raw):
@@ -370,8 +376,11 @@ class _Core(CoreConnection):  # type: ignore[misc]
     def handle_COMMAND_COMPLETE(self, data: bytes, context: Any) -> None:
         tag = data[:-1].decode(self._client_encoding)
         context.command_tag = tag
+        last = tag.rpartition(" ")[2]
+        if last.isalpha():  # SET, RESET, BEGIN, COMMIT: no count (a raised ValueError costs µs)
+            return
         try:
-            count = int(tag.rsplit(" ", 1)[-1])
+            count = int(last)
         except ValueError:
             return
         context.row_count = count if context.row_count == -1 else context.row_count + count

@@ -134,3 +134,17 @@ def test_replies_larger_than_the_buffer_and_empty_ones_are_read_whole(conn: PgCo
     assert [len(v.text) for v in big.rows[0].values] == [100000, 0]
     assert conn.execute_simple("") == []  # EmptyQueryResponse: a message without a body
     assert conn.run("SELECT 1").rows[0].values[0].int64 == 1
+
+
+def test_integer_cells_come_back_as_codec_encodes_them(conn: PgConnection) -> None:
+    """The fast path for integer columns gives what `codec.encode` gives (and NULL stays
+    NULL)."""
+    from lambda_client import codec
+
+    sql = (
+        "SELECT (-32768)::int2, 2147483647::int4, (-9223372036854775808)::int8,"
+        " 9223372036854775807::int8, 4294967295::oid, NULL::int4, true"
+    )
+    values = list(conn.run(sql).rows[0].values)
+    expected = [-32768, 2147483647, -(2**63), 2**63 - 1, 4294967295, None, True]
+    assert values == [codec.encode(value) for value in expected]
