@@ -432,3 +432,28 @@ def test_pg_io_chooses_where_small_requests_run(
     heavy = request(("SELECT cardinality($1::int[])", [list(range(1000))]))
     assert rows(broker.execute(heavy).results[0]) == [(1000,)]
     assert _worker_threads(broker) >= 1
+
+
+def test_a_broker_serves_request_after_request_on_the_same_runner_greenlets(
+    start_inproc_broker: Any,
+) -> None:
+    """End to end: small requests make no greenlet each (each would map and unmap a frame
+    stack); the runners on the broker's loop thread are the same before and after."""
+    from tests.support import request, rows
+
+    broker = start_inproc_broker(pg_io="loop")
+
+    def runners() -> set[int]:
+        return {
+            id(obj)
+            for obj in gc.get_objects()
+            if type(obj) is greenio.IoGreenlet and not obj.dead and obj.job is None
+        }
+
+    assert rows(broker.execute(request(("SELECT 1", []))).results[0]) == [(1,)]
+    before = runners()
+    kept = [obj for obj in gc.get_objects() if id(obj) in before]  # ids stay theirs
+    for n in range(20):
+        assert rows(broker.execute(request(("SELECT $1::int", [n]))).results[0]) == [(n,)]
+    assert before and runners() == before
+    del kept
