@@ -380,6 +380,19 @@ def test_a_timed_out_read_leaves_the_runner_reusable() -> None:
     assert data == b"x" and runner is runners[0] and not runner.dead
 
 
+def _request_with_cleanup(pg: PgConnection, n: int) -> tuple[int, Any]:
+    from broker.postgres.audit import CLEANUP
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+    result = pg.run(
+        "SELECT $1::int + 1",
+        [pb.Value(int64=n)],
+        before="SET application_name = 'x'",
+        cleanup=CLEANUP,
+    )
+    return result.rows[0].values[0].int64, pg.cleanup_rows
+
+
 @pytest.fixture(scope="module")
 def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
     ca = TestCA(tmp_path_factory.mktemp("pki"))
@@ -407,6 +420,10 @@ def test_tls_reads_across_many_records_and_slices(
         results = _jobs_in_turn(*[(_runner_of, pg, f"SELECT {n}") for n in range(3)])
         assert [rows for _, rows in results] == [[[0]], [[1]], [[2]]]
         assert len({id(runner) for runner, _ in results}) == 1
+        # A request as the broker sends it (SET, Bind…Sync, the cleanup group), over TLS:
+        # the unnamed statement, then prepared, then reused.
+        results = _jobs_in_turn(*[(_request_with_cleanup, pg, n) for n in range(3)])
+        assert results == [(n + 1, [[""]]) for n in range(3)]
         assert pg.execute_simple("SELECT 2") == [[2]]  # and on a thread
     finally:
         pg.close_quietly()
