@@ -1,5 +1,8 @@
-"""pg8000's blocking protocol code on the event loop, one greenlet per transaction
+"""pg8000's blocking protocol code on the event loop, in a greenlet per running transaction
 (``PGBROKER_PG_IO=loop``; SQLAlchemy's asyncio bridge does the same: ``greenlet_spawn``).
+The greenlets are long-lived runners that take transaction after transaction
+(`broker.pooling.loopio`): a fresh greenlet per request cost an ``mmap``/``munmap`` of its
+frame stack.
 
 pg8000 reads and writes its socket through a buffered file (``CoreConnection._sock``). `install`
 puts `LoopSocketIO` under that file instead of ``socket.makefile``: the socket is made
@@ -83,6 +86,8 @@ class IoGreenlet(greenlet):  # type: ignore[misc]
 
     # When it last came back from the loop (`time.perf_counter`): its slice started then.
     resumed_at = 0.0
+    # The job the loop side hands it next (broker/pooling/loopio.py; taken when it starts).
+    job: Any = None
 
     def wait(self, wait: Wait) -> None:
         """Switch to the loop until *wait* is over; raise what the driver throws in."""

@@ -31,18 +31,22 @@ from typing import Any
 
 import pg8000.converters as pgc
 from pg8000.core import (
+    BIND,
     CLOSE,
     DESCRIBE,
     EXECUTE_MSG,
+    FLUSH_MSG,
     NULL_BYTE,
     PARSE,
     PORTAL,
     QUERY,
+    READY_FOR_QUERY,
     STATEMENT,
     SYNC_MSG,
     Context,
     CoreConnection,
     _flush,
+    _read,
     _write,
 )
 from pg8000.exceptions import DatabaseError, InterfaceError
@@ -278,8 +282,14 @@ for _array_oid, (_elem_oid, _) in _ARRAY_OIDS.items():
     _IN_FUNCS[_array_oid] = pgc._array_in(_IN_FUNCS.get(_elem_oid, str))
 
 
+# Integer columns (int8, int2, int4, oid): their values always fit int64.
+_INTEGER_OIDS = frozenset((20, 21, 23, 26))
+
+
 def _encode_cell(value: Any, type_oid: int) -> pb.Value:
     """One result cell as a `Value`, typed by its column's OID."""
+    if type_oid in _INTEGER_OIDS and type(value) is int:  # the commonest cell: as codec.encode
+        return pb.Value(int64=value)
     if value is None:
         return pb.Value(null=pb.TYPE_UNSPECIFIED)
     if isinstance(value, _Raw):
@@ -332,17 +342,45 @@ class _Core(CoreConnection):  # type: ignore[misc]
     def handle_messages(self, context: Any) -> None:
         while self._ahead:
             try:
-                super().handle_messages(self._ahead.pop(0))
+                self._read_messages(self._ahead.pop(0))
             except DatabaseError as exc:
                 if PgError.from_pg8000(exc).severity in ("FATAL", "PANIC"):
                     raise
-        super().handle_messages(context)
+        self._read_messages(context)
+
+    def _read_messages(self, context: Any) -> None:
+        """pg8000's ``handle_messages`` (every message up to ReadyForQuery, each to its
+        handler, then raise the context's error), reading straight from the buffered file:
+        pg8000's ``_read`` copies each header and body twice (a dozen messages a request)."""
+        read = self._sock.read
+        handlers = self.message_types
+        code = None
+        while code != READY_FOR_QUERY:
+            try:
+                header = read(5)
+            except OSError as exc:
+                raise InterfaceError("network error") from exc
+            if len(header) < 5:  # at EOF (a buffered read returns short only there)
+                header += _read(self._sock, 5 - len(header))
+            code, length = _HEADER.unpack_from(header)
+            try:
+                data = read(length - 4)
+            except OSError as exc:
+                raise InterfaceError("network error") from exc
+            if len(data) < length - 4:
+                data += _read(self._sock, length - 4 - len(data))
+            handlers[code](data, context)
+        if context.error is not None:
+            raise context.error
 
     def handle_COMMAND_COMPLETE(self, data: bytes, context: Any) -> None:
         tag = data[:-1].decode(self._client_encoding)
         context.command_tag = tag
+        last = tag.rpartition(" ")[2]
+        if last.isalpha():  # SET, RESET, BEGIN, COMMIT: no count (a raised ValueError costs µs)
+            return
         try:
-            count = int(tag.rsplit(" ", 1)[-1])
+            count = int(last)
         except ValueError:
             return
         context.row_count = count if context.row_count == -1 else context.row_count + count
@@ -381,16 +419,29 @@ class _Core(CoreConnection):  # type: ignore[misc]
 
     def send_query_nowait(self, sql: str) -> None:
         """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
-        self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
+        body = sql.encode(self._client_encoding)
+        self.send_bytes(QUERY + _LENGTH.pack(len(body) + 5) + body + NULL_BYTE)
 
     def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
-        self.send_BIND(name, params)
-        # Execute without pg8000's Flush behind it: Sync follows at once, and Postgres sends
-        # its output at ReadyForQuery anyway. A Flush made it send every statement's reply in
-        # two pieces, and each piece can cost the reading worker a blocking recv() and a wait
-        # for the GIL.
-        _write(self._sock, EXECUTE_MSG)
-        _write(self._sock, SYNC_MSG)
+        # pg8000's Bind (and the Flush it puts behind it), then Execute without pg8000's Flush
+        # behind it: Sync follows at once, and Postgres sends its output at ReadyForQuery
+        # anyway. A Flush made it send every statement's reply in two pieces, and each piece
+        # can cost the reading worker a blocking recv() and a wait for the GIL.
+        self.send_bytes(bind_message(name, params, self._client_encoding) + _EXECUTE_SYNC)
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue *data*, whole protocol messages (no flush), with pg8000's errors
+        (``_send_message``): a network error, or a connection closed under it."""
+        try:
+            self._sock.write(data)
+        except OSError as exc:
+            raise InterfaceError("network error") from exc
+        except ValueError as exc:
+            if str(exc) == "write to closed file":
+                raise InterfaceError("connection is closed") from exc
+            raise
+        except AttributeError as exc:
+            raise InterfaceError("connection is closed") from exc
 
     def send_unnamed_nowait(
         self, sql: str, oids: Sequence[int], params: Sequence[str | None]
@@ -418,11 +469,51 @@ class _Core(CoreConnection):  # type: ignore[misc]
         _flush(self._sock)
 
 
+_HEADER = struct.Struct("!ci")  # a message's type byte and length (with itself)
+_LENGTH = struct.Struct("!i")
+_COUNTS = struct.Struct("!HH")  # Bind: no parameter format codes (all text), count of values
+_NO_VALUES = _COUNTS.pack(0, 0) + b"\x00\x00"  # and no result format codes (all text)
+_NULL_VALUE = _LENGTH.pack(-1)
+_EXECUTE_SYNC = FLUSH_MSG + EXECUTE_MSG + SYNC_MSG  # the Flush ends pg8000's Bind
+
+
+def bind_message(name: bytes, params: Sequence[str | None], encoding: str) -> bytes:
+    """The Bind message pg8000's ``send_BIND`` writes for the unnamed portal and the
+    statement *name* (NUL-terminated), text values, text results; without the Flush it sends
+    behind it."""
+    if not params:
+        body = NULL_BYTE + name + _NO_VALUES
+        return BIND + _LENGTH.pack(len(body) + 4) + body
+    parts = bytearray(NULL_BYTE + name + _COUNTS.pack(0, len(params)))
+    for value in params:
+        if value is None:
+            parts += _NULL_VALUE
+        else:
+            text = value.encode(encoding)
+            parts += _LENGTH.pack(len(text))
+            parts += text
+    parts += b"\x00\x00"
+    return BIND + _LENGTH.pack(len(parts) + 4) + parts
+
+
 @dataclass
 class _Prepared:
     name: bytes
     columns: list[dict[str, Any]] | None
     input_funcs: list[Callable[[str], Any]]
+
+
+@dataclass
+class _Cleanup:
+    """The broker's own statements behind a transaction (`PgConnection.run_many`'s
+    *cleanup*), prepared on the connection, and their one Sync group as sent: constant per
+    connection, so encoded once."""
+
+    statements: list[_Prepared]
+    wire: bytes
+
+
+_NO_CLEANUP = _Cleanup([], b"")
 
 
 # A text run for the first time on a connection: the unnamed statement (`_run_groups`); its
@@ -447,8 +538,10 @@ class PgConnection:
         self._target = target
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], _Prepared] = OrderedDict()
         self._cache_size = cache_size
-        # The broker's own statements (`run_many`'s *cleanup*), prepared once, never evicted.
+        # The broker's own statements (`run_many`'s *cleanup*), prepared once, never evicted;
+        # and each *cleanup* sequence's statements and encoded Sync group.
         self._own: dict[str, _Prepared] = {}
+        self._cleanups: dict[tuple[str, ...], _Cleanup] = {}
         key = core._backend_key_data or b"\0" * 8
         self.backend_pid, self._secret_key = struct.unpack("!ii", key[:8])
         self.closed = False
@@ -659,7 +752,7 @@ class PgConnection:
         before: str | None,
         after: str | After | None,
         check: Callable[[list[pb.StatementResult]], None] | None,
-        cleanup: Sequence[_Prepared],
+        cleanup: _Cleanup,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
@@ -673,7 +766,7 @@ class PgConnection:
                 self._counts["statements_unnamed"] += 1
             else:
                 if group:
-                    results += self._send_group(group, statements, bound, before, None, ())
+                    results += self._send_group(group, statements, bound, before, None, _NO_CLEANUP)
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
                 self._counts["statements_prepared"] += 1
@@ -682,16 +775,16 @@ class PgConnection:
             group.append((index, prepared, texts))
         if callable(after) or (check is not None and after is not None and returns_rows):
             # One round trip more, whatever holds *after* back (results to check, to store).
-            results += self._send_group(group, statements, bound, before, None, ())
+            results += self._send_group(group, statements, bound, before, None, _NO_CLEANUP)
             if check is not None and returns_rows:
                 check(results)
             self._send_after(after(results) if callable(after) else after, cleanup)
             return results
-        self._progress.after_sent = after is not None or bool(cleanup)
+        self._progress.after_sent = after is not None or bool(cleanup.statements)
         results += self._send_group(group, statements, bound, before, after, cleanup)
         return results
 
-    def _send_after(self, after: str, cleanup: Sequence[_Prepared]) -> None:
+    def _send_after(self, after: str, cleanup: _Cleanup) -> None:
         """*after* alone (a held-back COMMIT) and *cleanup*; raise the first error as
         `PgError` (phase AFTER)."""
         self._progress.after_sent = True
@@ -703,34 +796,33 @@ class PgConnection:
         if errors:
             raise errors[0]
 
-    def _send_cleanup(self, cleanup: Sequence[_Prepared]) -> None:
+    def _send_cleanup(self, cleanup: _Cleanup) -> None:
         """Queue *cleanup*'s statements as one Sync group (no flush)."""
-        if not cleanup:
-            return
-        core = self._core
-        for prepared in cleanup:
-            core.send_BIND(prepared.name, ())
-            _write(core._sock, EXECUTE_MSG)
-        _write(core._sock, SYNC_MSG)
+        if cleanup.wire:
+            self._core.send_bytes(cleanup.wire)
 
-    def _read_after(
-        self, after: str | None, cleanup: Sequence[_Prepared], errors: list[PgError]
-    ) -> None:
+    def _read_after(self, after: str | None, cleanup: _Cleanup, errors: list[PgError]) -> None:
         """Read the replies of *after* and *cleanup*; keep *after*'s rows in `after_rows`
         and the last cleanup statement's in `cleanup_rows`."""
         if after:
             context = Context(after)
             self._read_reply(context, errors, Phase.AFTER)
             self.after_rows = list(context.rows or ())
-        if cleanup:
-            last = cleanup[-1]
-            context = Context("cleanup", columns=last.columns, input_funcs=list(last.input_funcs))
+        if cleanup.statements:
+            last = cleanup.statements[-1]
+            context = Context("cleanup", columns=last.columns, input_funcs=last.input_funcs)
             self._read_reply(context, errors, Phase.AFTER)
             self.cleanup_rows = list(context.rows or ())
 
-    def _own_statements(self, sqls: Sequence[str]) -> list[_Prepared]:
+    def _own_statements(self, sqls: Sequence[str]) -> _Cleanup:
         """The broker's own statements *sqls*, prepared once per connection (apart from the
-        callers' LRU, so they are never evicted)."""
+        callers' LRU, so they are never evicted), and their Sync group encoded once."""
+        if not sqls:
+            return _NO_CLEANUP
+        key = tuple(sqls)
+        cleanup = self._cleanups.get(key)
+        if cleanup is not None:
+            return cleanup
         own = []
         for sql in sqls:
             prepared = self._own.get(sql)
@@ -740,7 +832,10 @@ class PgConnection:
                 funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in columns or ()]
                 prepared = self._own[sql] = _Prepared(name, columns, funcs)
             own.append(prepared)
-        return own
+        # Each as pg8000's send_BIND (Bind, Flush), then Execute; one Sync for the group.
+        wire = b"".join(bind_message(p.name, (), "ascii") + FLUSH_MSG + EXECUTE_MSG for p in own)
+        cleanup = self._cleanups[key] = _Cleanup(own, wire + SYNC_MSG)
+        return cleanup
 
     def _send_group(
         self,
@@ -749,7 +844,7 @@ class PgConnection:
         bound: Sequence[Bound],
         before: str | None,
         after: str | None,
-        cleanup: Sequence[_Prepared],
+        cleanup: _Cleanup,
     ) -> list[pb.StatementResult]:
         """Send *before*, the group's statements, *after* and *cleanup* in one flush; read
         every reply."""
@@ -771,7 +866,7 @@ class PgConnection:
         results = []
         for index, prepared, _ in group:
             sql = statements[index][0]
-            context = Context(sql, columns=prepared.columns, input_funcs=list(prepared.input_funcs))
+            context = Context(sql, columns=prepared.columns, input_funcs=prepared.input_funcs)
             context.command_tag = ""
             context.broker_types = prepared is _UNNAMED  # cells parsed as a prepared one's
             self._read_reply(context, errors, Phase.STATEMENT, index)
@@ -855,6 +950,7 @@ class PgConnection:
             return
         self._cache.clear()
         self._own.clear()
+        self._cleanups.clear()
         self._core._statement_nums.clear()
         self._deallocate = True
 

@@ -5,15 +5,20 @@ Postgres, plain and TLS, and over socket pairs where the test controls the peer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from greenlet import getcurrent, greenlet
 
 from broker.config import parse_database_url
-from broker.pooling.loopio import run_on_loop
+from broker.pooling import loopio
+from broker.pooling.loopio import idle_runners, run_on_loop
 from broker.postgres import greenio
 from broker.postgres.pg import COOPERATE_ROWS, ConnectionLost, PgConnection, TransactionStatus
 from broker.postgres.pg import connect as connect_pg
@@ -184,7 +189,7 @@ def test_a_cancelled_caller_leaves_the_greenlet_to_finish_the_protocol(pg: PgCon
     it reads the whole reply, and the connection is idle and usable afterwards."""
 
     async def main() -> Any:
-        work = run_on_loop(asyncio.get_running_loop(), pg.execute_simple, "SELECT pg_sleep(0.3), 5")
+        work = run_on_loop(asyncio.get_running_loop(), _runner_of, pg, "SELECT pg_sleep(0.3), 5")
         caller = asyncio.ensure_future(asyncio.shield(work))
         await asyncio.sleep(0.1)
         caller.cancel()
@@ -193,9 +198,11 @@ def test_a_cancelled_caller_leaves_the_greenlet_to_finish_the_protocol(pg: PgCon
         assert not work.done()
         return await work
 
-    assert asyncio.run(main()) == [["", 5]]
+    runner, rows = asyncio.run(main())
+    assert rows == [["", 5]]
     assert pg.transaction_status is TransactionStatus.IDLE
-    assert _on_loop(pg.execute_simple, "SELECT 6")[0] == [[6]]
+    # The runner finished the job and takes the next one.
+    assert _on_loop(_runner_of, pg, "SELECT 6")[0] == (runner, [[6]])
 
 
 def test_a_backend_cancel_stops_a_query_running_in_a_greenlet(pg: PgConnection) -> None:
@@ -212,6 +219,178 @@ def test_a_backend_cancel_stops_a_query_running_in_a_greenlet(pg: PgConnection) 
 
     asyncio.run(main())
     assert _on_loop(pg.execute_simple, "SELECT 1")[0] == [[1]]
+
+
+# -- runner greenlets, reused job after job ------------------------------------------------------
+
+
+def _runner_of(pg: PgConnection, sql: str) -> tuple[greenlet, Any]:
+    """The greenlet the job ran in, and *sql*'s rows."""
+    return getcurrent(), pg.execute_simple(sql)
+
+
+def _jobs_in_turn(*jobs: tuple[Any, ...]) -> list[Any]:
+    """Each job ``(fn, *args)`` run after the one before on one loop: its result, or the
+    exception it raised."""
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for fn, *args in jobs:
+            try:
+                out.append(await run_on_loop(loop, fn, *args))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    return asyncio.run(main())
+
+
+def test_one_runner_greenlet_takes_job_after_job(pg: PgConnection) -> None:
+    """No new greenlet per request (each would map and unmap a fresh frame stack): the
+    runner goes back to this thread's idle list between jobs."""
+    results = _jobs_in_turn(*[(_runner_of, pg, f"SELECT {n}") for n in range(4)])
+    runners = {id(runner) for runner, _ in results}
+    assert [rows for _, rows in results] == [[[0]], [[1]], [[2]], [[3]]]
+    assert len(runners) == 1
+    runner = results[0][0]
+    assert type(runner) is greenio.IoGreenlet and not runner.dead
+    assert runner.parent is getcurrent()
+    assert idle_runners() >= 1
+
+
+def test_a_failing_job_leaves_its_runner_clean_for_the_next(pg: PgConnection) -> None:
+    from broker.postgres.pg import PgError
+
+    failed_in: list[greenlet] = []
+
+    def fail_after_a_wait() -> None:
+        failed_in.append(getcurrent())
+        pg.execute_simple("SELECT 1/0")
+
+    def slice_started(sql: str) -> tuple[greenlet, float, Any]:
+        return getcurrent(), getcurrent().resumed_at, pg.execute_simple(sql)
+
+    async def main() -> tuple[BaseException, tuple[greenlet, float, Any], float]:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(PgError) as failed:
+            await run_on_loop(loop, fail_after_a_wait)
+        before = time.perf_counter()
+        return failed.value, await run_on_loop(loop, slice_started, "SELECT 8"), before
+
+    error, (runner, resumed_at, rows), before = asyncio.run(main())
+    assert isinstance(error, PgError) and error.sqlstate == "22012"
+    assert runner is failed_in[0] and not runner.dead
+    assert rows == [[8]]
+    assert resumed_at >= before  # the next job's slice starts afresh
+    assert pg.transaction_status is TransactionStatus.IDLE
+
+
+class _Stop(BaseException):
+    """Not an `Exception`: it ends the runner greenlet it is raised in."""
+
+
+def test_a_job_that_raises_a_base_exception_ends_its_runner(pg: PgConnection) -> None:
+    def stop_after_a_wait() -> None:
+        pg.execute_simple("SELECT pg_sleep(0.05)")  # surely waits: _Stop leaves a callback
+        raise _Stop
+
+    async def main() -> tuple[list[greenlet], Any, list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        first, _ = await run_on_loop(loop, _runner_of, pg, "SELECT 1")
+        with pytest.raises(_Stop):  # raised in a loop callback (after the wait) and set
+            await run_on_loop(loop, stop_after_a_wait)
+        after, rows = await run_on_loop(loop, _runner_of, pg, "SELECT 2")
+        return [first, after], rows, reported
+
+    idle_before = idle_runners()
+    (first, after), rows, reported = asyncio.run(main())
+    assert first.dead and first is not after and not after.dead
+    assert rows == [[2]]
+    assert [type(context.get("exception")) for context in reported] == [_Stop]
+    assert idle_runners() == idle_before  # the dead runner was replaced, not kept
+
+
+def test_a_runner_holds_nothing_of_its_last_job(pg: PgConnection) -> None:
+    class Result:
+        pass
+
+    def make() -> Result:
+        pg.execute_simple("SELECT 1")
+        return Result()
+
+    class Failure(Exception):
+        pass
+
+    def fail() -> None:
+        pg.execute_simple("SELECT 1")
+        raise Failure
+
+    result, failure = _jobs_in_turn((make,), (fail,))
+    assert isinstance(result, Result) and isinstance(failure, Failure)
+    refs: list[weakref.ref[Any]] = [weakref.ref(result), weakref.ref(failure)]
+    del result, failure
+    gc.collect()  # the failure's traceback and the test's frames form cycles
+    assert [ref() for ref in refs] == [None, None]
+
+
+def test_runners_beyond_the_idle_limit_are_let_go(
+    pg: PgConnection, postgres: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loopio, "IDLE_RUNNERS", idle_runners() + 2)
+    others = [_connect(postgres.dsn + "?sslmode=disable") for _ in range(3)]
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        jobs = [
+            run_on_loop(loop, _runner_of, conn, "SELECT pg_sleep(0.1), 1") for conn in [pg, *others]
+        ]
+        return await asyncio.gather(*jobs)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        for conn in others:
+            conn.close_quietly()
+    assert len({id(runner) for runner, _ in results}) == 4  # one at a time each
+    assert idle_runners() == loopio.IDLE_RUNNERS
+
+
+def test_a_timed_out_read_leaves_the_runner_reusable() -> None:
+    """The TimeoutError thrown in mid-read ends the job, not the runner."""
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        reader.settimeout(0.2)
+        file = greenio.install(reader, reader.gettimeout())
+
+        def read_one() -> tuple[greenlet, bytes]:
+            return getcurrent(), file.read(1)
+
+        def timed_out_read() -> None:
+            runners.append(getcurrent())
+            file.read(1)
+
+        runners: list[greenlet] = []
+        failed, (runner, data) = _jobs_in_turn(
+            (timed_out_read,), (lambda: writer.send(b"x"),), (read_one,)
+        )[0::2]
+    assert isinstance(failed, TimeoutError)
+    assert data == b"x" and runner is runners[0] and not runner.dead
+
+
+def _request_with_cleanup(pg: PgConnection, n: int) -> tuple[int, Any]:
+    from broker.postgres.audit import CLEANUP
+    from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+    result = pg.run(
+        "SELECT $1::int + 1",
+        [pb.Value(int64=n)],
+        before="SET application_name = 'x'",
+        cleanup=CLEANUP,
+    )
+    return result.rows[0].values[0].int64, pg.cleanup_rows
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +416,14 @@ def test_tls_reads_across_many_records_and_slices(
         assert turns >= 3_000_000 // greenio.BUFFER_SIZE - 1
         (rows, _, _), turns = _on_loop(_where_it_ran, pg, "SELECT pg_sleep(0.2), 1")
         assert rows == [["", 1]] and turns > 50
+        # Job after job on one runner greenlet, over the same TLS stream.
+        results = _jobs_in_turn(*[(_runner_of, pg, f"SELECT {n}") for n in range(3)])
+        assert [rows for _, rows in results] == [[[0]], [[1]], [[2]]]
+        assert len({id(runner) for runner, _ in results}) == 1
+        # A request as the broker sends it (SET, Bind…Sync, the cleanup group), over TLS:
+        # the unnamed statement, then prepared, then reused.
+        results = _jobs_in_turn(*[(_request_with_cleanup, pg, n) for n in range(3)])
+        assert results == [(n + 1, [[""]]) for n in range(3)]
         assert pg.execute_simple("SELECT 2") == [[2]]  # and on a thread
     finally:
         pg.close_quietly()
@@ -262,3 +449,28 @@ def test_pg_io_chooses_where_small_requests_run(
     heavy = request(("SELECT cardinality($1::int[])", [list(range(1000))]))
     assert rows(broker.execute(heavy).results[0]) == [(1000,)]
     assert _worker_threads(broker) >= 1
+
+
+def test_a_broker_serves_request_after_request_on_the_same_runner_greenlets(
+    start_inproc_broker: Any,
+) -> None:
+    """End to end: small requests make no greenlet each (each would map and unmap a frame
+    stack); the runners on the broker's loop thread are the same before and after."""
+    from tests.support import request, rows
+
+    broker = start_inproc_broker(pg_io="loop")
+
+    def runners() -> set[int]:
+        return {
+            id(obj)
+            for obj in gc.get_objects()
+            if type(obj) is greenio.IoGreenlet and not obj.dead and obj.job is None
+        }
+
+    assert rows(broker.execute(request(("SELECT 1", []))).results[0]) == [(1,)]
+    before = runners()
+    kept = [obj for obj in gc.get_objects() if id(obj) in before]  # ids stay theirs
+    for n in range(20):
+        assert rows(broker.execute(request(("SELECT $1::int", [n]))).results[0]) == [(n,)]
+    assert before and runners() == before
+    del kept

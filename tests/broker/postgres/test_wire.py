@@ -1,0 +1,150 @@
+"""What `PgConnection` writes and reads itself instead of through pg8000's helpers
+(broker/postgres/pg.py: `bind_message`, the cleanup group encoded once per connection, the
+message reader): the same bytes as pg8000's encoders, against a real Postgres."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pg8000.core import EXECUTE_MSG, FLUSH_MSG, NULL_BYTE, QUERY, SYNC_MSG, CoreConnection
+
+from broker.config import parse_database_url
+from broker.postgres.audit import CLEANUP
+from broker.postgres.params import bind_params
+from broker.postgres.pg import PgConnection, bind_message, connect
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+
+
+@pytest.fixture
+def conn(postgres: Any) -> Iterator[PgConnection]:
+    connection = connect(
+        parse_database_url(postgres.dsn + "?sslmode=disable"), timeout=5, statement_timeout=30
+    )
+    yield connection
+    connection.close_quietly()
+
+
+class Tap:
+    """The connection's buffered file, recording what is written through it."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.sent = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.sent += data
+        return int(self.file.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _tapped(conn: PgConnection, call: Callable[[], Any]) -> tuple[Any, bytes]:
+    core = conn._core
+    tap = Tap(core._sock)
+    core._sock = tap
+    try:
+        return call(), bytes(tap.sent)
+    finally:
+        core._sock = tap.file
+
+
+def _pg8000_wire(conn: PgConnection, send: Callable[[CoreConnection], None]) -> bytes:
+    """What pg8000's own encoders write for *send* (into a buffer, not the socket)."""
+    core = conn._core
+    saved, core._sock = core._sock, io.BytesIO()
+    try:
+        send(core)
+        return bytes(core._sock.getvalue())
+    finally:
+        core._sock = saved
+
+
+PARAMS = [
+    [],
+    [pb.Value(int64=5)],
+    [pb.Value(text="żółw ' \\"), pb.Value(null=pb.TYPE_TEXT), pb.Value(text="")],
+    [pb.Value(bytea=b"\x00" * 300)],
+]
+
+
+@pytest.mark.parametrize("name", [NULL_BYTE, b"pg8000_statement_12\x00"])
+@pytest.mark.parametrize("params", PARAMS)
+def test_bind_message_is_pg8000s_bind(
+    conn: PgConnection, name: bytes, params: list[pb.Value]
+) -> None:
+    texts, _ = bind_params(params)
+    expected = _pg8000_wire(conn, lambda core: CoreConnection.send_BIND(core, name, texts))
+    assert bind_message(name, texts, conn._core._client_encoding) + FLUSH_MSG == expected
+
+
+def _request_as_pg8000_sends_it(
+    conn: PgConnection, sql: str, params: list[pb.Value], before: str
+) -> bytes:
+    """SET …, then Bind/Execute/Sync of the prepared *sql*, then the cleanup group."""
+    texts, oids = bind_params(params)
+    name = conn._cache[(sql, oids)].name
+
+    def send(core: CoreConnection) -> None:
+        CoreConnection._send_message(core, QUERY, before.encode() + NULL_BYTE)
+        CoreConnection.send_BIND(core, name, texts)
+        core._sock.write(EXECUTE_MSG + SYNC_MSG)
+        for cleanup_sql in CLEANUP:
+            CoreConnection.send_BIND(core, conn._own[cleanup_sql].name, ())
+            core._sock.write(EXECUTE_MSG)
+        core._sock.write(SYNC_MSG)
+
+    return _pg8000_wire(conn, send)
+
+
+def test_a_request_sends_what_pg8000s_encoders_send(conn: PgConnection) -> None:
+    sql = "SELECT $1::int + 1, $2::text"
+    params = [pb.Value(int64=41), pb.Value(text="żółw")]
+    before = "SET application_name = 'pgbroker:f:r'"
+
+    def run() -> pb.StatementResult:
+        return conn.run(sql, params, before=before, cleanup=CLEANUP)
+
+    for _ in range(2):  # the unnamed statement, then prepared
+        run()
+    for _ in range(2):  # the cleanup group encoded once, sent on every request
+        result, sent = _tapped(conn, run)
+        assert sent == _request_as_pg8000_sends_it(conn, sql, params, before)
+        assert [v.int64 for v in result.rows[0].values[:1]] == [42]
+        assert conn.cleanup_rows == [[""]]
+    # Prepared afresh after DDL, and encoded again: under other names, once another
+    # statement took the first free one.
+    old = {conn._own[s].name for s in CLEANUP}
+    conn.drop_statements()
+    for _ in range(2):
+        conn.run("SELECT 2")
+    for _ in range(3):
+        run()
+    assert old != {conn._own[s].name for s in CLEANUP}
+    result, sent = _tapped(conn, run)
+    assert sent == _request_as_pg8000_sends_it(conn, sql, params, before)
+    assert conn.cleanup_rows == [[""]]
+
+
+def test_replies_larger_than_the_buffer_and_empty_ones_are_read_whole(conn: PgConnection) -> None:
+    big = conn.run("SELECT repeat('x', 100000), ''", cleanup=CLEANUP)
+    assert [len(v.text) for v in big.rows[0].values] == [100000, 0]
+    assert conn.execute_simple("") == []  # EmptyQueryResponse: a message without a body
+    assert conn.run("SELECT 1").rows[0].values[0].int64 == 1
+
+
+def test_integer_cells_come_back_as_codec_encodes_them(conn: PgConnection) -> None:
+    """The fast path for integer columns gives what `codec.encode` gives (and NULL stays
+    NULL)."""
+    from lambda_client import codec
+
+    sql = (
+        "SELECT (-32768)::int2, 2147483647::int4, (-9223372036854775808)::int8,"
+        " 9223372036854775807::int8, 4294967295::oid, NULL::int4, true"
+    )
+    values = list(conn.run(sql).rows[0].values)
+    expected = [-32768, 2147483647, -(2**63), 2**63 - 1, 4294967295, None, True]
+    assert values == [codec.encode(value) for value in expected]
