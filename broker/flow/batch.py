@@ -62,10 +62,12 @@ from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     After,
+    Call,
     ConnectionLost,
     PgConnection,
     PgError,
     Phase,
+    Session,
     TransactionStatus,
 )
 from broker.postgres.replication import POSITION_SQL, wal_position
@@ -314,9 +316,32 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
 
 
 def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = None) -> str:
-    """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
-    is written as the login role, which owns it. No SET LOCAL statement_timeout when
-    *timeout_ms* is *session_timeout_ms*, the value the session already has."""
+    """BEGIN and the SET LOCALs (a keyed batch's claim goes between them: `_begin_keyed`). No
+    SET LOCAL statement_timeout when *timeout_ms* is *session_timeout_ms*, the value the
+    session already has."""
+    sql = _begin_settings(batch, timeout_ms, session_timeout_ms)
+    if batch.claim is not None:
+        claim = batch.claim
+        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
+    if batch.role is not None:
+        sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
+    return sql
+
+
+def _begin_keyed(
+    batch: Batch, claim: keys.KeyClaim, timeout_ms: int, session_timeout_ms: int | None
+) -> list[str | Call]:
+    """`begin_sql` with the key's claim as statements the connection prepares once: ahead of
+    SET LOCAL ROLE, so the store is written as the login role, which owns it."""
+    parts: list[str | Call] = [_begin_settings(batch, timeout_ms, session_timeout_ms)]
+    parts += keys.claim_calls(claim)
+    if batch.role is not None:
+        parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
+    return parts
+
+
+def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> str:
+    """BEGIN with its options, and the SET LOCALs but the role."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -329,11 +354,6 @@ def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = No
         sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
     if batch.application_name:
         sql += f"; SET LOCAL application_name = '{batch.application_name}'"
-    if batch.claim is not None:
-        claim = batch.claim
-        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
-    if batch.role is not None:
-        sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
     return sql
 
 
@@ -469,15 +489,22 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     when every statement is already prepared on this connection."""
     statements = [(statement.sql, statement.params) for statement in batch.statements]
     claim = batch.claim
+    session_timeout_ms = _session_timeout_ms(conn, batch)
+    before: Session = (
+        begin_sql(batch, timeout_ms, session_timeout_ms)
+        if claim is None
+        else _begin_keyed(batch, claim, timeout_ms, session_timeout_ms)
+    )
     try:
         return conn.run_many(
             statements,
-            before=begin_sql(batch, timeout_ms, _session_timeout_ms(conn, batch)),
+            before=before,
             after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
             check=batch.result_check,
             cleanup=_cleanup(batch),
+            calls=() if claim is None else keys.FINISH_CALLS,
         )
     except PgError as exc:
         rollback(conn)
@@ -511,12 +538,14 @@ def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
     the response stored on the claimed key, COMMIT, the session reset and probe, in one
     round trip (`PgConnection.run_many`)."""
 
-    def after(results: list[pb.StatementResult]) -> str:
+    def after(results: list[pb.StatementResult]) -> Session:
         response = pb.ExecuteResponse(results=results).SerializeToString()
-        sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+        # COMMIT in a query of its own: behind a failed store it rolls back (the store's
+        # error is raised), as the transaction it would have aborted was rolled back.
+        parts: list[str | Call] = [keys.finish_call(claim, response), _commit_sql(batch)]
         if batch.role is not None:  # back to the login role, which owns the store
-            sql = "SET LOCAL ROLE NONE; " + sql
-        return sql
+            parts.insert(0, "SET LOCAL ROLE NONE")
+        return parts
 
     return after
 

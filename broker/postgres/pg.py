@@ -57,10 +57,12 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
     "After",
+    "Call",
     "ConnectionLost",
     "PgConnection",
     "PgError",
     "Phase",
+    "Session",
     "TransactionStatus",
     "connect",
 ]
@@ -71,9 +73,24 @@ _CANCEL_REQUEST_CODE = 80877102
 STATEMENT_COUNTERS = ("statements_reused", "statements_unnamed", "statements_prepared")
 _PLAN_CHANGED = "cached plan must not change result type"
 
+
+@dataclass(frozen=True)
+class Call:
+    """One of the broker's own statements with its parameters (as text), in the session SQL
+    around a call's statements (`Session`): sent with the extended protocol as a statement
+    the connection prepares once, so Postgres parses and plans it once per connection
+    instead of on every request, as it does simple-protocol SQL with literals."""
+
+    sql: str
+    params: tuple[str | None, ...] = ()
+
+
+# The session SQL ahead of or behind a call's statements (`PgConnection.run_many`'s *before*
+# and *after*): simple-protocol SQL, or its parts in order, some of them `Call`s.
+Session = str | Sequence[str | Call]
 # What `PgConnection.run_many` sends behind the statements when it is built from their
 # results (the response stored under an idempotency key, then COMMIT): held back one round trip.
-After = Callable[[list[pb.StatementResult]], str]
+After = Callable[[list[pb.StatementResult]], Session]
 
 
 class Phase(enum.Enum):
@@ -553,12 +570,13 @@ class PgConnection:
     def run_many(
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
-        before: str | None = None,
-        after: str | After | None = None,
+        before: Session | None = None,
+        after: Session | After | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
         check: Callable[[list[pb.StatementResult]], None] | None = None,
         cleanup: Sequence[str] = (),
+        calls: Sequence[str] = (),
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -581,7 +599,12 @@ class PgConnection:
         statement returns rows, ``check(results)`` runs: what it (or ``after``) raises
         propagates and *after* is never sent (the caller rolls back). Otherwise *after* stays
         in the statements' flush (one round trip). The rows *after* returned are kept in
-        `after_rows`.
+        `after_rows` (of its last simple-protocol SQL).
+        *before* and *after* may be a list of parts (`Session`): the `Call`s among them are
+        prepared once per connection, as *cleanup* is, and a run of them is one Sync group.
+        *calls* is the SQL of the `Call`s a callable *after* sends: prepared with *cleanup*,
+        before anything is sent (then, not behind *before*'s SET LOCAL ROLE: that role may not
+        see the broker's own tables).
         *cleanup* are statements without parameters (the session reset and probe,
         broker/postgres/audit.py) run behind *after*, in the same flush, as statements
         prepared once per connection (Postgres plans them once, not on every call) in one
@@ -595,6 +618,9 @@ class PgConnection:
         self._progress = progress = _Progress()
         with _Guard(self, progress):
             tail = self._own_statements(cleanup)
+            if before is not None:
+                self._prepare_calls(before, Phase.BEFORE)
+            self._prepare_calls([Call(sql) for sql in calls], Phase.AFTER)
             return self._run_groups(statements, bound, before, after, check, tail)
 
     def fetch(
@@ -656,8 +682,8 @@ class PgConnection:
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
-        before: str | None,
-        after: str | After | None,
+        before: Session | None,
+        after: Session | After | None,
         check: Callable[[list[pb.StatementResult]], None] | None,
         cleanup: Sequence[_Prepared],
     ) -> list[pb.StatementResult]:
@@ -687,15 +713,18 @@ class PgConnection:
                 check(results)
             self._send_after(after(results) if callable(after) else after, cleanup)
             return results
+        if after is not None:
+            self._prepare_calls(after, Phase.AFTER)
         self._progress.after_sent = after is not None or bool(cleanup)
         results += self._send_group(group, statements, bound, before, after, cleanup)
         return results
 
-    def _send_after(self, after: str, cleanup: Sequence[_Prepared]) -> None:
+    def _send_after(self, after: Session, cleanup: Sequence[_Prepared]) -> None:
         """*after* alone (a held-back COMMIT) and *cleanup*; raise the first error as
         `PgError` (phase AFTER)."""
+        self._prepare_calls(after, Phase.AFTER)  # before it counts as sent: nothing is yet
         self._progress.after_sent = True
-        self._core.send_query_nowait(after)
+        self._send_session(after)
         self._send_cleanup(cleanup)
         self._core.flush()
         errors: list[PgError] = []
@@ -714,19 +743,56 @@ class PgConnection:
         _write(core._sock, SYNC_MSG)
 
     def _read_after(
-        self, after: str | None, cleanup: Sequence[_Prepared], errors: list[PgError]
+        self, after: Session | None, cleanup: Sequence[_Prepared], errors: list[PgError]
     ) -> None:
         """Read the replies of *after* and *cleanup*; keep *after*'s rows in `after_rows`
         and the last cleanup statement's in `cleanup_rows`."""
         if after:
-            context = Context(after)
-            self._read_reply(context, errors, Phase.AFTER)
-            self.after_rows = list(context.rows or ())
+            self.after_rows = self._read_session(after, errors, Phase.AFTER)
         if cleanup:
             last = cleanup[-1]
             context = Context("cleanup", columns=last.columns, input_funcs=list(last.input_funcs))
             self._read_reply(context, errors, Phase.AFTER)
             self.cleanup_rows = list(context.rows or ())
+
+    def _prepare_calls(self, session: Session, phase: Phase) -> None:
+        """Prepare the `Call`s in *session* not yet prepared on this connection; a Postgres
+        error (e.g. the key store dropped) is raised as *phase*'s, as its SQL's would be."""
+        if isinstance(session, str):
+            return
+        try:
+            self._own_statements([part.sql for part in session if isinstance(part, Call)])
+        except DatabaseError as exc:
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                raise
+            raise replace(error, phase=phase) from exc
+
+    def _send_session(self, session: Session) -> None:
+        """Queue *session* (no flush): its SQL as simple queries, each run of `Call`s as
+        one Sync group (an error in one skips the rest of its run)."""
+        core = self._core
+        for part in _runs(session):
+            if isinstance(part, str):
+                core.send_query_nowait(part)
+                continue
+            for call in part:
+                core.send_BIND(self._own[call.sql].name, call.params)
+                _write(core._sock, EXECUTE_MSG)
+            _write(core._sock, SYNC_MSG)
+
+    def _read_session(
+        self, session: Session, errors: list[PgError], phase: Phase
+    ) -> list[list[Any]]:
+        """Read the replies of *session*; return the rows of its last simple-protocol SQL (a
+        `Call`'s rows are read, not kept)."""
+        rows: list[list[Any]] = []
+        for part in _runs(session):
+            context = Context(part) if isinstance(part, str) else Context(None, columns=[])
+            self._read_reply(context, errors, phase)
+            if isinstance(part, str):
+                rows = list(context.rows or ())
+        return rows
 
     def _own_statements(self, sqls: Sequence[str]) -> list[_Prepared]:
         """The broker's own statements *sqls*, prepared once per connection (apart from the
@@ -747,27 +813,27 @@ class PgConnection:
         group: list[tuple[int, _Prepared, list[str | None]]],
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
-        before: str | None,
-        after: str | None,
+        before: Session | None,
+        after: Session | None,
         cleanup: Sequence[_Prepared],
     ) -> list[pb.StatementResult]:
         """Send *before*, the group's statements, *after* and *cleanup* in one flush; read
         every reply."""
         core = self._core
         if before:
-            core.send_query_nowait(before)
+            self._send_session(before)
         for index, prepared, texts in group:
             if prepared is _UNNAMED:
                 core.send_unnamed_nowait(statements[index][0], bound[index][1], texts)
             else:
                 core.send_execute_nowait(prepared.name, texts)
         if after:
-            core.send_query_nowait(after)
+            self._send_session(after)
         self._send_cleanup(cleanup)
         core.flush()
         errors: list[PgError] = []
         if before:
-            self._read_reply(Context(before), errors, Phase.BEFORE)
+            self._read_session(before, errors, Phase.BEFORE)
         results = []
         for index, prepared, _ in group:
             sql = statements[index][0]
@@ -939,6 +1005,21 @@ class _Guard:
         return ConnectionLost(
             message, fatal, phase=self.progress.phase, after_sent=self.progress.after_sent
         )
+
+
+def _runs(session: Session) -> list[str | list[Call]]:
+    """*session*'s parts in order, each run of `Call`s in one list (one Sync group)."""
+    if isinstance(session, str):
+        return [session]
+    runs: list[str | list[Call]] = []
+    for part in session:
+        if isinstance(part, str):
+            runs.append(part)
+        elif runs and isinstance(runs[-1], list):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
 
 
 def _count_mismatch(expected: int, given: int) -> str:
