@@ -31,6 +31,7 @@ from typing import Any
 
 import pg8000.converters as pgc
 from pg8000.core import (
+    BIND,
     CLOSE,
     DESCRIBE,
     EXECUTE_MSG,
@@ -331,6 +332,11 @@ def _encode_array(items: list[Any], elem_oid: int, elem_type: int) -> pb.Value:
 # -- the connection --------------------------------------------------------------------------
 
 
+# Bind's format codes: none, so every parameter and result column is text; a NULL's length.
+_NO_FORMATS = struct.pack("!H", 0)
+_NULL_VALUE = struct.pack("!i", -1)
+
+
 class _Core(CoreConnection):  # type: ignore[misc]
     """pg8000's protocol engine with the command tag kept and cell parsing made safe."""
 
@@ -399,6 +405,24 @@ class _Core(CoreConnection):  # type: ignore[misc]
     def send_query_nowait(self, sql: str) -> None:
         """Queue a simple-protocol Query (no flush): its reply is read by `read_reply`."""
         self._send_message(QUERY, sql.encode(self._client_encoding) + NULL_BYTE)
+
+    def send_BIND(self, statement_name_bin: bytes, params: Sequence[str | None]) -> None:
+        """Bind *params* (text format) to a statement, without pg8000's Flush behind it: every
+        Bind is followed by Execute and Sync here, and Postgres sends its output at
+        ReadyForQuery anyway. Postgres answered that Flush by sending BindComplete on its own:
+        two send() calls per statement instead of one, and two packets for the reader."""
+        message = bytearray(NULL_BYTE + statement_name_bin + _NO_FORMATS)
+        message += struct.pack("!H", len(params))
+        encoding = self._client_encoding
+        for value in params:
+            if value is None:
+                message += _NULL_VALUE
+            else:
+                data = value.encode(encoding)
+                message += struct.pack("!i", len(data))
+                message += data
+        message += _NO_FORMATS  # result columns: text
+        self._send_message(BIND, message)
 
     def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
         self.send_BIND(name, params)
