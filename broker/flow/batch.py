@@ -331,9 +331,14 @@ def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = No
 def _begin_keyed(
     batch: Batch, claim: keys.KeyClaim, timeout_ms: int, session_timeout_ms: int | None
 ) -> list[str | Call]:
-    """`begin_sql` with the key's claim as statements the connection prepares once: ahead of
+    """`begin_sql` as statements the connection prepares once, in one Sync group with the
+    key's claim (one reply to read, nothing parsed per transaction): the claim ahead of
     SET LOCAL ROLE, so the store is written as the login role, which owns it."""
-    parts: list[str | Call] = [_begin_settings(batch, timeout_ms, session_timeout_ms)]
+    parts: list[str | Call] = [Call(_begin(batch))]
+    if timeout_ms != session_timeout_ms:
+        parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
+    if batch.application_name:
+        parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
     parts += keys.claim_calls(claim)
     if batch.role is not None:
         parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
@@ -342,6 +347,16 @@ def _begin_keyed(
 
 def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> str:
     """BEGIN with its options, and the SET LOCALs but the role."""
+    sql = _begin(batch)
+    if timeout_ms != session_timeout_ms:
+        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
+    if batch.application_name:
+        sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    return sql
+
+
+def _begin(batch: Batch) -> str:
+    """BEGIN with the batch's transaction options."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -349,12 +364,7 @@ def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | Non
         begin += " READ ONLY"
     if batch.deferrable:
         begin += " DEFERRABLE"
-    sql = begin
-    if timeout_ms != session_timeout_ms:
-        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
-    if batch.application_name:
-        sql += f"; SET LOCAL application_name = '{batch.application_name}'"
-    return sql
+    return begin
 
 
 def run_transaction(
@@ -504,7 +514,7 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
             plans=batch.plan.statements,
             check=batch.result_check,
             cleanup=_cleanup(batch),
-            calls=() if claim is None else keys.FINISH_CALLS,
+            calls=() if claim is None else _KEYED_CALLS,
         )
     except PgError as exc:
         rollback(conn)
@@ -533,6 +543,13 @@ def _cleanup(batch: Batch) -> tuple[str, ...]:
     return CLEANUP if batch.reset_session else ()
 
 
+# A keyed batch's session SQL as statements prepared once (`_begin_keyed`, `_keyed_commit`).
+_SET_LOCAL = "SELECT pg_catalog.set_config($1, $2, true)"
+_COMMIT = Call("COMMIT")
+# What `_keyed_commit` sends, prepared ahead (`PgConnection.run_many`'s *calls*).
+_KEYED_CALLS = (*keys.FINISH_CALLS, _COMMIT.sql)
+
+
 def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
     """What follows a keyed batch's statements once their results are read (and checked):
     the response stored on the claimed key, COMMIT, the session reset and probe, in one
@@ -540,11 +557,12 @@ def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
 
     def after(results: list[pb.StatementResult]) -> Session:
         response = pb.ExecuteResponse(results=results).SerializeToString()
-        # COMMIT in a query of its own: behind a failed store it rolls back (the store's
-        # error is raised), as the transaction it would have aborted was rolled back.
-        parts: list[str | Call] = [keys.finish_call(claim, response), _commit_sql(batch)]
+        # One Sync group: a failed store skips COMMIT, and the transaction is rolled back.
+        parts: list[str | Call] = [keys.finish_call(claim, response), _COMMIT]
         if batch.role is not None:  # back to the login role, which owns the store
             parts.insert(0, "SET LOCAL ROLE NONE")
+        if batch.report_position:  # its row is the first of `after_rows`
+            parts.append(POSITION_SQL)
         return parts
 
     return after

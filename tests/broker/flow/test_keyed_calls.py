@@ -4,6 +4,7 @@ after the statements are dropped and on a new connection, the same exactly-once 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -215,3 +216,41 @@ def test_a_call_that_cannot_be_prepared_fails_its_phase_and_leaves_the_connectio
     assert rows(result[0]) == [(7,)]
     assert conn.after_rows == [["calls"]]  # the rows of the last simple-protocol SQL
     assert conn.transaction_status is TransactionStatus.IDLE
+
+
+def test_the_settings_of_a_keyed_batch_hold_for_its_claim_and_its_statements(
+    conn: PgConnection, other: PgConnection, notes: str
+) -> None:
+    """BEGIN and the SET LOCALs go as prepared statements with the claim: the request's
+    statement timeout (cut to its deadline) bounds the claim's wait for another attempt."""
+    sqls = [
+        f"INSERT INTO {notes} (note) VALUES ('x')",
+        "SELECT current_setting('application_name'), current_setting('statement_timeout')",
+    ]
+    request = pb.ExecuteRequest(statements=[pb.Statement(sql=s) for s in sqls])
+    key = f"settings-{uuid.uuid4()}"
+    claim = keys.KeyClaim(CALLER, key, keys.request_hash(request), 60.0)
+    batch = Batch(
+        statements=request.statements,
+        plan=plan_request(sqls),
+        claim=claim,
+        application_name="pgbroker:fn:req-1",
+    )
+    results = run_transaction(conn, batch, time.monotonic() + 20, 30)
+    name, timeout = rows(results[1])[0]
+    assert name == "pgbroker:fn:req-1"
+    assert timeout.endswith("ms") and 17_000 <= int(timeout[:-2]) < 20_000, timeout
+    # Another attempt holds a key uncommitted: the claim waits, up to this request's timeout.
+    held = f"held-{uuid.uuid4()}"
+    other.execute_simple("BEGIN; " + keys.claim_sql(CALLER, held, b"\x01", 60))
+    try:
+        started = time.monotonic()
+        with pytest.raises(keys.KeyInProgress):
+            run_transaction(conn, _batch(notes, held), time.monotonic() + 1.0, 30)
+        assert 0.5 < time.monotonic() - started < 5
+    finally:
+        other.execute_simple("ROLLBACK")
+    assert conn.transaction_status is TransactionStatus.IDLE
+    assert _count(conn, notes) == 1
+    run_transaction(conn, _batch(notes, held), None, 30)  # released: it claims now
+    assert _count(conn, notes) == 2

@@ -59,6 +59,8 @@ def test_a_keyed_batch_sends_no_flush_only_syncs(keyed_pg: PgConnection, table: 
     run_transaction(conn, batch(), None, 30)
     types = _message_types(bytes(sock.written))
     assert "H" not in types, types
-    # BEGIN; the claim's two statements; the batch's two; the store; COMMIT; reset and probe.
-    assert types.count("B") == 2 + 2 + 1 + 2, types
-    assert types.count("Q") == 2, types  # BEGIN, COMMIT
+    # BEGIN and the claim's two statements; the batch's two; the store and COMMIT; the reset
+    # and the probe: all prepared, no simple query; one Sync per group and per statement.
+    assert types.count("B") == 3 + 2 + 2 + 2, types
+    assert types.count("Q") == 0, types
+    assert types.count("S") == 1 + 2 + 1 + 1, types
