@@ -12,8 +12,8 @@ if the work does:
   a keyed transaction costs one row written and one round trip more than an unkeyed one.
 * both are statements with parameters that each connection prepares once (`pg.Call`):
   as SQL with literals (`claim_sql`, `finish_sql`, still what an interactive transaction's
-  COMMIT sends) Postgres parsed and planned them on every transaction, ~110 µs of backend
-  CPU per keyed transaction (docs/performance.md).
+  COMMIT sends) Postgres parsed and planned them on every transaction, 60–110 µs of backend
+  CPU per keyed transaction (docs/performance.md, "A/B: the key's claim and store …").
 * on that 23505, `replay` reads the stored row: the same request hash returns the stored
   response (nothing ran), another hash is `KeyReused`.
 
