@@ -20,11 +20,12 @@ every one with ``threads``, on a worker thread (pg8000 blocks):
   as statements the connection prepared once (``cleanup`` of `PgConnection.run_many`), unless
   ``PGBROKER_SESSION_AUDIT=off``.
 * a batch whose statements return rows, or that carries an idempotency key (the claim goes
-  with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
-  ``result_check`` (the result limits) sees results with rows, and the store of a keyed
-  batch's response, COMMIT and the session reset go together in ONE more round trip. A result
-  over its limit is refused before COMMIT and the batch rolled back (nothing commits, the key
-  stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
+  with BEGIN: broker/postgres/keys.py; a keyed batch's BEGIN, SET LOCALs, claim, store and
+  COMMIT are statements the connection prepared once), holds COMMIT back until its results
+  are read: then ``result_check`` (the result limits) sees results with rows, and the store of
+  a keyed batch's response, COMMIT and the session reset go together in ONE more round trip. A
+  result over its limit is refused before COMMIT and the batch rolled back (nothing commits,
+  the key stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
   statements' flush.
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
