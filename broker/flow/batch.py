@@ -20,11 +20,12 @@ every one with ``threads``, on a worker thread (pg8000 blocks):
   as statements the connection prepared once (``cleanup`` of `PgConnection.run_many`), unless
   ``PGBROKER_SESSION_AUDIT=off``.
 * a batch whose statements return rows, or that carries an idempotency key (the claim goes
-  with BEGIN: broker/postgres/keys.py), holds COMMIT back until its results are read: then
-  ``result_check`` (the result limits) sees results with rows, and the store of a keyed
-  batch's response, COMMIT and the session reset go together in ONE more round trip. A result
-  over its limit is refused before COMMIT and the batch rolled back (nothing commits, the key
-  stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
+  with BEGIN: broker/postgres/keys.py; a keyed batch's BEGIN, SET LOCALs, claim, store and
+  COMMIT are statements the connection prepared once), holds COMMIT back until its results
+  are read: then ``result_check`` (the result limits) sees results with rows, and the store of
+  a keyed batch's response, COMMIT and the session reset go together in ONE more round trip. A
+  result over its limit is refused before COMMIT and the batch rolled back (nothing commits,
+  the key stays unclaimed; see broker/security/limits.py). Other batches keep COMMIT in the
   statements' flush.
 * statement_timeout is the smaller of ``PGBROKER_STATEMENT_TIMEOUT`` and the caller's remaining
   time (minus a small margin, so Postgres stops the statement before the caller gives up).
@@ -62,10 +63,12 @@ from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     After,
+    Call,
     ConnectionLost,
     PgConnection,
     PgError,
     Phase,
+    Session,
     TransactionStatus,
 )
 from broker.postgres.replication import POSITION_SQL, wal_position
@@ -316,9 +319,47 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
 
 
 def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = None) -> str:
-    """BEGIN and the SET LOCALs; the key's claim comes before SET LOCAL ROLE, so the store
-    is written as the login role, which owns it. No SET LOCAL statement_timeout when
-    *timeout_ms* is *session_timeout_ms*, the value the session already has."""
+    """BEGIN and the SET LOCALs (a keyed batch's claim goes between them: `_begin_keyed`). No
+    SET LOCAL statement_timeout when *timeout_ms* is *session_timeout_ms*, the value the
+    session already has."""
+    sql = _begin_settings(batch, timeout_ms, session_timeout_ms)
+    if batch.claim is not None:
+        claim = batch.claim
+        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
+    if batch.role is not None:
+        sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
+    return sql
+
+
+def _begin_keyed(
+    batch: Batch, claim: keys.KeyClaim, timeout_ms: int, session_timeout_ms: int | None
+) -> list[str | Call]:
+    """`begin_sql` as statements the connection prepares once, in one Sync group with the
+    key's claim (one reply to read, nothing parsed per transaction): the claim ahead of
+    SET LOCAL ROLE, so the store is written as the login role, which owns it."""
+    parts: list[str | Call] = [Call(_begin(batch))]
+    if timeout_ms != session_timeout_ms:
+        parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
+    if batch.application_name:
+        parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
+    parts += keys.claim_calls(claim)
+    if batch.role is not None:
+        parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
+    return parts
+
+
+def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> str:
+    """BEGIN with its options, and the SET LOCALs but the role."""
+    sql = _begin(batch)
+    if timeout_ms != session_timeout_ms:
+        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
+    if batch.application_name:
+        sql += f"; SET LOCAL application_name = '{batch.application_name}'"
+    return sql
+
+
+def _begin(batch: Batch) -> str:
+    """BEGIN with the batch's transaction options."""
     begin = "BEGIN"
     if batch.isolation in _ISOLATION:
         begin += " ISOLATION LEVEL " + _ISOLATION[batch.isolation]
@@ -326,17 +367,7 @@ def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = No
         begin += " READ ONLY"
     if batch.deferrable:
         begin += " DEFERRABLE"
-    sql = begin
-    if timeout_ms != session_timeout_ms:
-        sql += f"; SET LOCAL statement_timeout = {timeout_ms}"
-    if batch.application_name:
-        sql += f"; SET LOCAL application_name = '{batch.application_name}'"
-    if batch.claim is not None:
-        claim = batch.claim
-        sql += "; " + keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
-    if batch.role is not None:
-        sql += f"; SET LOCAL ROLE {quote_role(batch.role)}"
-    return sql
+    return begin
 
 
 def run_transaction(
@@ -471,15 +502,22 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     when every statement is already prepared on this connection."""
     statements = [(statement.sql, statement.params) for statement in batch.statements]
     claim = batch.claim
+    session_timeout_ms = _session_timeout_ms(conn, batch)
+    before: Session = (
+        begin_sql(batch, timeout_ms, session_timeout_ms)
+        if claim is None
+        else _begin_keyed(batch, claim, timeout_ms, session_timeout_ms)
+    )
     try:
         return conn.run_many(
             statements,
-            before=begin_sql(batch, timeout_ms, _session_timeout_ms(conn, batch)),
+            before=before,
             after=_commit_sql(batch) if claim is None else _keyed_commit(claim, batch),
             bound=batch.bound,
             plans=batch.plan.statements,
             check=batch.result_check,
             cleanup=_cleanup(batch),
+            calls=() if claim is None else _KEYED_CALLS,
         )
     except PgError as exc:
         rollback(conn)
@@ -508,17 +546,27 @@ def _cleanup(batch: Batch) -> tuple[str, ...]:
     return CLEANUP if batch.reset_session else ()
 
 
+# A keyed batch's session SQL as statements prepared once (`_begin_keyed`, `_keyed_commit`).
+_SET_LOCAL = "SELECT pg_catalog.set_config($1, $2, true)"
+_COMMIT = Call("COMMIT")
+# What `_keyed_commit` sends, prepared ahead (`PgConnection.run_many`'s *calls*).
+_KEYED_CALLS = (*keys.FINISH_CALLS, _COMMIT.sql)
+
+
 def _keyed_commit(claim: keys.KeyClaim, batch: Batch) -> After:
     """What follows a keyed batch's statements once their results are read (and checked):
     the response stored on the claimed key, COMMIT, the session reset and probe, in one
     round trip (`PgConnection.run_many`)."""
 
-    def after(results: list[pb.StatementResult]) -> str:
+    def after(results: list[pb.StatementResult]) -> Session:
         response = pb.ExecuteResponse(results=results).SerializeToString()
-        sql = keys.finish_sql(claim.caller, claim.key, response) + "; " + _commit_sql(batch)
+        # One Sync group: a failed store skips COMMIT, and the transaction is rolled back.
+        parts: list[str | Call] = [keys.finish_call(claim, response), _COMMIT]
         if batch.role is not None:  # back to the login role, which owns the store
-            sql = "SET LOCAL ROLE NONE; " + sql
-        return sql
+            parts.insert(0, "SET LOCAL ROLE NONE")
+        if batch.report_position:  # its row is the first of `after_rows`
+            parts.append(POSITION_SQL)
+        return parts
 
     return after
 

@@ -3,13 +3,17 @@
 A keyed request's key is claimed INSIDE its own transaction, so the key commits if and only
 if the work does:
 
-* ``BEGIN …`` is followed, in the same simple query, by `claim_sql`: delete the key if it
+* ``BEGIN …`` is followed, in the same flush, by `claim_calls`: delete the key if it
   expired, then a plain ``INSERT`` of (caller, key, request hash). A key another attempt
   holds uncommitted makes the INSERT wait for that attempt (Postgres' unique-index wait): if
   it rolls back, this one proceeds; if it commits, the INSERT fails with 23505 on
   `CONSTRAINT` and the pipelined statements behind it do not run (25P02).
-* after the statements, `finish_sql` stores the encoded response, pipelined with COMMIT:
+* after the statements, `finish_call` stores the encoded response, pipelined with COMMIT:
   a keyed transaction costs one row written and one round trip more than an unkeyed one.
+* both are statements with parameters that each connection prepares once (`pg.Call`):
+  as SQL with literals (`claim_sql`, `finish_sql`, still what an interactive transaction's
+  COMMIT sends) Postgres parsed and planned them on every transaction, 60–110 µs of backend
+  CPU per keyed transaction (docs/performance.md, "A/B: the key's claim and store …").
 * on that 23505, `replay` reads the stored row: the same request hash returns the stored
   response (nothing ran), another hash is `KeyReused`.
 
@@ -25,11 +29,12 @@ import logging
 from dataclasses import dataclass
 
 from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
-from broker.postgres.pg import PgConnection, PgError
+from broker.postgres.pg import Call, PgConnection, PgError
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
     "CONSTRAINT",
+    "FINISH_CALLS",
     "MAX_KEY_CHARS",
     "STORE_SQL",
     "KeyClaim",
@@ -37,8 +42,10 @@ __all__ = [
     "KeyReused",
     "StoreUnavailable",
     "check_key",
+    "claim_calls",
     "claim_sql",
     "ensure_store",
+    "finish_call",
     "finish_sql",
     "is_claimed",
     "replay",
@@ -73,6 +80,18 @@ _PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _USABLE_SQL = f"SELECT to_regclass('{TABLE}') IS NOT NULL" + "".join(
     f" AND has_table_privilege('{TABLE}', '{p}')" for p in _PRIVILEGES
 )
+# `claim_sql` and `finish_sql` as statements prepared once per connection (`claim_calls`,
+# `finish_call`). Folding the DELETE into the INSERT (ON CONFLICT … DO UPDATE … WHERE
+# expired) loses the 23505 that stops the statements behind a committed key; with a second
+# INSERT to raise it, it measured no cheaper than the two prepared statements.
+_DELETE_EXPIRED_SQL = f"DELETE FROM {TABLE} WHERE caller = $1 AND key = $2 AND expires_at < now()"
+_CLAIM_SQL = (
+    f"INSERT INTO {TABLE} (caller, key, request_hash, expires_at)"
+    " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+)
+_FINISH_SQL = f"UPDATE {TABLE} SET response = $3 WHERE caller = $1 AND key = $2"
+# What `finish_call` sends, to prepare ahead (`PgConnection.run_many`'s *calls*).
+FINISH_CALLS = (_FINISH_SQL,)
 _REPLAY_SQL = f"SELECT request_hash, response FROM {TABLE} WHERE caller = $1 AND key = $2"
 # Expired keys go in small batches, so a sweep never holds many row locks or runs long.
 SWEEP_BATCH = 1000
@@ -158,6 +177,34 @@ def claim_sql(caller: str, key: str, digest: bytes, ttl_seconds: float) -> str:
         f" INSERT INTO {TABLE} (caller, key, request_hash, expires_at) VALUES ({who}, {what},"
         f" decode('{digest.hex()}', 'hex'), now() + interval '{max(1, int(ttl_seconds))} s')"
     )
+
+
+def claim_calls(claim: KeyClaim) -> list[Call]:
+    """`claim_sql` as two prepared statements with parameters (`pg.Call`): one Sync group
+    in the flush with BEGIN; fails with 23505 on `CONSTRAINT` when the key is committed."""
+    who = (_text(claim.caller), _text(claim.key))
+    ttl = str(max(1, int(claim.ttl_seconds)))
+    return [
+        Call(_DELETE_EXPIRED_SQL, who),
+        Call(_CLAIM_SQL, (*who, _bytea(claim.digest), ttl)),
+    ]
+
+
+def finish_call(claim: KeyClaim, response: bytes) -> Call:
+    """`finish_sql` as a prepared statement with parameters (`pg.Call`)."""
+    return Call(_FINISH_SQL, (_text(claim.caller), _text(claim.key), _bytea(response)))
+
+
+def _text(text: str) -> str:
+    """*text* as a parameter's text; a NUL cannot be in one, as in a constant (`_literal`)."""
+    if "\x00" in text:
+        raise ValueError("a NUL character cannot be in a SQL string")
+    return text
+
+
+def _bytea(data: bytes) -> str:
+    """*data* in bytea's hex input format (a parameter's text)."""
+    return "\\x" + data.hex()
 
 
 def finish_sql(caller: str, key: str, response: bytes) -> str:

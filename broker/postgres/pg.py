@@ -35,7 +35,6 @@ from pg8000.core import (
     CLOSE,
     DESCRIBE,
     EXECUTE_MSG,
-    FLUSH_MSG,
     NULL_BYTE,
     PARSE,
     PORTAL,
@@ -61,10 +60,12 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
     "After",
+    "Call",
     "ConnectionLost",
     "PgConnection",
     "PgError",
     "Phase",
+    "Session",
     "TransactionStatus",
     "connect",
 ]
@@ -75,9 +76,24 @@ _CANCEL_REQUEST_CODE = 80877102
 STATEMENT_COUNTERS = ("statements_reused", "statements_unnamed", "statements_prepared")
 _PLAN_CHANGED = "cached plan must not change result type"
 
+
+@dataclass(frozen=True)
+class Call:
+    """One of the broker's own statements with its parameters (as text), in the session SQL
+    around a call's statements (`Session`): sent with the extended protocol as a statement
+    the connection prepares once, so Postgres parses and plans it once per connection
+    instead of on every request, as it does simple-protocol SQL with literals."""
+
+    sql: str
+    params: tuple[str | None, ...] = ()
+
+
+# The session SQL ahead of or behind a call's statements (`PgConnection.run_many`'s *before*
+# and *after*): simple-protocol SQL, or its parts in order, some of them `Call`s.
+Session = str | Sequence[str | Call]
 # What `PgConnection.run_many` sends behind the statements when it is built from their
 # results (the response stored under an idempotency key, then COMMIT): held back one round trip.
-After = Callable[[list[pb.StatementResult]], str]
+After = Callable[[list[pb.StatementResult]], Session]
 
 
 class Phase(enum.Enum):
@@ -422,11 +438,18 @@ class _Core(CoreConnection):  # type: ignore[misc]
         body = sql.encode(self._client_encoding)
         self.send_bytes(QUERY + _LENGTH.pack(len(body) + 5) + body + NULL_BYTE)
 
+    def send_BIND(self, statement_name_bin: bytes, params: Sequence[str | None]) -> None:
+        """Bind *params* (text format) to a statement, without pg8000's Flush behind it: every
+        Bind is followed by Execute and Sync here, and Postgres sends its output at
+        ReadyForQuery anyway. Postgres answered that Flush by sending BindComplete on its own:
+        two send() calls per statement instead of one, and two packets for the reader."""
+        self.send_bytes(bind_message(statement_name_bin, params, self._client_encoding))
+
     def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
-        # pg8000's Bind (and the Flush it puts behind it), then Execute without pg8000's Flush
-        # behind it: Sync follows at once, and Postgres sends its output at ReadyForQuery
-        # anyway. A Flush made it send every statement's reply in two pieces, and each piece
-        # can cost the reading worker a blocking recv() and a wait for the GIL.
+        # Bind and Execute without the Flush pg8000 puts behind each (`send_BIND`): Sync
+        # follows at once, and Postgres sends its output at ReadyForQuery anyway. A Flush made
+        # it send every statement's reply in pieces, each a send() for Postgres and a read for
+        # the broker.
         self.send_bytes(bind_message(name, params, self._client_encoding) + _EXECUTE_SYNC)
 
     def send_bytes(self, data: bytes) -> None:
@@ -474,7 +497,7 @@ _LENGTH = struct.Struct("!i")
 _COUNTS = struct.Struct("!HH")  # Bind: no parameter format codes (all text), count of values
 _NO_VALUES = _COUNTS.pack(0, 0) + b"\x00\x00"  # and no result format codes (all text)
 _NULL_VALUE = _LENGTH.pack(-1)
-_EXECUTE_SYNC = FLUSH_MSG + EXECUTE_MSG + SYNC_MSG  # the Flush ends pg8000's Bind
+_EXECUTE_SYNC = EXECUTE_MSG + SYNC_MSG
 
 
 def bind_message(name: bytes, params: Sequence[str | None], encoding: str) -> bytes:
@@ -646,12 +669,13 @@ class PgConnection:
     def run_many(
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
-        before: str | None = None,
-        after: str | After | None = None,
+        before: Session | None = None,
+        after: Session | After | None = None,
         bound: Sequence[Bound] | None = None,
         plans: Sequence[StatementPlan] | None = None,
         check: Callable[[list[pb.StatementResult]], None] | None = None,
         cleanup: Sequence[str] = (),
+        calls: Sequence[str] = (),
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -674,7 +698,12 @@ class PgConnection:
         statement returns rows, ``check(results)`` runs: what it (or ``after``) raises
         propagates and *after* is never sent (the caller rolls back). Otherwise *after* stays
         in the statements' flush (one round trip). The rows *after* returned are kept in
-        `after_rows`.
+        `after_rows` (of its last simple-protocol SQL).
+        *before* and *after* may be a list of parts (`Session`): the `Call`s among them are
+        prepared once per connection, as *cleanup* is, and a run of them is one Sync group.
+        *calls* is the SQL of the `Call`s a callable *after* sends: prepared with *cleanup*,
+        before anything is sent (then, not behind *before*'s SET LOCAL ROLE: that role may not
+        see the broker's own tables).
         *cleanup* are statements without parameters (the session reset and probe,
         broker/postgres/audit.py) run behind *after*, in the same flush, as statements
         prepared once per connection (Postgres plans them once, not on every call) in one
@@ -688,6 +717,9 @@ class PgConnection:
         self._progress = progress = _Progress()
         with _Guard(self, progress):
             tail = self._own_statements(cleanup)
+            if before is not None:
+                self._prepare_calls(before, Phase.BEFORE)
+            self._prepare_calls([Call(sql) for sql in calls], Phase.AFTER)
             return self._run_groups(statements, bound, before, after, check, tail)
 
     def fetch(
@@ -749,8 +781,8 @@ class PgConnection:
         self,
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
-        before: str | None,
-        after: str | After | None,
+        before: Session | None,
+        after: Session | After | None,
         check: Callable[[list[pb.StatementResult]], None] | None,
         cleanup: _Cleanup,
     ) -> list[pb.StatementResult]:
@@ -780,15 +812,18 @@ class PgConnection:
                 check(results)
             self._send_after(after(results) if callable(after) else after, cleanup)
             return results
+        if after is not None:
+            self._prepare_calls(after, Phase.AFTER)
         self._progress.after_sent = after is not None or bool(cleanup.statements)
         results += self._send_group(group, statements, bound, before, after, cleanup)
         return results
 
-    def _send_after(self, after: str, cleanup: _Cleanup) -> None:
+    def _send_after(self, after: Session, cleanup: _Cleanup) -> None:
         """*after* alone (a held-back COMMIT) and *cleanup*; raise the first error as
         `PgError` (phase AFTER)."""
+        self._prepare_calls(after, Phase.AFTER)  # before it counts as sent: nothing is yet
         self._progress.after_sent = True
-        self._core.send_query_nowait(after)
+        self._send_session(after)
         self._send_cleanup(cleanup)
         self._core.flush()
         errors: list[PgError] = []
@@ -801,18 +836,57 @@ class PgConnection:
         if cleanup.wire:
             self._core.send_bytes(cleanup.wire)
 
-    def _read_after(self, after: str | None, cleanup: _Cleanup, errors: list[PgError]) -> None:
+    def _read_after(self, after: Session | None, cleanup: _Cleanup, errors: list[PgError]) -> None:
         """Read the replies of *after* and *cleanup*; keep *after*'s rows in `after_rows`
         and the last cleanup statement's in `cleanup_rows`."""
         if after:
-            context = Context(after)
-            self._read_reply(context, errors, Phase.AFTER)
-            self.after_rows = list(context.rows or ())
+            self.after_rows = self._read_session(after, errors, Phase.AFTER)
         if cleanup.statements:
             last = cleanup.statements[-1]
             context = Context("cleanup", columns=last.columns, input_funcs=last.input_funcs)
             self._read_reply(context, errors, Phase.AFTER)
             self.cleanup_rows = list(context.rows or ())
+
+    def _prepare_calls(self, session: Session, phase: Phase) -> None:
+        """Prepare the `Call`s in *session* not yet prepared on this connection; a Postgres
+        error (e.g. the key store dropped) is raised as *phase*'s, as its SQL's would be."""
+        if isinstance(session, str):
+            return
+        try:
+            self._own_statements([part.sql for part in session if isinstance(part, Call)])
+        except DatabaseError as exc:
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                raise
+            raise replace(error, phase=phase) from exc
+
+    def _send_session(self, session: Session) -> None:
+        """Queue *session* (no flush): its SQL as simple queries, each run of `Call`s as
+        one Sync group (an error in one skips the rest of its run)."""
+        core = self._core
+        for part in _runs(session):
+            if isinstance(part, str):
+                core.send_query_nowait(part)
+                continue
+            encoding = core._client_encoding
+            wire = b"".join(
+                bind_message(self._own[call.sql].name, call.params, encoding) + EXECUTE_MSG
+                for call in part
+            )
+            core.send_bytes(wire + SYNC_MSG)
+
+    def _read_session(
+        self, session: Session, errors: list[PgError], phase: Phase
+    ) -> list[list[Any]]:
+        """Read the replies of *session*; return the rows of its last simple-protocol SQL (a
+        `Call`'s rows are read, not kept)."""
+        rows: list[list[Any]] = []
+        for part in _runs(session):
+            context = Context(part) if isinstance(part, str) else Context(None, columns=[])
+            self._read_reply(context, errors, phase)
+            if isinstance(part, str):
+                rows = list(context.rows or ())
+        return rows
 
     def _own_statements(self, sqls: Sequence[str]) -> _Cleanup:
         """The broker's own statements *sqls*, prepared once per connection (apart from the
@@ -832,8 +906,8 @@ class PgConnection:
                 funcs = [_IN_FUNCS.get(c["type_oid"], str) for c in columns or ()]
                 prepared = self._own[sql] = _Prepared(name, columns, funcs)
             own.append(prepared)
-        # Each as pg8000's send_BIND (Bind, Flush), then Execute; one Sync for the group.
-        wire = b"".join(bind_message(p.name, (), "ascii") + FLUSH_MSG + EXECUTE_MSG for p in own)
+        # Bind and Execute each (no Flush: `_Core.send_BIND`); one Sync for the group.
+        wire = b"".join(bind_message(p.name, (), "ascii") + EXECUTE_MSG for p in own)
         cleanup = self._cleanups[key] = _Cleanup(own, wire + SYNC_MSG)
         return cleanup
 
@@ -842,27 +916,27 @@ class PgConnection:
         group: list[tuple[int, _Prepared, list[str | None]]],
         statements: Sequence[tuple[str, Sequence[pb.Value]]],
         bound: Sequence[Bound],
-        before: str | None,
-        after: str | None,
+        before: Session | None,
+        after: Session | None,
         cleanup: _Cleanup,
     ) -> list[pb.StatementResult]:
         """Send *before*, the group's statements, *after* and *cleanup* in one flush; read
         every reply."""
         core = self._core
         if before:
-            core.send_query_nowait(before)
+            self._send_session(before)
         for index, prepared, texts in group:
             if prepared is _UNNAMED:
                 core.send_unnamed_nowait(statements[index][0], bound[index][1], texts)
             else:
                 core.send_execute_nowait(prepared.name, texts)
         if after:
-            core.send_query_nowait(after)
+            self._send_session(after)
         self._send_cleanup(cleanup)
         core.flush()
         errors: list[PgError] = []
         if before:
-            self._read_reply(Context(before), errors, Phase.BEFORE)
+            self._read_session(before, errors, Phase.BEFORE)
         results = []
         for index, prepared, _ in group:
             sql = statements[index][0]
@@ -1035,6 +1109,21 @@ class _Guard:
         return ConnectionLost(
             message, fatal, phase=self.progress.phase, after_sent=self.progress.after_sent
         )
+
+
+def _runs(session: Session) -> list[str | list[Call]]:
+    """*session*'s parts in order, each run of `Call`s in one list (one Sync group)."""
+    if isinstance(session, str):
+        return [session]
+    runs: list[str | list[Call]] = []
+    for part in session:
+        if isinstance(part, str):
+            runs.append(part)
+        elif runs and isinstance(runs[-1], list):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
 
 
 def _count_mismatch(expected: int, given: int) -> str:

@@ -1,10 +1,13 @@
 """What `PgConnection` writes and reads itself instead of through pg8000's helpers
 (broker/postgres/pg.py: `bind_message`, the cleanup group encoded once per connection, the
-message reader): the same bytes as pg8000's encoders, against a real Postgres."""
+message reader): the same bytes as pg8000's encoders, less the Flush pg8000 puts behind each
+Bind, against a real Postgres; and what a pipelined keyed call writes, read off the socket."""
 
 from __future__ import annotations
 
 import io
+import struct
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,9 +15,12 @@ import pytest
 from pg8000.core import EXECUTE_MSG, FLUSH_MSG, NULL_BYTE, QUERY, SYNC_MSG, CoreConnection
 
 from broker.config import parse_database_url
+from broker.flow.batch import Batch, run_transaction
+from broker.postgres import keys
 from broker.postgres.audit import CLEANUP
 from broker.postgres.params import bind_params
 from broker.postgres.pg import PgConnection, bind_message, connect
+from broker.sql.plan import plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 
@@ -81,6 +87,16 @@ def test_bind_message_is_pg8000s_bind(
     assert bind_message(name, texts, conn._core._client_encoding) + FLUSH_MSG == expected
 
 
+def _pg8000_bind(core: CoreConnection, name: bytes, texts: Any) -> None:
+    """pg8000's Bind into *core*'s buffer, without the Flush it writes behind it (the broker
+    sends none: Sync follows)."""
+    CoreConnection.send_BIND(core, name, texts)
+    data = core._sock.getvalue()
+    assert data.endswith(FLUSH_MSG)
+    core._sock.seek(len(data) - len(FLUSH_MSG))
+    core._sock.truncate()
+
+
 def _request_as_pg8000_sends_it(
     conn: PgConnection, sql: str, params: list[pb.Value], before: str
 ) -> bytes:
@@ -90,10 +106,10 @@ def _request_as_pg8000_sends_it(
 
     def send(core: CoreConnection) -> None:
         CoreConnection._send_message(core, QUERY, before.encode() + NULL_BYTE)
-        CoreConnection.send_BIND(core, name, texts)
+        _pg8000_bind(core, name, texts)
         core._sock.write(EXECUTE_MSG + SYNC_MSG)
         for cleanup_sql in CLEANUP:
-            CoreConnection.send_BIND(core, conn._own[cleanup_sql].name, ())
+            _pg8000_bind(core, conn._own[cleanup_sql].name, ())
             core._sock.write(EXECUTE_MSG)
         core._sock.write(SYNC_MSG)
 
@@ -148,3 +164,39 @@ def test_integer_cells_come_back_as_codec_encodes_them(conn: PgConnection) -> No
     values = list(conn.run(sql).rows[0].values)
     expected = [-32768, 2147483647, -(2**63), 2**63 - 1, 4294967295, None, True]
     assert values == [codec.encode(value) for value in expected]
+
+
+def _message_types(data: bytes) -> list[str]:
+    """The frontend messages in *data*, by their type byte ("B" Bind, "H" Flush, "S" Sync …)."""
+    types, at = [], 0
+    while at < len(data):
+        (length,) = struct.unpack_from("!i", data, at + 1)
+        types.append(chr(data[at]))
+        at += 1 + length
+    return types
+
+
+def test_a_keyed_batch_sends_no_flush_only_syncs(keyed_pg: PgConnection, table: str) -> None:
+    """Postgres answers a Flush by sending what it has at once: a Flush behind each Bind
+    (pg8000's) made it send every BindComplete alone, two send() calls per statement."""
+    conn = keyed_pg
+    conn.execute_simple(f"CREATE TABLE {table} (note text)")
+    sqls = [f"INSERT INTO {table} VALUES ($1)", f"SELECT count(*) FROM {table}"]
+    plan = plan_request(sqls)
+
+    def batch() -> Batch:
+        statements = [pb.Statement(sql=sqls[0], params=[pb.Value(text="x")])]
+        statements.append(pb.Statement(sql=sqls[1]))
+        claim = keys.KeyClaim("wire", f"wire-{uuid.uuid4()}", b"\x01", 60.0)
+        return Batch(statements=statements, plan=plan, claim=claim)
+
+    for _ in range(2):  # unnamed, then prepared: cached from now on
+        run_transaction(conn, batch(), None, 30)
+    _, sent = _tapped(conn, lambda: run_transaction(conn, batch(), None, 30))
+    types = _message_types(sent)
+    assert "H" not in types, types
+    # BEGIN and the claim's two statements; the batch's two; the store and COMMIT; the reset
+    # and the probe: all prepared, no simple query; one Sync per group and per statement.
+    assert types.count("B") == 3 + 2 + 2 + 2, types
+    assert types.count("Q") == 0, types
+    assert types.count("S") == 1 + 2 + 1 + 1, types
