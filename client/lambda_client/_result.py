@@ -27,12 +27,15 @@ class Result:
 
     @classmethod
     def from_proto(cls, result: pb.StatementResult) -> Result:
+        # Once per statement of every call: list comprehensions rather than generators and
+        # positional arguments (a frozen dataclass' keyword init costs twice as much).
+        columns = result.columns
         return cls(
-            columns=tuple(c.name for c in result.columns),
-            rows=[decode_row(row.values) for row in result.rows],
-            rows_affected=result.rows_affected,
-            command_tag=result.command_tag,
-            type_oids=tuple(c.type_oid for c in result.columns),
+            tuple([c.name for c in columns]),
+            [decode_row(row.values) for row in result.rows],
+            result.rows_affected,
+            result.command_tag,
+            tuple([c.type_oid for c in columns]),
         )
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:

@@ -101,6 +101,13 @@ class Jsonb:
 
 def encode(value: object, name: str = "value") -> pb.Value:
     """Return the `Value` for *value*; raise `TypeError` naming *name* if it has no mapping."""
+    # The commonest parameters first, by exact type (bool and other subclasses of int or str
+    # take `_kind_of`'s way): every parameter of every call comes through here.
+    if type(value) is int:
+        if _INT64[0] <= value <= _INT64[1]:
+            return pb.Value(int64=value)
+    elif type(value) is str:
+        return pb.Value(text=utf8_text(value, name))
     kind, payload = _kind_of(value, name)
     if kind == "array":
         return pb.Value(array=payload)
@@ -113,7 +120,12 @@ def encode_params(params: Sequence[object] | None) -> list[pb.Value]:
     """Encode statement parameters, naming a bad one by its placeholder (``$2``)."""
     if params is None:
         return []
-    if isinstance(params, str | bytes | dict) or not isinstance(params, Sequence):
+    cls = type(params)  # list and tuple, the usual ones, need no isinstance checks
+    if (
+        cls is not list
+        and cls is not tuple
+        and (isinstance(params, str | bytes | dict) or not isinstance(params, Sequence))
+    ):
         raise TypeError(
             f"params must be a list or tuple of values for $1..$n, not {type(params).__name__}"
         )
@@ -129,8 +141,16 @@ def decode(value: pb.Value) -> Any:
 
 
 def decode_row(values: Iterable[pb.Value]) -> tuple[Any, ...]:
-    """Decode one result row into a tuple."""
-    return tuple(decode(v) for v in values)
+    """Decode one result row into a tuple (`decode` inlined: this runs for every value of
+    every result, where a call per value was a third of the row's cost)."""
+    row: list[Any] = []
+    for value in values:
+        kind = value.WhichOneof("kind")
+        if kind is None or kind == "null":
+            row.append(None)
+        else:
+            row.append(_DECODERS[kind](getattr(value, kind)))
+    return tuple(row)
 
 
 # -- encoding -----------------------------------------------------------------------------

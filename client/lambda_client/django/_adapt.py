@@ -16,6 +16,7 @@ psycopg's loader for the column's type OID.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -48,21 +49,21 @@ def mogrify(sql: str, params: Sequence[Any] | Mapping[str, Any] | None, context:
     if params is None:
         return sql
     transformer = adapt.Transformer(context)
-    query = sql.encode()
+    query, placeholders = _placeholders(sql)
     parts: list[bytes] = []
     position = 0
     sequential = 0
     named = isinstance(params, Mapping)
-    for match in _PLACEHOLDER.finditer(query):
-        parts.append(query[position : match.start()])
-        position = match.end()
-        kind, name = match.group("kind"), match.group("name")
+    for start, end, kind, name in placeholders:
+        parts.append(query[position:start])
+        position = end
         if kind == b"%" and name is None:
             parts.append(b"%")
             continue
         if kind not in (b"s", b"b", b"t"):
             raise errors.ProgrammingError(
-                f"only '%s', '%b', '%t' are allowed as placeholders, got {match.group().decode()!r}"
+                f"only '%s', '%b', '%t' are allowed as placeholders, got "
+                f"{query[start:end].decode()!r}"
             )
         if name is not None:
             if not named:
@@ -84,6 +85,28 @@ def mogrify(sql: str, params: Sequence[Any] | Mapping[str, Any] | None, context:
             f"the query has {sequential} placeholders but {len(params)} parameters were passed"
         )
     return b"".join(parts).decode()
+
+
+_Placeholders = tuple[tuple[int, int, bytes, bytes | None], ...]
+# Longer texts (a bulk INSERT's thousands of placeholders) are parsed each time, not kept.
+_CACHED_SQL_CHARS = 4096
+
+
+def _placeholders(sql: str) -> tuple[bytes, _Placeholders]:
+    """*sql* encoded, and its placeholders as (start, end, kind, name); remembered for the
+    last 512 texts up to `_CACHED_SQL_CHARS` long: the parse depends on the text alone, an
+    ORM sends the same few texts over and over, and parsing was half of `mogrify`'s cost."""
+    return _parse_cached(sql) if len(sql) <= _CACHED_SQL_CHARS else _parse(sql)
+
+
+def _parse(sql: str) -> tuple[bytes, _Placeholders]:
+    query = sql.encode()
+    return query, tuple(
+        (m.start(), m.end(), m.group("kind"), m.group("name")) for m in _PLACEHOLDER.finditer(query)
+    )
+
+
+_parse_cached = functools.lru_cache(maxsize=512)(_parse)
 
 
 def _literal(transformer: Any, value: Any) -> bytes:
