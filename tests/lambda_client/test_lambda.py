@@ -54,7 +54,10 @@ def test_deadline_from_context_stops_a_long_query_and_leaves_the_connection_clea
     wait_until(lambda: sleeping_backends(admin) == 0, what="pg_sleep to be cancelled")
     # The one pooled connection was kept (same backend), and it is idle, outside any
     # transaction.
-    assert db.query("SELECT pg_backend_pid()").scalar() == backend
+    kept = db.query("SELECT pg_backend_pid()").scalar()
+    assert kept == backend, [  # why the broker replaced it, if it did
+        line for line in broker.log().splitlines() if "closing" in line or "cancel" in line
+    ]
     wait_until(
         lambda: (
             admin.run("SELECT state FROM pg_stat_activity WHERE pid = :p", p=backend) == [["idle"]]
