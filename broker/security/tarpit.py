@@ -19,15 +19,27 @@ costs a sleeping task, and a closed loop slows to about its concurrency / ``hold
 second. Accepted calls (a cached identity, a valid token) are never held, whatever their
 address.
 
-At most ``per_source`` calls of one source and ``total`` broker-wide are held at once; past
-them a refusal is answered at once, as without a hold, so memory stays bounded. A flood that
-never waits for answers (open loop) is bounded only by those caps and the network.
+Each held call waits its own time, drawn uniformly between ``1 - SPREAD`` and ``1 + SPREAD``
+times ``hold`` (``hold`` on average). With one fixed hold, the calls of a flood that arrived
+together were answered in the same loop turn and came back together, so a burst of up to
+``per_source`` refusals hit the loop once a second, in step for as long as the flood lasted,
+and a real caller's call that arrived with it waited behind all of them (1,300 forged proofs
+at a time: a valid first call 20-46x slower, docs/security.md). Drawn holds spread the
+releases, and the flood's calls with them, over the whole hold.
+
+At most ``per_source`` calls of one source are held at once, and ``total`` broker-wide; a
+source past its own ``per_source`` may use more of ``total`` while ``per_source`` places are
+still free for other sources, so one flood larger than ``per_source`` is held whole rather
+than spinning on instant refusals, and another source still finds room. Past them a refusal
+is answered at once, as without a hold, so memory stays bounded. A flood that never waits for
+answers (open loop) is bounded only by those caps and the network.
 Event-loop confined, no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +47,8 @@ from dataclasses import dataclass
 
 __all__ = ["Tarpit"]
 
-HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD)
+HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD), on average
+SPREAD = 0.5  # a held call waits hold x uniform(1 - SPREAD, 1 + SPREAD)
 BUDGET = 32  # refusals of one source within WINDOW before its refusals are held
 WINDOW = 10.0  # seconds
 # Calls held at once. Per source, well above a closed-loop flood's usual concurrency (150 in
@@ -109,14 +122,13 @@ class Tarpit:
             self._count(source)
         if not over or self.hold <= 0:
             return False
-        holding = self._holding.get(source, 0)
-        if holding >= self.per_source or self._held_now >= self.total:
+        if not self._has_room(source):
             return False  # answered at once: memory stays bounded
-        self._holding[source] = holding + 1
+        self._holding[source] = self._holding.get(source, 0) + 1
         self._held_now += 1
         self.held += 1
         try:
-            await asyncio.sleep(self.hold)
+            await asyncio.sleep(self.hold * random.uniform(1 - SPREAD, 1 + SPREAD))
         finally:
             self._held_now -= 1
             left = self._holding[source] - 1
@@ -125,6 +137,16 @@ class Tarpit:
             else:
                 del self._holding[source]
         return True
+
+    def _has_room(self, source: str) -> bool:
+        """Whether one more call of *source* may be held: within its own ``per_source``, or
+        past it while ``per_source`` places stay free broker-wide for other sources; never
+        past ``total``."""
+        if self._held_now >= self.total:
+            return False
+        if self._holding.get(source, 0) < self.per_source:
+            return True
+        return self._held_now + self.per_source < self.total
 
     def holding(self, source: str | None = None) -> int:
         """Calls held now, of *source* or of all."""
