@@ -25,7 +25,10 @@ together were answered in the same loop turn and came back together, so a burst 
 ``per_source`` refusals hit the loop once a second, in step for as long as the flood lasted,
 and a real caller's call that arrived with it waited behind all of them (1,300 forged proofs
 at a time: a valid first call 20-46x slower, docs/security.md). Drawn holds spread the
-releases, and the flood's calls with them, over the whole hold.
+releases, and the flood's calls with them, over the whole hold. And with more than
+``releases`` held at once each is held longer, in proportion, so that about ``releases`` held
+calls are answered per hold however many are held: answering 3,000 a second took the loop as
+surely as refusing them at once did.
 
 At most ``per_source`` calls of one source are held at once, and ``total`` broker-wide; a
 source past its own ``per_source`` may use more of ``total`` while ``per_source`` places are
@@ -49,6 +52,10 @@ __all__ = ["Tarpit"]
 
 HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD), on average
 SPREAD = 0.5  # a held call waits hold x uniform(1 - SPREAD, 1 + SPREAD)
+# Held calls answered per hold broker-wide, about, at most: with more held at once each waits
+# longer (3,072 held: 3 holds), since their answers, and the flood's calls that follow them,
+# would otherwise take more of the loop than the instant refusals the hold replaced.
+RELEASES = 1024
 BUDGET = 32  # refusals of one source within WINDOW before its refusals are held
 WINDOW = 10.0  # seconds
 # Calls held at once. Per source, well above a closed-loop flood's usual concurrency (150 in
@@ -79,6 +86,7 @@ class Tarpit:
         window: float = WINDOW,
         per_source: int = PER_SOURCE,
         total: int = TOTAL,
+        releases: int = RELEASES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hold = hold
@@ -86,6 +94,7 @@ class Tarpit:
         self.window = window
         self.per_source = per_source
         self.total = total
+        self.releases = releases
         self._clock = clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._holding: dict[str, int] = {}  # source -> calls held now
@@ -128,7 +137,7 @@ class Tarpit:
         self._held_now += 1
         self.held += 1
         try:
-            await asyncio.sleep(self.hold * random.uniform(1 - SPREAD, 1 + SPREAD))
+            await asyncio.sleep(self._drawn_hold())
         finally:
             self._held_now -= 1
             left = self._holding[source] - 1
@@ -137,6 +146,12 @@ class Tarpit:
             else:
                 del self._holding[source]
         return True
+
+    def _drawn_hold(self) -> float:
+        """This call's hold: ``hold``, longer when more than ``releases`` are held
+        (`RELEASES`), times a drawn factor around 1 (`SPREAD`)."""
+        scale = max(1.0, self._held_now / self.releases)
+        return self.hold * scale * random.uniform(1 - SPREAD, 1 + SPREAD)
 
     def _has_room(self, source: str) -> bool:
         """Whether one more call of *source* may be held: within its own ``per_source``, or

@@ -112,3 +112,29 @@ def test_a_source_past_its_cap_uses_the_broker_wide_room_left_by_others(
     assert holding == {FLOOD_SOURCE: 4, valid_source: 2}
     assert answered == [grpc.StatusCode.UNAUTHENTICATED] * 2
     assert tarpit.held == 6
+
+
+def test_more_calls_held_than_the_releases_per_hold_are_held_longer(moto_aws: MotoAws) -> None:
+    post = CountingPost()
+    hold, releases, count = 0.5, 1, 6
+    # The last of 6 held at once is held at least 6 / 1 x 0.5 x (1 - SPREAD) = 1.5 s; with the
+    # plain hold none would wait over 0.5 x (1 + SPREAD) = 0.75 s.
+    tarpit = Tarpit(budget=1, hold=hold, releases=releases)
+
+    async def timed(stub: Any) -> float:
+        started = time.monotonic()
+        assert await call(stub, forged(moto_aws)) is grpc.StatusCode.UNAVAILABLE
+        return time.monotonic() - started
+
+    async def scenario() -> list[float]:
+        # One STS refusal for the address: the STS bounds refuse its next proofs without an
+        # STS call, so the held ones arrive together (well within the first one's hold).
+        auth = iam_auth(moto_aws, post, VerifyGate(refusals=1))
+        async with two_sources(auth, tarpit) as (a, _):
+            assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+            return list(await asyncio.gather(*(timed(a) for _ in range(count))))
+
+    times = asyncio.run(scenario())
+    assert tarpit.held == count and len(post.keys) == 1
+    assert min(times) >= hold * (1 - SPREAD), times
+    assert max(times) >= count / releases * hold * (1 - SPREAD), sorted(times)
