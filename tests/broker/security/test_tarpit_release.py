@@ -14,8 +14,6 @@ import grpc
 
 from broker.security.stsgate import VerifyGate, peer_host
 from broker.security.tarpit import SPREAD, Tarpit
-from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.broker.security.test_sts_bounds import (
     FLOOD_SOURCE,
     VALID_SOURCE,
@@ -35,26 +33,16 @@ HELD = 40
 
 
 async def answer_times(target: str, count: int) -> tuple[list[float], set[grpc.StatusCode]]:
-    """Seconds from sending *count* wrong tokens at once to each one's answer, and the codes."""
+    """Seconds from sending *count* wrong tokens at once (`guesses`, one each) to each one's
+    answer, and the codes."""
     started = time.monotonic()
-    times: list[float] = []
-    codes: set[grpc.StatusCode] = set()
 
-    async def one(k: int, stub: pb_grpc.BrokerStub) -> None:
-        try:
-            await stub.Execute(
-                pb.ExecuteRequest(statements=[pb.Statement(sql="SELECT 1")]),
-                metadata=(("authorization", f"Bearer held-guess-{k:04d}-0123456789"),),
-                timeout=30,
-            )
-        except grpc.aio.AioRpcError as exc:
-            codes.add(exc.code())
-        times.append(time.monotonic() - started)
+    async def one() -> tuple[float, grpc.StatusCode]:
+        (error,) = await guesses(target, 1)
+        return time.monotonic() - started, error.code()
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.BrokerStub(channel)
-        await asyncio.gather(*(one(k, stub) for k in range(count)))
-    return times, codes
+    answers = await asyncio.gather(*(one() for _ in range(count)))
+    return [t for t, _ in answers], {code for _, code in answers}
 
 
 def test_calls_held_together_are_answered_spread_over_the_hold(postgres: Any) -> None:
