@@ -596,8 +596,9 @@ class Settings:
     auth_refusal_hold: float = setting(
         duration,
         1.0,
-        "seconds a refused call is held before its answer when its address had 32 or more"
-        " calls refused in 10 s (0: answer at once; docs/security.md)",
+        "seconds a refused call is held on average (each 0.5-1.5x, drawn) before its answer"
+        " when its address had 32 or more calls refused in 10 s (0: answer at once;"
+        " docs/security.md)",
         check=at_least(0),
     )
     auth_audience: str = setting(

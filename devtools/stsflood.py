@@ -1,6 +1,7 @@
 """Measure a valid IAM caller's first call while forged proofs flood the broker (issue 15, 7).
 
     .venv/bin/python -m devtools.stsflood [--seconds 8] [--concurrency 150] [--python PATH]
+                                          [--hold SECONDS]
 
 Starts moto's STS (``moto_server``, its own process, signature checking on), a local Postgres
 and a real broker (``PGBROKER_AUTH=iam``, its own process; ``--python`` runs another
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=150)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--hold", help="the broker's PGBROKER_AUTH_REFUSAL_HOLD (0: no hold); its default if unset"
+    )
     args = parser.parse_args()
     moto, url = start_moto()
     pg = LocalPostgres().start()
@@ -205,6 +209,8 @@ def main() -> None:
     # The broker runs from this checkout's directory: keep it off sys.path, so --python's own
     # (editable) broker is the one imported.
     broker.env["PYTHONSAFEPATH"] = "1"
+    if args.hold is not None:
+        broker.env["PGBROKER_AUTH_REFUSAL_HOLD"] = args.hold
     original_argv = broker.argv
     broker.argv = lambda: [args.python, *original_argv()[1:]]  # type: ignore[method-assign]
     try:
@@ -238,7 +244,7 @@ def main() -> None:
             child.join()
             after = stats(broker.target)
         median = lambda xs: statistics.median(t for t, _ in xs) * 1000  # noqa: E731
-        print(f"broker python: {args.python}")
+        print(f"broker python: {args.python}; hold: {args.hold or 'default'}")
         print(f"unloaded first call (127.0.0.2): median {median(unloaded):.0f} ms {unloaded}")
         print(f"under flood      (127.0.0.2): median {median(loaded):.0f} ms {loaded}")
         print(f"  started at (s after the flood began): {offsets}")

@@ -19,15 +19,28 @@ costs a sleeping task, and a closed loop slows to about its concurrency / ``hold
 second. Accepted calls (a cached identity, a valid token) are never held, whatever their
 address.
 
-At most ``per_source`` calls of one source and ``total`` broker-wide are held at once; past
-them a refusal is answered at once, as without a hold, so memory stays bounded. A flood that
-never waits for answers (open loop) is bounded only by those caps and the network.
+Each held call waits its own time, drawn uniformly between ``1 - SPREAD`` and ``1 + SPREAD``
+times ``hold`` (``hold`` on average): with one fixed hold, calls of a flood that arrived
+together were answered in the same loop turn and came back together, in step for as long as
+the flood lasted. With more than ``releases`` held at once each is held longer, in
+proportion, so that about ``releases`` are answered per hold however many are held: answering
+3,000 held calls a second took the loop as surely as refusing them at once did.
+
+Each source may hold ``per_source`` calls at once, and more while ``per_source`` places stay
+free broker-wide for other sources; never more than ``total`` broker-wide. So one flood larger
+than ``per_source`` is held whole rather than spinning on instant refusals (1,300 forged
+proofs at a time: a valid first call 1.6x slower in the median, against 19x with a fixed hold
+capped at ``per_source`` and 83x with none; docs/security.md), and another source still finds
+room. Past the caps a refusal is answered at once, as without a hold, so memory stays bounded.
+A flood that never waits for answers (open loop) is bounded only by those caps and the
+network.
 Event-loop confined, no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +48,12 @@ from dataclasses import dataclass
 
 __all__ = ["Tarpit"]
 
-HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD)
+HOLD = 1.0  # seconds (PGBROKER_AUTH_REFUSAL_HOLD), on average
+SPREAD = 0.5  # a held call waits hold x uniform(1 - SPREAD, 1 + SPREAD)
+# Held calls answered per hold broker-wide, about, at most: with more held at once each waits
+# longer (3,072 held: 3 holds), since their answers, and the flood's calls that follow them,
+# would otherwise take more of the loop than the instant refusals the hold replaced.
+RELEASES = 1024
 BUDGET = 32  # refusals of one source within WINDOW before its refusals are held
 WINDOW = 10.0  # seconds
 # Calls held at once. Per source, well above a closed-loop flood's usual concurrency (150 in
@@ -66,6 +84,7 @@ class Tarpit:
         window: float = WINDOW,
         per_source: int = PER_SOURCE,
         total: int = TOTAL,
+        releases: int = RELEASES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hold = hold
@@ -73,6 +92,7 @@ class Tarpit:
         self.window = window
         self.per_source = per_source
         self.total = total
+        self.releases = releases
         self._clock = clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._holding: dict[str, int] = {}  # source -> calls held now
@@ -109,14 +129,13 @@ class Tarpit:
             self._count(source)
         if not over or self.hold <= 0:
             return False
-        holding = self._holding.get(source, 0)
-        if holding >= self.per_source or self._held_now >= self.total:
+        if not self._has_room(source):
             return False  # answered at once: memory stays bounded
-        self._holding[source] = holding + 1
+        self._holding[source] = self._holding.get(source, 0) + 1
         self._held_now += 1
         self.held += 1
         try:
-            await asyncio.sleep(self.hold)
+            await asyncio.sleep(self._drawn_hold())
         finally:
             self._held_now -= 1
             left = self._holding[source] - 1
@@ -125,6 +144,22 @@ class Tarpit:
             else:
                 del self._holding[source]
         return True
+
+    def _drawn_hold(self) -> float:
+        """This call's hold: ``hold``, longer when more than ``releases`` are held
+        (`RELEASES`), times a drawn factor around 1 (`SPREAD`)."""
+        scale = max(1.0, self._held_now / self.releases)
+        return self.hold * scale * random.uniform(1 - SPREAD, 1 + SPREAD)
+
+    def _has_room(self, source: str) -> bool:
+        """Whether one more call of *source* may be held: within its own ``per_source``, or
+        past it while ``per_source`` places stay free broker-wide for other sources; never
+        past ``total``."""
+        if self._held_now >= self.total:
+            return False
+        if self._holding.get(source, 0) < self.per_source:
+            return True
+        return self._held_now + self.per_source < self.total
 
     def holding(self, source: str | None = None) -> int:
         """Calls held now, of *source* or of all."""
