@@ -185,6 +185,14 @@ class Lease:
         self.ends_at = (
             self.began_at + bounds.transaction_timeout if bounds.transaction_timeout else None
         )
+        # The earliest of the deadline and the transaction timeout: fixed from BEGIN, and
+        # asked for several times a step (`next_bound`).
+        candidates = []
+        if bounds.deadline is not None:
+            candidates.append((bounds.deadline, End.DEADLINE))
+        if self.ends_at is not None:
+            candidates.append((self.ends_at, End.TRANSACTION_TIMEOUT))
+        self._hard_bound = min(candidates, key=lambda c: c[0]) if candidates else None
         self.audit = False
         self.committed = False
         # Reset the session behind COMMIT/ROLLBACK (broker/postgres/audit.py CLEANUP).
@@ -399,17 +407,13 @@ class Lease:
     def next_bound(self, *, idle: bool) -> tuple[float, End] | None:
         """The earliest bound still ahead (monotonic time, which one); with *idle* the idle
         timeout counts too. None when nothing bounds the lease."""
-        bounds = self.bounds
-        candidates = []
-        if bounds.deadline is not None:
-            candidates.append((bounds.deadline, End.DEADLINE))
-        if self.ends_at is not None:
-            candidates.append((self.ends_at, End.TRANSACTION_TIMEOUT))
-        if idle and bounds.idle_timeout:
-            candidates.append(
-                (self.last_active + bounds.idle_timeout, End.IDLE_TRANSACTION_TIMEOUT)
-            )
-        return min(candidates, key=lambda c: c[0]) if candidates else None
+        hard = self._hard_bound
+        if not idle or not self.bounds.idle_timeout:
+            return hard
+        idle_at = self.last_active + self.bounds.idle_timeout
+        if hard is None or idle_at < hard[0]:  # on a tie, the deadline or transaction timeout
+            return idle_at, End.IDLE_TRANSACTION_TIMEOUT
+        return hard
 
     def check_bounds(self) -> None:
         """Raise `LeaseTimeout` if the deadline or the transaction timeout has passed."""
