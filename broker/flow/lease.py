@@ -4,7 +4,9 @@ A lease is taken exactly as a batch takes its connection (`Pool.getconn`: fair q
 caller key, FIFO within one, ``max_waiting``, ``queue_timeout``, the caller's deadline;
 checked again before BEGIN). BEGIN carries the
 batch's options (isolation, read only, deferrable, ``SET LOCAL`` statement_timeout,
-application_name and the mapped role: `broker.flow.batch`). Each `Lease.execute` then runs its
+application_name and the mapped role: `broker.flow.batch`), as statements the connection
+prepares once (`batch.begin_calls`), and so are COMMIT/ROLLBACK and the session reset + probe
+behind them (`_end`, prepared at BEGIN). Each `Lease.execute` then runs its
 statements pipelined on a worker thread (`PgConnection.run_many`), so between steps the lease
 holds the connection, never a thread.
 
