@@ -143,3 +143,35 @@ def test_the_keyed_commit_after_deallocate_all_commits_the_key_once(
         _commit(conn, _claim(other.key))
     with pytest.raises(keys.KeyReused):
         lease._replayed(conn, _claim(other.key))
+
+
+def test_a_keyed_commit_under_a_mapped_role_claims_as_the_login_role(
+    conn: PgConnection, admin: Any
+) -> None:
+    role = f"lease_r_{uuid.uuid4().hex[:8]}"
+    admin.run(f"CREATE ROLE {role}")  # no USAGE on the store's schema
+    try:
+        options = Batch(statements=(), plan=RequestPlan(statements=()), role=role)
+        mapped = lease.Lease.__new__(lease.Lease)  # only its role is read
+        mapped.role = role
+        # Prepared as the mapped role, the claim cannot even be parsed: hence the simple SQL.
+        lease._begin(conn, begin_calls(options, 5000, None))
+        with pytest.raises(StatementFailed) as failure:
+            lease._end(conn, [*keys.claim_calls(_claim("x")), lease._COMMIT], CLEANUP, True, True)
+        assert failure.value.error.sqlstate == "42501"
+        key = f"role-{uuid.uuid4()}"
+        for replayed in (False, True):
+            lease._begin(conn, begin_calls(options, 5000, None))
+            assert conn.execute_simple("SELECT current_user") == [[role]]
+            after = mapped._keyed_commit(_claim(key))
+            if replayed:
+                with pytest.raises(StatementFailed) as failure:
+                    lease._end(conn, after, CLEANUP, True, True)
+                assert keys.is_claimed(failure.value.error)
+            else:
+                lease._end(conn, after, CLEANUP, True, True)
+            assert conn.transaction_status is TransactionStatus.IDLE
+            assert conn.session_dirty is None
+        assert _stored(conn, key) == [[keys.request_hash(None)]]
+    finally:
+        admin.run(f"DROP ROLE IF EXISTS {role}")
