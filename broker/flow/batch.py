@@ -84,6 +84,7 @@ __all__ = [
     "StatementFailed",
     "TransactionLost",
     "application_name",
+    "begin_calls",
     "begin_sql",
     "execute",
     "rollback",
@@ -319,7 +320,7 @@ def statement_timeout_ms(deadline: float | None, statement_timeout: float) -> in
 
 
 def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = None) -> str:
-    """BEGIN and the SET LOCALs (a keyed batch's claim goes between them: `_begin_keyed`). No
+    """BEGIN and the SET LOCALs (a keyed batch's claim goes between them: `begin_calls`). No
     SET LOCAL statement_timeout when *timeout_ms* is *session_timeout_ms*, the value the
     session already has."""
     sql = _begin_settings(batch, timeout_ms, session_timeout_ms)
@@ -331,18 +332,18 @@ def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = No
     return sql
 
 
-def _begin_keyed(
-    batch: Batch, claim: keys.KeyClaim, timeout_ms: int, session_timeout_ms: int | None
-) -> list[str | Call]:
+def begin_calls(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> list[str | Call]:
     """`begin_sql` as statements the connection prepares once, in one Sync group with the
-    key's claim (one reply to read, nothing parsed per transaction): the claim ahead of
-    SET LOCAL ROLE, so the store is written as the login role, which owns it."""
+    key's claim when the batch has one (one reply to read, nothing parsed per transaction):
+    the claim ahead of SET LOCAL ROLE, so the store is written as the login role, which owns
+    it. A keyed batch's BEGIN, and a lease's (broker/flow/lease.py)."""
     parts: list[str | Call] = [Call(_begin(batch))]
     if timeout_ms != session_timeout_ms:
         parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
     if batch.application_name:
         parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
-    parts += keys.claim_calls(claim)
+    if batch.claim is not None:
+        parts += keys.claim_calls(batch.claim)
     if batch.role is not None:
         parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
     return parts
@@ -506,7 +507,7 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
     before: Session = (
         begin_sql(batch, timeout_ms, session_timeout_ms)
         if claim is None
-        else _begin_keyed(batch, claim, timeout_ms, session_timeout_ms)
+        else begin_calls(batch, timeout_ms, session_timeout_ms)
     )
     try:
         return conn.run_many(
@@ -546,7 +547,7 @@ def _cleanup(batch: Batch) -> tuple[str, ...]:
     return CLEANUP if batch.reset_session else ()
 
 
-# A keyed batch's session SQL as statements prepared once (`_begin_keyed`, `_keyed_commit`).
+# A keyed batch's session SQL as statements prepared once (`begin_calls`, `_keyed_commit`).
 _SET_LOCAL = "SELECT pg_catalog.set_config($1, $2, true)"
 _COMMIT = Call("COMMIT")
 # What `_keyed_commit` sends, prepared ahead (`PgConnection.run_many`'s *calls*).

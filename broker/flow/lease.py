@@ -4,7 +4,9 @@ A lease is taken exactly as a batch takes its connection (`Pool.getconn`: fair q
 caller key, FIFO within one, ``max_waiting``, ``queue_timeout``, the caller's deadline;
 checked again before BEGIN). BEGIN carries the
 batch's options (isolation, read only, deferrable, ``SET LOCAL`` statement_timeout,
-application_name and the mapped role: `broker.flow.batch`). Each `Lease.execute` then runs its
+application_name and the mapped role: `broker.flow.batch`), as statements the connection
+prepares once (`batch.begin_calls`), and so are COMMIT/ROLLBACK and the session reset + probe
+behind them (`_end`, prepared at BEGIN). Each `Lease.execute` then runs its
 statements pipelined on a worker thread (`PgConnection.run_many`), so between steps the lease
 holds the connection, never a thread.
 
@@ -45,7 +47,7 @@ from broker.flow.batch import (
     DeadlineBeforeStart,
     StatementFailed,
     TransactionLost,
-    begin_sql,
+    begin_calls,
     rollback,
     statement_timeout_ms,
 )
@@ -53,9 +55,17 @@ from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
+from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
 from broker.postgres.params import Bound
-from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
+from broker.postgres.pg import (
+    Call,
+    ConnectionLost,
+    PgConnection,
+    PgError,
+    Phase,
+    Session,
+    TransactionStatus,
+)
 from broker.postgres.replication import POSITION_SQL, wal_position
 from broker.sql.plan import RequestPlan, StatementPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -177,15 +187,28 @@ class Lease:
         self.ends_at = (
             self.began_at + bounds.transaction_timeout if bounds.transaction_timeout else None
         )
+        # The earliest of the deadline and the transaction timeout: fixed from BEGIN, and
+        # asked for several times a step (`next_bound`).
+        candidates = []
+        if bounds.deadline is not None:
+            candidates.append((bounds.deadline, End.DEADLINE))
+        if self.ends_at is not None:
+            candidates.append((self.ends_at, End.TRANSACTION_TIMEOUT))
+        self._hard_bound = min(candidates, key=lambda c: c[0]) if candidates else None
         self.audit = False
         self.committed = False
-        # Reset the session behind COMMIT/ROLLBACK (broker/postgres/audit.py RESET_SQL).
+        # Reset the session behind COMMIT/ROLLBACK (broker/postgres/audit.py CLEANUP).
         self.reset_session = True
+        # The mapped role (PGBROKER_ROLE_MAP) the transaction runs as: see `commit`.
+        self.role: str | None = None
         # A stream's cursor left open by a reader that stopped early (closed before the next).
         self.cursor_open = False
         self._attempt = Attempt(conn)
         # A step was DDL: its COMMIT drops the pool's prepared statements (broker/pooling).
         self.ran_ddl = False
+        # Whether the lease's end (`_END_CALLS`) is prepared on the connection: from BEGIN
+        # until a DDL step drops every prepared statement.
+        self.end_prepared = True
         # Read-your-writes (broker/flow/routing.py): read the WAL position behind COMMIT.
         self.report_position = False
         self.commit_lsn = 0
@@ -204,11 +227,15 @@ class Lease:
         for attempt_no in range(1, MAX_ATTEMPTS + 1):
             conn = await pool.getconn(bounds.deadline, key=options.queue_key)
             lease = cls(pool, conn, bounds, int((time.monotonic() - arrived) * 1_000_000))
-            lease.reset_session = options.reset_session
+            lease.reset_session, lease.role = options.reset_session, options.role
             error: BaseException | None = None
             try:
                 timeout_ms = statement_timeout_ms(bounds.deadline, bounds.statement_timeout)
-                await lease._on_worker(_begin, begin_sql(options, timeout_ms), small=True)
+                # No SET LOCAL statement_timeout when the session has that value already: with
+                # the reset behind every transaction, the one set at connect (as for a batch).
+                default_ms = conn.pg.default_statement_timeout_ms if lease.reset_session else None
+                session = begin_calls(options, timeout_ms, default_ms)
+                await lease._on_worker(_begin, session, small=True)
                 return lease
             except TransactionLost as exc:
                 error = exc
@@ -248,8 +275,10 @@ class Lease:
             )
             if plan.ddl:
                 self.ran_ddl = True  # see commit
-                # This transaction sees the changed tables already: prepare afresh in it.
+                # This transaction sees the changed tables already: prepare afresh in it (the
+                # lease's end too: see `_end`).
                 self.conn.pg.drop_statements()
+                self.end_prepared = False
             return results
         except StatementFailed as exc:
             named = self._named(exc, cut)
@@ -333,14 +362,13 @@ class Lease:
         self.check_bounds()
         if self.conn.pg.transaction_status is TransactionStatus.INERROR:
             raise TransactionAborted()
-        sql = "COMMIT"
-        if claim is not None:
-            sql = keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
-            sql = "SET LOCAL ROLE NONE; " + sql + "; COMMIT"
-        if self.report_position:
-            sql += "; " + POSITION_SQL
+        after: list[str | Call] = [_COMMIT] if claim is None else self._keyed_commit(claim)
+        if self.report_position:  # its rows are `after_rows`
+            after.append(POSITION_SQL)
         try:
-            rows = await self._on_worker(_end, sql, self.reset_session, small=True)
+            rows = await self._on_worker(
+                _end, after, self._cleanup(), True, self.end_prepared, small=True
+            )
         except StatementFailed as exc:
             if claim is None or not keys.is_claimed(exc.error):
                 raise
@@ -357,24 +385,37 @@ class Lease:
 
     async def rollback(self) -> None:
         """ROLLBACK; raise `TransactionLost` if the connection broke (nothing committed)."""
-        await self._on_worker(_end, "ROLLBACK", self.reset_session, small=True)
+        await self._on_worker(
+            _end, [_ROLLBACK], self._cleanup(), False, self.end_prepared, small=True
+        )
+
+    def _keyed_commit(self, claim: keys.KeyClaim) -> list[str | Call]:
+        """The key's claim and COMMIT, in one Sync group (a committed key's 23505 skips
+        COMMIT): statements the connection prepares once. Under a mapped role, as simple SQL
+        behind ``SET LOCAL ROLE NONE``: preparing runs ahead of everything sent, so as that
+        role, which may not see the store (a batch claims before its ``SET LOCAL ROLE``)."""
+        if self.role is None:
+            return [*keys.claim_calls(claim), _COMMIT]
+        sql = keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
+        return [f"SET LOCAL ROLE NONE; {sql}; COMMIT"]
+
+    def _cleanup(self) -> tuple[str, ...]:
+        """The session reset and probe behind COMMIT/ROLLBACK (audit.CLEANUP, prepared once
+        per connection), unless PGBROKER_SESSION_AUDIT=off."""
+        return CLEANUP if self.reset_session else ()
 
     # -- bounds --------------------------------------------------------------------------
 
     def next_bound(self, *, idle: bool) -> tuple[float, End] | None:
         """The earliest bound still ahead (monotonic time, which one); with *idle* the idle
         timeout counts too. None when nothing bounds the lease."""
-        bounds = self.bounds
-        candidates = []
-        if bounds.deadline is not None:
-            candidates.append((bounds.deadline, End.DEADLINE))
-        if self.ends_at is not None:
-            candidates.append((self.ends_at, End.TRANSACTION_TIMEOUT))
-        if idle and bounds.idle_timeout:
-            candidates.append(
-                (self.last_active + bounds.idle_timeout, End.IDLE_TRANSACTION_TIMEOUT)
-            )
-        return min(candidates, key=lambda c: c[0]) if candidates else None
+        hard = self._hard_bound
+        if not idle or not self.bounds.idle_timeout:
+            return hard
+        idle_at = self.last_active + self.bounds.idle_timeout
+        if hard is None or idle_at < hard[0]:  # on a tie, the deadline or transaction timeout
+            return idle_at, End.IDLE_TRANSACTION_TIMEOUT
+        return hard
 
     def check_bounds(self) -> None:
         """Raise `LeaseTimeout` if the deadline or the transaction timeout has passed."""
@@ -459,9 +500,18 @@ class Lease:
 # -- on the worker thread ------------------------------------------------------------------
 
 
-def _begin(conn: PgConnection, sql: str) -> None:
+# The lease's end (`_end`): prepared at BEGIN, with the session reset and probe, while the
+# connection is idle and has the login role (a failed step aborts the transaction, and an
+# aborted transaction can prepare nothing but ROLLBACK).
+_COMMIT = Call("COMMIT")
+_ROLLBACK = Call("ROLLBACK")
+_END_CALLS = (_COMMIT.sql, _ROLLBACK.sql, *CLEANUP)
+
+
+def _begin(conn: PgConnection, session: Session) -> None:
+    """BEGIN and its SET LOCALs as statements prepared once (`batch.begin_calls`)."""
     try:
-        conn.execute_simple(sql)
+        conn.run_many((), before=session, calls=_END_CALLS)
     except PgError as exc:
         rollback(conn)
         raise StatementFailed(exc, -1) from exc
@@ -490,23 +540,43 @@ def _run_statements(
         raise TransactionLost(exc, nothing_committed=True) from exc
 
 
-def _end(conn: PgConnection, sql: str, reset: bool = False) -> list[list[Any]]:
-    """COMMIT or ROLLBACK (with *reset*, the session reset and probe behind it in the same
-    round trip); return the rows *sql* produced. A broken link during COMMIT leaves the
-    outcome unknown unless the server said it was ending the session (as for a batch)."""
+def _end(
+    conn: PgConnection, after: Session, cleanup: Sequence[str], commit: bool, prepared: bool
+) -> list[list[Any]]:
+    """COMMIT or ROLLBACK (*after*), with the session reset and probe (*cleanup*) behind it
+    in the same round trip, as statements prepared once; return the rows of *after*'s simple
+    SQL (`PgConnection.after_rows`). A broken link during COMMIT leaves the outcome unknown
+    unless the server said it was ending the session (as for a batch).
+
+    Not *prepared* (``DEALLOCATE ALL`` dropped them since BEGIN, `Lease.end_prepared`) in a
+    transaction a failed step aborted, where nothing but ROLLBACK can be prepared: ROLLBACK
+    as simple SQL first, one round trip more (a COMMIT there is refused before: `commit`)."""
+    if not prepared and conn.transaction_status is TransactionStatus.INERROR:
+        rollback(conn)
+        after = []
     try:
-        rows = conn.execute_simple(sql + "; " + RESET_SQL if reset else sql)
+        conn.run_many((), after=after, cleanup=cleanup)
     except PgError as exc:
         rollback(conn)
-        if reset:  # the probe did not run: audit on release
-            conn.session_dirty = _audit_or_none(conn)
+        _check_probe(conn, cleanup)
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
-        certain = sql == "ROLLBACK" or exc.fatal is not None
+        certain = not commit or exc.fatal is not None
         raise TransactionLost(exc, nothing_committed=certain) from exc
-    if reset and (leaked := probe_leaks(rows)):
+    _check_probe(conn, cleanup)
+    return conn.after_rows
+
+
+def _check_probe(conn: PgConnection, cleanup: Sequence[str]) -> None:
+    """Mark *conn* dirty when the probe behind the end found session state left; when it did
+    not run (a failed claim or COMMIT skipped it), audit the idle session instead."""
+    if not cleanup:
+        return
+    leaked = probe_leaks(conn.cleanup_rows)
+    if leaked is None:
+        leaked = audit_session(conn)
+    if leaked:
         conn.session_dirty = ", ".join(leaked)
-    return rows
 
 
 def _read_position(conn: PgConnection) -> list[list[Any]]:
@@ -516,11 +586,6 @@ def _read_position(conn: PgConnection) -> list[list[Any]]:
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=False) from exc
-
-
-def _audit_or_none(conn: PgConnection) -> str | None:
-    leaked = audit_session(conn)
-    return ", ".join(leaked) if leaked else None
 
 
 def _replayed(conn: PgConnection, claim: keys.KeyClaim) -> None:

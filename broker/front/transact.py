@@ -197,9 +197,13 @@ class _Call:
             )
         else:
             bound = None
-        timeout = None if bound is None else max(0.0, bound[0] - time.monotonic())
         try:
-            return await asyncio.wait_for(anext(self.requests), timeout)
+            if bound is None:
+                return await anext(self.requests)
+            # Not `asyncio.wait_for`, which runs the read in a task of its own each step; the
+            # loop's clock is `time.monotonic`, the bounds' clock.
+            async with asyncio.timeout_at(bound[0]):
+                return await anext(self.requests)
         except StopAsyncIteration:
             raise StreamClosed("the stream ended without commit or rollback") from None
         except TimeoutError:

@@ -60,7 +60,7 @@ AUDIT_SQL = """SELECT array_remove(ARRAY[
 
 
 # Run behind every transaction's COMMIT (or a single statement), in the same flush, so it
-# costs no round trip (`CLEANUP`; the lease and the stream send `RESET_SQL` as simple SQL):
+# costs no round trip (`CLEANUP`; the stream sends `RESET_SQL` as simple SQL):
 # RESET ALL puts every setting back to its connect-time value, custom ones
 # (``app.tenant_id`` set with set_config(…, false) in a function, a trigger, a DO block)
 # and search_path included: pg_settings does not list custom settings, so no check can see
