@@ -294,6 +294,24 @@ class FakeClock:
 FLOOD_SOURCE = "ipv4:127.0.0.1"
 
 
+async def release_held(
+    tarpit: Tarpit, tasks: list[asyncio.Task[grpc.StatusCode]], valid_source: str
+) -> tuple[list[grpc.StatusCode], dict[str, int]]:
+    """The calls of *tasks* answered at once and how many the tarpit holds per source; then
+    the held calls are given up and the test waits until their places are free again."""
+    holding = {
+        FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
+        valid_source: tarpit.holding(valid_source),
+    }
+    answered = [t.result() for t in tasks if t.done()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # A held call whose caller gave up no longer counts against the caps.
+    await until(lambda: tarpit.holding() == 0, "cancelled calls released")
+    return answered, holding
+
+
 async def error_of(stub: Any, metadata: Sequence[tuple[str, str]]) -> grpc.aio.AioRpcError:
     try:
         await stub.Execute(pb.ExecuteRequest(), metadata=tuple(metadata), timeout=60)
@@ -390,17 +408,7 @@ def test_held_calls_are_capped_per_source_and_broker_wide(moto_aws: MotoAws) -> 
                 lambda: sum(t.done() for t in tasks) == 2 and tarpit.holding() == 3,
                 "three held calls, two answered at once",
             )
-            holding = {
-                FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
-                valid_source: tarpit.holding(valid_source),
-            }
-            answered = [t.result() for t in tasks if t.done()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # A held call whose caller gave up no longer counts against the caps.
-            await until(lambda: tarpit.holding() == 0, "cancelled calls released")
-        return answered, holding
+            return await release_held(tarpit, tasks, valid_source)
 
     answered, holding = asyncio.run(scenario())
     # Per source: A's third call is answered at once; broker-wide: so is B's second.

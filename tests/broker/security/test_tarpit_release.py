@@ -21,6 +21,7 @@ from tests.broker.security.test_sts_bounds import (
     call,
     forged,
     iam_auth,
+    release_held,
     two_sources,
     until,
 )
@@ -84,16 +85,7 @@ def test_a_source_past_its_cap_uses_the_broker_wide_room_left_by_others(
                 lambda: sum(t.done() for t in tasks) == 2 and tarpit.holding() == 6,
                 "B's own 2 held, its third answered at once (broker-wide cap)",
             )
-            holding = {
-                FLOOD_SOURCE: tarpit.holding(FLOOD_SOURCE),
-                valid_source: tarpit.holding(valid_source),
-            }
-            answered = [t.result() for t in tasks if t.done()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await until(lambda: tarpit.holding() == 0, "cancelled calls released")
-        return answered, holding
+            return await release_held(tarpit, tasks, valid_source)
 
     answered, holding = asyncio.run(scenario())
     # A borrowed until only its cap's worth (2) was left of the total (6), which B then used.
