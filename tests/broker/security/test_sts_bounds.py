@@ -294,6 +294,19 @@ class FakeClock:
 FLOOD_SOURCE = "ipv4:127.0.0.1"
 
 
+@asynccontextmanager
+async def over_budget(
+    moto_aws: MotoAws, tarpit: Tarpit
+) -> AsyncIterator[tuple[pb_grpc.BrokerStub, pb_grpc.BrokerStub]]:
+    """`two_sources` behind IAM authentication, each refused once with a forged proof: both
+    sources are then over a tarpit budget of 1, so their next refusals are held."""
+    auth = iam_auth(moto_aws, CountingPost(), VerifyGate())
+    async with two_sources(auth, tarpit) as (a, b):
+        assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+        assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+        yield a, b
+
+
 async def release_held(
     tarpit: Tarpit, tasks: list[asyncio.Task[grpc.StatusCode]], valid_source: str
 ) -> tuple[list[grpc.StatusCode], dict[str, int]]:
@@ -390,17 +403,12 @@ def test_refusals_by_the_sts_bounds_count_towards_the_budget(moto_aws: MotoAws) 
 
 
 def test_held_calls_are_capped_per_source_and_broker_wide(moto_aws: MotoAws) -> None:
-    post = CountingPost()
     # A long hold: the held calls are still held when the test looks, then cancelled.
     tarpit = Tarpit(budget=1, hold=60.0, per_source=2, total=3)
     valid_source = peer_host(f"ipv4:{VALID_SOURCE}:1")
 
     async def scenario() -> tuple[list[grpc.StatusCode], dict[str, int]]:
-        auth = iam_auth(moto_aws, post, VerifyGate())
-        async with two_sources(auth, tarpit) as (a, b):
-            # One refusal each: both sources are over their budget of 1.
-            assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
-            assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+        async with over_budget(moto_aws, tarpit) as (a, b):
             tasks = [asyncio.create_task(call(a, forged(moto_aws))) for _ in range(3)]
             await until(lambda: tarpit.holding() == 2, "two held calls of A")
             tasks += [asyncio.create_task(call(b, forged(moto_aws))) for _ in range(2)]

@@ -21,6 +21,7 @@ from tests.broker.security.test_sts_bounds import (
     call,
     forged,
     iam_auth,
+    over_budget,
     release_held,
     two_sources,
     until,
@@ -64,17 +65,12 @@ def test_calls_held_together_are_answered_spread_over_the_hold(postgres: Any) ->
 def test_a_source_past_its_cap_uses_the_broker_wide_room_left_by_others(
     moto_aws: MotoAws,
 ) -> None:
-    post = CountingPost()
     # A long hold: the held calls are still held when the test looks, then cancelled.
     tarpit = Tarpit(budget=1, hold=60.0, per_source=2, total=6)
     valid_source = peer_host(f"ipv4:{VALID_SOURCE}:1")
 
     async def scenario() -> tuple[list[grpc.StatusCode], dict[str, int]]:
-        auth = iam_auth(moto_aws, post, VerifyGate())
-        async with two_sources(auth, tarpit) as (a, b):
-            # One refusal each: both sources are over their budget of 1.
-            assert await call(a, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
-            assert await call(b, forged(moto_aws)) is grpc.StatusCode.UNAUTHENTICATED
+        async with over_budget(moto_aws, tarpit) as (a, b):
             tasks = [asyncio.create_task(call(a, forged(moto_aws))) for _ in range(5)]
             await until(
                 lambda: sum(t.done() for t in tasks) == 1 and tarpit.holding() == 4,
