@@ -59,7 +59,7 @@ from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
+from broker.postgres.audit import CLEANUP, mark_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     After,
@@ -404,12 +404,9 @@ def run_batch(
 def _check_session(conn: PgConnection, batch: Batch) -> None:
     """Mark *conn* dirty (replaced, never handed on) if the transaction left session state
     behind: read the probe behind COMMIT, else (it did not run) audit with one more query."""
-    leaked = probe_leaks(conn.cleanup_rows) if batch.reset_session else None
-    if leaked is None and (batch.audit_session or batch.reset_session):
-        # Also after a failure: session advisory locks survive a rollback.
-        leaked = audit_session(conn)
-    if leaked:
-        conn.session_dirty = ", ".join(leaked)
+    # Audited also after a failure: session advisory locks survive a rollback.
+    rows = conn.cleanup_rows if batch.reset_session else None
+    mark_leaks(conn, rows, batch.audit_session or batch.reset_session)
 
 
 def _run_once(

@@ -52,10 +52,10 @@ from broker.flow.batch import (
     statement_timeout_ms,
 )
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
-from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched
+from broker.flow.stream import CURSOR, Fetcher, close_cursor, declare, prefetched, tidy
 from broker.pooling.pool import Pool, ServerConnection
 from broker.postgres import keys
-from broker.postgres.audit import CLEANUP, audit_session, probe_leaks
+from broker.postgres.audit import CLEANUP, mark_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import (
     Call,
@@ -491,7 +491,7 @@ class Lease:
             if not pg.closed and (
                 pg.transaction_status is not TransactionStatus.IDLE or self.audit
             ):
-                await self.pool.run_io(True, _tidy, pg, self.audit)
+                await self.pool.run_io(True, tidy, pg, self.audit)
         except Exception as exc:  # a worker pool shut down under us: do not hand it on
             reason = f"release failed ({type(exc).__name__})"
         self.pool.putconn(self.conn, reason or close_reason(self.conn, attempt, error))
@@ -570,13 +570,8 @@ def _end(
 def _check_probe(conn: PgConnection, cleanup: Sequence[str]) -> None:
     """Mark *conn* dirty when the probe behind the end found session state left; when it did
     not run (a failed claim or COMMIT skipped it), audit the idle session instead."""
-    if not cleanup:
-        return
-    leaked = probe_leaks(conn.cleanup_rows)
-    if leaked is None:
-        leaked = audit_session(conn)
-    if leaked:
-        conn.session_dirty = ", ".join(leaked)
+    if cleanup:
+        mark_leaks(conn, conn.cleanup_rows, audit=True)
 
 
 def _read_position(conn: PgConnection) -> list[list[Any]]:
@@ -592,10 +587,3 @@ def _replayed(conn: PgConnection, claim: keys.KeyClaim) -> None:
     """After a claim at COMMIT met a committed key: raise `keys.KeyReused` when it was
     claimed for an ``Execute``, else return (the earlier transaction stands)."""
     keys.replay_transact(conn, claim.caller, claim.key, claim.digest)
-
-
-def _tidy(conn: PgConnection, audit: bool) -> None:
-    """ROLLBACK what is left open; audit the session when a statement asked for it."""
-    rollback(conn)
-    if audit and (leaked := audit_session(conn)):
-        conn.session_dirty = ", ".join(leaked)

@@ -45,7 +45,7 @@ from broker.flow.batch import (
 )
 from broker.flow.cancel import Attempt, close_reason, send_cancel, settle
 from broker.pooling.pool import Pool
-from broker.postgres.audit import RESET_SQL, audit_session, probe_leaks
+from broker.postgres.audit import RESET_SQL, mark_leaks
 from broker.postgres.params import Bound
 from broker.postgres.pg import ConnectionLost, PgConnection, PgError, Phase, TransactionStatus
 from broker.sql.plan import StatementPlan
@@ -60,6 +60,7 @@ __all__ = [
     "declare",
     "prefetched",
     "stream_rows",
+    "tidy",
 ]
 
 # Encoded rows per chunk: far below gRPC's 4 MiB default message limit (and the client's).
@@ -170,19 +171,14 @@ def commit(conn: PgConnection, reset: bool, audit: bool) -> None:
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=True) from exc
-    leaked = probe_leaks(rows) if reset else None
-    if leaked is None and audit:
-        leaked = audit_session(conn)
-    if leaked:
-        conn.session_dirty = ", ".join(leaked)
+    mark_leaks(conn, rows if reset else None, audit)
 
 
-def _tidy(conn: PgConnection, audit: bool) -> None:
+def tidy(conn: PgConnection, audit: bool) -> None:
     """ROLLBACK what is left open; with *audit*, audit the session (session advisory locks
     survive a rollback, and no probe ran behind a COMMIT)."""
     rollback(conn)
-    if audit and (leaked := audit_session(conn)):
-        conn.session_dirty = ", ".join(leaked)
+    mark_leaks(conn, None, audit)
 
 
 def close_cursor(conn: PgConnection, sql: str) -> None:
@@ -294,7 +290,7 @@ async def _release(pool: Pool, attempt: Attempt, error: BaseException | None, au
                 await asyncio.gather(*attempt.cancel_tasks, return_exceptions=True)
             pg = attempt.conn.pg
             if not pg.closed and (pg.transaction_status is not TransactionStatus.IDLE or audit):
-                await pool.run_in_worker(_tidy, pg, audit)
+                await pool.run_in_worker(tidy, pg, audit)
         except Exception as exc:  # a worker pool shut down under us
             reason = f"release failed ({type(exc).__name__})"
         pool.putconn(attempt.conn, reason or close_reason(attempt.conn, attempt, error))

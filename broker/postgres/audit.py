@@ -31,6 +31,7 @@ __all__ = [
     "PROBE_SQL",
     "RESET_SQL",
     "audit_session",
+    "mark_leaks",
     "probe_leaks",
     "read_builtin_functions",
 ]
@@ -92,6 +93,17 @@ def probe_leaks(rows: list[list[object]]) -> list[str] | None:
         return None
     cell = rows[-1][0]
     return str(cell).split(",") if cell else []
+
+
+def mark_leaks(conn: PgConnection, rows: list[list[object]] | None, audit: bool) -> None:
+    """Mark *conn* dirty (``session_dirty``: replaced on release, never handed on) if the
+    transaction left session state behind: by the probe's row in *rows* (None: no probe was
+    sent), else, when the probe did not run and *audit* asks for it, by `audit_session`."""
+    leaked = probe_leaks(rows) if rows is not None else None
+    if leaked is None and audit:
+        leaked = audit_session(conn)
+    if leaked:
+        conn.session_dirty = ", ".join(leaked)
 
 
 # Names a user function also has (an overload such as public.lower(int, int)) are left out:
