@@ -264,7 +264,10 @@ def test_a_closed_dbapi_connection_is_a_disconnect_and_the_pool_replaces_it(
 def test_the_engine_recovers_when_the_broker_comes_back(start_broker_process: Any) -> None:
     process = start_broker_process()
     assert process.wait_serving(30)
-    engine = create_engine(f"postgresql+pgbroker://{process.target}/?max_attempts=1&timeout=2")
+    # The deadline is above the channel's reconnect backoff cap (2 s, with gRPC's ±20 %
+    # jitter up to 2.4 s): a broker that comes back is found on the channel's next attempt,
+    # which may be that far away.
+    engine = create_engine(f"postgresql+pgbroker://{process.target}/?max_attempts=1&timeout=5")
     with engine.connect() as conn:
         assert conn.scalar(text("SELECT 1")) == 1
     process.stop()
