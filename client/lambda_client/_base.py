@@ -239,23 +239,25 @@ class ClientBase:
             if not link.reached:
                 left = time_left(deadline, attempt)
                 yield from link.reach(left, self.target, started, self._explain)
+            sent = time.monotonic()
             try:
                 # Measured after the channel, credentials and check: the call must not outlive it.
                 left = time_left(deadline, attempt)
                 response = yield _bind(call.invoke, link.stub, left, metadata)
             except grpc.RpcError as exc:
                 link.call_failed(exc)
+                took = time.monotonic() - sent
                 if isinstance(call, ExecuteCall):
                     unkeyed = self._without_key(call, exc)
                     if unkeyed is not None:
                         call = unkeyed  # nothing ran: resend at once, without the key
                         continue
                     delay = execute_backoff_or_raise(
-                        self.policy, call, exc, attempt, deadline, started
+                        self.policy, call, exc, attempt, deadline, started, took
                     )
                 else:
                     delay = self.policy.backoff_or_raise(
-                        exc, attempt, deadline, call.retry_aborted, started
+                        exc, attempt, deadline, call.retry_aborted, started, took
                     )
                 yield _bind(self._sleep, delay)
             else:
@@ -431,6 +433,7 @@ def execute_backoff_or_raise(
     attempt: int,
     deadline: float,
     started: float | None = None,
+    took: float = 0.0,
 ) -> float:
     """`CallPolicy.backoff_or_raise` for an ``Execute``: an unknown outcome is resent when
     *call* is idempotent (its key makes the broker answer a committed attempt from its store)
@@ -439,7 +442,7 @@ def execute_backoff_or_raise(
     error = errors.from_rpc_error(exc)
     unknown = errors.outcome_unknown(exc, error)
     if not unknown and not (call.idempotent and error.reason == _IN_PROGRESS):
-        return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted, started)
+        return policy.backoff_or_raise(exc, attempt, deadline, call.retry_aborted, started, took)
     backoff = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
     delay = (error.retry_after or 0.0) + _uniform(backoff / 2, backoff)
     # Safe to resend like work that did not run: until the deadline (or nothing_ran_attempts).

@@ -163,14 +163,17 @@ class CallPolicy:
         deadline: float,
         retry_aborted: bool,
         started: float | None = None,
+        took: float = 0.0,
     ) -> float:
         """Seconds to wait before resending after *exc* (logged at INFO); raise its
-        `errors.Error` (caused by *exc*) if it must not be resent or the wait would pass
-        *deadline*. An error that was being retried then says how many attempts were made
-        since *started* (monotonic); one whose outcome is unknown is logged at WARNING."""
+        `errors.Error` (caused by *exc*) if it must not be resent or the wait plus another
+        attempt as long as the last (*took* seconds) would pass *deadline*: a resend the
+        deadline cuts short would turn a clean refusal into an unknown outcome. An error that
+        was being retried then says how many attempts were made since *started* (monotonic);
+        one whose outcome is unknown is logged at WARNING."""
         error = errors.from_rpc_error(exc)
         delay = self.retry_delay(error, attempt, retry_aborted)
-        if delay is not None and time.monotonic() + delay < deadline:
+        if delay is not None and time.monotonic() + delay + took < deadline:
             logger.info(
                 "pgbroker call failed with %s, retrying in %.3fs (attempt %d)",
                 error.reason or _code_name(error),

@@ -7,6 +7,7 @@ COMMIT, a bare transport UNAVAILABLE). Every request and its metadata is recorde
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -81,12 +82,14 @@ class Script(pb_grpc.BrokerServicer):
     requests: list[pb.ExecuteRequest] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    pause: float = 0.0  # seconds each answer waits before it is sent
 
     def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         with self.lock:
             self.requests.append(request)
             self.metadata.append(dict(context.invocation_metadata()))
             answer = self.answers.pop(0) if self.answers else None
+        time.sleep(self.pause)
         if answer is None or answer.code == code_pb2.OK:
             return OK
         context.abort_with_status(rpc_status.to_status(answer))

@@ -216,6 +216,21 @@ def test_the_final_error_says_how_many_attempts_over_how_long() -> None:
     assert "the next retry would pass the deadline" in str(error)
 
 
+def test_no_retry_is_sent_that_the_deadline_would_cut_short() -> None:
+    """Each refusal takes 0.4 s: a third attempt would start about 0.95 s into a 1 s deadline
+    and end in DEADLINE_EXCEEDED, an unknown outcome, instead of the clean refusal."""
+    full = failure(SC.RESOURCE_EXHAUSTED, "queue full", retry_after=0.05, reason="QUEUE_FULL")
+    with standin(*[full] * 10) as (target, script):
+        script.pause = 0.4
+        client = lc.BrokerClient(target, initial_backoff=0.01, max_backoff=0.02)
+        error = _failure_of(lambda: client.query("SELECT 1", timeout=1.0))
+        client.close()
+    assert isinstance(error, lc.Overloaded)
+    assert len(script.requests) == 2
+    assert "gave up after 2 attempts" in str(error)
+    assert "the next retry would pass the deadline" in str(error)
+
+
 def test_an_explicit_max_attempts_still_bounds_retries() -> None:
     full = failure(SC.RESOURCE_EXHAUSTED, "queue full", retry_after=0.01, reason="QUEUE_FULL")
     with standin(*[full] * 10) as (target, script):
