@@ -11,9 +11,10 @@ if the work does:
 * after the statements, `finish_call` stores the encoded response, pipelined with COMMIT:
   a keyed transaction costs one row written and one round trip more than an unkeyed one.
 * both are statements with parameters that each connection prepares once (`pg.Call`):
-  as SQL with literals (`claim_sql`, `finish_sql`, still what an interactive transaction's
-  COMMIT sends) Postgres parsed and planned them on every transaction, 60–110 µs of backend
-  CPU per keyed transaction (docs/performance.md, "A/B: the key's claim and store …").
+  as SQL with literals (`claim_sql`, still what an interactive transaction's keyed COMMIT
+  under a mapped role sends) Postgres parsed and planned them on every transaction,
+  60–110 µs of backend CPU per keyed transaction (docs/performance.md, "A/B: the key's claim
+  and store …").
 * on that 23505, `replay` reads the stored row: the same request hash returns the stored
   response (nothing ran), another hash is `KeyReused`.
 
@@ -46,7 +47,6 @@ __all__ = [
     "claim_sql",
     "ensure_store",
     "finish_call",
-    "finish_sql",
     "is_claimed",
     "replay",
     "replay_transact",
@@ -80,7 +80,7 @@ _PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _USABLE_SQL = f"SELECT to_regclass('{TABLE}') IS NOT NULL" + "".join(
     f" AND has_table_privilege('{TABLE}', '{p}')" for p in _PRIVILEGES
 )
-# `claim_sql` and `finish_sql` as statements prepared once per connection (`claim_calls`,
+# `claim_sql` and the response's store as statements prepared once per connection (`claim_calls`,
 # `finish_call`). Folding the DELETE into the INSERT (ON CONFLICT … DO UPDATE … WHERE
 # expired) loses the 23505 that stops the statements behind a committed key; with a second
 # INSERT to raise it, it measured no cheaper than the two prepared statements.
@@ -191,7 +191,8 @@ def claim_calls(claim: KeyClaim) -> list[Call]:
 
 
 def finish_call(claim: KeyClaim, response: bytes) -> Call:
-    """`finish_sql` as a prepared statement with parameters (`pg.Call`)."""
+    """The UPDATE storing *response* on the claimed key (sent with COMMIT), as a prepared
+    statement with parameters (`pg.Call`)."""
     return Call(_FINISH_SQL, (_text(claim.caller), _text(claim.key), _bytea(response)))
 
 
@@ -205,14 +206,6 @@ def _text(text: str) -> str:
 def _bytea(data: bytes) -> str:
     """*data* in bytea's hex input format (a parameter's text)."""
     return "\\x" + data.hex()
-
-
-def finish_sql(caller: str, key: str, response: bytes) -> str:
-    """Simple-protocol SQL storing *response* on the claimed key (sent with COMMIT)."""
-    return (
-        f"UPDATE {TABLE} SET response = decode('{response.hex()}', 'hex')"
-        f" WHERE caller = {_literal(caller)} AND key = {_literal(key)}"
-    )
 
 
 def is_claimed(error: PgError) -> bool:
