@@ -331,3 +331,21 @@ def test_an_error_inside_begin_names_its_statement_and_rolls_back(
     assert results[0].command_tag == "INSERT 0 1"
     assert conn.execute_simple(f"SELECT count(*), sum(n) FROM {table}") == [[3, 9]]
     assert conn.transaction_status is TransactionStatus.IDLE
+
+
+def test_a_batch_that_reports_an_error_committed_nothing(
+    keyed_pg: PgConnection, table: str
+) -> None:
+    """A `ROLLBACK TO SAVEPOINT` behind the failed statement is skipped with the rest of the
+    group: with a Sync per statement it ran, the INSERT behind it too, and COMMIT committed
+    that while the caller was told the batch failed (`StatementFailed`: rolled back)."""
+    conn = keyed_pg
+    conn.execute_simple(f"CREATE TABLE {table} (n int)")
+    sqls = ["SAVEPOINT s", "SELECT 1 / 0", "ROLLBACK TO SAVEPOINT s"]
+    sqls.append(f"INSERT INTO {table} VALUES (1)")
+    for _ in range(3):  # unnamed, prepared, cached
+        with pytest.raises(StatementFailed) as failure:
+            run_transaction(conn, _explicit(sqls), None, 30)
+        assert failure.value.database_error.statement_index == 1
+        assert conn.execute_simple(f"SELECT count(*) FROM {table}") == [[0]]
+        assert conn.transaction_status is TransactionStatus.IDLE
