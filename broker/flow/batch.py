@@ -516,6 +516,7 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
             check=batch.result_check,
             cleanup=_cleanup(batch),
             calls=() if claim is None else _KEYED_CALLS,
+            one_sync=True,  # behind BEGIN: one Sync for it and the statements
         )
     except PgError as exc:
         rollback(conn)

@@ -33,11 +33,15 @@ import pg8000.converters as pgc
 from pg8000.core import (
     BIND,
     CLOSE,
+    COMMAND_COMPLETE,
     DESCRIBE,
+    EMPTY_QUERY_RESPONSE,
+    ERROR_RESPONSE,
     EXECUTE_MSG,
     NULL_BYTE,
     PARSE,
     PORTAL,
+    PORTAL_SUSPENDED,
     QUERY,
     READY_FOR_QUERY,
     STATEMENT,
@@ -340,6 +344,16 @@ def _encode_array(items: list[Any], elem_oid: int, elem_type: int) -> pb.Value:
 # -- the connection --------------------------------------------------------------------------
 
 
+# What ends a reply (`_Core.handle_messages`): ReadyForQuery, behind a Sync or a simple
+# query; inside a Sync group of several statements (`PgConnection.run_many`'s *one_sync*),
+# what ends one statement's: its CommandComplete (EmptyQueryResponse, PortalSuspended) or
+# ErrorResponse, after which Postgres skips the rest of the group up to the Sync.
+_READY = frozenset((READY_FOR_QUERY,))
+_STATEMENT_END = frozenset(
+    (COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ERROR_RESPONSE, PORTAL_SUSPENDED)
+)
+
+
 class _Core(CoreConnection):  # type: ignore[misc]
     """pg8000's protocol engine with the command tag kept and cell parsing made safe."""
 
@@ -355,23 +369,26 @@ class _Core(CoreConnection):  # type: ignore[misc]
         self.send_query_nowait(sql)
         self._ahead.append(Context(sql))
 
-    def handle_messages(self, context: Any) -> None:
+    def handle_messages(self, context: Any, ends: frozenset[bytes] = _READY) -> None:
+        """Read the replies queued ahead (`queue_ahead`), then *context*'s: up to
+        ReadyForQuery, or with *ends* `_STATEMENT_END` one statement's inside a Sync group."""
         while self._ahead:
             try:
                 self._read_messages(self._ahead.pop(0))
             except DatabaseError as exc:
                 if PgError.from_pg8000(exc).severity in ("FATAL", "PANIC"):
                     raise
-        self._read_messages(context)
+        self._read_messages(context, ends)
 
-    def _read_messages(self, context: Any) -> None:
-        """pg8000's ``handle_messages`` (every message up to ReadyForQuery, each to its
-        handler, then raise the context's error), reading straight from the buffered file:
-        pg8000's ``_read`` copies each header and body twice (a dozen messages a request)."""
+    def _read_messages(self, context: Any, ends: frozenset[bytes] = _READY) -> None:
+        """pg8000's ``handle_messages`` (every message up to ReadyForQuery, or up to one in
+        *ends*, each to its handler, then raise the context's error), reading straight from
+        the buffered file: pg8000's ``_read`` copies each header and body twice (a dozen
+        messages a request)."""
         read = self._sock.read
         handlers = self.message_types
         code = None
-        while code != READY_FOR_QUERY:
+        while code not in ends:
             try:
                 header = read(5)
             except OSError as exc:
@@ -445,12 +462,15 @@ class _Core(CoreConnection):  # type: ignore[misc]
         two send() calls per statement instead of one, and two packets for the reader."""
         self.send_bytes(bind_message(statement_name_bin, params, self._client_encoding))
 
-    def send_execute_nowait(self, name: bytes, params: Sequence[str | None]) -> None:
+    def send_execute_nowait(
+        self, name: bytes, params: Sequence[str | None], sync: bool = True
+    ) -> None:
         # Bind and Execute without the Flush pg8000 puts behind each (`send_BIND`): Sync
-        # follows at once, and Postgres sends its output at ReadyForQuery anyway. A Flush made
-        # it send every statement's reply in pieces, each a send() for Postgres and a read for
-        # the broker.
-        self.send_bytes(bind_message(name, params, self._client_encoding) + _EXECUTE_SYNC)
+        # follows at once (or ends the group later, without *sync*), and Postgres sends its
+        # output at ReadyForQuery anyway. A Flush made it send every statement's reply in
+        # pieces, each a send() for Postgres and a read for the broker.
+        tail = _EXECUTE_SYNC if sync else EXECUTE_MSG
+        self.send_bytes(bind_message(name, params, self._client_encoding) + tail)
 
     def send_bytes(self, data: bytes) -> None:
         """Queue *data*, whole protocol messages (no flush), with pg8000's errors
@@ -467,18 +487,19 @@ class _Core(CoreConnection):  # type: ignore[misc]
             raise InterfaceError("connection is closed") from exc
 
     def send_unnamed_nowait(
-        self, sql: str, oids: Sequence[int], params: Sequence[str | None]
+        self, sql: str, oids: Sequence[int], params: Sequence[str | None], sync: bool = True
     ) -> None:
         """Parse *sql* as the unnamed statement, bind, describe and execute it, no flush: one
         round trip with its neighbours; its RowDescription comes before its rows (read with
-        ``broker_types``)."""
+        ``broker_types``). Without *sync* a later Sync ends its group."""
         body = bytearray(NULL_BYTE + sql.encode(self._client_encoding) + NULL_BYTE)
         body += struct.pack(f"!H{len(oids)}i", len(oids), *oids)
         self._send_message(PARSE, body)
         self.send_BIND(NULL_BYTE, params)
         self._send_message(DESCRIBE, PORTAL + NULL_BYTE)
         _write(self._sock, EXECUTE_MSG)  # no Flush: as `send_execute_nowait`
-        _write(self._sock, SYNC_MSG)
+        if sync:
+            _write(self._sock, SYNC_MSG)
 
     def queue_close_ahead(self, name: bytes) -> None:
         """Close the prepared statement *name* in the next flush; its reply is read ahead of the
@@ -592,6 +613,9 @@ class PgConnection:
         self._counts = dict.fromkeys(STATEMENT_COUNTERS, 0)
         # Set by `use_loop_io`: the socket is non-blocking under pg8000.
         self.loop_io = False
+        # An error was read in the Sync group being read (`_read_statement`): Postgres skips
+        # the rest of the group, so its statements have no reply.
+        self._group_failed = False
 
     # state ---------------------------------------------------------------------------------
 
@@ -676,6 +700,7 @@ class PgConnection:
         check: Callable[[list[pb.StatementResult]], None] | None = None,
         cleanup: Sequence[str] = (),
         calls: Sequence[str] = (),
+        one_sync: bool = False,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -709,18 +734,25 @@ class PgConnection:
         prepared once per connection (Postgres plans them once, not on every call) in one
         more Sync group: they run even when *after* failed, and an error in one skips the
         rest; the last one's rows are kept in `cleanup_rows`.
+        *one_sync*: *before* opens a transaction block (BEGIN), so the statements are sent
+        with *before*'s last run of `Call`s as one Sync group (Postgres sends its output at
+        each Sync: one send() per round trip instead of one per statement). Without BEGIN the
+        statements of one Sync group would be one implicit transaction. An error skips the
+        rest of the group (those statements get no reply); *after* and *cleanup* stay groups
+        of their own, so COMMIT (ROLLBACK, in the aborted transaction) and the reset still run.
         """
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
         self.after_rows, self.cleanup_rows = [], []
         self._progress = progress = _Progress()
+        self._group_failed = False
         with _Guard(self, progress):
             tail = self._own_statements(cleanup)
             if before is not None:
                 self._prepare_calls(before, Phase.BEFORE)
             self._prepare_calls([Call(sql) for sql in calls], Phase.AFTER)
-            return self._run_groups(statements, bound, before, after, check, tail)
+            return self._run_groups(statements, bound, before, after, check, tail, one_sync)
 
     def fetch(
         self, cursor: str, count: int, chunk_bytes: int
@@ -785,6 +817,7 @@ class PgConnection:
         after: Session | After | None,
         check: Callable[[list[pb.StatementResult]], None] | None,
         cleanup: _Cleanup,
+        one_sync: bool,
     ) -> list[pb.StatementResult]:
         results: list[pb.StatementResult] = []
         group: list[tuple[int, _Prepared, list[str | None]]] = []
@@ -798,7 +831,9 @@ class PgConnection:
                 self._counts["statements_unnamed"] += 1
             else:
                 if group:
-                    results += self._send_group(group, statements, bound, before, None, _NO_CLEANUP)
+                    results += self._send_group(
+                        group, statements, bound, before, None, _NO_CLEANUP, one_sync
+                    )
                     before, group = None, []
                 prepared = self._prepare_at(sql, oids, index)
                 self._counts["statements_prepared"] += 1
@@ -807,7 +842,9 @@ class PgConnection:
             group.append((index, prepared, texts))
         if callable(after) or (check is not None and after is not None and returns_rows):
             # One round trip more, whatever holds *after* back (results to check, to store).
-            results += self._send_group(group, statements, bound, before, None, _NO_CLEANUP)
+            results += self._send_group(
+                group, statements, bound, before, None, _NO_CLEANUP, one_sync
+            )
             if check is not None and returns_rows:
                 check(results)
             self._send_after(after(results) if callable(after) else after, cleanup)
@@ -815,7 +852,7 @@ class PgConnection:
         if after is not None:
             self._prepare_calls(after, Phase.AFTER)
         self._progress.after_sent = after is not None or bool(cleanup.statements)
-        results += self._send_group(group, statements, bound, before, after, cleanup)
+        results += self._send_group(group, statements, bound, before, after, cleanup, one_sync)
         return results
 
     def _send_after(self, after: Session, cleanup: _Cleanup) -> None:
@@ -860,11 +897,14 @@ class PgConnection:
                 raise
             raise replace(error, phase=phase) from exc
 
-    def _send_session(self, session: Session) -> None:
+    def _send_session(self, session: Session, open_end: bool = False) -> None:
         """Queue *session* (no flush): its SQL as simple queries, each run of `Call`s as
-        one Sync group (an error in one skips the rest of its run)."""
+        one Sync group (an error in one skips the rest of its run). With *open_end* the last
+        run of `Call`s, when *session* ends with one, is left without its Sync: what follows
+        joins its group."""
         core = self._core
-        for part in _runs(session):
+        runs = _runs(session)
+        for at, part in enumerate(runs, start=1):
             if isinstance(part, str):
                 core.send_query_nowait(part)
                 continue
@@ -873,19 +913,25 @@ class PgConnection:
                 bind_message(self._own[call.sql].name, call.params, encoding) + EXECUTE_MSG
                 for call in part
             )
-            core.send_bytes(wire + SYNC_MSG)
+            core.send_bytes(wire if open_end and at == len(runs) else wire + SYNC_MSG)
 
     def _read_session(
-        self, session: Session, errors: list[PgError], phase: Phase
+        self, session: Session, errors: list[PgError], phase: Phase, open_end: bool = False
     ) -> list[list[Any]]:
-        """Read the replies of *session*; return the rows of its last simple-protocol SQL (a
-        `Call`'s rows are read, not kept)."""
+        """Read the replies of *session* (sent with *open_end* as `_send_session` was); return
+        the rows of its last simple-protocol SQL (a `Call`'s rows are read, not kept)."""
         rows: list[list[Any]] = []
-        for part in _runs(session):
-            context = Context(part) if isinstance(part, str) else Context(None, columns=[])
-            self._read_reply(context, errors, phase)
+        runs = _runs(session)
+        for at, part in enumerate(runs, start=1):
             if isinstance(part, str):
+                context = Context(part)
+                self._read_reply(context, errors, phase)
                 rows = list(context.rows or ())
+            elif open_end and at == len(runs):  # its group goes on: each call's reply
+                for _ in part:
+                    self._read_statement(Context(None, columns=[]), errors, phase)
+            else:
+                self._read_reply(Context(None, columns=[]), errors, phase)
         return rows
 
     def _own_statements(self, sqls: Sequence[str]) -> _Cleanup:
@@ -919,34 +965,42 @@ class PgConnection:
         before: Session | None,
         after: Session | None,
         cleanup: _Cleanup,
+        one_sync: bool = False,
     ) -> list[pb.StatementResult]:
         """Send *before*, the group's statements, *after* and *cleanup* in one flush; read
-        every reply."""
+        every reply. With *one_sync* (`run_many`) the statements, behind *before*'s last run
+        of `Call`s, end with one Sync instead of one each."""
         core = self._core
         if before:
-            self._send_session(before)
+            self._send_session(before, open_end=one_sync)
+        sync = not one_sync
         for index, prepared, texts in group:
             if prepared is _UNNAMED:
-                core.send_unnamed_nowait(statements[index][0], bound[index][1], texts)
+                core.send_unnamed_nowait(statements[index][0], bound[index][1], texts, sync)
             else:
-                core.send_execute_nowait(prepared.name, texts)
+                core.send_execute_nowait(prepared.name, texts, sync)
+        if one_sync:
+            core.send_bytes(SYNC_MSG)
         if after:
             self._send_session(after)
         self._send_cleanup(cleanup)
         core.flush()
         errors: list[PgError] = []
         if before:
-            self._read_session(before, errors, Phase.BEFORE)
+            self._read_session(before, errors, Phase.BEFORE, open_end=one_sync)
         results = []
+        read = self._read_statement if one_sync else self._read_reply
         for index, prepared, _ in group:
             sql = statements[index][0]
             context = Context(sql, columns=prepared.columns, input_funcs=prepared.input_funcs)
             context.command_tag = ""
             context.broker_types = prepared is _UNNAMED  # cells parsed as a prepared one's
-            self._read_reply(context, errors, Phase.STATEMENT, index)
+            read(context, errors, Phase.STATEMENT, index)
             if prepared is _UNNAMED:
                 prepared = _Prepared(b"", context.columns, context.input_funcs)
             results.append(_result(prepared, context))
+        if one_sync:
+            self._end_group(errors)
         self._read_after(after, cleanup, errors)
         # Only once every reply is read: closing a statement is a message exchange of its own.
         for error in errors:
@@ -997,6 +1051,29 @@ class PgConnection:
             if error.severity in ("FATAL", "PANIC"):
                 raise
             errors.append(replace(error, phase=phase, index=index))
+
+    def _read_statement(
+        self, context: Context, errors: list[PgError], phase: Phase, index: int = 0
+    ) -> None:
+        """Read one statement's reply inside a Sync group of several (`_send_group`'s
+        *one_sync*), up to its CommandComplete or ErrorResponse; an ERROR is collected (FATAL
+        propagates) and the rest of the group, which Postgres then skips, is not read."""
+        if self._group_failed:
+            return  # skipped by Postgres: no reply
+        self._progress.phase = phase
+        try:
+            self._core.handle_messages(context, _STATEMENT_END)
+        except DatabaseError as exc:
+            error = PgError.from_pg8000(exc)
+            if error.severity in ("FATAL", "PANIC"):
+                raise
+            errors.append(replace(error, phase=phase, index=index))
+            self._group_failed = True
+
+    def _end_group(self, errors: list[PgError]) -> None:
+        """Read the ReadyForQuery that ends a Sync group read with `_read_statement`."""
+        self._group_failed = False
+        self._read_reply(Context(None), errors, self._progress.phase)
 
     def _prepare(self, sql: str, oids: tuple[int, ...]) -> _Prepared:
         key = (sql, oids)

@@ -1,7 +1,9 @@
 """What `PgConnection` writes and reads itself instead of through pg8000's helpers
 (broker/postgres/pg.py: `bind_message`, the cleanup group encoded once per connection, the
 message reader): the same bytes as pg8000's encoders, less the Flush pg8000 puts behind each
-Bind, against a real Postgres; and what a pipelined keyed call writes, read off the socket."""
+Bind, against a real Postgres; what a pipelined keyed call writes, read off the socket; and
+how a batch inside BEGIN is read when its statements share one Sync group (`run_many`'s
+*one_sync*): one ReadyForQuery per group, an error naming its statement, the rest skipped."""
 
 from __future__ import annotations
 
@@ -12,14 +14,29 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from pg8000.core import EXECUTE_MSG, FLUSH_MSG, NULL_BYTE, QUERY, SYNC_MSG, CoreConnection
+from pg8000.core import (
+    EXECUTE_MSG,
+    FLUSH_MSG,
+    NULL_BYTE,
+    QUERY,
+    READY_FOR_QUERY,
+    SYNC_MSG,
+    CoreConnection,
+)
 
 from broker.config import parse_database_url
-from broker.flow.batch import Batch, run_transaction
+from broker.flow.batch import Batch, StatementFailed, run_transaction
 from broker.postgres import keys
 from broker.postgres.audit import CLEANUP
 from broker.postgres.params import bind_params
-from broker.postgres.pg import PgConnection, bind_message, connect
+from broker.postgres.pg import (
+    PgConnection,
+    PgError,
+    Phase,
+    TransactionStatus,
+    bind_message,
+    connect,
+)
 from broker.sql.plan import plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -196,7 +213,139 @@ def test_a_keyed_batch_sends_no_flush_only_syncs(keyed_pg: PgConnection, table: 
     types = _message_types(sent)
     assert "H" not in types, types
     # BEGIN and the claim's two statements; the batch's two; the store and COMMIT; the reset
-    # and the probe: all prepared, no simple query; one Sync per group and per statement.
+    # and the probe: all prepared, no simple query; one Sync for BEGIN, the claim and the
+    # statements (inside BEGIN), one for the store and COMMIT, one for the reset and probe.
     assert types.count("B") == 3 + 2 + 2 + 2, types
     assert types.count("Q") == 0, types
-    assert types.count("S") == 1 + 2 + 1 + 1, types
+    assert types.count("S") == 1 + 1 + 1, types
+
+
+class Ready:
+    """Counts the ReadyForQuery messages the connection reads: Postgres sends one, and sends
+    what it has (a send() call), at each Sync and behind each simple query."""
+
+    def __init__(self, conn: PgConnection) -> None:
+        self.count = 0
+        handlers = conn._core.message_types
+        handle = handlers[READY_FOR_QUERY]
+
+        def counted(data: bytes, context: Any) -> None:
+            self.count += 1
+            handle(data, context)
+
+        handlers[READY_FOR_QUERY] = counted
+
+
+def _explicit(sqls: list[str], key: str | None = None) -> Batch:
+    """A batch inside BEGIN … COMMIT (several statements), keyed with *key*."""
+    statements = [pb.Statement(sql=sql) for sql in sqls]
+    claim = None if key is None else keys.KeyClaim("wire", key, b"\x01", 60.0)
+    return Batch(statements=statements, plan=plan_request(sqls), claim=claim)
+
+
+@pytest.mark.parametrize(("keyed", "groups"), [(False, 4), (True, 3)], ids=["plain", "keyed"])
+def test_statements_inside_begin_share_one_sync_group(
+    keyed_pg: PgConnection, table: str, keyed: bool, groups: int
+) -> None:
+    """Plain: BEGIN (a simple query), the three statements (one group), COMMIT (a simple
+    query), the reset and probe. Keyed: BEGIN, the claim and the statements (one group); the
+    store and COMMIT; the reset and probe. One Sync per statement made 6 and 7."""
+    conn = keyed_pg
+    conn.execute_simple(f"CREATE TABLE {table} (n int)")
+    sqls = [f"INSERT INTO {table} VALUES (1)", f"UPDATE {table} SET n = n + 1"]
+    sqls.append(f"INSERT INTO {table} VALUES (5)")
+
+    def batch() -> Batch:
+        return _explicit(sqls, f"wire-{uuid.uuid4()}" if keyed else None)
+
+    for _ in range(2):  # unnamed, then prepared: cached from now on
+        run_transaction(conn, batch(), None, 30)
+    ready = Ready(conn)
+    results, sent = _tapped(conn, lambda: run_transaction(conn, batch(), None, 30))
+    assert ready.count == groups
+    assert _message_types(sent).count("S") == groups - (0 if keyed else 2)  # 2 simple queries
+    assert [r.command_tag for r in results] == ["INSERT 0 1", "UPDATE 5", "INSERT 0 1"]
+    assert conn.transaction_status is TransactionStatus.IDLE
+    assert conn.cleanup_rows and conn.session_dirty is None
+    assert conn.execute_simple(f"SELECT count(*), sum(n) FROM {table}") == [[6, 27]]
+
+
+# A statement that fails when it runs (a prepared one as well as the unnamed one), one that
+# sends two rows before it fails, and one that fails to parse (unnamed: in the group; its
+# second run prepares it alone, which fails there).
+FAILING = [
+    "SELECT 1 / 0",
+    "SELECT 1 / (3 - g) FROM generate_series(1, 5) g",
+    "SELEC 1",
+]
+
+
+@pytest.mark.parametrize("failing", FAILING, ids=["execute", "after-rows", "parse"])
+@pytest.mark.parametrize("at", [0, 1, 3])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+def test_an_error_inside_begin_names_its_statement_and_rolls_back(
+    keyed_pg: PgConnection, table: str, failing: str, at: int, keyed: bool
+) -> None:
+    """Postgres skips what follows an error up to the group's Sync: the error read is the
+    failed statement's (its index), nothing behind it ran (the sequence did not move), COMMIT
+    (ROLLBACK now) and the reset still ran, and the connection is idle and in sync for the
+    next batch. Three runs of the failing statement: unnamed, prepared (its prepare splits
+    the group; SELEC's fails), cached (SELEC: prepared again, failing again)."""
+    conn = keyed_pg
+    conn.execute_simple(f"CREATE TABLE {table} (n int); CREATE SEQUENCE {table}_seq")
+    work = [f"INSERT INTO {table} VALUES (1)", f"SELECT nextval('{table}_seq')"]
+    work.append(f"UPDATE {table} SET n = n + 1")
+
+    def key() -> str | None:
+        return f"wire-{uuid.uuid4()}" if keyed else None
+
+    for _ in range(2):  # the work's statements (and the broker's own) prepared and cached
+        run_transaction(conn, _explicit(work, key()), None, 30)
+    sqls = [*work[:at], failing, *work[at:]]
+    expected = "42601" if failing == "SELEC 1" else "22012"
+    ready = Ready(conn)
+    for run in range(3):
+        ready.count = 0
+        claim = key()
+        with pytest.raises(StatementFailed) as failure:
+            run_transaction(conn, _explicit(sqls, claim), None, 30)
+        error = failure.value.__cause__
+        assert isinstance(error, PgError)
+        assert (error.sqlstate, error.phase, error.index) == (expected, Phase.STATEMENT, at)
+        assert conn.transaction_status is TransactionStatus.IDLE
+        assert conn.session_dirty is None
+        if not keyed and (run == 0 or (run == 2 and failing != "SELEC 1")):
+            # One flush: BEGIN, the statements (one group), COMMIT, the reset and probe, all
+            # read. (A keyed batch's store and COMMIT wait for the results: not sent.)
+            assert (ready.count, conn.cleanup_rows) == (4, [[""]])
+        assert conn.execute_simple(f"SELECT count(*), sum(n) FROM {table}") == [[2, 5]]
+        moved = conn.execute_simple(f"SELECT last_value FROM {table}_seq")
+        assert moved == [[3 if at >= 2 else 2]], "a statement behind the error ran"
+        conn.execute_simple(f"SELECT setval('{table}_seq', 2)")
+        if claim is not None:
+            assert conn.execute_simple(
+                f"SELECT count(*) FROM {keys.TABLE} WHERE key = {keys._literal(claim)}"
+            ) == [[0]]
+    # In sync and clean: the work without the failing statement commits.
+    results = run_transaction(conn, _explicit(work, key()), None, 30)
+    assert results[0].command_tag == "INSERT 0 1"
+    assert conn.execute_simple(f"SELECT count(*), sum(n) FROM {table}") == [[3, 9]]
+    assert conn.transaction_status is TransactionStatus.IDLE
+
+
+def test_a_batch_that_reports_an_error_committed_nothing(
+    keyed_pg: PgConnection, table: str
+) -> None:
+    """A `ROLLBACK TO SAVEPOINT` behind the failed statement is skipped with the rest of the
+    group: with a Sync per statement it ran, the INSERT behind it too, and COMMIT committed
+    that while the caller was told the batch failed (`StatementFailed`: rolled back)."""
+    conn = keyed_pg
+    conn.execute_simple(f"CREATE TABLE {table} (n int)")
+    sqls = ["SAVEPOINT s", "SELECT 1 / 0", "ROLLBACK TO SAVEPOINT s"]
+    sqls.append(f"INSERT INTO {table} VALUES (1)")
+    for _ in range(3):  # unnamed, prepared, cached
+        with pytest.raises(StatementFailed) as failure:
+            run_transaction(conn, _explicit(sqls), None, 30)
+        assert failure.value.database_error.statement_index == 1
+        assert conn.execute_simple(f"SELECT count(*) FROM {table}") == [[0]]
+        assert conn.transaction_status is TransactionStatus.IDLE
