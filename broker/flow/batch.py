@@ -337,16 +337,32 @@ def begin_calls(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -
     key's claim when the batch has one (one reply to read, nothing parsed per transaction):
     the claim ahead of SET LOCAL ROLE, so the store is written as the login role, which owns
     it. A keyed batch's BEGIN, and a lease's (broker/flow/lease.py)."""
-    parts: list[str | Call] = [Call(_begin(batch))]
+    parts: list[str | Call] = [_constant_call(_begin(batch), ())]
     if timeout_ms != session_timeout_ms:
         parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
     if batch.application_name:
-        parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
+        parts.append(_constant_call(_SET_LOCAL, ("application_name", batch.application_name)))
     if batch.claim is not None:
         parts += keys.claim_calls(batch.claim)
     if batch.role is not None:
         parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
     return parts
+
+
+def _constant_call(sql: str, params: tuple[str, ...]) -> Call:
+    """``Call(sql, params)``, one shared by every batch that sends it: BEGIN, and SET LOCAL
+    of a caller's application_name, repeat from request to request (a `Call` is frozen: each
+    made costs a microsecond). Bounded as `broker.front.service._Caller.of`'s memo."""
+    call = _CALLS.get((sql, params))
+    if call is None:
+        if len(_CALLS) >= _CALLS_KEPT:
+            _CALLS.clear()  # request ids in application names are new with every invocation
+        call = _CALLS[sql, params] = Call(sql, params)
+    return call
+
+
+_CALLS: dict[tuple[str, tuple[str, ...]], Call] = {}
+_CALLS_KEPT = 4096
 
 
 def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> str:
@@ -463,8 +479,18 @@ def _session_timeout_ms(conn: PgConnection, batch: Batch) -> int | None:
     return conn.default_statement_timeout_ms if batch.reset_session else None
 
 
+def _statements(batch: Batch) -> list[tuple[str, Sequence[pb.Value]]]:
+    """The batch's statements as `PgConnection.run_many` takes them: their SQL as the plan
+    read it, without the values when they are bound already (`Batch.bound`); reading each
+    statement's SQL and values from the request again costs a microsecond or so each."""
+    sqls = batch.plan.sqls
+    if batch.bound is None or len(sqls) != len(batch.statements):
+        return [(statement.sql, statement.params) for statement in batch.statements]
+    return [(sql, ()) for sql in sqls]
+
+
 def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.StatementResult:
-    statement = batch.statements[0]
+    ((sql, params),) = _statements(batch)
     sets, resets = [], []
     if timeout_ms != _session_timeout_ms(conn, batch):
         sets.append(f"SET statement_timeout = {timeout_ms}")
@@ -480,8 +506,8 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
     try:
         bound = batch.bound[0] if batch.bound is not None else None
         return conn.run(
-            statement.sql,
-            statement.params,
+            sql,
+            params,
             before=before,
             after=after,
             bound=bound,
@@ -498,7 +524,7 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
 def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.StatementResult]:
     """BEGIN …, the statements, COMMIT, pipelined (`PgConnection.run_many`): one round trip
     when every statement is already prepared on this connection."""
-    statements = [(statement.sql, statement.params) for statement in batch.statements]
+    statements = _statements(batch)
     claim = batch.claim
     session_timeout_ms = _session_timeout_ms(conn, batch)
     before: Session = (

@@ -141,7 +141,8 @@ def check_key(key: str) -> str | None:
     """Why *key* cannot be used (None when it can): 1..255 printable ASCII characters."""
     if len(key) > MAX_KEY_CHARS:
         return f"idempotency_key is {len(key)} characters; at most {MAX_KEY_CHARS} are allowed"
-    if not all(" " <= c <= "~" for c in key):
+    # Printable ASCII: " " to "~" (str.isprintable counts the space, not tab or DEL).
+    if not (key.isascii() and key.isprintable()):
         return "idempotency_key must be printable ASCII"
     return None
 
@@ -151,10 +152,15 @@ def request_hash(request: pb.ExecuteRequest | None) -> bytes:
     for an interactive transaction's COMMIT, whose statements the hash cannot cover."""
     if request is None:
         return hashlib.sha256(b"pgbroker:transact").digest()
-    copy = pb.ExecuteRequest()
-    copy.CopyFrom(request)
-    copy.idempotency_key = ""
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
+    # The key cleared on the request itself for the while, rather than on a copy (a copy of
+    # W2's five statements costs more than its hash); the request is this call's alone.
+    key = request.idempotency_key
+    request.idempotency_key = ""
+    try:
+        data = request.SerializeToString(deterministic=True)
+    finally:
+        request.idempotency_key = key
+    return hashlib.sha256(data).digest()
 
 
 def _literal(text: str) -> str:

@@ -25,7 +25,7 @@ from broker.errors import BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.codec import TYPE_OF_KIND
 
-__all__ = ["BadParameter", "Bound", "bind_params"]
+__all__ = ["BadParameter", "Bound", "bind_params", "bind_scalars"]
 
 INT2, INT4, INT8, NUMERIC = 21, 23, 20, 1700
 
@@ -66,17 +66,44 @@ Bound = tuple[list[str | None], tuple[int, ...]]
 
 def bind_params(values: Sequence[pb.Value]) -> Bound:
     """Texts (None for NULL) and OIDs for *values*; raise `BadParameter` on a bad value."""
+    bound = _bind(values, arrays=True)
+    assert bound is not None
+    return bound
+
+
+def bind_scalars(values: Sequence[pb.Value]) -> Bound | None:
+    """`bind_params` (*values*), or None when one is an array (left unbound: a large array
+    takes milliseconds, see `broker.front.service.prebind`)."""
+    return _bind(values, arrays=False)
+
+
+def _bind(values: Sequence[pb.Value], arrays: bool) -> Bound | None:
     texts: list[str | None] = []
     oids: list[int] = []
-    for i, value in enumerate(values, start=1):
-        text, oid = bind_value(value, f"${i}")
+    for value in values:
+        kind = value.WhichOneof("kind")
+        if kind == "int64":  # the commonest value: `bind_value`'s branch, without a call
+            number = value.int64  # each read makes a new int
+            texts.append(str(number))
+            oids.append(
+                INT2 if -(2**15) <= number < 2**15 else INT4 if -(2**31) <= number < 2**31 else INT8
+            )
+            continue
+        if kind == "array" and not arrays:
+            return None
+        # Other kinds with their name ($n) for an error's message (not made for an int64).
+        text, oid = _bind_kind(value, kind, f"${len(texts) + 1}")
         texts.append(text)
         oids.append(oid)
     return texts, tuple(oids)
 
 
 def bind_value(value: pb.Value, name: str) -> tuple[str | None, int]:
-    kind = value.WhichOneof("kind")
+    return _bind_kind(value, value.WhichOneof("kind"), name)
+
+
+def _bind_kind(value: pb.Value, kind: str | None, name: str) -> tuple[str | None, int]:
+    """`bind_value` of a value whose ``WhichOneof("kind")`` is *kind*."""
     if kind is None or kind == "null":
         return None, _OIDS.get(value.null, (0, 0))[0]
     if kind == "int64":

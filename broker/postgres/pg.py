@@ -751,7 +751,7 @@ class PgConnection:
             tail = self._own_statements(cleanup)
             if before is not None:
                 self._prepare_calls(before, Phase.BEFORE)
-            self._prepare_calls([Call(sql) for sql in calls], Phase.AFTER)
+            self._prepare_own(calls, Phase.AFTER)
             return self._run_groups(statements, bound, before, after, check, tail, one_sync)
 
     def fetch(
@@ -889,8 +889,12 @@ class PgConnection:
         error (e.g. the key store dropped) is raised as *phase*'s, as its SQL's would be."""
         if isinstance(session, str):
             return
+        self._prepare_own([part.sql for part in session if isinstance(part, Call)], phase)
+
+    def _prepare_own(self, sqls: Sequence[str], phase: Phase) -> None:
+        """`_prepare_calls` of the `Call`s whose SQL is *sqls*."""
         try:
-            self._own_statements([part.sql for part in session if isinstance(part, Call)])
+            self._own_statements(sqls)
         except DatabaseError as exc:
             error = PgError.from_pg8000(exc)
             if error.severity in ("FATAL", "PANIC"):
@@ -1221,7 +1225,12 @@ COOPERATE_ROWS = 64
 
 
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:
-    columns = prepared.columns or []
+    columns = prepared.columns
+    if not columns and not context.rows:  # UPDATE, INSERT, DDL: no loops to set up
+        return pb.StatementResult(
+            rows_affected=context.row_count, command_tag=getattr(context, "command_tag", "")
+        )
+    columns = columns or []
     result = pb.StatementResult(
         rows_affected=context.row_count,
         command_tag=getattr(context, "command_tag", ""),

@@ -136,6 +136,8 @@ def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:
             " (PGBROKER_MAX_REQUEST_BYTES): send the rows in several requests, or keep large"
             " objects in S3 and store their keys",
         )
+    if size <= 2 * POSTGRES_MAX_PARAMS:
+        return  # every value takes 2 bytes or more (tag, length): no statement has too many
     for index, statement in enumerate(request.statements):
         if len(statement.params) > POSTGRES_MAX_PARAMS:
             raise LimitExceeded(

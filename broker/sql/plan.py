@@ -125,9 +125,12 @@ class StatementPlan:
 
 @dataclass(frozen=True, slots=True)
 class RequestPlan:
-    """The plans of a request's statements, in order (``statements[i]`` is statement *i*)."""
+    """The plans of a request's statements, in order (``statements[i]`` is statement *i*),
+    and their SQL texts as `plan_request` read them (empty for a plan made without them), so
+    the flow does not read each statement's SQL from the request again."""
 
     statements: tuple[StatementPlan, ...]
+    sqls: tuple[str, ...] = ()
 
     @property
     def ddl(self) -> bool:
@@ -188,7 +191,7 @@ def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPl
         only = plan_statement(sqls[0], role_locked=role_locked)
         if only.refusal is not None:
             raise SessionStateError(0, only.refusal.message, only.refusal.reason)
-        return RequestPlan((only,))
+        return RequestPlan((only,), tuple(sqls))
     planned: dict[str, StatementPlan] = {}
     for index, sql in enumerate(sqls):
         plan = planned.get(sql)
@@ -196,7 +199,7 @@ def plan_request(sqls: Sequence[str], *, role_locked: bool = False) -> RequestPl
             plan = planned[sql] = plan_statement(sql, role_locked=role_locked)
         if plan.refusal is not None:
             raise SessionStateError(index, plan.refusal.message, plan.refusal.reason)
-    return RequestPlan(tuple(planned[sql] for sql in sqls))
+    return RequestPlan(tuple(planned[sql] for sql in sqls), tuple(sqls))
 
 
 def plan_statement(sql: str, *, role_locked: bool = False) -> StatementPlan:
