@@ -97,12 +97,11 @@ class TransactService:
         self,
         requests: AsyncIterator[pb.TransactRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        # A coroutine on gRPC's reader/writer API (``context.read``/``context.write``), not an
-        # async generator: each message then passes no generator layers (four with the auth
-        # gate's), a large share of a step's CPU.
+    ) -> AsyncIterator[pb.TransactResponse]:
+        call = _Call(self, requests, context)
         try:
-            await _Call(self, context).run()
+            async for response in call.run():
+                yield response
         except Exception as exc:
             await context.abort_with_status(_status_for(exc))
 
@@ -113,13 +112,13 @@ class _Call:
     def __init__(
         self,
         owner: TransactService,
+        requests: AsyncIterator[pb.TransactRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         self.owner = owner
         self.context = context
         self.service = owner.service
-        self.read = context.read
-        self.write = context.write
+        self.requests = aiter(requests)
         self.request_id, self.function = lambda_metadata(context.invocation_metadata())
         identity = current_identity.get()
         self.identity = identity
@@ -130,9 +129,9 @@ class _Call:
         self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.lease: Lease | None = None
 
-    async def run(self) -> None:
-        """Answer each request in turn; the lease is released (and counted, and logged if
-        abnormal) on the way out, whatever happened."""
+    async def run(self) -> AsyncIterator[pb.TransactResponse]:
+        """The responses; the lease is released (and counted, and logged if abnormal) on the
+        way out, whatever happened."""
         with self.service.inflight.hold(self.key):
             first = await self._next(None)
             if first.WhichOneof("step") != "begin":
@@ -142,10 +141,9 @@ class _Call:
             self.owner.open.add(self)
             end, error = End.CLIENT_GONE, None  # type: tuple[End, BaseException | None]
             try:
-                await self.write(
-                    pb.TransactResponse(begun=pb.TransactBegun(wait_us=self.lease.wait_us))
-                )
-                await self._steps()
+                yield pb.TransactResponse(begun=pb.TransactBegun(wait_us=self.lease.wait_us))
+                async for response in self._steps():
+                    yield response
                 end = End.COMMIT if self.lease.committed else End.ROLLBACK
             except LeaseTimeout as exc:
                 end, error = exc.bound, exc
@@ -160,16 +158,17 @@ class _Call:
                 self.owner.open.discard(self)
                 await self._release(end, error)
 
-    async def _steps(self) -> None:
+    async def _steps(self) -> AsyncIterator[pb.TransactResponse]:
         lease = self.lease
         assert lease is not None
         while True:
             request = await self._next(lease)
             step = request.WhichOneof("step")
             if step == "execute":
-                await self.write(await self._execute(lease, request.execute))
+                yield await self._execute(lease, request.execute)
             elif step == "stream":
-                await self.write(await self._stream(lease, request.stream))
+                async for response in self._stream(lease, request.stream):
+                    yield response
             elif step in ("commit", "rollback"):
                 replayed = False
                 if step == "commit":
@@ -188,7 +187,7 @@ class _Call:
                 if in_trailer:  # sent with the OK status as the stream ends: no message
                     self.context.set_trailing_metadata(((ENDED_KEY, ended.SerializeToString()),))
                 else:
-                    await self.write(pb.TransactResponse(ended=ended))
+                    yield pb.TransactResponse(ended=ended)
                 return
             else:
                 raise StepRefused(f"unexpected {step or 'empty'} request inside a transaction")
@@ -208,20 +207,18 @@ class _Call:
             bound = None
         try:
             if bound is None:
-                request = await self.read()
-            else:
-                # Not `asyncio.wait_for`, which runs the read in a task of its own each step;
-                # the loop's clock is `time.monotonic`, the bounds' clock.
-                async with asyncio.timeout_at(bound[0]):
-                    request = await self.read()
+                return await anext(self.requests)
+            # Not `asyncio.wait_for`, which runs the read in a task of its own each step; the
+            # loop's clock is `time.monotonic`, the bounds' clock.
+            async with asyncio.timeout_at(bound[0]):
+                return await anext(self.requests)
+        except StopAsyncIteration:
+            raise StreamClosed("the stream ended without commit or rollback") from None
         except TimeoutError:
             assert bound is not None
             if lease is None:
                 raise StepRefused("no begin request within the idle transaction timeout") from None
             raise lease.timeout(bound[1]) from None
-        if request is grpc.aio.EOF:
-            raise StreamClosed("the stream ended without commit or rollback")
-        return request  # type: ignore[no-any-return]
 
     async def _execute(self, lease: Lease, step: pb.TransactRequest.Execute) -> pb.TransactResponse:
         """Check and run one ``execute``: a Postgres error is answered in-stream."""
@@ -239,10 +236,12 @@ class _Call:
         check_results(results, self.service.limits, completed=False)
         return pb.TransactResponse(executed=pb.TransactExecuted(results=results))
 
-    async def _stream(self, lease: Lease, step: pb.TransactRequest.Stream) -> pb.TransactResponse:
-        """Check and run one ``stream``: write its ``rows`` chunks; answer ``executed`` with the
-        count and tag (or the Postgres error, in-stream). No result limit applies. A chunk gRPC
-        has not taken within the idle bound (a reader that stopped reading) ends the lease."""
+    async def _stream(
+        self, lease: Lease, step: pb.TransactRequest.Stream
+    ) -> AsyncIterator[pb.TransactResponse]:
+        """Check and run one ``stream``: ``rows`` chunks, then ``executed`` with the count and
+        tag (or the Postgres error, in-stream). No result limit applies. A chunk gRPC has not
+        taken within the idle bound (a reader that stopped reading) ends the lease."""
         request = pb.ExecuteRequest(statements=[step.statement])
         plan, bound = await analyse(request, self.service.limits, self.service.role_map is not None)
         stats = self.service.stream_stats
@@ -264,9 +263,10 @@ class _Call:
                     await self._write_chunk(lease, chunk)
                     stats.sent(chunk)
         except StatementFailed as exc:
-            return pb.TransactResponse(executed=_executed_error(exc))
+            yield pb.TransactResponse(executed=_executed_error(exc))
+            return
         result.command_tag = f"SELECT {result.rows_affected}"
-        return pb.TransactResponse(executed=pb.TransactExecuted(results=[result]))
+        yield pb.TransactResponse(executed=pb.TransactExecuted(results=[result]))
 
     async def _write_chunk(self, lease: Lease, chunk: pb.RowChunk) -> None:
         """Write *chunk* directly, once gRPC has taken the previous one (flow control), so a
@@ -274,7 +274,7 @@ class _Call:
         counting from now) the lease ends with that bound's error."""
         lease.last_active = time.monotonic()
         bound = lease.next_bound(idle=True)
-        write = self.write(pb.TransactResponse(rows=chunk))
+        write = self.context.write(pb.TransactResponse(rows=chunk))
         if bound is None:
             await write
             return

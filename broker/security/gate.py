@@ -232,16 +232,6 @@ def _wrap_handler(
         else grpc.stream_stream_rpc_method_handler
     )
 
-    if inspect.iscoroutinefunction(inner):
-        # A handler on the reader/writer API (``context.read``/``context.write``, e.g.
-        # broker/front/transact.py): wrapped as a coroutine too, so that gRPC drives no async
-        # generator and each message passes no generator layer.
-        async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await admit(context)
-            await inner(request, context)
-
-        return factory(writing, **kwargs)
-
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await admit(context)
         responses = inner(request, context)
