@@ -47,8 +47,10 @@ WORKLOADS = {
     "w1literal": ("w1", 1, 0.0),
     # W2 through Transact (db.begin()), as `make bench`'s "transact" variant.
     "w2transact": ("w2", 500, 1.0),
+    # The same, one client without think time: a transaction's own cost, little queueing.
+    "w2transactlight": ("w2", 1, 0.0),
 }
-TRANSACT = {"w2transact"}
+TRANSACT = {"w2transact", "w2transactlight"}
 
 
 def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.BrokerProcess:

@@ -9,7 +9,9 @@ requests, each answered by one response in order:
   parameters; role mapping and audit apply), run pipelined, answered ``executed`` with their
   results, or with the Postgres error in-stream: the transaction is then aborted as in
   Postgres, and the stream goes on (ROLLBACK TO SAVEPOINT recovers it);
-* ``commit`` / ``rollback`` (last): answered ``ended``, then the stream ends OK.
+* ``commit`` / ``rollback`` (last): answered ``ended``, then the stream ends OK; with
+  ``ended_in_trailer``, ``ended`` goes in the OK status's trailing metadata (`ENDED_KEY`)
+  instead of a message of its own.
 
 Anything else ends the stream with the status ``Execute`` would give (broker/front/service.py)
 and rolls the transaction back: a refused step, a result over its limit, a lost connection, a
@@ -43,6 +45,7 @@ from broker.security.limits import caller_key, check_results
 from broker.sql.plan import RequestPlan
 from lambda_client import _status
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client.transaction import ENDED_KEY
 
 __all__ = ["TransactService", "transact_handler"]
 
@@ -170,8 +173,10 @@ class _Call:
                 replayed = False
                 if step == "commit":
                     replayed = await lease.commit(self.service.commit_claim(request, self.caller))
+                    in_trailer = request.commit.ended_in_trailer
                 else:
                     await lease.rollback()
+                    in_trailer = request.rollback.ended_in_trailer
                 run_us = int((time.monotonic() - lease.began_at) * 1_000_000)
                 ended = pb.TransactEnded(
                     committed=lease.committed or replayed,
@@ -179,7 +184,10 @@ class _Call:
                     replayed=replayed,
                     commit_lsn=lease.commit_lsn,
                 )
-                yield pb.TransactResponse(ended=ended)
+                if in_trailer:  # sent with the OK status as the stream ends: no message
+                    self.context.set_trailing_metadata(((ENDED_KEY, ended.SerializeToString()),))
+                else:
+                    yield pb.TransactResponse(ended=ended)
                 return
             else:
                 raise StepRefused(f"unexpected {step or 'empty'} request inside a transaction")

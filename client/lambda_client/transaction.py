@@ -67,6 +67,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# The trailing metadata carrying ``ended`` (a serialized ``TransactEnded``) when the commit or
+# rollback asked for it (``ended_in_trailer``): one message less each way. A broker that
+# predates it answers with an ``ended`` message, read as before.
+ENDED_KEY = "pgbroker-ended-bin"
 # One Transact attempt: (stub, seconds left, metadata) -> Transaction (`open_transaction`).
 Decode = Callable[[pb.StatementResult], "Result"]
 _SAVEPOINT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -115,9 +119,7 @@ class _Stream:
         try:
             response: pb.TransactResponse = next(self._call)
         except StopIteration:
-            raise errors.BrokerError(
-                "the broker ended the transaction without an answer", code=grpc.StatusCode.UNKNOWN
-            ) from None
+            return _ended_in_trailer(self._call.trailing_metadata())
         return response
 
     def finish(self) -> None:
@@ -131,6 +133,17 @@ class _Stream:
         """Half-close and cancel: the broker rolls back whatever is still open."""
         self._requests.put(None)
         self._call.cancel()
+
+
+def _ended_in_trailer(trailing_metadata: Any) -> pb.TransactResponse:
+    """The ``ended`` answer a stream that ended OK carried in its trailing metadata
+    (`ENDED_KEY`); raise when it carried none."""
+    for key, value in trailing_metadata or ():
+        if key == ENDED_KEY and isinstance(value, bytes):
+            return pb.TransactResponse(ended=pb.TransactEnded.FromString(value))
+    raise errors.BrokerError(
+        "the broker ended the transaction without an answer", code=grpc.StatusCode.UNKNOWN
+    )
 
 
 class _AsyncStream:
@@ -151,9 +164,7 @@ class _AsyncStream:
         """As `_Stream.read`."""
         response = await self._call.read()
         if response is grpc.aio.EOF:
-            raise errors.BrokerError(
-                "the broker ended the transaction without an answer", code=grpc.StatusCode.UNKNOWN
-            )
+            return _ended_in_trailer(await self._call.trailing_metadata())
         return response  # type: ignore[no-any-return]
 
     async def finish(self) -> None:
@@ -298,10 +309,11 @@ class _TransactionBase:
 
 
 def _commit_request(key: str | None) -> pb.TransactRequest:
-    return pb.TransactRequest(commit=pb.TransactRequest.Commit(idempotency_key=key or ""))
+    commit = pb.TransactRequest.Commit(idempotency_key=key or "", ended_in_trailer=True)
+    return pb.TransactRequest(commit=commit)
 
 
-_ROLLBACK = pb.TransactRequest(rollback=pb.TransactRequest.Rollback())
+_ROLLBACK = pb.TransactRequest(rollback=pb.TransactRequest.Rollback(ended_in_trailer=True))
 
 
 class Transaction(_TransactionBase):

@@ -28,7 +28,9 @@ from lambda_client import (
     DeadlockDetected,
     InvalidRequest,
     Overloaded,
+    transaction,
 )
+from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client.aio import AsyncBrokerClient
 from lambda_client.errors import InFailedSqlTransaction
 from lambda_client.transaction import AsyncTransaction, Transaction
@@ -382,6 +384,43 @@ def test_async_transactions_read_decide_write_and_roll_back(
 
     asyncio.run(run())
     assert value(admin, counter) == 20
+
+
+def test_the_client_reads_ended_from_the_trailer_or_from_an_older_brokers_message(
+    db: BrokerClient, broker: BrokerProcess, counter: str, admin: pg8000.native.Connection
+) -> None:
+    # The client asks for `ended` in the trailer; a broker that predates
+    # `ended_in_trailer` ignores it and answers with a message, as it answers a request
+    # without the field (sent here through the same read path).
+    older = pb.TransactRequest(commit=pb.TransactRequest.Commit())
+    with db.begin() as tx:
+        tx.execute(f"UPDATE {counter} SET n = 1")
+        assert transaction._commit_request(None).commit.ended_in_trailer
+        tx.commit()
+    assert tx.committed and not tx.replayed and value(admin, counter) == 1
+    with db.begin() as tx:
+        tx.execute(f"UPDATE {counter} SET n = 2")
+        assert tx._end(older).ended.committed
+    with db.begin() as tx:
+        tx.execute(f"UPDATE {counter} SET n = 3")
+        tx.rollback()
+    assert value(admin, counter) == 2
+
+    async def run() -> None:
+        adb = AsyncBrokerClient(broker.target)
+        async with await adb.begin() as atx:
+            await atx.execute(f"UPDATE {counter} SET n = 4")
+        assert atx.committed
+        async with await adb.begin() as atx:
+            await atx.execute(f"UPDATE {counter} SET n = 5")
+            assert (await atx._end(older)).ended.committed
+        async with await adb.begin() as atx:
+            await atx.execute(f"UPDATE {counter} SET n = 6")
+            await atx.rollback()
+        await adb.close()
+
+    asyncio.run(run())
+    assert value(admin, counter) == 5
 
 
 def test_async_errors_abort_and_bounds_name_themselves(

@@ -16,6 +16,7 @@ import pytest
 
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
+from lambda_client.transaction import ENDED_KEY
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import rows, status_of, wait_until
 
@@ -106,6 +107,42 @@ def test_rollback_undoes_the_transaction(
     assert admin.run(f"SELECT n FROM {counter}") == [[0]]
     # Counted once the stream is over, just after the ROLLBACK is answered.
     wait_until(lambda: broker.stats()["leases_ended_rollback"] == 1, what="the lease to end")
+
+
+def test_ended_comes_in_the_trailer_when_asked_and_as_a_message_otherwise(
+    broker: InProcessBroker, counter: str, admin: pg8000.native.Connection
+) -> None:
+    def ended_in_trailer(stream: Stream, **request: Any) -> pb.TransactEnded:
+        stream.requests.put(pb.TransactRequest(**request))
+        with pytest.raises(StopIteration):  # no message: the stream ends OK at once
+            next(stream.call)
+        assert stream.call.code() is grpc.StatusCode.OK
+        return pb.TransactEnded.FromString(dict(stream.call.trailing_metadata())[ENDED_KEY])
+
+    stream = Stream(broker)
+    stream.begin()
+    stream.execute(f"UPDATE {counter} SET n = 5")
+    ended = ended_in_trailer(stream, commit=pb.TransactRequest.Commit(ended_in_trailer=True))
+    assert ended.committed and ended.run_us > 0 and not ended.replayed
+    assert admin.run(f"SELECT n FROM {counter}") == [[5]]
+    stream = Stream(broker)
+    stream.begin()
+    stream.execute(f"UPDATE {counter} SET n = 6")
+    ended = ended_in_trailer(stream, rollback=pb.TransactRequest.Rollback(ended_in_trailer=True))
+    assert not ended.committed and ended.run_us > 0
+    assert admin.run(f"SELECT n FROM {counter}") == [[5]]
+    # An older client asks for nothing: `ended` comes as a message, none in the trailer.
+    stream = Stream(broker)
+    stream.begin()
+    stream.execute(f"UPDATE {counter} SET n = 7")
+    assert stream.commit().committed
+    with pytest.raises(StopIteration):
+        next(stream.call)
+    assert ENDED_KEY not in dict(stream.call.trailing_metadata())
+    assert admin.run(f"SELECT n FROM {counter}") == [[7]]
+    wait_until(lambda: broker.stats()["leases_active"] == 0, what="the leases to end")
+    stats = broker.stats()
+    assert (stats["leases_ended_commit"], stats["leases_ended_rollback"]) == (2, 1)
 
 
 def test_an_error_aborts_until_rollback_to_savepoint(

@@ -496,19 +496,27 @@ class TransactRequest(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+        ENDED_IN_TRAILER_FIELD_NUMBER: _builtins.int
         idempotency_key: _builtins.str
         """As ExecuteRequest.idempotency_key: recorded inside the transaction at COMMIT; when
         an earlier stream committed with it, this one is rolled back and answered
         `ended.replayed`.
         """
+        ended_in_trailer: _builtins.bool
+        """Answer `ended` in the call's trailing metadata (key "pgbroker-ended-bin", the
+        serialized TransactEnded) with the stream's OK status, instead of as a message of its
+        own: one message less for both sides. A broker that predates this field answers with
+        the message, so a client setting it reads either.
+        """
         def __init__(
             self,
             *,
             idempotency_key: _builtins.str = ...,
+            ended_in_trailer: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_in_trailer", b"ended_in_trailer", "idempotency_key", b"idempotency_key"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,12 +524,17 @@ class TransactRequest(_message.Message):
     class Rollback(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
+        ENDED_IN_TRAILER_FIELD_NUMBER: _builtins.int
+        ended_in_trailer: _builtins.bool
+        """as Commit.ended_in_trailer"""
         def __init__(
             self,
+            *,
+            ended_in_trailer: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_in_trailer", b"ended_in_trailer"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
