@@ -337,32 +337,16 @@ def begin_calls(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -
     key's claim when the batch has one (one reply to read, nothing parsed per transaction):
     the claim ahead of SET LOCAL ROLE, so the store is written as the login role, which owns
     it. A keyed batch's BEGIN, and a lease's (broker/flow/lease.py)."""
-    parts: list[str | Call] = [_constant_call(_begin(batch), ())]
+    parts: list[str | Call] = [Call(_begin(batch))]
     if timeout_ms != session_timeout_ms:
         parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
     if batch.application_name:
-        parts.append(_constant_call(_SET_LOCAL, ("application_name", batch.application_name)))
+        parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
     if batch.claim is not None:
         parts += keys.claim_calls(batch.claim)
     if batch.role is not None:
         parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
     return parts
-
-
-def _constant_call(sql: str, params: tuple[str, ...]) -> Call:
-    """``Call(sql, params)``, one shared by every batch that sends it: BEGIN, and SET LOCAL
-    of a caller's application_name, repeat from request to request (a `Call` is frozen: each
-    made costs a microsecond). Bounded as `broker.front.service._Caller.of`'s memo."""
-    call = _CALLS.get((sql, params))
-    if call is None:
-        if len(_CALLS) >= _CALLS_KEPT:
-            _CALLS.clear()  # request ids in application names are new with every invocation
-        call = _CALLS[sql, params] = Call(sql, params)
-    return call
-
-
-_CALLS: dict[tuple[str, tuple[str, ...]], Call] = {}
-_CALLS_KEPT = 4096
 
 
 def _begin_settings(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> str:
