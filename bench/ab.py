@@ -7,7 +7,10 @@ runs; this compares two versions of the broker side by side instead. One private
 ``PGBROKER_AUTH=none``), and the same `bench.load` generator (this tree's client) against each
 in turn, alternating which goes first every round. Per run it records the broker process'
 CPU per request (user + system, all threads: less sensitive to other work on the machine than
-latency), Postgres' CPU per request (postmaster and backends), tx/s, p50 and the load average.
+latency), Postgres' CPU per request (postmaster and backends), the load generator's CPU per
+request (the client library's cost), tx/s, p50 and the load average. Both sides' loads use this
+tree's client, unless ``--client-too`` gives side A's load A's client (an A/B of the client
+library as well: compare ``client_cpu_us_per_tx``).
 Prints one JSON document: every run, and per workload the medians of A and B and B ÷ A.
 ``w4`` runs W4's Django view (bench/django_view.py, this tree's client) instead of
 `bench.load`: its figures are per view (10 queries).
@@ -19,10 +22,12 @@ issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,24 +64,41 @@ def _start_broker(tree: Path, url: str, env: dict[str, str]) -> brokerproc.Broke
     broker = brokerproc.BrokerProcess(
         url, log_level="INFO", start_timeout=60, pool_size=20, auth="none", env=env
     )
-    saved_root, saved_env = brokerproc.ROOT, os.environ.get("PYTHONPATH")
+    saved_root = brokerproc.ROOT
     brokerproc.ROOT = tree
-    os.environ["PYTHONPATH"] = str(tree / "client")
     try:
-        broker.start()
+        with _client_from(tree):
+            broker.start()
     finally:
         brokerproc.ROOT = saved_root
-        if saved_env is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved_env
     if not broker.wait_serving(60):
         broker.stop()
         raise RuntimeError(f"broker from {tree} not serving\n{broker.log()[-2000:]}")
     return broker
 
 
-def _one(procs: Processes, spec: Spec | ViewSpec, broker_pid: int, pg_pid: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def _client_from(tree: Path | None) -> Iterator[None]:
+    """Child processes started inside import `lambda_client` from *tree* (None: this tree's)."""
+    saved = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree / "client")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def _one(
+    procs: Processes,
+    spec: Spec | ViewSpec,
+    broker_pid: int,
+    pg_pid: int,
+    client_tree: Path | None = None,
+) -> dict[str, Any]:
     marks: dict[str, tuple[float | None, float | None, float]] = {}
 
     def mark(name: str) -> Any:
@@ -87,9 +109,10 @@ def _one(procs: Processes, spec: Spec | ViewSpec, broker_pid: int, pg_pid: int) 
 
     limit = spec.warmup + spec.duration + 120
     module = "bench.django_view" if isinstance(spec, ViewSpec) else "bench.load"
-    result = harness._run_load_process(
-        procs, spec, mark("start"), mark("end"), limit, module=module
-    )
+    with _client_from(client_tree):
+        result = harness._run_load_process(
+            procs, spec, mark("start"), mark("end"), limit, module=module
+        )
     (b0, p0, load0), (b1, p1, load1) = marks["start"], marks["end"]
     tx = result["tx"] or 1
 
@@ -102,6 +125,8 @@ def _one(procs: Processes, spec: Spec | ViewSpec, broker_pid: int, pg_pid: int) 
         "errors": result["errors"],
         "broker_cpu_us_per_tx": per_tx(b0, b1),
         "pg_cpu_us_per_tx": per_tx(p0, p1),
+        # The load generator's own CPU (this tree's client library), over the same window.
+        "client_cpu_us_per_tx": round(result["loadgen_cpu_s"] / tx * 1e6, 1),
         "load": [round(load0, 2), round(load1, 2)],
     }
 
@@ -114,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--workloads", default="w1,w1light,w2")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both brokers")
+    parser.add_argument(
+        "--client-too", action="store_true", help="side A's load uses A's client library"
+    )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env)
     names = args.workloads.split(",")
@@ -147,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                                 competitor="pgbroker", host=broker.host, port=broker.port,
                                 duration=args.duration, warmup=args.warmup, scale=SCALE,
                             )  # fmt: skip
-                        row = _one(procs, replace(spec), broker.pid, pg.pid)
+                        client = args.base.resolve() if side == "A" and args.client_too else None
+                        row = _one(procs, replace(spec), broker.pid, pg.pid, client)
                         runs[name][side].append(row)
                         print(f"[ab] {name} {side}: {row}", file=sys.stderr, flush=True)
         finally:
@@ -163,7 +192,13 @@ def _summary(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for name, sides in runs.items():
         figures: dict[str, Any] = {}
-        for key in ("broker_cpu_us_per_tx", "pg_cpu_us_per_tx", "tps", "p50_ms"):
+        for key in (
+            "broker_cpu_us_per_tx",
+            "pg_cpu_us_per_tx",
+            "client_cpu_us_per_tx",
+            "tps",
+            "p50_ms",
+        ):
             a = statistics.median(r[key] for r in sides["A"] if r[key] is not None)
             b = statistics.median(r[key] for r in sides["B"] if r[key] is not None)
             figures[key] = {"A": a, "B": b, "B/A": round(b / a, 3) if a else None}
