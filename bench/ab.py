@@ -16,7 +16,8 @@ Prints one JSON document: every run, and per workload the medians of A and B and
 `bench.load`: its figures are per view (10 queries).
 
 Each broker runs with its own tree's default worker count (``--workers``: one per CPU since
-issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both.
+issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both. ``--env-b`` sets
+a variable for B only: an A/B of a setting (``--base`` the same tree).
 """
 
 from __future__ import annotations
@@ -140,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="w1,w1light,w2")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both brokers")
     parser.add_argument(
+        "--env-b", action="append", default=[], help="NAME=VALUE for broker B only (A/B a setting)"
+    )
+    parser.add_argument(
         "--client-too", action="store_true", help="side A's load uses A's client library"
     )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env)
+    env_b = env | dict(item.split("=", 1) for item in args.env_b)
     names = args.workloads.split(",")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {"A": [], "B": []} for n in names}
     procs = Processes()
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         assert pg.pid is not None
         brokers = {
             "A": _start_broker(args.base.resolve(), url, env),
-            "B": _start_broker(brokerproc.ROOT, url, env),
+            "B": _start_broker(brokerproc.ROOT, url, env_b),
         }
         try:
             for round_no in range(args.rounds):
