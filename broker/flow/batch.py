@@ -332,18 +332,21 @@ def begin_sql(batch: Batch, timeout_ms: int, session_timeout_ms: int | None = No
     return sql
 
 
-def begin_calls(batch: Batch, timeout_ms: int, session_timeout_ms: int | None) -> list[str | Call]:
+def begin_calls(
+    batch: Batch, timeout_ms: int, session_timeout_ms: int | None, delete_expired: bool = True
+) -> list[str | Call]:
     """`begin_sql` as statements the connection prepares once, in one Sync group with the
     key's claim when the batch has one (one reply to read, nothing parsed per transaction):
     the claim ahead of SET LOCAL ROLE, so the store is written as the login role, which owns
-    it. A keyed batch's BEGIN, and a lease's (broker/flow/lease.py)."""
+    it; with *delete_expired* False, the claim's INSERT alone (`keys.claim_calls`). A keyed
+    batch's BEGIN, and a lease's (broker/flow/lease.py)."""
     parts: list[str | Call] = [Call(_begin(batch))]
     if timeout_ms != session_timeout_ms:
         parts.append(Call(_SET_LOCAL, ("statement_timeout", str(timeout_ms))))
     if batch.application_name:
         parts.append(Call(_SET_LOCAL, ("application_name", batch.application_name)))
     if batch.claim is not None:
-        parts += keys.claim_calls(batch.claim)
+        parts += keys.claim_calls(batch.claim, delete_expired=delete_expired)
     if batch.role is not None:
         parts.append(f"SET LOCAL ROLE {quote_role(batch.role)}")
     return parts
@@ -414,7 +417,11 @@ def _run_once(
 ) -> Ran:
     timeout_ms = statement_timeout_ms(deadline, statement_timeout)
     if batch.explicit:
-        results = _run_explicit(conn, batch, timeout_ms)
+        try:
+            results = _run_explicit(conn, batch, timeout_ms)
+        except keys.ClaimExpired:  # rolled back, nothing ran: claim again, deleting it first
+            timeout_ms = statement_timeout_ms(deadline, statement_timeout)
+            results = _run_explicit(conn, batch, timeout_ms, delete_expired=True)
     else:
         results = [_run_single(conn, batch, timeout_ms)]
     if not batch.report_position:
@@ -505,16 +512,22 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
         raise StatementFailed(exc, 0) from exc
 
 
-def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.StatementResult]:
+def _run_explicit(
+    conn: PgConnection, batch: Batch, timeout_ms: int, delete_expired: bool = False
+) -> list[pb.StatementResult]:
     """BEGIN …, the statements, COMMIT, pipelined (`PgConnection.run_many`): one round trip
-    when every statement is already prepared on this connection."""
+    when every statement is already prepared on this connection.
+
+    A keyed batch claims its key with the INSERT alone unless *delete_expired*: it raises
+    `keys.ClaimExpired` (rolled back, nothing ran) when the key it met had expired, so the
+    caller runs the batch again with *delete_expired* (`keys.replay`'s ``expired_claims``)."""
     statements = _statements(batch)
     claim = batch.claim
     session_timeout_ms = _session_timeout_ms(conn, batch)
     before: Session = (
         begin_sql(batch, timeout_ms, session_timeout_ms)
         if claim is None
-        else begin_calls(batch, timeout_ms, session_timeout_ms)
+        else begin_calls(batch, timeout_ms, session_timeout_ms, delete_expired)
     )
     try:
         return conn.run_many(
@@ -532,7 +545,9 @@ def _run_explicit(conn: PgConnection, batch: Batch, timeout_ms: int) -> list[pb.
         rollback(conn)
         if claim is not None and exc.phase is Phase.BEFORE:
             if keys.is_claimed(exc):  # committed before: answer as then, run nothing
-                return keys.replay(conn, claim.caller, claim.key, claim.digest)
+                return keys.replay(
+                    conn, claim.caller, claim.key, claim.digest, expired_claims=not delete_expired
+                )
             if exc.sqlstate == "57014":  # waited for another attempt with the key in vain
                 raise keys.KeyInProgress(
                     "another attempt with this idempotency key is still running; nothing ran"

@@ -3,11 +3,17 @@
 A keyed request's key is claimed INSIDE its own transaction, so the key commits if and only
 if the work does:
 
-* ``BEGIN …`` is followed, in the same flush, by `claim_calls`: delete the key if it
-  expired, then a plain ``INSERT`` of (caller, key, request hash). A key another attempt
-  holds uncommitted makes the INSERT wait for that attempt (Postgres' unique-index wait): if
-  it rolls back, this one proceeds; if it commits, the INSERT fails with 23505 on
+* ``BEGIN …`` is followed, in the same flush, by `claim_calls`: a plain ``INSERT`` of
+  (caller, key, request hash), behind a delete of the key if it expired. A key another
+  attempt holds uncommitted makes the INSERT wait for that attempt (Postgres' unique-index
+  wait): if it rolls back, this one proceeds; if it commits, the INSERT fails with 23505 on
   `CONSTRAINT` and the pipelined statements behind it do not run (25P02).
+* a batch (broker/flow/batch.py) claims with the INSERT alone (``delete_expired=False``): an
+  expired key is rare, and its delete cost a statement on every keyed transaction. The
+  INSERT then fails on an expired key as on a live one; `replay` sees it expired (or swept
+  meanwhile) and the batch runs once more with the delete, as every claim did before: one
+  more round trip for a re-used expired key, the same outcome. An interactive transaction
+  claims at COMMIT, behind its statements, which cannot run again: it deletes first.
 * after the statements, `finish_call` stores the encoded response, pipelined with COMMIT:
   a keyed transaction costs one row written and one round trip more than an unkeyed one.
 * both are statements with parameters that each connection prepares once (`pg.Call`):
@@ -16,7 +22,8 @@ if the work does:
   60–110 µs of backend CPU per keyed transaction (docs/performance.md, "A/B: the key's claim
   and store …").
 * on that 23505, `replay` reads the stored row: the same request hash returns the stored
-  response (nothing ran), another hash is `KeyReused`.
+  response (nothing ran), another hash is `KeyReused`; an expired key (claimed without the
+  delete) is claimed again.
 
 The store is a table of the broker's own, created at start when the login role may
 (`ensure_store`), swept of expired keys in small batches (`sweep`). The key is scoped by the
@@ -38,6 +45,7 @@ __all__ = [
     "FINISH_CALLS",
     "MAX_KEY_CHARS",
     "STORE_SQL",
+    "ClaimExpired",
     "KeyClaim",
     "KeyInProgress",
     "KeyReused",
@@ -92,7 +100,9 @@ _CLAIM_SQL = (
 _FINISH_SQL = f"UPDATE {TABLE} SET response = $3 WHERE caller = $1 AND key = $2"
 # What `finish_call` sends, to prepare ahead (`PgConnection.run_many`'s *calls*).
 FINISH_CALLS = (_FINISH_SQL,)
-_REPLAY_SQL = f"SELECT request_hash, response FROM {TABLE} WHERE caller = $1 AND key = $2"
+_REPLAY_SQL = (
+    f"SELECT request_hash, response, expires_at < now() FROM {TABLE} WHERE caller = $1 AND key = $2"
+)
 # Expired keys go in small batches, so a sweep never holds many row locks or runs long.
 SWEEP_BATCH = 1000
 _SWEEP_SQL = (
@@ -116,6 +126,12 @@ class KeyInProgress(BrokerFailure):
     code = Code.ABORTED
     reason = Reason.IDEMPOTENCY_KEY_IN_PROGRESS
     retry_after = RETRY_SOON
+
+
+class ClaimExpired(Exception):
+    """The key a claim without the delete met had expired (or was swept since): nothing ran,
+    the transaction is rolled back, and the caller claims the key again with the delete
+    (`claim_calls`' ``delete_expired``). Never reaches a caller of the broker."""
 
 
 class StoreUnavailable(BrokerFailure):
@@ -185,15 +201,14 @@ def claim_sql(caller: str, key: str, digest: bytes, ttl_seconds: float) -> str:
     )
 
 
-def claim_calls(claim: KeyClaim) -> list[Call]:
+def claim_calls(claim: KeyClaim, *, delete_expired: bool = True) -> list[Call]:
     """`claim_sql` as two prepared statements with parameters (`pg.Call`): one Sync group
-    in the flush with BEGIN; fails with 23505 on `CONSTRAINT` when the key is committed."""
+    in the flush with BEGIN; fails with 23505 on `CONSTRAINT` when the key is committed.
+    Without *delete_expired* the INSERT alone, which fails on an expired key too: `replay`
+    with ``expired_claims`` tells the two apart (see the module docstring)."""
     who = (_text(claim.caller), _text(claim.key))
-    ttl = str(max(1, int(claim.ttl_seconds)))
-    return [
-        Call(_DELETE_EXPIRED_SQL, who),
-        Call(_CLAIM_SQL, (*who, _bytea(claim.digest), ttl)),
-    ]
+    insert = Call(_CLAIM_SQL, (*who, _bytea(claim.digest), str(max(1, int(claim.ttl_seconds)))))
+    return [Call(_DELETE_EXPIRED_SQL, who), insert] if delete_expired else [insert]
 
 
 def finish_call(claim: KeyClaim, response: bytes) -> Call:
@@ -219,14 +234,24 @@ def is_claimed(error: PgError) -> bool:
     return error.sqlstate == "23505" and CONSTRAINT in error.message
 
 
-def replay(conn: PgConnection, caller: str, key: str, digest: bytes) -> list[pb.StatementResult]:
+def replay(
+    conn: PgConnection, caller: str, key: str, digest: bytes, *, expired_claims: bool = False
+) -> list[pb.StatementResult]:
     """The stored results of *key* (blocking; worker thread; after the claim failed and the
     transaction was rolled back). Raise `KeyReused` when it was claimed for another request,
-    `KeyInProgress` when it has no response (it was swept or is being rewritten)."""
+    `KeyInProgress` when it has no response (it was swept or is being rewritten).
+    With *expired_claims* (the claim did not delete an expired key first: `claim_calls`'
+    ``delete_expired``) raise `ClaimExpired` when the key has expired, or is gone (only
+    expired keys are deleted, so it was swept since): the caller claims it again, deleting
+    it first."""
     row = conn.run(_REPLAY_SQL, [pb.Value(text=caller), pb.Value(text=key)])
     if not row.rows:
+        if expired_claims:
+            raise ClaimExpired(key)
         raise KeyInProgress("the idempotency key changed hands while this request waited")
-    stored_hash, response = row.rows[0].values
+    stored_hash, response, expired = row.rows[0].values
+    if expired_claims and expired.bool:
+        raise ClaimExpired(key)
     if stored_hash.bytea != digest:
         raise KeyReused(
             "this idempotency_key was used with a different request; use a new key for a"

@@ -50,9 +50,10 @@ def _batch(table: str, key: str, note: str = "x", **options: Any) -> Batch:
 
 
 def _calls() -> list[Call]:
-    """The claim's and the store's statements."""
+    """The claim's and the store's statements, as a batch sends them (the claim's INSERT
+    alone: the delete of an expired key only when the key met had expired)."""
     claim = keys.KeyClaim(CALLER, "k", b"\x01", 60.0)
-    return [*keys.claim_calls(claim), keys.finish_call(claim, b"response")]
+    return [*keys.claim_calls(claim, delete_expired=False), keys.finish_call(claim, b"response")]
 
 
 def _count(conn: PgConnection, table: str) -> int:
@@ -149,6 +150,68 @@ def test_an_expired_key_is_claimed_again_by_another_request(conn: PgConnection, 
     digest, response = _stored(conn, key)
     assert digest == batch.claim.digest
     assert response is not None and list(pb.ExecuteResponse.FromString(response).results) == fresh
+
+
+def _expire(conn: PgConnection, key: str) -> None:
+    conn.execute_simple(
+        f"UPDATE {keys.TABLE} SET expires_at = now() - interval '1 s'"
+        f" WHERE key = {keys._literal(key)}"
+    )
+
+
+def test_an_expired_key_reused_by_the_same_request_runs_it_again_and_commits_once(
+    conn: PgConnection, notes: str
+) -> None:
+    """The claim's INSERT alone meets the expired key (23505); the replay read sees it expired,
+    and the batch runs once more with the delete ahead of the INSERT: the statements behind
+    the failed claim did not run, the second run's did, once, and its response is stored."""
+    key = f"expired-same-{uuid.uuid4()}"
+    first = run_transaction(conn, _batch(notes, key), None, 30)
+    assert run_transaction(conn, _batch(notes, key), None, 30) == first  # live: a replay
+    assert _count(conn, notes) == 1
+    delete = keys.claim_calls(keys.KeyClaim(CALLER, key, b"", 60.0))[0]
+    assert _prepared(conn, delete.sql) == 0  # the fast path sends the INSERT alone
+    _expire(conn, key)
+    again = run_transaction(conn, _batch(notes, key), None, 30)
+    assert rows(again[0]) == [(2,)] and again != first
+    assert _count(conn, notes) == 2  # ran once, not twice
+    assert _prepared(conn, delete.sql) == 1  # the second run deleted the expired key
+    _, response = _stored(conn, key)
+    assert response is not None and list(pb.ExecuteResponse.FromString(response).results) == again
+    assert conn.execute_simple(
+        f"SELECT expires_at > now() FROM {keys.TABLE} WHERE key = {keys._literal(key)}"
+    ) == [[True]]
+    # Live again: a retry replays the second run.
+    assert run_transaction(conn, _batch(notes, key), None, 30) == again
+    assert _count(conn, notes) == 2
+    assert conn.transaction_status is TransactionStatus.IDLE and conn.session_dirty is None
+
+
+def test_the_replay_after_a_claim_without_the_delete_tells_an_expired_or_gone_key(
+    conn: PgConnection, notes: str
+) -> None:
+    """`keys.replay` with ``expired_claims``: `ClaimExpired` (claim again) for a key that expired or
+    is gone (swept since the INSERT met it); otherwise as before: the stored results,
+    `KeyReused`, `KeyInProgress` for a key that is gone."""
+    key = f"replay-expiry-{uuid.uuid4()}"
+    batch = _batch(notes, key)
+    first = run_transaction(conn, batch, None, 30)
+    assert batch.claim is not None
+    digest = batch.claim.digest
+    for expired_claims in (False, True):
+        assert keys.replay(conn, CALLER, key, digest, expired_claims=expired_claims) == first
+        with pytest.raises(keys.KeyReused):
+            keys.replay(conn, CALLER, key, b"other", expired_claims=expired_claims)
+    _expire(conn, key)
+    for digest_sent in (digest, b"other"):
+        with pytest.raises(keys.ClaimExpired):
+            keys.replay(conn, CALLER, key, digest_sent, expired_claims=True)
+    assert keys.replay(conn, CALLER, key, digest) == first  # the claim deleted it first
+    keys.sweep(conn)
+    with pytest.raises(keys.ClaimExpired):
+        keys.replay(conn, CALLER, key, digest, expired_claims=True)
+    with pytest.raises(keys.KeyInProgress):
+        keys.replay(conn, CALLER, key, digest)
 
 
 def test_a_failed_store_commits_neither_the_work_nor_the_key(
