@@ -58,8 +58,12 @@ def transaction_request(
     statements: Sequence[Statement], isolation: str | None, read_only: bool, deferrable: bool
 ) -> pb.ExecuteRequest:
     """The request for a transaction; raise `TypeError`/`ValueError` before anything is sent."""
-    # A str is iterable too: "SELECT 1" would run as eight one-character statements.
-    if isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable):
+    # A str is iterable too: "SELECT 1" would run as eight one-character statements. A list
+    # or tuple (the usual) needs no ABC checks.
+    cls = type(statements)
+    if (cls is not list and cls is not tuple) and (
+        isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable)
+    ):
         raise TypeError(
             "statements must be a list of SQL strings or (sql, params) pairs, "
             f"not {type(statements).__name__}"

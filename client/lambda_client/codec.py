@@ -130,14 +130,16 @@ def add_params(target: Any, params: Sequence[object]) -> None:
     one. An int64 and a str, most parameters, are added in place (``target.add``), and their
     ``$n`` name is made only for an error: per parameter of every call, this was two thirds
     of building a request (docs/performance.md, "the client library's Python per call")."""
-    _check_params(params)
+    cls = type(params)
+    if cls is not list and cls is not tuple:
+        _check_params(params)
     add = target.add
     low, high = _INT64
     for index, value in enumerate(params, start=1):
-        cls = type(value)
-        if cls is int and low <= value <= high:  # type: ignore[operator]
+        kind = type(value)
+        if kind is int and low <= value <= high:  # type: ignore[operator]
             add(int64=value)
-        elif cls is str and value.isascii():  # type: ignore[attr-defined]
+        elif kind is str and value.isascii():  # type: ignore[attr-defined]
             add(text=value)
         else:
             target.append(encode(value, f"${index}"))
