@@ -8,7 +8,7 @@ awaiting each step).
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import os
 import threading
@@ -233,7 +233,9 @@ class ClientBase:
             return call.finish(None)
         started = time.monotonic()
         deadline = self.policy.deadline(context, timeout)
-        for attempt in itertools.count(1):
+        attempt = 0
+        while True:
+            attempt += 1
             link = self._get_link()
             metadata = self._metadata(context)
             if not link.reached:
@@ -267,7 +269,6 @@ class ClientBase:
                 return call.finish(response)
             finally:
                 self._mark_used()
-        raise AssertionError("unreachable: backoff_or_raise raises after the last attempt")
 
     def _without_key(self, call: ExecuteCall[T], exc: grpc.RpcError) -> ExecuteCall[T] | None:
         """*call* without its generated key when the broker has no key store (it then ran
@@ -299,7 +300,9 @@ class ClientBase:
 
     # -- metadata and the channel's life ---------------------------------------------------
 
-    def _metadata(self, context: LambdaContext | None) -> list[tuple[str, str]]:
+    def _metadata(self, context: LambdaContext | None) -> Metadata:
+        if context is None and self.correlation_id is None and self.auth is None:
+            return ()  # no list to keep alive while the call is in flight (grpc takes either)
         metadata: list[tuple[str, str]] = []
         if context is not None:
             if request_id := getattr(context, "aws_request_id", None):
@@ -487,9 +490,16 @@ def execute_backoff_or_raise(
     ) from exc
 
 
-def _execute(request: pb.ExecuteRequest) -> Any:
-    """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike)."""
-    return lambda stub, t, md: stub.Execute(request, timeout=t, metadata=md, wait_for_ready=True)
+def _execute(request: pb.ExecuteRequest) -> Invoke:
+    """One ``Execute`` attempt of *request* (blocking or ``grpc.aio`` stub alike). A
+    `functools.partial`, as `_bind`: two objects where a closure is four."""
+    return functools.partial(_execute_once, request)
+
+
+def _execute_once(
+    request: pb.ExecuteRequest, stub: pb_grpc.BrokerStub, timeout: float, metadata: Metadata
+) -> Any:
+    return stub.Execute(request, timeout=timeout, metadata=metadata, wait_for_ready=True)
 
 
 def _all_results(response: Any) -> list[Result]:
@@ -514,7 +524,11 @@ def no_target_in_lambda(function_name: str) -> str:
 
 
 def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    return lambda: function(*args)
+    """*function* with *args*, called later. A step lives as long as its I/O (all of a call's
+    time in flight), and every object alive then is traversed by each collection of the
+    cyclic garbage collector: a partial is two objects (itself, its arguments), a closure
+    over *function* and *args* five."""
+    return functools.partial(function, *args)
 
 
 def _ascii(value: object) -> str:

@@ -47,12 +47,10 @@ __all__ = [
     "Call",
     "CallPolicy",
     "Link",
-    "Outcome",
     "Plan",
     "Step",
     "broker_unreachable",
     "logger",
-    "resume",
     "run_plan",
     "time_left",
 ]
@@ -81,7 +79,7 @@ class Call(Generic[T]):
     """What a public method asks for: *invoke* (None: nothing to send) and *finish*, which
     turns the response (None when nothing was sent) into the method's result.
 
-    A plain class, not a dataclass, as `Outcome` and `lambda_client._base.ExecuteCall`: each
+    A plain class, not a dataclass, as `lambda_client._base.ExecuteCall`: each
     ``@dataclass`` costs about 1 ms of a cold start to define (docs/performance.md), and a
     call only reads these attributes."""
 
@@ -348,46 +346,18 @@ def broker_unreachable(target: str, waited: float, why: str = "") -> errors.Unav
     )
 
 
-class Outcome:
-    """How a step ended: its *value*, or the *error* the call failed with."""
-
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: Any = None, error: grpc.RpcError | None = None) -> None:
-        self.value = value
-        self.error = error
-
-    @classmethod
-    def of(cls, step: Step) -> Outcome:
-        """Run a blocking *step*."""
-        try:
-            return cls(step())
-        except grpc.RpcError as exc:
-            return cls(error=exc)
-
-    @classmethod
-    async def of_awaited(cls, step: Step) -> Outcome:
-        """Run a ``grpc.aio`` (or asyncio) *step* and await what it returns."""
-        try:
-            return cls(await step())
-        except grpc.RpcError as exc:
-            return cls(error=exc)
-
-
-def resume(plan: Plan[T], outcome: Outcome) -> tuple[bool, Any]:
-    """Hand *outcome* to *plan*: (False, its next step), or (True, its result) once it has
-    returned. What the plan raises propagates."""
-    try:
-        if outcome.error is not None:
-            return False, plan.throw(outcome.error)
-        return False, plan.send(outcome.value)
-    except StopIteration as done:
-        return True, done.value
-
-
 def run_plan(plan: Plan[T]) -> T:
-    """Drive *plan* with blocking calls; return its result or raise what it raises."""
-    finished, step = resume(plan, Outcome())
-    while not finished:
-        finished, step = resume(plan, Outcome.of(step))
-    return step  # type: ignore[no-any-return]
+    """Drive *plan* with blocking calls; return its result or raise what it raises.
+    Each step's outcome goes straight back (``send``, or ``throw`` for its `grpc.RpcError`),
+    without an object per step."""
+    advance: Callable[[Any], Any] = plan.send
+    outcome: Any = None
+    while True:
+        try:
+            step = advance(outcome)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            outcome, advance = step(), plan.send
+        except grpc.RpcError as exc:
+            outcome, advance = exc, plan.throw

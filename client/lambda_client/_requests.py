@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
-from lambda_client.codec import encode_params, utf8_text
+from lambda_client.codec import add_params, utf8_text
 
 # A statement is its SQL alone or (sql, params).
 Statement = str | tuple[str, Sequence[Any] | None]
@@ -58,15 +58,29 @@ def transaction_request(
     statements: Sequence[Statement], isolation: str | None, read_only: bool, deferrable: bool
 ) -> pb.ExecuteRequest:
     """The request for a transaction; raise `TypeError`/`ValueError` before anything is sent."""
-    # A str is iterable too: "SELECT 1" would run as eight one-character statements.
-    if isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable):
+    # A str is iterable too: "SELECT 1" would run as eight one-character statements. A list
+    # or tuple (the usual) needs no ABC checks.
+    cls = type(statements)
+    if (cls is not list and cls is not tuple) and (
+        isinstance(statements, str | bytes | Mapping) or not isinstance(statements, Iterable)
+    ):
         raise TypeError(
             "statements must be a list of SQL strings or (sql, params) pairs, "
             f"not {type(statements).__name__}"
         )
-    request = pb.ExecuteRequest(options=_options(isolation, read_only, deferrable))
+    request = pb.ExecuteRequest()
+    if isolation is None and read_only is False and deferrable is False:
+        # The defaults (most calls): the same empty options, set in place rather than built
+        # as a message and copied in.
+        request.options.SetInParent()
+    else:
+        request.options.CopyFrom(_options(isolation, read_only, deferrable))
+    add = request.statements.add
     for index, statement in enumerate(statements):
-        _fill(request.statements.add(), *_split(statement, index))
+        if type(statement) is tuple and len(statement) == 2:  # the usual (sql, params)
+            _fill(add(), statement[0], statement[1])
+        else:
+            _fill(add(), *_split(statement, index))
     return request
 
 
@@ -98,7 +112,7 @@ def _fill(statement: pb.Statement, sql: str, params: Sequence[Any] | None) -> pb
         )
     statement.sql = utf8_text(sql, "sql")
     if params is not None:
-        statement.params.extend(encode_params(params))
+        add_params(statement.params, params)
     return statement
 
 

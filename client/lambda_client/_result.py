@@ -27,16 +27,30 @@ class Result:
 
     @classmethod
     def from_proto(cls, result: pb.StatementResult) -> Result:
-        # Once per statement of every call: list comprehensions rather than generators and
-        # positional arguments (a frozen dataclass' keyword init costs twice as much).
+        # Once per statement of every call. The fields go into the instance's __dict__ at
+        # once: a frozen dataclass' __init__ sets each through object.__setattr__, which cost
+        # more than the decoding of a one-row result; the instance is the same (no
+        # __post_init__). A statement without columns (UPDATE, INSERT: most of a batch's)
+        # skips the loops.
+        new = object.__new__(cls)
         columns = result.columns
-        return cls(
-            tuple([c.name for c in columns]),
-            [decode_row(row.values) for row in result.rows],
-            result.rows_affected,
-            result.command_tag,
-            tuple([c.type_oid for c in columns]),
-        )
+        if columns:
+            new.__dict__.update(
+                columns=tuple([c.name for c in columns]),
+                rows=[decode_row(row.values) for row in result.rows],
+                rows_affected=result.rows_affected,
+                command_tag=result.command_tag,
+                type_oids=tuple([c.type_oid for c in columns]),
+            )
+        else:
+            new.__dict__.update(
+                columns=(),
+                rows=[decode_row(row.values) for row in result.rows] if result.rows else [],
+                rows_affected=result.rows_affected,
+                command_tag=result.command_tag,
+                type_oids=(),
+            )
+        return new
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.rows)

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 
 from lambda_client import _position
 from lambda_client._base import ClientBase
-from lambda_client._policy import Call, Link, Outcome, resume
+from lambda_client._grpc import grpc
+from lambda_client._policy import Call, Link
 from lambda_client._requests import LambdaContext, Statement
 from lambda_client._result import Result
 from lambda_client._stream import AsyncRowStream, open_async_stream, stream_request
@@ -62,9 +63,9 @@ class AsyncBrokerClient(ClientBase):
         read_only: bool = False,
     ) -> Result:
         """As `BrokerClient.query`."""
-        return await self._run(
-            self._query(sql, params, idempotency_key, read_only), context, timeout
-        )
+        call = self._query(sql, params, idempotency_key, read_only)
+        del params  # not kept alive while the call is in flight (see `transaction`)
+        return await self._run(call, context, timeout)
 
     async def transaction(
         self,
@@ -82,6 +83,11 @@ class AsyncBrokerClient(ClientBase):
         call = self._transaction(
             statements, isolation, read_only, deferrable, retry_serialization, idempotency_key
         )
+        # The request holds what is sent: the caller's statements (a list, a tuple and a
+        # parameter list per statement) need not stay alive while the call is in flight,
+        # where every collection of the cyclic garbage collector would traverse them
+        # (docs/performance.md, "the client's objects in flight").
+        del statements
         return await self._run(call, context, timeout)
 
     async def execute_many(
@@ -96,6 +102,7 @@ class AsyncBrokerClient(ClientBase):
     ) -> list[Result]:
         """As `BrokerClient.execute_many`."""
         call = self._execute_many(sql, param_sets, retry_serialization, idempotency_key)
+        del param_sets  # not kept alive while the call is in flight (see `transaction`)
         return await self._run(call, context, timeout)
 
     async def begin(
@@ -178,11 +185,19 @@ class AsyncBrokerClient(ClientBase):
 
     async def _run(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> T:
         """The plan of *call* (`BrokerClient`'s), each step awaited."""
+        # As `lambda_client._policy.run_plan`, each step awaited.
         plan = self._plan(call, context, timeout)
-        finished, step = resume(plan, Outcome())
-        while not finished:
-            finished, step = resume(plan, await Outcome.of_awaited(step))
-        return step  # type: ignore[no-any-return]
+        advance: Callable[[Any], Any] = plan.send
+        outcome: Any = None
+        while True:
+            try:
+                step = advance(outcome)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            try:
+                outcome, advance = await step(), plan.send
+            except grpc.RpcError as exc:
+                outcome, advance = exc, plan.throw
 
     def _get_link(self) -> Link:
         """The stub on this loop's channel, created on first use, in a new loop, or after a

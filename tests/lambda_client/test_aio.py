@@ -4,6 +4,8 @@ deadlines as the blocking client, one channel per event loop."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -73,3 +75,34 @@ def test_async_bad_arguments_raise_before_anything_is_sent(broker: BrokerProcess
     with pytest.raises(ValueError, match="timeout must be a finite number"):
         asyncio.run(db.query("SELECT 1", timeout=float("inf")))
     assert db.channels_created == 0
+
+
+class _Statements(list):  # type: ignore[type-arg]
+    """A list a weak reference can watch."""
+
+
+def test_a_call_in_flight_keeps_neither_its_statements_nor_its_params(
+    broker: BrokerProcess,
+) -> None:
+    """The request holds what is sent; the caller's lists are let go before the await, so
+    calls in flight do not keep them for the garbage collector to traverse again and again."""
+    db = AsyncBrokerClient(broker.target)
+
+    async def in_flight() -> None:
+        await db.query("SELECT 1")  # the channel is open
+        statements = _Statements([("SELECT $1::int FROM pg_sleep(0.3)", [7]), "SELECT 2"])
+        params = _Statements([5])
+        watched = [weakref.ref(statements), weakref.ref(params)]
+        batch = asyncio.ensure_future(db.transaction(statements))
+        single = asyncio.ensure_future(db.query("SELECT $1::int FROM pg_sleep(0.3)", params))
+        del statements, params
+        await asyncio.sleep(0.1)  # both calls are in flight now
+        assert not batch.done() and not single.done()
+        gc.collect()
+        assert [ref() for ref in watched] == [None, None]
+        first, second = await batch
+        assert first.rows == [(7,)] and second.scalar() == 2
+        assert (await single).rows == [(5,)]
+        await db.close()
+
+    asyncio.run(in_flight())

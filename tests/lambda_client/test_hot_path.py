@@ -21,7 +21,15 @@ import pytest
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._requests import query_request, seconds, transaction_request
 from lambda_client._result import Result
-from lambda_client.codec import _kind_of, decode, decode_row, encode, encode_params, utf8_text
+from lambda_client.codec import (
+    _kind_of,
+    add_params,
+    decode,
+    decode_row,
+    encode,
+    encode_params,
+    utf8_text,
+)
 
 
 class Colour(enum.IntEnum):
@@ -75,6 +83,34 @@ def test_parameters_that_are_not_a_sequence_are_refused(params: Any) -> None:
         encode_params(params)
 
 
+_EDGE_PARAMS: list[Any] = [
+    *(0, 7, -(2**63), 2**63 - 1, 2**63, -(2**63) - 1, True, False, Colour.RED, None, 1.5),
+    *("", "SELECT 1", "héllo ✓ 😀", Name("sub"), b"\x00", [1, None], {"a": [1]}),
+]
+
+
+@pytest.mark.parametrize("params", [[], _EDGE_PARAMS, tuple(_EDGE_PARAMS)], ids=len)
+def test_add_params_adds_what_encode_params_gives(params: Any) -> None:
+    added = pb.Statement()
+    add_params(added.params, params)
+    assert added == pb.Statement(params=encode_params(params))
+    assert (
+        added.SerializeToString() == pb.Statement(params=encode_params(params)).SerializeToString()
+    )
+    kinds = [v.WhichOneof("kind") for v in added.params]
+    assert kinds == [encode(v).WhichOneof("kind") for v in params]
+
+
+def test_add_params_names_a_bad_parameter_and_refuses_what_encode_params_refuses() -> None:
+    with pytest.raises(ValueError, match=r"\$3: text has a lone surrogate"):
+        add_params(pb.Statement().params, [1, "ok", "\ud800"])
+    with pytest.raises(TypeError, match=r"\$2: cannot send a value of type object"):
+        add_params(pb.Statement().params, [1, object()])
+    for not_params in ("ab", b"ab", {"a": 1}, {1, 2}, 5):
+        with pytest.raises(TypeError, match="params must be a list or tuple"):
+            add_params(pb.Statement().params, not_params)  # type: ignore[arg-type]
+
+
 def _old_statement(sql: str, params: Any) -> pb.Statement:
     """How a statement was built before it was filled in place."""
     return pb.Statement(sql=utf8_text(sql, "sql"), params=encode_params(params))
@@ -104,6 +140,24 @@ def test_a_transaction_request_is_the_same_bytes_as_before() -> None:
     )
     new = transaction_request(statements, "serializable", True, True)
     assert new.SerializeToString() == old.SerializeToString()
+
+
+def test_a_transaction_request_with_default_options_is_the_same_bytes_as_before() -> None:
+    statements: list[Any] = [("SELECT $1", [5, "x"]), "SELECT 1", ("SELECT $1", None)]
+    old = pb.ExecuteRequest(
+        statements=[
+            _old_statement("SELECT $1", [5, "x"]),
+            _old_statement("SELECT 1", None),
+            _old_statement("SELECT $1", None),
+        ],
+        options=pb.TransactionOptions(),
+    )
+    new = transaction_request(statements, None, False, False)
+    assert new.HasField("options")
+    assert new.SerializeToString() == old.SerializeToString()
+    # A falsy argument that is not the default is still checked, not taken for it.
+    with pytest.raises(TypeError, match="read_only must be True or False"):
+        transaction_request(statements, None, 0, False)  # type: ignore[arg-type]
 
 
 def test_a_bad_statement_still_names_its_index_and_its_parameter() -> None:
@@ -175,6 +229,13 @@ def test_a_result_keeps_its_columns_rows_and_tag() -> None:
     )
     empty = Result.from_proto(pb.StatementResult(rows_affected=-1, command_tag="CREATE TABLE"))
     assert (empty.columns, empty.rows, empty.type_oids) == ((), [], ())
+    assert empty == Result((), [], -1, "CREATE TABLE", ())
+    assert repr(empty) == repr(Result((), [], -1, "CREATE TABLE", ()))
+    with pytest.raises(AttributeError):
+        empty.rows = []  # type: ignore[misc]  # still frozen
+    # Rows without columns cannot come from Postgres, but are kept if they do.
+    odd = Result.from_proto(pb.StatementResult(rows=[pb.Row(values=[pb.Value(int64=1)])]))
+    assert odd.rows == [(1,)] and odd.columns == ()
 
 
 # -- the Django backend's literals ---------------------------------------------------------
