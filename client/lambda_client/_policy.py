@@ -51,6 +51,7 @@ __all__ = [
     "Step",
     "broker_unreachable",
     "logger",
+    "resume",
     "run_plan",
     "time_left",
 ]
@@ -346,18 +347,27 @@ def broker_unreachable(target: str, waited: float, why: str = "") -> errors.Unav
     )
 
 
+def resume(plan: Plan[T], outcome: Any, failed: bool) -> tuple[bool, Any]:
+    """Hand a step's *outcome* to *plan* (with *failed*, the `grpc.RpcError` the step raised,
+    thrown in): (False, its next step), or (True, its result) once it has returned. What the
+    plan raises propagates. No object per step is kept while the next one is in flight."""
+    try:
+        return False, plan.throw(outcome) if failed else plan.send(outcome)
+    except StopIteration as done:
+        return True, done.value
+
+
 def run_plan(plan: Plan[T]) -> T:
-    """Drive *plan* with blocking calls; return its result or raise what it raises.
-    Each step's outcome goes straight back (``send``, or ``throw`` for its `grpc.RpcError`),
-    without an object per step."""
-    advance: Callable[[Any], Any] = plan.send
-    outcome: Any = None
-    while True:
-        try:
-            step = advance(outcome)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        try:
-            outcome, advance = step(), plan.send
-        except grpc.RpcError as exc:
-            outcome, advance = exc, plan.throw
+    """Drive *plan* with blocking calls; return its result or raise what it raises."""
+    finished, step = resume(plan, None, False)
+    while not finished:
+        finished, step = resume(plan, *_outcome(step))
+    return step  # type: ignore[no-any-return]
+
+
+def _outcome(step: Step) -> tuple[Any, bool]:
+    """Run a blocking *step*: (its value, False), or (the `grpc.RpcError`, True)."""
+    try:
+        return step(), False
+    except grpc.RpcError as exc:
+        return exc, True

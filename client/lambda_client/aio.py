@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from lambda_client import _position
 from lambda_client._base import ClientBase
 from lambda_client._grpc import grpc
-from lambda_client._policy import Call, Link
+from lambda_client._policy import Call, Link, resume
 from lambda_client._requests import LambdaContext, Statement
 from lambda_client._result import Result
 from lambda_client._stream import AsyncRowStream, open_async_stream, stream_request
@@ -185,19 +185,15 @@ class AsyncBrokerClient(ClientBase):
 
     async def _run(self, call: Call[T], context: LambdaContext | None, timeout: float | None) -> T:
         """The plan of *call* (`BrokerClient`'s), each step awaited."""
-        # As `lambda_client._policy.run_plan`, each step awaited.
         plan = self._plan(call, context, timeout)
-        advance: Callable[[Any], Any] = plan.send
-        outcome: Any = None
-        while True:
-            try:
-                step = advance(outcome)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            try:
-                outcome, advance = await step(), plan.send
+        finished, step = resume(plan, None, False)
+        while not finished:
+            try:  # inline, not a helper coroutine: nothing more alive while the step is
+                outcome, failed = await step(), False
             except grpc.RpcError as exc:
-                outcome, advance = exc, plan.throw
+                outcome, failed = exc, True
+            finished, step = resume(plan, outcome, failed)
+        return step  # type: ignore[no-any-return]
 
     def _get_link(self) -> Link:
         """The stub on this loop's channel, created on first use, in a new loop, or after a
