@@ -217,45 +217,31 @@ def _send(broker: Any, sql: str, function: str) -> Any:
 def test_broker_serves_another_function_within_one_turn_of_a_200_flood(
     start_inproc_broker: Any, admin: pg8000.native.Connection, sequence: str
 ) -> None:
-    broker = start_inproc_broker(pool_size=2)
-    # Every request waits on the test's advisory lock, then takes a number: the order in
-    # which the pool handed out connections.
+    # One connection, so the order in which the pool hands it out is the order of the
+    # numbers taken: with two, a request handed out first could still take its number after
+    # the other connection's next one (its backend scheduled later), which blurred B's turn.
+    broker = start_inproc_broker(pool_size=1)
+    # Every request waits on the test's advisory lock, then takes a number.
     sql = f"SELECT pg_advisory_xact_lock_shared({LOCK_KEY}), nextval('{sequence}')"
-    _prepare_on_both_connections(broker, admin, sql)
+    for _ in range(2):  # prepared (a text's second run), so no request costs a round trip more
+        broker.execute(request(sql))
     admin.run(f"ALTER SEQUENCE {sequence} RESTART")
     admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
     try:
         flood = [_send(broker, sql, "fn-a") for _ in range(200)]
-        wait_until(lambda: broker.stats()["requests_waiting"] == 198, what="A's flood to queue")
+        wait_until(lambda: broker.stats()["requests_waiting"] == 199, what="A's flood to queue")
         late = _send(broker, sql, "fn-b")
-        wait_until(lambda: broker.stats()["requests_waiting"] == 199, what="B to queue")
+        wait_until(lambda: broker.stats()["requests_waiting"] == 200, what="B to queue")
         assert broker.stats()["requests_waiting_callers"] == 2
     finally:
         admin.run("SELECT pg_advisory_unlock_all()")
     turn_b = rows(late.result().results[0])[0][1]
     turns_a = sorted(rows(f.result().results[0])[0][1] for f in flood)
     assert len(turns_a) == 200
-    # Two of A's were running, then at most one queued A (one per other waiting caller) and
-    # B; with two connections these may swap. FIFO would give B turn 201.
-    assert turn_b <= 2 + 2, turn_b
-    # FIFO within A: nextval order follows arrival except for the two running at a time,
-    # checked at pool level above; here A's 200 all ran.
+    # One of A's was running, then at most one queued A (one per other waiting caller)
+    # before B. FIFO would give B turn 201.
+    assert turn_b <= 1 + 2, turn_b
     assert turns_a[-1] == 201
-
-
-def _prepare_on_both_connections(broker: Any, admin: pg8000.native.Connection, sql: str) -> None:
-    """Run *sql* twice on each of the two connections, so it is prepared on both (a text's
-    first run on a connection is unnamed, its second prepares it): a prepare round trip in
-    the middle of the flood would let the other connection run ahead and blur the turns."""
-    for _ in range(2):
-        admin.run("SELECT pg_advisory_lock(:k)", k=LOCK_KEY)
-        try:
-            held = [_send(broker, sql, "warm") for _ in range(2)]
-            wait_until(lambda: broker.stats()["pool_active"] == 2, what="both connections busy")
-        finally:
-            admin.run("SELECT pg_advisory_unlock_all()")
-        for future in held:
-            future.result()
 
 
 def test_inflight_cap_counts_per_function(
