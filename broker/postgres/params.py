@@ -85,9 +85,7 @@ def _bind(values: Sequence[pb.Value], arrays: bool) -> Bound | None:
         if kind == "int64":  # the commonest value: `bind_value`'s branch, without a call
             number = value.int64  # each read makes a new int
             texts.append(str(number))
-            oids.append(
-                INT2 if -(2**15) <= number < 2**15 else INT4 if -(2**31) <= number < 2**31 else INT8
-            )
+            oids.append(_int_oid(number))
             continue
         if kind == "array" and not arrays:
             return None

@@ -1227,16 +1227,13 @@ COOPERATE_ROWS = 64
 
 
 def _result(prepared: _Prepared, context: Any) -> pb.StatementResult:
+    result = pb.StatementResult(
+        rows_affected=context.row_count, command_tag=getattr(context, "command_tag", "")
+    )
     columns = prepared.columns
     if not columns and not context.rows:  # UPDATE, INSERT, DDL: no loops to set up
-        return pb.StatementResult(
-            rows_affected=context.row_count, command_tag=getattr(context, "command_tag", "")
-        )
+        return result
     columns = columns or []
-    result = pb.StatementResult(
-        rows_affected=context.row_count,
-        command_tag=getattr(context, "command_tag", ""),
-    )
     oids = [c["type_oid"] for c in columns]
     for column in columns:
         result.columns.add(name=column["name"], type_oid=column["type_oid"])

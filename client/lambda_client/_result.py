@@ -33,23 +33,14 @@ class Result:
         # __post_init__). A statement without columns (UPDATE, INSERT: most of a batch's)
         # skips the loops.
         new = object.__new__(cls)
-        columns = result.columns
-        if columns:
-            new.__dict__.update(
-                columns=tuple([c.name for c in columns]),
-                rows=[decode_row(row.values) for row in result.rows],
-                rows_affected=result.rows_affected,
-                command_tag=result.command_tag,
-                type_oids=tuple([c.type_oid for c in columns]),
-            )
-        else:
-            new.__dict__.update(
-                columns=(),
-                rows=[decode_row(row.values) for row in result.rows] if result.rows else [],
-                rows_affected=result.rows_affected,
-                command_tag=result.command_tag,
-                type_oids=(),
-            )
+        columns, rows = result.columns, result.rows
+        new.__dict__.update(
+            columns=tuple([c.name for c in columns]) if columns else (),
+            rows=[decode_row(row.values) for row in rows] if rows else [],
+            rows_affected=result.rows_affected,
+            command_tag=result.command_tag,
+            type_oids=tuple([c.type_oid for c in columns]) if columns else (),
+        )
         return new
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
