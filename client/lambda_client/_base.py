@@ -360,9 +360,9 @@ def channel_options(
     health_check_service: str | None = HEALTH_CHECK_SERVICE,
     overrides: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
-    """Channel arguments for a Lambda client: round-robin, health checks, keepalive, quick
-    reconnects, then *overrides* (which replace a default of the same key: gRPC would take
-    the first of two).
+    """Channel arguments for a Lambda client: round-robin, health checks, keepalive, no BDP
+    probe, quick reconnects, then *overrides* (which replace a default of the same key: gRPC
+    would take the first of two).
 
     With *health_check_service*, round-robin only picks replicas whose ``grpc.health.v1``
     status for that service is SERVING (gRPC client-side health checking, a ``Watch`` stream
@@ -386,6 +386,11 @@ def channel_options(
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # No BDP probe (a PING and its ACK with nearly every call that follows an idle
+        # spell); a fixed 4 MiB receive window instead keeps big results as fast as the
+        # probe's window did (docs/performance.md, "HTTP/2 pings").
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 4 << 20),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.max_receive_message_length", max_message_bytes),
