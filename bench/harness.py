@@ -666,11 +666,15 @@ def cpu_multiples(
     results: list[dict[str, Any]], floor: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Per W1 variant with a floor row: pooler CPU per 1,000 requests of pgbroker, of the
-    floor and of PgBouncer (asyncpg), and pgbroker's as a multiple of the other two."""
+    floor and of PgBouncer (asyncpg), and pgbroker's as a multiple of the other two.
+
+    Also the floor's own CPU, tx/s and p50 as multiples of PgBouncer's: a broker that did no
+    work at all would stand there, so a target past them cannot be met on this stack."""
     rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
     out = []
     for base in floor:
         key = (base["workload"], base["variant"])
+        bouncer = rows.get((*key, BOUNCER_ASYNCPG))
         figures = {
             name: _cpu_per_1000(rows.get((*key, name)) if name != FLOOR else base)
             for name in (PGBROKER, FLOOR, BOUNCER_ASYNCPG)
@@ -681,8 +685,22 @@ def cpu_multiples(
             "cpu_s_per_1000_tx": figures,
             "pgbroker_x_floor": _multiple(broker, figures[FLOOR]),
             "pgbroker_x_pgbouncer": _multiple(broker, figures[BOUNCER_ASYNCPG]),
+            "floor_x_pgbouncer": {
+                "cpu": _multiple(figures[FLOOR], figures[BOUNCER_ASYNCPG]),
+                "tps": _multiple(base.get("tps"), _figure(bouncer, "tps")),
+                "p50": _multiple(_p50(base), _p50(bouncer)),
+            },
         })  # fmt: skip
     return out
+
+
+def _figure(row: dict[str, Any] | None, name: str) -> Any:
+    return None if not row or row.get("skipped") else row.get(name)
+
+
+def _p50(row: dict[str, Any] | None) -> float | None:
+    latency: dict[str, float] = _figure(row, "latency_ms") or {}
+    return latency.get("p50")
 
 
 def _cpu_per_1000(row: dict[str, Any] | None) -> float | None:

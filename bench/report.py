@@ -70,6 +70,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2)
 
 
+def _floor_multiples(entry: dict[str, Any]) -> str:
+    """The floor's CPU, tx/s and p50 as multiples of PgBouncer's (older runs: none)."""
+    multiples = entry.get("floor_x_pgbouncer") or {}
+    return ", ".join(_fmt(multiples.get(name), 2) for name in ("cpu", "tps", "p50"))
+
+
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets (reported, never asserted) and where this run stands."""
     rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
@@ -167,6 +173,7 @@ def print_report(data: dict[str, Any], console: Console | None = None) -> None:
         "PgBouncer",
         "÷ floor",
         "÷ PgBouncer",
+        "floor ÷ PgBouncer: CPU, tx/s, p50",
     ):
         floor.add_column(header)
     for entry, row in zip(data.get("cpu_multiples", []), data.get("floor", []), strict=False):
@@ -175,6 +182,7 @@ def print_report(data: dict[str, Any], console: Console | None = None) -> None:
             f"{entry['workload']} {entry['variant']}", _fmt(row.get("tps")),
             _fmt(cpu["floor"], 3), _fmt(cpu[PGBROKER], 3), _fmt(cpu[BOUNCER_ASYNCPG], 3),
             _fmt(entry["pgbroker_x_floor"], 2), _fmt(entry["pgbroker_x_pgbouncer"], 2),
+            _floor_multiples(entry),
         )  # fmt: skip
     console.print(floor)
     for entry in data.get("targets", []):
@@ -290,15 +298,16 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "| W1 | floor tx/s | pooler CPU s/1k tx: floor | pgbroker | PgBouncer "
-        "| pgbroker ÷ floor | pgbroker ÷ PgBouncer |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| pgbroker ÷ floor | pgbroker ÷ PgBouncer | floor ÷ PgBouncer: CPU, tx/s, p50 |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for entry, row in zip(data.get("cpu_multiples", []), data.get("floor", []), strict=False):
         cpu = entry["cpu_s_per_1000_tx"]
         lines.append(
             f"| {entry['variant']} | {_fmt(row.get('tps'))} | {_fmt(cpu['floor'], 3)} "
             f"| {_fmt(cpu[PGBROKER], 3)} | {_fmt(cpu[BOUNCER_ASYNCPG], 3)} "
-            f"| {_fmt(entry['pgbroker_x_floor'], 2)} | {_fmt(entry['pgbroker_x_pgbouncer'], 2)} |"
+            f"| {_fmt(entry['pgbroker_x_floor'], 2)} | {_fmt(entry['pgbroker_x_pgbouncer'], 2)} "
+            f"| {_floor_multiples(entry)} |"
         )
     lines += ["", "| cold start (median, ms) | samples | import | import + first query |"]
     lines.append("|---|--:|--:|--:|")

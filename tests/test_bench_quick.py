@@ -113,4 +113,14 @@ def test_the_floor_competitor_and_cpu_multiples_are_reported(tiny_run: dict[str,
     for name, key in (("floor", "pgbroker_x_floor"), ("pgbouncer+asyncpg", "pgbroker_x_pgbouncer")):
         expected = round(cpu["pgbroker"] / cpu[name], 2) if cpu["pgbroker"] and cpu[name] else None
         assert multiples[key] == expected
+    # The floor against PgBouncer: where a broker that did no work at all would stand.
+    results = {(r["workload"], r["variant"], r["competitor"]): r for r in tiny_run["results"]}
+    bouncer = results[("W1", "base", "pgbouncer+asyncpg")]
+    stack = multiples["floor_x_pgbouncer"]
+    assert stack["tps"] == round(row["tps"] / bouncer["tps"], 2)
+    assert stack["p50"] == round(row["latency_ms"]["p50"] / bouncer["latency_ms"]["p50"], 2)
+    expected = (
+        round(cpu["floor"] / cpu["pgbouncer+asyncpg"], 2) if cpu["pgbouncer+asyncpg"] else None
+    )
+    assert stack["cpu"] == expected
     assert "against its floor" in tiny_run["_stdout"]
