@@ -95,7 +95,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # No BDP probe: gRPC sends a PING with the first data after an idle spell to size its
         # receive window, so nearly every call of a Lambda (one after an idle spell) cost a
         # PING and its ACK each way. A fixed 4 MiB window instead: the default 64 KiB
-        # without the probe slowed a 6 MiB request over an 11 ms round trip by half
+        # without the probe made a 6 MiB request over an 11 ms round trip 1.6x slower
         # (docs/performance.md). The client's channel options do the same.
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 4 << 20),
