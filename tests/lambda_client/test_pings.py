@@ -27,8 +27,8 @@ ACK = 0x1
 
 
 class FrameCountingRelay:
-    """Relays one TCP connection at a time to *target*; counts the HTTP/2 frames each way by
-    (type, flags) in ``frames["to_broker"]`` and ``frames["to_client"]``."""
+    """Relays every TCP connection it accepts to *target*; counts the HTTP/2 frames each way
+    by (type, flags) in ``frames["to_broker"]`` and ``frames["to_client"]``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
