@@ -688,25 +688,25 @@ def cpu_multiples(
             "floor_x_pgbouncer": {
                 "cpu": _multiple(figures[FLOOR], figures[BOUNCER_ASYNCPG]),
                 "tps": _multiple(base.get("tps"), _figure(bouncer, "tps")),
-                "p50": _multiple(_p50(base), _p50(bouncer)),
+                "p50": _multiple(latency_ms(base, "p50"), latency_ms(bouncer, "p50")),
             },
         })  # fmt: skip
     return out
 
 
 def _figure(row: dict[str, Any] | None, name: str) -> Any:
+    """*row*'s *name*; None for a missing or skipped row."""
     return None if not row or row.get("skipped") else row.get(name)
 
 
-def _p50(row: dict[str, Any] | None) -> float | None:
-    latency: dict[str, float] = _figure(row, "latency_ms") or {}
-    return latency.get("p50")
+def latency_ms(row: dict[str, Any] | None, name: str) -> float | None:
+    """*row*'s latency percentile *name* (``"p50"``, …) in ms; None when it has none."""
+    value = (_figure(row, "latency_ms") or {}).get(name)
+    return float(value) if value is not None else None
 
 
 def _cpu_per_1000(row: dict[str, Any] | None) -> float | None:
-    if not row or row.get("skipped"):
-        return None
-    value = (row.get("pooler") or {}).get("cpu_s_per_1000_tx")
+    value = (_figure(row, "pooler") or {}).get("cpu_s_per_1000_tx")
     return float(value) if value is not None else None
 
 

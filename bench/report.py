@@ -16,6 +16,7 @@ from bench.harness import (
     COMPETITORS,
     DIRECT,
     PGBROKER,
+    latency_ms,
 )
 
 
@@ -51,17 +52,11 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry: dict[str, Any] = {"workload": workload, "variant": variant}
             entry["versus"] = other_name
             entry["tps"] = _ratio(mine.get("tps"), other.get("tps"))
-            entry["p50"] = _ratio(_p(mine, "p50"), _p(other, "p50"))
+            entry["p50"] = _ratio(latency_ms(mine, "p50"), latency_ms(other, "p50"))
             if workload == "W3":
                 entry["elapsed"] = _ratio(mine.get("elapsed_s"), other.get("elapsed_s"))
             out.append(entry)
     return out
-
-
-def _p(row: dict[str, Any], name: str) -> float | None:
-    latency = row.get("latency_ms") or {}
-    value = latency.get(name)
-    return float(value) if value is not None else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -93,7 +88,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "met": bool(value and value >= 3 and broker.get("errors") == 0),
     })  # fmt: skip
     broker, bouncer = get("W1", "base", PGBROKER), get("W1", "base", BOUNCER_ASYNCPG)
-    value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+    value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
     out.append({
         "target": "W1: pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
         "value": f"{_fmt(value, 2)}x",
@@ -101,7 +96,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     })  # fmt: skip
     broker, bouncer = get("W1", "light", PGBROKER), get("W1", "light", BOUNCER_ASYNCPG)
     if broker and bouncer:
-        value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+        value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
         out.append({
             "target": "W1 light (no queueing): pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
             "value": f"{_fmt(value, 2)}x",
@@ -109,11 +104,12 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })  # fmt: skip
     broker, bouncer = get("W4", "view", PGBROKER), get("W4", "view", BOUNCER_PSYCOPG)
     if broker and bouncer:
-        value = _ratio(_p(broker, "p50"), _p(bouncer, "p50"))
+        value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
         out.append({
             "target": "W4 (reported): Django view of 10 ORM queries, pgbroker p50 vs "
             "PgBouncer + psycopg",
-            "value": f"{_fmt(_p(broker, 'p50'), 2)} vs {_fmt(_p(bouncer, 'p50'), 2)} ms "
+            "value": f"{_fmt(latency_ms(broker, 'p50'), 2)} vs "
+            f"{_fmt(latency_ms(bouncer, 'p50'), 2)} ms "
             f"({_fmt(value, 2)}x)",
             "met": None,
         })  # fmt: skip
@@ -243,7 +239,7 @@ def write_chart(data: dict[str, Any], path: Path) -> None:
     for i, competitor in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cases))]
         tps = [values.get((c, competitor), {}).get("tps") or 0 for c in cases]
-        p50 = [_p(values.get((c, competitor), {}), "p50") or 0 for c in cases]
+        p50 = [latency_ms(values.get((c, competitor), {}), "p50") or 0 for c in cases]
         axes[0].bar(xs, tps, width, label=competitor, color=colors[competitor])
         axes[1].bar(xs, p50, width, label=competitor, color=colors[competitor])
     axes[0].set_ylabel("transactions / s (log)")

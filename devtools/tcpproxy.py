@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 __all__ = ["TcpProxy"]
 
@@ -92,8 +93,9 @@ class _PreciseTimer:
 class _Direction:
     """Bytes flowing one way (source -> destination), each chunk held until its due time."""
 
-    def __init__(self, proxy: TcpProxy, delay: Callable[[], float]) -> None:
+    def __init__(self, proxy: TcpProxy, name: str, delay: Callable[[], float]) -> None:
         self._proxy = proxy
+        self.name = name  # "upstream" (client -> target) or "downstream"
         self._delay = delay
         self._queue: deque[tuple[float, bytes]] = deque()
         self._scheduled = False
@@ -102,6 +104,8 @@ class _Direction:
         self.dst: asyncio.Transport | None = None
 
     def feed(self, data: bytes) -> None:
+        if self._proxy.tap is not None:
+            self._proxy.tap(self, data)
         delay = self._delay()
         if delay <= 0 and not self._queue:
             self._write(data)
@@ -193,8 +197,8 @@ class _Connection:
 
     def __init__(self, proxy: TcpProxy) -> None:
         self.proxy = proxy
-        upstream = _Direction(proxy, lambda: proxy.upstream_delay)
-        downstream = _Direction(proxy, lambda: proxy.downstream_delay)
+        upstream = _Direction(proxy, "upstream", lambda: proxy.upstream_delay)
+        downstream = _Direction(proxy, "downstream", lambda: proxy.downstream_delay)
         self.client: _Side = _ClientSide(self, outgoing=upstream, incoming=downstream)
         self.server = _Side(self, outgoing=downstream, incoming=upstream)
         self.client.peer, self.server.peer = self.server, self.client
@@ -227,7 +231,10 @@ class TcpProxy:
     (`set_delay`); they apply to bytes read from then on. `start()` binds the port (0: any
     free port) and returns self; `stop()` closes everything and joins the thread. With
     *source_host* (e.g. ``127.0.0.2``) the target sees connections from that address, so a
-    test can present a second client address on loopback.
+    test can present a second client address on loopback. With *tap*, ``tap(stream, data)``
+    sees every chunk read, in order, before its delay (on the proxy's thread): *stream* is
+    one direction of one proxied connection, the same object for all of its bytes, and
+    ``stream.name`` is ``"upstream"`` (client -> target) or ``"downstream"``.
     """
 
     def __init__(
@@ -240,8 +247,10 @@ class TcpProxy:
         upstream_delay: float | None = None,
         downstream_delay: float | None = None,
         source_host: str | None = None,
+        tap: Callable[[Any, bytes], None] | None = None,
     ) -> None:
         self.target = target
+        self.tap = tap
         self.source_host = source_host
         self.host = listen_host
         self.port = listen_port

@@ -157,3 +157,21 @@ def test_client_is_closed_when_target_is_down() -> None:
         dead_port = placeholder.getsockname()[1]
     with TcpProxy(("127.0.0.1", dead_port)) as proxy, _connect(proxy) as sock:
         _assert_closed_by_peer(sock)
+
+
+def test_a_tap_sees_each_direction_of_each_connection_in_order(echo: tuple[str, int]) -> None:
+    seen: dict[object, bytearray] = {}  # by stream (kept alive: an id could be reused)
+
+    def tap(stream, data: bytes) -> None:  # type: ignore[no-untyped-def]
+        seen.setdefault(stream, bytearray()).extend(data)
+
+    payloads = [os.urandom(200_000), os.urandom(3_000)]
+    with TcpProxy(echo, delay=0.001, tap=tap) as proxy:
+        for payload in payloads:
+            with _connect(proxy) as sock:
+                sock.sendall(payload)
+                assert _recv_exactly(sock, len(payload)) == payload
+    # Two connections, two streams each; every byte, in order, under its own stream.
+    names = sorted(stream.name for stream in seen)  # type: ignore[attr-defined]
+    assert names == ["downstream", "downstream", "upstream", "upstream"]
+    assert sorted(bytes(data) for data in seen.values()) == sorted(payloads * 2)

@@ -130,9 +130,7 @@ def add_params(target: Any, params: Sequence[object]) -> None:
     one. An int64 and a str, most parameters, are added in place (``target.add``), and their
     ``$n`` name is made only for an error: per parameter of every call, this was two thirds
     of building a request (docs/performance.md, "the client library's Python per call")."""
-    cls = type(params)
-    if cls is not list and cls is not tuple:
-        _check_params(params)
+    _check_params(params)
     add = target.add
     low, high = _INT64
     for index, value in enumerate(params, start=1):

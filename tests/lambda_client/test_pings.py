@@ -5,20 +5,21 @@ gRPC's BDP probe sends a PING with the first data after an idle spell to size it
 window, and the peer answers it: with the probe on (gRPC's default) nearly every call of a
 Lambda paid a PING and its ACK from each side. Both the client's channel options and the
 broker's server options turn it off. A relay between the two parses the HTTP/2 frames each
-way and counts the PINGs.
+way (a `TcpProxy` tap) and counts the PINGs.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from devtools.brokerproc import BrokerProcess
+from devtools.tcpproxy import TcpProxy
 from lambda_client import BrokerClient
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -26,20 +27,35 @@ PING = 0x6
 ACK = 0x1
 
 
-class FrameCountingRelay:
-    """Relays every TCP connection it accepts to *target*; counts the HTTP/2 frames each way
-    by (type, flags) in ``frames["to_broker"]`` and ``frames["to_client"]``."""
+class FrameCounter:
+    """A `TcpProxy` tap: counts the HTTP/2 frames of each direction by (type, flags), in
+    ``frames["upstream"]`` (client -> broker) and ``frames["downstream"]``."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+    def __init__(self) -> None:
         self.frames: dict[str, Counter[tuple[int, int]]] = {
-            "to_broker": Counter(),
-            "to_client": Counter(),
+            "upstream": Counter(),
+            "downstream": Counter(),
         }
+        # Per stream: the bytes of its connection preface still to skip (the client's comes
+        # before its first frame), and the bytes of a frame not yet whole.
+        self._pending: dict[Any, tuple[int, bytes]] = {}
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __call__(self, stream: Any, data: bytes) -> None:
+        first = (len(PREFACE) if stream.name == "upstream" else 0, b"")
+        skip, buffered = self._pending.get(stream, first)
+        buffered += data
+        taken = min(skip, len(buffered))
+        skip, buffered = skip - taken, buffered[taken:]
+        # A frame: 24-bit length, 8-bit type, 8-bit flags, 32-bit stream id, then the payload.
+        while len(buffered) >= 9:
+            end = 9 + int.from_bytes(buffered[:3], "big")
+            if len(buffered) < end:
+                break
+            with self._lock:
+                self.frames[stream.name][(buffered[3], buffered[4])] += 1
+            buffered = buffered[end:]
+        self._pending[stream] = (skip, buffered)
 
     def pings(self, direction: str) -> int:
         """PINGs that are not ACKs sent in *direction*."""
@@ -50,60 +66,13 @@ class FrameCountingRelay:
                 if kind == PING and not flags & ACK
             )
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for source, sink, direction, skip in (
-                (downstream, upstream, "to_broker", len(PREFACE)),
-                (upstream, downstream, "to_client", 0),
-            ):
-                args = (source, sink, direction, skip)
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, direction: str, skip: int) -> None:
-        buffered = b""
-        while True:
-            try:
-                data = source.recv(65536)
-                if data:
-                    sink.sendall(data)
-            except OSError:  # the other direction closed both sockets
-                data = b""
-            if not data:
-                for sock in (source, sink):
-                    sock.close()
-                return
-            buffered += data
-            if skip:  # the client's connection preface comes before its first frame
-                taken = min(skip, len(buffered))
-                buffered, skip = buffered[taken:], skip - taken
-            buffered = self._count(buffered, direction)
-
-    def _count(self, buffered: bytes, direction: str) -> bytes:
-        # A frame: 24-bit length, 8-bit type, 8-bit flags, 32-bit stream id, then the payload.
-        while len(buffered) >= 9:
-            length = int.from_bytes(buffered[:3], "big")
-            if len(buffered) < 9 + length:
-                break
-            with self._lock:
-                self.frames[direction][(buffered[3], buffered[4])] += 1
-            buffered = buffered[9 + length :]
-        return buffered
-
-    def close(self) -> None:
-        self.listener.close()
-
 
 @pytest.fixture
-def relay(broker: BrokerProcess) -> Iterator[FrameCountingRelay]:
+def relay(broker: BrokerProcess) -> Iterator[tuple[TcpProxy, FrameCounter]]:
     host, port = broker.target.rsplit(":", 1)
-    relay = FrameCountingRelay((host, int(port)))
-    yield relay
-    relay.close()
+    counter = FrameCounter()
+    with TcpProxy((host, int(port)), tap=counter) as proxy:
+        yield proxy, counter
 
 
 CALLS = 12
@@ -116,17 +85,23 @@ def _calls_after_idle_spells(client: BrokerClient) -> None:
         assert client.query("SELECT $1::int", [i]).scalar() == i
 
 
-def test_calls_after_idle_spells_send_no_ping_either_way(relay: FrameCountingRelay) -> None:
-    with BrokerClient(f"127.0.0.1:{relay.port}", tls=False) as client:
+def test_calls_after_idle_spells_send_no_ping_either_way(
+    relay: tuple[TcpProxy, FrameCounter],
+) -> None:
+    proxy, counter = relay
+    with BrokerClient(proxy.address, tls=False) as client:
         _calls_after_idle_spells(client)
-    # Keepalive pings come after 30 s without a call; this test takes under a second.
-    assert relay.pings("to_broker") == 0, relay.frames
-    assert relay.pings("to_client") == 0, relay.frames
+    # Keepalive pings come after 30 s without a call; this test takes under 3 s.
+    assert counter.pings("upstream") == 0, counter.frames
+    assert counter.pings("downstream") == 0, counter.frames
 
 
-def test_the_relay_sees_the_pings_of_a_client_that_probes(relay: FrameCountingRelay) -> None:
-    """The relay's count is real: a client with gRPC's default BDP probe sends PINGs."""
+def test_the_relay_sees_the_pings_of_a_client_that_probes(
+    relay: tuple[TcpProxy, FrameCounter],
+) -> None:
+    """The count is real: a client with gRPC's default BDP probe sends PINGs."""
+    proxy, counter = relay
     options = [("grpc.http2.bdp_probe", 1)]
-    with BrokerClient(f"127.0.0.1:{relay.port}", tls=False, options=options) as client:
+    with BrokerClient(proxy.address, tls=False, options=options) as client:
         _calls_after_idle_spells(client)
-    assert relay.pings("to_broker") >= CALLS // 2, relay.frames
+    assert counter.pings("upstream") >= CALLS // 2, counter.frames
