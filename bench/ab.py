@@ -17,7 +17,8 @@ Prints one JSON document: every run, and per workload the medians of A and B and
 
 Each broker runs with its own tree's default worker count (``--workers``: one per CPU since
 issue 14, one before), unless ``--env PGBROKER_WORKERS=N`` sets it for both. ``--env-b`` sets
-a variable for B only: an A/B of a setting (``--base`` the same tree).
+a variable for B only: an A/B of a setting (``--base`` the same tree). ``--scale`` sets pgbench's
+scale (1 by default: W2 contends on one branch row; ``make bench``'s full plan runs 10).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from bench.procs import Processes, cpu_seconds
 from devtools import brokerproc
 from devtools.localpg import LocalPostgres
 
-SCALE = 1
+SCALE = 1  # pgbench's scale unless --scale says otherwise
 WORKLOADS = {
     # name: (workload, clients, think ms)
     "w1": ("w1", 200, 0.0),
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--workloads", default="w1,w1light,w2")
+    parser.add_argument("--scale", type=int, default=SCALE, help="pgbench scale of the database")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both brokers")
     parser.add_argument(
         "--env-b", action="append", default=[], help="NAME=VALUE for broker B only (A/B a setting)"
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {"A": [], "B": []} for n in names}
     procs = Processes()
     with LocalPostgres(max_connections=200) as pg:
-        initialise(pgbench_binary(pg.bindir), pg.host, pg.port, pg.user, SCALE)
+        initialise(pgbench_binary(pg.bindir), pg.host, pg.port, pg.user, args.scale)
         url = pg.dsn + "?sslmode=disable"
         assert pg.pid is not None
         brokers = {
@@ -171,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                         spec: Spec | ViewSpec = Spec(
                             competitor="pgbroker", workload=workload, host=broker.host,
                             port=broker.port, clients=clients, duration=args.duration,
-                            warmup=args.warmup, think_ms=think, scale=SCALE, timeout=60.0,
+                            warmup=args.warmup, think_ms=think, scale=args.scale, timeout=60.0,
                             literal=name == "w1literal",
                             transact=name in TRANSACT,
                         )  # fmt: skip
                         if workload == "w4":
                             spec = ViewSpec(
                                 competitor="pgbroker", host=broker.host, port=broker.port,
-                                duration=args.duration, warmup=args.warmup, scale=SCALE,
+                                duration=args.duration, warmup=args.warmup, scale=args.scale,
                             )  # fmt: skip
                         client = args.base.resolve() if side == "A" and args.client_too else None
                         row = _one(procs, replace(spec), broker.pid, pg.pid, client)
