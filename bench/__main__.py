@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130
     data["ratios"] = ratios(data["results"])
-    data["targets"] = targets(data["results"])
+    data["targets"] = targets(data)
     stem = "latest" if name == "full" else name
     write_json(data, args.out / f"{stem}.json")
     write_chart(data, args.out / f"{stem}.png")

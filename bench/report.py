@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def _floor_multiples(entry: dict[str, Any]) -> str:
     return ", ".join(_fmt(multiples.get(name), 2) for name in ("cpu", "tps", "p50"))
 
 
-def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets (reported, never asserted) and where this run stands."""
-    rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
+def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issues' targets (reported, never asserted) and where this run stands: the seed
+    issue's, then issue 14's (`per_request_targets`)."""
+    rows = {(r["workload"], r["variant"], r["competitor"]): r for r in data["results"]}
 
     def get(workload: str, variant: str, competitor: str) -> dict[str, Any]:
         row = rows.get((workload, variant, competitor), {})
@@ -119,6 +121,60 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "value": f"{burst.get('errors', '–')} failures of {burst.get('invocations', '–')}",
         "met": bool(burst and burst.get("errors") == 0 and burst.get("tx")),
     })  # fmt: skip
+    return out + per_request_targets(data, get)
+
+
+# Issue 14's targets (per-request cost), each as (what, at most / at least, bound). Its W1-light
+# p50 target (<= 1.5x PgBouncer) is the seed issue's, reported above.
+_AT_MOST, _AT_LEAST = "<=", ">="
+PER_REQUEST_TARGETS = (
+    ("pooler CPU per W1 request, x the floor", _AT_MOST, 1.5),
+    ("pooler CPU per W1 request, x PgBouncer (asyncpg)", _AT_MOST, 4.0),
+    ("W1 tx/s, x PgBouncer (asyncpg)", _AT_LEAST, 1.0),
+    ("W3 broker CPU per new channel, ms", _AT_MOST, 1.0),
+    ("W3 time until all done, x PgBouncer (asyncpg)", _AT_MOST, 1.5),
+    ("cold start (import + first query), x pg8000's TLS path", _AT_MOST, 0.6),
+    ("nothing slower: W2 tx/s, x PgBouncer (asyncpg)", _AT_LEAST, 1.56),
+)
+
+
+def per_request_targets(
+    data: dict[str, Any], get: Callable[[str, str, str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Issue 14's targets in `PER_REQUEST_TARGETS`' order, from the rows (*get*: a competitor's
+    row of a workload variant, {} when missing or skipped), the W1 CPU multiples and the cold
+    starts: so every run states each one, and runs compare."""
+    multiples: dict[str, Any] = next(
+        (m for m in data.get("cpu_multiples", []) if m["variant"] == "base"), {}
+    )
+    burst, burst_bouncer = get("W3", "burst", PGBROKER), get("W3", "burst", BOUNCER_ASYNCPG)
+    cold = {
+        entry["competitor"]: entry["first_query_ms"]["median"]
+        for entry in data.get("cold_start", [])
+        if not entry.get("skipped")
+    }
+
+    def tps_versus_bouncer(workload: str) -> float | None:
+        mine, theirs = get(workload, "base", PGBROKER), get(workload, "base", BOUNCER_ASYNCPG)
+        return _ratio(mine.get("tps"), theirs.get("tps"))
+
+    values = (
+        multiples.get("pgbroker_x_floor"),
+        multiples.get("pgbroker_x_pgbouncer"),
+        tps_versus_bouncer("W1"),
+        (burst.get("pooler") or {}).get("cpu_s_per_1000_tx"),  # s per 1,000 = ms per channel
+        _ratio(burst.get("elapsed_s"), burst_bouncer.get("elapsed_s")),
+        _ratio(cold.get(PGBROKER), cold.get(DIRECT)),
+        tps_versus_bouncer("W2"),
+    )
+    out = []
+    for (what, sense, bound), value in zip(PER_REQUEST_TARGETS, values, strict=True):
+        met = value is not None and (value <= bound if sense == _AT_MOST else value >= bound)
+        out.append({
+            "target": f"issue 14: {what} {sense} {bound:g}",
+            "value": _fmt(value, 2),
+            "met": met,
+        })  # fmt: skip
     return out
 
 
@@ -314,4 +370,8 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {_fmt(entry['import_ms']['median'])} "
                 f"| {_fmt(entry['first_query_ms']['median'])} |"
             )
+    lines += ["", "| target | this run | met |", "|---|--:|---|"]
+    for entry in data.get("targets", []):
+        met = "reported" if entry["met"] is None else "yes" if entry["met"] else "no"
+        lines.append(f"| {entry['target']} | {entry['value']} | {met} |")
     return "\n".join(lines) + "\n"
