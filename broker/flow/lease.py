@@ -209,6 +209,9 @@ class Lease:
         # Whether the lease's end (`_END_CALLS`) is prepared on the connection: from BEGIN
         # until a DDL step drops every prepared statement.
         self.end_prepared = True
+        # Whether a keyed COMMIT under the mapped role finds its claim prepared (at BEGIN, as
+        # the login role: `_CLAIM_AHEAD`); dropped with the end by a DDL step.
+        self.claim_prepared = False
         # Read-your-writes (broker/flow/routing.py): read the WAL position behind COMMIT.
         self.report_position = False
         self.commit_lsn = 0
@@ -216,8 +219,12 @@ class Lease:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    async def begin(cls, pool: Pool, options: Batch, bounds: LeaseBounds) -> Lease:
+    async def begin(
+        cls, pool: Pool, options: Batch, bounds: LeaseBounds, *, claim_ahead: bool = False
+    ) -> Lease:
         """Queue for a connection and run BEGIN with *options* (its statements are ignored).
+        *claim_ahead*: the key store is usable, so under a mapped role (``options.role``) the
+        key's claim is prepared ahead of BEGIN, for a keyed COMMIT (`_keyed_commit`).
 
         Raise the pool's errors or `DeadlineBeforeStart` (nothing ran), `TransactionLost`
         when BEGIN broke the connection on `MAX_ATTEMPTS` connections in a row, or
@@ -235,7 +242,8 @@ class Lease:
                 # the reset behind every transaction, the one set at connect (as for a batch).
                 default_ms = conn.pg.default_statement_timeout_ms if lease.reset_session else None
                 session = begin_calls(options, timeout_ms, default_ms)
-                await lease._on_worker(_begin, session, small=True)
+                ahead = claim_ahead and options.role is not None
+                lease.claim_prepared = await lease._on_worker(_begin, session, ahead, small=True)
                 return lease
             except TransactionLost as exc:
                 error = exc
@@ -278,7 +286,7 @@ class Lease:
                 # This transaction sees the changed tables already: prepare afresh in it (the
                 # lease's end too: see `_end`).
                 self.conn.pg.drop_statements()
-                self.end_prepared = False
+                self.end_prepared = self.claim_prepared = False
             return results
         except StatementFailed as exc:
             named = self._named(exc, cut)
@@ -391,11 +399,15 @@ class Lease:
 
     def _keyed_commit(self, claim: keys.KeyClaim) -> list[str | Call]:
         """The key's claim and COMMIT, in one Sync group (a committed key's 23505 skips
-        COMMIT): statements the connection prepares once. Under a mapped role, as simple SQL
-        behind ``SET LOCAL ROLE NONE``: preparing runs ahead of everything sent, so as that
-        role, which may not see the store (a batch claims before its ``SET LOCAL ROLE``)."""
+        COMMIT): statements the connection prepares once. Under a mapped role, behind
+        ``SET LOCAL ROLE NONE`` (the login role owns the store) and prepared at BEGIN
+        (`claim_prepared`): preparing now would run as the mapped role, which may not see
+        the store (a batch claims before its ``SET LOCAL ROLE``). Without that (a DDL step
+        dropped them), as simple SQL."""
         if self.role is None:
             return [*keys.claim_calls(claim), _COMMIT]
+        if self.claim_prepared:
+            return [_ROLE_NONE, *keys.claim_calls(claim), _COMMIT]
         sql = keys.claim_sql(claim.caller, claim.key, claim.digest, claim.ttl_seconds)
         return [f"SET LOCAL ROLE NONE; {sql}; COMMIT"]
 
@@ -506,17 +518,36 @@ class Lease:
 _COMMIT = Call("COMMIT")
 _ROLLBACK = Call("ROLLBACK")
 _END_CALLS = (_COMMIT.sql, _ROLLBACK.sql, *CLEANUP)
+# A keyed COMMIT under a mapped role (`Lease._keyed_commit`): back to the login role, then the
+# key's claim; prepared at BEGIN (`claim_ahead`), before the role is set.
+_ROLE_NONE = Call("SET LOCAL ROLE NONE")
+_CLAIM_AHEAD = (_ROLE_NONE.sql, *keys.CLAIM_CALLS)
 
 
-def _begin(conn: PgConnection, session: Session) -> None:
-    """BEGIN and its SET LOCALs as statements prepared once (`batch.begin_calls`)."""
+def _begin(conn: PgConnection, session: Session, claim_ahead: bool = False) -> bool:
+    """BEGIN and its SET LOCALs as statements prepared once (`batch.begin_calls`); with
+    *claim_ahead*, the key's claim prepared first, as the login role. Return whether it is
+    prepared: a store Postgres refuses now (dropped since start) costs no transaction its
+    BEGIN, and a keyed COMMIT then claims as simple SQL, which reports why."""
     try:
+        claim_prepared = claim_ahead and _prepare_claim(conn)
         conn.run_many((), before=session, calls=_END_CALLS)
     except PgError as exc:
         rollback(conn)
         raise StatementFailed(exc, -1) from exc
     except ConnectionLost as exc:
         raise TransactionLost(exc, nothing_committed=True) from exc
+    return claim_prepared
+
+
+def _prepare_claim(conn: PgConnection) -> bool:
+    """Prepare `_CLAIM_AHEAD` on idle *conn*; False when Postgres refuses it."""
+    try:
+        conn.prepare(_CLAIM_AHEAD)
+    except PgError as exc:
+        log.warning("the key's claim could not be prepared", extra={"error": str(exc)})
+        return False
+    return True
 
 
 def _run_statements(

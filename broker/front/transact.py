@@ -288,9 +288,12 @@ class _Call:
         begun read_only may run on a replica; any other on the primary, which then reads the
         commit's position behind COMMIT) and BEGIN."""
         options, bounds = self._options(begin), self._bounds()
+        # A keyed COMMIT under a mapped role finds its claim prepared at BEGIN (`Lease.begin`);
+        # a read-only transaction (on a replica, or not) cannot write one.
+        ahead = not self.service.key_store_error and not begin.read_only
         router = self.service.router
         if not router.replicas:
-            return await Lease.begin(self.service.pool, options, bounds)
+            return await Lease.begin(self.service.pool, options, bounds, claim_ahead=ahead)
         routing = await router.choose(
             read_only=begin.read_only,
             plan=None,
@@ -301,7 +304,7 @@ class _Call:
         )
 
         def begin_on(target: Target) -> Awaitable[Lease]:
-            return Lease.begin(target.pool, options, bounds)
+            return Lease.begin(target.pool, options, bounds, claim_ahead=ahead)
 
         lease, target = await run_on_replica_or_primary(router, routing, begin_on)
         lease.report_position = routing.report_position and not target.replica

@@ -41,6 +41,7 @@ from broker.postgres.pg import Call, PgConnection, PgError
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
+    "CLAIM_CALLS",
     "CONSTRAINT",
     "FINISH_CALLS",
     "MAX_KEY_CHARS",
@@ -100,6 +101,9 @@ _CLAIM_SQL = (
 _FINISH_SQL = f"UPDATE {TABLE} SET response = $3 WHERE caller = $1 AND key = $2"
 # What `finish_call` sends, to prepare ahead (`PgConnection.run_many`'s *calls*).
 FINISH_CALLS = (_FINISH_SQL,)
+# What `claim_calls` sends with the delete of an expired key (an interactive transaction's
+# claim at COMMIT), to prepare ahead (`PgConnection.prepare`).
+CLAIM_CALLS = (_DELETE_EXPIRED_SQL, _CLAIM_SQL)
 _REPLAY_SQL = (
     f"SELECT request_hash, response, expires_at < now() FROM {TABLE} WHERE caller = $1 AND key = $2"
 )

@@ -757,6 +757,13 @@ class PgConnection:
             self._prepare_own(calls, Phase.AFTER)
             return self._run_groups(statements, bound, before, after, check, tail, one_sync)
 
+    def prepare(self, sqls: Sequence[str]) -> None:
+        """Prepare the broker's own statements *sqls* now, as the session's current role, for
+        `Call`s sent later (`run_many`'s *calls*, which prepare just before sending). Raise
+        `PgError` if Postgres refuses one (the connection stays in sync) or `ConnectionLost`."""
+        with _Guard(self):
+            self._prepare_own(sqls, Phase.PREPARE)
+
     def fetch(
         self, cursor: str, count: int, chunk_bytes: int
     ) -> tuple[list[pb.Column], list[pb.RowChunk], int]:

@@ -2,7 +2,7 @@
 connection prepares once (broker/flow/lease.py `_begin`, `_end`), on a real Postgres: prepared
 once per connection, the probe still finding what a transaction left, the end after
 ``DEALLOCATE ALL`` (a DDL step) in an open and in an aborted transaction, and the key's claim
-at COMMIT committing once."""
+at COMMIT committing once (under a mapped role too: prepared at BEGIN, as the login role)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from broker.config import parse_database_url
 from broker.flow import lease
 from broker.flow.batch import Batch, StatementFailed, begin_calls
 from broker.postgres import keys
 from broker.postgres.audit import CLEANUP, probe_leaks
 from broker.postgres.pg import PgConnection, PgError, TransactionStatus
+from broker.postgres.pg import connect as connect_pg
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -152,26 +154,57 @@ def test_a_keyed_commit_under_a_mapped_role_claims_as_the_login_role(
     admin.run(f"CREATE ROLE {role}")  # no USAGE on the store's schema
     try:
         options = Batch(statements=(), plan=RequestPlan(statements=()), role=role)
-        mapped = lease.Lease.__new__(lease.Lease)  # only its role is read
+        mapped = lease.Lease.__new__(lease.Lease)  # only its role and claim_prepared are read
         mapped.role = role
-        # Prepared as the mapped role, the claim cannot even be parsed: hence the simple SQL.
+        # Prepared as the mapped role, the claim cannot even be parsed: hence prepared at BEGIN.
         lease._begin(conn, begin_calls(options, 5000, None))
         with pytest.raises(StatementFailed) as failure:
             lease._end(conn, [*keys.claim_calls(_claim("x")), lease._COMMIT], CLEANUP, True, True)
         assert failure.value.error.sqlstate == "42501"
-        key = f"role-{uuid.uuid4()}"
-        for replayed in (False, True):
-            lease._begin(conn, begin_calls(options, 5000, None))
-            assert conn.execute_simple("SELECT current_user") == [[role]]
-            after = mapped._keyed_commit(_claim(key))
-            if replayed:
-                with pytest.raises(StatementFailed) as failure:
+        # Prepared at BEGIN (before SET LOCAL ROLE), as statements; else, as simple SQL.
+        for ahead in (True, False):
+            key = f"role-{uuid.uuid4()}"
+            for replayed in (False, True):
+                mapped.claim_prepared = lease._begin(conn, begin_calls(options, 5000, None), ahead)
+                assert mapped.claim_prepared is ahead
+                assert conn.execute_simple("SELECT current_user") == [[role]]
+                after = mapped._keyed_commit(_claim(key))
+                assert all(isinstance(part, str) for part in after) is not ahead
+                if replayed:
+                    with pytest.raises(StatementFailed) as failure:
+                        lease._end(conn, after, CLEANUP, True, True)
+                    assert keys.is_claimed(failure.value.error)
+                else:
                     lease._end(conn, after, CLEANUP, True, True)
-                assert keys.is_claimed(failure.value.error)
-            else:
-                lease._end(conn, after, CLEANUP, True, True)
-            assert conn.transaction_status is TransactionStatus.IDLE
-            assert conn.session_dirty is None
-        assert _stored(conn, key) == [[keys.request_hash(None)]]
+                assert conn.transaction_status is TransactionStatus.IDLE
+                assert conn.session_dirty is None
+            assert _stored(conn, key) == [[keys.request_hash(None)]]
+        prepared = _prepared(conn)
+        assert {sql: prepared.get(sql) for sql in lease._CLAIM_AHEAD} == dict.fromkeys(
+            lease._CLAIM_AHEAD, 1
+        )
     finally:
         admin.run(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_claim_that_cannot_be_prepared_costs_no_transaction_its_begin(
+    postgres: Any, admin: Any
+) -> None:
+    """A store dropped since start (here: a database without one): BEGIN still opens the
+    transaction, and says the claim is not prepared (a keyed COMMIT then reports why)."""
+    database = f"nostore_{uuid.uuid4().hex[:8]}"
+    admin.run(f"CREATE DATABASE {database}")
+    try:
+        url = postgres.dsn.rsplit("/", 1)[0] + f"/{database}?sslmode=disable"
+        bare = connect_pg(parse_database_url(url), timeout=5, statement_timeout=30)
+        try:
+            options = Batch(statements=(), plan=RequestPlan(statements=()), role="pg_monitor")
+            assert lease._begin(bare, begin_calls(options, 5000, None), True) is False
+            assert bare.transaction_status is TransactionStatus.INTRANS
+            assert bare.execute_simple("SELECT current_user") == [["pg_monitor"]]
+            lease._end(bare, [lease._ROLLBACK], CLEANUP, False, True)
+            assert bare.transaction_status is TransactionStatus.IDLE
+        finally:
+            bare.close_quietly()
+    finally:
+        admin.run(f"DROP DATABASE IF EXISTS {database}")

@@ -330,6 +330,32 @@ def test_the_mapped_role_holds_for_the_whole_transaction(
         admin.run(f"DROP ROLE IF EXISTS {role}")
 
 
+def test_a_keyed_commit_under_a_mapped_role_commits_once(
+    start_inproc_broker: Callable[..., InProcessBroker], admin: pg8000.native.Connection, table: str
+) -> None:
+    """The mapped role may not see the key store: the claim runs as the login role (prepared
+    at BEGIN), and the application's retry with the same key is answered as replayed."""
+    role = f"r_{table}"
+    admin.run(f"CREATE TABLE {table} (id int)")
+    admin.run(f"CREATE ROLE {role}")
+    admin.run(f"GRANT INSERT, SELECT ON {table} TO {role}")
+    key = f"mapped-{table}"
+    try:
+        broker = start_inproc_broker(role_map=f"anonymous={role}")
+        for attempt in range(2):
+            stream = Stream(broker)
+            stream.begin()
+            stream.execute(f"INSERT INTO {table} VALUES ({attempt})")
+            ended = stream.step(commit=pb.TransactRequest.Commit(idempotency_key=key)).ended
+            assert ended.committed and ended.replayed is (attempt == 1)
+            stream.close()
+        assert admin.run(f"SELECT id FROM {table}") == [[0]]
+        wait_until(lambda: broker.stats()["leases_active"] == 0, what="the leases to end")
+    finally:
+        admin.run(f"DROP TABLE IF EXISTS {table}")
+        admin.run(f"DROP ROLE IF EXISTS {role}")
+
+
 def test_session_state_left_by_a_do_block_never_reaches_the_next_lease(
     start_inproc_broker: Callable[..., InProcessBroker],
 ) -> None:
