@@ -72,6 +72,7 @@ from broker.postgres.pg import (
     TransactionStatus,
 )
 from broker.postgres.replication import POSITION_SQL, wal_position
+from broker.security.limits import ResultBudget
 from broker.security.roles import quote_role
 from broker.sql.plan import RequestPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -141,6 +142,9 @@ class Batch:
     # Called with the results before COMMIT when a statement returns rows (the result limits,
     # broker/security/limits.py); what it raises rolls the batch back and reaches the caller.
     result_check: Callable[[list[pb.StatementResult]], None] | None = None
+    # Keeps no more of the results than the result limits let through (`ResultBudget`): the
+    # checks (result_check, and the one after a single statement) read it.
+    budget: ResultBudget | None = None
     # Read-your-writes (broker/flow/routing.py): read the commit's WAL position behind COMMIT
     # (or behind a single statement), in the same flush. Set only when replicas exist.
     report_position: bool = False
@@ -504,6 +508,7 @@ def _run_single(conn: PgConnection, batch: Batch, timeout_ms: int) -> pb.Stateme
             bound=bound,
             plan=batch.plan.statements[0],
             cleanup=_cleanup(batch),
+            budget=batch.budget,
         )
     except PgError as exc:
         if exc.phase is Phase.AFTER and conn.transaction_status is TransactionStatus.IDLE:
@@ -540,6 +545,7 @@ def _run_explicit(
             cleanup=_cleanup(batch),
             calls=() if claim is None else _KEYED_CALLS,
             one_sync=True,  # behind BEGIN: one Sync for it and the statements
+            budget=batch.budget,
         )
     except PgError as exc:
         rollback(conn)

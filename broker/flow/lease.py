@@ -67,6 +67,7 @@ from broker.postgres.pg import (
     TransactionStatus,
 )
 from broker.postgres.replication import POSITION_SQL, wal_position
+from broker.security.limits import ResultBudget
 from broker.sql.plan import RequestPlan, StatementPlan
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -268,9 +269,11 @@ class Lease:
         bound: Sequence[Bound],
         audit: bool,
         small: bool = False,
+        budget: ResultBudget | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* (parameters already *bound*) in the open transaction; *small*
-        as `Batch.small` (with PGBROKER_PG_IO=loop, on the event loop).
+        as `Batch.small` (with PGBROKER_PG_IO=loop, on the event loop); *budget* as
+        `PgConnection.run_many`'s (the step's results are then checked with it).
 
         Raise `StatementFailed` for a Postgres error (the transaction is then aborted, the
         lease still usable), `LeaseTimeout` when a bound passed before or during the run,
@@ -279,7 +282,7 @@ class Lease:
         timeout_ms, cut = self._step_start(audit)
         try:
             results = await self._on_worker(
-                _run_statements, statements, plan, bound, timeout_ms, small=small
+                _run_statements, statements, plan, bound, timeout_ms, budget, small=small
             )
             if plan.ddl:
                 self.ran_ddl = True  # see commit
@@ -556,6 +559,7 @@ def _run_statements(
     plan: RequestPlan,
     bound: Sequence[Bound],
     timeout_ms: int,
+    budget: ResultBudget | None = None,
 ) -> list[pb.StatementResult]:
     # In an aborted transaction only ROLLBACK (TO SAVEPOINT) runs: the SET LOCAL would fail
     # ahead of it.
@@ -564,7 +568,9 @@ def _run_statements(
         before = f"SET LOCAL statement_timeout = {timeout_ms}"
     pairs = [(statement.sql, statement.params) for statement in statements]
     try:
-        return conn.run_many(pairs, before=before, bound=bound, plans=plan.statements)
+        return conn.run_many(
+            pairs, before=before, bound=bound, plans=plan.statements, budget=budget
+        )
     except PgError as exc:
         raise StatementFailed(exc, exc.index if exc.phase is Phase.STATEMENT else -1) from exc
     except ConnectionLost as exc:

@@ -95,6 +95,7 @@ from broker.security.identity import AuthStats, Identity, current_identity
 from broker.security.limits import (
     InflightLimiter,
     Limits,
+    ResultBudget,
     caller_key,
     check_request,
     check_results,
@@ -314,7 +315,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 # so are a batch's results unless checked before its COMMIT already.
                 check = batch.result_check
                 if not (isinstance(check, _CheckBeforeCommit) and check.passed is outcome.results):
-                    check_results(outcome.results, self.limits)
+                    check_results(outcome.results, self.limits, budget=batch.budget)
             except Exception as exc:
                 failure = failure_for(exc)
                 self._count_failure(failure)
@@ -390,6 +391,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             plan, bound = await analyse(request, self.limits, role_map is not None, small)
         plan.check_autocommit()  # a lone SET LOCAL would do nothing (Transact allows it)
         options = request.options
+        budget = ResultBudget(self.limits)
         return Batch(
             statements=request.statements,
             plan=plan,
@@ -405,7 +407,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             else None,
             reset_session=self.session_audit != "off",
             queue_key=call.key,
-            result_check=_CheckBeforeCommit(self.limits),
+            result_check=_CheckBeforeCommit(self.limits, budget),
+            budget=budget,
             small=small,
         )
 
@@ -528,14 +531,15 @@ class _CheckBeforeCommit:
     after COMMIT (W2: five results' sizes). Results it did not see (none had rows, or a
     keyed request answered from the store) are checked there."""
 
-    __slots__ = ("limits", "passed")
+    __slots__ = ("budget", "limits", "passed")
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, budget: ResultBudget) -> None:
         self.limits = limits
+        self.budget = budget
         self.passed: list[pb.StatementResult] | None = None
 
     def __call__(self, results: list[pb.StatementResult]) -> None:
-        check_results(results, self.limits, completed=False)
+        check_results(results, self.limits, completed=False, budget=self.budget)
         self.passed = results
 
 

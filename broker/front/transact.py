@@ -41,7 +41,7 @@ from broker.front.service import BrokerService, analyse, lambda_metadata, small_
 from broker.front.status import failure_fields, failure_for, status_for
 from broker.pooling.targets import Target
 from broker.security.identity import current_identity
-from broker.security.limits import caller_key, check_results
+from broker.security.limits import ResultBudget, caller_key, check_results
 from broker.sql.plan import RequestPlan
 from lambda_client import _status
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -226,14 +226,15 @@ class _Call:
         small = small_request(request)
         role_locked = self.service.role_map is not None
         plan, bound = await analyse(request, self.service.limits, role_locked, small)
+        budget = ResultBudget(self.service.limits)
         try:
             results = await lease.execute(
-                step.statements, plan, bound, self.service.audit_needed(plan), small
+                step.statements, plan, bound, self.service.audit_needed(plan), small, budget
             )
         except StatementFailed as exc:
             return pb.TransactResponse(executed=_executed_error(exc))
         # Refused before COMMIT, so nothing behind it commits (the lease is rolled back).
-        check_results(results, self.service.limits, completed=False)
+        check_results(results, self.service.limits, completed=False, budget=budget)
         return pb.TransactResponse(executed=pb.TransactExecuted(results=results))
 
     async def _stream(

@@ -34,6 +34,7 @@ from pg8000.core import (
     BIND,
     CLOSE,
     COMMAND_COMPLETE,
+    DATA_ROW,
     DESCRIBE,
     EMPTY_QUERY_RESPONSE,
     ERROR_RESPONSE,
@@ -58,6 +59,7 @@ from broker.configvalues import DatabaseTarget
 from broker.postgres import greenio
 from broker.postgres.greenio import cooperate
 from broker.postgres.params import Bound, bind_params
+from broker.security.limits import ResultBudget
 from broker.sql.plan import StatementPlan, placeholder_count
 from lambda_client import codec
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
@@ -365,6 +367,8 @@ class _Core(CoreConnection):  # type: ignore[misc]
         # handshake, which already reads messages.
         self._ahead: list[Context] = []
         super().__init__(*args, **kwargs)
+        # The handlers for a statement whose rows count against a `ResultBudget`.
+        self._budgeted = {**self.message_types, DATA_ROW: self._budgeted_row}
 
     def queue_ahead(self, sql: str) -> None:
         """Queue *sql* (no flush) to go out with the next request's first flush; its reply is
@@ -389,7 +393,9 @@ class _Core(CoreConnection):  # type: ignore[misc]
         the buffered file: pg8000's ``_read`` copies each header and body twice (a dozen
         messages a request)."""
         read = self._sock.read
-        handlers = self.message_types
+        # A statement's rows under a budget (`ResultBudget`) go through `_budgeted_row`.
+        budgeted = getattr(context, "budget", None) is not None  # pg8000's own have none
+        handlers = self._budgeted if budgeted else self.message_types
         code = None
         while code not in ends:
             try:
@@ -446,6 +452,12 @@ class _Core(CoreConnection):  # type: ignore[misc]
             except Exception:  # never raise mid-stream: the connection would desync
                 row.append(_Raw(text))
         context.rows.append(row)
+
+    def _budgeted_row(self, data: bytes, context: Any) -> None:
+        """A DataRow counted against the request's `ResultBudget`, kept only while it allows:
+        past it, the results are refused anyway, so the row is read but not parsed."""
+        if context.budget.keep(len(data)):
+            self.handle_DATA_ROW(data, context)
 
     def handle_ROW_DESCRIPTION(self, data: bytes, context: Any) -> None:
         super().handle_ROW_DESCRIPTION(data, context)
@@ -619,6 +631,8 @@ class PgConnection:
         # An error was read in the Sync group being read (`_read_statement`): Postgres skips
         # the rest of the group, so its statements have no reply.
         self._group_failed = False
+        # The running `run_many` call's *budget* for its statements' rows.
+        self._budget: ResultBudget | None = None
 
     # state ---------------------------------------------------------------------------------
 
@@ -676,6 +690,7 @@ class PgConnection:
         bound: Bound | None = None,
         plan: StatementPlan | None = None,
         cleanup: Sequence[str] = (),
+        budget: ResultBudget | None = None,
     ) -> pb.StatementResult:
         """Run one statement, prepared and cached by (SQL, parameter OIDs).
 
@@ -691,6 +706,7 @@ class PgConnection:
             bound=None if bound is None else [bound],
             plans=None if plan is None else [plan],
             cleanup=cleanup,
+            budget=budget,
         )[0]
 
     def run_many(
@@ -704,6 +720,7 @@ class PgConnection:
         cleanup: Sequence[str] = (),
         calls: Sequence[str] = (),
         one_sync: bool = False,
+        budget: ResultBudget | None = None,
     ) -> list[pb.StatementResult]:
         """Run *statements* in order, pipelined: one round trip when all are prepared already.
 
@@ -743,7 +760,13 @@ class PgConnection:
         statements of one Sync group would be one implicit transaction. An error skips the
         rest of the group (those statements get no reply); *after* and *cleanup* stay groups
         of their own, so COMMIT (ROLLBACK, in the aborted transaction) and the reset still run.
+        *budget* (reset here) counts the statements' rows and keeps no more of them than the
+        result limits let through (`ResultBudget`): the results then lack rows, and the caller
+        must refuse them (`check_results` with the budget).
         """
+        self._budget = budget
+        if budget is not None:
+            budget.reset()
         if bound is None:
             bound = [bind_params(params) for _, params in statements]  # may raise BadParameter
         self._check_statements(statements, bound, plans)
@@ -1008,6 +1031,7 @@ class PgConnection:
             sql = statements[index][0]
             context = Context(sql, columns=prepared.columns, input_funcs=prepared.input_funcs)
             context.command_tag = ""
+            context.budget = self._budget
             context.broker_types = prepared is _UNNAMED  # cells parsed as a prepared one's
             read(context, errors, Phase.STATEMENT, index)
             if prepared is _UNNAMED:

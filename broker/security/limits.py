@@ -34,6 +34,13 @@ completes, so its result is checked afterwards: ErrorInfo metadata ``completed=t
 ran (for a single ``INSERT … RETURNING``, wrap it in a batch to make the check come first).
 Page instead (``WHERE id > $1 ORDER BY id LIMIT 1000``) or stream.
 
+A result is refused once it is over a limit whatever the rest of it holds, so the broker keeps
+no more of it than that (`ResultBudget`): past the row limit, or past `WIRE_PER_ENCODED_BYTE`
+times the byte limit in Postgres' own row messages, rows are read and counted but not kept.
+However large the result, one in flight holds at most about the limits' worth of memory (a
+3M-row result refused at the 1M-row limit: ~280 MB above idle instead of ~830 MB; a 100M-row
+one no longer takes the worker down), and the refusal still reports the whole count.
+
 The in-flight limit counts per identity (iam, token) and Lambda function name (the
 ``x-lambda-function-name`` metadata the client sends), so one function cannot take another's
 share; with ``none`` and no function name every caller is the same ``anonymous`` and
@@ -54,10 +61,12 @@ from broker.errors import RETRY_SOON, BrokerFailure, Code, Reason
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
 __all__ = [
+    "WIRE_PER_ENCODED_BYTE",
     "InflightLimiter",
     "LimitExceeded",
     "Limits",
     "QueueWeights",
+    "ResultBudget",
     "caller_key",
     "check_request",
     "check_results",
@@ -149,16 +158,74 @@ def check_request(request: pb.ExecuteRequest, limits: Limits) -> None:
             )
 
 
+# At most how many bytes of Postgres' row messages (DataRow: a 4-byte length and the text of
+# each cell) one byte of the encoded result comes from. Text is the longer form for most types:
+# a timestamptz's 29 characters become an 8-byte integer, an interval's text a three-field
+# message (about 3-4x); text, numeric and NULL cells take about as much either way.
+WIRE_PER_ENCODED_BYTE = 4
+
+
+class ResultBudget:
+    """What one request's results may keep in memory (`PgConnection.run_many`'s *budget*,
+    one per request, reset by each run): every row is counted, and once the rows kept are
+    over ``max_result_rows``, or their row messages over `WIRE_PER_ENCODED_BYTE` times
+    ``max_result_bytes``, the results are certainly over a limit and later rows are only
+    counted (`dropped_rows`, `dropped_bytes`). `check_results` adds them in, and refuses."""
+
+    __slots__ = (
+        "dropped_bytes",
+        "dropped_rows",
+        "full",
+        "max_rows",
+        "max_wire_bytes",
+        "rows",
+        "wire_bytes",
+    )
+
+    def __init__(self, limits: Limits) -> None:
+        self.max_rows = limits.max_result_rows  # 0: no limit
+        self.max_wire_bytes = limits.max_result_bytes * WIRE_PER_ENCODED_BYTE
+        self.reset()
+
+    def reset(self) -> None:
+        """Count from nothing: a run of the request's statements starts (again)."""
+        self.rows = self.wire_bytes = self.dropped_rows = self.dropped_bytes = 0
+        self.full = False
+
+    def keep(self, size: int) -> bool:
+        """Count a row of *size* bytes of row message; whether to keep it."""
+        if self.full:
+            self.dropped_rows += 1
+            self.dropped_bytes += size
+            return False
+        self.rows += 1
+        self.wire_bytes += size
+        if (self.max_rows and self.rows > self.max_rows) or (
+            self.max_wire_bytes and self.wire_bytes > self.max_wire_bytes
+        ):
+            self.full = True
+        return True
+
+
 def check_results(
-    results: Sequence[pb.StatementResult], limits: Limits, *, completed: bool = True
+    results: Sequence[pb.StatementResult],
+    limits: Limits,
+    *,
+    completed: bool = True,
+    budget: ResultBudget | None = None,
 ) -> None:
     """Raise `LimitExceeded` if *results* are too large to send (buffered in one response).
 
     *completed* says whether the work already committed (a single statement, which runs
     without BEGIN … COMMIT: metadata ``completed=true``) or is checked before COMMIT (a batch
-    or a Transact step: the message says it was rolled back)."""
+    or a Transact step: the message says it was rolled back). *budget*: what the run kept
+    of them; rows it only counted are in the figures, and a result missing rows is never
+    sent."""
     single = len(results) == 1  # the usual case: no generator
     rows = len(results[0].rows) if single else sum(len(result.rows) for result in results)
+    dropped = budget if budget is not None and budget.full else None
+    if dropped is not None:
+        rows += dropped.dropped_rows
     if limits.max_result_rows and rows > limits.max_result_rows:
         outcome, advice = _refusal_words(completed)
         raise LimitExceeded(
@@ -171,13 +238,17 @@ def check_results(
             completed=completed,
         )
     size = results[0].ByteSize() if single else sum(result.ByteSize() for result in results)
+    if dropped is not None:  # at least what was kept and the rest's share of its row messages
+        size += -(-dropped.dropped_bytes // WIRE_PER_ENCODED_BYTE)
+        size = max(size, limits.max_result_bytes + 1)  # a result missing rows is never sent
     if limits.max_result_bytes and size > limits.max_result_bytes:
         outcome, advice = _refusal_words(completed)
         raise LimitExceeded(
             "PGBROKER_MAX_RESULT_BYTES",
             limits.max_result_bytes,
             size,
-            f"{outcome} are {size} bytes; at most {limits.max_result_bytes} are sent"
+            f"{outcome} are {'at least ' if dropped else ''}{size} bytes;"
+            f" at most {limits.max_result_bytes} are sent"
             " (PGBROKER_MAX_RESULT_BYTES): select fewer columns, page with WHERE key > $1"
             f" ORDER BY key LIMIT n{advice}",
             completed=completed,

@@ -37,6 +37,7 @@ from broker.postgres.pg import (
     bind_message,
     connect,
 )
+from broker.security.limits import Limits, ResultBudget
 from broker.sql.plan import plan_request
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
@@ -167,6 +168,32 @@ def test_replies_larger_than_the_buffer_and_empty_ones_are_read_whole(conn: PgCo
     assert [len(v.text) for v in big.rows[0].values] == [100000, 0]
     assert conn.execute_simple("") == []  # EmptyQueryResponse: a message without a body
     assert conn.run("SELECT 1").rows[0].values[0].int64 == 1
+
+
+def test_a_result_budget_keeps_the_limit_and_counts_the_rest(conn: PgConnection) -> None:
+    """Under a `ResultBudget` (row limit 10) a 100,000-row result keeps 11 rows and counts the
+    rest; its command tag still says how many there were; the connection reads on in sync;
+    a later run of the same budget starts from nothing."""
+    limits = Limits(
+        max_statements=0,
+        max_request_bytes=0,
+        max_result_rows=10,
+        max_result_bytes=0,
+        max_inflight_per_caller=0,
+    )
+    budget = ResultBudget(limits)
+    results = conn.run_many(
+        [("SELECT g FROM generate_series(1, 100000) AS g", ()), ("SELECT 7", ())],
+        cleanup=CLEANUP,
+        budget=budget,
+    )
+    assert [len(result.rows) for result in results] == [11, 0]
+    assert results[0].rows_affected == 100000 and results[1].rows_affected == 1
+    assert (budget.rows, budget.dropped_rows) == (11, 99990)
+    assert conn.cleanup_rows == [[""]]  # the probe behind it was read: still in sync
+    again = conn.run("SELECT g FROM generate_series(1, 5) AS g", budget=budget)
+    assert len(again.rows) == 5 and (budget.rows, budget.full) == (5, False)
+    assert len(conn.run("SELECT generate_series(1, 50)").rows) == 50  # no budget: all kept
 
 
 def test_integer_cells_come_back_as_codec_encodes_them(conn: PgConnection) -> None:

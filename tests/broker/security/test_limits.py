@@ -11,7 +11,14 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.security.limits import InflightLimiter, LimitExceeded, Limits, check_request
+from broker.security.limits import (
+    InflightLimiter,
+    LimitExceeded,
+    Limits,
+    ResultBudget,
+    check_request,
+    check_results,
+)
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from tests.fixtures.brokers import InProcessBroker
 from tests.support import connect, request, rows, status_of, temp_table, wait_until
@@ -88,6 +95,39 @@ def test_too_many_result_rows_names_the_limit_and_how_to_page(broker: InProcessB
     assert info.metadata["observed"] == "101"
     assert info.metadata["completed"] == "true"
     assert "ORDER BY key LIMIT" in (error.details() or "")
+
+
+def test_a_result_far_over_the_row_limit_is_counted_whole_but_not_kept(
+    broker: InProcessBroker,
+) -> None:
+    """Past the limit the broker reads the rest of the rows without keeping them (memory stays
+    at the limit's worth); the refusal still counts them all, here over three statements."""
+    error = refused(
+        broker,
+        request(
+            "SELECT g FROM generate_series(1, 200000) AS g",
+            "SELECT 1",
+            "SELECT g FROM generate_series(1, 50) AS g",
+        ),
+    )
+    info = status_of(error)
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_ROWS"
+    assert info.metadata["observed"] == "200051"
+    assert "200051 rows" in (error.details() or "")
+    reply = broker.stub().Execute(request("SELECT 1"), metadata=BEARER, timeout=10)
+    assert rows(reply.results[0]) == [(1,)]  # the pool is fine
+
+
+def test_a_result_far_over_the_byte_limit_is_refused_as_at_least_its_kept_size(
+    broker: InProcessBroker,
+) -> None:
+    error = refused(broker, request("SELECT repeat('x', 1000) FROM generate_series(1, 90)"))
+    info = status_of(error)
+    assert info is not None and info.metadata["limit"] == "PGBROKER_MAX_RESULT_BYTES"
+    # About 65 rows (4 x 16 KiB of row messages) kept, the other ~25 counted at a quarter of
+    # their row messages: more than was kept, no more than the whole (~1 kB a row).
+    assert 4 * 16 * 1024 < int(info.metadata["observed"]) <= 90 * 1010
+    assert "at least" in (error.details() or "")
 
 
 def test_rows_over_several_statements_add_up(broker: InProcessBroker) -> None:
@@ -335,3 +375,44 @@ def test_more_parameters_than_postgres_accepts_is_refused_before_running() -> No
         check_request(req, Limits(0, 0, 0, 0, 0))  # every limit off: Postgres' own still holds
     assert caught.value.limit == "postgres_max_parameters"
     assert caught.value.observed == 65_536
+
+
+LIMITS = Limits(
+    max_statements=0,
+    max_request_bytes=0,
+    max_result_rows=3,
+    max_result_bytes=1000,
+    max_inflight_per_caller=0,
+)
+
+
+def _result(*cells: str) -> pb.StatementResult:
+    result = pb.StatementResult()
+    for cell in cells:
+        result.rows.add().values.add(text=cell)
+    return result
+
+
+def test_a_budget_keeps_one_row_past_a_limit_and_counts_the_rest() -> None:
+    budget = ResultBudget(LIMITS)
+    assert [budget.keep(10) for _ in range(6)] == [True, True, True, True, False, False]
+    assert (budget.rows, budget.dropped_rows, budget.dropped_bytes) == (4, 2, 20)
+    with pytest.raises(LimitExceeded) as refusal:
+        check_results([_result("a", "b", "c", "d")], LIMITS, budget=budget)
+    assert (refusal.value.limit, refusal.value.observed) == ("PGBROKER_MAX_RESULT_ROWS", 6)
+    budget.reset()
+    assert (budget.rows, budget.dropped_rows, budget.full) == (0, 0, False)
+    check_results([_result("a", "b")], LIMITS, budget=budget)  # under both: passes
+
+
+def test_a_result_missing_rows_is_never_passed() -> None:
+    """Filled by row-message bytes (4 x the byte limit), the kept rows may encode under the
+    byte limit when text is the shorter form: the result still lacks rows, so it is refused."""
+    budget = ResultBudget(LIMITS)
+    assert budget.keep(4001) and budget.full
+    assert not budget.keep(7)
+    with pytest.raises(LimitExceeded) as refusal:
+        check_results([_result("short")], LIMITS, budget=budget)
+    assert refusal.value.limit == "PGBROKER_MAX_RESULT_BYTES"
+    assert refusal.value.observed > LIMITS.max_result_bytes
+    assert "at least" in str(refusal.value)
