@@ -11,6 +11,7 @@ import io
 import struct
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -174,14 +175,7 @@ def test_a_result_budget_keeps_the_limit_and_counts_the_rest(conn: PgConnection)
     """Under a `ResultBudget` (row limit 10) a 100,000-row result keeps 11 rows and counts the
     rest; its command tag still says how many there were; the connection reads on in sync;
     a later run of the same budget starts from nothing."""
-    limits = Limits(
-        max_statements=0,
-        max_request_bytes=0,
-        max_result_rows=10,
-        max_result_bytes=0,
-        max_inflight_per_caller=0,
-    )
-    budget = ResultBudget(limits)
+    budget = ResultBudget(replace(Limits(0, 0, 0, 0, 0), max_result_rows=10))
     results = conn.run_many(
         [("SELECT g FROM generate_series(1, 100000) AS g", ()), ("SELECT 7", ())],
         cleanup=CLEANUP,

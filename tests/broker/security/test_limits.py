@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -377,13 +378,8 @@ def test_more_parameters_than_postgres_accepts_is_refused_before_running() -> No
     assert caught.value.observed == 65_536
 
 
-LIMITS = Limits(
-    max_statements=0,
-    max_request_bytes=0,
-    max_result_rows=3,
-    max_result_bytes=1000,
-    max_inflight_per_caller=0,
-)
+# The result limits alone: 3 rows, 1000 encoded bytes.
+LIMITS = replace(Limits(0, 0, 0, 0, 0), max_result_rows=3, max_result_bytes=1000)
 
 
 def _result(*cells: str) -> pb.StatementResult:
