@@ -676,7 +676,7 @@ def cpu_multiples(
         key = (base["workload"], base["variant"])
         bouncer = rows.get((*key, BOUNCER_ASYNCPG))
         figures = {
-            name: _cpu_per_1000(rows.get((*key, name)) if name != FLOOR else base)
+            name: cpu_per_1000(rows.get((*key, name)) if name != FLOOR else base)
             for name in (PGBROKER, FLOOR, BOUNCER_ASYNCPG)
         }
         broker = figures[PGBROKER]
@@ -705,7 +705,8 @@ def latency_ms(row: dict[str, Any] | None, name: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def _cpu_per_1000(row: dict[str, Any] | None) -> float | None:
+def cpu_per_1000(row: dict[str, Any] | None) -> float | None:
+    """*row*'s pooler CPU seconds per 1,000 requests; None when it has none."""
     value = (_figure(row, "pooler") or {}).get("cpu_s_per_1000_tx")
     return float(value) if value is not None else None
 

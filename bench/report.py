@@ -17,6 +17,7 @@ from bench.harness import (
     COMPETITORS,
     DIRECT,
     PGBROKER,
+    cpu_per_1000,
     latency_ms,
 )
 
@@ -162,7 +163,7 @@ def per_request_targets(
         multiples.get("pgbroker_x_floor"),
         multiples.get("pgbroker_x_pgbouncer"),
         tps_versus_bouncer("W1"),
-        (burst.get("pooler") or {}).get("cpu_s_per_1000_tx"),  # s per 1,000 = ms per channel
+        cpu_per_1000(burst),  # s per 1,000 = ms per channel
         _ratio(burst.get("elapsed_s"), burst_bouncer.get("elapsed_s")),
         _ratio(cold.get(PGBROKER), cold.get(DIRECT)),
         tps_versus_bouncer("W2"),

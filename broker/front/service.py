@@ -407,7 +407,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             else None,
             reset_session=self.session_audit != "off",
             queue_key=call.key,
-            result_check=_CheckBeforeCommit(self.limits, budget),
+            result_check=_CheckBeforeCommit(budget),
             budget=budget,
             small=small,
         )
@@ -531,15 +531,14 @@ class _CheckBeforeCommit:
     after COMMIT (W2: five results' sizes). Results it did not see (none had rows, or a
     keyed request answered from the store) are checked there."""
 
-    __slots__ = ("budget", "limits", "passed")
+    __slots__ = ("budget", "passed")
 
-    def __init__(self, limits: Limits, budget: ResultBudget) -> None:
-        self.limits = limits
+    def __init__(self, budget: ResultBudget) -> None:
         self.budget = budget
         self.passed: list[pb.StatementResult] | None = None
 
     def __call__(self, results: list[pb.StatementResult]) -> None:
-        check_results(results, self.limits, completed=False, budget=self.budget)
+        check_results(results, self.budget.limits, completed=False, budget=self.budget)
         self.passed = results
 
 

@@ -176,6 +176,7 @@ class ResultBudget:
         "dropped_bytes",
         "dropped_rows",
         "full",
+        "limits",
         "max_rows",
         "max_wire_bytes",
         "rows",
@@ -183,6 +184,8 @@ class ResultBudget:
     )
 
     def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        # Read for every row (`keep`), so taken from *limits* once.
         self.max_rows = limits.max_result_rows  # 0: no limit
         self.max_wire_bytes = limits.max_result_bytes * WIRE_PER_ENCODED_BYTE
         self.reset()
