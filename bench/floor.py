@@ -31,7 +31,7 @@ from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 from lambda_client._proto.pgbroker.v1 import broker_pb2_grpc as pb_grpc
 
 # What the broker answers to W1's point select: one int column, one row.
-_REPLY = pb.ExecuteResponse(
+CANNED_REPLY = pb.ExecuteResponse(
     results=[
         pb.StatementResult(
             columns=[pb.Column(name="abalance", type_oid=23)],
@@ -49,7 +49,7 @@ class FloorService(pb_grpc.BrokerServicer):
     """``Execute`` answers every request with the same one-row reply."""
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
-        return _REPLY
+        return CANNED_REPLY
 
     async def GetStats(self, request: Any, context: Any) -> pb.GetStatsResponse:
         return pb.GetStatsResponse()
@@ -64,10 +64,12 @@ class FloorService(pb_grpc.BrokerServicer):
 SETTINGS = load_settings({"database_url": "postgresql://floor@127.0.0.1/floor"}, {})
 
 
-async def serve() -> None:
+async def serve(service: pb_grpc.BrokerServicer | None = None) -> None:
+    """Serve *service* (`FloorService` by default) on the broker's stack until a signal."""
     settings = SETTINGS
     server = grpc.aio.server(options=grpc_options(settings))
-    AuthGate(NoAuth()).add_service(server, SERVICE_NAME, broker_method_handlers(FloorService()))
+    handlers = broker_method_handlers(service or FloorService())
+    AuthGate(NoAuth()).add_service(server, SERVICE_NAME, handlers)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     for name in ("", SERVICE_NAME):

@@ -50,6 +50,11 @@ BOUNCER_PSYCOPG = "pgbouncer+psycopg"
 # The broker's gRPC stack with a canned Execute and no Postgres (bench/floor.py): W1 only, and
 # reported apart from `COMPETITORS` ("floor" in the JSON) as the broker's CPU-per-request floor.
 FLOOR = "floor"
+# The same stack answering W1 from Postgres with the least Python a round trip takes
+# (bench/pgfloor.py): what any broker on this stack pays to answer from Postgres, before its
+# own work. Run and reported beside the floor ("floor_postgres" in the JSON).
+FLOOR_PG = "floor+postgres"
+FLOORS = (FLOOR, FLOOR_PG)
 # The Postgres role each competitor's server connections log in as, so backends are counted
 # per competitor (another pooler's idle pool does not count).
 ROLES = {
@@ -58,7 +63,8 @@ ROLES = {
     BOUNCER_PGBENCH: "bench_pgbouncer",
     BOUNCER_PSYCOPG: "bench_pgbouncer",
     PGBROKER: "bench_pgbroker",
-    FLOOR: "bench_floor",  # no such role: the floor opens no backend
+    FLOOR: "bench_floor",  # the floor opens no backend
+    FLOOR_PG: "bench_floor_pg",
 }
 
 
@@ -135,7 +141,7 @@ class Bench:
         self.pg: LocalPostgres | None = None
         self.bouncer: PgBouncer | None = None
         self.broker: BrokerProcess | None = None
-        self.floor: tuple[int, int] | None = None  # the floor server's (pid, port)
+        self.floors: dict[str, tuple[int, int]] = {}  # each floor server's (pid, port)
         self.monitor: Monitor | None = None
         self.proxies: dict[str, TcpProxy] = {}
         self.pgbench = ""
@@ -166,10 +172,11 @@ class Bench:
         self.bouncer.start()
         if self.with_pgbroker:
             self._start_broker()
-            self._start_floor()
+            self._start_floors()
         else:
             self.skipped[PGBROKER] = "left out (--no-pgbroker)"
-            self.skipped[FLOOR] = "left out (--no-pgbroker)"
+            for name in FLOORS:
+                self.skipped[name] = "left out (--no-pgbroker)"
         self.monitor = Monitor(self.pg.host, self.pg.port, "postgres", "postgres")
         self.stack.callback(self.monitor.close)
         if plan.variants:
@@ -209,22 +216,31 @@ class Bench:
             return
         self.broker = broker
 
-    def _start_floor(self) -> None:
-        """Start `bench.floor` (the broker's stack, canned replies) and read its port."""
+    def _start_floors(self) -> None:
+        """Start `bench.floor` (the broker's stack, canned replies) and `bench.pgfloor` (the
+        same, answering from Postgres) and read their ports."""
         if self.broker is None:
-            self.skipped[FLOOR] = "no broker to compare with"
+            for name in FLOORS:
+                self.skipped[name] = "no broker to compare with"
             return
-        _log("starting the floor competitor (bench/floor.py)")
-        argv = [sys.executable, "-m", "bench.floor"]
-        proc = self.procs.start(argv, stdout=subprocess.PIPE, cwd=ROOT)
-        try:
-            event = _read_until(proc.stdout, "listening")
-        except (RuntimeError, ValueError) as exc:
-            self.procs.stop(proc)
-            self.skipped[FLOOR] = f"floor server did not start: {exc}"
-            _log(self.skipped[FLOOR])
-            return
-        self.floor = (proc.pid, int(event["port"]))
+        assert self.pg is not None
+        pg = self.pg
+        url = f"postgresql://{ROLES[FLOOR_PG]}@{pg.host}:{pg.port}/{pg.database}"
+        argvs = {
+            FLOOR: ["bench.floor"],
+            FLOOR_PG: ["bench.pgfloor", "--dsn", url, "--pool-size", str(self.plan.pool_size)],
+        }
+        for name, argv in argvs.items():
+            _log(f"starting the {name} competitor (bench/{argv[0][6:]}.py)")
+            proc = self.procs.start([sys.executable, "-m", *argv], stdout=subprocess.PIPE, cwd=ROOT)
+            try:
+                event = _read_until(proc.stdout, "listening")
+            except (RuntimeError, ValueError) as exc:
+                self.procs.stop(proc)
+                self.skipped[name] = f"{name} server did not start: {exc}"
+                _log(self.skipped[name])
+                continue
+            self.floors[name] = (proc.pid, int(event["port"]))
 
     def _start_proxies(self) -> None:
         delay = self.plan.latency_ms / 1000
@@ -251,7 +267,8 @@ class Bench:
             for competitor in COMPETITORS:
                 yield Case(workload, "base", competitor, clients, think, 0.0)
             if workload == "W1":
-                yield Case(workload, "base", FLOOR, clients, think, 0.0)
+                for floor in FLOORS:
+                    yield Case(workload, "base", floor, clients, think, 0.0)
             if workload == "W2":
                 # The same transfer through Transact: the lease held across the think times,
                 # as PgBouncer holds a server connection (ratios against W2 base's rows).
@@ -259,7 +276,7 @@ class Bench:
             if plan.variants and workload == "W1":
                 # Per-request latency without queueing: closed loops of 200 measure mostly
                 # throughput (Little's law), a few clients measure the path itself.
-                for competitor in (*COMPETITORS, FLOOR):
+                for competitor in (*COMPETITORS, *FLOORS):
                     yield Case(workload, "light", competitor, plan.light_clients, 0.0, 0.0)
             if plan.variants and workload == "W2":
                 for competitor in COMPETITORS:
@@ -315,9 +332,9 @@ class Bench:
         assert self.pg is not None and self.bouncer is not None
         if case.competitor == DIRECT:
             return self.pg.host, self.pg.port, None
-        if case.competitor == FLOOR:
-            assert self.floor is not None
-            return "127.0.0.1", self.floor[1], self.floor[0]
+        if case.competitor in FLOORS:
+            floor_pid, floor_port = self.floors[case.competitor]
+            return "127.0.0.1", floor_port, floor_pid
         if case.competitor == PGBROKER:
             assert self.broker is not None
             name, host, port, pid = "pgbroker", self.broker.host, self.broker.port, self.broker.pid
@@ -341,7 +358,7 @@ class Bench:
         if case.workload == "W3":
             tx = result.get("tx", 0)
         per_1000 = round(used / tx * 1000, 3) if used is not None and tx else None
-        names = {PGBROKER: "pgbroker", FLOOR: "floor"}
+        names = {PGBROKER: "pgbroker", FLOOR: "floor", FLOOR_PG: "floor+postgres"}
         return {
             "name": names.get(case.competitor, "pgbouncer"),
             "cpu_s": round(used, 3) if used is not None else None,
@@ -354,9 +371,10 @@ class Bench:
         on_end: Callable[[], None],
     ) -> dict[str, Any]:  # fmt: skip
         plan = self.plan
-        # The floor speaks the Broker protocol: the same client as pgbroker drives it.
+        # The floors speak the Broker protocol: the same client as pgbroker drives them.
         competitor = {
-            DIRECT: "direct", BOUNCER_ASYNCPG: "asyncpg", PGBROKER: "pgbroker", FLOOR: "pgbroker"
+            DIRECT: "direct", BOUNCER_ASYNCPG: "asyncpg", PGBROKER: "pgbroker",
+            FLOOR: "pgbroker", FLOOR_PG: "pgbroker",
         }  # fmt: skip
         spec = Spec(
             competitor=competitor[case.competitor], workload=case.workload.lower(),
@@ -611,9 +629,9 @@ def _selected(case: Case, only: set[str]) -> bool:
     if not only:
         return True
     workloads = {o.upper() for o in only if o.upper() in ("W1", "W2", "W3", "W4")}
-    competitors = {o for o in only if o in (*COMPETITORS, BOUNCER_PSYCOPG, FLOOR)}
+    competitors = {o for o in only if o in (*COMPETITORS, BOUNCER_PSYCOPG, *FLOORS)}
     if PGBROKER in competitors:
-        competitors.add(FLOOR)  # pgbroker's CPU is read against its floor
+        competitors.update(FLOORS)  # pgbroker's CPU is read against its floors
     return (not workloads or case.workload in workloads) and (
         not competitors or case.competitor in competitors
     )
@@ -633,7 +651,8 @@ def run_bench(
             cases = [c for c in bench.cases() if _selected(c, only or set())]
             rows = _run_rounds(bench, cases)
             floor = [row for row in rows if row["competitor"] == FLOOR]
-            rows = [row for row in rows if row["competitor"] != FLOOR]
+            floor_pg = [row for row in rows if row["competitor"] == FLOOR_PG]
+            rows = [row for row in rows if row["competitor"] not in FLOORS]
             _log("cold starts")
             cold = bench.cold_starts()
         finally:
@@ -657,41 +676,57 @@ def run_bench(
         },
         "results": rows,
         "floor": floor,
-        "cpu_multiples": cpu_multiples(rows, floor),
+        "floor_postgres": floor_pg,
+        "cpu_multiples": cpu_multiples(rows, floor, floor_pg),
         "cold_start": cold,
     }
 
 
 def cpu_multiples(
-    results: list[dict[str, Any]], floor: list[dict[str, Any]]
+    results: list[dict[str, Any]],
+    floor: list[dict[str, Any]],
+    floor_pg: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per W1 variant with a floor row: pooler CPU per 1,000 requests of pgbroker, of the
-    floor and of PgBouncer (asyncpg), and pgbroker's as a multiple of the other two.
+    floors and of PgBouncer (asyncpg), and pgbroker's as a multiple of each.
 
-    Also the floor's own CPU, tx/s and p50 as multiples of PgBouncer's: a broker that did no
-    work at all would stand there, so a target past them cannot be met on this stack."""
+    Also each floor's own CPU, tx/s and p50 as multiples of PgBouncer's: a broker that did no
+    work at all (the floor), or nothing but the round trip to Postgres (the floor with
+    Postgres), would stand there, so a target past them cannot be met on this stack."""
     rows = {(r["workload"], r["variant"], r["competitor"]): r for r in results}
+    with_pg = {(r["workload"], r["variant"]): r for r in floor_pg or ()}
     out = []
     for base in floor:
         key = (base["workload"], base["variant"])
         bouncer = rows.get((*key, BOUNCER_ASYNCPG))
+        postgres = with_pg.get(key)
         figures = {
-            name: cpu_per_1000(rows.get((*key, name)) if name != FLOOR else base)
-            for name in (PGBROKER, FLOOR, BOUNCER_ASYNCPG)
+            PGBROKER: cpu_per_1000(rows.get((*key, PGBROKER))),
+            FLOOR: cpu_per_1000(base),
+            FLOOR_PG: cpu_per_1000(postgres),
+            BOUNCER_ASYNCPG: cpu_per_1000(bouncer),
         }
         broker = figures[PGBROKER]
         out.append({
             "workload": key[0], "variant": key[1],
             "cpu_s_per_1000_tx": figures,
             "pgbroker_x_floor": _multiple(broker, figures[FLOOR]),
+            "pgbroker_x_floor_postgres": _multiple(broker, figures[FLOOR_PG]),
             "pgbroker_x_pgbouncer": _multiple(broker, figures[BOUNCER_ASYNCPG]),
-            "floor_x_pgbouncer": {
-                "cpu": _multiple(figures[FLOOR], figures[BOUNCER_ASYNCPG]),
-                "tps": _multiple(base.get("tps"), _figure(bouncer, "tps")),
-                "p50": _multiple(latency_ms(base, "p50"), latency_ms(bouncer, "p50")),
-            },
+            "floor_postgres_x_floor": _multiple(figures[FLOOR_PG], figures[FLOOR]),
+            "floor_x_pgbouncer": _against(base, bouncer),
+            "floor_postgres_x_pgbouncer": _against(postgres, bouncer),
         })  # fmt: skip
     return out
+
+
+def _against(row: dict[str, Any] | None, bouncer: dict[str, Any] | None) -> dict[str, Any]:
+    """*row*'s pooler CPU per request, tx/s and p50 as multiples of PgBouncer's (*bouncer*)."""
+    return {
+        "cpu": _multiple(cpu_per_1000(row), cpu_per_1000(bouncer)),
+        "tps": _multiple(_figure(row, "tps"), _figure(bouncer, "tps")),
+        "p50": _multiple(latency_ms(row, "p50"), latency_ms(bouncer, "p50")),
+    }
 
 
 def _figure(row: dict[str, Any] | None, name: str) -> Any:

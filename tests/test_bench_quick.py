@@ -97,33 +97,50 @@ def test_cold_start_ratios_and_targets_are_reported(tiny_run: dict[str, Any]) ->
     assert "pgbroker ÷ competitor" in tiny_run["_stdout"]
 
 
-def test_the_floor_competitor_and_cpu_multiples_are_reported(tiny_run: dict[str, Any]) -> None:
-    """W1 runs against bench/floor.py too (the broker's stack, a canned reply): its rows are
-    apart from the poolers', and pgbroker's CPU per request is given as a multiple of it."""
-    floor = tiny_run["floor"]
-    assert [(r["workload"], r["variant"]) for r in floor] == [("W1", "base")]
-    row = floor[0]
-    assert row["tx"] > 0 and row["errors"] == 0, row["error_messages"]
-    assert row["peak_backends"] == 0  # it never touches Postgres
-    assert row["pooler"]["name"] == "floor" and row["pooler"]["cpu_s_per_1000_tx"] > 0
+def test_the_floor_competitors_and_cpu_multiples_are_reported(tiny_run: dict[str, Any]) -> None:
+    """W1 runs against bench/floor.py (the broker's stack, a canned reply) and bench/pgfloor.py
+    (the same stack, the least Python a round trip to Postgres takes) too: their rows are
+    apart from the poolers', and pgbroker's CPU per request is given as a multiple of each."""
+    floor, postgres = tiny_run["floor"], tiny_run["floor_postgres"]
+    for rows, name, backends in ((floor, "floor", 0), (postgres, "floor+postgres", 1)):
+        assert [(r["workload"], r["variant"], r["competitor"]) for r in rows] == [
+            ("W1", "base", name)
+        ]
+        row = rows[0]
+        assert row["tx"] > 0 and row["errors"] == 0, row["error_messages"]
+        # The floor never touches Postgres; the floor with Postgres holds its own pool.
+        assert (row["peak_backends"] > 0) == bool(backends), row["peak_backends"]
+        assert row["pooler"]["name"] == name and row["pooler"]["cpu_s_per_1000_tx"] > 0
     (multiples,) = tiny_run["cpu_multiples"]
     cpu = multiples["cpu_s_per_1000_tx"]
-    assert set(cpu) == {"pgbroker", "floor", "pgbouncer+asyncpg"}
-    # CPU is counted in 10 ms clock ticks: a tiny run's PgBouncer may show none (no multiple).
-    for name, key in (("floor", "pgbroker_x_floor"), ("pgbouncer+asyncpg", "pgbroker_x_pgbouncer")):
-        expected = round(cpu["pgbroker"] / cpu[name], 2) if cpu["pgbroker"] and cpu[name] else None
-        assert multiples[key] == expected
-    # The floor against PgBouncer: where a broker that did no work at all would stand.
+    assert set(cpu) == {"pgbroker", "floor", "floor+postgres", "pgbouncer+asyncpg"}
+
+    def multiple(a: float | None, b: float | None) -> float | None:
+        # CPU is counted in 10 ms clock ticks: a tiny run's PgBouncer may show none.
+        return round(a / b, 2) if a and b else None
+
+    for name, key in (
+        ("floor", "pgbroker_x_floor"),
+        ("floor+postgres", "pgbroker_x_floor_postgres"),
+        ("pgbouncer+asyncpg", "pgbroker_x_pgbouncer"),
+    ):
+        assert multiples[key] == multiple(cpu["pgbroker"], cpu[name])
+    assert multiples["floor_postgres_x_floor"] == multiple(cpu["floor+postgres"], cpu["floor"])
+    # Each floor against PgBouncer: where a broker that did no work at all, or nothing but
+    # the round trip to Postgres, would stand.
     results = {(r["workload"], r["variant"], r["competitor"]): r for r in tiny_run["results"]}
     bouncer = results[("W1", "base", "pgbouncer+asyncpg")]
-    stack = multiples["floor_x_pgbouncer"]
-    assert stack["tps"] == round(row["tps"] / bouncer["tps"], 2)
-    assert stack["p50"] == round(row["latency_ms"]["p50"] / bouncer["latency_ms"]["p50"], 2)
-    expected = (
-        round(cpu["floor"] / cpu["pgbouncer+asyncpg"], 2) if cpu["pgbouncer+asyncpg"] else None
-    )
-    assert stack["cpu"] == expected
+    for rows, name, key in (
+        (floor, "floor", "floor_x_pgbouncer"),
+        (postgres, "floor+postgres", "floor_postgres_x_pgbouncer"),
+    ):
+        stack = multiples[key]
+        assert stack["tps"] == multiple(rows[0]["tps"], bouncer["tps"])
+        p50 = rows[0]["latency_ms"]["p50"], bouncer["latency_ms"]["p50"]
+        assert stack["p50"] == multiple(*p50)
+        assert stack["cpu"] == multiple(cpu[name], cpu["pgbouncer+asyncpg"])
     assert "against its floor" in tiny_run["_stdout"]
+    assert "floor with Postgres" in tiny_run["_stdout"]
 
 
 def test_issue_14_targets_are_reported_from_the_run(tiny_run: dict[str, Any]) -> None:
@@ -159,3 +176,14 @@ def test_issue_14_targets_are_reported_from_the_run(tiny_run: dict[str, Any]) ->
         assert target["value"] == f"{value:,.2f}"
         assert target["met"] is (value <= bound if sense == "<=" else value >= bound)
     assert "issue 14: nothing slower" in tiny_run["_stdout"]
+    # Beside the first three, where the floor with Postgres stands on the same bound.
+    stack = multiples["floor_postgres_x_pgbouncer"]
+    reach = (multiples["floor_postgres_x_floor"], stack["cpu"], stack["tps"])
+    for target, value, (_, sense, bound) in zip(stated, reach, PER_REQUEST_TARGETS, strict=False):
+        if value is None:  # no CPU tick, as above
+            assert "floor_postgres" not in target
+            continue
+        met = value <= bound if sense == "<=" else value >= bound
+        assert target["floor_postgres"] == {"value": f"{value:,.2f}", "met": met}
+    assert all("floor_postgres" not in target for target in stated[len(reach) :])
+    assert "(the floor with Postgres: " in tiny_run["_stdout"]
