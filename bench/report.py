@@ -125,21 +125,22 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         "value": f"{_fmt(value, 2)}x, {broker.get('errors', '–')} errors",
         "met": bool(value and value >= 3 and broker.get("errors") == 0),
     })  # fmt: skip
-    broker, bouncer = get("W1", "base", PGBROKER), get("W1", "base", BOUNCER_ASYNCPG)
-    value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
-    out.append({
-        "target": "W1: pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
-        "value": f"{_fmt(value, 2)}x",
-        "met": bool(value is not None and value <= 1.5),
-    })  # fmt: skip
-    broker, bouncer = get("W1", "light", PGBROKER), get("W1", "light", BOUNCER_ASYNCPG)
-    if broker and bouncer:
+    for variant, name in (("base", "W1"), ("light", "W1 light (no queueing)")):
+        broker, bouncer = get("W1", variant, PGBROKER), get("W1", variant, BOUNCER_ASYNCPG)
+        if variant == "light" and not (broker and bouncer):
+            continue
         value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
-        out.append({
-            "target": "W1 light (no queueing): pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
+        entry = {
+            "target": f"{name}: pgbroker p50 <= 1.5x PgBouncer (asyncpg)",
             "value": f"{_fmt(value, 2)}x",
             "met": bool(value is not None and value <= 1.5),
-        })  # fmt: skip
+        }
+        stack = _multiples(data, variant).get("floor_postgres_x_pgbouncer") or {}
+        if stack.get("p50") is not None:
+            entry["floor_postgres"] = {
+                "value": f"{_fmt(stack['p50'], 2)}x", "met": stack["p50"] <= 1.5
+            }  # fmt: skip
+        out.append(entry)
     broker, bouncer = get("W4", "view", PGBROKER), get("W4", "view", BOUNCER_PSYCOPG)
     if broker and bouncer:
         value = _ratio(latency_ms(broker, "p50"), latency_ms(bouncer, "p50"))
@@ -180,9 +181,7 @@ def per_request_targets(
     """Issue 14's targets in `PER_REQUEST_TARGETS`' order, from the rows (*get*: a competitor's
     row of a workload variant, {} when missing or skipped), the W1 CPU multiples and the cold
     starts: so every run states each one, and runs compare."""
-    multiples: dict[str, Any] = next(
-        (m for m in data.get("cpu_multiples", []) if m["variant"] == "base"), {}
-    )
+    multiples = _multiples(data, "base")
     burst, burst_bouncer = get("W3", "burst", PGBROKER), get("W3", "burst", BOUNCER_ASYNCPG)
     cold = {
         entry["competitor"]: entry["first_query_ms"]["median"]
@@ -227,6 +226,11 @@ def per_request_targets(
             entry["floor_postgres"] = {"value": _fmt(floor, 2), "met": _within(floor, sense, bound)}
         out.append(entry)
     return out
+
+
+def _multiples(data: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The `cpu_multiples` entry of W1's *variant* ({} when the run has none)."""
+    return next((m for m in data.get("cpu_multiples", []) if m["variant"] == variant), {})
 
 
 def _within(value: float | None, sense: str, bound: float) -> bool:

@@ -187,3 +187,7 @@ def test_issue_14_targets_are_reported_from_the_run(tiny_run: dict[str, Any]) ->
         assert target["floor_postgres"] == {"value": f"{value:,.2f}", "met": met}
     assert all("floor_postgres" not in target for target in stated[len(reach) :])
     assert "(the floor with Postgres: " in tiny_run["_stdout"]
+    # And beside the seed issue's W1 p50 target (a tiny run has no light variant).
+    (p50,) = [t for t in tiny_run["targets"] if t["target"].startswith("W1: pgbroker p50")]
+    value = stack["p50"]
+    assert p50["floor_postgres"] == {"value": f"{value:,.2f}x", "met": value <= 1.5}
