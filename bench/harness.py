@@ -50,7 +50,7 @@ BOUNCER_PSYCOPG = "pgbouncer+psycopg"
 # The broker's gRPC stack with a canned Execute and no Postgres (bench/floor.py): W1 only, and
 # reported apart from `COMPETITORS` ("floor" in the JSON) as the broker's CPU-per-request floor.
 FLOOR = "floor"
-# The same stack answering W1 from Postgres with the least Python a round trip takes
+# The same stack answering W1 from Postgres with a minimal round trip
 # (bench/pgfloor.py): what any broker on this stack pays to answer from Postgres, before its
 # own work. Run and reported beside the floor ("floor_postgres" in the JSON).
 FLOOR_PG = "floor+postgres"

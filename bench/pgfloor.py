@@ -1,8 +1,8 @@
-"""The floor with Postgres: the broker's gRPC stack and the cheapest round trip to Postgres.
+"""The floor with Postgres: the broker's gRPC stack and a minimal round trip to Postgres.
 
 ``python -m bench.pgfloor --dsn URL`` serves the Broker service as `bench.floor` does (the same
 ``grpc.aio`` server, options, `AuthGate` and event loop), but its ``Execute`` answers W1's point
-select from Postgres with the least Python a round trip can take: a pool of raw connections
+select from Postgres with a minimal round trip: a pool of raw connections
 (trust authentication), the statement parsed once per connection, and per request one
 pre-encoded Bind + Execute + Sync written and the reply read until ReadyForQuery, its one cell
 picked out of the DataRow. No session SQL, no checks, no pg8000, no greenlet.

@@ -99,7 +99,7 @@ def test_cold_start_ratios_and_targets_are_reported(tiny_run: dict[str, Any]) ->
 
 def test_the_floor_competitors_and_cpu_multiples_are_reported(tiny_run: dict[str, Any]) -> None:
     """W1 runs against bench/floor.py (the broker's stack, a canned reply) and bench/pgfloor.py
-    (the same stack, the least Python a round trip to Postgres takes) too: their rows are
+    (the same stack, a minimal round trip to Postgres) too: their rows are
     apart from the poolers', and pgbroker's CPU per request is given as a multiple of each."""
     floor, postgres = tiny_run["floor"], tiny_run["floor_postgres"]
     for rows, name, backends in ((floor, "floor", 0), (postgres, "floor+postgres", 1)):
