@@ -231,7 +231,7 @@ class Bench:
             FLOOR_PG: ["bench.pgfloor", "--dsn", url, "--pool-size", str(self.plan.pool_size)],
         }
         for name, argv in argvs.items():
-            _log(f"starting the {name} competitor (bench/{argv[0][6:]}.py)")
+            _log(f"starting the {name} competitor ({argv[0]})")
             proc = self.procs.start([sys.executable, "-m", *argv], stdout=subprocess.PIPE, cwd=ROOT)
             try:
                 event = _read_until(proc.stdout, "listening")
