@@ -27,22 +27,21 @@ from bench import floor
 from bench.floor import CANNED_REPLY, SETTINGS, FloorService
 from bench.workloads import W1_SQL
 from broker.front.server import run
+from broker.postgres.pg import EXECUTE_MSG, SYNC_MSG, bind_message
 from lambda_client._proto.pgbroker.v1 import broker_pb2 as pb
 
-_SYNC = b"S\0\0\0\4"
 _LENGTH = struct.Struct("!i")
 _ERROR, _READY = ord("E"), ord("Z")
+_EXECUTE_SYNC = EXECUTE_MSG + SYNC_MSG
 
 
 def _message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!i", len(body) + 4) + body
+    return kind + _LENGTH.pack(len(body) + 4) + body
 
 
 def _bind_execute(aid: int) -> bytes:
-    """Bind the statement ``w1`` to *aid* (text), Execute it, Sync."""
-    value = str(aid).encode()
-    bind = b"\0w1\0" + struct.pack("!hhi", 0, 1, len(value)) + value + struct.pack("!h", 0)
-    return _message(b"B", bind) + _message(b"E", b"\0\0\0\0\0") + _SYNC
+    """Bind the statement ``w1`` to *aid* (text), Execute it, Sync: as the broker writes them."""
+    return bind_message(b"w1\0", (str(aid),), "ascii") + _EXECUTE_SYNC
 
 
 class _Connection:
@@ -74,7 +73,7 @@ class _Connection:
         # BindComplete (5 bytes), then DataRow: 'D', length, 1 column, its length, its text.
         if reply[5:6] != b"D":
             raise RuntimeError(f"no row for aid {aid}: {reply!r}")
-        (size,) = struct.unpack_from("!i", reply, 12)
+        (size,) = _LENGTH.unpack_from(reply, 12)
         return int(reply[16 : 16 + size])
 
 
@@ -82,15 +81,15 @@ async def _connect(url: str) -> _Connection:
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 5432)
     user, database = (parts.username or "postgres"), (parts.path.lstrip("/") or "postgres")
-    startup = struct.pack("!i", 196608) + b"user\0%s\0database\0%s\0\0" % (
+    startup = _LENGTH.pack(196608) + b"user\0%s\0database\0%s\0\0" % (
         user.encode(),
         database.encode(),
     )
-    writer.write(struct.pack("!i", len(startup) + 4) + startup)
+    writer.write(_LENGTH.pack(len(startup) + 4) + startup)
     conn = _Connection(reader, writer)
     await conn.until_ready()  # trust authentication: AuthenticationOk, parameters, ready
     parse = b"w1\0" + W1_SQL.encode() + b"\0" + struct.pack("!h", 0)
-    writer.write(_message(b"P", parse) + _SYNC)
+    writer.write(_message(b"P", parse) + SYNC_MSG)
     await conn.until_ready()
     return conn
 
